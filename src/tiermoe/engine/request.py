@@ -1,0 +1,105 @@
+"""What a caller asks for (SamplingParams) and what it gets back (RequestOutput, GenerationStats, TokenEvent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 means greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature", "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
+            (0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidRequestError(message, param=param)
+
+
+@dataclass
+class GenerationStats:
+    """Timing and memory of one generate call; decode_tok_s counts tokens of the whole batch."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_gpu_gib: float = 0.0
+    peak_host_gib: float = 0.0
+    experts: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first completion token comes out of prefill; the rest are decode steps.
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_s": round(self.ttft_s, 6),
+            "prefill_tok_s": round(self.prefill_tok_s, 3),
+            "decode_tok_s": round(self.decode_tok_s, 3),
+            "peak_gpu_gib": round(self.peak_gpu_gib, 4),
+            "peak_host_gib": round(self.peak_host_gib, 4),
+            "experts": self.experts,
+        }
+
+    def line(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok | completion {self.completion_tokens} tok | "
+            f"TTFT {self.ttft_s * 1000:.1f} ms | prefill {self.prefill_tok_s:.1f} tok/s | "
+            f"decode {self.decode_tok_s:.2f} tok/s | peak GPU {self.peak_gpu_gib:.2f} GiB | "
+            f"peak host {self.peak_host_gib:.2f} GiB"
+        )
+
+
+@dataclass
+class RequestOutput:
+    """One finished sequence. finish_reason: "stop" (eos, stop token or string) or "length"."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats
+
+
+@dataclass
+class TokenEvent:
+    """One streamed step of one sequence: the new text (may be empty while a stop string or a multi-byte
+    character is pending) and, on the last event, finish_reason and the final stats."""
+
+    index: int
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
