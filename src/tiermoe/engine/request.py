@@ -41,6 +41,7 @@ class SamplingParams:
 class GenerationStats:
     """Timing and memory of one generate call; decode_tok_s counts tokens of the whole batch."""
 
+    sequences: int = 1
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float = 0.0
@@ -56,12 +57,13 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        # The first completion token comes out of prefill; the rest are decode steps.
-        steps = max(self.completion_tokens - 1, 0)
+        # Each sequence's first token comes out of prefill; the rest are decode steps.
+        steps = max(self.completion_tokens - self.sequences, 0)
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {
+            "sequences": self.sequences,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "ttft_s": round(self.ttft_s, 6),

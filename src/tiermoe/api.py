@@ -1,0 +1,113 @@
+"""LLM(...): the Python entry point. Loads a checkpoint directory and generates from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import EngineConfig
+from .engine.engine import Engine
+from .engine.request import RequestOutput, SamplingParams, TokenEvent
+from .engine.runner import ModelRunner
+from .errors import InvalidRequestError
+from .offload.provider import load_resident
+from .weights.loader import load_model, open_source
+from .weights.tokenizer import eos_token_ids, load_tokenizer, render_chat
+
+
+class LLM:
+    """A loaded model. Not thread-safe: one generate/stream at a time (the server queues requests)."""
+
+    def __init__(self, model: str | Path, **config):
+        self.config = EngineConfig(**config)
+        self.path = Path(model)
+        self.model_name = self.path.name
+        self.source = open_source(self.path, self.config.torch_device, self.config.torch_dtype)
+        self.args = self.source.args
+        self.model, self.provider = load_model(self.source, load_resident, self.config.show_progress)
+        self.tokenizer = load_tokenizer(self.path)
+        self.max_model_len = min(
+            self.config.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings
+        )
+        runner = ModelRunner(
+            self.model, self.args, self.source.device, self.source.dtype, self.config.prefill_chunk
+        )
+        eos = eos_token_ids(self.path, self.source.checkpoint.config, self.tokenizer)
+        self.engine = Engine(runner, self.provider, self.tokenizer, eos, self.max_model_len)
+
+    @property
+    def device(self):
+        return self.source.device
+
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt. Chat prompts pass add_special_tokens=False: the template has them."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(f"{self.path} has no tokenizer: pass token ids, not text", "prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if not all(isinstance(t, int) for t in prompt):
+            raise InvalidRequestError("a prompt is a string or a list of token ids", "prompt")
+        return list(prompt)
+
+    def generate(
+        self, prompts: str | list[int] | list[str] | list[list[int]], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a batch (text or token ids), all in one batch on the device."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise InvalidRequestError("no prompts given", "prompt")
+        ids = [self.encode(p) for p in batch]
+        outputs = [[] for _ in batch]
+        reasons: list[str | None] = [None] * len(batch)
+        stats = None
+        for events in self.engine.run(ids, [params] * len(batch)):
+            for e in events:
+                outputs[e.index].append(e)
+                if e.finish_reason:
+                    reasons[e.index], stats = e.finish_reason, e.stats
+        return [
+            RequestOutput(
+                prompt=p if isinstance(p, str) else None,
+                prompt_token_ids=i,
+                text="".join(e.text for e in evs),
+                token_ids=[e.token_id for e in evs],
+                finish_reason=r,
+                stats=stats,
+            )
+            for p, i, evs, r in zip(batch, ids, outputs, reasons, strict=True)
+        ]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Stream one sequence. Closing the iterator stops generation at once."""
+        ids = self.encode(prompt)
+        for events in self.engine.run([ids], [params or SamplingParams()]):
+            yield from events
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        *,
+        enable_thinking: bool | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> str:
+        return render_chat(self.tokenizer, messages, enable_thinking, chat_template_kwargs)
+
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        *,
+        enable_thinking: bool | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> RequestOutput:
+        prompt = self.apply_chat_template(
+            messages, enable_thinking=enable_thinking, chat_template_kwargs=chat_template_kwargs
+        )
+        output = self.generate(self.encode(prompt, add_special_tokens=False), params)[0]
+        output.prompt = prompt
+        return output
+
+    def store_stats(self) -> dict:
+        return self.provider.stats()

@@ -1,0 +1,133 @@
+"""The step loop: validate requests, prefill them as one batch, decode until every sequence stops,
+and report each new piece of text as a TokenEvent."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..offload.provider import ExpertProvider
+from .detokenizer import TextStream
+from .request import GenerationStats, SamplingParams, TokenEvent
+from .runner import ModelRunner
+from .sampler import Sampler
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    text: TextStream
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        provider: ExpertProvider,
+        tokenizer,
+        eos_token_ids: set[int],
+        max_model_len: int,
+    ):
+        self.runner, self.provider, self.tokenizer = runner, provider, tokenizer
+        self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer, and this checkpoint has none", "stop")
+        vocab = self.runner.args.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt"
+            )
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
+                param="max_tokens",
+            )
+
+    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        """Generate for a batch; yields the events of each step. Closing the iterator aborts at once."""
+        for prompt, p in zip(prompts, params, strict=True):
+            self.validate(prompt, p)
+        device = self.runner.device
+        seqs = [
+            Sequence(prompt, p, Sampler(p, device), TextStream(self.tokenizer, p.stop))
+            for prompt, p in zip(prompts, params, strict=True)
+        ]
+        stats = GenerationStats(sequences=len(prompts), prompt_tokens=sum(len(p) for p in prompts))
+        self.provider.reset_stats()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        max_len = max(len(p) for p in prompts) + max(p.max_tokens for p in params)
+        cache = self.runner.new_cache(len(seqs), max_len)
+        start = time.perf_counter()
+        logits, positions = self.runner.prefill(prompts, cache)
+        tokens = self._sample(seqs, logits)
+        stats.ttft_s = stats.prefill_s = time.perf_counter() - start
+        decode_start = time.perf_counter()
+        while True:
+            events = self._advance(seqs, tokens)
+            stats.completion_tokens = sum(len(s.output_ids) for s in seqs)
+            done = all(s.finish_reason for s in seqs)
+            if done:
+                stats.decode_s = time.perf_counter() - decode_start
+                self._finish_stats(stats, device)
+                for e in events:
+                    if e.finish_reason:
+                        e.stats = stats
+            yield events
+            if done:
+                return
+            active = torch.tensor([s.finish_reason is None for s in seqs], device=device)
+            token_tensor = torch.tensor([t if t is not None else 0 for t in tokens], device=device)
+            logits = self.runner.decode(token_tensor, positions, active, cache)
+            positions = positions + 1
+            tokens = self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        if all(s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in seqs):
+            picked = logits.argmax(dim=-1).tolist()
+        else:
+            picked = []
+            for row, s in enumerate(seqs):
+                seen = torch.tensor(s.prompt_ids + s.output_ids, device=logits.device)
+                picked.append(int(s.sampler(logits[row], seen)) if s.finish_reason is None else 0)
+        return [t if s.finish_reason is None else None for t, s in zip(picked, seqs, strict=True)]
+
+    def _advance(self, seqs: list[Sequence], tokens: list[int | None]) -> list[TokenEvent]:
+        events = []
+        for i, (s, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if token is None:
+                continue
+            s.output_ids.append(token)
+            is_stop_token = token in s.params.stop_token_ids or (
+                not s.params.ignore_eos and token in self.eos_token_ids
+            )
+            text = "" if is_stop_token else s.text.push(token)
+            if is_stop_token or s.text.stopped:
+                s.finish_reason = "stop"
+            elif len(s.output_ids) >= s.params.max_tokens:
+                s.finish_reason = "length"
+            if s.finish_reason:
+                text += s.text.flush()
+            events.append(TokenEvent(i, token, text, s.finish_reason))
+        return events
+
+    def _finish_stats(self, stats: GenerationStats, device: torch.device) -> None:
+        if device.type == "cuda":
+            stats.peak_gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        stats.peak_host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        stats.experts = self.provider.stats()

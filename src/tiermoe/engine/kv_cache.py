@@ -1,0 +1,71 @@
+"""Static KV cache for a batch of left-padded sequences that advance together.
+
+Every row writes at the same slot cursor; `valid` marks which slots hold real tokens (left padding and
+finished rows are invalid), so a row's real tokens stay contiguous and slot distance equals position
+distance, which is what sliding-window masks need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots committed
+        self._new = 0  # slots being written by the forward in flight
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def start(self, valid_new: torch.Tensor) -> None:
+        """Open a step that writes valid_new.shape[1] slots; valid_new: [B, T] bool."""
+        t = valid_new.shape[1]
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {t} > {self.max_len} slots")
+        self.valid[:, self.length : self.length + t] = valid_new
+        self._new = t
+        self._masks.clear()
+
+    def commit(self) -> None:
+        self.length += self._new
+        self._new = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, kv_heads, T, D] at the cursor; return the cache up to and including them."""
+        end = self.length + self._new
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def mask(self, t: int, window: int | None) -> torch.Tensor:
+        """[B, 1, T, L] bool: query slot sees key slot if valid, not in the future, inside the window.
+
+        A query always sees itself, so padding rows attend to something and never produce NaN."""
+        if window not in self._masks:
+            end = self.length + self._new
+            q = torch.arange(self.length, end, device=self.valid.device)[:, None]
+            kpos = torch.arange(end, device=self.valid.device)[None, :]
+            allowed = kpos <= q
+            if window:
+                allowed &= q - kpos < window
+            mask = allowed[None] & self.valid[:, None, :end]
+            mask |= (kpos == q)[None]
+            self._masks[window] = mask[:, None]
+        return self._masks[window]

@@ -1,0 +1,170 @@
+"""Building blocks shared by every architecture: RMSNorm, rotary embedding, GQA attention, dense MLP,
+the decoder layer and the decoder stack. Architecture files only choose and compose them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, rotate-half convention. `compute` returns (inv_freq, attention scaling)
+    from the config's rope parameters, so scaled variants (yarn, linear, ...) share this code; it is kept
+    so the buffer can be rebuilt after the model was created on the meta device."""
+
+    def __init__(self, compute: Callable[[], tuple[torch.Tensor, float]]):
+        super().__init__()
+        self.compute = compute
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        device = self.inv_freq.device
+        inv_freq, self.attention_scaling = self.compute()
+        self.inv_freq = inv_freq.float().to("cpu" if device.type == "meta" else device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttentionSpec:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None, "head" (Qwen3: per head) or "full" (OLMoE: over all heads)
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: AttentionSpec, layer_idx: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        s = spec
+        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.o_bias)
+        if s.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.eps), RMSNorm(s.head_dim, s.eps)
+        elif s.qk_norm == "full":
+            self.q_norm = RMSNorm(s.num_heads * s.head_dim, s.eps)
+            self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    ) -> torch.Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if s.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if s.clip_qkv is not None:
+            q, k, v = (y.clamp(-s.clip_qkv, s.clip_qkv) for y in (q, k, v))
+        q = q.view(b, t, s.num_heads, s.head_dim)
+        k = k.view(b, t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, D]
+        v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = (r[:, None] for r in rope)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k, v = cache.update(self.layer_idx, k, v)  # [B, kv_heads, L, D] over the whole cache so far
+        mask = cache.mask(t, s.sliding_window)  # [B, 1, T, L] bool
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.self_attn, self.mlp = attn, mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """Embedding, decoder layers and final norm; the `model.` prefix of Hugging Face names."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, layers: list[DecoderLayer], eps: float, rotary: Rotary
+    ):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden_size, eps)
+        self.rotary = rotary
+
+
+class CausalLM(nn.Module):
+    """The full model: `model` (DecoderBody) and `lm_head`, named as in Hugging Face checkpoints."""
+
+    def __init__(self, body: DecoderBody, vocab_size: int, hidden_size: int, tie_word_embeddings: bool):
+        super().__init__()
+        self.model = body
+        self.lm_head = None if tie_word_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = True
+    ) -> torch.Tensor:
+        """input_ids, positions: [B, T]. Returns logits [B, V] of the last position, or [B, T, V]."""
+        x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, cache)
+        x = self.model.norm(x[:, -1] if last_only else x)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()

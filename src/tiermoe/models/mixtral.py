@@ -1,0 +1,67 @@
+"""Mixtral (MixtralForCausalLM): every layer sparse, softmax top-k always renormalised, optional sliding
+window. Hub checkpoints name the MoE block `block_sparse_moe` and the expert matrices w1 (gate),
+w3 (up), w2 (down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..offload.provider import ExpertProvider
+from ..weights.checkpoint import ExpertNames
+from .base import Architecture, MoEArgs, build_rotary
+from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
+from .moe import SoftmaxTopKRouter, SparseMoeBlock
+
+
+@dataclass
+class MixtralArgs(MoEArgs):
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf) -> MixtralArgs:
+        args = cls(
+            **MoEArgs.common(hf, hf.num_local_experts, hf.intermediate_size, norm_topk_prob=True),
+            sliding_window=getattr(hf, "sliding_window", None),
+        )
+        args.moe_layers = list(range(hf.num_hidden_layers))
+        return args
+
+
+def build(args: MixtralArgs, hf, experts: ExpertProvider) -> CausalLM:
+    spec = AttentionSpec(
+        args.hidden_size,
+        args.num_heads,
+        args.num_kv_heads,
+        args.head_dim,
+        args.rms_norm_eps,
+        sliding_window=args.sliding_window,
+    )
+    layers = [
+        DecoderLayer(
+            Attention(spec, i),
+            SparseMoeBlock(
+                i, SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, True), experts
+            ),
+            args.hidden_size,
+            args.rms_norm_eps,
+        )
+        for i in range(args.num_layers)
+    ]
+    body = DecoderBody(
+        args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, build_rotary(hf, args.head_dim)
+    )
+    return CausalLM(body, args.vocab_size, args.hidden_size, args.tie_word_embeddings)
+
+
+EXPERT_NAMES = ExpertNames(
+    per_expert=tuple(f"model.layers.{{layer}}.mlp.experts.{{expert}}.{w}.weight" for w in ("w1", "w3", "w2")),
+    fused=("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+)
+
+ARCH = Architecture(
+    "MixtralForCausalLM",
+    MixtralArgs.from_hf,
+    build,
+    EXPERT_NAMES,
+    renames=((r"\.block_sparse_moe\.", ".mlp."),),
+)

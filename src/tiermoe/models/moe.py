@@ -1,0 +1,57 @@
+"""Routers and the sparse MoE block. The block never touches expert weights: it routes and hands the
+tokens to an ExpertProvider (offload/provider.py), which owns where the experts live and how they run."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..offload.provider import ExpertProvider
+from .layers import MLP
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """softmax over all experts in fp32, top-k, optionally renormalised over the chosen k."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k])."""
+        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+
+class SparseMoeBlock(nn.Module):
+    """Route, let the provider run the chosen experts, add the (optionally gated) shared expert."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        gate: SoftmaxTopKRouter,
+        experts: ExpertProvider,
+        shared_expert: MLP | None = None,
+        shared_expert_gate: nn.Linear | None = None,
+    ):
+        super().__init__()
+        self.layer_idx, self.gate = layer_idx, gate
+        self.experts = experts  # not a submodule: the provider owns its weights and their placement
+        self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        weights, ids = self.gate(x)
+        out = self.experts.forward(self.layer_idx, x, ids, weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.reshape(shape)

@@ -1,0 +1,53 @@
+"""SwiGLU experts over a stacked weight bank, in plain torch: the reference every faster kernel must match.
+
+Two schedules: for few (token, expert) pairs (decode) gather the chosen experts and run one batched
+matmul, with no host synchronisation; for many (prefill) loop over the experts actually hit, so each
+expert's weights are read once for all of its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Above this many (token, expert) pairs the gathered copy of weights costs more than a per-expert loop.
+GATHER_MAX_PAIRS = 16
+
+
+def expert_mlp(
+    x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """x [T, H]; slots, weights [T, k] (slots index the bank); gate_up [S, 2I, H]; down [S, H, I]."""
+    t, k = slots.shape
+    if t * k <= GATHER_MAX_PAIRS:
+        return _gathered(x, slots, weights, gate_up, down)
+    return _looped(x, slots, weights, gate_up, down)
+
+
+def _gathered(x, slots, weights, gate_up, down):
+    t, k = slots.shape
+    flat = slots.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
+    h = torch.bmm(gate_up[flat], xs)[:, :, 0]  # [T*k, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch.bmm(down[flat], (F.silu(gate) * up)[:, :, None])[:, :, 0]  # [T*k, H]
+    return (y.view(t, k, -1) * weights[:, :, None]).sum(dim=1)
+
+
+def _looped(x, slots, weights, gate_up, down):
+    out = torch.zeros_like(x)
+    flat = slots.reshape(-1)
+    order = torch.argsort(flat)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    token_of = order // slots.shape[1]  # [T*k] token index of each sorted pair
+    weight_of = weights.reshape(-1)[order]
+    start = 0
+    for slot, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = token_of[start : start + n]
+        gate, up = F.linear(x[tokens], gate_up[slot]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[slot]) * weight_of[start : start + n, None]
+        out.index_add_(0, tokens, y)
+        start += n
+    return out

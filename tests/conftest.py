@@ -1,0 +1,90 @@
+"""Tiny random MoE checkpoints built offline with transformers' own classes and save_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+EOS = 3
+
+
+def hf_config(arch: str, **overrides):
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        eos_token_id=EOS,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
+    if arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=32, head_dim=16)
+    elif arch == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(
+            **common, num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48
+        )
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(**common, num_local_experts=8)
+    elif arch == "olmoe":
+        cfg = transformers.OlmoeConfig(**common, num_experts=8)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+MODEL_CLASSES = {
+    "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+    "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+    "mixtral": transformers.MixtralForCausalLM,
+    "olmoe": transformers.OlmoeForCausalLM,
+}
+
+
+def build_hf_model(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[arch](hf_config(arch, **overrides)).eval()
+    # transformers initialises routers to zero and norms to one; random values make routing and
+    # norms actually matter, so a wrong expert or a skipped norm changes the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") or "norm" in name:
+                p.normal_(0.0 if "gate" in name else 1.0, 0.5 if "gate" in name else 0.1)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+def save(model, path: Path, layout: str = "per_expert", shard: str | None = None) -> Path:
+    kwargs = {"save_original_format": layout == "per_expert"}
+    if shard:
+        kwargs["max_shard_size"] = shard
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(arch, layout="per_expert"|"fused", shard=None, **config overrides) -> (dir, hf model)."""
+    made: dict = {}
+
+    def make(arch: str, layout: str = "per_expert", shard: str | None = None, **overrides):
+        key = (arch, layout, shard, json.dumps(overrides, sort_keys=True))
+        if key not in made:
+            model = build_hf_model(arch, **overrides)
+            path = tmp_path_factory.mktemp(f"{arch}-{layout}")
+            made[key] = (save(model, path, layout, shard), model)
+        return made[key]
+
+    return make
