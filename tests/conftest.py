@@ -88,3 +88,12 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -80,3 +80,13 @@ def test_batched_generation_equals_one_by_one(tiny_checkpoint):
     batched = [o.token_ids for o in llm.generate(PROMPTS, params)]
     alone = [llm.generate(p, params)[0].token_ids for p in PROMPTS]
     assert batched == alone
+
+
+def test_bf16_on_cpu_loads_bf16_weights_and_stays_close(tiny_checkpoint):
+    """bf16 keeps 8 mantissa bits: two correct bf16 runs differ by ~1e-2; 3e-2 leaves room, a wrong
+    routing or a skipped norm costs far more than that."""
+    path, hf = tiny_checkpoint("qwen3_moe")
+    llm = LLM(path, device="cpu", dtype="bf16")
+    assert {p.dtype for p in llm.model.parameters()} == {torch.bfloat16}
+    assert {t.dtype for bank in llm.provider.banks.values() for t in bank} == {torch.bfloat16}
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 3e-2

@@ -69,7 +69,7 @@ def load_model(
         provider = provider_factory(source, progress)
         with torch.device("meta"):
             model = source.arch.build(source.args, source.hf_config, provider)
-        model.to_empty(device=source.device)
+        model.to(dtype=source.dtype).to_empty(device=source.device)
         for module in model.modules():
             if isinstance(module, Rotary):
                 module.reset()
