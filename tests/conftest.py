@@ -9,12 +9,16 @@ import pytest
 import torch
 import transformers
 
-EOS = 3
+from tiermoe.demo import build_tokenizer
+
+VOCAB = 320  # the 256 byte symbols, 5 ChatML special tokens and some merges
+TOKENIZER = build_tokenizer(VOCAB)
+EOS = TOKENIZER.convert_tokens_to_ids("<|im_end|>")
 
 
 def hf_config(arch: str, **overrides):
     common = dict(
-        vocab_size=256,
+        vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,
@@ -23,8 +27,8 @@ def hf_config(arch: str, **overrides):
         num_experts_per_tok=2,
         max_position_embeddings=512,
         eos_token_id=EOS,
-        bos_token_id=1,
-        pad_token_id=0,
+        bos_token_id=None,
+        pad_token_id=TOKENIZER.pad_token_id,
     )
     if arch == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=32, head_dim=16)
@@ -71,6 +75,7 @@ def save(model, path: Path, layout: str = "per_expert", shard: str | None = None
     if shard:
         kwargs["max_shard_size"] = shard
     model.save_pretrained(path, **kwargs)
+    TOKENIZER.save_pretrained(path)
     return path
 
 

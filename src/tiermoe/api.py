@@ -10,7 +10,7 @@ from .engine.engine import Engine
 from .engine.request import RequestOutput, SamplingParams, TokenEvent
 from .engine.runner import ModelRunner
 from .errors import InvalidRequestError
-from .offload.provider import load_resident
+from .offload.placement import build_provider, memory_plan
 from .weights.loader import load_model, open_source
 from .weights.tokenizer import eos_token_ids, load_tokenizer, render_chat
 
@@ -24,16 +24,20 @@ class LLM:
         self.model_name = self.path.name
         self.source = open_source(self.path, self.config.torch_device, self.config.torch_dtype)
         self.args = self.source.args
-        self.model, self.provider = load_model(self.source, load_resident, self.config.show_progress)
-        self.tokenizer = load_tokenizer(self.path)
         self.max_model_len = min(
             self.config.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings
         )
+        self.model, self.provider = load_model(self.source, self._provider, self.config.show_progress)
+        self.tokenizer = load_tokenizer(self.path)
         runner = ModelRunner(
             self.model, self.args, self.source.device, self.source.dtype, self.config.prefill_chunk
         )
         eos = eos_token_ids(self.path, self.source.checkpoint.config, self.tokenizer)
         self.engine = Engine(runner, self.provider, self.tokenizer, eos, self.max_model_len)
+
+    def _provider(self, source, dense_bytes: int, progress):
+        self.plan = memory_plan(source, self.config, dense_bytes, self.max_model_len)
+        return build_provider(source, self.config, self.plan, progress)
 
     @property
     def device(self):

@@ -13,10 +13,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
+    p.add_argument(
+        "--gpu-budget", type=float, default=None, help="GiB for everything on the GPU (default: free - 1)"
+    )
+    p.add_argument(
+        "--cpu-budget", type=float, default=None, help="GiB of pinned RAM for experts (default: RAM/2)"
+    )
+    p.add_argument("--eviction", default="lru", help="GPU expert slot policy: lru, lfu, lru-protect")
+    p.add_argument(
+        "--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts"
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, show_progress=True)
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        gpu_budget_gib=args.gpu_budget,
+        cpu_budget_gib=args.cpu_budget,
+        eviction=args.eviction,
+        prefetch=not args.no_prefetch,
+        show_progress=True,
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,14 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens; None: the model's max_position_embeddings
     prefill_chunk: int = 2048  # tokens per prefill forward, bounds activation memory on long prompts
     show_progress: bool = False  # progress bars while loading
+    gpu_budget_gib: float | None = None  # GiB for everything on the GPU; None: free memory minus 1 GiB (cuda)
+    cpu_budget_gib: float | None = None  # GiB of (pinned) host memory for experts; None: half the RAM
+    eviction: str = "lru"  # GPU slot eviction policy: lru, lfu, lru-protect
+    prefetch: bool = True  # predict the next layer's experts and copy them while this layer computes
+    kv_reserve_tokens: int | None = (
+        None  # KV cache tokens reserved in the GPU budget; None: min(context, 4096)
+    )
+    workspace_gib: float | None = None  # activations and library workspace; None: 1 GiB on cuda, 0 on cpu
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -40,6 +48,16 @@ class EngineConfig:
                 ) from None
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise InvalidRequestError("device cuda asked for, but torch sees no CUDA GPU", "device")
+        from .offload.policy import POLICIES
+
+        if self.eviction not in POLICIES:
+            raise InvalidRequestError(
+                f"eviction {self.eviction!r} unknown; choose one of {', '.join(POLICIES)}", "eviction"
+            )
+        for name in ("gpu_budget_gib", "cpu_budget_gib", "workspace_gib"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidRequestError(f"{name} must be >= 0 GiB", name)
         if self.prefill_chunk < 1:
             raise InvalidRequestError("prefill_chunk must be at least 1 token", "prefill_chunk")
 

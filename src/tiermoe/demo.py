@@ -78,7 +78,7 @@ def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tokenizer():
+def build_tokenizer(vocab_size: int = DEMO_CONFIG["vocab_size"]):
     """A byte-level BPE trained on CORPUS in milliseconds, with ChatML special tokens and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -87,7 +87,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=DEMO_CONFIG["vocab_size"],
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

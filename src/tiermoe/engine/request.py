@@ -75,12 +75,22 @@ class GenerationStats:
         }
 
     def line(self) -> str:
-        return (
+        text = (
             f"prompt {self.prompt_tokens} tok | completion {self.completion_tokens} tok | "
             f"TTFT {self.ttft_s * 1000:.1f} ms | prefill {self.prefill_tok_s:.1f} tok/s | "
             f"decode {self.decode_tok_s:.2f} tok/s | peak GPU {self.peak_gpu_gib:.2f} GiB | "
             f"peak host {self.peak_host_gib:.2f} GiB"
         )
+        e = self.experts
+        if e.get("gpu_hit_rate") is not None:
+            pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+            text += (
+                f" | experts: GPU hits {pct(e['gpu_hit_rate'])}, prefetch precision "
+                f"{pct(e['prefetch_precision'])} recall {pct(e['prefetch_recall'])}, "
+                f"H2D {e['bytes_h2d'] / 1e9:.2f} GB, disk {e['bytes_disk'] / 1e9:.2f} GB, "
+                f"waited {e['wait_s'] * 1000:.0f} ms"
+            )
+        return text
 
 
 @dataclass

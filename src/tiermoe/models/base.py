@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..offload.provider import ExpertProvider
 from ..weights.checkpoint import ExpertNames
 from .layers import CausalLM, Rotary
 
@@ -94,7 +93,7 @@ class Architecture:
 
     name: str
     args_from_hf: Callable[[object], MoEArgs]
-    build: Callable[[MoEArgs, object, ExpertProvider], CausalLM]  # (args, hf config, provider)
+    build: Callable[[MoEArgs, object], CausalLM]  # (args, hf config); the loader attaches the experts
     expert_names: ExpertNames
     renames: tuple[tuple[str, str], ...] = ()
 

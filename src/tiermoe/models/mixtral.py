@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..offload.provider import ExpertProvider
 from ..weights.checkpoint import ExpertNames
 from .base import Architecture, MoEArgs, build_rotary
 from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
@@ -27,7 +26,7 @@ class MixtralArgs(MoEArgs):
         return args
 
 
-def build(args: MixtralArgs, hf, experts: ExpertProvider) -> CausalLM:
+def build(args: MixtralArgs, hf) -> CausalLM:
     spec = AttentionSpec(
         args.hidden_size,
         args.num_heads,
@@ -39,9 +38,7 @@ def build(args: MixtralArgs, hf, experts: ExpertProvider) -> CausalLM:
     layers = [
         DecoderLayer(
             Attention(spec, i),
-            SparseMoeBlock(
-                i, SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, True), experts
-            ),
+            SparseMoeBlock(i, SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, True)),
             args.hidden_size,
             args.rms_norm_eps,
         )

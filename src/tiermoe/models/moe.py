@@ -35,13 +35,13 @@ class SparseMoeBlock(nn.Module):
         self,
         layer_idx: int,
         gate: SoftmaxTopKRouter,
-        experts: ExpertProvider,
         shared_expert: MLP | None = None,
         shared_expert_gate: nn.Linear | None = None,
     ):
         super().__init__()
         self.layer_idx, self.gate = layer_idx, gate
-        self.experts = experts  # not a submodule: the provider owns its weights and their placement
+        # Set by the loader. Not a submodule: the provider owns its weights and where they live.
+        self.experts: ExpertProvider | None = None
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..offload.provider import ExpertProvider
 from .base import Architecture, MoEArgs, build_rotary
 from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
 from .moe import SoftmaxTopKRouter, SparseMoeBlock
@@ -28,7 +27,7 @@ class OlmoeArgs(MoEArgs):
         return args
 
 
-def build(args: OlmoeArgs, hf, experts: ExpertProvider) -> CausalLM:
+def build(args: OlmoeArgs, hf) -> CausalLM:
     spec = AttentionSpec(
         args.hidden_size,
         args.num_heads,
@@ -44,9 +43,7 @@ def build(args: OlmoeArgs, hf, experts: ExpertProvider) -> CausalLM:
         DecoderLayer(
             Attention(spec, i),
             SparseMoeBlock(
-                i,
-                SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob),
-                experts,
+                i, SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob)
             ),
             args.hidden_size,
             args.rms_norm_eps,

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..offload.provider import ExpertProvider
 from .base import Architecture, MoEArgs, build_rotary, sparse_layers
 from .layers import MLP, Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
 from .moe import SoftmaxTopKRouter, SparseMoeBlock
@@ -35,7 +34,7 @@ class Qwen2MoeArgs(MoEArgs):
         return args
 
 
-def build(args: Qwen2MoeArgs, hf, experts: ExpertProvider) -> CausalLM:
+def build(args: Qwen2MoeArgs, hf) -> CausalLM:
     layers = []
     for i in range(args.num_layers):
         spec = AttentionSpec(
@@ -50,7 +49,7 @@ def build(args: Qwen2MoeArgs, hf, experts: ExpertProvider) -> CausalLM:
         if i in args.moe_layers:
             router = SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob)
             shared = MLP(args.hidden_size, args.shared_expert_intermediate_size)
-            mlp = SparseMoeBlock(i, router, experts, shared, nn.Linear(args.hidden_size, 1, bias=False))
+            mlp = SparseMoeBlock(i, router, shared, nn.Linear(args.hidden_size, 1, bias=False))
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size)
         layers.append(DecoderLayer(Attention(spec, i), mlp, args.hidden_size, args.rms_norm_eps))

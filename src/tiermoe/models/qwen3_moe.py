@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..offload.provider import ExpertProvider
 from ..weights.checkpoint import ExpertNames
 from .base import Architecture, MoEArgs, build_rotary, sparse_layers
 from .layers import MLP, Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
@@ -31,7 +30,7 @@ class Qwen3MoeArgs(MoEArgs):
         return args
 
 
-def build(args: Qwen3MoeArgs, hf, experts: ExpertProvider) -> CausalLM:
+def build(args: Qwen3MoeArgs, hf) -> CausalLM:
     spec = AttentionSpec(
         args.hidden_size,
         args.num_heads,
@@ -47,7 +46,7 @@ def build(args: Qwen3MoeArgs, hf, experts: ExpertProvider) -> CausalLM:
     for i in range(args.num_layers):
         if i in args.moe_layers:
             router = SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob)
-            mlp = SparseMoeBlock(i, router, experts)
+            mlp = SparseMoeBlock(i, router)
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size)
         layers.append(DecoderLayer(Attention(spec, i), mlp, args.hidden_size, args.rms_norm_eps))

@@ -1,8 +1,8 @@
 """SwiGLU experts over a stacked weight bank, in plain torch: the reference every faster kernel must match.
 
 Two schedules: for few (token, expert) pairs (decode) gather the chosen experts and run one batched
-matmul, with no host synchronisation; for many (prefill) loop over the experts actually hit, so each
-expert's weights are read once for all of its tokens.
+matmul, with no host synchronisation; for many (prefill) group the pairs by expert, so each expert's
+weights are read once for all of its tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ def expert_mlp(
     t, k = slots.shape
     if t * k <= GATHER_MAX_PAIRS:
         return _gathered(x, slots, weights, gate_up, down)
-    return _looped(x, slots, weights, gate_up, down)
+    tokens = torch.arange(t, device=x.device).repeat_interleave(k)
+    return accumulate_pairs(
+        x, tokens, slots.reshape(-1), weights.reshape(-1), gate_up, down, torch.zeros_like(x)
+    )
 
 
 def _gathered(x, slots, weights, gate_up, down):
@@ -34,20 +37,24 @@ def _gathered(x, slots, weights, gate_up, down):
     return (y.view(t, k, -1) * weights[:, :, None]).sum(dim=1)
 
 
-def _looped(x, slots, weights, gate_up, down):
-    out = torch.zeros_like(x)
-    flat = slots.reshape(-1)
-    order = torch.argsort(flat)
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
-    token_of = order // slots.shape[1]  # [T*k] token index of each sorted pair
-    weight_of = weights.reshape(-1)[order]
+def accumulate_pairs(
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) for every pair i, expert by expert."""
+    order = torch.argsort(slots)
+    used, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    tokens, weights = tokens[order], weights[order]
     start = 0
-    for slot, n in enumerate(counts):
-        if n == 0:
-            continue
-        tokens = token_of[start : start + n]
-        gate, up = F.linear(x[tokens], gate_up[slot]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[slot]) * weight_of[start : start + n, None]
-        out.index_add_(0, tokens, y)
+    for slot, n in zip(used.tolist(), counts.tolist(), strict=True):
+        tok = tokens[start : start + n]
+        gate, up = F.linear(x[tok], gate_up[slot]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[slot]) * weights[start : start + n, None]
+        out.index_add_(0, tok, y)
         start += n
     return out

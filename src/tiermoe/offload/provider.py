@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from .expert_compute import expert_mlp
+from .sources import bank_views, open_expert_source
 
 
 class ExpertProvider(Protocol):
@@ -24,6 +25,10 @@ class ExpertProvider(Protocol):
         ...
 
     def reset_stats(self) -> None: ...
+
+    def attach(self, routers: dict[int, torch.nn.Module]) -> None:
+        """Receive every MoE layer's router once the model is built (for routing prediction)."""
+        ...
 
 
 class ResidentExperts:
@@ -42,6 +47,9 @@ class ResidentExperts:
     def reset_stats(self) -> None:
         pass
 
+    def attach(self, routers: dict[int, torch.nn.Module]) -> None:
+        pass
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for bank in self.banks.values() for t in bank)
@@ -49,18 +57,16 @@ class ResidentExperts:
 
 def load_resident(source, progress=None) -> ResidentExperts:
     """Read every expert of every MoE layer into stacked banks on source.device (no offload)."""
-    args, ckpt, names = source.args, source.checkpoint, source.arch.expert_names
+    args = source.args
     hidden, inter = args.expert_shape
+    experts = open_expert_source(source)
     task = progress.add_task("experts", total=len(args.moe_layers)) if progress else None
     banks = {}
     for layer in args.moe_layers:
-        gate_up = torch.empty(args.num_experts, 2 * inter, hidden, dtype=source.dtype, device=source.device)
-        down = torch.empty(args.num_experts, hidden, inter, dtype=source.dtype, device=source.device)
+        flat = torch.empty(args.num_experts, args.expert_numel(), dtype=source.dtype, device=source.device)
         for e in range(args.num_experts):
-            gu, d = ckpt.expert(names, layer, e, (hidden, inter))
-            gate_up[e].copy_(gu)
-            down[e].copy_(d)
-        banks[layer] = (gate_up, down)
+            experts.read_into(layer, e, flat[e])
+        banks[layer] = bank_views(flat, hidden, inter)
         if progress:
             progress.advance(task)
     return ResidentExperts(banks)

@@ -9,6 +9,7 @@ becomes `mlp`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,23 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A contiguous run of one tensor's bytes in a checkpoint file."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,7 @@ class Checkpoint:
         self.config = read_config(self.path)
         self._renames = [(re.compile(src), dst) for src, dst in renames]
         self._files: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}
         self._where: dict[str, tuple[str, str]] = {}  # our name -> (file, name on disk)
         for file in self._shard_files():
             handle = self._open(file)
@@ -93,18 +112,11 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         return self.path / self._where[name][0]
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, memory-mapped."""
         file, disk_name = self._locate(name)
-        return tuple(self._open(file).get_slice(disk_name).get_shape())
-
-    def get(self, name: str, index: int | None = None) -> torch.Tensor:
-        """One tensor, or its `index`-th slice along dim 0 (read without touching the rest)."""
-        file, disk_name = self._locate(name)
-        handle = self._open(file)
         try:
-            if index is None:
-                return handle.get_tensor(disk_name)
-            return handle.get_slice(disk_name)[index]
+            return self._open(file).get_tensor(disk_name)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {disk_name} from {self.path / file}: {e}") from None
 
@@ -125,26 +137,56 @@ class Checkpoint:
             f"{names.per_expert[0].format(layer=layer, expert=0)} or {names.fused[0].format(layer=layer)}"
         )
 
-    def expert(
+    def header(self, file: str) -> dict:
+        """The parsed safetensors header of a file: name -> {dtype, shape, data_offsets}, plus data start."""
+        if file not in self._headers:
+            full = self.path / file
+            with open(full, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self._headers[file] = {"__data_start__": 8 + size, **header}
+        return self._headers[file]
+
+    def byte_range(self, name: str, shape: tuple[int, ...], index: int | None = None) -> ByteRange:
+        """Where tensor `name` (or its index-th slice along dim 0) lies in its file; checks its shape.
+
+        `shape` is the expected shape of what is returned (the slice when index is given)."""
+        file, disk_name = self._locate(name)
+        entry = self.header(file)[disk_name]
+        full_shape = tuple(entry["shape"])
+        got = full_shape[1:] if index is not None else full_shape
+        expect_shape(disk_name, got, shape, self.path / file)
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"tensor {disk_name} in {self.path / file} has unsupported dtype {entry['dtype']}"
+            )
+        start = self.header(file)["__data_start__"] + entry["data_offsets"][0]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if index is not None:
+            if not 0 <= index < full_shape[0]:
+                raise CheckpointError(f"tensor {disk_name} in {self.path / file} has no slice {index}")
+            start += index * nbytes
+        return ByteRange(self.path / file, start, nbytes, dtype)
+
+    def expert_ranges(
         self, names: ExpertNames, layer: int, expert: int, shape: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's (gate_up [2I, H], down [H, I]) in the checkpoint's dtype. shape is (H, I)."""
+    ) -> list[ByteRange]:
+        """Byte ranges that, read in order, give one expert as [gate_up (2I x H), down (H x I)]."""
         hidden, inter = shape
         if self.expert_layout(names, layer) == "fused":
-            gu_name, down_name = (n.format(layer=layer) for n in names.fused)
-            gate_up, down = self.get(gu_name, expert), self.get(down_name, expert)
-        else:
-            gate, up, down_ = (n.format(layer=layer, expert=expert) for n in names.per_expert)
-            gate_t, up_t = self.get(gate), self.get(up)
-            expect_shape(gate, gate_t, (inter, hidden), self.file_of(gate))
-            expect_shape(up, up_t, (inter, hidden), self.file_of(up))
-            gate_up, down = torch.cat([gate_t, up_t]), self.get(down_)
-            down_name = down_
-        expect_shape(
-            f"{names.fused[0].format(layer=layer)}[{expert}]", gate_up, (2 * inter, hidden), self.path
-        )
-        expect_shape(down_name, down, (hidden, inter), self.path)
-        return gate_up, down
+            gate_up, down = (n.format(layer=layer) for n in names.fused)
+            return [
+                self.byte_range(gate_up, (2 * inter, hidden), expert),
+                self.byte_range(down, (hidden, inter), expert),
+            ]
+        gate, up, down = (n.format(layer=layer, expert=expert) for n in names.per_expert)
+        return [
+            self.byte_range(gate, (inter, hidden)),
+            self.byte_range(up, (inter, hidden)),
+            self.byte_range(down, (hidden, inter)),
+        ]
 
     def expert_names_on_disk(self, names: ExpertNames, layer: int, num_experts: int) -> set[str]:
         """Our names of every expert tensor of a layer, to account for them in the leftover check."""
@@ -153,10 +195,10 @@ class Checkpoint:
         return {n.format(layer=layer, expert=e) for e in range(num_experts) for n in names.per_expert}
 
 
-def expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: Path | str) -> None:
-    if tuple(tensor.shape) != tuple(shape):
+def expect_shape(name: str, got: tuple[int, ...], shape: tuple[int, ...], where: Path | str) -> None:
+    if tuple(got) != tuple(shape):
         raise CheckpointError(
-            f"tensor {name} in {where} has shape {list(tensor.shape)}, expected {list(shape)} from config.json"
+            f"tensor {name} in {where} has shape {list(got)}, expected {list(shape)} from config.json"
         )
 
 

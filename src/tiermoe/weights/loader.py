@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..errors import CheckpointError
 from ..models.base import Architecture, MoEArgs
 from ..models.layers import CausalLM, Rotary
+from ..models.moe import SparseMoeBlock
 from ..models.registry import architecture_for
 from ..offload.provider import ExpertProvider
 from .checkpoint import Checkpoint, expect_shape, read_config
@@ -25,7 +26,8 @@ from .checkpoint import Checkpoint, expect_shape, read_config
 # Tensors some writers add that carry nothing we need (rotary tables are recomputed).
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-ProviderFactory = Callable[["ModelSource", "Progress | None"], ExpertProvider]
+# (source, bytes of the dense weights, progress bar) -> the provider that will serve the experts
+ProviderFactory = Callable[["ModelSource", int, "Progress | None"], ExpertProvider]
 
 
 @dataclass
@@ -66,14 +68,19 @@ def load_model(
     source: ModelSource, provider_factory: ProviderFactory, show_progress: bool = False
 ) -> tuple[CausalLM, ExpertProvider]:
     with progress_bar(show_progress) as progress:
-        provider = provider_factory(source, progress)
         with torch.device("meta"):
-            model = source.arch.build(source.args, source.hf_config, provider)
+            model = source.arch.build(source.args, source.hf_config)
         model.to(dtype=source.dtype).to_empty(device=source.device)
         for module in model.modules():
             if isinstance(module, Rotary):
                 module.reset()
         load_dense(model, source, progress)
+        dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        provider = provider_factory(source, dense_bytes, progress)
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    for block in blocks:
+        block.experts = provider
+    provider.attach({block.layer_idx: block.gate for block in blocks})
     model.requires_grad_(False).eval()
     return model, provider
 
@@ -99,7 +106,7 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     task = progress.add_task("dense weights", total=len(params)) if progress else None
     for name, param in params.items():
         tensor = ckpt.get(name)
-        expect_shape(name, tensor, tuple(param.shape), ckpt.file_of(name))
+        expect_shape(name, tuple(tensor.shape), tuple(param.shape), ckpt.file_of(name))
         param.data.copy_(tensor.to(source.dtype))
         if progress:
             progress.advance(task)

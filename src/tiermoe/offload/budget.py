@@ -1,0 +1,99 @@
+"""Split the memory budgets between dense weights, KV cache, workspace and expert slots.
+
+--gpu-budget covers everything we allocate on the GPU. What is left after the dense weights, the KV
+cache reserve and the workspace becomes expert slots, shared evenly by the MoE layers; each layer needs
+at least top-k slots (one token's working set) or the model cannot run at all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from ..errors import BudgetError
+
+GIB = 1 << 30
+
+
+@dataclass
+class MemoryPlan:
+    dense_bytes: int
+    kv_bytes: int
+    workspace_bytes: int
+    expert_bytes: int  # one expert
+    total_experts: int
+    gpu_slots: int  # expert slots in the GPU pool; total_experts means everything is resident
+    quotas: dict[int, int]  # MoE layer -> its slots
+    host_slots: int  # experts the host cache holds
+
+    @property
+    def all_resident(self) -> bool:
+        return self.gpu_slots >= self.total_experts
+
+    def describe(self) -> str:
+        gib = size
+        where = (
+            "all experts resident"
+            if self.all_resident
+            else f"{self.gpu_slots}/{self.total_experts} expert slots"
+        )
+        return (
+            f"GPU: dense {gib(self.dense_bytes)} + KV {gib(self.kv_bytes)} + workspace {gib(self.workspace_bytes)} + "
+            f"{where} ({gib(min(self.gpu_slots, self.total_experts) * self.expert_bytes)}); "
+            f"host cache {self.host_slots} experts ({gib(self.host_slots * self.expert_bytes)})"
+        )
+
+
+def plan_memory(
+    *,
+    moe_layers: list[int],
+    num_experts: int,
+    top_k: int,
+    expert_bytes: int,
+    dense_bytes: int,
+    kv_bytes: int,
+    workspace_bytes: int,
+    device: torch.device,
+    gpu_budget_gib: float | None,
+    cpu_budget_gib: float | None,
+) -> MemoryPlan:
+    total = len(moe_layers) * num_experts
+    fixed = dense_bytes + kv_bytes + workspace_bytes
+    budget = default_gpu_budget(device) if gpu_budget_gib is None else int(gpu_budget_gib * GIB)
+    slots = total if budget is None else max(0, (budget - fixed) // expert_bytes)
+    minimum = fixed + len(moe_layers) * top_k * expert_bytes
+    if budget is not None and slots < len(moe_layers) * top_k:
+        raise BudgetError(
+            f"GPU budget {size(budget)} is too small: dense weights {size(dense_bytes)} + KV cache "
+            f"{size(kv_bytes)} + workspace {size(workspace_bytes)} + {top_k} experts for each of "
+            f"{len(moe_layers)} MoE layers ({size(len(moe_layers) * top_k * expert_bytes)}) need at least "
+            f"{minimum / GIB:.6g} GiB; raise --gpu-budget to that or more"
+        )
+    slots = min(slots, total)
+    quotas = {
+        layer: slots // len(moe_layers) + (i < slots % len(moe_layers)) for i, layer in enumerate(moe_layers)
+    }
+    host_budget = default_cpu_budget() if cpu_budget_gib is None else int(cpu_budget_gib * GIB)
+    host_slots = 0 if slots >= total else min(total, max(0, host_budget // expert_bytes))
+    return MemoryPlan(dense_bytes, kv_bytes, workspace_bytes, expert_bytes, total, slots, quotas, host_slots)
+
+
+def size(n: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def default_gpu_budget(device: torch.device) -> int | None:
+    """Free GPU memory minus a margin for the CUDA context and fragmentation; None (no cap) on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, free - GIB)
+
+
+def default_cpu_budget() -> int:
+    """About half the RAM: the rest stays for the OS, the page cache and the process itself."""
+    return psutil.virtual_memory().total // 2

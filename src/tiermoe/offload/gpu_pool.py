@@ -1,0 +1,63 @@
+"""The fixed pool of expert slots on the GPU, partitioned by layer.
+
+A decode step visits the layers in a cycle; one global LRU would evict each layer's experts just
+before the next token needs them again. Per-layer partitions (as in mixtral-offloading) keep each
+layer's recent experts, and the eviction policy chooses within a layer."""
+
+from __future__ import annotations
+
+import torch
+
+from .policy import POLICIES
+from .sources import bank_views
+
+
+class LayerSlots:
+    def __init__(self, slots: range, policy: str):
+        self.slots = slots
+        self.policy = POLICIES[policy]()
+        self.slot_of: dict[int, int] = {}  # expert -> slot
+        self.expert_of: dict[int, int] = {}  # slot -> expert
+        self.free = list(reversed(slots))
+
+    def claim(self, expert: int, exclude: set[int], prefetched: bool) -> int:
+        """A slot for `expert`, evicting the policy's victim (never one in `exclude`) when full."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot = self.policy.victim(exclude)
+            del self.slot_of[self.expert_of.pop(slot)]
+        self.slot_of[expert] = slot
+        self.expert_of[slot] = expert
+        self.policy.insert(slot, prefetched)
+        return slot
+
+
+class SlotPool:
+    def __init__(
+        self,
+        quotas: dict[int, int],
+        numel: int,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        policy: str,
+    ):
+        total = sum(quotas.values())
+        self.flat = torch.empty(total, numel, dtype=dtype, device=device)
+        self.gate_up, self.down = bank_views(self.flat, *shape)
+        self.layers: dict[int, LayerSlots] = {}
+        start = 0
+        for layer, quota in quotas.items():
+            self.layers[layer] = LayerSlots(range(start, start + quota), policy)
+            start += quota
+        self.ready: list = [None] * total  # event: the copy into the slot finished
+        self.released: list = [None] * total  # event: the last kernel reading the slot finished
+        self.prefetched = [False] * total  # filled by a prefetch and not used since
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def __len__(self) -> int:
+        return self.flat.shape[0]

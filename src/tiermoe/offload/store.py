@@ -1,0 +1,215 @@
+"""TieredExpertStore: the ExpertProvider that runs a model whose experts do not fit on the GPU.
+
+Per MoE layer and step: route (done by the block), pull the routed expert ids to the host together
+with the next layer's predicted ids (one synchronisation), load missing experts into this layer's GPU
+slots from the host cache (which reads the disk on its own misses), wait for those copies, launch the
+expert kernels, then start copying the next layer's predicted experts on the side stream while the
+kernels run. A layer that hits more experts than it has slots (long prefills) runs in waves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .budget import MemoryPlan
+from .expert_compute import accumulate_pairs, expert_mlp
+from .gpu_pool import LayerSlots, SlotPool
+from .host_cache import HostCache
+from .predictor import RouterLookahead
+from .sources import ExpertSource
+from .transfer import CopyStream
+
+
+@dataclass
+class StoreStats:
+    gpu_hits: int = 0  # routed expert already in a slot, not brought by a prefetch
+    prefetch_hits: int = 0  # routed expert in a slot because a prefetch brought it
+    gpu_misses: int = 0  # routed expert loaded on demand
+    prefetch_issued: int = 0
+    prefetch_wasted: int = 0  # prefetched experts evicted before any use
+    predicted: int = 0  # experts the predictor named for a layer
+    predicted_correct: int = 0  # of those, how many the layer routed to
+    routed: int = 0  # unique experts the layers routed to (for prediction recall)
+    host_hits: int = 0
+    host_misses: int = 0  # read from the expert source (disk)
+    bytes_h2d: int = 0
+    bytes_disk: int = 0
+    wait_s: float = 0.0  # host time blocked on copies the next kernels need
+    disk_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        served = self.gpu_hits + self.prefetch_hits + self.gpu_misses
+        d["gpu_hit_rate"] = round((self.gpu_hits + self.prefetch_hits) / served, 4) if served else None
+        d["prefetch_precision"] = (
+            round(self.predicted_correct / self.predicted, 4) if self.predicted else None
+        )
+        d["prefetch_recall"] = round(self.predicted_correct / self.routed, 4) if self.routed else None
+        host = self.host_hits + self.host_misses
+        d["host_hit_rate"] = round(self.host_hits / host, 4) if host else None
+        return d
+
+
+class TieredExpertStore:
+    def __init__(
+        self,
+        source: ExpertSource,
+        plan: MemoryPlan,
+        shape: tuple[int, int],
+        num_experts: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        policy: str = "lru",
+        prefetch: bool = True,
+        progress=None,
+    ):
+        self.plan, self.device, self.prefetch = plan, device, prefetch
+        self.num_experts = num_experts
+        numel = 3 * shape[0] * shape[1]
+        self.expert_bytes = numel * dtype.itemsize
+        self.host = HostCache(source, plan.host_slots, numel, dtype, pinned=device.type == "cuda")
+        self.pool = SlotPool(plan.quotas, numel, shape, dtype, device, policy)
+        self.copier = CopyStream(device)
+        self.predictor: RouterLookahead | None = None
+        self.policy = policy
+        self._predicted: dict[int, set[int]] = {}
+        self._preload(list(plan.quotas), progress)
+        self.stats_ = StoreStats()
+
+    def _preload(self, layers: list[int], progress) -> None:
+        """Fill the host cache in layer order, so a cache that holds everything never reads the disk again."""
+        count = min(self.host.capacity, len(layers) * self.num_experts)
+        task = progress.add_task("experts to host", total=count) if progress else None
+        keys = [(layer, e) for layer in layers for e in range(self.num_experts)][:count]
+        for layer, e in keys:
+            self.host.get(layer, e)
+            if progress:
+                progress.advance(task)
+
+    def attach(self, routers: dict[int, torch.nn.Module]) -> None:
+        if self.prefetch:
+            self.predictor = RouterLookahead(routers)
+
+    def stats(self) -> dict:
+        d = self.stats_.to_dict()
+        d.update(
+            policy=self.policy,
+            prefetch=self.prefetch,
+            gpu_slots=len(self.pool),
+            host_slots=self.host.capacity,
+            source=self.host.source.description,
+        )
+        return d
+
+    def reset_stats(self) -> None:
+        self.stats_ = StoreStats()
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        prediction = self.predictor.predict(layer, x) if self.predictor else None
+        flat = ids.reshape(-1)
+        if prediction is not None:
+            both = torch.cat([flat, prediction[1].reshape(-1)]).tolist()  # one sync for both
+            routed, predicted = both[: flat.numel()], both[flat.numel() :]
+        else:
+            routed, predicted = flat.tolist(), []
+        needed = [e for e, _ in Counter(routed).most_common()]  # most-routed first
+        self._score(layer, needed)
+        part = self.pool.layers[layer]
+        needed.sort(key=lambda e: e not in part.slot_of)  # resident ones first, stable
+        quota = len(part.slots)
+        out = None
+        for start in range(0, len(needed), quota):
+            group = needed[start : start + quota]
+            slot_of = self._ensure(layer, part, group)
+            self._wait(slot_of.values())
+            lut = torch.full((self.num_experts,), -1, dtype=torch.long)
+            lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
+            slots = lut.to(self.device)[ids]  # [T, k]; -1 where the expert is in another wave
+            if len(needed) <= quota:
+                out = expert_mlp(x, slots, weights, self.pool.gate_up, self.pool.down)
+            else:
+                out = torch.zeros_like(x) if out is None else out
+                tok, k = (slots >= 0).nonzero(as_tuple=True)
+                accumulate_pairs(
+                    x, tok, slots[tok, k], weights[tok, k], self.pool.gate_up, self.pool.down, out
+                )
+            used = self.copier.mark_used()
+            for slot in slot_of.values():
+                self.pool.released[slot] = used
+            if start == 0 and prediction is not None:
+                self._prefetch(prediction[0], predicted)
+        return out
+
+    def _score(self, layer: int, needed: list[int]) -> None:
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            s = self.stats_
+            s.predicted += len(predicted)
+            s.predicted_correct += len(predicted.intersection(needed))
+            s.routed += len(needed)
+
+    def _ensure(self, layer: int, part: LayerSlots, group: list[int]) -> dict[int, int]:
+        """Slots holding every expert of `group`, loading the missing ones."""
+        s = self.stats_
+        slot_of = {e: part.slot_of[e] for e in group if e in part.slot_of}
+        for slot in slot_of.values():
+            if self.pool.prefetched[slot]:
+                s.prefetch_hits += 1
+                self.pool.prefetched[slot] = False
+            else:
+                s.gpu_hits += 1
+            part.policy.touch(slot)
+        exclude = set(slot_of.values())
+        for e in group:
+            if e not in slot_of:
+                s.gpu_misses += 1
+                slot_of[e] = self._load(layer, e, part, exclude, prefetched=False)
+                exclude.add(slot_of[e])
+        return slot_of
+
+    def _load(self, layer: int, expert: int, part: LayerSlots, exclude: set[int], prefetched: bool) -> int:
+        s = self.stats_
+        slot = part.claim(expert, exclude, prefetched)
+        if self.pool.prefetched[slot]:  # the victim was prefetched and never used
+            s.prefetch_wasted += 1
+        start = time.perf_counter()
+        entry, hit = self.host.get(layer, expert)
+        if hit:
+            s.host_hits += 1
+        else:
+            s.host_misses += 1
+            s.bytes_disk += self.expert_bytes
+            s.disk_s += time.perf_counter() - start
+        event = self.copier.copy(
+            self.pool.flat[slot], self.host.buffer(entry), after=self.pool.released[slot]
+        )
+        self.host.reading(entry, event)
+        self.pool.ready[slot] = event
+        self.pool.prefetched[slot] = prefetched
+        s.bytes_h2d += self.expert_bytes
+        return slot
+
+    def _prefetch(self, layer: int, predicted: list[int]) -> None:
+        part = self.pool.layers[layer]
+        wanted = [e for e, _ in Counter(predicted).most_common(len(part.slots))]
+        self._predicted[layer] = set(wanted)
+        exclude = {part.slot_of[e] for e in wanted if e in part.slot_of}
+        for e in wanted:
+            if e not in part.slot_of:
+                exclude.add(self._load(layer, e, part, exclude, prefetched=True))
+                self.stats_.prefetch_issued += 1
+
+    def _wait(self, slots) -> None:
+        for slot in slots:
+            event = self.pool.ready[slot]
+            if event is None:
+                continue
+            if not event.query():
+                start = time.perf_counter()
+                event.synchronize()
+                self.stats_.wait_s += time.perf_counter() - start
+            self.pool.ready[slot] = None

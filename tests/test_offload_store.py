@@ -1,0 +1,145 @@
+"""The tiered store on CPU: a budget far below the model gives exactly the all-resident tokens, every
+tier path is taken, budgets hold, bad files and budgets fail clearly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.errors import BudgetError, CheckpointError
+from tiermoe.offload.budget import GIB
+from tiermoe.offload.store import TieredExpertStore
+
+PROMPT = [5, 17, 42, 99, 7, 11, 120, 64, 3, 200, 31, 8]
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
+    resident = LLM(path, device="cpu")
+    return path, resident
+
+
+def budget_for(resident: LLM, slots_per_layer: int) -> float:
+    """A GPU budget in GiB that leaves exactly slots_per_layer expert slots per MoE layer."""
+    plan = resident.plan
+    layers = len(resident.args.moe_layers)
+    return (plan.dense_bytes + plan.kv_bytes + layers * slots_per_layer * plan.expert_bytes) / GIB
+
+
+def tiered(path, resident, slots=2, host=None, **kw) -> LLM:
+    host_gib = None if host is None else host * resident.plan.expert_bytes / GIB
+    return LLM(path, device="cpu", gpu_budget_gib=budget_for(resident, slots), cpu_budget_gib=host_gib, **kw)
+
+
+def test_small_budget_gives_identical_tokens_and_logits(model):
+    path, resident = model
+    llm = tiered(path, resident, slots=2)
+    assert isinstance(llm.provider, TieredExpertStore)
+    assert len(llm.provider.pool) == 2 * 4  # 8 of the 32 experts fit
+    expected = resident.generate(PROMPT, GREEDY)[0]
+    got = llm.generate(PROMPT, GREEDY)[0]
+    assert got.token_ids == expected.token_ids
+    # One token runs the same kernels on the same weights in both: its logits are bit-identical.
+    logits = [
+        x.engine.runner.prefill([PROMPT[:1]], x.engine.runner.new_cache(1, 1))[0] for x in (resident, llm)
+    ]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_every_tier_is_used_and_counted(model):
+    path, resident = model
+    llm = tiered(path, resident, slots=2, host=6)  # host cache holds 6 of 32 experts: the rest come from disk
+    out = llm.generate(PROMPT, GREEDY)[0]
+    assert out.token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
+    s = out.stats.experts
+    expert_bytes = resident.plan.expert_bytes
+    assert s["gpu_hits"] + s["prefetch_hits"] > 0 and s["gpu_misses"] > 0
+    assert s["host_hits"] > 0 and s["host_misses"] > 0
+    assert s["bytes_disk"] == s["host_misses"] * expert_bytes
+    assert s["bytes_h2d"] == (s["gpu_misses"] + s["prefetch_issued"]) * expert_bytes
+    assert 0 < s["gpu_hit_rate"] < 1
+    assert s["host_slots"] == 6 and s["gpu_slots"] == 8
+
+
+def test_pool_stays_within_budget(model):
+    path, resident = model
+    llm = tiered(path, resident, slots=3, host=10)
+    llm.generate(PROMPT, GREEDY)
+    store = llm.provider
+    plan = llm.plan
+    assert plan.dense_bytes + plan.kv_bytes + store.pool.nbytes <= budget_for(resident, 3) * GIB + 1
+    for part in store.pool.layers.values():
+        assert len(part.slots) == 3 and len(part.slot_of) <= 3
+        assert all(part.slot_of[part.expert_of[s]] == s for s in part.expert_of)
+    assert store.host.nbytes == 10 * plan.expert_bytes
+    assert len(store.host.entry_of) <= 10
+
+
+def test_prefill_larger_than_slots_runs_in_waves(model):
+    path, resident = model
+    llm = tiered(path, resident, slots=2)
+    prompts = [PROMPT * 4, PROMPT[:5]]  # 48 tokens x top-2 touch most of the 8 experts of each layer
+    expected = [o.token_ids for o in resident.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lru-protect"])
+def test_prefetch_and_policies_do_not_change_tokens(model, policy):
+    path, resident = model
+    expected = resident.generate(PROMPT, GREEDY)[0].token_ids
+    on = tiered(path, resident, slots=3, eviction=policy).generate(PROMPT, GREEDY)[0]
+    off = tiered(path, resident, slots=3, eviction=policy, prefetch=False).generate(PROMPT, GREEDY)[0]
+    assert on.token_ids == off.token_ids == expected
+    s = on.stats.experts
+    assert s["prefetch_issued"] > 0 and s["predicted"] > 0
+    assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["prefetch_recall"] <= 1
+    assert off.stats.experts["prefetch_issued"] == 0 and off.stats.experts["prefetch_precision"] is None
+
+
+def test_budget_too_small_names_the_minimum(model):
+    path, resident = model
+    with pytest.raises(BudgetError, match=r"need at least [0-9.e-]+ GiB; raise --gpu-budget"):
+        tiered(path, resident, slots=1)  # top-2 routing needs 2 slots per layer
+
+
+def test_truncated_expert_file_fails_clearly_mid_run(model, tmp_path):
+    path, resident = model
+    copy = tmp_path / "ckpt"
+    shutil.copytree(path, copy)
+    llm = tiered(copy, resident, slots=2, host=2)  # experts keep coming from disk while generating
+    victim = copy / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated"):
+        llm.generate(PROMPT, GREEDY)
+
+
+def test_cli_generate_with_budget_prints_expert_stats(model, capsys):
+    from tiermoe.cli import main
+
+    path, resident = model
+    budget = budget_for(resident, 2)
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--device",
+            "cpu",
+            "--gpu-budget",
+            f"{budget + 1e-7:.9f}",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "5",
+            "--ignore-eos",
+        ]
+    )
+    assert rc == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("[length] prompt ") and "completion 5 tok" in line
+    assert "experts: GPU hits " in line and "prefetch precision " in line
