@@ -129,25 +129,26 @@ def plot_runs(runs: list[dict], path: str | Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(runs)), 4.5))
     xs = range(len(runs))
     measured = [r.get("decode_tok_s") or 0.0 for r in runs]
-    positive = [v for v in measured if v > 0] + [
-        r["pcie_floor_tok_s"] for r in runs if r.get("pcie_floor_tok_s")
-    ]
-    floor_y = min(positive) / 3 if positive else 0.1
-    for x, run, value in zip(xs, runs, measured, strict=True):
+    floors = [r.get("pcie_floor_tok_s") or 0.0 for r in runs]
+    positive = [v for v in measured + floors if v > 0] or [1.0]
+    lo, hi = min(positive) / 10, max(positive) * 4
+    for x, run, value, floor in zip(xs, runs, measured, floors, strict=True):
         if value > 0:
             ax.bar(x, value, color=colors.get(run["engine"], "tab:gray"))
             ax.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
         else:
             reason = (run.get("error") or "no result").splitlines()[0][:40]
             ax.annotate(
-                f"not run:\n{reason}", (x, floor_y), ha="center", va="bottom", fontsize=7, rotation=90
+                f"not run: {reason}", (x, lo * 1.3), ha="center", va="bottom", fontsize=7, rotation=90
             )
-        if run.get("pcie_floor_tok_s"):
-            ax.plot(x, run["pcie_floor_tok_s"], marker="_", markersize=30, mew=2, color="black")
+        if floor > 0:
+            ax.plot(x, floor, marker="_", markersize=30, mew=2, color="black")
     if any(r.get("pcie_floor_tok_s") for r in runs):
         ax.plot([], [], marker="_", markersize=12, mew=2, color="black", linestyle="none", label="PCIe floor")
         ax.legend(loc="upper right", fontsize=8)
     ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_xticks(list(xs), [run_label(r) for r in runs], fontsize=8)
     ax.set_ylabel("decode tok/s (whole batch)")
     ax.set_title(title, fontsize=10)
