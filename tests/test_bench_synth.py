@@ -145,3 +145,17 @@ def test_clear_errors(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
         synth_checkpoint({"architectures": ["LlamaForCausalLM"]}, tmp_path, progress=False)
     assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_tiermoe_loads_synth_checkpoints_and_agrees_with_transformers(preset, tmp_path):
+    from tiermoe import LLM, SamplingParams
+
+    synth_checkpoint(preset, tmp_path, seed=1, progress=False)
+    prompt = torch.randint(3, 512, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = LLM(tmp_path, device="cpu", dtype="fp32").generate(
+        prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    )[0]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    assert ours.token_ids == ref[0, len(prompt) :].tolist()

@@ -39,10 +39,10 @@ def measure_tiermoe(
     statistics those of the last timed run."""
     from .. import LLM, SamplingParams
 
+    # Budgets are passed only when set, so an uncapped run needs nothing beyond the basic LLM(...).
+    budgets = {"gpu_budget_gib": gpu_budget_gib, "cpu_budget_gib": cpu_budget_gib}
     start = time.perf_counter()
-    llm = LLM(
-        model_dir, device=device, dtype=dtype, gpu_budget_gib=gpu_budget_gib, cpu_budget_gib=cpu_budget_gib
-    )
+    llm = LLM(model_dir, device=device, dtype=dtype, **{k: v for k, v in budgets.items() if v is not None})
     load_s = time.perf_counter() - start
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     prompts = random_prompts(vocab, workload)

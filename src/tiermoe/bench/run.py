@@ -62,6 +62,17 @@ def measure_h2d(config: dict) -> float | None:
     return h2d_bandwidth(chunk, pinned=True, total_bytes=1 << 30)
 
 
+def pcie_floor(
+    config: dict, gpu_budget_gib: float | None, batch: int, h2d_gb_s: float | None
+) -> float | None:
+    """Best decode tok/s (whole batch) if every expert use the budget cannot hold crosses PCIe."""
+    if gpu_budget_gib is None or not h2d_gb_s:
+        return None
+    return decode_floor(
+        missed_expert_bytes_per_token(config, gpu_budget_gib, batch), h2d_gb_s, None
+    ).pcie_tok_s
+
+
 def _settings(budgets: list[float | None], peer_names: list[str]) -> list[tuple[str, float | None]]:
     """tiermoe at every budget; hf once, uncapped (it cannot be capped); hf-offload at every cap."""
     settings = [("tiermoe", b) for b in budgets]
@@ -147,11 +158,10 @@ def bench(
     # Measured last, so this process holds no CUDA context while the engines run.
     h2d = h2d_gb_s if h2d_gb_s is not None else measure_h2d(config)
     for run in results:
-        floor = None
-        if run["engine"] == "tiermoe" and run["gpu_budget_gib"] is not None and h2d:
-            missed = missed_expert_bytes_per_token(config, run["gpu_budget_gib"], workload.batch)
-            floor = decode_floor(missed, h2d, None).pcie_tok_s
-        run["pcie_floor_tok_s"] = floor
+        capped_tiermoe = run["engine"] == "tiermoe" and run["gpu_budget_gib"] is not None
+        run["pcie_floor_tok_s"] = (
+            pcie_floor(config, run["gpu_budget_gib"], workload.batch, h2d) if capped_tiermoe else None
+        )
         for key in RUN_KEYS:
             run.setdefault(key, None)
     return {"runs": results, "model_dir": str(model_dir), "h2d_gb_s": h2d, "seed": workload.seed}
