@@ -84,3 +84,17 @@ def test_gpu_ceilings_are_measured():
     assert measured["H2D pinned 9.4MB"].value > measured["H2D pageable 9.4MB"].value * 0.5 > 0
     assert measured["GPU copy (read+write)"].value > 100
     assert measured["GPU GEMM bf16"].value > 1
+
+
+def test_floor_uses_h2d_measured_nearest_the_expert_size():
+    Measurement = hardware.Measurement
+    measured = [
+        Measurement("H2D pinned 2.5MB", 30.0, "GB/s"),
+        Measurement("H2D pinned 9.4MB", 45.0, "GB/s"),
+        Measurement("H2D pageable 9.4MB", 15.0, "GB/s"),
+        Measurement("H2D pinned 48MB", 50.0, "GB/s"),
+        Measurement("H2D pinned 1GiB", None, "GB/s", "skipped"),
+    ]
+    assert hardware.h2d_near(measured, 12_582_912) == ("9.4MB", 45.0)  # one OLMoE expert
+    assert hardware.h2d_near(measured, 2 << 30) == ("48MB", 50.0)  # 1GiB was not measured
+    assert hardware.h2d_near(measured[2:3], 1) is None

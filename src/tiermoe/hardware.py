@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import mmap
 import os
 import tempfile
@@ -244,20 +245,28 @@ def _value(measurements: list[Measurement], name: str) -> float | None:
     return next((m.value for m in measurements if m.name == name), None)
 
 
-def best_h2d(measurements: list[Measurement]) -> float | None:
-    """Pinned H2D at the largest expert-like chunk measured (what the expert loader moves)."""
-    pinned = [m.value for m in measurements if m.name.startswith("H2D pinned") and m.value]
-    return pinned[-1] if pinned else None
+def h2d_near(measurements: list[Measurement], nbytes: int) -> tuple[str, float] | None:
+    """The pinned H2D measurement whose chunk size is nearest (by ratio) to nbytes, the size the expert
+    loader moves at a time, as (chunk label, GB/s); None when none was measured."""
+    pinned = {
+        m.name.removeprefix("H2D pinned "): m.value for m in measurements if m.name.startswith("H2D pinned ")
+    }
+    measured = [(label, gb_s) for label, gb_s in pinned.items() if gb_s]
+    if not measured:
+        return None
+    return min(measured, key=lambda item: abs(math.log(H2D_CHUNKS[item[0]] / nbytes)))
 
 
 def floor_for_checkpoint(
     model_dir: str | Path, gpu_budget_gib: float | None, batch: int, measurements: list[Measurement]
 ) -> dict:
     config = load_config(model_dir)
+    per_expert = 3 * config["hidden_size"] * expert_intermediate_size(config) * bytes_per_element(config)
+    h2d = h2d_near(measurements, per_expert)
     missed = missed_expert_bytes_per_token(config, gpu_budget_gib, batch)
     floor = decode_floor(
         missed,
-        best_h2d(measurements),
+        h2d[1] if h2d else None,
         _value(measurements, "CPU copy (read+write)"),
         _value(measurements, "CPU matmul bf16"),
     )
@@ -266,10 +275,9 @@ def floor_for_checkpoint(
         "gpu_budget_gib": gpu_budget_gib,
         "batch": batch,
         "expert_bytes_per_token": expert_bytes_per_token(config),
-        "expert_bytes_per_expert": 3
-        * config["hidden_size"]
-        * expert_intermediate_size(config)
-        * bytes_per_element(config),
+        "expert_bytes_per_expert": per_expert,
+        "h2d_chunk": h2d[0] if h2d else None,
+        "h2d_gb_s": h2d[1] if h2d else None,
         **asdict(floor),
     }
 

@@ -125,7 +125,8 @@ def measure(
         start = time.perf_counter()
         model = _load(engine, model_dir, gpu_budget_gib, cpu_budget_gib, offload_dir)
         load_s = time.perf_counter() - start
-        device = model.get_input_embeddings().weight.device
+        # With offload the embedding may sit on the CPU; accelerate's hooks move inputs to the GPU anyway.
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         prompts = torch.tensor(random_prompts(model.config.vocab_size, workload), device=device)
         _timed_generate(model, prompts[:, : min(8, workload.prompt_len)], 2)  # warm-up: kernels, allocator
         samples = []
