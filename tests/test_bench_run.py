@@ -12,6 +12,7 @@ from tiermoe.bench.presets import get_preset
 from tiermoe.bench.report import RUN_KEYS, plot_runs
 from tiermoe.bench.shapes import checkpoint_size
 from tiermoe.bench.synth import synth_checkpoint
+from tiermoe.bench.workload import Workload
 from tiermoe.errors import InvalidRequestError
 from tiermoe.hardware import GIB
 
@@ -89,7 +90,7 @@ def test_argument_parsing_and_errors(tmp_path):
     with pytest.raises(InvalidRequestError, match=r"unknown peer.*vllm.*peers are: hf, hf-offload"):
         run.parse_peers("hf,vllm")
     with pytest.raises(InvalidRequestError, match=r"no config\.json"):
-        run.bench(tmp_path, run.Workload(4, 2), [None], [])
+        run.bench(tmp_path, Workload(4, 2), [None], [])
 
 
 def test_plot_marks_failed_runs_and_floors(tmp_path):

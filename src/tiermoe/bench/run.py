@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,7 +98,7 @@ def bench(
     dtype: str | None = None,
     h2d_gb_s: float | None = None,
     argv: list[str] | None = None,
-    progress=print,
+    progress: Callable[[str], None] = print,
 ) -> dict:
     """Measure every setting and return {"runs": [...], ...}; writes nothing."""
     model_dir = Path(model_dir)
@@ -224,6 +225,10 @@ def main(args: argparse.Namespace) -> int:
     )
     png_path = plot_runs(runs, out_dir / f"{stem}.png", title)
     console.print(_summary_table(runs))
+    for r in runs:
+        if r["experts"]:
+            cap = "uncapped" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g} GiB"
+            console.print(f"expert store, {r['engine']} at {cap}: {json.dumps(r['experts'])}")
     console.print(f"saved {json_path} and {png_path}")
     return 0
 
