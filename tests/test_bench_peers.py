@@ -13,8 +13,6 @@ from tiermoe.bench.presets import get_preset
 from tiermoe.bench.synth import synth_checkpoint
 from tiermoe.bench.workload import Workload, median_figures, random_prompts
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -91,14 +89,12 @@ def test_median_figures_take_the_worst_peak():
 
 
 @pytest.mark.gpu
-@gpu
 def test_hf_is_skipped_when_the_model_cannot_fit(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(get_preset("mixtral-8x7b").config))  # 87 GiB of bf16
     assert "does not fit the GPU" in peers.skip_reason("hf", str(tmp_path), None)
 
 
 @pytest.mark.gpu
-@gpu
 def test_hf_offload_runs_under_a_cap(tiny_dir):
     result = run_isolated("hf-offload", tiny_dir, Workload(8, 4, 1, 1), gpu_budget_gib=0.0001, timeout_s=300)
     assert result["error"] is None, result

@@ -159,3 +159,15 @@ def test_tiermoe_loads_synth_checkpoints_and_agrees_with_transformers(preset, tm
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=5, min_new_tokens=5)
     assert ours.token_ids == ref[0, len(prompt) :].tolist()
+
+
+@pytest.mark.gpu
+def test_synth_draws_on_cuda(tmp_path):
+    synth_checkpoint("tiny-mixtral", tmp_path / "gpu", seed=4, device="cuda", progress=False)
+    synth_checkpoint("tiny-mixtral", tmp_path / "gpu2", seed=4, device="cuda", progress=False)
+    a, b = _on_disk(tmp_path / "gpu"), _on_disk(tmp_path / "gpu2")
+    emb = a["model.embed_tokens.weight"]
+    assert emb.device.type == "cpu" and torch.equal(emb, b["model.embed_tokens.weight"])
+    assert abs(emb.float().std().item() - INIT_STD) < 0.1 * INIT_STD
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "gpu", output_loading_info=True)
+    assert not any(info.values()), info
