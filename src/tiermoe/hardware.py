@@ -300,8 +300,9 @@ def main(args: argparse.Namespace) -> int:
         floor = floor_for_checkpoint(args.model, args.gpu_budget, args.batch, measurements)
         payload["decode_floor"] = floor
         fmt = lambda v: "n/a" if v is None else f"{v:,.2f} tok/s"  # noqa: E731
+        budget = "uncapped" if args.gpu_budget is None else f"{args.gpu_budget:g} GiB"
         console.print(
-            f"decode floor for {args.model} at GPU budget {args.gpu_budget or 'uncapped'} GiB, batch {args.batch}: "
+            f"decode floor for {args.model} at GPU budget {budget}, batch {args.batch}: "
             f"{floor['missed_bytes_per_token'] / 2**20:,.1f} MiB of experts missed per token -> "
             f"PCIe path {fmt(floor['pcie_tok_s'])}, CPU-compute path {fmt(floor['cpu_tok_s'])}"
         )

@@ -125,7 +125,13 @@ def measure(
         start = time.perf_counter()
         model = _load(engine, model_dir, gpu_budget_gib, cpu_budget_gib, offload_dir)
         load_s = time.perf_counter() - start
-        # With offload the embedding may sit on the CPU; accelerate's hooks move inputs to the GPU anyway.
+        placement = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
+        if engine == "hf-offload" and set(placement) <= {"cpu", "disk"}:
+            # accelerate keeps room for the largest layer; below that it runs the model on the CPU.
+            return {
+                "error": f"skipped: a {gpu_budget_gib:g} GiB cap leaves no layer on the GPU ({placement})"
+            }
+        # Offloaded modules sit on the CPU; accelerate's hooks run them on the GPU, where inputs go.
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         prompts = torch.tensor(random_prompts(model.config.vocab_size, workload), device=device)
         _timed_generate(model, prompts[:, : min(8, workload.prompt_len)], 2)  # warm-up: kernels, allocator
@@ -139,7 +145,6 @@ def measure(
             )
             sample["peak_host_gib"] = _peak_host_gib()
             samples.append(sample)
-        placement = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
     return {
         **median_figures(samples),
         "samples": samples,
