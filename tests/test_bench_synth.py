@@ -68,7 +68,9 @@ def test_weights_are_seeded_normal_with_init_std_and_norms_are_ones(tmp_path):
 
 
 def test_sharded_checkpoint_has_complete_index_and_loads(tmp_path):
+    synth_checkpoint("tiny-mixtral", tmp_path, shard_gib=0.00003, progress=False)  # more shards, overwritten
     result = synth_checkpoint("tiny-mixtral", tmp_path, shard_gib=0.00005, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == result.files
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(result.files) > 2
     assert set(index["weight_map"].values()) == set(result.files)

@@ -119,6 +119,13 @@ def synth_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Shards of an earlier synth with another shard count would sit beside an index that no longer names them.
+    for stale in [
+        *out.glob("model*.safetensors"),
+        out / "model.safetensors.index.json",
+        out / SYNTH_INFO_FILE,
+    ]:
+        stale.unlink(missing_ok=True)
     specs = tensor_specs(config)
     elem = bytes_per_element(config)
     shards = _plan_shards(specs, elem, int(shard_gib * _GIB))
