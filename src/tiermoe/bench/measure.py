@@ -1,0 +1,171 @@
+"""Time one engine at one setting in a process of its own.
+
+Every measured setting (tiermoe at each budget, each HF peer) runs as
+`python -m tiermoe.bench.measure --engine ...`, writing its figures as JSON: its memory is returned
+when it exits, its peak host RSS (ru_maxrss is a high-water mark for the whole process) is its own,
+and an OOM, a crash or a run past the time limit becomes an error in the result file instead of
+ending the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import peers
+from .workload import Workload, median_figures, random_prompts
+
+ENGINES = ("tiermoe", *peers.PEERS)
+
+
+def measure_tiermoe(
+    model_dir: str,
+    workload: Workload,
+    gpu_budget_gib: float | None,
+    cpu_budget_gib: float | None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """Load tiermoe, warm up, time workload.repeat generate calls; figures are medians, expert-store
+    statistics those of the last timed run."""
+    from .. import LLM, SamplingParams
+
+    # Budgets are passed only when set, so an uncapped run needs nothing beyond the basic LLM(...).
+    budgets = {"gpu_budget_gib": gpu_budget_gib, "cpu_budget_gib": cpu_budget_gib}
+    start = time.perf_counter()
+    llm = LLM(model_dir, device=device, dtype=dtype, **{k: v for k, v in budgets.items() if v is not None})
+    load_s = time.perf_counter() - start
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    prompts = random_prompts(vocab, workload)
+    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm.generate([p[: min(8, workload.prompt_len)] for p in prompts], warm)
+    params = SamplingParams(max_tokens=workload.gen_len, temperature=0.0, ignore_eos=True)
+    samples = []
+    for _ in range(workload.repeat):
+        outs = llm.generate(prompts, params)
+        lengths = {len(o.token_ids) for o in outs}
+        if lengths != {workload.gen_len}:
+            raise RuntimeError(
+                f"tiermoe returned {sorted(lengths)} tokens per sequence, asked for {workload.gen_len}"
+            )
+        stats = outs[0].stats
+        samples.append(
+            {
+                "ttft_s": stats.ttft_s,
+                "prefill_tok_s": stats.prefill_tok_s,
+                "decode_tok_s": stats.decode_tok_s,
+                "peak_gpu_gib": stats.peak_gpu_gib,
+                "peak_host_gib": stats.peak_host_gib,
+                "experts": stats.experts,
+            }
+        )
+    return {
+        **median_figures(samples),
+        "experts": samples[-1]["experts"],
+        "samples": samples,
+        "load_s": load_s,
+        "error": None,
+    }
+
+
+def measure_in_process(
+    engine: str,
+    model_dir: str,
+    workload: Workload,
+    gpu_budget_gib: float | None,
+    cpu_budget_gib: float | None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    if engine == "tiermoe":
+        return measure_tiermoe(model_dir, workload, gpu_budget_gib, cpu_budget_gib, device, dtype)
+    return peers.measure(engine, model_dir, workload, gpu_budget_gib, cpu_budget_gib)
+
+
+def run_isolated(
+    engine: str,
+    model_dir: str | Path,
+    workload: Workload,
+    gpu_budget_gib: float | None = None,
+    cpu_budget_gib: float | None = None,
+    timeout_s: float = 600,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """Measure one engine in a child process; returns its figures, or {"error": ...} when it was
+    skipped, crashed, was killed (OOM) or ran past timeout_s."""
+    if engine in peers.PEERS and (reason := peers.skip_reason(engine, str(model_dir), gpu_budget_gib)):
+        return {"error": f"skipped: {reason}"}
+    with tempfile.TemporaryDirectory(prefix="tiermoe-measure-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable, "-m", "tiermoe.bench.measure", "--engine", engine, "--model", str(model_dir),
+            "--prompt-len", str(workload.prompt_len), "--gen-len", str(workload.gen_len),
+            "--batch", str(workload.batch), "--repeat", str(workload.repeat), "--seed", str(workload.seed),
+            "--out", str(out),
+        ]  # fmt: skip
+        for flag, value in (
+            ("--gpu-budget", gpu_budget_gib),
+            ("--cpu-budget", cpu_budget_gib),
+            ("--device", device),
+            ("--dtype", dtype),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        # The child must import this same tiermoe, installed or not.
+        src = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:g} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        if proc.returncode < 0:
+            return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": f"exit code {proc.returncode}: {lines[-1] if lines else 'no output'}"}
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tiermoe.bench.measure", description="time one engine; JSON to --out"
+    )
+    p.add_argument("--engine", required=True, choices=ENGINES)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt-len", type=int, required=True)
+    p.add_argument("--gen-len", type=int, required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-budget", type=float, default=None)
+    p.add_argument("--cpu-budget", type=float, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    workload = Workload(a.prompt_len, a.gen_len, a.batch, a.repeat, a.seed)
+    try:
+        result = measure_in_process(
+            a.engine, a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype
+        )
+    except torch.OutOfMemoryError as e:
+        result = {"error": f"out of GPU memory: {str(e).splitlines()[0]}"}
+    except Exception as e:  # recorded in the result file; the bench goes on with the next setting
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}"}
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,161 @@
+"""What every benchmark file carries: the run's provenance, the result schema, and the comparison plot.
+
+A figure without its command, revision, device and date cannot be quoted, so `run_metadata` is
+attached to every JSON that bench and profile write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path("bench/results")
+
+# Keys every run object in a bench result file has (null where a figure does not apply).
+RUN_KEYS = (
+    "engine",
+    "model_preset",
+    "experts_dtype",
+    "gpu_budget_gib",
+    "cpu_budget_gib",
+    "batch",
+    "prompt_len",
+    "gen_len",
+    "repeat",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "ttft_s",
+    "peak_gpu_gib",
+    "peak_host_gib",
+    "pcie_floor_tok_s",
+    "experts",
+    "error",
+    "device",
+    "driver",
+    "torch_version",
+    "git_rev",
+    "date",
+    "command",
+)
+
+
+def git_revision(cwd: str | Path | None = None) -> str | None:
+    """Short HEAD hash with "-dirty" when tracked files have uncommitted changes; None outside git."""
+    where = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def device_info() -> dict:
+    """Device name, driver and library versions of this machine."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+        driver = _nvidia_driver() or f"cuda {torch.version.cuda}"
+    else:
+        device = f"cpu: {platform.processor() or platform.machine()}"
+        driver = None
+    return {"device": device, "driver": driver, "torch_version": torch.__version__}
+
+
+def run_metadata(argv: list[str] | None = None) -> dict:
+    """Provenance of a result: command line, git revision, device, driver, torch version, UTC date."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        argv[0] = Path(argv[0]).name  # "tiermoe", not the venv's absolute path
+    return {
+        "command": shlex.join(argv),
+        "git_rev": git_revision(),
+        **device_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def timestamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def run_label(run: dict) -> str:
+    budget = "uncapped" if run.get("gpu_budget_gib") is None else f"{run['gpu_budget_gib']:g} GiB"
+    return f"{run['engine']}\n{budget}\nbatch {run['batch']}"
+
+
+def plot_runs(runs: list[dict], path: str | Path, title: str) -> Path:
+    """Bars of decode tok/s per engine and setting on a log axis, with each run's PCIe floor as a marker.
+    Runs that failed or were skipped get an empty slot labelled with the reason, not a zero bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on the bench machines
+    import matplotlib.pyplot as plt
+
+    colors = {"tiermoe": "tab:blue", "hf": "tab:orange", "hf-offload": "tab:red"}
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(runs)), 4.5))
+    xs = range(len(runs))
+    measured = [r.get("decode_tok_s") or 0.0 for r in runs]
+    floors = [r.get("pcie_floor_tok_s") or 0.0 for r in runs]
+    positive = [v for v in measured + floors if v > 0] or [1.0]
+    lo, hi = min(positive) / 10, max(positive) * 4
+    for x, run, value, floor in zip(xs, runs, measured, floors, strict=True):
+        if value > 0:
+            ax.bar(x, value, color=colors.get(run["engine"], "tab:gray"))
+            ax.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
+        else:
+            reason = (run.get("error") or "no result").splitlines()[0][:40]
+            ax.annotate(
+                f"not run: {reason}", (x, lo * 1.3), ha="center", va="bottom", fontsize=7, rotation=90
+            )
+        if floor > 0:
+            ax.plot(x, floor, marker="_", markersize=30, mew=2, color="black")
+    if any(r.get("pcie_floor_tok_s") for r in runs):
+        ax.plot([], [], marker="_", markersize=12, mew=2, color="black", linestyle="none", label="PCIe floor")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_xticks(list(xs), [run_label(r) for r in runs], fontsize=8)
+    ax.set_ylabel("decode tok/s (whole batch)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,204 @@
+"""`tiermoe synth`: write a Hugging Face checkpoint with random weights and a real model's config.
+
+Weights are drawn shard by shard (never the whole model in memory), on the GPU when there is one,
+from a generator seeded per tensor name: the same seed gives the same tensors whatever the shard size
+or device order. Linear and embedding weights are normal(0, 0.02) and norms are ones, the init the
+published models were trained from, which keeps activations finite through every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from safetensors.torch import save_file
+
+from ..errors import InvalidRequestError
+from .presets import PRESETS, get_preset
+from .shapes import TensorSpec, architecture, bytes_per_element, tensor_specs
+
+INIT_STD = 0.02
+SYNTH_INFO_FILE = "tiermoe_synth.json"
+_DTYPES = {"bf16": (torch.bfloat16, "bfloat16")}
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    out_dir: Path
+    files: list[str]
+    total_bytes: int
+    num_tensors: int
+
+
+def _plan_shards(specs: list[TensorSpec], elem_bytes: int, shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy packing in checkpoint order; a tensor bigger than a shard gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = spec.numel * elem_bytes
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    # 32 bits: the CPU generator (mt19937) ignores higher seed bits.
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def _make_tensor(spec: TensorSpec, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    if spec.init == "ones":
+        return torch.ones(spec.shape, dtype=dtype)
+    if spec.init == "zeros":
+        return torch.zeros(spec.shape, dtype=dtype)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_tensor_seed(seed, spec.name))
+    t = torch.empty(spec.shape, dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=gen)
+    return t.cpu()
+
+
+def _resolve(preset_or_config: str | dict) -> tuple[str, str, dict, dict]:
+    if isinstance(preset_or_config, str):
+        p = get_preset(preset_or_config)
+        return p.name, p.source, p.config, p.generation_config
+    config = dict(preset_or_config)
+    return "custom", "custom", config, {}
+
+
+def _generation_config(config: dict, published: dict) -> dict:
+    # Without eos in generation_config, transformers' generate never stops and engines disagree on
+    # stop tokens; tiny presets have no published file, so take the ids from config.json.
+    gen = dict(published) or {
+        k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
+    }
+    gen.setdefault("transformers_version", config.get("transformers_version", "5.0.0"))
+    return gen
+
+
+def synth_checkpoint(
+    preset_or_config: str | dict,
+    out_dir: str | Path,
+    dtype: str = "bf16",
+    seed: int = 0,
+    shard_gib: float = 4.0,
+    device: str | None = None,
+    progress: bool = True,
+) -> SynthResult:
+    """Write config.json, generation_config.json, safetensors shards (and their index when more than
+    one) to out_dir. preset_or_config: a preset name or a config.json dict with `architectures`."""
+    if dtype == "fp8":
+        raise InvalidRequestError(
+            "fp8 experts come with the quantization issue; use --dtype bf16 for now", param="dtype"
+        )
+    if dtype not in _DTYPES:
+        raise InvalidRequestError(
+            f"unknown dtype {dtype!r}; choose bf16 (fp8 comes with quantization)", param="dtype"
+        )
+    torch_dtype, dtype_name = _DTYPES[dtype]
+    name, source, config, published_gen = _resolve(preset_or_config)
+    architecture(config)  # fail before writing anything if the layout is unknown
+    config["torch_dtype"] = dtype_name
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Shards of an earlier synth with another shard count would sit beside an index that no longer names them.
+    for stale in [
+        *out.glob("model*.safetensors"),
+        out / "model.safetensors.index.json",
+        out / SYNTH_INFO_FILE,
+    ]:
+        stale.unlink(missing_ok=True)
+    specs = tensor_specs(config)
+    elem = bytes_per_element(config)
+    shards = _plan_shards(specs, elem, int(shard_gib * _GIB))
+    total = sum(s.numel for s in specs) * elem
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+
+    columns = (
+        TextColumn("[bold]synth[/] {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task(f"{name} on {dev.type}", total=total)
+        for fname, shard in zip(files, shards, strict=True):
+            tensors = {}
+            for spec in shard:
+                tensors[spec.name] = _make_tensor(spec, torch_dtype, dev, seed)
+                bar.advance(task, spec.numel * elem)
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            del tensors
+
+    if len(files) > 1:
+        weight_map = {spec.name: fname for fname, shard in zip(files, shards, strict=True) for spec in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(_generation_config(config, published_gen), indent=2) + "\n"
+    )
+    info = {
+        "preset": name,
+        "source": source,
+        "dtype": dtype,
+        "seed": seed,
+        "init_std": INIT_STD,
+        "total_bytes": total,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / SYNTH_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return SynthResult(out, files, total, len(specs))
+
+
+def read_synth_info(model_dir: str | Path) -> dict:
+    """What synth recorded about a checkpoint ({} for checkpoints it did not write)."""
+    path = Path(model_dir) / SYNTH_INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(args: argparse.Namespace) -> int:
+    result = synth_checkpoint(
+        args.preset, args.out, dtype=args.dtype, seed=args.seed, shard_gib=args.shard_gib, device=args.device
+    )
+    print(
+        f"wrote {result.num_tensors} tensors, {result.total_bytes / _GIB:.2f} GiB in {len(result.files)} file(s) to {result.out_dir}"
+    )
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("synth", help="write a random-weight checkpoint with a real model's config")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="bf16", help="bf16 (fp8 comes with the quantization issue)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-gib", type=float, default=4.0, help="target size of each safetensors shard, GiB")
+    p.add_argument(
+        "--device", default=None, help="where to draw the random numbers (default: cuda if present)"
+    )
+    p.set_defaults(func=main)
+    return p

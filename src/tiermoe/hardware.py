@@ -1,0 +1,323 @@
+"""`tiermoe profile`: measure the ceilings the engine lives under, and the decode floor they imply.
+
+A decode step cannot finish before the expert bytes that miss the GPU have crossed PCIe (or, when a
+miss is computed on the CPU, before the CPU has streamed those weights from RAM). Measuring the
+bandwidths here turns a checkpoint and a budget into the best tok/s any offload engine can reach.
+GB are 10^9 bytes, as bandwidths are usually quoted; budgets are GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import mmap
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .bench.report import RESULTS_DIR, run_metadata, timestamp, write_json
+from .bench.shapes import (
+    bytes_per_element,
+    checkpoint_size,
+    expert_bytes_per_token,
+    expert_intermediate_size,
+    moe_layer_indices,
+    num_experts,
+)
+
+GB = 1e9
+GIB = 1 << 30
+# Expert-sized chunks: one Qwen3-30B-A3B expert is 9.4 MB, an OLMoE expert 12.6 MB, a 4-bit one ~2.5 MB.
+H2D_CHUNKS = {"2.5MB": 2_500_000, "9.4MB": 9_400_000, "48MB": 48_000_000, "1GiB": GIB}
+QUICK_H2D_CHUNKS = {"2.5MB": 2_500_000, "9.4MB": 9_400_000}
+
+
+@dataclass
+class Measurement:
+    """One measured ceiling; value is None when skipped, with the reason in note."""
+
+    name: str
+    value: float | None
+    unit: str
+    note: str = ""
+
+
+def _time_cpu(fn: Callable[[], None], min_s: float) -> float:
+    """Seconds per call of fn, after one warm-up call, repeated until min_s has passed."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_s:
+            return elapsed / calls
+
+
+def _time_cuda(fn: Callable[[], None], iters: int) -> float:
+    """Seconds per call measured with CUDA events, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
+
+
+def h2d_bandwidth(chunk_bytes: int, pinned: bool, total_bytes: int = 4 * GIB) -> float:
+    """GB/s of host-to-device copies of one chunk size, pinned or pageable source."""
+    src = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pinned)
+    src.fill_(1)  # touch the pages so the first copy does not pay for faulting them in
+    dst = torch.empty(chunk_bytes, dtype=torch.uint8, device="cuda")
+    iters = max(3, total_bytes // chunk_bytes)
+    return chunk_bytes / _time_cuda(lambda: dst.copy_(src, non_blocking=pinned), iters) / GB
+
+
+def gpu_copy_bandwidth(nbytes: int) -> float:
+    """GB/s of device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time_cuda(lambda: dst.copy_(src), 10) / GB
+
+
+def gpu_gemm_tflops(n: int) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / _time_cuda(lambda: torch.mm(a, b), 20) / 1e12
+
+
+def cpu_copy_bandwidth(nbytes: int, min_s: float = 0.3) -> float:
+    """GB/s of a RAM-to-RAM copy, counting bytes read plus bytes written."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time_cpu(lambda: dst.copy_(src), min_s) / GB
+
+
+def cpu_matmul_gflops(n: int, dtype: torch.dtype, min_s: float = 0.3) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return 2 * n**3 / _time_cpu(lambda: torch.mm(a, b), min_s) / 1e9
+
+
+def _read_all(path: Path, chunk_bytes: int, direct: bool) -> float:
+    """Seconds to read the whole file in chunk_bytes reads into a page-aligned buffer."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    buf = mmap.mmap(-1, chunk_bytes)  # anonymous mmap: page aligned, as O_DIRECT requires
+    try:
+        start = time.perf_counter()
+        while os.readv(fd, [buf]) > 0:
+            pass
+        return time.perf_counter() - start
+    finally:
+        buf.close()
+        os.close(fd)
+
+
+def disk_bandwidth(directory: str | Path, file_bytes: int, chunk_bytes: int = 16 << 20) -> list[Measurement]:
+    """Write a scratch file in `directory` (fsync'd), then read it back with O_DIRECT so the page cache
+    is bypassed. Where O_DIRECT is refused (tmpfs, some overlay filesystems) the read is buffered after
+    asking the kernel to drop the file's pages, and the note says so."""
+    file_bytes = max(chunk_bytes, file_bytes // chunk_bytes * chunk_bytes)
+    block = os.urandom(chunk_bytes)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tiermoe-profile-", delete=False) as f:
+        path = Path(f.name)
+        start = time.perf_counter()
+        for _ in range(file_bytes // chunk_bytes):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        write_s = time.perf_counter() - start
+    try:
+        where = f"{file_bytes >> 20} MiB file in {directory}"
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        try:
+            read_s, note = (
+                _read_all(path, chunk_bytes, direct=True),
+                f"O_DIRECT, {chunk_bytes >> 20} MiB reads, {where}",
+            )
+        except OSError as e:
+            read_s = _read_all(path, chunk_bytes, direct=False)
+            note = f"O_DIRECT unsupported here ({e.strerror}): buffered read after dropping the page cache, {where}"
+        return [
+            Measurement("disk read", file_bytes / read_s / GB, "GB/s", note),
+            Measurement("disk write", file_bytes / write_s / GB, "GB/s", f"buffered + fsync, {where}"),
+        ]
+    finally:
+        path.unlink()
+
+
+def profile(quick: bool = False, disk_dir: str | Path = ".") -> list[Measurement]:
+    """Every ceiling; GPU ones are skipped with a reason when there is no CUDA device. quick: small
+    sizes, for tests and a first look (figures are then lower bounds)."""
+    m: list[Measurement] = []
+    cuda = torch.cuda.is_available()
+    for name, chunk in (QUICK_H2D_CHUNKS if quick else H2D_CHUNKS).items():
+        for pinned in (True, False):
+            label = f"H2D {'pinned' if pinned else 'pageable'} {name}"
+            if cuda:
+                m.append(
+                    Measurement(label, h2d_bandwidth(chunk, pinned, 256 << 20 if quick else 4 * GIB), "GB/s")
+                )
+            else:
+                m.append(Measurement(label, None, "GB/s", "skipped: no CUDA device"))
+    m += disk_bandwidth(disk_dir, (32 << 20) if quick else GIB, (4 << 20) if quick else (16 << 20))
+    m.append(Measurement("CPU copy (read+write)", cpu_copy_bandwidth((64 << 20) if quick else GIB), "GB/s"))
+    n = 256 if quick else 2048
+    m.append(Measurement("CPU matmul fp32", cpu_matmul_gflops(n, torch.float32), "GFLOP/s", f"{n}^3"))
+    m.append(Measurement("CPU matmul bf16", cpu_matmul_gflops(n, torch.bfloat16), "GFLOP/s", f"{n}^3"))
+    if cuda:
+        m.append(
+            Measurement("GPU copy (read+write)", gpu_copy_bandwidth((64 << 20) if quick else GIB), "GB/s")
+        )
+        g = 1024 if quick else 8192
+        m.append(Measurement("GPU GEMM bf16", gpu_gemm_tflops(g), "TFLOP/s", f"{g}^3"))
+    else:
+        m.append(Measurement("GPU copy (read+write)", None, "GB/s", "skipped: no CUDA device"))
+        m.append(Measurement("GPU GEMM bf16", None, "TFLOP/s", "skipped: no CUDA device"))
+    return m
+
+
+@dataclass(frozen=True)
+class DecodeFloor:
+    """Best decode tok/s reachable when the missed expert bytes must cross PCIe (pcie_tok_s), or be
+    computed on the CPU from RAM (cpu_tok_s, bound by memory bandwidth or by matmul rate). None: no
+    expert misses, so no such bound."""
+
+    missed_bytes_per_token: float
+    pcie_tok_s: float | None
+    cpu_tok_s: float | None
+
+
+def decode_floor(
+    missed_expert_bytes_per_token: float,
+    h2d_gb_s: float | None,
+    cpu_mem_gb_s: float | None,
+    cpu_gflop_s: float | None = None,
+    bytes_per_param: float = 2.0,
+) -> DecodeFloor:
+    """Floors from the bytes of experts each token misses on the GPU. The CPU path streams the same
+    bytes from RAM and spends 2 FLOPs per weight; the slower of the two bounds it."""
+    if missed_expert_bytes_per_token <= 0:
+        return DecodeFloor(0.0, None, None)
+    pcie = h2d_gb_s * GB / missed_expert_bytes_per_token if h2d_gb_s else None
+    cpu_bounds = []
+    if cpu_mem_gb_s:
+        cpu_bounds.append(cpu_mem_gb_s * GB / missed_expert_bytes_per_token)
+    if cpu_gflop_s:
+        flops_per_token = 2 * missed_expert_bytes_per_token / bytes_per_param
+        cpu_bounds.append(cpu_gflop_s * 1e9 / flops_per_token)
+    return DecodeFloor(missed_expert_bytes_per_token, pcie, min(cpu_bounds) if cpu_bounds else None)
+
+
+def missed_expert_bytes_per_token(config: dict, gpu_budget_gib: float | None, batch: int = 1) -> float:
+    """Expected expert bytes each token must fetch when the GPU holds what the budget leaves after the
+    dense weights, under uniform routing (real routing is skewed, so a good cache does better).
+    A batch shares loads: B tokens touch E·(1-(1-k/E)^B) distinct experts per layer, not B·k.
+    gpu_budget_gib None means uncapped: every expert resident, nothing missed."""
+    if gpu_budget_gib is None:
+        return 0.0
+    size = checkpoint_size(config)
+    slots = max(0.0, gpu_budget_gib * GIB - size.dense_bytes)
+    resident = min(1.0, slots / size.expert_bytes)
+    n_exp, top_k = num_experts(config), int(config["num_experts_per_tok"])
+    distinct = n_exp * (1 - (1 - top_k / n_exp) ** batch)
+    per_expert = size.expert_bytes / (n_exp * len(moe_layer_indices(config)))
+    step_bytes = len(moe_layer_indices(config)) * distinct * per_expert * (1 - resident)
+    return step_bytes / batch
+
+
+def load_config(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def _value(measurements: list[Measurement], name: str) -> float | None:
+    return next((m.value for m in measurements if m.name == name), None)
+
+
+def h2d_near(measurements: list[Measurement], nbytes: int) -> tuple[str, float] | None:
+    """The pinned H2D measurement whose chunk size is nearest (by ratio) to nbytes, the size the expert
+    loader moves at a time, as (chunk label, GB/s); None when none was measured."""
+    pinned = {
+        m.name.removeprefix("H2D pinned "): m.value for m in measurements if m.name.startswith("H2D pinned ")
+    }
+    measured = [(label, gb_s) for label, gb_s in pinned.items() if gb_s]
+    if not measured:
+        return None
+    return min(measured, key=lambda item: abs(math.log(H2D_CHUNKS[item[0]] / nbytes)))
+
+
+def floor_for_checkpoint(
+    model_dir: str | Path, gpu_budget_gib: float | None, batch: int, measurements: list[Measurement]
+) -> dict:
+    config = load_config(model_dir)
+    per_expert = 3 * config["hidden_size"] * expert_intermediate_size(config) * bytes_per_element(config)
+    h2d = h2d_near(measurements, per_expert)
+    missed = missed_expert_bytes_per_token(config, gpu_budget_gib, batch)
+    floor = decode_floor(
+        missed,
+        h2d[1] if h2d else None,
+        _value(measurements, "CPU copy (read+write)"),
+        _value(measurements, "CPU matmul bf16"),
+    )
+    return {
+        "model": str(model_dir),
+        "gpu_budget_gib": gpu_budget_gib,
+        "batch": batch,
+        "expert_bytes_per_token": expert_bytes_per_token(config),
+        "expert_bytes_per_expert": per_expert,
+        "h2d_chunk": h2d[0] if h2d else None,
+        "h2d_gb_s": h2d[1] if h2d else None,
+        **asdict(floor),
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    disk_dir = args.disk_dir or args.model or "."
+    measurements = profile(quick=args.quick, disk_dir=disk_dir)
+    table = Table(title="tiermoe profile" + (" (quick)" if args.quick else ""))
+    for col in ("measurement", "value", "unit", "note"):
+        table.add_column(col)
+    for m in measurements:
+        table.add_row(m.name, "-" if m.value is None else f"{m.value:,.2f}", m.unit, m.note)
+    console.print(table)
+    payload = {**run_metadata(), "quick": args.quick, "measurements": [asdict(m) for m in measurements]}
+    if args.model:
+        floor = floor_for_checkpoint(args.model, args.gpu_budget, args.batch, measurements)
+        payload["decode_floor"] = floor
+        fmt = lambda v: "n/a" if v is None else f"{v:,.2f} tok/s"  # noqa: E731
+        budget = "uncapped" if args.gpu_budget is None else f"{args.gpu_budget:g} GiB"
+        console.print(
+            f"decode floor for {args.model} at GPU budget {budget}, batch {args.batch}: "
+            f"{floor['missed_bytes_per_token'] / 2**20:,.1f} MiB of experts missed per token -> "
+            f"PCIe path {fmt(floor['pcie_tok_s'])}, CPU-compute path {fmt(floor['cpu_tok_s'])}"
+        )
+    out = write_json(args.out or RESULTS_DIR / f"profile-{timestamp()}.json", payload)
+    console.print(f"saved {out}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("profile", help="measure PCIe, disk, CPU and GPU ceilings and the decode floor")
+    p.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/profile-<date>.json)")
+    p.add_argument("--model", default=None, help="checkpoint directory to compute the decode floor for")
+    p.add_argument("--gpu-budget", type=float, default=None, help="GPU budget for the floor, GiB")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together, for the floor")
+    p.add_argument("--disk-dir", default=None, help="where to measure disk reads (default: --model or .)")
+    p.set_defaults(func=main)
+    return p
