@@ -41,13 +41,10 @@ olmoe)
     # 1. Ceilings of this machine, and the decode floor of OLMoE at a 4 GiB cap.
     model=$(synth olmoe-1b-7b)
     $TIERMOE profile --model "$model" --gpu-budget 4 --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
-    # 2. Batch 1: tiermoe capped and uncapped; HF all on the GPU (~12 tok/s) and HF offload at the same
-    #    cap (~0.4 tok/s, so its generation is capped at 8 tokens and timed once).
-    $TIERMOE bench --model "$model" --gpu-budget 4,none --prompt-len 128 --gen-len 64 --batch 1 --repeat 3 \
+    # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe capped and uncapped; HF all on
+    #    the GPU (~12 tok/s) and HF offload at the same cap (~0.4 tok/s: 8 tokens, timed once).
+    $TIERMOE bench --model "$model" --gpu-budget 4,none --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
         --peers hf,hf-offload --peer-gen-len 8 --peer-repeat 1 --timeout 240
-    # 3. Batch 16: one expert load serves many sequences (tiermoe only; the peers' figure scales poorly).
-    $TIERMOE bench --model "$model" --gpu-budget 4,none --prompt-len 128 --gen-len 32 --batch 16 --repeat 2 \
-        --timeout 180
     ;;
 qwen3)
     # ===== MARKED STEP: Qwen3-30B-A3B (30.5B params, 57 GiB of bf16) ====================================

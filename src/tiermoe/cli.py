@@ -65,11 +65,14 @@ def sampling_params(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate
+    from . import generate, hardware
+    from .bench import run as bench_run
+    from .bench import synth
 
     parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    generate.add_parser(sub)
+    for module in (generate, synth, bench_run, hardware):
+        module.add_parser(sub)
     return parser
 
 
