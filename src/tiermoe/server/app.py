@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP app: routes, SSE streaming, disconnect handling and error mapping.
+
+Every request becomes a Job for the single engine worker (see worker.py). A handler waits for the
+job's first event before answering, so errors the engine raises up front (prompt too long, ...) get
+their real status code even on streaming requests; a client that leaves, whether queued, mid-prefill
+or mid-stream, cancels its job so the engine moves on to the next request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from ..engine.request import GenerationStats, TokenEvent
+from ..errors import TiermoeError
+from .metrics import ServerMetrics
+from .protocol import (
+    ChatCompletionRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+    ErrorBody,
+    ErrorResponse,
+)
+from .worker import EngineWorker, Job, JobAborted
+
+log = logging.getLogger("tiermoe.server")
+
+GENERATION_ENDPOINTS = (ChatShape.endpoint, CompletionShape.endpoint)
+
+
+class ModelNotFoundError(TiermoeError):
+    http_status = 404
+    error_type = "invalid_request_error"
+
+
+def create_app(llm, model_name: str | None = None) -> FastAPI:
+    """The app serving `llm` under `model_name` (default: llm.model_name). The engine worker thread
+    starts and stops with the app's lifespan."""
+    model_name = model_name or llm.model_name
+    metrics = ServerMetrics()
+    worker = EngineWorker(llm, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="tiermoe", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
+    app.state.metrics = metrics
+    _add_error_handlers(app, metrics)
+
+    def check_model(name: str | None) -> None:
+        # Clients must send some model name; accept none at all, as many local servers do.
+        if name is not None and name != model_name:
+            raise ModelNotFoundError(f"model {name!r} is not served here; this server serves {model_name!r}")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "queued": worker.queued}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tiermoe"}
+        return {"object": "list", "data": [{**card, "max_model_len": llm.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(ChatShape.endpoint)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        messages = body.template_messages()
+
+        def render() -> str:
+            return llm.apply_chat_template(
+                messages, enable_thinking=body.enable_thinking, chat_template_kwargs=body.chat_template_kwargs
+            )
+
+        job = worker.submit(render, body.sampling_params())
+        return await _respond(request, job, ChatShape(model_name), body.stream, body.include_usage, metrics)
+
+    @app.post(CompletionShape.endpoint)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        job = worker.submit(lambda: body.prompt, body.sampling_params())
+        return await _respond(
+            request, job, CompletionShape(model_name), body.stream, body.include_usage, metrics
+        )
+
+    return app
+
+
+async def _respond(
+    request: Request, job: Job, shape, stream: bool, include_usage: bool, metrics: ServerMetrics
+) -> Response:
+    try:
+        async with _cancel_on_disconnect(request, job):
+            first = await job.next_event()
+            if not stream:
+                text, last = await _collect(job, first)
+    except JobAborted:
+        metrics.requests.labels(shape.endpoint, "aborted").inc()
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
+    if stream:
+        body = _sse(job, first, shape, include_usage, metrics)
+        # The background task runs however the response ends, disconnect included: a second guard
+        # besides the generator's finally, which a cancelled StreamingResponse may never resume.
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(job.cancel))
+    metrics.finished(shape.endpoint, last.stats)
+    return JSONResponse(shape.whole(text, last.finish_reason, last.stats))
+
+
+@asynccontextmanager
+async def _cancel_on_disconnect(request: Request, job: Job) -> AsyncIterator[None]:
+    """Cancel the job if the client disconnects inside this block. FastAPI has read the whole body, so
+    the next ASGI message is http.disconnect. Leave the block before a StreamingResponse starts: it
+    listens for the disconnect itself, and two listeners would steal each other's message."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def _collect(job: Job, event: TokenEvent) -> tuple[str, TokenEvent]:
+    parts = [event.text]
+    while event.finish_reason is None:
+        event = await job.next_event()
+        parts.append(event.text)
+    return "".join(parts), event
+
+
+def _sse_line(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(
+    job: Job, event: TokenEvent, shape, include_usage: bool, metrics: ServerMetrics
+) -> AsyncIterator[str]:
+    outcome = "aborted"  # unless we reach the end: a cancelled generator only runs its finally
+    try:
+        for chunk in shape.opening():
+            yield _sse_line(chunk)
+        while True:
+            if event.text:
+                yield _sse_line(shape.delta(event.text))
+            if event.finish_reason is not None:
+                break
+            event = await job.next_event()
+        stats: GenerationStats = event.stats
+        yield _sse_line(shape.finish(event.finish_reason, stats))
+        if include_usage:
+            yield _sse_line(shape.usage(stats))
+        yield "data: [DONE]\n\n"
+        outcome = "success"
+        metrics.finished(shape.endpoint, stats)
+    except JobAborted:
+        pass
+    except Exception as exc:  # the 200 header is gone, so the error travels in the stream, as OpenAI's do
+        log.exception("generation failed mid-stream")
+        outcome = "error"
+        yield _sse_line(_error_body(exc).model_dump())
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+        if outcome != "success":
+            metrics.requests.labels(shape.endpoint, outcome).inc()
+
+
+def _error_body(exc: Exception) -> ErrorResponse:
+    if isinstance(exc, TiermoeError):
+        return ErrorResponse(
+            error=ErrorBody(message=str(exc), type=exc.error_type, param=getattr(exc, "param", None))
+        )
+    return ErrorResponse(error=ErrorBody(message=f"internal error: {exc!r}", type="server_error"))
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    def reply(request: Request, status: int, body: ErrorResponse) -> JSONResponse:
+        if request.url.path in GENERATION_ENDPOINTS:
+            metrics.requests.labels(request.url.path, "error").inc()
+        return JSONResponse(body.model_dump(), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            detail = err.get("ctx", {}).get("error", err["msg"])
+            error = ErrorBody(message=f"malformed JSON body: {detail}", type="invalid_request_error")
+        else:
+            param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+            where = f"{param}: " if param else "request body: "
+            message = where + err["msg"].removeprefix("Value error, ")
+            error = ErrorBody(message=message, type="invalid_request_error", param=param)
+        return reply(request, 400, ErrorResponse(error=error))
+
+    @app.exception_handler(ModelNotFoundError)
+    async def model_not_found(request: Request, exc: ModelNotFoundError) -> JSONResponse:
+        error = ErrorBody(message=str(exc), type=exc.error_type, param="model", code="model_not_found")
+        return reply(request, 404, ErrorResponse(error=error))
+
+    @app.exception_handler(TiermoeError)
+    async def engine_error(request: Request, exc: TiermoeError) -> JSONResponse:
+        return reply(request, exc.http_status, _error_body(exc))
+
+    @app.exception_handler(jinja2.TemplateError)
+    async def template_error(request: Request, exc: jinja2.TemplateError) -> JSONResponse:
+        # Templates raise on conversations they do not accept (roles out of order, no user turn).
+        message = f"the model's chat template rejected these messages: {exc}"
+        error = ErrorBody(message=message, type="invalid_request_error", param="messages")
+        return reply(request, 400, ErrorResponse(error=error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return reply(
+            request, exc.status_code, ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind))
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback and re-raises after this reply; the server keeps serving.
+        return reply(request, 500, _error_body(exc))

@@ -1,0 +1,220 @@
+"""OpenAI-compatible request, response and error models.
+
+Requests ignore fields we do not use (`logprobs`, `user`, `tools`, ...) because real clients send many of
+them; the ones we read are typed, so a wrong type is a 400, not a crash. Value ranges (temperature >= 0,
+...) are checked once, by SamplingParams, which names the offending parameter.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..engine.request import GenerationStats, SamplingParams
+
+DEFAULT_MAX_TOKENS = 512  # when a client sends neither max_tokens nor max_completion_tokens
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Lenient):
+    """Fields shared by /v1/completions and /v1/chat/completions, plus vLLM's common extensions
+    (top_k, repetition_penalty, ignore_eos, stop_token_ids) that tools like lm-eval send."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported; send n separate requests with different seeds")
+        return n
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def requested_max_tokens(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
+
+    def sampling_params(self) -> SamplingParams:
+        """Our SamplingParams; raises InvalidRequestError (param named) for out-of-range values.
+        OpenAI's default temperature is 1, so a client that sends none samples, as it would there."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.requested_max_tokens(),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, prompt):
+        # A list of prompts is a batch in OpenAI's API; a list of one is common and harmless.
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise ValueError("only one prompt per request is supported; send one request per prompt")
+            return prompt[0]
+        return prompt
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    # "developer" is what newer OpenAI clients send instead of "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def to_template(self) -> dict[str, str]:
+        """The {"role", "content"} dict chat templates expect; text parts are joined in order."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, list):
+            return {"role": role, "content": "".join(part.text for part in self.content)}
+        return {"role": role, "content": self.content or ""}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    # Thinking switch: top-level as in vLLM/SGLang, or inside chat_template_kwargs (which wins).
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int:
+        # max_completion_tokens replaced max_tokens in OpenAI's API; newer clients send only it.
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return super().requested_max_tokens()
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.to_template() for m in self.messages]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, stats: GenerationStats) -> Usage:
+        return cls(
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        )
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class _Shape:
+    """The JSON of one response, streamed or whole. id, created and model are shared by every chunk,
+    as OpenAI's are; our per-request stats ride on the final chunk and the whole response."""
+
+    endpoint: str
+    id_prefix: str
+    chunk_object: str
+
+    def __init__(self, model: str):
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def _header(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _chunk(self, choice: dict) -> dict:
+        return {**self._header(self.chunk_object), "choices": [{"index": 0, "logprobs": None, **choice}]}
+
+    def usage(self, stats: GenerationStats) -> dict:
+        """The extra last chunk asked for by stream_options.include_usage: no choices, only usage."""
+        return {**self._header(self.chunk_object), "choices": [], "usage": Usage.of(stats).model_dump()}
+
+    def opening(self) -> list[dict]:
+        return []
+
+
+class ChatShape(_Shape):
+    endpoint = "/v1/chat/completions"
+    id_prefix = "chatcmpl"
+    chunk_object = "chat.completion.chunk"
+
+    def opening(self) -> list[dict]:
+        return [self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
+
+    def delta(self, text: str) -> dict:
+        return self._chunk({"delta": {"content": text}, "finish_reason": None})
+
+    def finish(self, reason: str, stats: GenerationStats) -> dict:
+        return {**self._chunk({"delta": {}, "finish_reason": reason}), "stats": stats.to_dict()}
+
+    def whole(self, text: str, reason: str, stats: GenerationStats) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {
+            **self._header("chat.completion"),
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
+            "usage": Usage.of(stats).model_dump(),
+            "stats": stats.to_dict(),
+        }
+
+
+class CompletionShape(_Shape):
+    endpoint = "/v1/completions"
+    id_prefix = "cmpl"
+    chunk_object = "text_completion"
+
+    def delta(self, text: str) -> dict:
+        return self._chunk({"text": text, "finish_reason": None})
+
+    def finish(self, reason: str, stats: GenerationStats) -> dict:
+        return {**self._chunk({"text": "", "finish_reason": reason}), "stats": stats.to_dict()}
+
+    def whole(self, text: str, reason: str, stats: GenerationStats) -> dict:
+        return {
+            **self._header("text_completion"),
+            "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+            "usage": Usage.of(stats).model_dump(),
+            "stats": stats.to_dict(),
+        }

@@ -1,0 +1,116 @@
+"""The one thread that drives the engine. The LLM object is not thread-safe, so every call into it
+(chat template included) runs here, one request at a time, in arrival order.
+
+Handlers on the event loop submit a Job and await its events; the worker hands events back through
+loop.call_soon_threadsafe. A cancelled job (its client left) is skipped if still queued, and its token
+iterator is closed at the next token if running, which aborts generation and frees the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..engine.request import SamplingParams, TokenEvent
+from .metrics import ServerMetrics
+
+Prompt = str | list[int]
+
+
+class JobAborted(Exception):
+    """The job was cancelled (its client left) before the engine finished it."""
+
+
+@dataclass
+class Job:
+    render: Callable[[], Prompt]  # runs on the worker: chat templates belong to the LLM too
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent | BaseException
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Safe from any thread, any number of times, and after the job finished."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def next_event(self) -> TokenEvent:
+        """The next event; raises the engine's exception, or JobAborted if the job was cancelled."""
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def put(self, item: TokenEvent | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancel()
+
+
+class EngineWorker:
+    def __init__(self, llm, metrics: ServerMetrics):
+        self._llm = llm
+        self._metrics = metrics
+        self._jobs: queue.Queue[Job | None] = queue.Queue()  # None asks the thread to stop
+        self._thread = threading.Thread(target=self._run, name="tiermoe-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, render: Callable[[], Prompt], params: SamplingParams) -> Job:
+        """Queue a job; call from the event loop whose handler will await the job's events."""
+        job = Job(render, params, asyncio.get_running_loop())
+        self._metrics.queued.inc()
+        self._jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._metrics.queued.dec()
+            if job.cancelled:
+                job.put(JobAborted())
+                continue
+            self._metrics.running.inc()
+            try:
+                self._serve(job)
+            finally:
+                self._metrics.running.dec()
+                self._metrics.set_store_stats(self._llm.store_stats())
+
+    def _serve(self, job: Job) -> None:
+        stream = None
+        try:
+            stream = self._llm.stream(job.render(), job.params)
+            for event in stream:
+                if event.token_id is not None:
+                    self._metrics.completion_tokens.inc()
+                if event.stats is not None:
+                    self._metrics.prompt_tokens.inc(event.stats.prompt_tokens)
+                job.put(event)
+                if event.finish_reason is not None:
+                    return
+                if job.cancelled:
+                    job.put(JobAborted())
+                    return
+            # Without a final event the handler would wait forever: fail the request instead.
+            raise RuntimeError("the engine's token stream ended without a finish_reason")
+        except Exception as exc:  # handed to the request's handler, which maps it to an HTTP error
+            job.put(exc)
+        finally:
+            if stream is not None:
+                stream.close()  # aborts generation at once if the client left mid-stream
