@@ -1,0 +1,256 @@
+"""`tiermoe chat`: an interactive terminal chat, with a model loaded here (--model) or against any
+running OpenAI-compatible server (--url), tiermoe's own or another."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from .engine.request import SamplingParams
+from .errors import TiermoeError
+from .launch import add_engine_args, load_llm
+
+HELP = """Commands:
+  /think [on|off]  switch the model's thinking (chat templates that have the switch); bare: toggle
+  /stats           speed and token counts of the last reply
+  /reset           forget the conversation (the system prompt stays)
+  /help            this help
+  /quit            leave (Ctrl+D too)
+End a line with \\ to continue on the next one; paste a block between two lines of \"\"\"."""
+
+
+@dataclass
+class ChatOptions:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    thinking: bool | None  # None: the chat template's default
+
+
+def stats_line(stats: dict) -> str:
+    """One line from a stats dict (GenerationStats.to_dict(), or only usage from a foreign server)."""
+    parts = [f"prompt {stats['prompt_tokens']} tok", f"completion {stats['completion_tokens']} tok"]
+    if "ttft_s" in stats:
+        parts += [
+            f"TTFT {stats['ttft_s'] * 1000:.1f} ms",
+            f"prefill {stats['prefill_tok_s']:.1f} tok/s",
+            f"decode {stats['decode_tok_s']:.2f} tok/s",
+        ]
+    return " | ".join(parts)
+
+
+class LocalBackend:
+    """Generation in this process, on an LLM object."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.name = llm.model_name
+        self.errors: tuple[type[Exception], ...] = (TiermoeError,)
+        self.last_stats: dict | None = None
+
+    def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[str]:
+        prompt = self.llm.apply_chat_template(messages, enable_thinking=options.thinking)
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+        )
+        with closing(self.llm.stream(prompt, params)) as events:  # closing aborts generation on Ctrl+C
+            for event in events:
+                if event.stats is not None:
+                    self.last_stats = event.stats.to_dict()
+                yield event.text
+
+    def extra_stats(self) -> str | None:
+        store = self.llm.store_stats()
+        if "hit_rate" not in store:
+            return None
+        return f"expert store: hit rate {store['hit_rate']:.1%} " + " ".join(
+            f"{k}={v}" for k, v in store.items() if k != "hit_rate"
+        )
+
+
+class RemoteBackend:
+    """Generation on a server, through the official openai client."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        import openai
+
+        base = url.rstrip("/")
+        base = base if base.endswith("/v1") else base + "/v1"
+        # Local servers need no key, but the client insists on one.
+        self.client = openai.OpenAI(
+            base_url=base, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none")
+        )
+        self.name = self.client.models.list().data[0].id
+        self.errors = (openai.APIError,)
+        self.last_stats = None
+
+    def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[str]:
+        extra = (
+            {}
+            if options.thinking is None
+            else {"chat_template_kwargs": {"enable_thinking": options.thinking}}
+        )
+        chunks = self.client.chat.completions.create(
+            model=self.name,
+            messages=messages,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
+        with chunks:  # closing the connection makes the server abort generation
+            for chunk in chunks:
+                # tiermoe puts its stats on the finish chunk; other servers give only the usage.
+                stats = (chunk.model_extra or {}).get("stats")
+                if stats is not None:
+                    self.last_stats = stats
+                elif chunk.usage is not None and self.last_stats is None:
+                    self.last_stats = chunk.usage.model_dump()
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+
+    def extra_stats(self) -> str | None:
+        return None
+
+
+class ChatSession:
+    """The read-reply loop: reads messages through read_line (input() in a terminal), streams replies
+    to the console, keeps the conversation and runs the slash commands."""
+
+    def __init__(self, backend, console: Console, options: ChatOptions, system: str | None = None):
+        self.backend = backend
+        self.console = console
+        self.options = options
+        self.system = system
+        self.history: list[dict[str, str]] = []
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def run(self, read_line: Callable[[str], str]) -> None:
+        while True:
+            try:
+                text = self._read_message(read_line)
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:  # Ctrl+C at the prompt drops the line, as shells do
+                self.console.print()
+                continue
+            if text.startswith("/"):
+                if not self._command(text.strip()):
+                    return
+            elif text.strip():
+                self._ask(text)
+
+    @staticmethod
+    def _read_message(read_line: Callable[[str], str]) -> str:
+        first = read_line(">>> ")
+        if first.strip() == '"""':
+            lines = []
+            while (line := read_line("... ")).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        lines = [first]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(read_line("... "))
+        return "\n".join(lines)
+
+    def _command(self, text: str) -> bool:
+        """Run a slash command; False means quit."""
+        name, _, arg = text.partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/think":
+            self._think(arg.strip())
+        elif name == "/stats":
+            stats = self.backend.last_stats
+            self.console.print(stats_line(stats) if stats else "no reply yet")
+            if (extra := self.backend.extra_stats()) is not None:
+                self.console.print(extra)
+        elif name == "/reset":
+            self.history.clear()
+            self.console.print("conversation cleared")
+        elif name == "/help":
+            self.console.print(HELP, markup=False)
+        else:
+            self.console.print(f"unknown command {name}; /help lists them", markup=False)
+        return True
+
+    def _think(self, arg: str) -> None:
+        if arg in ("on", "off"):
+            self.options.thinking = arg == "on"
+        elif arg:
+            self.console.print("usage: /think [on|off]")
+            return
+        else:  # toggle; a model left at its template's default counts as thinking
+            self.options.thinking = self.options.thinking is False
+        self.console.print(f"thinking {'on' if self.options.thinking else 'off'}")
+
+    def _ask(self, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        try:
+            with closing(self.backend.stream(self.messages(), self.options)) as stream:
+                for piece in stream:
+                    pieces.append(piece)
+                    self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            self.console.print(" [interrupted]", markup=False, end="")
+        except self.backend.errors as exc:
+            self.history.pop()  # the turn failed: forget it so the next one starts clean
+            self.console.print(f"error: {exc}", markup=False)
+            return
+        self.console.print()
+        self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "chat", help="chat in the terminal", description="Interactive chat with streaming output. " + HELP
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint directory: load the model in this process")
+    source.add_argument("--url", help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--api-key", default=None, help="for --url (default: $OPENAI_API_KEY, or none)")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--think", action=argparse.BooleanOptionalAction, default=None, help="thinking (default: the model's)"
+    )
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False, soft_wrap=True)
+    if args.url:
+        backend = RemoteBackend(args.url, args.api_key)
+    else:
+        backend = LocalBackend(load_llm(args.model, args, Console(stderr=True)))
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (gives input() line editing and up-arrow history)
+    options = ChatOptions(args.max_tokens, args.temperature, args.top_p, args.seed, args.think)
+    console.print(f"Chatting with {backend.name}. /help lists the commands.")
+    ChatSession(backend, console, options, args.system).run(input)
+    return 0
