@@ -1,0 +1,117 @@
+"""The OpenAI request models: what real clients send is accepted, mapped to SamplingParams, or refused
+with the offending parameter named; the response shapes are what the openai client parses."""
+
+import pytest
+from pydantic import ValidationError
+
+from tiermoe.engine.request import GenerationStats
+from tiermoe.errors import InvalidRequestError
+from tiermoe.server.protocol import (
+    DEFAULT_MAX_TOKENS,
+    ChatCompletionRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def test_unknown_fields_are_ignored():
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": USER, "logprobs": True, "user": "u1", "tools": [], "frequency_penalty": 0}
+    )
+    assert req.template_messages() == USER
+
+
+def test_max_completion_tokens_wins_over_max_tokens_and_default_applies():
+    assert (
+        ChatCompletionRequest(messages=USER, max_tokens=5, max_completion_tokens=7).requested_max_tokens()
+        == 7
+    )
+    assert ChatCompletionRequest(messages=USER, max_tokens=5).requested_max_tokens() == 5
+    assert ChatCompletionRequest(messages=USER).requested_max_tokens() == DEFAULT_MAX_TOKENS
+
+
+def test_sampling_params_mapping():
+    req = ChatCompletionRequest(
+        messages=USER, max_tokens=9, temperature=0.5, top_p=0.9, stop="###", seed=3, top_k=20, ignore_eos=True
+    )
+    p = req.sampling_params()
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.top_k, p.ignore_eos) == (
+        9, 0.5, 0.9, ["###"], 3, 20, True
+    )  # fmt: skip
+    # OpenAI samples at temperature 1 when a client sends none; so do we.
+    assert ChatCompletionRequest(messages=USER).sampling_params().temperature == 1.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("temperature", -0.5), ("top_p", 0.0), ("max_tokens", 0), ("stop", [""])]
+)
+def test_out_of_range_values_name_the_parameter(field, value):
+    with pytest.raises(InvalidRequestError) as info:
+        ChatCompletionRequest.model_validate({"messages": USER, field: value}).sampling_params()
+    assert info.value.param == field
+
+
+def test_message_roles_and_content_parts():
+    req = ChatCompletionRequest(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert req.template_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({}, ("messages",)),
+        ({"messages": "hi"}, ("messages",)),
+        ({"messages": []}, ("messages",)),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, ("messages", 0, "role")),
+        ({"messages": USER, "max_tokens": "ten"}, ("max_tokens",)),
+        ({"messages": USER, "stream": {"a": 1}}, ("stream",)),
+        ({"messages": USER, "n": 2}, ("n",)),
+    ],
+)
+def test_malformed_requests_fail_validation_at_the_field(body, loc):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    assert info.value.errors()[0]["loc"] == loc
+
+
+def test_completion_prompt_forms():
+    assert CompletionRequest(prompt="abc").prompt == "abc"
+    assert CompletionRequest(prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    assert CompletionRequest(prompt=["abc"]).prompt == "abc"  # a batch of one
+    assert CompletionRequest(prompt=[[4, 5]]).prompt == [4, 5]
+    with pytest.raises(ValidationError, match="one prompt per request"):
+        CompletionRequest(prompt=["a", "b"])
+
+
+def test_include_usage():
+    assert ChatCompletionRequest(
+        messages=USER, stream=True, stream_options={"include_usage": True}
+    ).include_usage
+    assert not ChatCompletionRequest(messages=USER, stream=True).include_usage
+
+
+def test_response_shapes():
+    stats = GenerationStats(prompt_tokens=4, completion_tokens=3, ttft_s=0.1, prefill_s=0.1, decode_s=0.5)
+    chat = ChatShape("m")
+    chunks = [*chat.opening(), chat.delta("x"), chat.finish("stop", stats), chat.usage(stats)]
+    assert {c["id"] for c in chunks} == {chat.id} and chat.id.startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[2]["choices"][0]["finish_reason"] == "stop" and chunks[2]["stats"]["decode_tok_s"] == 4.0
+    assert chunks[3]["choices"] == [] and chunks[3]["usage"]["total_tokens"] == 7
+    whole = CompletionShape("m").whole("hello", "length", stats)
+    assert whole["object"] == "text_completion" and whole["choices"][0]["text"] == "hello"
+    assert whole["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert whole["stats"]["prefill_tok_s"] == 40.0
