@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
+from .cli import engine_kwargs
 from .engine.request import SamplingParams
 from .errors import TiermoeError
-from .launch import add_engine_args, load_llm
 
 HELP = """Commands:
   /think [on|off]  switch the model's thinking (chat templates that have the switch); bare: toggle
@@ -237,7 +237,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--think", action=argparse.BooleanOptionalAction, default=None, help="thinking (default: the model's)"
     )
-    add_engine_args(parser)
+    # cli.add_engine_args makes --model required, which --url excludes; the rest mirrors it.
+    parser.add_argument("--device", default=None, help="with --model: cuda, cuda:N or cpu")
+    parser.add_argument("--dtype", default=None, help="with --model: bf16, fp16 or fp32")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="with --model: context length in tokens"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -247,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         backend = RemoteBackend(args.url, args.api_key)
     else:
-        backend = LocalBackend(load_llm(args.model, args, Console(stderr=True)))
+        from .api import LLM  # torch is heavy: --url chats never import it
+
+        backend = LocalBackend(LLM(args.model, **engine_kwargs(args)))
     if sys.stdin.isatty():
         import readline  # noqa: F401  (gives input() line editing and up-arrow history)
     options = ChatOptions(args.max_tokens, args.temperature, args.top_p, args.seed, args.think)

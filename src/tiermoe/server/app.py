@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -67,6 +66,11 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
         if name is not None and name != model_name:
             raise ModelNotFoundError(f"model {name!r} is not served here; this server serves {model_name!r}")
 
+    def submit(prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest) -> Job:
+        # Sampling values are checked here, so a bad request fails before it waits in the queue.
+        params = body.sampling_params(default_max_tokens=llm.max_model_len)
+        return worker.submit(prompt, params, to_context_end=body.requested_max_tokens() is None)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "queued": worker.queued}
@@ -85,18 +89,19 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
         check_model(body.model)
         messages = body.template_messages()
 
-        def render() -> str:
-            return llm.apply_chat_template(
+        def prompt() -> list[int]:
+            text = llm.apply_chat_template(
                 messages, enable_thinking=body.enable_thinking, chat_template_kwargs=body.chat_template_kwargs
             )
+            return llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
 
-        job = worker.submit(render, body.sampling_params())
+        job = submit(prompt, body)
         return await _respond(request, job, ChatShape(model_name), body.stream, body.include_usage, metrics)
 
     @app.post(CompletionShape.endpoint)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        job = worker.submit(lambda: body.prompt, body.sampling_params())
+        job = submit(lambda: llm.encode(body.prompt), body)
         return await _respond(
             request, job, CompletionShape(model_name), body.stream, body.include_usage, metrics
         )
@@ -222,13 +227,6 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(TiermoeError)
     async def engine_error(request: Request, exc: TiermoeError) -> JSONResponse:
         return reply(request, exc.http_status, _error_body(exc))
-
-    @app.exception_handler(jinja2.TemplateError)
-    async def template_error(request: Request, exc: jinja2.TemplateError) -> JSONResponse:
-        # Templates raise on conversations they do not accept (roles out of order, no user turn).
-        message = f"the model's chat template rejected these messages: {exc}"
-        error = ErrorBody(message=message, type="invalid_request_error", param="messages")
-        return reply(request, 400, ErrorResponse(error=error))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

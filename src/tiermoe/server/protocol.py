@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine.request import GenerationStats, SamplingParams
 
-DEFAULT_MAX_TOKENS = 512  # when a client sends neither max_tokens nor max_completion_tokens
-
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -55,15 +53,16 @@ class _SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def requested_max_tokens(self) -> int:
-        return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """Our SamplingParams; raises InvalidRequestError (param named) for out-of-range values.
         OpenAI's default temperature is 1, so a client that sends none samples, as it would there."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        requested = self.requested_max_tokens()
         return SamplingParams(
-            max_tokens=self.requested_max_tokens(),
+            max_tokens=default_max_tokens if requested is None else requested,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
@@ -114,11 +113,11 @@ class ChatCompletionRequest(_SamplingFields):
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def requested_max_tokens(self) -> int:
+    def requested_max_tokens(self) -> int | None:
         # max_completion_tokens replaced max_tokens in OpenAI's API; newer clients send only it.
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
-        return super().requested_max_tokens()
+        return self.max_tokens
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.to_template() for m in self.messages]

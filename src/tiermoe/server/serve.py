@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import uvicorn
 from rich.console import Console
 
-from ..launch import add_engine_args, load_llm
-from .app import create_app
+from ..cli import add_engine_args, engine_kwargs
 
 
 class ReadyServer(uvicorn.Server):
@@ -31,13 +33,32 @@ class ReadyServer(uvicorn.Server):
             self.on_ready(self.url)
 
 
+@contextmanager
+def serving(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run `app` in a background thread (a notebook, a test) and yield its URL once it accepts
+    connections; stop it on exit."""
+    server = ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="tiermoe-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    try:
+        yield server.url
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint directory")
+    add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all interfaces)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     parser.add_argument(
@@ -46,15 +67,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
-    add_engine_args(parser)
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api import LLM  # torch is heavy: import it only once a command needs a model
+    from .app import create_app
+
     console = Console(stderr=True)
-    llm = load_llm(args.model, args, console)
-    app = create_app(llm, args.served_model_name)
+    llm = LLM(args.model, **engine_kwargs(args))  # the loader draws the progress bars
     name = args.served_model_name or llm.model_name
 
     def ready(url: str) -> None:
@@ -62,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
             f"[bold green]Ready:[/] serving [bold]{name}[/] at [bold]{url}/v1[/] (OpenAI-compatible; Ctrl+C stops)"
         )
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(create_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
     ReadyServer(config, on_ready=ready).run()
     return 0

@@ -12,12 +12,10 @@ import asyncio
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..engine.request import SamplingParams, TokenEvent
 from .metrics import ServerMetrics
-
-Prompt = str | list[int]
 
 
 class JobAborted(Exception):
@@ -26,8 +24,9 @@ class JobAborted(Exception):
 
 @dataclass
 class Job:
-    render: Callable[[], Prompt]  # runs on the worker: chat templates belong to the LLM too
+    prompt: Callable[[], list[int]]  # token ids; runs on the worker: templates and tokenizer are the LLM's
     params: SamplingParams
+    to_context_end: bool  # the client set no max_tokens: generate up to the end of the context
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent | BaseException
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -72,9 +71,9 @@ class EngineWorker:
     def queued(self) -> int:
         return self._jobs.qsize()
 
-    def submit(self, render: Callable[[], Prompt], params: SamplingParams) -> Job:
+    def submit(self, prompt: Callable[[], list[int]], params: SamplingParams, to_context_end: bool) -> Job:
         """Queue a job; call from the event loop whose handler will await the job's events."""
-        job = Job(render, params, asyncio.get_running_loop())
+        job = Job(prompt, params, to_context_end, asyncio.get_running_loop())
         self._metrics.queued.inc()
         self._jobs.put(job)
         return job
@@ -95,7 +94,11 @@ class EngineWorker:
     def _serve(self, job: Job) -> None:
         stream = None
         try:
-            stream = self._llm.stream(job.render(), job.params)
+            ids = job.prompt()
+            params = job.params
+            if job.to_context_end:
+                params = replace(params, max_tokens=max(self._llm.max_model_len - len(ids), 1))
+            stream = self._llm.stream(ids, params)
             for event in stream:
                 if event.token_id is not None:
                     self._metrics.completion_tokens.inc()
