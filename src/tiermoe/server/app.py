@@ -209,14 +209,15 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
         if err["type"] == "json_invalid":
-            detail = err.get("ctx", {}).get("error", err["msg"])
-            error = ErrorBody(message=f"malformed JSON body: {detail}", type="invalid_request_error")
+            param = None
+            message = f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}"
+        elif param is None:  # no body, not an object, or not declared JSON (curl -d without -H)
+            message = "the body must be a JSON object sent with Content-Type: application/json"
         else:
-            param = ".".join(str(p) for p in err["loc"] if p != "body") or None
-            where = f"{param}: " if param else "request body: "
-            message = where + err["msg"].removeprefix("Value error, ")
-            error = ErrorBody(message=message, type="invalid_request_error", param=param)
+            message = f"{param}: {err['msg'].removeprefix('Value error, ')}"
+        error = ErrorBody(message=message, type="invalid_request_error", param=param)
         return reply(request, 400, ErrorResponse(error=error))
 
     @app.exception_handler(ModelNotFoundError)

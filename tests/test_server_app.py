@@ -1,0 +1,352 @@
+"""The real server on a loopback port, the real engine on the small random demo model, driven by the
+official openai client (and raw HTTP for what a client library would not send)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import httpx2
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.demo import write_demo_checkpoint
+from tiermoe.server.app import create_app
+from tiermoe.server.serve import serving
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+PROMPT = "The quick brown fox"
+# Random weights make greedy decoding end on eos at arbitrary points; ignore_eos (a vLLM extension we
+# accept) makes every completion exactly max_tokens long.
+NO_EOS = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> LLM:
+    path = write_demo_checkpoint(tmp_path_factory.mktemp("server") / "tiny-qwen3-moe")
+    return LLM(path, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    with serving(create_app(llm)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(httpx2.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def wait_idle(url: str) -> None:
+    """Until the engine worker is idle, so the test may call the LLM object directly."""
+    deadline = time.monotonic() + 10
+    while metric(url, "tiermoe_requests_running") or metric(url, "tiermoe_requests_queued"):
+        assert time.monotonic() < deadline, "the engine never went idle"
+        time.sleep(0.02)
+
+
+def test_models_and_health(url, client, llm):
+    assert [m.id for m in client.models.list().data] == [llm.model_name] == ["tiny-qwen3-moe"]
+    health = httpx2.get(url + "/health").json()
+    assert health == {"status": "ok", "model": "tiny-qwen3-moe", "queued": 0}
+
+
+def test_chat_greedy_equals_llm_chat(client, llm):
+    ref = llm.chat(MESSAGES, SamplingParams(max_tokens=16, ignore_eos=True))
+    r = client.chat.completions.create(
+        model=llm.model_name, messages=MESSAGES, max_tokens=16, temperature=0, extra_body=NO_EOS
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        ref.stats.prompt_tokens, 16, ref.stats.prompt_tokens + 16
+    )  # fmt: skip
+    stats = r.model_extra["stats"]
+    assert stats["ttft_s"] > 0 and stats["prefill_tok_s"] > 0 and stats["decode_tok_s"] > 0
+    assert stats["completion_tokens"] == 16
+
+
+def test_chat_stream_equals_llm_chat_and_ends_with_usage(client, llm):
+    ref = llm.chat(MESSAGES, SamplingParams(max_tokens=16, ignore_eos=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=llm.model_name,
+            messages=MESSAGES,
+            max_completion_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_EOS,
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishes] == ["length"]
+    assert finishes[0].model_extra["stats"]["completion_tokens"] == 16
+    assert chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        ref.stats.prompt_tokens,
+        16,
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completion_greedy_equals_generate_streamed_and_not(client, llm):
+    ref = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    whole = client.completions.create(
+        model=llm.model_name, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=NO_EOS
+    )
+    assert whole.choices[0].text == ref.text
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ref.prompt_token_ids), 12)
+    chunks = list(
+        client.completions.create(
+            model=llm.model_name, prompt=PROMPT, max_tokens=12, temperature=0, stream=True, extra_body=NO_EOS
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].model_extra["stats"]["prompt_tokens"] == len(ref.prompt_token_ids)
+
+
+def test_token_id_prompt(client, llm):
+    ids = llm.encode(PROMPT)
+    r = client.completions.create(
+        model=llm.model_name, prompt=ids, max_tokens=6, temperature=0, extra_body=NO_EOS
+    )
+    assert r.choices[0].text == llm.generate(ids, SamplingParams(max_tokens=6, ignore_eos=True))[0].text
+
+
+def test_seed_makes_sampling_reproducible(client, llm):
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=11, ignore_eos=True)
+    ref = llm.generate(PROMPT, params)[0].text
+    texts = [
+        client.completions.create(
+            model=llm.model_name, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=11, extra_body=NO_EOS
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert texts == [ref, ref]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_text(client, llm, stream):
+    # Sampled text (seeded) varies more than greedy text of random weights, so the stop string is
+    # found mid-text rather than at the first repeat.
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True)
+    full = llm.generate(PROMPT, params)[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    r = client.completions.create(
+        model=llm.model_name,
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=1.0,
+        seed=5,
+        stop=[stop],
+        stream=stream,
+        extra_body=NO_EOS,
+    )
+    chunks = list(r) if stream else [r]
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_thinking_switch_reaches_the_chat_template(client, llm):
+    def prompt_tokens(**extra) -> int:
+        r = client.chat.completions.create(
+            model=llm.model_name, messages=MESSAGES, max_tokens=1, temperature=0, extra_body=extra
+        )
+        return r.usage.prompt_tokens
+
+    def expected(thinking: bool | None) -> int:
+        return len(llm.encode(llm.apply_chat_template(MESSAGES, enable_thinking=thinking), False))
+
+    # The demo's ChatML template writes an empty <think></think> block when thinking is off.
+    assert expected(False) > expected(None)
+    assert prompt_tokens() == expected(None)
+    assert prompt_tokens(enable_thinking=False) == expected(False)
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) == expected(False)
+
+
+def test_no_max_tokens_means_up_to_the_end_of_the_context(client, llm):
+    # A prompt that leaves 3 tokens of context: without max_tokens the server fills exactly those.
+    ids = llm.encode(PROMPT)
+    ids = (ids * llm.max_model_len)[: llm.max_model_len - 3]
+    r = client.completions.create(model=llm.model_name, prompt=ids, temperature=0, extra_body=NO_EOS)
+    assert r.usage.completion_tokens == 3
+    assert r.choices[0].finish_reason == "length"
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = [
+    # (name, path, body, status, param)
+    ("malformed JSON", CHAT, b'{"messages": [{"role": "user"', 400, None),
+    ("no body", CHAT, b"", 400, None),
+    ("missing messages", CHAT, {"model": "tiny-qwen3-moe"}, 400, "messages"),
+    ("messages not a list", CHAT, {"messages": "hi"}, 400, "messages"),
+    ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("max_tokens not an integer", CHAT, {"messages": USER, "max_tokens": "ten"}, 400, "max_tokens"),
+    ("negative temperature", CHAT, {"messages": USER, "temperature": -1}, 400, "temperature"),
+    ("n above 1", CHAT, {"messages": USER, "n": 3}, 400, "n"),
+    ("unknown model", CHAT, {"model": "gpt-4o", "messages": USER}, 404, "model"),
+    ("max_tokens beyond the context", CHAT, {"messages": USER, "max_tokens": 10**6}, 400, "max_tokens"),
+    ("prompt beyond the context", COMPLETIONS, {"prompt": "fox " * 5000, "max_tokens": 4}, 400, "max_tokens"),
+    (
+        "streamed prompt beyond the context",
+        COMPLETIONS,
+        {"prompt": "fox " * 5000, "max_tokens": 4, "stream": True},
+        400,
+        "max_tokens",
+    ),
+    ("empty prompt", COMPLETIONS, {"prompt": "", "max_tokens": 4}, 400, "prompt"),
+    ("token id outside the vocabulary", COMPLETIONS, {"prompt": [10**6], "max_tokens": 4}, 400, "prompt"),
+    ("missing prompt", COMPLETIONS, {"max_tokens": 4}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_request_gets_an_openai_error_and_the_server_stays_up(
+    url, client, llm, path, body, status, param
+):
+    if isinstance(body, bytes):
+        r = httpx2.post(url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx2.post(url + path, json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    # The engine serves the next request.
+    ok = client.completions.create(model=llm.model_name, prompt=PROMPT, max_tokens=2, extra_body=NO_EOS)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_body_errors_say_what_to_fix(url):
+    malformed = httpx2.post(
+        url + CHAT, content=b'{"messages": [', headers={"content-type": "application/json"}
+    )
+    assert malformed.json()["error"]["message"].startswith("malformed JSON body: ")
+    # What `curl -d '{...}'` sends when -H "Content-Type: application/json" is forgotten.
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    undeclared = httpx2.post(url + CHAT, content=json.dumps({"messages": USER}), headers=form)
+    assert undeclared.status_code == 400
+    assert "Content-Type: application/json" in undeclared.json()["error"]["message"]
+
+
+def test_the_openai_client_raises_its_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=USER)
+    with pytest.raises(openai.BadRequestError, match="exceeds the model's context"):
+        client.chat.completions.create(model="tiny-qwen3-moe", messages=USER, max_tokens=10**6)
+
+
+def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
+    max_tokens = 3000  # ~15 s of decoding on 2 CPU cores if the engine kept going
+    aborted = metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted")
+    generated = metric(url, "tiermoe_completion_tokens_total")
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, **NO_EOS}
+    with httpx2.stream("POST", url + COMPLETIONS, json=body) as r:
+        assert r.status_code == 200
+        data = (line for line in r.iter_lines() if line.startswith("data: "))
+        assert len(list(itertools.islice(data, 3))) == 3
+    # Leaving the block closed the connection mid-stream.
+    start = time.monotonic()
+    nxt = client.completions.create(model=llm.model_name, prompt=PROMPT, max_tokens=4, extra_body=NO_EOS)
+    assert nxt.usage.completion_tokens == 4
+    assert time.monotonic() - start < 5
+    assert metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted") == aborted + 1
+    assert metric(url, "tiermoe_completion_tokens_total") - generated - 4 < 200
+
+
+def test_sixteen_concurrent_streaming_clients(url, llm):
+    prompts = [f"Hello, how are you {i}?" for i in range(4)]
+    refs = [llm.generate(p, SamplingParams(max_tokens=8, ignore_eos=True))[0] for p in prompts]
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> tuple[str, openai.types.CompletionUsage]:
+        stream = await aclient.completions.create(
+            model=llm.model_name,
+            prompt=prompts[i % 4],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_EOS,
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            text += "".join(c.text for c in chunk.choices)
+            usage = chunk.usage or usage
+        return text, usage
+
+    async def all16():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(16)))
+
+    results = asyncio.run(all16())
+    for i, (text, usage) in enumerate(results):
+        ref = refs[i % 4]
+        assert text == ref.text
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(ref.prompt_token_ids), 8)
+
+
+def test_metrics_count_requests_tokens_and_timings(url, client, llm):
+    wait_idle(url)
+
+    def snapshot() -> dict[str, float]:
+        return {
+            "success": metric(url, "tiermoe_requests_total", endpoint=CHAT, outcome="success"),
+            "error": metric(url, "tiermoe_requests_total", endpoint=CHAT, outcome="error"),
+            "prompt": metric(url, "tiermoe_prompt_tokens_total"),
+            "completion": metric(url, "tiermoe_completion_tokens_total"),
+            "ttft": metric(url, "tiermoe_time_to_first_token_seconds_count"),
+            "prefill": metric(url, "tiermoe_prefill_tokens_per_second_count"),
+            "decode": metric(url, "tiermoe_decode_tokens_per_second_count"),
+        }
+
+    before = snapshot()
+    r = client.chat.completions.create(
+        model=llm.model_name, messages=MESSAGES, max_tokens=5, extra_body=NO_EOS
+    )
+    assert httpx2.post(url + CHAT, json={"messages": "hi"}).status_code == 400
+    after = snapshot()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta == {
+        "success": 1,
+        "error": 1,
+        "prompt": r.usage.prompt_tokens,
+        "completion": 5,
+        "ttft": 1,
+        "prefill": 1,
+        "decode": 1,
+    }
+    assert metric(url, "tiermoe_requests_running") == metric(url, "tiermoe_requests_queued") == 0
+    for name, value in llm.store_stats().items():  # empty until the expert store lands
+        assert metric(url, "tiermoe_expert_store", stat=name) == pytest.approx(value)
