@@ -7,7 +7,6 @@ from pydantic import ValidationError
 from tiermoe.engine.request import GenerationStats
 from tiermoe.errors import InvalidRequestError
 from tiermoe.server.protocol import (
-    DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
     ChatShape,
     CompletionRequest,
@@ -30,19 +29,20 @@ def test_max_completion_tokens_wins_over_max_tokens_and_default_applies():
         == 7
     )
     assert ChatCompletionRequest(messages=USER, max_tokens=5).requested_max_tokens() == 5
-    assert ChatCompletionRequest(messages=USER).requested_max_tokens() == DEFAULT_MAX_TOKENS
+    assert ChatCompletionRequest(messages=USER).requested_max_tokens() is None  # to the end of the context
 
 
 def test_sampling_params_mapping():
     req = ChatCompletionRequest(
         messages=USER, max_tokens=9, temperature=0.5, top_p=0.9, stop="###", seed=3, top_k=20, ignore_eos=True
     )
-    p = req.sampling_params()
+    p = req.sampling_params(default_max_tokens=100)
+    assert ChatCompletionRequest(messages=USER).sampling_params(default_max_tokens=100).max_tokens == 100
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.top_k, p.ignore_eos) == (
         9, 0.5, 0.9, ["###"], 3, 20, True
     )  # fmt: skip
     # OpenAI samples at temperature 1 when a client sends none; so do we.
-    assert ChatCompletionRequest(messages=USER).sampling_params().temperature == 1.0
+    assert ChatCompletionRequest(messages=USER).sampling_params(default_max_tokens=100).temperature == 1.0
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,9 @@ def test_sampling_params_mapping():
 )
 def test_out_of_range_values_name_the_parameter(field, value):
     with pytest.raises(InvalidRequestError) as info:
-        ChatCompletionRequest.model_validate({"messages": USER, field: value}).sampling_params()
+        ChatCompletionRequest.model_validate({"messages": USER, field: value}).sampling_params(
+            default_max_tokens=100
+        )
     assert info.value.param == field
 
 
