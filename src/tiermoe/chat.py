@@ -137,6 +137,10 @@ class ChatSession:
         self.system = system
         self.history: list[dict[str, str]] = []
 
+    def say(self, text: str = "", end: str = "\n") -> None:
+        # Model text and our help contain [brackets]: print them as they are, never as rich markup.
+        self.console.print(text, end=end, markup=False, highlight=False, soft_wrap=True)
+
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history
@@ -146,10 +150,10 @@ class ChatSession:
             try:
                 text = self._read_message(read_line)
             except EOFError:
-                self.console.print()
+                self.say()
                 return
             except KeyboardInterrupt:  # Ctrl+C at the prompt drops the line, as shells do
-                self.console.print()
+                self.say()
                 continue
             if text.startswith("/"):
                 if not self._command(text.strip()):
@@ -180,27 +184,27 @@ class ChatSession:
             self._think(arg.strip())
         elif name == "/stats":
             stats = self.backend.last_stats
-            self.console.print(stats_line(stats) if stats else "no reply yet")
+            self.say(stats_line(stats) if stats else "no reply yet")
             if (extra := self.backend.extra_stats()) is not None:
-                self.console.print(extra)
+                self.say(extra)
         elif name == "/reset":
             self.history.clear()
-            self.console.print("conversation cleared")
+            self.say("conversation cleared")
         elif name == "/help":
-            self.console.print(HELP, markup=False)
+            self.say(HELP)
         else:
-            self.console.print(f"unknown command {name}; /help lists them", markup=False)
+            self.say(f"unknown command {name}; /help lists them")
         return True
 
     def _think(self, arg: str) -> None:
         if arg in ("on", "off"):
             self.options.thinking = arg == "on"
         elif arg:
-            self.console.print("usage: /think [on|off]")
+            self.say("usage: /think [on|off]")
             return
         else:  # toggle; a model left at its template's default counts as thinking
             self.options.thinking = self.options.thinking is False
-        self.console.print(f"thinking {'on' if self.options.thinking else 'off'}")
+        self.say(f"thinking {'on' if self.options.thinking else 'off'}")
 
     def _ask(self, text: str) -> None:
         self.history.append({"role": "user", "content": text})
@@ -209,14 +213,14 @@ class ChatSession:
             with closing(self.backend.stream(self.messages(), self.options)) as stream:
                 for piece in stream:
                     pieces.append(piece)
-                    self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+                    self.say(piece, end="")
         except KeyboardInterrupt:
-            self.console.print(" [interrupted]", markup=False, end="")
+            self.say(" [interrupted]", end="")
         except self.backend.errors as exc:
             self.history.pop()  # the turn failed: forget it so the next one starts clean
-            self.console.print(f"error: {exc}", markup=False)
+            self.say(f"error: {exc}")
             return
-        self.console.print()
+        self.say()
         self.history.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -248,7 +252,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(highlight=False, soft_wrap=True)
     if args.url:
         backend = RemoteBackend(args.url, args.api_key)
     else:
@@ -258,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         import readline  # noqa: F401  (gives input() line editing and up-arrow history)
     options = ChatOptions(args.max_tokens, args.temperature, args.top_p, args.seed, args.think)
-    console.print(f"Chatting with {backend.name}. /help lists the commands.")
-    ChatSession(backend, console, options, args.system).run(input)
+    session = ChatSession(backend, Console(), options, args.system)
+    session.say(f"Chatting with {backend.name}. /help lists the commands.")
+    session.run(input)
     return 0
