@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import signal
+import subprocess
+import sys
 import time
 
 import httpx2
@@ -350,3 +354,27 @@ def test_metrics_count_requests_tokens_and_timings(url, client, llm):
     assert metric(url, "tiermoe_requests_running") == metric(url, "tiermoe_requests_queued") == 0
     for name, value in llm.store_stats().items():  # empty until the expert store lands
         assert metric(url, "tiermoe_expert_store", stat=name) == pytest.approx(value)
+
+
+SERVE = """import argparse, sys
+from tiermoe.server import serve
+parser = argparse.ArgumentParser()
+serve.add_parser(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_serve_command_prints_its_url_once_ready_and_stops_on_ctrl_c(llm):
+    argv = ["serve", "--model", str(llm.path), "--device", "cpu", "--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, *argv], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if ready := re.search(r"Ready: serving tiny-qwen3-moe at (http://127\.0\.0\.1:\d+)/v1 ", line):
+                break
+        assert ready, "no ready line"
+        assert httpx2.get(ready[1] + "/health").json()["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -81,9 +82,13 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         console.print(
-            f"[bold green]Ready:[/] serving [bold]{name}[/] at [bold]{url}/v1[/] (OpenAI-compatible; Ctrl+C stops)"
+            f"[bold green]Ready:[/] serving [bold]{name}[/] at [bold]{url}/v1[/] (OpenAI-compatible; Ctrl+C stops)",
+            soft_wrap=True,  # one line, so scripts can read the URL off it
         )
 
     config = uvicorn.Config(create_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
-    ReadyServer(config, on_ready=ready).run()
+    # uvicorn re-raises the Ctrl+C it handled once it has shut down cleanly: that is a normal stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        ReadyServer(config, on_ready=ready).run()
+    console.print("Server stopped.")
     return 0
