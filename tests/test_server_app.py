@@ -35,7 +35,8 @@ NO_EOS = {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
     path = write_demo_checkpoint(tmp_path_factory.mktemp("server") / "tiny-qwen3-moe")
-    return LLM(path, device="cpu", dtype="fp32")
+    # A 1024-token context keeps the fill-the-context test's prefill short.
+    return LLM(path, device="cpu", dtype="fp32", max_model_len=1024)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +274,7 @@ def test_the_openai_client_raises_its_typed_errors(client):
 
 
 def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
-    max_tokens = 3000  # ~15 s of decoding on 2 CPU cores if the engine kept going
+    max_tokens = 1000  # ~5 s of decoding on 2 CPU cores if the engine kept going
     aborted = metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted")
     generated = metric(url, "tiermoe_completion_tokens_total")
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, **NO_EOS}
@@ -281,13 +282,13 @@ def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
         assert r.status_code == 200
         data = (line for line in r.iter_lines() if line.startswith("data: "))
         assert len(list(itertools.islice(data, 3))) == 3
-    # Leaving the block closed the connection mid-stream.
-    start = time.monotonic()
+    # Leaving the block closed the connection mid-stream. The next request waits in the FIFO until
+    # the engine lets go of the aborted one.
     nxt = client.completions.create(model=llm.model_name, prompt=PROMPT, max_tokens=4, extra_body=NO_EOS)
     assert nxt.usage.completion_tokens == 4
-    assert time.monotonic() - start < 5
     assert metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted") == aborted + 1
-    assert metric(url, "tiermoe_completion_tokens_total") - generated - 4 < 200
+    # The engine stopped within a few tokens of the disconnect, not after max_tokens.
+    assert metric(url, "tiermoe_completion_tokens_total") - generated - 4 < 100
 
 
 def test_sixteen_concurrent_streaming_clients(url, llm):

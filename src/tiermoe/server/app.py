@@ -37,6 +37,8 @@ from .worker import EngineWorker, Job, JobAborted
 log = logging.getLogger("tiermoe.server")
 
 GENERATION_ENDPOINTS = (ChatShape.endpoint, CompletionShape.endpoint)
+# Proxies (nginx) buffer responses unless told not to, which would hold every token back.
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ModelNotFoundError(TiermoeError):
@@ -124,7 +126,9 @@ async def _respond(
         body = _sse(job, first, shape, include_usage, metrics)
         # The background task runs however the response ends, disconnect included: a second guard
         # besides the generator's finally, which a cancelled StreamingResponse may never resume.
-        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(job.cancel))
+        return StreamingResponse(
+            body, media_type="text/event-stream", headers=_SSE_HEADERS, background=BackgroundTask(job.cancel)
+        )
     metrics.finished(shape.endpoint, last.stats)
     return JSONResponse(shape.whole(text, last.finish_reason, last.stats))
 

@@ -109,7 +109,7 @@ class ChatMessage(_Lenient):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    # Thinking switch: top-level as in vLLM/SGLang, or inside chat_template_kwargs (which wins).
+    # Thinking switch: inside chat_template_kwargs as in vLLM, or top-level (which wins when both are set).
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
