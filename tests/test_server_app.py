@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2
@@ -289,6 +290,28 @@ def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
     assert metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted") == aborted + 1
     # The engine stopped within a few tokens of the disconnect, not after max_tokens.
     assert metric(url, "tiermoe_completion_tokens_total") - generated - 4 < 100
+
+
+def test_clients_leaving_a_whole_or_a_queued_request_cancel_it(url, client, llm):
+    aborted = metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted")
+    generated = metric(url, "tiermoe_completion_tokens_total")
+    body = {"prompt": PROMPT, "max_tokens": 1000, **NO_EOS}
+
+    def give_up() -> None:
+        with pytest.raises(httpx2.TimeoutException):
+            httpx2.post(url + COMPLETIONS, json=body, timeout=0.5)
+
+    # Two at once: one runs and one waits in the queue; both clients give up before the end.
+    leavers = [threading.Thread(target=give_up) for _ in range(2)]
+    for t in leavers:
+        t.start()
+    for t in leavers:
+        t.join()
+    nxt = client.completions.create(model=llm.model_name, prompt=PROMPT, max_tokens=4, extra_body=NO_EOS)
+    assert nxt.usage.completion_tokens == 4
+    assert metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted") == aborted + 2
+    # Not even one of the two ran to its 1000 tokens.
+    assert metric(url, "tiermoe_completion_tokens_total") - generated - 4 < 1000
 
 
 def test_sixteen_concurrent_streaming_clients(url, llm):
