@@ -60,7 +60,6 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
         worker.stop()
 
     app = FastAPI(title="tiermoe", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
-    app.state.metrics = metrics
     _add_error_handlers(app, metrics)
 
     def check_model(name: str | None) -> None:
@@ -112,7 +111,12 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
 
 
 async def _respond(
-    request: Request, job: Job, shape, stream: bool, include_usage: bool, metrics: ServerMetrics
+    request: Request,
+    job: Job,
+    shape: ChatShape | CompletionShape,
+    stream: bool,
+    include_usage: bool,
+    metrics: ServerMetrics,
 ) -> Response:
     try:
         async with _cancel_on_disconnect(request, job):
@@ -164,9 +168,13 @@ def _sse_line(payload: dict) -> str:
 
 
 async def _sse(
-    job: Job, event: TokenEvent, shape, include_usage: bool, metrics: ServerMetrics
+    job: Job,
+    event: TokenEvent,
+    shape: ChatShape | CompletionShape,
+    include_usage: bool,
+    metrics: ServerMetrics,
 ) -> AsyncIterator[str]:
-    outcome = "aborted"  # unless we reach the end: a cancelled generator only runs its finally
+    outcome = "aborted"  # until the engine finishes: a cancelled generator only runs its finally
     try:
         for chunk in shape.opening():
             yield _sse_line(chunk)
@@ -177,12 +185,12 @@ async def _sse(
                 break
             event = await job.next_event()
         stats: GenerationStats = event.stats
+        outcome = "success"
+        metrics.finished(shape.endpoint, stats)
         yield _sse_line(shape.finish(event.finish_reason, stats))
         if include_usage:
             yield _sse_line(shape.usage(stats))
         yield "data: [DONE]\n\n"
-        outcome = "success"
-        metrics.finished(shape.endpoint, stats)
     except JobAborted:
         pass
     except Exception as exc:  # the 200 header is gone, so the error travels in the stream, as OpenAI's do

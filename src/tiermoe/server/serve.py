@@ -86,7 +86,14 @@ def run(args: argparse.Namespace) -> int:
             soft_wrap=True,  # one line, so scripts can read the URL off it
         )
 
-    config = uvicorn.Config(create_app(llm, name), host=args.host, port=args.port, log_level=args.log_level)
+    # On Ctrl+C, streams still running get 5 s to finish; then they are cancelled, which aborts generation.
+    config = uvicorn.Config(
+        create_app(llm, name),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
     # uvicorn re-raises the Ctrl+C it handled once it has shut down cleanly: that is a normal stop.
     with contextlib.suppress(KeyboardInterrupt):
         ReadyServer(config, on_ready=ready).run()
