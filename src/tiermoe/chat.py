@@ -56,7 +56,8 @@ class LocalBackend:
         self.last_stats: dict | None = None
 
     def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[str]:
-        prompt = self.llm.apply_chat_template(messages, enable_thinking=options.thinking)
+        text = self.llm.apply_chat_template(messages, enable_thinking=options.thinking)
+        prompt = self.llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
         params = SamplingParams(
             max_tokens=options.max_tokens,
             temperature=options.temperature,
