@@ -91,7 +91,13 @@ class RemoteBackend:
         self.client = openai.OpenAI(
             base_url=base, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none")
         )
-        self.name = self.client.models.list().data[0].id
+        try:
+            models = self.client.models.list().data
+        except openai.APIError as exc:
+            raise TiermoeError(f"cannot list the models of {base}: {exc} (is the server running?)") from None
+        if not models:
+            raise TiermoeError(f"{base} serves no model")
+        self.name = models[0].id
         self.errors = (openai.APIError,)
         self.last_stats = None
 
