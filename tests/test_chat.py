@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import socket
 
 import pytest
 from rich.console import Console
 
 from tiermoe import LLM, SamplingParams, chat
 from tiermoe.demo import write_demo_checkpoint
+from tiermoe.errors import TiermoeError
 from tiermoe.server.app import create_app
 from tiermoe.server.serve import serving
 
@@ -137,3 +139,13 @@ def test_engine_error_is_reported_and_the_turn_forgotten(llm):
     s.run(lines("hi"))
     assert "error: the prompt" in screen.getvalue()
     assert s.history == []
+
+
+def test_unreachable_server_is_one_clear_error():
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(
+        TiermoeError, match=r"cannot list the models of http://127.0.0.1:\d+/v1: .*server running"
+    ):
+        chat.RemoteBackend(f"http://127.0.0.1:{port}")

@@ -87,10 +87,10 @@ class RemoteBackend:
 
         base = url.rstrip("/")
         base = base if base.endswith("/v1") else base + "/v1"
-        # Local servers need no key, but the client insists on one.
-        self.client = openai.OpenAI(
-            base_url=base, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none")
-        )
+        # Local servers need no key, but the client insists on one. No retries: a failed turn is
+        # reported at once and the user decides whether to send it again.
+        key = api_key or os.environ.get("OPENAI_API_KEY", "none")
+        self.client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
         try:
             models = self.client.models.list().data
         except openai.APIError as exc:
