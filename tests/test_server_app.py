@@ -345,6 +345,28 @@ def test_sixteen_concurrent_streaming_clients(url, llm):
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(ref.prompt_token_ids), 8)
 
 
+def test_queued_requests_are_served_in_arrival_order(url, llm):
+    async def arrive_in_order() -> list[str]:
+        finished: list[str] = []
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as aclient:
+
+            async def request(name: str, max_tokens: int) -> None:
+                await aclient.completions.create(
+                    model=llm.model_name, prompt=PROMPT, max_tokens=max_tokens, extra_body=NO_EOS
+                )
+                finished.append(name)
+
+            tasks = []
+            # A long one occupies the engine; three short ones queue behind it, 0.1 s apart.
+            for name, max_tokens in [("long", 150), ("b", 2), ("c", 2), ("d", 2)]:
+                tasks.append(asyncio.create_task(request(name, max_tokens)))
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*tasks)
+        return finished
+
+    assert asyncio.run(arrive_in_order()) == ["long", "b", "c", "d"]
+
+
 def test_metrics_count_requests_tokens_and_timings(url, client, llm):
     wait_idle(url)
 
