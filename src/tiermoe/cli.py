@@ -8,8 +8,10 @@ import sys
 from .errors import TiermoeError
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+def add_engine_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """The engine flags; model=False leaves --model to the caller (chat pairs it with --url)."""
+    if model:
+        p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
