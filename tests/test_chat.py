@@ -18,6 +18,7 @@ from tiermoe.server.serve import serving
 
 FIRST, SECOND = "What is the capital of France?", "Hello, how are you today?"
 MAX_TOKENS = 8
+GPU_BUDGET = 0.02  # GiB: small enough that the tiered expert store misses, so /stats has numbers to show
 # Seeded sampling: greedy decoding of random weights often repeats a token that decodes to nothing.
 SAMPLING = ["--temperature", "1", "--top-p", "1", "--seed", "0", "--max-tokens", str(MAX_TOKENS)]
 
@@ -25,7 +26,7 @@ SAMPLING = ["--temperature", "1", "--top-p", "1", "--seed", "0", "--max-tokens",
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
     path = write_demo_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-qwen3-moe")
-    return LLM(path, device="cpu", dtype="fp32")
+    return LLM(path, device="cpu", dtype="fp32", gpu_budget_gib=GPU_BUDGET)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def assert_two_turns_then_stats(out: str, replies) -> None:
     assert second == replies[1].text + "\n"
     s = replies[1].stats
     assert stats.startswith(f"prompt {s.prompt_tokens} tok | completion {s.completion_tokens} tok | TTFT ")
-    assert "decode" in stats
+    assert "decode" in stats and " | experts: GPU hits " in stats
     assert after_quit == ""
 
 
@@ -69,9 +70,8 @@ TYPED = f"{FIRST}\n{SECOND}\n/stats\n/quit\nnever sent\n"
 
 
 def test_local_two_turns_stats_and_quit(monkeypatch, capsys, llm, replies):
-    out = run_chat(
-        monkeypatch, capsys, ["--model", str(llm.path), "--device", "cpu", "--dtype", "fp32"], TYPED
-    )
+    argv = ["--model", str(llm.path), "--device", "cpu", "--dtype", "fp32", "--gpu-budget", str(GPU_BUDGET)]
+    out = run_chat(monkeypatch, capsys, argv, TYPED)
     assert_two_turns_then_stats(out, replies)
 
 

@@ -36,8 +36,9 @@ NO_EOS = {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
     path = write_demo_checkpoint(tmp_path_factory.mktemp("server") / "tiny-qwen3-moe")
-    # A 1024-token context keeps the fill-the-context test's prefill short.
-    return LLM(path, device="cpu", dtype="fp32", max_model_len=1024)
+    # A 1024-token context keeps the fill-the-context test's prefill short; a 20 MiB "GPU" budget puts
+    # the tiered expert store to work (on the CPU it is still a budgeted pool), so its metrics count.
+    return LLM(path, device="cpu", dtype="fp32", max_model_len=1024, gpu_budget_gib=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -398,8 +399,28 @@ def test_metrics_count_requests_tokens_and_timings(url, client, llm):
         "decode": 1,
     }
     assert metric(url, "tiermoe_requests_running") == metric(url, "tiermoe_requests_queued") == 0
-    for name, value in llm.store_stats().items():  # empty until the expert store lands
-        assert metric(url, "tiermoe_expert_store", stat=name) == pytest.approx(value)
+
+
+def test_expert_store_metrics_add_up_the_requests(url, client, llm):
+    wait_idle(url)
+    counts = ("gpu_hits", "prefetch_hits", "gpu_misses", "host_hits", "host_misses", "bytes_h2d")
+    before = {k: metric(url, "tiermoe_expert_store_total", stat=k) for k in counts}
+    experts = [
+        client.completions.create(
+            model=llm.model_name, prompt=p, max_tokens=6, extra_body=NO_EOS
+        ).model_extra["stats"]["experts"]
+        for p in (PROMPT, "Hello, how are you today?")
+    ]
+    for k in counts:
+        assert metric(url, "tiermoe_expert_store_total", stat=k) - before[k] == sum(e[k] for e in experts)
+    assert sum(e["gpu_misses"] for e in experts) > 0, "the budget should be small enough to miss"
+    for rate in ("gpu_hit_rate", "host_hit_rate", "prefetch_precision", "prefetch_recall"):
+        assert 0 <= metric(url, "tiermoe_expert_store_rate", rate=rate) <= 1
+    served = {k: metric(url, "tiermoe_expert_store_total", stat=k) for k in counts}
+    hits = served["gpu_hits"] + served["prefetch_hits"]
+    assert metric(url, "tiermoe_expert_store_rate", rate="gpu_hit_rate") == pytest.approx(
+        hits / (hits + served["gpu_misses"]), abs=1e-4
+    )
 
 
 SERVE = """import argparse, sys

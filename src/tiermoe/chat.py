@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from .cli import engine_kwargs
+from .cli import add_engine_args, engine_kwargs
 from .engine.request import SamplingParams
 from .errors import TiermoeError
 
@@ -35,7 +35,8 @@ class ChatOptions:
 
 
 def stats_line(stats: dict) -> str:
-    """One line from a stats dict (GenerationStats.to_dict(), or only usage from a foreign server)."""
+    """One line from a stats dict: GenerationStats.to_dict() (ours, local or from a tiermoe server) or
+    only the usage (another server)."""
     parts = [f"prompt {stats['prompt_tokens']} tok", f"completion {stats['completion_tokens']} tok"]
     if "ttft_s" in stats:
         parts += [
@@ -43,6 +44,12 @@ def stats_line(stats: dict) -> str:
             f"prefill {stats['prefill_tok_s']:.1f} tok/s",
             f"decode {stats['decode_tok_s']:.2f} tok/s",
         ]
+    experts = stats.get("experts") or {}
+    if experts.get("gpu_hit_rate") is not None:  # an offloading run: how well the expert store served it
+        parts.append(
+            f"experts: GPU hits {experts['gpu_hit_rate']:.0%}, H2D {experts['bytes_h2d'] / 1e9:.2f} GB, "
+            f"disk {experts['bytes_disk'] / 1e9:.2f} GB"
+        )
     return " | ".join(parts)
 
 
@@ -69,14 +76,6 @@ class LocalBackend:
                 if event.stats is not None:
                     self.last_stats = event.stats.to_dict()
                 yield event.text
-
-    def extra_stats(self) -> str | None:
-        store = self.llm.store_stats()
-        if "hit_rate" not in store:
-            return None
-        return f"expert store: hit rate {store['hit_rate']:.1%} " + " ".join(
-            f"{k}={v}" for k, v in store.items() if k != "hit_rate"
-        )
 
 
 class RemoteBackend:
@@ -128,9 +127,6 @@ class RemoteBackend:
                     self.last_stats = chunk.usage.model_dump()
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
-
-    def extra_stats(self) -> str | None:
-        return None
 
 
 class ChatSession:
@@ -192,8 +188,6 @@ class ChatSession:
         elif name == "/stats":
             stats = self.backend.last_stats
             self.say(stats_line(stats) if stats else "no reply yet")
-            if (extra := self.backend.extra_stats()) is not None:
-                self.say(extra)
         elif name == "/reset":
             self.history.clear()
             self.say("conversation cleared")
@@ -248,12 +242,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--think", action=argparse.BooleanOptionalAction, default=None, help="thinking (default: the model's)"
     )
-    # cli.add_engine_args makes --model required, which --url excludes; the rest mirrors it.
-    parser.add_argument("--device", default=None, help="with --model: cuda, cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, help="with --model: bf16, fp16 or fp32")
-    parser.add_argument(
-        "--max-model-len", type=int, default=None, help="with --model: context length in tokens"
-    )
+    add_engine_args(parser, model=False)  # they apply with --model
     parser.set_defaults(func=run)
     return parser
 

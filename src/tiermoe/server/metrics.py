@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..engine.request import GenerationStats
+from ..offload.store import StoreStats
+
+# The store's per-run counts (hits, misses, bytes, seconds): each request's are added up here.
+_STORE_COUNTS = tuple(f.name for f in fields(StoreStats))
 
 # Seconds to the first token: from a small model on a GPU (ms) to a cold-cache prefill on disk (minutes).
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -26,7 +32,11 @@ class ServerMetrics:
             ["endpoint", "outcome"],
             registry=r,
         )
-        self.prompt_tokens = Counter("tiermoe_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter(
+            "tiermoe_prompt_tokens",
+            "Prompt tokens prefilled, including those of aborted requests",
+            registry=r,
+        )
         self.completion_tokens = Counter(
             "tiermoe_completion_tokens", "Tokens generated, including those of aborted requests", registry=r
         )
@@ -44,12 +54,19 @@ class ServerMetrics:
         )
         self.queued = Gauge("tiermoe_requests_queued", "Requests waiting for the engine", registry=r)
         self.running = Gauge("tiermoe_requests_running", "Requests the engine is generating", registry=r)
-        self.expert_store = Gauge(
+        self.expert_counts = Counter(
             "tiermoe_expert_store",
-            "Cumulative expert-store statistics (hits and misses per tier, hit_rate)",
+            "Expert-store counts summed over requests: hits and misses per tier, prefetches, bytes, seconds",
             ["stat"],
             registry=r,
         )
+        self.expert_rates = Gauge(
+            "tiermoe_expert_store_rate",
+            "Expert-store rates since the server started: GPU and host hit rates, prefetch precision and recall",
+            ["rate"],
+            registry=r,
+        )
+        self._store_totals = StoreStats()
 
     def finished(self, endpoint: str, stats: GenerationStats) -> None:
         self.requests.labels(endpoint, "success").inc()
@@ -58,10 +75,18 @@ class ServerMetrics:
         if stats.completion_tokens > 1:  # one token has no decode step, so no speed
             self.decode_speed.observe(stats.decode_tok_s)
 
-    def set_store_stats(self, stats: dict) -> None:
-        for name, value in stats.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                self.expert_store.labels(name).set(value)
+    def add_store_stats(self, stats: dict) -> None:
+        """Add one request's expert-store statistics (LLM.store_stats() right after it ran; empty when
+        the model runs without the tiered store)."""
+        for name in _STORE_COUNTS:
+            if name in stats:
+                self.expert_counts.labels(name).inc(stats[name])
+                setattr(self._store_totals, name, getattr(self._store_totals, name) + stats[name])
+        if not stats:
+            return
+        for name, value in self._store_totals.to_dict().items():
+            if name not in _STORE_COUNTS and value is not None:  # the derived rates
+                self.expert_rates.labels(name).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -86,13 +86,16 @@ class EngineWorker:
                 continue
             self._metrics.running.inc()
             try:
-                self._serve(job)
+                if self._serve(job):
+                    # The engine resets the store's statistics when a run starts: these are this job's.
+                    self._metrics.add_store_stats(self._llm.store_stats())
             finally:
                 self._metrics.running.dec()
-                self._metrics.set_store_stats(self._llm.store_stats())
 
-    def _serve(self, job: Job) -> None:
+    def _serve(self, job: Job) -> bool:
+        """Run the job; True once the engine started generating for it."""
         stream = None
+        started = False
         try:
             ids = job.prompt()
             params = job.params
@@ -100,20 +103,22 @@ class EngineWorker:
                 params = replace(params, max_tokens=max(self._llm.max_model_len - len(ids), 1))
             stream = self._llm.stream(ids, params)
             for event in stream:
+                if not started:  # the first event comes out of prefill
+                    started = True
+                    self._metrics.prompt_tokens.inc(len(ids))
                 if event.token_id is not None:
                     self._metrics.completion_tokens.inc()
-                if event.stats is not None:
-                    self._metrics.prompt_tokens.inc(event.stats.prompt_tokens)
                 job.put(event)
                 if event.finish_reason is not None:
-                    return
+                    return True
                 if job.cancelled:
                     job.put(JobAborted())
-                    return
+                    return True
             # Without a final event the handler would wait forever: fail the request instead.
             raise RuntimeError("the engine's token stream ended without a finish_reason")
         except Exception as exc:  # handed to the request's handler, which maps it to an HTTP error
             job.put(exc)
+            return started
         finally:
             if stream is not None:
                 stream.close()  # aborts generation at once if the client left mid-stream
