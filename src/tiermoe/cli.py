@@ -67,13 +67,14 @@ def sampling_params(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate, hardware
+    from . import chat, generate, hardware
     from .bench import run as bench_run
     from .bench import synth
+    from .server import serve
 
     parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, synth, bench_run, hardware):
+    for module in (generate, serve, chat, synth, bench_run, hardware):
         module.add_parser(sub)
     return parser
 
