@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 synth() {
     local preset=$1 dir="$SYNTH_DIR/$1"
     if [[ ! -f "$dir/tiermoe_synth.json" ]]; then
-        $TIERMOE synth --preset "$preset" --out "$dir" --dtype bf16 >&2
+        $TIERMOE synth --preset "$preset" --out "$dir" --dtype bf16 "${@:2}" >&2
     fi
     echo "$dir"
 }
@@ -47,15 +47,12 @@ olmoe)
         --peers hf,hf-offload --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
 qwen3)
-    # ===== MARKED STEP: Qwen3-30B-A3B (30.5B params, 57 GiB of bf16) ====================================
-    # The lead owns this step: the checkpoint does not fit next to OLMoE on the 64 GiB disk, so it is to
-    # be generated into the host cache only (no disk copy). Until that lands, this writes it to disk,
-    # which needs ~58 GiB free (delete $SYNTH_DIR/olmoe-1b-7b first) and ~1 minute.
-    model=$(synth qwen3-30b-a3b)
-    # HF all-on-GPU needs ~57 GiB (fits an H100); HF offload at 8 GiB runs ~0.1 tok/s: 4 tokens, once.
-    $TIERMOE bench --model "$model" --gpu-budget 8,none --prompt-len 128 --gen-len 32 --batch 1 --repeat 2 \
-        --peers hf,hf-offload --peer-gen-len 4 --peer-repeat 1 --timeout 280
-    # =====================================================================================================
+    # Qwen3-30B-A3B (30.5B params): its 57 GiB of bf16 experts do not fit the 64 GiB disk beside the OS, so
+    # synth writes only the dense weights and tiermoe generates the experts (seeded, normal(0, 0.02)) straight
+    # into its pinned host cache; the peers build the same architecture with random weights in memory.
+    model=$(synth qwen3-30b-a3b --experts-in-memory)
+    $TIERMOE bench --model "$model" --gpu-budget 8,none --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
+        --peers "${PEERS:-hf,hf-offload}" --peer-gen-len 4 --peer-repeat 1 --timeout 280
     ;;
 *)
     echo "usage: $0 [olmoe|qwen3]" >&2

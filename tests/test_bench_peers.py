@@ -100,3 +100,17 @@ def test_hf_offload_runs_under_a_cap(tiny_dir):
     assert result["error"] is None, result
     assert result["decode_tok_s"] > 0
     assert "cpu" in result["placement"]
+
+
+def test_hf_peer_builds_a_checkpoint_whose_experts_live_in_memory(tmp_path):
+    from tiermoe.bench.peers import _load
+    from tiermoe.bench.synth import synth_checkpoint
+
+    synth_checkpoint("tiny-qwen3-moe", tmp_path / "m", progress=False, experts_in_memory=True)
+    model = _load("hf", str(tmp_path / "m"), None, None, str(tmp_path))
+    experts = model.model.layers[0].mlp.experts.gate_up_proj
+    assert abs(experts.float().std().item() - 0.02) < 0.002
+    rotary = model.model.rotary_emb
+    assert torch.isfinite(rotary.inv_freq).all() and rotary.inv_freq[0].item() == 1.0
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..offload.sources import SYNTHETIC_KEY
 from .shapes import checkpoint_size
 from .workload import Workload, median_figures, random_prompts
 
@@ -53,6 +54,8 @@ def _load(
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
+    if SYNTHETIC_KEY in json.loads((Path(model_dir) / "config.json").read_text()):
+        return _from_config(engine, model_dir, dtype, gpu_budget_gib, cpu_budget_gib)
     if engine == "hf":
         return AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, device_map="cuda:0" if cuda else "cpu"
@@ -65,6 +68,37 @@ def _load(
         max_memory={0: f"{gpu_budget_gib}GiB", "cpu": f"{cpu_cap:.1f}GiB"},
         offload_folder=offload_dir,  # used only if the CPU cap is exceeded too
     )
+
+
+def _from_config(engine: str, model_dir: str, dtype: torch.dtype, gpu_budget_gib, cpu_budget_gib):
+    """A checkpoint whose experts tiermoe generates in memory has none on disk for transformers to load:
+    build the same architecture with random weights (normal(0, 0.02), as synth writes) instead. Speed does
+    not depend on the values; the results note it."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    cuda = torch.cuda.is_available()
+    if engine == "hf":
+        device_map = {"": "cuda:0" if cuda else "cpu"}
+    else:
+        cpu_cap = cpu_budget_gib or psutil.virtual_memory().total / _GIB * 0.9
+        max_memory = {0: f"{gpu_budget_gib}GiB", "cpu": f"{cpu_cap:.1f}GiB"}
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=model._no_split_modules
+        )
+    model.to_empty(device="cpu" if engine != "hf" or not cuda else "cuda:0")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+        for module in model.modules():  # to_empty left the rotary tables empty: rebuild them
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                fresh = type(module)(config=module.config)
+                module.inv_freq.copy_(fresh.inv_freq)
+                module.original_inv_freq = fresh.original_inv_freq.to(module.inv_freq.device)
+    return model if engine == "hf" else dispatch_model(model, device_map=device_map)
 
 
 def skip_reason(engine: str, model_dir: str, gpu_budget_gib: float | None) -> str | None:

@@ -27,6 +27,7 @@ from rich.progress import (
 from safetensors.torch import save_file
 
 from ..errors import InvalidRequestError
+from ..offload.sources import SYNTHETIC_KEY
 from .presets import PRESETS, get_preset
 from .shapes import TensorSpec, architecture, bytes_per_element, tensor_specs
 
@@ -100,9 +101,13 @@ def synth_checkpoint(
     shard_gib: float = 4.0,
     device: str | None = None,
     progress: bool = True,
+    experts_in_memory: bool = False,
 ) -> SynthResult:
     """Write config.json, generation_config.json, safetensors shards (and their index when more than
-    one) to out_dir. preset_or_config: a preset name or a config.json dict with `architectures`."""
+    one) to out_dir. preset_or_config: a preset name or a config.json dict with `architectures`.
+
+    experts_in_memory: write no expert tensors; config.json tells tiermoe to generate them (seeded, same
+    init) straight into its host cache. For shapes whose experts outgrow the disk (Qwen3-30B-A3B)."""
     if dtype == "fp8":
         raise InvalidRequestError(
             "fp8 experts come with the quantization issue; use --dtype bf16 for now", param="dtype"
@@ -127,6 +132,9 @@ def synth_checkpoint(
     ]:
         stale.unlink(missing_ok=True)
     specs = tensor_specs(config)
+    if experts_in_memory:
+        specs = [spec for spec in specs if not spec.is_expert]
+        config[SYNTHETIC_KEY] = {"seed": seed, "std": INIT_STD}
     elem = bytes_per_element(config)
     shards = _plan_shards(specs, elem, int(shard_gib * _GIB))
     total = sum(s.numel for s in specs) * elem
@@ -168,6 +176,7 @@ def synth_checkpoint(
         "seed": seed,
         "init_std": INIT_STD,
         "total_bytes": total,
+        "experts_in_memory": experts_in_memory,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / SYNTH_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -182,7 +191,13 @@ def read_synth_info(model_dir: str | Path) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     result = synth_checkpoint(
-        args.preset, args.out, dtype=args.dtype, seed=args.seed, shard_gib=args.shard_gib, device=args.device
+        args.preset,
+        args.out,
+        dtype=args.dtype,
+        seed=args.seed,
+        shard_gib=args.shard_gib,
+        device=args.device,
+        experts_in_memory=args.experts_in_memory,
     )
     print(
         f"wrote {result.num_tensors} tensors, {result.total_bytes / _GIB:.2f} GiB in {len(result.files)} file(s) to {result.out_dir}"
@@ -199,6 +214,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--shard-gib", type=float, default=4.0, help="target size of each safetensors shard, GiB")
     p.add_argument(
         "--device", default=None, help="where to draw the random numbers (default: cuda if present)"
+    )
+    p.add_argument(
+        "--experts-in-memory",
+        action="store_true",
+        help="write no expert tensors: tiermoe generates them into its host cache (checkpoints larger than the disk)",
     )
     p.set_defaults(func=main)
     return p

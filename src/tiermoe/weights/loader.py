@@ -22,6 +22,7 @@ from ..models.layers import CausalLM, Rotary
 from ..models.moe import SparseMoeBlock
 from ..models.registry import architecture_for
 from ..offload.provider import ExpertProvider
+from ..offload.sources import SYNTHETIC_KEY
 from .checkpoint import Checkpoint, expect_shape, read_config
 
 # Tensors some writers add that carry nothing we need (rotary tables are recomputed).
@@ -91,8 +92,9 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     params = dict(model.named_parameters())
     expected = set(params)
     expert_names: set[str] = set()
-    for layer in args.moe_layers:
-        expert_names |= ckpt.expert_names_on_disk(source.arch.expert_names, layer, args.num_experts)
+    if SYNTHETIC_KEY not in ckpt.config:
+        for layer in args.moe_layers:
+            expert_names |= ckpt.expert_names_on_disk(source.arch.expert_names, layer, args.num_experts)
     missing = sorted(expected - ckpt.keys())
     if missing:
         raise CheckpointError(f"tensor {missing[0]} missing from {ckpt.path} ({len(missing)} missing in all)")
