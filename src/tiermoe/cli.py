@@ -70,13 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     from . import chat, generate, hardware
     from .bench import run as bench_run
     from .bench import synth
-    from .server import serve
 
     parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, serve, chat, synth, bench_run, hardware):
+    generate.add_parser(sub)
+    try:
+        from .server import serve
+
+        serve.add_parser(sub)
+    except ImportError as e:  # the server's packages are an optional extra
+        missing = e.name
+        p = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'tiermoe[serve]')")
+        p.set_defaults(func=lambda _: _missing_extra("serve", missing))
+    for module in (chat, synth, bench_run, hardware):
         module.add_parser(sub)
     return parser
+
+
+def _missing_extra(extra: str, package: str | None) -> int:
+    raise TiermoeError(f"tiermoe {extra} needs the package {package}: pip install 'tiermoe[{extra}]'")
 
 
 def main(argv: list[str] | None = None) -> int:
