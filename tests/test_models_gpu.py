@@ -58,3 +58,14 @@ def assert_greedy_agrees(model, prompt: list[int], ours: list[int]) -> None:
             assert margin < 0.1, f"step {step}: transformers picks {best}, we pick {token}, margin {margin}"
             return
         ids.append(token)
+
+
+def test_cuda_graph_decode_equals_eager(tiny_checkpoint):
+    path, _ = tiny_checkpoint("olmoe")
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    graphed = LLM(path, device="cuda", dtype="bf16")
+    eager = LLM(path, device="cuda", dtype="bf16", cuda_graphs=False)
+    assert graphed.engine.runner.graphs and not eager.engine.runner.graphs
+    for prompt in (PROMPTS[0], PROMPTS[1]):  # the second call reuses the captured graph
+        assert graphed.generate(prompt, params)[0].token_ids == eager.generate(prompt, params)[0].token_ids
+    assert list(graphed.engine.runner._graphs) == [1]

@@ -30,7 +30,14 @@ class LLM:
         self.model, self.provider = load_model(self.source, self._provider, self.config.show_progress)
         self.tokenizer = load_tokenizer(self.path)
         runner = ModelRunner(
-            self.model, self.args, self.source.device, self.source.dtype, self.config.prefill_chunk
+            self.model,
+            self.args,
+            self.source.device,
+            self.source.dtype,
+            self.config.prefill_chunk,
+            self.max_model_len,
+            graphs=self.config.cuda_graphs,
+            provider=self.provider,
         )
         eos = eos_token_ids(self.path, self.source.checkpoint.config, self.tokenizer)
         self.engine = Engine(runner, self.provider, self.tokenizer, eos, self.max_model_len)

@@ -32,6 +32,7 @@ class EngineConfig:
     kv_reserve_tokens: int | None = (
         None  # KV cache tokens reserved in the GPU budget; None: min(context, 4096)
     )
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs where the expert provider allows it
     workspace_gib: float | None = None  # activations and library workspace; None: 1 GiB on cuda, 0 on cpu
 
     def __post_init__(self):

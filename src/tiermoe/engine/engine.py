@@ -72,7 +72,7 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         max_len = max(len(p) for p in prompts) + max(p.max_tokens for p in params)
-        cache = self.runner.new_cache(len(seqs), max_len)
+        cache = self.runner.cache_for(len(seqs), max_len)
         start = time.perf_counter()
         logits, positions = self.runner.prefill(prompts, cache)
         tokens = self._sample(seqs, logits)

@@ -1,4 +1,9 @@
-"""Owns the model on its device: builds the KV cache and runs prefill and decode forwards."""
+"""Owns the model on its device: the KV cache, prefill and decode forwards, and CUDA graphs.
+
+A decode step launches about a thousand small kernels; from Python that costs more than the GPU work
+itself (measured: 25 ms of launch overhead against 5 ms of kernels per OLMoE step on an H100). When
+the expert provider never synchronises with the host, the whole step is captured once per batch size
+and cache size and replayed."""
 
 from __future__ import annotations
 
@@ -6,20 +11,46 @@ import torch
 
 from ..models.base import MoEArgs
 from ..models.layers import CausalLM
+from ..offload.provider import ExpertProvider
 from .kv_cache import KVCache
+
+MIN_CACHE = 256  # cache sizes are rounded up to powers of two from here, so few graphs are captured
 
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, args: MoEArgs, device: torch.device, dtype: torch.dtype, prefill_chunk: int
+        self,
+        model: CausalLM,
+        args: MoEArgs,
+        device: torch.device,
+        dtype: torch.dtype,
+        prefill_chunk: int,
+        max_model_len: int,
+        graphs: bool,
+        provider: ExpertProvider,
     ):
         self.model, self.args, self.device, self.dtype = model, args, device, dtype
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
+        self.graphs = graphs and device.type == "cuda"
+        self.provider = provider
         self.pad_id = 0
+        self._caches: dict[int, KVCache] = {}
+        self._graphs: dict[int, DecodeGraph] = {}
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a = self.args
         return KVCache(a.num_layers, batch, max_len, a.num_kv_heads, a.head_dim, self.dtype, self.device)
+
+    def cache_for(self, batch: int, max_len: int) -> KVCache:
+        """A reset cache of at least max_len slots for `batch` rows, reused across calls (with its graph)."""
+        size = min(max(MIN_CACHE, 1 << (max_len - 1).bit_length()), max(self.max_model_len, max_len))
+        cache = self._caches.get(batch)
+        if cache is None or cache.max_len < max_len:
+            self._graphs.pop(batch, None)
+            self._caches.pop(batch, None)
+            cache = self._caches[batch] = self.new_cache(batch, size)
+        cache.reset()
+        return cache
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +75,51 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, cache: KVCache):
         """tokens, positions [B] on device; active [B] bool (finished rows stay in the batch, masked)."""
+        graphable = self.graphs and self.provider.graph_safe(cache.batch)
+        if graphable and self._caches.get(cache.batch) is cache:
+            graph = self._graphs.get(cache.batch)
+            if graph is None:
+                graph = self._graphs[cache.batch] = DecodeGraph(self.model, cache)
+            return graph.run(tokens, positions, active)
         cache.start(active[:, None])
         logits = self.model(tokens[:, None], positions[:, None], cache)
         cache.commit()
         return logits
+
+
+class DecodeGraph:
+    """One captured decode step over a fixed cache; inputs are copied into static buffers per replay."""
+
+    def __init__(self, model: CausalLM, cache: KVCache):
+        self.model, self.cache = model, cache
+        b, device = cache.batch, cache.valid.device
+        self.tokens = torch.zeros(b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.active = torch.ones(b, dtype=torch.bool, device=device)
+        cache.cursor.fill_(cache.length)
+        # Warm up on a side stream (lazy initialisation must not be captured); these steps write the
+        # slot at the cursor, which the first replay overwrites.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        self.cache.start_static(self.active)
+        return self.model(self.tokens[:, None], self.positions[:, None], self.cache)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache full: {self.cache.length} slots")
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.active.copy_(active)
+        self.cache.cursor.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from .expert_compute import expert_mlp
+from .expert_compute import GATHER_MAX_PAIRS, expert_mlp
 from .sources import bank_views, open_expert_source
 
 
@@ -20,8 +20,13 @@ class ExpertProvider(Protocol):
         """x [T, H], ids and weights [T, k] -> sum_k weights * expert_ids(x), [T, H]."""
         ...
 
+    def graph_safe(self, tokens: int) -> bool:
+        """Whether forward on this many tokens never synchronises with the host, so a decode step can be
+        captured in a CUDA graph."""
+        ...
+
     def stats(self) -> dict:
-        """Cumulative statistics since the last reset_stats()."""
+        """Statistics since the last reset_stats()."""
         ...
 
     def reset_stats(self) -> None: ...
@@ -34,8 +39,12 @@ class ExpertProvider(Protocol):
 class ResidentExperts:
     """Every expert of every layer stacked on one device: gate_up [E, 2I, H], down [E, H, I] per layer."""
 
-    def __init__(self, banks: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.banks = banks
+    def __init__(self, banks: dict[int, tuple[torch.Tensor, torch.Tensor]], top_k: int):
+        self.banks, self.top_k = banks, top_k
+
+    def graph_safe(self, tokens: int) -> bool:
+        # The gathered path (few token-expert pairs) never synchronises; the per-expert loop does.
+        return tokens * self.top_k <= GATHER_MAX_PAIRS
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.banks[layer]
@@ -69,4 +78,4 @@ def load_resident(source, progress=None) -> ResidentExperts:
         banks[layer] = bank_views(flat, hidden, inter)
         if progress:
             progress.advance(task)
-    return ResidentExperts(banks)
+    return ResidentExperts(banks, args.top_k)

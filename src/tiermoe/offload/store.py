@@ -94,6 +94,9 @@ class TieredExpertStore:
         if self.prefetch:
             self.predictor = RouterLookahead(routers)
 
+    def graph_safe(self, tokens: int) -> bool:
+        return False  # every layer pulls the routed ids to the host
+
     def stats(self) -> dict:
         d = self.stats_.to_dict()
         d.update(
