@@ -3,14 +3,17 @@
 A decode step launches about a thousand small kernels; from Python that costs more than the GPU work
 itself (measured: 25 ms of launch overhead against 5 ms of kernels per OLMoE step on an H100). When
 the expert provider never synchronises with the host, the whole step is captured once per batch size
-and cache size and replayed."""
+and cache size and replayed (DecodeGraph). When it does (the tiered store decides per layer which
+experts to move), each layer's dense part (attention, norms, router, shared expert) is its own graph
+and only the routed experts run eagerly in between (LayeredDecodeGraph)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..models.base import MoEArgs
-from ..models.layers import CausalLM
+from ..models.layers import CausalLM, DecoderLayer
+from ..models.moe import SparseMoeBlock
 from ..offload.provider import ExpertProvider
 from .kv_cache import KVCache
 
@@ -75,11 +78,12 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, cache: KVCache):
         """tokens, positions [B] on device; active [B] bool (finished rows stay in the batch, masked)."""
-        graphable = self.graphs and self.provider.graph_safe(cache.batch)
-        if graphable and self._caches.get(cache.batch) is cache:
+        if self.graphs and self._caches.get(cache.batch) is cache:
             graph = self._graphs.get(cache.batch)
             if graph is None:
-                graph = self._graphs[cache.batch] = DecodeGraph(self.model, cache)
+                whole = self.provider.graph_safe(cache.batch)
+                kind = DecodeGraph if whole else LayeredDecodeGraph
+                graph = self._graphs[cache.batch] = kind(self.model, cache, self.provider)
             return graph.run(tokens, positions, active)
         cache.start(active[:, None])
         logits = self.model(tokens[:, None], positions[:, None], cache)
@@ -90,24 +94,18 @@ class ModelRunner:
 class DecodeGraph:
     """One captured decode step over a fixed cache; inputs are copied into static buffers per replay."""
 
-    def __init__(self, model: CausalLM, cache: KVCache):
+    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider):
         self.model, self.cache = model, cache
         b, device = cache.batch, cache.valid.device
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)
         self.positions = torch.zeros(b, dtype=torch.long, device=device)
         self.active = torch.ones(b, dtype=torch.bool, device=device)
         cache.cursor.fill_(cache.length)
-        # Warm up on a side stream (lazy initialisation must not be captured); these steps write the
-        # slot at the cursor, which the first replay overwrites.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        self.capture()
+
+    def capture(self) -> None:
+        self.graph = capture(self._step)
+        self.logits = self.graph.outputs
 
     def _step(self) -> torch.Tensor:
         self.cache.start_static(self.active)
@@ -120,6 +118,80 @@ class DecodeGraph:
         self.positions.copy_(positions)
         self.active.copy_(active)
         self.cache.cursor.fill_(self.cache.length)
-        self.graph.replay()
+        self.replay()
         self.cache.length += 1
         return self.logits
+
+    def replay(self) -> None:
+        self.graph.graph.replay()
+
+
+class LayeredDecodeGraph(DecodeGraph):
+    """Per-layer graphs of the dense work; the provider runs the routed experts eagerly between them."""
+
+    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider):
+        self.provider = provider
+        super().__init__(model, cache, provider)
+
+    def capture(self) -> None:
+        model, cache = self.model, self.cache
+        windows = {layer.self_attn.spec.sliding_window for layer in model.model.layers}
+
+        def prologue():
+            cache.start_static(self.active)
+            for window in windows:  # built once here, reused by every layer's graph
+                cache.mask(1, window)
+            return model.embed(self.tokens[:, None], self.positions[:, None])
+
+        self.prologue = capture(prologue)
+        x, rope = self.prologue.outputs
+        self.pieces = []
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, SparseMoeBlock):
+                piece = capture(lambda layer=layer, x=x: _moe_dense_part(layer, x, rope, cache))
+                x = torch.empty_like(x)  # the eager part writes the layer's output here
+                self.pieces.append((piece, layer.mlp.layer_idx, x))
+            else:
+                piece = capture(lambda layer=layer, x=x: layer(x, rope, cache))
+                x = piece.outputs
+                self.pieces.append((piece, None, None))
+        self.epilogue = capture(lambda: model.head(x[:, -1]))
+        self.logits = self.epilogue.outputs
+
+    def replay(self) -> None:
+        self.prologue.graph.replay()
+        for piece, layer, out in self.pieces:
+            piece.graph.replay()
+            if layer is not None:
+                x1, xn, weights, ids, shared = piece.outputs
+                y = self.provider.forward(layer, xn, ids, weights)
+                if shared is not None:
+                    y = y + shared
+                torch.add(x1, y.view_as(x1), out=out)
+        self.epilogue.graph.replay()
+
+
+def _moe_dense_part(layer: DecoderLayer, x: torch.Tensor, rope, cache: KVCache):
+    """(residual after attention, MoE input [T, H], routing weights, expert ids, shared expert output)."""
+    x1 = layer.attend(x, rope, cache)
+    xn = layer.post_attention_layernorm(x1).reshape(-1, x1.shape[-1])
+    return (x1, xn, *layer.mlp.dense_part(xn))
+
+
+class Captured:
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs):
+        self.graph, self.outputs = graph, outputs
+
+
+def capture(fn) -> Captured:
+    """Capture fn() as a CUDA graph after one warm-up run on a side stream (lazy initialisation of
+    libraries must not happen inside a capture). The warm-up's writes are redone by every replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return Captured(graph, outputs)

@@ -138,8 +138,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        x = self.attend(x, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def attend(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    ) -> torch.Tensor:
+        """The residual stream after this layer's attention."""
+        return x + self.self_attn(self.input_layernorm(x), rope, cache)
 
 
 class DecoderBody(nn.Module):
@@ -167,10 +173,17 @@ class CausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = True
     ) -> torch.Tensor:
         """input_ids, positions: [B, T]. Returns logits [B, V] of the last position, or [B, T, V]."""
-        x = self.model.embed_tokens(input_ids)
-        rope = self.model.rotary(positions, x.dtype)
+        x, rope = self.embed(input_ids, positions)
         for layer in self.model.layers:
             x = layer(x, rope, cache)
-        x = self.model.norm(x[:, -1] if last_only else x)
+        return self.head(x[:, -1] if last_only else x)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        """Token embeddings [B, T, H] and the rotary (cos, sin) tables of the positions."""
+        x = self.model.embed_tokens(input_ids)
+        return x, self.model.rotary(positions, x.dtype)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: float32 logits."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        return F.linear(self.model.norm(x), weight).float()

@@ -47,11 +47,17 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        weights, ids = self.gate(x)
+        weights, ids, shared = self.dense_part(x)
         out = self.experts.forward(self.layer_idx, x, ids, weights)
+        return (out if shared is None else out + shared).reshape(shape)
+
+    def dense_part(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Everything but the routed experts: (routing weights [T, k], expert ids [T, k], gated shared
+        expert output [T, H] or None). x: [T, H]."""
+        weights, ids = self.gate(x)
+        shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out.reshape(shape)
+        return weights, ids, shared
