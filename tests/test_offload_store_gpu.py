@@ -31,7 +31,9 @@ def test_cuda_store_matches_resident_with_and_without_prefetch(tiny_checkpoint):
         assert runs[prefetch][0].token_ids == expected
     assert [o.token_ids for o in runs[True]] == [o.token_ids for o in runs[False]]
     eager = LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, cuda_graphs=False)
-    assert [o.token_ids for o in eager.generate([PROMPT, PROMPT[:4]], params)] == [o.token_ids for o in runs[True]]
+    assert [o.token_ids for o in eager.generate([PROMPT, PROMPT[:4]], params)] == [
+        o.token_ids for o in runs[True]
+    ]
     assert type(llm.engine.runner._graphs[2]).__name__ == "LayeredDecodeGraph"
     stats = runs[True][0].stats.experts
     assert stats["prefetch_issued"] > 0 and stats["prefetch_hits"] > 0

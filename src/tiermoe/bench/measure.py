@@ -45,13 +45,12 @@ def measure_tiermoe(
     llm = LLM(model_dir, device=device, dtype=dtype, **{k: v for k, v in budgets.items() if v is not None})
     load_s = time.perf_counter() - start
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-    prompts = random_prompts(vocab, workload)
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    llm.generate([p[: min(8, workload.prompt_len)] for p in prompts], warm)
+    llm.generate([p[: min(8, workload.prompt_len)] for p in random_prompts(vocab, workload)], warm)
     params = SamplingParams(max_tokens=workload.gen_len, temperature=0.0, ignore_eos=True)
     samples = []
-    for _ in range(workload.repeat):
-        outs = llm.generate(prompts, params)
+    for run in range(1, workload.repeat + 1):
+        outs = llm.generate(random_prompts(vocab, workload, run), params)
         lengths = {len(o.token_ids) for o in outs}
         if lengths != {workload.gen_len}:
             raise RuntimeError(

@@ -167,10 +167,12 @@ def measure(
             }
         # Offloaded modules sit on the CPU; accelerate's hooks run them on the GPU, where inputs go.
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-        prompts = torch.tensor(random_prompts(model.config.vocab_size, workload), device=device)
+        vocab = model.config.vocab_size
+        prompts = torch.tensor(random_prompts(vocab, workload), device=device)
         _timed_generate(model, prompts[:, : min(8, workload.prompt_len)], 2)  # warm-up: kernels, allocator
         samples = []
-        for _ in range(workload.repeat):
+        for run in range(1, workload.repeat + 1):
+            prompts = torch.tensor(random_prompts(vocab, workload, run), device=device)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             sample = _timed_generate(model, prompts, workload.gen_len)

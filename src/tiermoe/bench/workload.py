@@ -24,10 +24,11 @@ class Workload:
             raise ValueError("prompt_len, gen_len, batch and repeat must all be at least 1")
 
 
-def random_prompts(vocab_size: int, workload: Workload) -> list[list[int]]:
+def random_prompts(vocab_size: int, workload: Workload, run: int = 0) -> list[list[int]]:
     """Token ids drawn uniformly from the vocabulary with a seeded CPU generator: identical in every
-    process, so tiermoe and the peers (run in subprocesses) see the same prompts."""
-    gen = torch.Generator().manual_seed(workload.seed)
+    process, so tiermoe and the peers (run in subprocesses) see the same prompts. Each timed run gets
+    its own prompts: repeating one prompt would let an expert cache replay the previous run's routing."""
+    gen = torch.Generator().manual_seed(workload.seed * 1_000_003 + run)
     ids = torch.randint(0, vocab_size, (workload.batch, workload.prompt_len), generator=gen)
     return ids.tolist()
 

@@ -144,7 +144,7 @@ class TieredExpertStore:
             for slot in slot_of.values():
                 self.pool.released[slot] = used
             if start == 0 and prediction is not None:
-                self._prefetch(prediction[0], predicted)
+                self._prefetch(prediction[0], predicted, len(needed))
         return out
 
     def _score(self, layer: int, needed: list[int]) -> None:
@@ -196,15 +196,20 @@ class TieredExpertStore:
         s.bytes_h2d += self.expert_bytes
         return slot
 
-    def _prefetch(self, layer: int, predicted: list[int]) -> None:
+    def _prefetch(self, layer: int, predicted: list[int], routed: int) -> None:
+        """Copy the predicted experts of `layer` that are not resident, at most as many as the layer has
+        slots beyond one step's working set: at tighter budgets a wrong guess would evict experts the next
+        token needs (measured on OLMoE at 4 GiB, 8.5 slots per layer: hit rate 94% without prefetch,
+        75% with unlimited prefetch)."""
         part = self.pool.layers[layer]
-        wanted = [e for e, _ in Counter(predicted).most_common(len(part.slots))]
-        self._predicted[layer] = set(wanted)
-        exclude = {part.slot_of[e] for e in wanted if e in part.slot_of}
-        for e in wanted:
-            if e not in part.slot_of:
-                exclude.add(self._load(layer, e, part, exclude, prefetched=True))
-                self.stats_.prefetch_issued += 1
+        ranked = [e for e, _ in Counter(predicted).most_common()]
+        self._predicted[layer] = set(ranked)
+        slack = len(part.slots) - routed
+        missing = [e for e in ranked if e not in part.slot_of][: max(slack, 0)]
+        exclude = {part.slot_of[e] for e in ranked if e in part.slot_of}
+        for e in missing:
+            exclude.add(self._load(layer, e, part, exclude, prefetched=True))
+            self.stats_.prefetch_issued += 1
 
     def _wait(self, slots) -> None:
         for slot in slots:
