@@ -70,14 +70,22 @@ def test_pcie_floor_of_a_capped_run():
     assert run.pcie_floor(cfg, 4.0, 1, None) is None
 
 
-def test_settings_pair_engines_with_budgets():
-    assert run._settings([4.0, None], ["hf", "hf-offload"]) == [
-        ("tiermoe", 4.0),
-        ("tiermoe", None),
-        ("hf", None),
-        ("hf-offload", 4.0),
+def test_settings_pair_engines_with_budgets_and_variants():
+    lru, lfu_off = {"eviction": "lru", "prefetch": True}, {"eviction": "lfu", "prefetch": False}
+    assert run.parse_variants("lru,lfu+noprefetch") == [lru, lfu_off]
+    assert run._settings([4.0, None], ["hf", "hf-offload"], [lru, lfu_off]) == [
+        ("tiermoe", 4.0, lru),
+        ("tiermoe", 4.0, lfu_off),
+        ("tiermoe", None, lru),  # uncapped: nothing moves, one variant is enough
+        ("hf", None, None),
+        ("hf-offload", 4.0, None),
     ]
-    assert run._settings([None], ["hf-offload"]) == [("tiermoe", None), ("hf-offload", None)]
+    assert run._settings([None], ["hf-offload"], [lru]) == [
+        ("tiermoe", None, lru),
+        ("hf-offload", None, None),
+    ]
+    with pytest.raises(InvalidRequestError, match="POLICY or POLICY\\+noprefetch"):
+        run.parse_variants("lru+fast")
 
 
 def test_argument_parsing_and_errors(tmp_path):

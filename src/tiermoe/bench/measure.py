@@ -34,15 +34,17 @@ def measure_tiermoe(
     cpu_budget_gib: float | None,
     device: str | None = None,
     dtype: str | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Load tiermoe, warm up, time workload.repeat generate calls; figures are medians, expert-store
-    statistics those of the last timed run."""
+    statistics those of the last timed run. options: further LLM keywords (eviction, prefetch)."""
     from .. import LLM, SamplingParams
 
     # Budgets are passed only when set, so an uncapped run needs nothing beyond the basic LLM(...).
     budgets = {"gpu_budget_gib": gpu_budget_gib, "cpu_budget_gib": cpu_budget_gib}
     start = time.perf_counter()
-    llm = LLM(model_dir, device=device, dtype=dtype, **{k: v for k, v in budgets.items() if v is not None})
+    budgets = {k: v for k, v in budgets.items() if v is not None}
+    llm = LLM(model_dir, device=device, dtype=dtype, **budgets, **(options or {}))
     load_s = time.perf_counter() - start
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -84,9 +86,10 @@ def measure_in_process(
     cpu_budget_gib: float | None,
     device: str | None = None,
     dtype: str | None = None,
+    options: dict | None = None,
 ) -> dict:
     if engine == "tiermoe":
-        return measure_tiermoe(model_dir, workload, gpu_budget_gib, cpu_budget_gib, device, dtype)
+        return measure_tiermoe(model_dir, workload, gpu_budget_gib, cpu_budget_gib, device, dtype, options)
     return peers.measure(engine, model_dir, workload, gpu_budget_gib, cpu_budget_gib)
 
 
@@ -99,6 +102,7 @@ def run_isolated(
     timeout_s: float = 600,
     device: str | None = None,
     dtype: str | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Measure one engine in a child process; returns its figures, or {"error": ...} when it was
     skipped, crashed, was killed (OOM) or ran past timeout_s."""
@@ -117,6 +121,7 @@ def run_isolated(
             ("--cpu-budget", cpu_budget_gib),
             ("--device", device),
             ("--dtype", dtype),
+            ("--options", json.dumps(options) if options else None),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -150,12 +155,20 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-budget", type=float, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--options", default=None, help="JSON object of further LLM keywords")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     workload = Workload(a.prompt_len, a.gen_len, a.batch, a.repeat, a.seed)
     try:
         result = measure_in_process(
-            a.engine, a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype
+            a.engine,
+            a.model,
+            workload,
+            a.gpu_budget,
+            a.cpu_budget,
+            a.device,
+            a.dtype,
+            json.loads(a.options) if a.options else None,
         )
     except torch.OutOfMemoryError as e:
         result = {"error": f"out of GPU memory: {str(e).splitlines()[0]}"}

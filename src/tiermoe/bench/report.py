@@ -112,9 +112,17 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def variant_name(run: dict) -> str:
+    """The tiermoe store settings of a capped run ("lru", "lfu no-prefetch"), "" otherwise."""
+    if run.get("gpu_budget_gib") is None or not run.get("eviction"):
+        return ""
+    return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch")
+
+
 def run_label(run: dict) -> str:
     budget = "uncapped" if run.get("gpu_budget_gib") is None else f"{run['gpu_budget_gib']:g} GiB"
-    return f"{run['engine']}\n{budget}\nbatch {run['batch']}"
+    variant = variant_name(run)
+    return f"{run['engine']}\n{budget}" + (f"\n{variant}" if variant else "") + f"\nbatch {run['batch']}"
 
 
 def plot_runs(runs: list[dict], path: str | Path, title: str) -> Path:

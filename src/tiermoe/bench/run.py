@@ -19,7 +19,7 @@ from ..errors import InvalidRequestError
 from ..hardware import decode_floor, h2d_bandwidth, missed_expert_bytes_per_token
 from . import peers
 from .measure import run_isolated
-from .report import RESULTS_DIR, RUN_KEYS, plot_runs, run_metadata, timestamp, write_json
+from .report import RESULTS_DIR, RUN_KEYS, plot_runs, run_metadata, timestamp, variant_name, write_json
 from .shapes import bytes_per_element, expert_intermediate_size
 from .synth import read_synth_info
 from .workload import Workload
@@ -74,14 +74,34 @@ def pcie_floor(
     ).pcie_tok_s
 
 
-def _settings(budgets: list[float | None], peer_names: list[str]) -> list[tuple[str, float | None]]:
-    """tiermoe at every budget; hf once, uncapped (it cannot be capped); hf-offload at every cap."""
-    settings = [("tiermoe", b) for b in budgets]
+def parse_variants(value: str | None) -> list[dict]:
+    """`lru,lfu,lru-protect,lru+noprefetch` -> tiermoe options per variant (eviction policy, prefetch)."""
+    from ..offload.policy import POLICIES
+
+    variants = []
+    for item in (value or "lru").split(","):
+        policy, _, flag = item.strip().partition("+")
+        if policy not in POLICIES or flag not in ("", "noprefetch"):
+            raise InvalidRequestError(
+                f"--variants items are POLICY or POLICY+noprefetch with POLICY one of {', '.join(POLICIES)}; "
+                f"got {item!r}",
+                param="variants",
+            )
+        variants.append({"eviction": policy, "prefetch": flag != "noprefetch"})
+    return variants
+
+
+def _settings(
+    budgets: list[float | None], peer_names: list[str], variants: list[dict]
+) -> list[tuple[str, float | None, dict | None]]:
+    """tiermoe at every budget (every variant when capped: they only differ when experts move); hf
+    once, uncapped (it cannot be capped); hf-offload at every cap."""
+    settings = [("tiermoe", b, v) for b in budgets for v in (variants if b is not None else variants[:1])]
     if "hf" in peer_names:
-        settings.append(("hf", None))
+        settings.append(("hf", None, None))
     if "hf-offload" in peer_names:
         caps = [b for b in budgets if b is not None]
-        settings += [("hf-offload", b) for b in caps] or [("hf-offload", None)]  # None: recorded as skipped
+        settings += [("hf-offload", b, None) for b in caps] or [("hf-offload", None, None)]  # None: skipped
     return settings
 
 
@@ -97,6 +117,7 @@ def bench(
     device: str | None = None,
     dtype: str | None = None,
     h2d_gb_s: float | None = None,
+    variants: list[dict] | None = None,
     argv: list[str] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -126,11 +147,16 @@ def bench(
         workload.seed,
     )
     results = []
-    for engine, budget in _settings(gpu_budgets, peer_names):
+    for engine, budget, options in _settings(gpu_budgets, peer_names, variants or parse_variants(None)):
         w = workload if engine == "tiermoe" else peer_workload
         budget_text = "uncapped" if budget is None else f"{budget:g} GiB"
+        variant = (
+            ""
+            if options is None
+            else f" ({options['eviction']}, prefetch {'on' if options['prefetch'] else 'off'})"
+        )
         progress(
-            f"bench: {engine} at GPU {budget_text}, batch {w.batch}, {w.prompt_len}+{w.gen_len} tokens, {w.repeat} runs"
+            f"bench: {engine}{variant} at GPU {budget_text}, batch {w.batch}, {w.prompt_len}+{w.gen_len} tokens, {w.repeat} runs"
         )
         figures = run_isolated(
             engine,
@@ -141,6 +167,7 @@ def bench(
             timeout_s,
             device if engine == "tiermoe" else None,
             dtype if engine == "tiermoe" else None,
+            options,
         )
         if figures.get("error"):
             progress(f"bench: {engine}: {figures['error']}")
@@ -148,6 +175,7 @@ def bench(
             **common,
             "engine": engine,
             "gpu_budget_gib": budget,
+            **(options or {}),
             "gen_len": w.gen_len,
             "repeat": w.repeat,
             **figures,
@@ -191,7 +219,7 @@ def _summary_table(runs: list[dict]):
     for r in runs:
         cap = "none" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g}"
         table.add_row(
-            r["engine"], cap, str(r["batch"]), fmt(r["prefill_tok_s"], ",.1f"), fmt(r["decode_tok_s"]),
+            f"{r['engine']} {variant_name(r)}".strip(), cap, str(r["batch"]), fmt(r["prefill_tok_s"], ",.1f"), fmt(r["decode_tok_s"]),
             fmt(r["ttft_s"], ".3f"), fmt(r["peak_gpu_gib"]), fmt(r["pcie_floor_tok_s"]), (r["error"] or "")[:60],
         )  # fmt: skip
     return table
@@ -214,6 +242,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         h2d_gb_s=args.h2d_gb_s,
+        variants=parse_variants(args.variants),
         progress=console.print,
     )
     runs = payload["runs"]
@@ -249,6 +278,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--peer-gen-len", type=int, default=None, help="shorter generation for slow peers (recorded)"
     )
     p.add_argument("--peer-repeat", type=int, default=None, help="timed runs for peers (default: --repeat)")
+    p.add_argument(
+        "--variants",
+        default="lru",
+        help="tiermoe settings to compare when capped: POLICY or POLICY+noprefetch, comma-separated "
+        "(e.g. lru,lfu,lru-protect,lru+noprefetch)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per engine and setting")
     p.add_argument("--device", default=None, help="tiermoe device: cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="tiermoe compute dtype: bf16 or fp32")
