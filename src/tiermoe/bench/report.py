@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -60,7 +61,8 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
             text=True,
         )
     except (OSError, subprocess.CalledProcessError):
-        return None
+        # A copy of the tree without .git (the GPU machine gets one) is told its revision by the caller.
+        return os.environ.get("TIERMOE_GIT_REV")
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -92,7 +94,8 @@ def run_metadata(argv: list[str] | None = None) -> dict:
     """Provenance of a result: command line, git revision, device, driver, torch version, UTC date."""
     argv = list(sys.argv if argv is None else argv)
     if argv:
-        argv[0] = Path(argv[0]).name  # "tiermoe", not the venv's absolute path
+        # "tiermoe", not the venv's absolute path nor `python -m tiermoe.cli`'s cli.py
+        argv[0] = "tiermoe" if Path(argv[0]).name in ("cli.py", "__main__.py") else Path(argv[0]).name
     return {
         "command": shlex.join(argv),
         "git_rev": git_revision(),
