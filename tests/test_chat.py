@@ -8,6 +8,8 @@ import io
 import socket
 
 import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
 from rich.console import Console
 
 from tiermoe import LLM, SamplingParams, chat

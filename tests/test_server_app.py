@@ -13,9 +13,11 @@ import sys
 import threading
 import time
 
-import httpx2
-import openai
 import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
+httpx2 = pytest.importorskip("httpx2")
+openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families
 
 from tiermoe import LLM, SamplingParams

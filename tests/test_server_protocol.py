@@ -2,6 +2,8 @@
 with the offending parameter named; the response shapes are what the openai client parses."""
 
 import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
 from pydantic import ValidationError
 
 from tiermoe.engine.request import GenerationStats
