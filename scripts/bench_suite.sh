@@ -44,7 +44,7 @@ olmoe)
     # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe capped and uncapped; HF all on
     #    the GPU (~12 tok/s) and HF offload at the same cap (~0.4 tok/s: 8 tokens, timed once).
     $TIERMOE bench --model "$model" --gpu-budget 4,none --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
-        --variants lru,lfu,lru-protect,lru+noprefetch \
+        --variants lfu+noprefetch,lru+noprefetch,lru,lfu,lru-protect \
         --peers hf,hf-offload --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
 qwen3)

@@ -53,7 +53,9 @@ def test_small_budget_gives_identical_tokens_and_logits(model):
 
 def test_every_tier_is_used_and_counted(model):
     path, resident = model
-    llm = tiered(path, resident, slots=2, host=6)  # host cache holds 6 of 32 experts: the rest come from disk
+    llm = tiered(
+        path, resident, slots=2, host=6, prefetch=True
+    )  # host cache holds 6 of 32 experts: the rest come from disk
     out = llm.generate(PROMPT, GREEDY)[0]
     assert out.token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
     s = out.stats.experts
@@ -92,7 +94,7 @@ def test_prefill_larger_than_slots_runs_in_waves(model):
 def test_prefetch_and_policies_do_not_change_tokens(model, policy):
     path, resident = model
     expected = resident.generate(PROMPT, GREEDY)[0].token_ids
-    on = tiered(path, resident, slots=3, eviction=policy).generate(PROMPT, GREEDY)[0]
+    on = tiered(path, resident, slots=3, eviction=policy, prefetch=True).generate(PROMPT, GREEDY)[0]
     off = tiered(path, resident, slots=3, eviction=policy, prefetch=False).generate(PROMPT, GREEDY)[0]
     assert on.token_ids == off.token_ids == expected
     s = on.stats.experts

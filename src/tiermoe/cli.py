@@ -21,9 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument(
         "--cpu-budget", type=float, default=None, help="GiB of pinned RAM for experts (default: RAM/2)"
     )
-    p.add_argument("--eviction", default="lru", help="GPU expert slot policy: lru, lfu, lru-protect")
+    p.add_argument("--eviction", default="lfu", help="GPU expert slot policy: lfu, lru, lru-protect")
     p.add_argument(
-        "--no-prefetch", action="store_true", help="do not predict and prefetch the next layer's experts"
+        "--prefetch", action="store_true", help="predict the next layer's experts and copy them ahead of use"
     )
 
 
@@ -35,7 +35,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_budget_gib=args.gpu_budget,
         cpu_budget_gib=args.cpu_budget,
         eviction=args.eviction,
-        prefetch=not args.no_prefetch,
+        prefetch=args.prefetch,
         show_progress=True,
     )
 
