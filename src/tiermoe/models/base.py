@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..weights.checkpoint import ExpertNames
-from .layers import CausalLM, Rotary
+from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer, Rotary
+from .moe import SoftmaxTopKRouter, SparseMoeBlock
 
 
 @dataclass
@@ -51,6 +52,24 @@ class MoEArgs:
             norm_topk_prob=norm_topk_prob,
             rope_parameters=dict(rope_parameters(hf)),
         )
+
+    def attention(self, layer: int, **features) -> Attention:
+        """GQA attention of this model's sizes; features: bias, q/k norm, clipping, sliding window."""
+        spec = AttentionSpec(
+            self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.rms_norm_eps, **features
+        )
+        return Attention(spec, layer)
+
+    def moe_block(self, layer: int, **shared) -> SparseMoeBlock:
+        """A sparse MoE block with this model's softmax top-k router; shared: its shared expert, if any."""
+        router = SoftmaxTopKRouter(self.hidden_size, self.num_experts, self.top_k, self.norm_topk_prob)
+        return SparseMoeBlock(layer, router, **shared)
+
+    def assemble(self, hf, layers: list[DecoderLayer]) -> CausalLM:
+        body = DecoderBody(
+            self.vocab_size, self.hidden_size, layers, self.rms_norm_eps, build_rotary(hf, self.head_dim)
+        )
+        return CausalLM(body, self.vocab_size, self.hidden_size, self.tie_word_embeddings)
 
     @property
     def expert_shape(self) -> tuple[int, int]:

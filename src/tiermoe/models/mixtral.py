@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..weights.checkpoint import ExpertNames
-from .base import Architecture, MoEArgs, build_rotary
-from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
-from .moe import SoftmaxTopKRouter, SparseMoeBlock
+from .base import Architecture, MoEArgs
+from .layers import CausalLM, DecoderLayer
 
 
 @dataclass
@@ -27,27 +26,16 @@ class MixtralArgs(MoEArgs):
 
 
 def build(args: MixtralArgs, hf) -> CausalLM:
-    spec = AttentionSpec(
-        args.hidden_size,
-        args.num_heads,
-        args.num_kv_heads,
-        args.head_dim,
-        args.rms_norm_eps,
-        sliding_window=args.sliding_window,
-    )
     layers = [
         DecoderLayer(
-            Attention(spec, i),
-            SparseMoeBlock(i, SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, True)),
+            args.attention(i, sliding_window=args.sliding_window),
+            args.moe_block(i),
             args.hidden_size,
             args.rms_norm_eps,
         )
         for i in range(args.num_layers)
     ]
-    body = DecoderBody(
-        args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, build_rotary(hf, args.head_dim)
-    )
-    return CausalLM(body, args.vocab_size, args.hidden_size, args.tie_word_embeddings)
+    return args.assemble(hf, layers)
 
 
 EXPERT_NAMES = ExpertNames(

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Architecture, MoEArgs, build_rotary
-from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
-from .moe import SoftmaxTopKRouter, SparseMoeBlock
+from .base import Architecture, MoEArgs
+from .layers import CausalLM, DecoderLayer
 from .qwen3_moe import EXPERT_NAMES
 
 
@@ -28,32 +27,17 @@ class OlmoeArgs(MoEArgs):
 
 
 def build(args: OlmoeArgs, hf) -> CausalLM:
-    spec = AttentionSpec(
-        args.hidden_size,
-        args.num_heads,
-        args.num_kv_heads,
-        args.head_dim,
-        args.rms_norm_eps,
-        qkv_bias=args.attention_bias,
-        o_bias=args.attention_bias,
-        qk_norm="full",
-        clip_qkv=args.clip_qkv,
-    )
+    bias = args.attention_bias
     layers = [
         DecoderLayer(
-            Attention(spec, i),
-            SparseMoeBlock(
-                i, SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob)
-            ),
+            args.attention(i, qkv_bias=bias, o_bias=bias, qk_norm="full", clip_qkv=args.clip_qkv),
+            args.moe_block(i),
             args.hidden_size,
             args.rms_norm_eps,
         )
         for i in range(args.num_layers)
     ]
-    body = DecoderBody(
-        args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, build_rotary(hf, args.head_dim)
-    )
-    return CausalLM(body, args.vocab_size, args.hidden_size, args.tie_word_embeddings)
+    return args.assemble(hf, layers)
 
 
 ARCH = Architecture("OlmoeForCausalLM", OlmoeArgs.from_hf, build, EXPERT_NAMES)

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .base import Architecture, MoEArgs, build_rotary, sparse_layers
-from .layers import MLP, Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
-from .moe import SoftmaxTopKRouter, SparseMoeBlock
+from .base import Architecture, MoEArgs, sparse_layers
+from .layers import MLP, CausalLM, DecoderLayer
 from .qwen3_moe import EXPERT_NAMES
 
 
@@ -37,26 +36,15 @@ class Qwen2MoeArgs(MoEArgs):
 def build(args: Qwen2MoeArgs, hf) -> CausalLM:
     layers = []
     for i in range(args.num_layers):
-        spec = AttentionSpec(
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-            args.rms_norm_eps,
-            qkv_bias=args.qkv_bias,
-            sliding_window=args.sliding_windows[i],
-        )
         if i in args.moe_layers:
-            router = SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob)
             shared = MLP(args.hidden_size, args.shared_expert_intermediate_size)
-            mlp = SparseMoeBlock(i, router, shared, nn.Linear(args.hidden_size, 1, bias=False))
+            gate = nn.Linear(args.hidden_size, 1, bias=False)
+            mlp = args.moe_block(i, shared_expert=shared, shared_expert_gate=gate)
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size)
-        layers.append(DecoderLayer(Attention(spec, i), mlp, args.hidden_size, args.rms_norm_eps))
-    body = DecoderBody(
-        args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, build_rotary(hf, args.head_dim)
-    )
-    return CausalLM(body, args.vocab_size, args.hidden_size, args.tie_word_embeddings)
+        attn = args.attention(i, qkv_bias=args.qkv_bias, sliding_window=args.sliding_windows[i])
+        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
+    return args.assemble(hf, layers)
 
 
 ARCH = Architecture("Qwen2MoeForCausalLM", Qwen2MoeArgs.from_hf, build, EXPERT_NAMES)

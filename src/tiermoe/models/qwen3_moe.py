@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..weights.checkpoint import ExpertNames
-from .base import Architecture, MoEArgs, build_rotary, sparse_layers
-from .layers import MLP, Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer
-from .moe import SoftmaxTopKRouter, SparseMoeBlock
+from .base import Architecture, MoEArgs, sparse_layers
+from .layers import MLP, CausalLM, DecoderLayer
 
 
 @dataclass
@@ -31,29 +30,17 @@ class Qwen3MoeArgs(MoEArgs):
 
 
 def build(args: Qwen3MoeArgs, hf) -> CausalLM:
-    spec = AttentionSpec(
-        args.hidden_size,
-        args.num_heads,
-        args.num_kv_heads,
-        args.head_dim,
-        args.rms_norm_eps,
-        qkv_bias=args.attention_bias,
-        o_bias=args.attention_bias,
-        qk_norm="head",
-        sliding_window=args.sliding_window,
-    )
-    layers = []
-    for i in range(args.num_layers):
-        if i in args.moe_layers:
-            router = SoftmaxTopKRouter(args.hidden_size, args.num_experts, args.top_k, args.norm_topk_prob)
-            mlp = SparseMoeBlock(i, router)
-        else:
-            mlp = MLP(args.hidden_size, args.intermediate_size)
-        layers.append(DecoderLayer(Attention(spec, i), mlp, args.hidden_size, args.rms_norm_eps))
-    body = DecoderBody(
-        args.vocab_size, args.hidden_size, layers, args.rms_norm_eps, build_rotary(hf, args.head_dim)
-    )
-    return CausalLM(body, args.vocab_size, args.hidden_size, args.tie_word_embeddings)
+    bias = args.attention_bias
+    layers = [
+        DecoderLayer(
+            args.attention(i, qkv_bias=bias, o_bias=bias, qk_norm="head", sliding_window=args.sliding_window),
+            args.moe_block(i) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size),
+            args.hidden_size,
+            args.rms_norm_eps,
+        )
+        for i in range(args.num_layers)
+    ]
+    return args.assemble(hf, layers)
 
 
 EXPERT_NAMES = ExpertNames(
