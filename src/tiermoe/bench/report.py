@@ -62,7 +62,7 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
         )
     except (OSError, subprocess.CalledProcessError):
         # A copy of the tree without .git (the GPU machine gets one) is told its revision by the caller.
-        return os.environ.get("TIERMOE_GIT_REV")
+        return os.environ.get("TIERMOE_GIT_REV") or None
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
