@@ -1,0 +1,24 @@
+"""`tiermoe demo` and `tiermoe generate` as a newcomer runs them."""
+
+from tiermoe.cli import main
+from tiermoe.demo import DEMO_CONFIG
+
+
+def test_demo_writes_a_real_checkpoint_and_streams_from_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["demo", "--device", "cpu", "--max-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    folder = tmp_path / "tiermoe" / "demo-qwen3-moe-v1"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "The weights are RANDOM" in err and "Qwen3MoeForCausalLM" in err
+    assert f"{DEMO_CONFIG['num_experts']} experts (top-{DEMO_CONFIG['num_experts_per_tok']})" in err
+    assert err.strip().splitlines()[-1].startswith("[length] prompt ") and "completion 12 tok" in err
+    assert out.strip()  # the streamed text
+
+
+def test_generate_chat_mode_streams_text(tiny_checkpoint, capsys):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    args = ["generate", "--model", str(path), "--device", "cpu", "--chat", "--no-think"]
+    assert main([*args, "--prompt", "Hi", "--max-tokens", "6", "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    assert "completion 6 tok" in err.strip().splitlines()[-1]
