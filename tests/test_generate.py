@@ -21,4 +21,4 @@ def test_generate_chat_mode_streams_text(tiny_checkpoint, capsys):
     args = ["generate", "--model", str(path), "--device", "cpu", "--chat", "--no-think"]
     assert main([*args, "--prompt", "Hi", "--max-tokens", "6", "--ignore-eos"]) == 0
     out, err = capsys.readouterr()
-    assert "completion 6 tok" in err.strip().splitlines()[-1]
+    assert out.strip() and "completion 6 tok" in err.strip().splitlines()[-1]
