@@ -91,8 +91,13 @@ def _from_config(engine: str, model_dir: str, dtype: torch.dtype, gpu_budget_gib
         )
     model.to_empty(device="cpu" if engine != "hf" or not cuda else "cuda:0")
     with torch.no_grad():
+        # Drawn on the GPU when there is one: normal_ over 30B bf16 parameters on the CPU took longer than
+        # the whole benchmark's time limit (Qwen3-30B-A3B, 2026-11-24).
         for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty_like(p, device="cuda" if cuda else "cpu").normal_(0.0, 0.02))
         for module in model.modules():  # to_empty left the rotary tables empty: rebuild them
             if type(module).__name__.endswith("RotaryEmbedding"):
                 fresh = type(module)(config=module.config)
