@@ -73,6 +73,7 @@ def test_pcie_floor_of_a_capped_run():
 def test_settings_pair_engines_with_budgets_and_variants():
     lru, lfu_off = {"eviction": "lru", "prefetch": True}, {"eviction": "lfu", "prefetch": False}
     assert run.parse_variants("lru,lfu+noprefetch") == [lru, lfu_off]
+    assert run.parse_variants(None) == [lfu_off]  # the engine's defaults
     assert run._settings([4.0, None], ["hf", "hf-offload"], [lru, lfu_off]) == [
         ("tiermoe", 4.0, lru),
         ("tiermoe", 4.0, lfu_off),

@@ -75,11 +75,16 @@ def pcie_floor(
 
 
 def parse_variants(value: str | None) -> list[dict]:
-    """`lru,lfu,lru-protect,lru+noprefetch` -> tiermoe options per variant (eviction policy, prefetch)."""
+    """`lru,lfu,lru-protect,lru+noprefetch` -> tiermoe options per variant (eviction policy, prefetch);
+    None: the engine's defaults."""
+    from ..config import EngineConfig
     from ..offload.policy import POLICIES
 
+    if not value:
+        defaults = EngineConfig()
+        return [{"eviction": defaults.eviction, "prefetch": defaults.prefetch}]
     variants = []
-    for item in (value or "lru").split(","):
+    for item in value.split(","):
         policy, _, flag = item.strip().partition("+")
         if policy not in POLICIES or flag not in ("", "noprefetch"):
             raise InvalidRequestError(
@@ -280,9 +285,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--peer-repeat", type=int, default=None, help="timed runs for peers (default: --repeat)")
     p.add_argument(
         "--variants",
-        default="lru",
+        default=None,
         help="tiermoe settings to compare when capped: POLICY or POLICY+noprefetch, comma-separated "
-        "(e.g. lru,lfu,lru-protect,lru+noprefetch)",
+        "(e.g. lru,lfu,lru-protect,lru+noprefetch; default: the engine's own, lfu without prefetch)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per engine and setting")
     p.add_argument("--device", default=None, help="tiermoe device: cuda or cpu (default: cuda if present)")
