@@ -62,7 +62,8 @@ def test_every_tier_is_used_and_counted(model):
     expert_bytes = resident.plan.expert_bytes
     assert s["gpu_hits"] + s["prefetch_hits"] > 0 and s["gpu_misses"] > 0
     assert s["host_hits"] > 0 and s["host_misses"] > 0
-    assert s["bytes_disk"] == s["host_misses"] * expert_bytes
+    assert s["bytes_disk"] == s["host_misses"] * expert_bytes and s["disk_s"] > 0
+    assert s["wait_s"] == 0  # copies are synchronous on the CPU: nothing is ever in flight
     assert s["bytes_h2d"] == (s["gpu_misses"] + s["prefetch_issued"]) * expert_bytes
     assert 0 < s["gpu_hit_rate"] < 1
     assert s["host_slots"] == 6 and s["gpu_slots"] == 8
@@ -99,6 +100,9 @@ def test_prefetch_and_policies_do_not_change_tokens(model, policy):
     assert on.token_ids == off.token_ids == expected
     s = on.stats.experts
     assert s["prefetch_issued"] > 0 and s["predicted"] > 0
+    # every prefetch is used, wasted (evicted unused), or still waiting in its slot at the end
+    assert s["prefetch_hits"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+    assert s["predicted_correct"] <= min(s["predicted"], s["routed"])
     assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["prefetch_recall"] <= 1
     assert off.stats.experts["prefetch_issued"] == 0 and off.stats.experts["prefetch_precision"] is None
 
