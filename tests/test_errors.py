@@ -123,3 +123,17 @@ def test_cli_prints_one_line_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: checkpoint directory not found: {tmp_path / 'nowhere'}"]
+
+
+def test_serve_without_the_server_extra_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    import tiermoe.server
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    monkeypatch.delitem(sys.modules, "tiermoe.server.serve", raising=False)
+    monkeypatch.delattr(tiermoe.server, "serve", raising=False)
+    assert main(["serve", "--model", "anything"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: tiermoe serve needs the package uvicorn: pip install 'tiermoe[serve]'"
+    )

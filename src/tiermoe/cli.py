@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as e:  # the server's packages are an optional extra
         missing = e.name
         p = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'tiermoe[serve]')")
-        p.set_defaults(func=lambda _: _missing_extra("serve", missing))
+        # Whatever flags were given, the answer is what to install.
+        p.set_defaults(func=lambda _: _missing_extra("serve", missing), accepts_unknown=True)
     for module in (chat, synth, bench_run, hardware):
         module.add_parser(sub)
     return parser
@@ -93,7 +94,9 @@ def _missing_extra(extra: str, package: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args) or 0
     except TiermoeError as e:
