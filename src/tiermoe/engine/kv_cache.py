@@ -37,10 +37,6 @@ class KVCache:
         self._static = False
         self._slots = torch.arange(max_len, device=device)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
     def reset(self) -> None:
         """Forget every sequence; the memory (and any graph captured over it) is kept."""
         self.valid.zero_()

@@ -31,19 +31,6 @@ class MemoryPlan:
     def all_resident(self) -> bool:
         return self.gpu_slots >= self.total_experts
 
-    def describe(self) -> str:
-        gib = size
-        where = (
-            "all experts resident"
-            if self.all_resident
-            else f"{self.gpu_slots}/{self.total_experts} expert slots"
-        )
-        return (
-            f"GPU: dense {gib(self.dense_bytes)} + KV {gib(self.kv_bytes)} + workspace {gib(self.workspace_bytes)} + "
-            f"{where} ({gib(min(self.gpu_slots, self.total_experts) * self.expert_bytes)}); "
-            f"host cache {self.host_slots} experts ({gib(self.host_slots * self.expert_bytes)})"
-        )
-
 
 def plan_memory(
     *,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 
 import torch
 
@@ -44,18 +43,15 @@ class ExpertReader:
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.description = f"checkpoint {ckpt.path}"
         self.bytes_read = 0
-        self.read_s = 0.0
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Fill out ([3*H*I] in the compute dtype) with the expert's [gate_up, down]. Returns bytes read."""
-        start = time.perf_counter()
         pos, total = 0, 0
         for r in self.ranges[(layer, expert)]:
             numel = r.nbytes // r.dtype.itemsize
             out[pos : pos + numel].copy_(self._read(r).view(r.dtype))
             pos, total = pos + numel, total + r.nbytes
         self.bytes_read += total
-        self.read_s += time.perf_counter() - start
         return total
 
     def _read(self, r: ByteRange) -> torch.Tensor:

@@ -59,10 +59,6 @@ class ResidentExperts:
     def attach(self, routers: dict[int, torch.nn.Module]) -> None:
         pass
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for bank in self.banks.values() for t in bank)
-
 
 def load_resident(source, progress=None) -> ResidentExperts:
     """Read every expert of every MoE layer into stacked banks on source.device (no offload)."""

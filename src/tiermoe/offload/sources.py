@@ -18,8 +18,6 @@ SYNTHETIC_KEY = "tiermoe_synthetic_experts"
 
 class ExpertSource(Protocol):
     description: str
-    bytes_read: int
-    read_s: float
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Fill out ([3*H*I], compute dtype) with [gate_up (2I x H), down (H x I)]; return bytes read."""
@@ -35,8 +33,6 @@ class SyntheticExperts:
         self.description = (
             f"synthetic experts (seed {seed}, std {std}), generated in memory, not read from disk"
         )
-        self.bytes_read = 0
-        self.read_s = 0.0
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         g = torch.Generator(device=self.device)
