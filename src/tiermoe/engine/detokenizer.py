@@ -1,5 +1,9 @@
 """Incremental detokenization with stop strings: emit text as soon as it can no longer change (no
-half-decoded character, no possible start of a stop string), and cut the output at the first stop."""
+half-decoded character, no possible start of a stop string), and cut the output at the first stop.
+
+Each step decodes only a short window of recent tokens (the prefix/read offsets of vLLM's
+detokenizer): the window before the read offset gives the tokenizer its context (leading spaces,
+merged bytes), the text beyond it is new. Decoding the whole output every step would cost O(n^2)."""
 
 from __future__ import annotations
 
@@ -14,17 +18,22 @@ class TextStream:
         self.text = ""  # decoded so far, cut at a stop string once one is hit
         self.emitted = 0  # characters of self.text handed out
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] were decoded last step: the context of the next
+        self._read = 0
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text that became final. Sets self.stopped on a stop string."""
         self.ids.append(token_id)
         if self.tokenizer is None:
             return ""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):  # a multi-byte character is still incomplete
+        context = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        if len(window) <= len(context) or window.endswith("\ufffd"):  # nothing new, or a partial character
             return ""
+        self._prefix, self._read = self._read, len(self.ids)
         longest = max((len(s) for s in self.stop), default=0)
         search_from = max(0, len(self.text) - longest)
+        full = self.text + window[len(context) :]
         hits = [i for i in (full.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
             self.text, self.stopped = full[: min(hits)], True
@@ -35,6 +44,9 @@ class TextStream:
     def flush(self) -> str:
         """Everything not yet emitted (at the end of generation nothing can change any more)."""
         return self._emit(len(self.text))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _pending_stop_prefix(self, text: str) -> int:
         """Length of the longest suffix of text that begins some stop string."""

@@ -103,8 +103,13 @@ class Engine:
         else:
             picked = []
             for row, s in enumerate(seqs):
-                seen = torch.tensor(s.prompt_ids + s.output_ids, device=logits.device)
-                picked.append(int(s.sampler(logits[row], seen)) if s.finish_reason is None else 0)
+                if s.finish_reason is not None:
+                    picked.append(0)
+                    continue
+                # The token history crosses to the device only for the one setting that reads it.
+                penalised = s.params.repetition_penalty != 1.0
+                seen = torch.tensor(s.prompt_ids + s.output_ids, device=logits.device) if penalised else None
+                picked.append(int(s.sampler(logits[row], seen)))
         return [t if s.finish_reason is None else None for t, s in zip(picked, seqs, strict=True)]
 
     def _advance(self, seqs: list[Sequence], tokens: list[int | None]) -> list[TokenEvent]:
