@@ -78,21 +78,6 @@ def measure_tiermoe(
     }
 
 
-def measure_in_process(
-    engine: str,
-    model_dir: str,
-    workload: Workload,
-    gpu_budget_gib: float | None,
-    cpu_budget_gib: float | None,
-    device: str | None = None,
-    dtype: str | None = None,
-    options: dict | None = None,
-) -> dict:
-    if engine == "tiermoe":
-        return measure_tiermoe(model_dir, workload, gpu_budget_gib, cpu_budget_gib, device, dtype, options)
-    return peers.measure(engine, model_dir, workload, gpu_budget_gib, cpu_budget_gib)
-
-
 def run_isolated(
     engine: str,
     model_dir: str | Path,
@@ -160,16 +145,13 @@ def _main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     workload = Workload(a.prompt_len, a.gen_len, a.batch, a.repeat, a.seed)
     try:
-        result = measure_in_process(
-            a.engine,
-            a.model,
-            workload,
-            a.gpu_budget,
-            a.cpu_budget,
-            a.device,
-            a.dtype,
-            json.loads(a.options) if a.options else None,
-        )
+        if a.engine == "tiermoe":
+            options = json.loads(a.options) if a.options else None
+            result = measure_tiermoe(
+                a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype, options
+            )
+        else:
+            result = peers.measure(a.engine, a.model, workload, a.gpu_budget, a.cpu_budget)
     except torch.OutOfMemoryError as e:
         result = {"error": f"out of GPU memory: {str(e).splitlines()[0]}"}
     except Exception as e:  # recorded in the result file; the bench goes on with the next setting
