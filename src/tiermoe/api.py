@@ -11,6 +11,7 @@ from .engine.request import RequestOutput, SamplingParams, TokenEvent
 from .engine.runner import ModelRunner
 from .errors import InvalidRequestError
 from .offload.placement import build_provider, memory_plan
+from .routing.spec import build_routing
 from .weights.loader import load_model, open_source
 from .weights.tokenizer import eos_token_ids, load_tokenizer, render_chat
 
@@ -27,7 +28,14 @@ class LLM:
         self.max_model_len = min(
             self.config.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings
         )
-        self.model, self.provider = load_model(self.source, self._provider, self.config.show_progress)
+        c, a = self.config, self.args
+        self.routing = build_routing(
+            c.routing, self.path, self.source.checkpoint.config.get("model_type", ""), a.moe_layers,
+            a.num_experts, a.top_k, self.source.device, c.routing_seed, c.record_routing, c.prefetch_accuracy,
+        )  # fmt: skip
+        self.model, self.provider = load_model(
+            self.source, self._provider, self.config.show_progress, self.routing
+        )
         self.tokenizer = load_tokenizer(self.path)
         runner = ModelRunner(
             self.model,
@@ -38,6 +46,7 @@ class LLM:
             self.max_model_len,
             graphs=self.config.cuda_graphs,
             provider=self.provider,
+            routing=self.routing,
         )
         eos = eos_token_ids(self.path, self.source.checkpoint.config, self.tokenizer)
         self.engine = Engine(runner, self.provider, self.tokenizer, eos, self.max_model_len)
@@ -45,6 +54,15 @@ class LLM:
     def _provider(self, source, dense_bytes: int, progress):
         self.plan = memory_plan(source, self.config, dense_bytes, self.max_model_len)
         return build_provider(source, self.config, self.plan, progress)
+
+    @property
+    def routing_mode(self) -> str:
+        """Who picks the experts: natural (the routers), uniform, szd or trace."""
+        return self.routing.mode if self.routing else "natural"
+
+    @property
+    def routing_params(self) -> dict | None:
+        return self.routing.params if self.routing else None
 
     @property
     def device(self):

@@ -36,6 +36,14 @@ class EngineConfig:
     )
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs where the expert provider allows it
     workspace_gib: float | None = None  # activations and library workspace; None: 1 GiB on cuda, 0 on cpu
+    # Expert routing (routing/spec.py): natural, uniform, szd[:params] or trace:FILE; None: szd on synthetic
+    # checkpoints (random routers repeat the same experts every token), natural on real ones.
+    routing: str | None = None
+    routing_seed: int = 0  # seed of emulated routing (uniform, szd) and of the emulated prefetch predictor
+    record_routing: str | None = None  # write every token's expert ids per layer to this trace file
+    prefetch_accuracy: float = (
+        0.8  # under an override: share of the next layer's experts the predictor gets right
+    )
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -61,6 +69,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidRequestError(f"{name} must be >= 0 GiB", name)
+        if not 0.0 <= self.prefetch_accuracy <= 1.0:
+            raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")
         if self.prefill_chunk < 1:
             raise InvalidRequestError("prefill_chunk must be at least 1 token", "prefill_chunk")
 

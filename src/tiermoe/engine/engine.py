@@ -73,10 +73,18 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(device)
         max_len = max(len(p) for p in prompts) + max(p.max_tokens for p in params)
         cache = self.runner.cache_for(len(seqs), max_len)
+        try:
+            yield from self._generate(seqs, prompts, cache, stats)
+        finally:  # also when the caller closes the stream early
+            self.runner.end_run()
+
+    def _generate(self, seqs, prompts, cache, stats: GenerationStats) -> Iterator[list[TokenEvent]]:
+        device = self.runner.device
         start = time.perf_counter()
         logits, positions = self.runner.prefill(prompts, cache)
         tokens = self._sample(seqs, logits)
         stats.ttft_s = stats.prefill_s = time.perf_counter() - start
+        after_prefill = self.provider.stats()
         decode_start = time.perf_counter()
         while True:
             events = self._advance(seqs, tokens)
@@ -84,7 +92,7 @@ class Engine:
             done = all(s.finish_reason for s in seqs)
             if done:
                 stats.decode_s = time.perf_counter() - decode_start
-                self._finish_stats(stats, device)
+                self._finish_stats(stats, device, after_prefill)
                 for e in events:
                     if e.finish_reason:
                         e.stats = stats
@@ -131,8 +139,9 @@ class Engine:
             events.append(TokenEvent(i, token, text, s.finish_reason))
         return events
 
-    def _finish_stats(self, stats: GenerationStats, device: torch.device) -> None:
+    def _finish_stats(self, stats: GenerationStats, device: torch.device, after_prefill: dict) -> None:
         if device.type == "cuda":
             stats.peak_gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30
         stats.peak_host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         stats.experts = self.provider.stats()
+        stats.experts_decode = self.provider.stats(since=after_prefill) if after_prefill else {}

@@ -49,7 +49,8 @@ class GenerationStats:
     decode_s: float = 0.0
     peak_gpu_gib: float = 0.0
     peak_host_gib: float = 0.0
-    experts: dict = field(default_factory=dict)
+    experts: dict = field(default_factory=dict)  # expert-store statistics of the whole call
+    experts_decode: dict = field(default_factory=dict)  # the same, counted over decode steps only
 
     @property
     def prefill_tok_s(self) -> float:
@@ -72,6 +73,7 @@ class GenerationStats:
             "peak_gpu_gib": round(self.peak_gpu_gib, 4),
             "peak_host_gib": round(self.peak_host_gib, 4),
             "experts": self.experts,
+            "experts_decode": self.experts_decode,
         }
 
     def line(self) -> str:

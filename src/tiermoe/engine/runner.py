@@ -15,6 +15,7 @@ from ..models.base import MoEArgs
 from ..models.layers import CausalLM, DecoderLayer
 from ..models.moe import SparseMoeBlock
 from ..offload.provider import ExpertProvider
+from ..routing.hook import Routing
 from .kv_cache import KVCache
 
 MIN_CACHE = 256  # cache sizes are rounded up to powers of two from here, so few graphs are captured
@@ -31,8 +32,10 @@ class ModelRunner:
         max_model_len: int,
         graphs: bool,
         provider: ExpertProvider,
+        routing: Routing | None = None,
     ):
         self.model, self.args, self.device, self.dtype = model, args, device, dtype
+        self.routing = routing
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
         self.graphs = graphs and device.type == "cuda"
         self.provider = provider
@@ -67,10 +70,14 @@ class ModelRunner:
             valid[row, width - len(prompt) :] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        if self.routing:
+            self.routing.begin_run([len(p) for p in prompts], cache.max_len)
         logits = None
         for start in range(0, width, self.prefill_chunk):
             end = min(start + self.prefill_chunk, width)
             cache.start(valid[:, start:end])
+            if self.routing:
+                self.routing.begin_step(positions[:, start:end], valid[:, start:end])
             logits = self.model(ids[:, start:end], positions[:, start:end], cache, last_only=end == width)
             cache.commit()
         return logits, positions[:, -1] + 1
@@ -83,25 +90,47 @@ class ModelRunner:
             if graph is None:
                 whole = self.provider.graph_safe(cache.batch)
                 kind = DecodeGraph if whole else LayeredDecodeGraph
-                graph = self._graphs[cache.batch] = kind(self.model, cache, self.provider)
+                graph = self._graphs[cache.batch] = kind(self.model, cache, self.provider, self.routing)
+                graph.prime(tokens, positions, active)
             return graph.run(tokens, positions, active)
         cache.start(active[:, None])
+        if self.routing:
+            self.routing.begin_step(positions[:, None], active[:, None])
         logits = self.model(tokens[:, None], positions[:, None], cache)
         cache.commit()
         return logits
+
+    def end_run(self) -> None:
+        """The run's sequences are done (or abandoned): a recorder writes its trace."""
+        if self.routing:
+            self.routing.end_run()
 
 
 class DecodeGraph:
     """One captured decode step over a fixed cache; inputs are copied into static buffers per replay."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider):
-        self.model, self.cache = model, cache
+    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider, routing: Routing | None):
+        self.model, self.cache, self.routing = model, cache, routing
         b, device = cache.batch, cache.valid.device
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)
         self.positions = torch.zeros(b, dtype=torch.long, device=device)
         self.active = torch.ones(b, dtype=torch.bool, device=device)
-        cache.cursor.fill_(cache.length)
+
+    def prime(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
+        """Capture with the first step's inputs in place, so the capture's warm-up run writes (KV cache,
+        recorded routing) exactly where that step's replay will overwrite them. Routing state the warm-up
+        advances is put back, so the first replay routes exactly as an eager step would."""
+        self._load(tokens, positions, active)
+        saved = [t.clone() for t in self.routing.state()] if self.routing else []
         self.capture()
+        for t, value in zip(self.routing.state() if self.routing else [], saved, strict=True):
+            t.copy_(value)
+
+    def _load(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.active.copy_(active)
+        self.cache.cursor.fill_(self.cache.length)
 
     def capture(self) -> None:
         self.graph = capture(self._step)
@@ -109,15 +138,17 @@ class DecodeGraph:
 
     def _step(self) -> torch.Tensor:
         self.cache.start_static(self.active)
+        self._route_step()
         return self.model(self.tokens[:, None], self.positions[:, None], self.cache)
+
+    def _route_step(self) -> None:
+        if self.routing:
+            self.routing.begin_step(self.positions[:, None], self.active[:, None])
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         if self.cache.length >= self.cache.max_len:
             raise ValueError(f"KV cache full: {self.cache.length} slots")
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.active.copy_(active)
-        self.cache.cursor.fill_(self.cache.length)
+        self._load(tokens, positions, active)
         self.replay()
         self.cache.length += 1
         return self.logits
@@ -129,9 +160,9 @@ class DecodeGraph:
 class LayeredDecodeGraph(DecodeGraph):
     """Per-layer graphs of the dense work; the provider runs the routed experts eagerly between them."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider):
+    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider, routing: Routing | None):
         self.provider = provider
-        super().__init__(model, cache, provider)
+        super().__init__(model, cache, provider, routing)
 
     def capture(self) -> None:
         model, cache = self.model, self.cache
@@ -139,6 +170,7 @@ class LayeredDecodeGraph(DecodeGraph):
 
         def prologue():
             cache.start_static(self.active)
+            self._route_step()
             for window in windows:  # built once here, reused by every layer's graph
                 cache.mask(1, window)
             return model.embed(self.tokens[:, None], self.positions[:, None])
@@ -157,8 +189,12 @@ class LayeredDecodeGraph(DecodeGraph):
                 self.pieces.append((piece, None, None))
         self.epilogue = capture(lambda: model.head(x[:, -1]))
         self.logits = self.epilogue.outputs
+        # The step's routing tensors as captured: the eager expert part (the predictor) reads these.
+        self.routing_view = self.routing.view() if self.routing else None
 
     def replay(self) -> None:
+        if self.routing:
+            self.routing.resume(self.routing_view)
         self.prologue.graph.replay()
         for piece, layer, out in self.pieces:
             piece.graph.replay()

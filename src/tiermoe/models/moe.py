@@ -3,12 +3,22 @@ tokens to an ExpertProvider (offload/provider.py), which owns where the experts 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..offload.provider import ExpertProvider
 from .layers import MLP
+
+
+class RoutingOverride(Protocol):
+    """Decides expert ids in place of the routers' top-k (routing emulation, trace replay, recording)."""
+
+    def route(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, k] for MoE layer `layer` given the router probabilities probs [T, E]."""
+        ...
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -19,10 +29,17 @@ class SoftmaxTopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k])."""
+    def forward(
+        self, x: torch.Tensor, routing: RoutingOverride | None = None, layer: int = -1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k]). With an override the ids are its
+        choice and the weights the router's probabilities of those experts, normalised as the model does."""
         probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if routing is None:
+            weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        else:
+            ids = routing.route(layer, probs)
+            weights = probs.gather(-1, ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
@@ -42,6 +59,7 @@ class SparseMoeBlock(nn.Module):
         self.layer_idx, self.gate = layer_idx, gate
         # Set by the loader. Not a submodule: the provider owns its weights and where they live.
         self.experts: ExpertProvider | None = None
+        self.routing: RoutingOverride | None = None  # set by the loader when routing is emulated or recorded
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +72,7 @@ class SparseMoeBlock(nn.Module):
     def dense_part(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything but the routed experts: (routing weights [T, k], expert ids [T, k], gated shared
         expert output [T, H] or None). x: [T, H]."""
-        weights, ids = self.gate(x)
+        weights, ids = self.gate(x, self.routing, self.layer_idx)
         shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

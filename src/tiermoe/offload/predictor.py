@@ -7,9 +7,17 @@ experts; the store measures how many (precision and recall) on every step."""
 from __future__ import annotations
 
 import itertools
+from typing import Protocol
 
 import torch
 from torch import nn
+
+
+class Predictor(Protocol):
+    def predict(self, layer: int, x: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(next MoE layer, its predicted expert ids [T, k]) from layer's MoE input x [T, H]; None after
+        the last MoE layer."""
+        ...
 
 
 class RouterLookahead:

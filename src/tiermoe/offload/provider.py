@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from .expert_compute import GATHER_MAX_PAIRS, expert_mlp
+from .predictor import Predictor
 from .sources import bank_views, open_expert_source
 
 
@@ -25,14 +26,14 @@ class ExpertProvider(Protocol):
         captured in a CUDA graph."""
         ...
 
-    def stats(self) -> dict:
-        """Statistics since the last reset_stats()."""
+    def stats(self, since: dict | None = None) -> dict:
+        """Statistics since the last reset_stats(), or since `since` (an earlier stats() of this run)."""
         ...
 
     def reset_stats(self) -> None: ...
 
-    def attach(self, routers: dict[int, torch.nn.Module]) -> None:
-        """Receive every MoE layer's router once the model is built (for routing prediction)."""
+    def attach(self, predictor: Predictor) -> None:
+        """Receive the next-layer expert predictor once the model is built (for prefetch)."""
         ...
 
 
@@ -50,13 +51,13 @@ class ResidentExperts:
         gate_up, down = self.banks[layer]
         return expert_mlp(x, ids, weights, gate_up, down)
 
-    def stats(self) -> dict:
+    def stats(self, since: dict | None = None) -> dict:
         return {}
 
     def reset_stats(self) -> None:
         pass
 
-    def attach(self, routers: dict[int, torch.nn.Module]) -> None:
+    def attach(self, predictor: Predictor) -> None:
         pass
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -19,7 +19,7 @@ from .budget import MemoryPlan
 from .expert_compute import accumulate_pairs, expert_mlp
 from .gpu_pool import LayerSlots, SlotPool
 from .host_cache import HostCache
-from .predictor import RouterLookahead
+from .predictor import Predictor
 from .sources import ExpertSource
 from .transfer import CopyStream
 
@@ -40,6 +40,10 @@ class StoreStats:
     bytes_disk: int = 0
     wait_s: float = 0.0  # host time blocked on copies the next kernels need
     disk_s: float = 0.0
+
+    def minus(self, earlier: dict) -> StoreStats:
+        """The counts since `earlier` (an earlier to_dict() of these statistics)."""
+        return StoreStats(**{f.name: getattr(self, f.name) - earlier[f.name] for f in fields(self)})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,7 +78,7 @@ class TieredExpertStore:
         self.host = HostCache(source, plan.host_slots, numel, dtype, pinned=device.type == "cuda")
         self.pool = SlotPool(plan.quotas, numel, shape, dtype, device, policy)
         self.copier = CopyStream(device)
-        self.predictor: RouterLookahead | None = None
+        self.predictor: Predictor | None = None
         self.policy = policy
         self._predicted: dict[int, set[int]] = {}
         self._preload(list(plan.quotas), progress)
@@ -90,15 +94,15 @@ class TieredExpertStore:
             if progress:
                 progress.advance(task)
 
-    def attach(self, routers: dict[int, torch.nn.Module]) -> None:
+    def attach(self, predictor: Predictor) -> None:
         if self.prefetch:
-            self.predictor = RouterLookahead(routers)
+            self.predictor = predictor
 
     def graph_safe(self, tokens: int) -> bool:
         return False  # every layer pulls the routed ids to the host
 
-    def stats(self) -> dict:
-        d = self.stats_.to_dict()
+    def stats(self, since: dict | None = None) -> dict:
+        d = (self.stats_ if since is None else self.stats_.minus(since)).to_dict()
         d.update(
             policy=self.policy,
             prefetch=self.prefetch,

@@ -21,6 +21,7 @@ from ..models.base import Architecture, MoEArgs
 from ..models.layers import CausalLM, Rotary
 from ..models.moe import SparseMoeBlock
 from ..models.registry import architecture_for
+from ..offload.predictor import RouterLookahead
 from ..offload.provider import ExpertProvider
 from ..offload.sources import SYNTHETIC_KEY
 from .checkpoint import Checkpoint, expect_shape, read_config
@@ -67,8 +68,9 @@ def hf_config(path: Path):
 
 
 def load_model(
-    source: ModelSource, provider_factory: ProviderFactory, show_progress: bool = False
+    source: ModelSource, provider_factory: ProviderFactory, show_progress: bool = False, routing=None
 ) -> tuple[CausalLM, ExpertProvider]:
+    """routing: a routing.Routing that overrides or records the routers' choice, or None."""
     with progress_bar(show_progress) as progress:
         with torch.device("meta"):
             model = source.arch.build(source.args, source.hf_config)
@@ -81,8 +83,12 @@ def load_model(
         provider = provider_factory(source, dense_bytes, progress)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     for block in blocks:
-        block.experts = provider
-    provider.attach({block.layer_idx: block.gate for block in blocks})
+        block.experts, block.routing = provider, routing
+    # Under an override the routers decide nothing, so their lookahead would predict noise.
+    overridden = routing is not None and routing.overrides
+    provider.attach(
+        routing.predictor() if overridden else RouterLookahead({b.layer_idx: b.gate for b in blocks})
+    )
     model.requires_grad_(False).eval()
     return model, provider
 

@@ -1,0 +1,1 @@
+"""Expert routing for benchmarks and analysis: routing models, traces, their recording and replay."""
