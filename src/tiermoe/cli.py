@@ -25,6 +25,19 @@ def add_engine_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument(
         "--prefetch", action="store_true", help="predict the next layer's experts and copy them ahead of use"
     )
+    p.add_argument(
+        "--routing",
+        default=None,
+        help="who picks the experts: natural (the routers), uniform, szd, szd:s_g=..,sigma_doc=..,sigma_loc=..,"
+        "phi=..,p_stick=.. or trace:FILE (default: szd on synthetic checkpoints, natural otherwise)",
+    )
+    p.add_argument("--routing-seed", type=int, default=0, help="seed of emulated routing")
+    p.add_argument(
+        "--record-routing",
+        default=None,
+        metavar="FILE",
+        help="write every token's expert ids to FILE (.npz or .txt.gz)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -36,6 +49,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cpu_budget_gib=args.cpu_budget,
         eviction=args.eviction,
         prefetch=args.prefetch,
+        routing=args.routing,
+        routing_seed=args.routing_seed,
+        record_routing=args.record_routing,
         show_progress=True,
     )
 
@@ -70,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import chat, generate, hardware
     from .bench import run as bench_run
     from .bench import synth
+    from .routing import report as routing_report
 
     parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'tiermoe[serve]')")
         # Whatever flags were given, the answer is what to install.
         p.set_defaults(func=lambda _: _missing_extra("serve", missing), accepts_unknown=True)
-    for module in (chat, synth, bench_run, hardware):
+    for module in (chat, synth, bench_run, hardware, routing_report):
         module.add_parser(sub)
     return parser
 
