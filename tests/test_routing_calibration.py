@@ -40,7 +40,7 @@ def decode_stream(family: str) -> tuple[Trace, np.ndarray]:
 
 @pytest.mark.parametrize("family", list(TARGETS))
 def test_szd_matches_published_locality(family):
-    experts, k, lru_targets, overlap_target = TARGETS[family]
+    _experts, k, lru_targets, overlap_target = TARGETS[family]
     trace, ids = decode_stream(family)
     overlap = (ids[:, :, 1:, :, None] == ids[:, :, :-1, None, :]).any(-1).mean()
     assert overlap == pytest.approx(overlap_target, abs=0.05)

@@ -41,7 +41,9 @@ def test_recorded_trace_replays_to_identical_routing_and_tokens(checkpoint, tmp_
     trace = load_trace(path)
     # every routed token of every MoE layer: 10 prompt + 15 decoded tokens (the last one is never fed back)
     assert len(trace) == (len(PROMPT) + 15) * 4 and trace.prefill.sum() == len(PROMPT) * 4
-    replayed = LLM(checkpoint, device="cpu", routing=f"trace:{path}", record_routing=str(tmp_path / "again.npz"))
+    replayed = LLM(
+        checkpoint, device="cpu", routing=f"trace:{path}", record_routing=str(tmp_path / "again.npz")
+    )
     assert replayed.routing_mode == "trace"
     assert replayed.generate(PROMPT, GREEDY)[0].token_ids == expected
     again = load_trace(tmp_path / "again.npz")
@@ -78,9 +80,13 @@ def test_override_at_batch_size_two_routes_each_row_as_alone(checkpoint, tmp_pat
 
 
 def test_routing_seed_changes_routing_and_repeats(checkpoint):
-    tokens = lambda seed: LLM(checkpoint, device="cpu", routing="uniform", routing_seed=seed).generate(  # noqa: E731
-        PROMPT, GREEDY
-    )[0].token_ids
+    tokens = lambda seed: (
+        LLM(checkpoint, device="cpu", routing="uniform", routing_seed=seed)
+        .generate(  # noqa: E731
+            PROMPT, GREEDY
+        )[0]
+        .token_ids
+    )
     assert tokens(0) == tokens(0)
     assert tokens(0) != tokens(1)
 

@@ -33,7 +33,9 @@ def test_graph_decode_routes_as_eager(tiny_checkpoint, tmp_path, mode, capped):
         routing = f"trace:{tmp_path / 'szd.npz'}"
     runs = {}
     for graphs in (True, False):
-        llm = LLM(path, **base, routing=routing, cuda_graphs=graphs, record_routing=str(tmp_path / f"{graphs}.npz"))
+        llm = LLM(
+            path, **base, routing=routing, cuda_graphs=graphs, record_routing=str(tmp_path / f"{graphs}.npz")
+        )
         runs[graphs] = [o.token_ids for o in llm.generate([PROMPT, PROMPT[:4]], params)]
         runs[graphs] += [o.token_ids for o in llm.generate([PROMPT[2:], PROMPT[:7]], params)]  # graph reused
         if graphs:
