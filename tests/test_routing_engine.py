@@ -80,13 +80,10 @@ def test_override_at_batch_size_two_routes_each_row_as_alone(checkpoint, tmp_pat
 
 
 def test_routing_seed_changes_routing_and_repeats(checkpoint):
-    tokens = lambda seed: (
-        LLM(checkpoint, device="cpu", routing="uniform", routing_seed=seed)
-        .generate(  # noqa: E731
-            PROMPT, GREEDY
-        )[0]
-        .token_ids
-    )
+    def tokens(seed: int) -> list[int]:
+        llm = LLM(checkpoint, device="cpu", routing="uniform", routing_seed=seed)
+        return llm.generate(PROMPT, GREEDY)[0].token_ids
+
     assert tokens(0) == tokens(0)
     assert tokens(0) != tokens(1)
 
