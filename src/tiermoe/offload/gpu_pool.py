@@ -6,6 +6,9 @@ layer's recent experts, and the eviction policy chooses within a layer."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 import torch
 
 from .policy import POLICIES
@@ -19,6 +22,30 @@ class LayerSlots:
         self.slot_of: dict[int, int] = {}  # expert -> slot
         self.expert_of: dict[int, int] = {}  # slot -> expert
         self.free = list(reversed(slots))
+
+    def waves(self, routed: list[int]) -> list[list[int]]:
+        """The distinct experts of one step's routed ids, most-routed first and resident ones before
+        missing ones (stable), cut into groups that fit this layer's slots (long prefills need several)."""
+        needed = [e for e, _ in Counter(routed).most_common()]
+        needed.sort(key=lambda e: e not in self.slot_of)
+        quota = len(self.slots)
+        return [needed[start : start + quota] for start in range(0, len(needed), quota)]
+
+    def ensure(
+        self, group: list[int], on_hit: Callable[[int], None], load: Callable[[int, set[int]], int]
+    ) -> dict[int, int]:
+        """expert -> slot for every expert of `group`: a resident one is touched (after on_hit(slot)); a
+        missing one gets the slot load(expert, exclude) returns, never one the group already holds."""
+        slot_of = {e: self.slot_of[e] for e in group if e in self.slot_of}
+        for slot in slot_of.values():
+            on_hit(slot)
+            self.policy.touch(slot)
+        exclude = set(slot_of.values())
+        for e in group:
+            if e not in slot_of:
+                slot_of[e] = load(e, exclude)
+                exclude.add(slot_of[e])
+        return slot_of
 
     def claim(self, expert: int, exclude: set[int], prefetched: bool) -> int:
         """A slot for `expert`, evicting the policy's victim (never one in `exclude`) when full."""

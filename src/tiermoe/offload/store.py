@@ -123,20 +123,18 @@ class TieredExpertStore:
             routed, predicted = both[: flat.numel()], both[flat.numel() :]
         else:
             routed, predicted = flat.tolist(), []
-        needed = [e for e, _ in Counter(routed).most_common()]  # most-routed first
-        self._score(layer, needed)
         part = self.pool.layers[layer]
-        needed.sort(key=lambda e: e not in part.slot_of)  # resident ones first, stable
-        quota = len(part.slots)
+        waves = part.waves(routed)
+        needed = [e for group in waves for e in group]
+        self._score(layer, needed)
         out = None
-        for start in range(0, len(needed), quota):
-            group = needed[start : start + quota]
-            slot_of = self._ensure(layer, part, group)
+        for i, group in enumerate(waves):
+            slot_of = part.ensure(group, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
             self._wait(slot_of.values())
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
             slots = lut.to(self.device)[ids]  # [T, k]; -1 where the expert is in another wave
-            if len(needed) <= quota:
+            if len(waves) == 1:
                 out = expert_mlp(x, slots, weights, self.pool.gate_up, self.pool.down)
             else:
                 out = torch.zeros_like(x) if out is None else out
@@ -147,7 +145,7 @@ class TieredExpertStore:
             used = self.copier.mark_used()
             for slot in slot_of.values():
                 self.pool.released[slot] = used
-            if start == 0 and prediction is not None:
+            if i == 0 and prediction is not None:
                 self._prefetch(prediction[0], predicted, len(needed))
         return out
 
@@ -159,24 +157,16 @@ class TieredExpertStore:
             s.predicted_correct += len(predicted.intersection(needed))
             s.routed += len(needed)
 
-    def _ensure(self, layer: int, part: LayerSlots, group: list[int]) -> dict[int, int]:
-        """Slots holding every expert of `group`, loading the missing ones."""
-        s = self.stats_
-        slot_of = {e: part.slot_of[e] for e in group if e in part.slot_of}
-        for slot in slot_of.values():
-            if self.pool.prefetched[slot]:
-                s.prefetch_hits += 1
-                self.pool.prefetched[slot] = False
-            else:
-                s.gpu_hits += 1
-            part.policy.touch(slot)
-        exclude = set(slot_of.values())
-        for e in group:
-            if e not in slot_of:
-                s.gpu_misses += 1
-                slot_of[e] = self._load(layer, e, part, exclude, prefetched=False)
-                exclude.add(slot_of[e])
-        return slot_of
+    def _hit(self, slot: int) -> None:
+        if self.pool.prefetched[slot]:
+            self.stats_.prefetch_hits += 1
+            self.pool.prefetched[slot] = False
+        else:
+            self.stats_.gpu_hits += 1
+
+    def _demand(self, layer: int, expert: int, part: LayerSlots, exclude: set[int]) -> int:
+        self.stats_.gpu_misses += 1
+        return self._load(layer, expert, part, exclude, prefetched=False)
 
     def _load(self, layer: int, expert: int, part: LayerSlots, exclude: set[int], prefetched: bool) -> int:
         s = self.stats_

@@ -48,7 +48,9 @@ class Trace:
         cols = [np.asarray(c, dtype=np.int64) for c in (seq, token, layer, step)]
         seq_, token_, layer_, step_ = cols
         prefill_ = np.asarray(prefill, dtype=bool)
-        experts_ = np.asarray(experts, dtype=np.int64).reshape(len(seq_), -1)
+        experts_ = np.asarray(experts, dtype=np.int64)
+        if experts_.ndim != 2:  # [N, k] already, even when N is 0 (reshape(0, -1) cannot infer k)
+            experts_ = experts_.reshape(len(seq_), -1)
         order = np.lexsort((token_, seq_, layer_, step_))
         return Trace(
             seq_[order], token_[order], layer_[order], prefill_[order], step_[order], experts_[order],
@@ -93,21 +95,37 @@ def load_trace(path: str | Path) -> Trace:
     """Read a trace; a missing, unreadable or malformed file is one clear error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidRequestError(f"routing trace {path} does not exist", "routing")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise InvalidRequestError(f"routing trace {path} {what}", "routing")
     try:
         if path.suffix == ".npz":
             with np.load(path) as z:
-                return Trace.build(
+                trace = Trace.build(
                     z["seq"], z["token"], z["layer"], z["prefill"], z["step"], z["experts"],
                     int(z["num_experts"]),
                 )  # fmt: skip
-        return _load_text(path)
+        else:
+            trace = _load_text(path)
+        return _checked(trace, path)
     except InvalidRequestError:
         raise
     except Exception as e:  # numpy, gzip and int() raise many kinds for a damaged file
         raise InvalidRequestError(
             f"routing trace {path} is unreadable: {type(e).__name__}: {e}", "routing"
         ) from None
+
+
+def _checked(trace: Trace, path: Path) -> Trace:
+    """Ids outside 0..num_experts-1 would index past a layer's experts wherever the trace is used."""
+    if len(trace) == 0:
+        raise InvalidRequestError(f"routing trace {path} has no rows", "routing")
+    low, high = int(trace.experts.min()), int(trace.experts.max())
+    if low < 0 or high >= trace.num_experts:
+        raise InvalidRequestError(
+            f"routing trace {path} names expert {low if low < 0 else high}, outside 0..{trace.num_experts - 1}",
+            "routing",
+        )
+    return trace
 
 
 def _load_text(path: Path) -> Trace:
