@@ -1,16 +1,21 @@
-"""synth writes checkpoints that transformers loads with the published configs and the Hub tensor names."""
+"""synth writes checkpoints that transformers loads with the published configs and the Hub tensor names,
+and a tokenizer whose vocabulary and special-token ids match the preset's config."""
 
+import argparse
 import json
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from tiermoe.bench import synth, synth_tokenizer
 from tiermoe.bench.presets import PRESETS, get_preset
 from tiermoe.bench.shapes import checkpoint_size, expert_bytes_per_token, num_experts, tensor_specs
 from tiermoe.bench.synth import INIT_STD, read_synth_info, synth_checkpoint
+from tiermoe.bench.synth_tokenizer import get_style, prepare_tokenizer, special_ids, train_bpe
 from tiermoe.errors import InvalidRequestError, UnsupportedArchitectureError
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
@@ -155,7 +160,8 @@ def test_tiermoe_loads_synth_checkpoints_and_agrees_with_transformers(preset, tm
 
     synth_checkpoint(preset, tmp_path, seed=1, progress=False)
     prompt = torch.randint(3, 512, (10,), generator=torch.Generator().manual_seed(0)).tolist()
-    ours = LLM(tmp_path, device="cpu", dtype="fp32").generate(
+    # natural: the checkpoint's own routers, as transformers routes (synthetic ones default to szd)
+    ours = LLM(tmp_path, device="cpu", dtype="fp32", routing="natural").generate(
         prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     )[0]
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
@@ -173,3 +179,154 @@ def test_synth_draws_on_cuda(tmp_path):
     assert abs(emb.float().std().item() - INIT_STD) < 0.1 * INIT_STD
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "gpu", output_loading_info=True)
     assert not any(info.values()), info
+
+
+# --- tokenizers ---------------------------------------------------------------------------------------
+
+# One tiny preset per tokenizer style: ChatML, OLMoE's Tülu, Mixtral's [INST].
+TINY_STYLES = {"tiny-qwen3-moe": "chatml", "tiny-olmoe": "olmo", "tiny-mixtral": "mistral"}
+
+
+def _ids_named(config: dict, generation_config: dict, key: str) -> set:
+    ids = set()
+    for value in (config.get(key), generation_config.get(key)):
+        ids.update(value if isinstance(value, list) else [value])
+    return ids - {None}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_has_a_tokenizer_whose_special_ids_match_its_config(preset):
+    p = get_preset(preset)
+    style = get_style(p.tokenizer)
+    ids = special_ids(style, p.config)  # no build: ids come from the config or the published vocabulary
+    token_id = {t: i for i, t in ids.items()}
+    assert max(ids) < p.config["vocab_size"]
+    gen = synth._generation_config(p.config, p.generation_config)
+    for role, token in style.roles.items():
+        named = _ids_named(p.config, gen, f"{role}_token_id")
+        assert token_id[token] in named or not named, (role, token)
+    assert token_id[style.roles["eos"]] in _ids_named(p.config, gen, "eos_token_id")
+
+
+@pytest.mark.parametrize("preset", TINY_STYLES)
+def test_tiny_checkpoint_generates_from_text_and_chat(preset, tmp_path):
+    from tiermoe import LLM, SamplingParams
+
+    synth_checkpoint(preset, tmp_path, progress=False)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {f.name for f in tmp_path.iterdir()}
+    assert read_synth_info(tmp_path)["tokenizer"] == TINY_STYLES[preset]
+    config = json.loads((tmp_path / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == config["vocab_size"] == 512  # trained (or reserved) tokens fill every id
+    assert tok.eos_token_id == config["eos_token_id"] == 2
+    assert tok.pad_token_id == config["pad_token_id"]
+    assert tok.bos_token_id in {None, config["bos_token_id"]}  # Qwen's and OLMo's tokenizers have no bos
+    assert "chat_template" in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    text = "def add(a, b):\n    return a + b  # ünïcode"
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+
+    llm = LLM(tmp_path, device="cpu", dtype="fp32")
+    assert llm.engine.eos_token_ids == {2}  # config, generation_config and tokenizer agree
+    out = llm.generate("Hello world", SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert out.prompt_token_ids == tok.encode("Hello world") and len(out.token_ids) == 6
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    reply = llm.chat(messages, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert reply.prompt_token_ids == llm.encode(reply.prompt, add_special_tokens=False)
+    assert len(reply.token_ids) == 4 and isinstance(reply.text, str)
+    expected = {
+        "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "olmo": "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n",
+        "mistral": "<s>[INST] Be brief.\n\nHi [/INST]",
+    }[TINY_STYLES[preset]]
+    assert reply.prompt == expected
+    if preset == "tiny-mixtral":  # one bos either way: the tokenizer adds it to text, the template to chats
+        assert out.prompt_token_ids[0] == 1 and reply.prompt_token_ids.count(1) == 1
+
+
+def test_no_tokenizer_keeps_the_old_layout_and_removes_a_stale_one(tmp_path):
+    synth_checkpoint("tiny-olmoe", tmp_path, progress=False)
+    assert (tmp_path / "tokenizer.json").exists()
+    parser = argparse.ArgumentParser()
+    synth.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["synth", "--preset", "tiny-olmoe", "--out", str(tmp_path), "--no-tokenizer"])
+    assert args.func(args) == 0
+    assert not any(tmp_path.glob("tokenizer*")) and read_synth_info(tmp_path)["tokenizer"] is None
+
+
+def test_train_bpe_places_specials_and_reserves_what_training_leaves():
+    specials = {0: "<unk>", 300: "</s>", 7: "<s>"}
+    tok = train_bpe(["tiny corpus, tiny corpus"], 320, specials)
+    vocab = tok.get_vocab()
+    assert sorted(vocab.values()) == list(range(320))  # no holes: every id the model can emit decodes
+    assert all(vocab[t] == i for i, t in specials.items())
+    reserved = [t for t in vocab if t.startswith("<|reserved_special_token_")]
+    assert reserved and len(vocab) - len(reserved) < 320
+    with pytest.raises(InvalidRequestError, match="needs at least 259 ids; vocab_size is 200"):
+        train_bpe(["tiny corpus"], 200, specials)
+
+
+def test_tokenizers_are_built_once_into_the_cache(tmp_path, monkeypatch):
+    p = get_preset("tiny-olmoe")
+    first = prepare_tokenizer("olmo", p.config, p.generation_config, tmp_path)
+    assert sorted(f.name for f in first.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    monkeypatch.setattr(synth_tokenizer, "build", lambda *a: pytest.fail("rebuilt a cached tokenizer"))
+    assert prepare_tokenizer("olmo", p.config, p.generation_config, tmp_path) == first
+    assert [d.name for d in tmp_path.iterdir()] == [first.name]  # no partial folder left behind
+
+
+def test_special_ids_that_contradict_the_config_are_refused(tmp_path):
+    p = get_preset("qwen3-30b-a3b")
+    with pytest.raises(
+        InvalidRequestError, match=r"eos <\|im_end\|> is id 151645, config.json says \[151643\]"
+    ):
+        prepare_tokenizer("qwen", p.config | {"eos_token_id": 151643}, {}, tmp_path)
+    with pytest.raises(InvalidRequestError, match="does not fit the vocabulary of 512"):
+        prepare_tokenizer("olmo", get_preset("tiny-olmoe").config | {"eos_token_id": 600}, {}, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before building anything
+
+
+# llama.cpp's convert_hf_to_gguf.py identifies a pre-tokenizer by the hash of this text's token ids;
+# this one is its hash for the published Qwen2/Qwen3 tokenizer ("qwen2").
+LLAMACPP_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
+    "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 "
+    "?我想在apple工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? "
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+LLAMACPP_QWEN2_HASH = "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea"
+
+
+@pytest.mark.slow
+def test_qwen_preset_gets_the_published_qwen_tokenizer():
+    # About 3 s to build the first time, then read from ~/.cache/tiermoe/tokenizers.
+    p = get_preset("qwen3-30b-a3b")
+    tok = AutoTokenizer.from_pretrained(prepare_tokenizer("qwen", p.config, p.generation_config))
+    assert len(tok) == 151_669 <= p.config["vocab_size"] == 151_936
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    assert tok.convert_tokens_to_ids(specials) == [151643, 151644, 151645, 151667, 151668]
+    assert (
+        tok.eos_token_id == p.config["eos_token_id"]
+        and tok.pad_token_id == p.generation_config["pad_token_id"]
+    )
+    assert tok.encode("Hello world") == [9707, 1879]
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>") == [151644, 872, 198, 6023, 151645]
+    assert sha256(str(tok.encode(LLAMACPP_CHECK_TEXT)).encode()).hexdigest() == LLAMACPP_QWEN2_HASH
+    # <think> is not special in the published tokenizer: it stays in decoded text.
+    assert tok.decode([151667, 87, 151668, 151645], skip_special_tokens=True) == "<think>x</think>"
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    ).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "mixtral-8x7b"])
+def test_published_shapes_get_a_trained_tokenizer_of_their_full_vocabulary(preset):
+    # 3-4 s each to train the first time, then read from ~/.cache/tiermoe/tokenizers.
+    p = get_preset(preset)
+    tok = AutoTokenizer.from_pretrained(prepare_tokenizer(p.tokenizer, p.config, p.generation_config))
+    assert len(tok) == p.config["vocab_size"]
+    assert tok.eos_token_id == p.config["eos_token_id"]
+    assert tok.pad_token_id == p.config.get("pad_token_id")  # OLMoE 1, Mixtral none
+    assert tok.bos_token_id == p.config.get("bos_token_id")  # OLMoE none, Mixtral 1
+    reserved = [t for t in tok.get_vocab() if t.startswith("<|reserved_special_token_")]
+    assert len(reserved) < 100  # the stdlib corpus trains (almost) the whole vocabulary

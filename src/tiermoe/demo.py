@@ -28,12 +28,6 @@ DEMO_CONFIG = dict(
     rope_theta=1_000_000.0,
 )
 
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 CORPUS = """tiermoe runs mixture of experts language models that do not fit in the memory of one graphics
@@ -80,23 +74,7 @@ def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def build_tokenizer(vocab_size: int = DEMO_CONFIG["vocab_size"]):
     """A byte-level BPE trained on CORPUS in milliseconds, with ChatML special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from .bench.synth_tokenizer import STYLES, train_bpe, wrap
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([CORPUS] * 4, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        chat_template=CHATML_TEMPLATE,
-    )
+    tok = train_bpe([CORPUS] * 4, vocab_size, dict(enumerate(SPECIAL_TOKENS)), reserve=False)
+    return wrap(tok, STYLES["chatml"])

@@ -19,6 +19,7 @@ class Preset:
     source: str  # Hub repository the config comes from, or "tiermoe" for made-up test shapes
     config: dict
     generation_config: dict = field(default_factory=dict)
+    tokenizer: str | None = None  # style in bench/synth_tokenizer.py: qwen, chatml, olmo or mistral
 
 
 _OLMOE_1B_7B = {
@@ -119,7 +120,9 @@ _MIXTRAL_8X7B = {
 
 
 def _tiny(published: dict, **overrides) -> dict:
-    """A published config shrunk to a few layers of hidden 64, 8 experts and a 512-token vocabulary."""
+    """A published config shrunk to a few layers of hidden 64, 8 experts and a 512-token vocabulary.
+    Special-token ids sit at 0-2; overrides drop those the published model lacks (OLMoE has no bos,
+    Mixtral no pad) or share them as it does (Qwen: bos = pad = <|endoftext|>)."""
     config = copy.deepcopy(published)
     config.update(
         hidden_size=64,
@@ -168,6 +171,7 @@ PRESETS: dict[str, Preset] = {
             "allenai/OLMoE-1B-7B-0924",
             _OLMOE_1B_7B,
             {"eos_token_id": 50279, "pad_token_id": 1},
+            tokenizer="olmo",
         ),
         Preset(
             "qwen3-30b-a3b",
@@ -182,12 +186,14 @@ PRESETS: dict[str, Preset] = {
                 "top_k": 20,
                 "top_p": 0.95,
             },
+            tokenizer="qwen",
         ),
         Preset(
             "mixtral-8x7b",
             "mistralai/Mixtral-8x7B-v0.1",
             _MIXTRAL_8X7B,
             {"bos_token_id": 1, "eos_token_id": 2},
+            tokenizer="mistral",
         ),
         Preset(
             "tiny-qwen3-moe",
@@ -200,19 +206,31 @@ PRESETS: dict[str, Preset] = {
                 moe_intermediate_size=32,
                 intermediate_size=128,
                 max_window_layers=2,
+                bos_token_id=0,
             ),
+            tokenizer="chatml",
         ),
         Preset(
             "tiny-olmoe",
             "tiermoe",
-            _tiny(_OLMOE_1B_7B, num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+            _tiny(
+                _OLMOE_1B_7B, num_experts=8, num_experts_per_tok=2, intermediate_size=32, bos_token_id=None
+            ),
+            tokenizer="olmo",
         ),
         Preset(
             "tiny-mixtral",
             "tiermoe",
-            _tiny(_MIXTRAL_8X7B, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+            _tiny(
+                _MIXTRAL_8X7B,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                intermediate_size=32,
+                pad_token_id=None,
+            ),
+            tokenizer="mistral",
         ),
-        Preset("tiny-qwen2-moe", "tiermoe", _tiny(_TINY_QWEN2_MOE)),
+        Preset("tiny-qwen2-moe", "tiermoe", _tiny(_TINY_QWEN2_MOE, bos_token_id=0), tokenizer="chatml"),
     ]
 }
 

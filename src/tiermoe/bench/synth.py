@@ -3,7 +3,8 @@
 Weights are drawn shard by shard (never the whole model in memory), on the GPU when there is one,
 from a generator seeded per tensor name: the same seed gives the same tensors whatever the shard size
 or device order. Linear and embedding weights are normal(0, 0.02) and norms are ones, the init the
-published models were trained from, which keeps activations finite through every layer.
+published models were trained from, which keeps activations finite through every layer. A tokenizer of
+the preset's vocabulary, special-token ids and chat template comes with it (bench/synth_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -30,11 +31,19 @@ from ..errors import InvalidRequestError
 from ..offload.sources import SYNTHETIC_KEY
 from .presets import PRESETS, get_preset
 from .shapes import TensorSpec, architecture, bytes_per_element, tensor_specs
+from .synth_tokenizer import copy_tokenizer, prepare_tokenizer
 
 INIT_STD = 0.02
 SYNTH_INFO_FILE = "tiermoe_synth.json"
 _DTYPES = {"bf16": (torch.bfloat16, "bfloat16")}
 _GIB = 1 << 30
+# What an earlier synth may have left: a --no-tokenizer run must not keep a stale tokenizer.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class SynthResult:
     files: list[str]
     total_bytes: int
     num_tensors: int
+    tokenizer: str | None = None  # tokenizer style written, None when none was
 
 
 def _plan_shards(specs: list[TensorSpec], elem_bytes: int, shard_bytes: int) -> list[list[TensorSpec]]:
@@ -75,12 +85,12 @@ def _make_tensor(spec: TensorSpec, dtype: torch.dtype, device: torch.device, see
     return t.cpu()
 
 
-def _resolve(preset_or_config: str | dict) -> tuple[str, str, dict, dict]:
+def _resolve(preset_or_config: str | dict) -> tuple[str, str, dict, dict, str | None]:
     if isinstance(preset_or_config, str):
         p = get_preset(preset_or_config)
-        return p.name, p.source, p.config, p.generation_config
+        return p.name, p.source, p.config, p.generation_config, p.tokenizer
     config = dict(preset_or_config)
-    return "custom", "custom", config, {}
+    return "custom", "custom", config, {}, None
 
 
 def _generation_config(config: dict, published: dict) -> dict:
@@ -102,9 +112,13 @@ def synth_checkpoint(
     device: str | None = None,
     progress: bool = True,
     experts_in_memory: bool = False,
+    tokenizer: bool = True,
 ) -> SynthResult:
     """Write config.json, generation_config.json, safetensors shards (and their index when more than
     one) to out_dir. preset_or_config: a preset name or a config.json dict with `architectures`.
+
+    tokenizer: also write the preset's tokenizer.json and tokenizer_config.json (built once, then
+    copied from ~/.cache/tiermoe/tokenizers); a config dict gets none, since no preset says its style.
 
     experts_in_memory: write no expert tensors; config.json tells tiermoe to generate them (seeded, same
     init) straight into its host cache. For shapes whose experts outgrow the disk (Qwen3-30B-A3B)."""
@@ -117,9 +131,13 @@ def synth_checkpoint(
             f"unknown dtype {dtype!r}; choose bf16 (fp8 comes with quantization)", param="dtype"
         )
     torch_dtype, dtype_name = _DTYPES[dtype]
-    name, source, config, published_gen = _resolve(preset_or_config)
+    name, source, config, published_gen, style = _resolve(preset_or_config)
+    style = style if tokenizer else None
     architecture(config)  # fail before writing anything if the layout is unknown
     config["torch_dtype"] = dtype_name
+    generation_config = _generation_config(config, published_gen)
+    # Before the weights, so that a tokenizer that cannot be made fails in seconds, not after GiBs.
+    tokenizer_dir = prepare_tokenizer(style, config, generation_config) if style else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     out = Path(out_dir)
@@ -129,6 +147,7 @@ def synth_checkpoint(
         *out.glob("model*.safetensors"),
         out / "model.safetensors.index.json",
         out / SYNTH_INFO_FILE,
+        *(out / f for f in _TOKENIZER_FILES),
     ]:
         stale.unlink(missing_ok=True)
     specs = tensor_specs(config)
@@ -166,9 +185,9 @@ def synth_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out / "generation_config.json").write_text(
-        json.dumps(_generation_config(config, published_gen), indent=2) + "\n"
-    )
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if tokenizer_dir:
+        copy_tokenizer(tokenizer_dir, out)
     info = {
         "preset": name,
         "source": source,
@@ -177,10 +196,11 @@ def synth_checkpoint(
         "init_std": INIT_STD,
         "total_bytes": total,
         "experts_in_memory": experts_in_memory,
+        "tokenizer": style,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / SYNTH_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return SynthResult(out, files, total, len(specs))
+    return SynthResult(out, files, total, len(specs), style)
 
 
 def read_synth_info(model_dir: str | Path) -> dict:
@@ -198,9 +218,11 @@ def main(args: argparse.Namespace) -> int:
         shard_gib=args.shard_gib,
         device=args.device,
         experts_in_memory=args.experts_in_memory,
+        tokenizer=args.tokenizer,
     )
+    tokenizer = f" and a {result.tokenizer} tokenizer" if result.tokenizer else ""
     print(
-        f"wrote {result.num_tensors} tensors, {result.total_bytes / _GIB:.2f} GiB in {len(result.files)} file(s) to {result.out_dir}"
+        f"wrote {result.num_tensors} tensors, {result.total_bytes / _GIB:.2f} GiB in {len(result.files)} file(s){tokenizer} to {result.out_dir}"
     )
     return 0
 
@@ -219,6 +241,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--experts-in-memory",
         action="store_true",
         help="write no expert tensors: tiermoe generates them into its host cache (checkpoints larger than the disk)",
+    )
+    p.add_argument(
+        "--no-tokenizer",
+        dest="tokenizer",
+        action="store_false",
+        help="write no tokenizer (token-id prompts only)",
     )
     p.set_defaults(func=main)
     return p
