@@ -1,4 +1,5 @@
-"""`tiermoe bench` end to end on a tiny synth model on the CPU: valid JSON with every key, and a PNG."""
+"""`tiermoe bench` end to end on a tiny synth model on the CPU: valid JSON with every key, and a PNG;
+the floors of a capped run from hand-made figures."""
 
 import argparse
 import json
@@ -7,24 +8,37 @@ import sys
 
 import pytest
 
+from tiermoe import cli
 from tiermoe.bench import run
+from tiermoe.bench.measure import decode_traffic
 from tiermoe.bench.presets import get_preset
 from tiermoe.bench.report import RUN_KEYS, plot_runs
-from tiermoe.bench.shapes import checkpoint_size
 from tiermoe.bench.synth import synth_checkpoint
 from tiermoe.bench.workload import Workload
+from tiermoe.config import EngineConfig
 from tiermoe.errors import InvalidRequestError
 from tiermoe.hardware import GIB
+from tiermoe.offload.placement import plan_from_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+H2D_GB_S = 10.0  # given, as a CPU machine cannot measure PCIe
+
+
+def _capped_budget_gib(model) -> float:
+    """A budget leaving 3 of the 8 experts of each of tiny-olmoe's 2 layers on the GPU, with the
+    engine's defaults on this machine (what the bench's children get)."""
+    least = plan_from_config(json.loads((model / "config.json").read_text()), EngineConfig())
+    return (least.dense_bytes + least.kv_bytes + least.workspace_bytes + 6.5 * least.expert_bytes) / GIB
 
 
 def test_bench_command_end_to_end(tmp_path, monkeypatch):
     model = tmp_path / "tiny"
     synth_checkpoint("tiny-olmoe", model, progress=False)
+    cap = _capped_budget_gib(model)
     argv = [
-        "bench", "--model", str(model), "--gpu-budget", "none", "--prompt-len", "16", "--gen-len", "6",
-        "--batch", "2", "--repeat", "2", "--peers", "hf,hf-offload", "--peer-gen-len", "4",
+        "bench", "--model", str(model), "--gpu-budget", f"{cap!r},none", "--routing", "uniform,szd:p_stick=0.5",
+        "--prompt-len", "16", "--gen-len", "6", "--batch", "2", "--repeat", "2", "--peers", "hf,hf-offload",
+        "--peer-gen-len", "4", "--h2d-gb-s", str(H2D_GB_S), "--record-routing", str(tmp_path / "tr.npz"),
         "--out-dir", str(tmp_path / "results"), "--name", "t",
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["/venv/bin/tiermoe", *argv])
@@ -34,11 +48,25 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch):
     assert args.func(args) == 0
 
     data = json.loads((tmp_path / "results" / "t.json").read_text())
-    runs = {r["engine"]: r for r in data["runs"]}
-    assert [r["engine"] for r in data["runs"]] == ["tiermoe", "hf", "hf-offload"]
+    # A budget's routings side by side, then the peers.
+    assert [(r["engine"], r["gpu_budget_gib"], r["routing"]) for r in data["runs"]] == [
+        ("tiermoe", cap, "uniform"),
+        ("tiermoe", cap, "szd"),
+        ("tiermoe", None, "uniform"),
+        ("tiermoe", None, "szd"),
+        ("hf", None, None),
+        ("hf-offload", cap, None),
+    ]
     assert all(set(RUN_KEYS) <= set(r) for r in data["runs"])
-    # Without a cap (and, on CPU, without a GPU) hf-offload is recorded as skipped, with the reason.
+    tiermoe = {(r["gpu_budget_gib"], r["routing"]): r for r in data["runs"] if r["engine"] == "tiermoe"}
+    runs = {r["engine"]: r for r in data["runs"]}
+    runs["tiermoe"] = tiermoe[(None, "uniform")]
+    _check_routing(tiermoe, tmp_path)
+    for routing in ("uniform", "szd"):
+        _check_capped_run(tiermoe[(cap, routing)], tiermoe[(None, routing)])
+    # On CPU, without a GPU, hf-offload is recorded as skipped, with the reason.
     assert runs["hf-offload"]["error"].startswith("skipped: ") and runs["hf-offload"]["decode_tok_s"] is None
+    assert "whatever the routing" in runs["hf-offload"]["routing_note"] and runs["hf"]["routing_note"]
     for r in (runs["tiermoe"], runs["hf"]):
         assert r["error"] is None, r["error"]
         assert (r["model_preset"], r["experts_dtype"], r["batch"], r["prompt_len"]) == (
@@ -56,18 +84,97 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch):
     assert runs["tiermoe"]["gen_len"] == 6 and runs["tiermoe"]["repeat"] == 2
     assert runs["hf"]["gen_len"] == 4 and runs["hf"]["gen_len_requested"] == 6
     assert isinstance(runs["tiermoe"]["experts"], dict)
+    # Uncapped: nothing moves, so no traffic and no floors.
+    for key in ("gpu_hit_rate", "h2d_bytes_per_token", "floor_tok_s", "floor_fraction", "pcie_floor_tok_s"):
+        assert runs["tiermoe"][key] is None, key
 
     png = (tmp_path / "results" / "t.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
 
+def _check_routing(tiermoe: dict, tmp_path) -> None:
+    """Each run says which routing was in force, with its parameters, and wrote its own trace."""
+    for (budget, routing), r in tiermoe.items():
+        assert r["error"] is None, r["error"]
+        budget_name = "uncapped" if budget is None else f"{budget:g}gib"
+        spec = "uniform" if routing == "uniform" else "szd_p_stick_0.5"
+        assert r["routing_trace"] == str(tmp_path / f"tr-{spec}-{budget_name}.npz")
+        assert (tmp_path / r["routing_trace"]).is_file()
+    szd = tiermoe[(None, "szd")]["routing_params"]
+    assert szd["p_stick"] == 0.5 and szd["phi"] == 0.99  # the rest stays OLMoE's calibration
+
+
+def _check_capped_run(capped: dict, uncapped: dict) -> None:
+    """The traffic figures are medians of the samples' decode-only statistics, and the floors follow
+    from them, the given PCIe bandwidth and the uncapped run of the same routing."""
+    for s in capped["samples"]:
+        e, decoded = s["experts_decode"], 2 * (6 - 1)  # batch 2, 6 tokens each, the first from prefill
+        assert s["completion_tokens"] - s["sequences"] == decoded
+        assert s["h2d_bytes_per_token"] == e["bytes_h2d"] / decoded
+        assert e["gpu_hits"] + e["gpu_misses"] > 0 and s["gpu_hit_rate"] == e["gpu_hit_rate"]
+        # Decode steps only: prefill's loads are not in these counts.
+        assert e["bytes_h2d"] < s["experts"]["bytes_h2d"]
+    assert capped["experts_decode"] == capped["samples"][-1]["experts_decode"]
+    assert 0 <= capped["gpu_hit_rate"] < 1 and capped["h2d_bytes_per_token"] > 0 and capped["h2d_gb_s"] > 0
+    transfer_s = capped["h2d_bytes_per_token"] / (H2D_GB_S * 1e9)
+    resident_s = 1 / uncapped["decode_tok_s"]
+    assert capped["floor_tok_s"] == pytest.approx(1 / max(transfer_s, resident_s))
+    assert capped["floor_serial_tok_s"] == pytest.approx(1 / (transfer_s + resident_s))
+    assert capped["floor_fraction"] == pytest.approx(capped["decode_tok_s"] / capped["floor_tok_s"])
+    assert "PCIe" in capped["floor_note"] and "uncapped run" in capped["floor_note"]
+    assert capped["pcie_floor_tok_s"] > 0
+
+
+def test_decode_traffic_per_decoded_token():
+    experts = {"gpu_hit_rate": 0.75, "bytes_h2d": 5_000_000, "bytes_disk": 1_000_000}
+    stats = {"sequences": 2, "completion_tokens": 12, "decode_s": 0.5, "experts_decode": experts}
+    # 2 sequences × (6 - 1) decoded tokens: the first token of each comes out of prefill.
+    assert decode_traffic(stats) == {
+        "gpu_hit_rate": 0.75,
+        "h2d_bytes_per_token": 500_000,
+        "disk_bytes_per_token": 100_000,
+        "h2d_gb_s": pytest.approx(0.01),
+    }
+    resident = {**stats, "experts_decode": {}}  # nothing offloaded: no store statistics
+    assert set(decode_traffic(resident).values()) == {None}
+
+
+def test_floors_of_hand_made_runs():
+    base = {"engine": "tiermoe", "routing_params": None}
+    capped = {**base, "gpu_budget_gib": 4.0, "routing": "uniform", "decode_tok_s": 30.0}
+    runs = [
+        {**capped, "h2d_bytes_per_token": 1e9},  # 20 ms at 50 GB/s
+        {**capped, "routing": "szd", "h2d_bytes_per_token": 1e9},
+        {**base, "gpu_budget_gib": None, "routing": "uniform", "decode_tok_s": 100.0},  # 10 ms a token
+        {"engine": "hf-offload", "gpu_budget_gib": 4.0, "decode_tok_s": 0.5},
+    ]
+    engine = {"device": "cpu", "dtype": "bf16", "workspace_gib": 1.0}
+    run._finish_runs(runs, get_preset("olmoe-1b-7b").config, 1, 50.0, engine)
+    uniform, szd, _, peer = runs
+    # The transfer binds: 50 tok/s; one after the other 30 ms, 33.3 tok/s; the run reached 60 %.
+    assert uniform["floor_tok_s"] == pytest.approx(50) and uniform["floor_serial_tok_s"] == pytest.approx(
+        1 / 0.03
+    )
+    assert uniform["floor_fraction"] == pytest.approx(0.6)
+    # No uncapped run with szd routing: the PCIe term alone, and the note says so.
+    assert szd["floor_tok_s"] == szd["floor_serial_tok_s"] == pytest.approx(50)
+    assert "no all-resident term" in szd["floor_note"]
+    # The uniform-routing floor from the engine's plan: 137 of 1024 experts resident (bf16, 1 GiB workspace).
+    missed = 16 * 8 * 3 * 2048 * 1024 * 2 * (1 - 137 / 1024)
+    assert uniform["pcie_floor_tok_s"] == pytest.approx(50e9 / missed)
+    assert peer["routing"] is None and "whatever the routing" in peer["routing_note"]
+    assert peer["floor_tok_s"] is None and all(set(RUN_KEYS) <= set(r) for r in runs)
+
+
 def test_pcie_floor_of_a_capped_run():
     cfg = get_preset("olmoe-1b-7b").config
-    dense_only = checkpoint_size(cfg).dense_bytes / GIB
-    per_token = 8 * 16 * 3 * 2048 * 1024 * 2  # every active expert misses
-    assert run.pcie_floor(cfg, dense_only, 1, 50.0) == pytest.approx(50e9 / per_token)
-    assert run.pcie_floor(cfg, None, 1, 50.0) is None
-    assert run.pcie_floor(cfg, 4.0, 1, None) is None
+    engine = {"device": "cpu", "dtype": "bf16", "workspace_gib": 1.0}
+    per_token = 8 * 16 * 3 * 2048 * 1024 * 2  # every active expert
+    floor = run.pcie_floor(cfg, EngineConfig(gpu_budget_gib=4.0, **engine), 1, 50.0)
+    assert floor == pytest.approx(50e9 / (per_token * (1 - 137 / 1024)))
+    assert run.pcie_floor(cfg, EngineConfig(gpu_budget_gib=None, **engine), 1, 50.0) is None
+    assert run.pcie_floor(cfg, EngineConfig(gpu_budget_gib=4.0, **engine), 1, None) is None
+    assert run.pcie_floor(cfg, EngineConfig(gpu_budget_gib=1.0, **engine), 1, 50.0) is None  # refused budget
 
 
 def test_settings_pair_engines_with_budgets_and_variants():
@@ -84,6 +191,16 @@ def test_settings_pair_engines_with_budgets_and_variants():
     assert run._settings([None], ["hf-offload"], [lru]) == [
         ("tiermoe", None, lru),
         ("hf-offload", None, None),
+    ]
+    # Per routing: a budget's routings sit together, the variants of each inside.
+    uniform, szd = {"routing": "uniform"}, {"routing": "szd"}
+    assert run._settings([4.0, None], [], [lru, lfu_off], ["uniform", "szd"]) == [
+        ("tiermoe", 4.0, {**lru, **uniform}),
+        ("tiermoe", 4.0, {**lfu_off, **uniform}),
+        ("tiermoe", 4.0, {**lru, **szd}),
+        ("tiermoe", 4.0, {**lfu_off, **szd}),
+        ("tiermoe", None, {**lru, **uniform}),
+        ("tiermoe", None, {**lru, **szd}),
     ]
     with pytest.raises(InvalidRequestError, match="POLICY or POLICY\\+noprefetch"):
         run.parse_variants("lru+fast")
@@ -102,10 +219,43 @@ def test_argument_parsing_and_errors(tmp_path):
         run.bench(tmp_path, Workload(4, 2), [None], [])
 
 
+def test_routing_options(tmp_path):
+    assert run.parse_routings(None) == [None]  # the engine's default
+    assert run.parse_routings("natural, uniform,szd:s_g=0.4,phi=0.9,szd") == [
+        "natural",
+        "uniform",
+        "szd:s_g=0.4,phi=0.9",
+        "szd",
+    ]
+    with pytest.raises(InvalidRequestError, match="no such trace file"):
+        run.parse_routings(f"trace:{tmp_path / 'missing.npz'}")
+    with pytest.raises(InvalidRequestError, match="szd parameter 'rho=1'"):
+        run.parse_routings("szd:rho=1")
+    path = run.routing_trace_path
+    assert path("out/r.npz", "szd:s_g=0.4", 4.0) == "out/r-szd_s_g_0.4-4gib.npz"
+    assert path("out/r.txt.gz", None, None) == "out/r-default-uncapped.txt.gz"
+    assert path("r.npz", "trace:/a/b/t.npz", 8.0, "lru no-prefetch") == "r-trace_t-8gib-lru_no_prefetch.npz"
+
+
+def test_unknown_routing_is_one_error_line(tmp_path, capsys):
+    argv = ["bench", "--model", str(tmp_path), "--routing", "natural,bogus", "--out-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --routing 'bogus' unknown; use natural, uniform, szd")
+
+
 def test_plot_marks_failed_runs_and_floors(tmp_path):
     base = {"batch": 1, "pcie_floor_tok_s": None, "error": None}
     runs = [
-        {**base, "engine": "tiermoe", "gpu_budget_gib": 4.0, "decode_tok_s": 20.0, "pcie_floor_tok_s": 35.0},
+        {
+            **base,
+            "engine": "tiermoe",
+            "gpu_budget_gib": 4.0,
+            "decode_tok_s": 20.0,
+            "pcie_floor_tok_s": 35.0,
+            "floor_tok_s": 28.0,
+            "routing": "szd",
+        },
         {
             **base,
             "engine": "hf",
@@ -120,16 +270,37 @@ def test_plot_marks_failed_runs_and_floors(tmp_path):
 
 
 @pytest.mark.gpu
-def test_bench_on_gpu_with_both_peers_and_a_floor(tmp_path):
+def test_bench_on_gpu_with_both_peers_and_floors(tmp_path):
     model = tmp_path / "tiny"
     synth_checkpoint("tiny-qwen3-moe", model, progress=False)
-    payload = run.bench(model, Workload(16, 6, 2, 1), [0.0003, None], ["hf", "hf-offload"], timeout_s=300)
+    # 0.0003 GiB: below what tiermoe needs on a GPU (1 GiB workspace), yet offloads hf; cap: half the
+    # experts in GPU slots.
+    fixed = plan_from_config(
+        json.loads((model / "config.json").read_text()), EngineConfig(gpu_budget_gib=100)
+    )
+    cap = (
+        fixed.dense_bytes
+        + fixed.kv_bytes
+        + fixed.workspace_bytes
+        + fixed.total_experts / 2 * fixed.expert_bytes
+    ) / GIB
+    payload = run.bench(
+        model, Workload(16, 6, 2, 1), [0.0003, cap, None], ["hf", "hf-offload"], timeout_s=300
+    )
     runs = {(r["engine"], r["gpu_budget_gib"]): r for r in payload["runs"]}
-    assert set(runs) == {("tiermoe", 0.0003), ("tiermoe", None), ("hf", None), ("hf-offload", 0.0003)}
+    assert set(runs) == {
+        ("tiermoe", 0.0003), ("tiermoe", cap), ("tiermoe", None), ("hf", None), ("hf-offload", 0.0003), ("hf-offload", cap),
+    }  # fmt: skip
     assert payload["h2d_gb_s"] > 1
-    for key in (("tiermoe", None), ("hf", None), ("hf-offload", 0.0003)):
+    for key in (("tiermoe", cap), ("tiermoe", None), ("hf", None), ("hf-offload", 0.0003)):
         assert runs[key]["error"] is None, runs[key]["error"]
         assert runs[key]["decode_tok_s"] > 0 and runs[key]["peak_gpu_gib"] > 0
     assert "cpu" in runs[("hf-offload", 0.0003)]["placement"]
-    assert runs[("tiermoe", 0.0003)]["pcie_floor_tok_s"] > 0
+    assert (
+        "too small" in runs[("tiermoe", 0.0003)]["error"]
+        and runs[("tiermoe", 0.0003)]["pcie_floor_tok_s"] is None
+    )
+    capped = runs[("tiermoe", cap)]
+    assert capped["routing"] == "szd" and capped["pcie_floor_tok_s"] > 0 and capped["floor_tok_s"] > 0
+    assert capped["h2d_gb_s"] > 0 and 0 <= capped["gpu_hit_rate"] <= 1 and capped["floor_fraction"] > 0
     assert runs[("tiermoe", None)]["pcie_floor_tok_s"] is None

@@ -22,14 +22,9 @@ from pathlib import Path
 import torch
 
 from .bench.report import RESULTS_DIR, run_metadata, timestamp, write_json
-from .bench.shapes import (
-    bytes_per_element,
-    checkpoint_size,
-    expert_bytes_per_token,
-    expert_intermediate_size,
-    moe_layer_indices,
-    num_experts,
-)
+from .config import EngineConfig
+from .offload.budget import MemoryPlan
+from .offload.placement import plan_from_config
 
 GB = 1e9
 GIB = 1 << 30
@@ -220,21 +215,59 @@ def decode_floor(
     return DecodeFloor(missed_expert_bytes_per_token, pcie, min(cpu_bounds) if cpu_bounds else None)
 
 
-def missed_expert_bytes_per_token(config: dict, gpu_budget_gib: float | None, batch: int = 1) -> float:
-    """Expected expert bytes each token must fetch when the GPU holds what the budget leaves after the
-    dense weights, under uniform routing (real routing is skewed, so a good cache does better).
-    A batch shares loads: B tokens touch E·(1-(1-k/E)^B) distinct experts per layer, not B·k.
-    gpu_budget_gib None means uncapped: every expert resident, nothing missed."""
-    if gpu_budget_gib is None:
-        return 0.0
-    size = checkpoint_size(config)
-    slots = max(0.0, gpu_budget_gib * GIB - size.dense_bytes)
-    resident = min(1.0, slots / size.expert_bytes)
-    n_exp, top_k = num_experts(config), int(config["num_experts_per_tok"])
-    distinct = n_exp * (1 - (1 - top_k / n_exp) ** batch)
-    per_expert = size.expert_bytes / (n_exp * len(moe_layer_indices(config)))
-    step_bytes = len(moe_layer_indices(config)) * distinct * per_expert * (1 - resident)
-    return step_bytes / batch
+def uniform_hit_rate(plan: MemoryPlan) -> float:
+    """Share of routed experts found in a GPU slot under uniform routing: a layer holding q of its E
+    experts finds a uniformly routed expert with chance q/E, whatever the eviction policy."""
+    per_layer = plan.total_experts // len(plan.quotas)
+    return sum(min(q, per_layer) for q in plan.quotas.values()) / plan.total_experts
+
+
+def missed_expert_bytes_per_token(
+    plan: MemoryPlan, top_k: int, batch: int = 1, hit_rate: float | None = None
+) -> float:
+    """Expected expert bytes each token must bring over PCIe, given the engine's memory plan and a GPU
+    hit rate (None: uniform routing's, from the plan's slots; real routing is skewed, so a good cache
+    does better). A batch shares loads: B tokens touch E·(1-(1-k/E)^B) distinct experts per layer,
+    which is also what the store counts its hits over."""
+    hit = uniform_hit_rate(plan) if hit_rate is None else hit_rate
+    layers = len(plan.quotas)
+    per_layer = plan.total_experts // layers
+    distinct = per_layer * (1 - (1 - top_k / per_layer) ** batch)
+    return layers * distinct * plan.expert_bytes * (1 - hit) / batch
+
+
+@dataclass(frozen=True)
+class MeasuredFloor:
+    """Best decode tok/s at the expert traffic a run measured. floor_tok_s overlaps the PCIe transfer of
+    the missed bytes with the all-resident step (the uncapped run's time per token), so a token takes
+    the longer of the two; floor_serial_tok_s adds them (no overlap). None where no term was available."""
+
+    floor_tok_s: float | None
+    floor_serial_tok_s: float | None
+    floor_note: str
+
+
+def measured_floor(
+    h2d_bytes_per_token: float | None, h2d_gb_s: float | None, resident_s_per_token: float | None
+) -> MeasuredFloor:
+    """h2d_bytes_per_token: bytes a run moved over PCIe per decoded token; h2d_gb_s: the pinned H2D
+    bandwidth measured on the machine; resident_s_per_token: 1 / decode tok/s of the uncapped run."""
+    terms, notes = [], []
+    if h2d_bytes_per_token is not None and h2d_gb_s:
+        terms.append(h2d_bytes_per_token / (h2d_gb_s * GB))
+        notes.append(f"PCIe {h2d_bytes_per_token / 1e6:,.2f} MB/token at {h2d_gb_s:.1f} GB/s")
+    else:
+        why = "no decode H2D bytes" if h2d_bytes_per_token is None else "no H2D bandwidth"
+        notes.append(f"no PCIe term ({why})")
+    if resident_s_per_token:
+        terms.append(resident_s_per_token)
+        notes.append(f"all-resident compute {1 / resident_s_per_token:,.1f} tok/s (uncapped run)")
+    else:
+        notes.append("no all-resident term (no uncapped tiermoe run of this routing that moved no experts)")
+    slowest, total = max(terms, default=0.0), sum(terms)
+    return MeasuredFloor(
+        1 / slowest if slowest > 0 else None, 1 / total if total > 0 else None, "; ".join(notes)
+    )
 
 
 def load_config(model_dir: str | Path) -> dict:
@@ -257,29 +290,90 @@ def h2d_near(measurements: list[Measurement], nbytes: int) -> tuple[str, float] 
     return min(measured, key=lambda item: abs(math.log(H2D_CHUNKS[item[0]] / nbytes)))
 
 
-def floor_for_checkpoint(
-    model_dir: str | Path, gpu_budget_gib: float | None, batch: int, measurements: list[Measurement]
-) -> dict:
+def checkpoint_plan(model_dir: str | Path, gpu_budget_gib: float | None, dtype: str | None) -> tuple:
+    """(config.json dict, the engine's EngineConfig, its MemoryPlan) for a checkpoint on this machine.
+    Raises BudgetError, as the engine would, when the budget cannot run the model."""
     config = load_config(model_dir)
-    per_expert = 3 * config["hidden_size"] * expert_intermediate_size(config) * bytes_per_element(config)
-    h2d = h2d_near(measurements, per_expert)
-    missed = missed_expert_bytes_per_token(config, gpu_budget_gib, batch)
+    engine = EngineConfig(gpu_budget_gib=gpu_budget_gib, dtype=dtype)
+    return config, engine, plan_from_config(config, engine)
+
+
+def floor_at(
+    plan: MemoryPlan,
+    top_k: int,
+    batch: int,
+    measurements: list[Measurement],
+    hit_rate: float | None = None,
+    bytes_per_param: float = 2.0,
+) -> dict:
+    """Missed bytes per token and the PCIe and CPU floors at one GPU hit rate (None: uniform routing's)."""
+    h2d = h2d_near(measurements, plan.expert_bytes)
     floor = decode_floor(
-        missed,
+        missed_expert_bytes_per_token(plan, top_k, batch, hit_rate),
         h2d[1] if h2d else None,
         _value(measurements, "CPU copy (read+write)"),
         _value(measurements, "CPU matmul bf16"),
+        bytes_per_param,
     )
-    return {
+    hit = uniform_hit_rate(plan) if hit_rate is None else hit_rate
+    return {"hit_rate": hit, "h2d_chunk": h2d[0] if h2d else None, "h2d_gb_s": h2d[1] if h2d else None,
+            **asdict(floor)}  # fmt: skip
+
+
+def floor_for_checkpoint(
+    model_dir: str | Path,
+    config: dict,
+    engine: EngineConfig,
+    plan: MemoryPlan,
+    batch: int,
+    measurements: list[Measurement],
+    hit_rate: float | None = None,
+) -> dict:
+    """The profile's decode-floor record: the plan, the floor under uniform routing (top-level keys, as
+    before) and, when asked, the floor at a given GPU hit rate (`at_hit_rate`)."""
+    top_k = int(config["num_experts_per_tok"])
+    itemsize = engine.torch_dtype.itemsize
+    layers = len(plan.quotas)
+    record = {
         "model": str(model_dir),
-        "gpu_budget_gib": gpu_budget_gib,
+        "gpu_budget_gib": engine.gpu_budget_gib,
         "batch": batch,
-        "expert_bytes_per_token": expert_bytes_per_token(config),
-        "expert_bytes_per_expert": per_expert,
-        "h2d_chunk": h2d[0] if h2d else None,
-        "h2d_gb_s": h2d[1] if h2d else None,
-        **asdict(floor),
+        "dtype": str(engine.torch_dtype).removeprefix("torch."),
+        "plan": {
+            **{k: v for k, v in asdict(plan).items() if k != "quotas"},
+            "slots_per_layer": [min(plan.quotas.values()), max(plan.quotas.values())],
+        },
+        "expert_bytes_per_token": top_k * layers * plan.expert_bytes,
+        "expert_bytes_per_expert": plan.expert_bytes,
+        "uniform_hit_rate": uniform_hit_rate(plan),
+        **floor_at(plan, top_k, batch, measurements, None, itemsize),
     }
+    if hit_rate is not None:
+        record["at_hit_rate"] = floor_at(plan, top_k, batch, measurements, hit_rate, itemsize)
+    return record
+
+
+def _floor_line(floor: dict) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:,.2f} tok/s"  # noqa: E731
+    return (
+        f"GPU hit rate {floor['hit_rate']:.1%}: {floor['missed_bytes_per_token'] / 2**20:,.1f} MiB of experts "
+        f"missed per token -> PCIe path {fmt(floor['pcie_tok_s'])}, CPU-compute path {fmt(floor['cpu_tok_s'])}"
+    )
+
+
+def print_floor(console, floor: dict) -> None:
+    plan = floor["plan"]
+    budget = "engine default" if floor["gpu_budget_gib"] is None else f"{floor['gpu_budget_gib']:g} GiB"
+    lo, hi = plan["slots_per_layer"]
+    console.print(
+        f"decode floor for {floor['model']} at GPU budget {budget}, batch {floor['batch']}, {floor['dtype']}: "
+        f"plan: dense {plan['dense_bytes'] / GIB:.2f} GiB + KV {plan['kv_bytes'] / GIB:.2f} GiB + workspace "
+        f"{plan['workspace_bytes'] / GIB:.2f} GiB, {plan['gpu_slots']} of {plan['total_experts']} experts "
+        f"in GPU slots ({lo}-{hi} per layer)"
+    )
+    console.print(f"  uniform routing, {_floor_line(floor)}")
+    if "at_hit_rate" in floor:
+        console.print(f"  given {_floor_line(floor['at_hit_rate'])}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -287,6 +381,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
+    # The plan first: a budget the engine would refuse fails here, not after a minute of measuring.
+    checkpoint = checkpoint_plan(args.model, args.gpu_budget, args.dtype) if args.model else None
     disk_dir = args.disk_dir or args.model or "."
     measurements = profile(quick=args.quick, disk_dir=disk_dir)
     table = Table(title="tiermoe profile" + (" (quick)" if args.quick else ""))
@@ -296,19 +392,20 @@ def main(args: argparse.Namespace) -> int:
         table.add_row(m.name, "-" if m.value is None else f"{m.value:,.2f}", m.unit, m.note)
     console.print(table)
     payload = {**run_metadata(), "quick": args.quick, "measurements": [asdict(m) for m in measurements]}
-    if args.model:
-        floor = floor_for_checkpoint(args.model, args.gpu_budget, args.batch, measurements)
+    if checkpoint:
+        floor = floor_for_checkpoint(args.model, *checkpoint, args.batch, measurements, args.hit_rate)
         payload["decode_floor"] = floor
-        fmt = lambda v: "n/a" if v is None else f"{v:,.2f} tok/s"  # noqa: E731
-        budget = "uncapped" if args.gpu_budget is None else f"{args.gpu_budget:g} GiB"
-        console.print(
-            f"decode floor for {args.model} at GPU budget {budget}, batch {args.batch}: "
-            f"{floor['missed_bytes_per_token'] / 2**20:,.1f} MiB of experts missed per token -> "
-            f"PCIe path {fmt(floor['pcie_tok_s'])}, CPU-compute path {fmt(floor['cpu_tok_s'])}"
-        )
+        print_floor(console, floor)
     out = write_json(args.out or RESULTS_DIR / f"profile-{timestamp()}.json", payload)
     console.print(f"saved {out}")
     return 0
+
+
+def _hit_rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a hit rate is within [0, 1], got {text}")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -316,8 +413,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/profile-<date>.json)")
     p.add_argument("--model", default=None, help="checkpoint directory to compute the decode floor for")
-    p.add_argument("--gpu-budget", type=float, default=None, help="GPU budget for the floor, GiB")
+    p.add_argument(
+        "--gpu-budget", type=float, default=None, help="GPU budget for the floor, GiB (default: the engine's)"
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together, for the floor")
+    p.add_argument(
+        "--hit-rate", type=_hit_rate, default=None, help="also the floor at this GPU hit rate (0-1)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="engine compute dtype for the plan (default: bf16 on cuda, fp32 on cpu)"
+    )
     p.add_argument("--disk-dir", default=None, help="where to measure disk reads (default: --model or .)")
     p.set_defaults(func=main)
     return p

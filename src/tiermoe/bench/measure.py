@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,36 @@ from . import peers
 from .workload import Workload, median_figures, random_prompts
 
 ENGINES = ("tiermoe", *peers.PEERS)
+GB = 1e9
+# Expert traffic per decoded token of a timed run; like the timing figures, a run's value is the median.
+TRAFFIC = ("gpu_hit_rate", "h2d_bytes_per_token", "disk_bytes_per_token", "h2d_gb_s")
+
+
+def decode_traffic(stats: dict) -> dict:
+    """Expert-store traffic of one generate call per decoded token, over the decode steps only (prefill
+    touches nearly every expert and would swamp the per-token picture). stats: GenerationStats fields
+    sequences, completion_tokens (the whole batch's), decode_s and experts_decode. Decoded tokens are
+    completion_tokens - sequences, as in decode_tok_s: each sequence's first token comes out of prefill.
+    h2d_gb_s is achieved (decode H2D bytes / decode time), not the link's ceiling. None when nothing
+    is offloaded (no store statistics) or nothing was decoded."""
+    e = stats.get("experts_decode") or {}
+    tokens = stats["completion_tokens"] - stats["sequences"]
+    if "bytes_h2d" not in e or tokens <= 0:
+        return dict.fromkeys(TRAFFIC)
+    return {
+        "gpu_hit_rate": e.get("gpu_hit_rate"),
+        "h2d_bytes_per_token": e["bytes_h2d"] / tokens,
+        "disk_bytes_per_token": e["bytes_disk"] / tokens,
+        "h2d_gb_s": e["bytes_h2d"] / stats["decode_s"] / GB if stats["decode_s"] > 0 else None,
+    }
+
+
+def median_traffic(samples: list[dict]) -> dict:
+    out = {}
+    for key in TRAFFIC:
+        values = [s[key] for s in samples if s.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
 
 
 def measure_tiermoe(
@@ -37,7 +68,8 @@ def measure_tiermoe(
     options: dict | None = None,
 ) -> dict:
     """Load tiermoe, warm up, time workload.repeat generate calls; figures are medians, expert-store
-    statistics those of the last timed run. options: further LLM keywords (eviction, prefetch)."""
+    statistics those of the last timed run. options: further LLM keywords (eviction, prefetch, routing,
+    record_routing). The routing in force is read back from the LLM, so a default is recorded by name."""
     from .. import LLM, SamplingParams
 
     # Budgets are passed only when set, so an uncapped run needs nothing beyond the basic LLM(...).
@@ -59,19 +91,26 @@ def measure_tiermoe(
                 f"tiermoe returned {sorted(lengths)} tokens per sequence, asked for {workload.gen_len}"
             )
         stats = outs[0].stats
-        samples.append(
-            {
-                "ttft_s": stats.ttft_s,
-                "prefill_tok_s": stats.prefill_tok_s,
-                "decode_tok_s": stats.decode_tok_s,
-                "peak_gpu_gib": stats.peak_gpu_gib,
-                "peak_host_gib": stats.peak_host_gib,
-                "experts": stats.experts,
-            }
-        )
+        sample = {
+            "ttft_s": stats.ttft_s,
+            "prefill_tok_s": stats.prefill_tok_s,
+            "decode_tok_s": stats.decode_tok_s,
+            "decode_s": stats.decode_s,
+            "completion_tokens": stats.completion_tokens,
+            "sequences": stats.sequences,
+            "peak_gpu_gib": stats.peak_gpu_gib,
+            "peak_host_gib": stats.peak_host_gib,
+            "experts": stats.experts,
+            "experts_decode": stats.experts_decode,
+        }
+        samples.append({**sample, **decode_traffic(sample)})
     return {
         **median_figures(samples),
+        **median_traffic(samples),
         "experts": samples[-1]["experts"],
+        "experts_decode": samples[-1]["experts_decode"],
+        "routing": llm.routing_mode,
+        "routing_params": llm.routing_params,
         "samples": samples,
         "load_s": load_s,
         "error": None,

@@ -36,7 +36,21 @@ RUN_KEYS = (
     "peak_gpu_gib",
     "peak_host_gib",
     "pcie_floor_tok_s",
+    "routing",
+    "routing_params",
+    "routing_note",
+    "routing_trace",
+    "gpu_hit_rate",
+    "h2d_bytes_per_token",
+    "disk_bytes_per_token",
+    "h2d_gb_s",
+    "floor_tok_s",
+    "floor_serial_tok_s",
+    "floor_fraction",
+    "floor_note",
+    "peer_flags",
     "experts",
+    "experts_decode",
     "error",
     "device",
     "driver",
@@ -124,12 +138,21 @@ def variant_name(run: dict) -> str:
 
 def run_label(run: dict) -> str:
     budget = "uncapped" if run.get("gpu_budget_gib") is None else f"{run['gpu_budget_gib']:g} GiB"
-    variant = variant_name(run)
-    return f"{run['engine']}\n{budget}" + (f"\n{variant}" if variant else "") + f"\nbatch {run['batch']}"
+    lines = [run["engine"], budget, run.get("routing") and f"{run['routing']} routing", variant_name(run)]
+    return "\n".join(filter(None, lines)) + f"\nbatch {run['batch']}"
+
+
+# The two floors of a capped tiermoe run, as (key, legend, colour, mark width) of their marks on the
+# plot; the second is shorter, so it stays visible where both floors coincide.
+FLOOR_MARKS = (
+    ("pcie_floor_tok_s", "PCIe floor, uniform routing", "black", 30),
+    ("floor_tok_s", "floor at the measured hit rate", "tab:green", 16),
+)
 
 
 def plot_runs(runs: list[dict], path: str | Path, title: str) -> Path:
-    """Bars of decode tok/s per engine and setting on a log axis, with each run's PCIe floor as a marker.
+    """Bars of decode tok/s per engine and setting on a log axis, with each run's floors as marks (the
+    uniform-routing PCIe floor and the floor at the run's own hit rate, in their own colours).
     Runs that failed or were skipped get an empty slot labelled with the reason, not a zero bar."""
     import matplotlib
 
@@ -140,10 +163,10 @@ def plot_runs(runs: list[dict], path: str | Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(runs)), 4.5))
     xs = range(len(runs))
     measured = [r.get("decode_tok_s") or 0.0 for r in runs]
-    floors = [r.get("pcie_floor_tok_s") or 0.0 for r in runs]
+    floors = [r.get(key) or 0.0 for r in runs for key, *_ in FLOOR_MARKS]
     positive = [v for v in measured + floors if v > 0] or [1.0]
     lo, hi = min(positive) / 10, max(positive) * 4
-    for x, run, value, floor in zip(xs, runs, measured, floors, strict=True):
+    for x, run, value in zip(xs, runs, measured, strict=True):
         if value > 0:
             ax.bar(x, value, color=colors.get(run["engine"], "tab:gray"))
             ax.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
@@ -152,10 +175,13 @@ def plot_runs(runs: list[dict], path: str | Path, title: str) -> Path:
             ax.annotate(
                 f"not run: {reason}", (x, lo * 1.3), ha="center", va="bottom", fontsize=7, rotation=90
             )
-        if floor > 0:
-            ax.plot(x, floor, marker="_", markersize=30, mew=2, color="black")
-    if any(r.get("pcie_floor_tok_s") for r in runs):
-        ax.plot([], [], marker="_", markersize=12, mew=2, color="black", linestyle="none", label="PCIe floor")
+        for key, _, color, width in FLOOR_MARKS:
+            if run.get(key):
+                ax.plot(x, run[key], marker="_", markersize=width, mew=3, color=color)
+    for key, legend, color, _ in FLOOR_MARKS:
+        if any(r.get(key) for r in runs):
+            ax.plot([], [], marker="_", markersize=12, mew=2, color=color, linestyle="none", label=legend)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylim(lo, hi)

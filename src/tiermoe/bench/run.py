@@ -2,22 +2,28 @@
 
 Every setting is measured in its own process (measure.py). The result file holds one run object per
 engine and setting (keys in report.RUN_KEYS), each with the provenance of the whole bench, and a PNG
-of decode tok/s next to it. For capped runs the PCIe floor says how fast any engine could decode if
-every expert the budget cannot hold had to cross PCIe each time it is used.
+of decode tok/s next to it. Capped tiermoe runs get two floors, both from the engine's own memory plan:
+`pcie_floor_tok_s`, how fast any engine could decode if every expert the budget cannot hold crossed
+PCIe each time uniform routing used it, and `floor_tok_s`, the floor at the run's own measured hit rate
+(its decode H2D bytes at the measured PCIe bandwidth, against the uncapped run's all-resident step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..errors import InvalidRequestError
-from ..hardware import decode_floor, h2d_bandwidth, missed_expert_bytes_per_token
-from . import peers
+from ..config import EngineConfig
+from ..errors import BudgetError, InvalidRequestError
+from ..hardware import decode_floor, h2d_bandwidth, measured_floor, missed_expert_bytes_per_token
+from ..offload.placement import plan_from_config
+from ..routing.spec import parse_routing
+from . import llamacpp, peers
 from .measure import run_isolated
 from .report import RESULTS_DIR, RUN_KEYS, plot_runs, run_metadata, timestamp, variant_name, write_json
 from .shapes import bytes_per_element, expert_intermediate_size
@@ -47,10 +53,11 @@ def parse_budgets(values: list[str] | None) -> list[float | None]:
 
 def parse_peers(value: str | None) -> list[str]:
     names = [p.strip() for p in (value or "").split(",") if p.strip()]
-    unknown = [p for p in names if p not in peers.PEERS]
+    known = (*peers.PEERS, llamacpp.ENGINE)
+    unknown = [p for p in names if p not in known]
     if unknown:
         raise InvalidRequestError(
-            f"unknown peer(s) {', '.join(unknown)}; peers are: {', '.join(peers.PEERS)}", param="peers"
+            f"unknown peer(s) {', '.join(unknown)}; peers are: {', '.join(known)}", param="peers"
         )
     return names
 
@@ -63,15 +70,70 @@ def measure_h2d(config: dict) -> float | None:
     return h2d_bandwidth(chunk, pinned=True, total_bytes=1 << 30)
 
 
-def pcie_floor(
-    config: dict, gpu_budget_gib: float | None, batch: int, h2d_gb_s: float | None
-) -> float | None:
-    """Best decode tok/s (whole batch) if every expert use the budget cannot hold crosses PCIe."""
-    if gpu_budget_gib is None or not h2d_gb_s:
+def pcie_floor(config: dict, engine: EngineConfig, batch: int, h2d_gb_s: float | None) -> float | None:
+    """Best decode tok/s (whole batch) if every expert use the engine's GPU slots cannot serve crosses
+    PCIe, under uniform routing; engine: the budgets, device and dtype the tiermoe run was given."""
+    if engine.gpu_budget_gib is None or not h2d_gb_s:
         return None
-    return decode_floor(
-        missed_expert_bytes_per_token(config, gpu_budget_gib, batch), h2d_gb_s, None
-    ).pcie_tok_s
+    try:
+        plan = plan_from_config(config, engine)
+    except BudgetError:
+        return None  # the engine refuses this budget too; its run records why
+    missed = missed_expert_bytes_per_token(plan, int(config["num_experts_per_tok"]), batch)
+    return decode_floor(missed, h2d_gb_s, None).pcie_tok_s
+
+
+def run_floors(run: dict, h2d_gb_s: float | None, resident_tok_s: float | None) -> dict:
+    """floor_tok_s, floor_serial_tok_s, floor_note and floor_fraction of a capped tiermoe run, from its
+    decode H2D bytes per token, the measured PCIe bandwidth and the decode tok/s of the uncapped run of
+    the same routing (its all-resident step time). All None for a run that did not decode."""
+    if not run.get("decode_tok_s"):
+        return {"floor_tok_s": None, "floor_serial_tok_s": None, "floor_note": None, "floor_fraction": None}
+    floor = measured_floor(
+        run.get("h2d_bytes_per_token"), h2d_gb_s, 1 / resident_tok_s if resident_tok_s else None
+    )
+    fraction = run["decode_tok_s"] / floor.floor_tok_s if floor.floor_tok_s else None
+    return {**vars(floor), "floor_fraction": fraction}
+
+
+def parse_routings(value: str | None) -> list[str | None]:
+    """`--routing natural,uniform,szd:s_g=0.4,phi=0.9` -> ["natural", "uniform", "szd:s_g=0.4,phi=0.9"]:
+    an item NAME=VALUE continues the szd item before it. None: [None], the engine's default (szd on
+    synthetic checkpoints). Each is checked now, so a typo is one error line before anything runs."""
+    if not value:
+        return [None]
+    items: list[str] = []
+    for item in (i.strip() for i in value.split(",")):
+        if "=" in item and ":" not in item and items and items[-1].startswith("szd"):
+            items[-1] += "," + item
+        elif item:
+            items.append(item)
+    for item in items:
+        spec = parse_routing(item)
+        if spec.mode == "trace" and not Path(spec.trace_path).is_file():
+            raise InvalidRequestError(f"--routing {item}: no such trace file", param="routing")
+    return items
+
+
+def routing_trace_path(base: str, routing: str | None, budget: float | None, variant: str = "") -> str:
+    """--record-routing PATH -> PATH's stem + -<routing>-<budget>[-<variant>] + its suffix, so runs do
+    not overwrite each other's traces (routing: the spec as given, made file-name safe)."""
+    path = Path(base)
+    suffix = ".txt.gz" if path.name.endswith(".txt.gz") else path.suffix
+    stem = path.name.removesuffix(suffix)
+    mode, _, rest = (routing or "default").partition(":")
+    name = f"{mode}_{Path(rest).stem}" if mode == "trace" else (routing or "default")
+    parts = [name, "uncapped" if budget is None else f"{budget:g}gib", variant]
+    slug = "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", p).strip("_") for p in parts if p)
+    return str(path.with_name(f"{stem}-{slug}{suffix}"))
+
+
+# Peers route with the checkpoint's own routers, and their speed does not depend on where experts go.
+PEER_ROUTING_NOTES = {
+    "hf": "HF keeps every expert on the GPU: no expert moves whatever the routing",
+    "hf-offload": "HF offload moves every offloaded layer every token whatever the routing",
+    "llama.cpp": "llama.cpp computes CPU experts whatever the routing",
+}
 
 
 def parse_variants(value: str | None) -> list[dict]:
@@ -97,11 +159,20 @@ def parse_variants(value: str | None) -> list[dict]:
 
 
 def _settings(
-    budgets: list[float | None], peer_names: list[str], variants: list[dict]
+    budgets: list[float | None],
+    peer_names: list[str],
+    variants: list[dict],
+    routings: list[str | None] = (None,),
 ) -> list[tuple[str, float | None, dict | None]]:
-    """tiermoe at every budget (every variant when capped: they only differ when experts move); hf
-    once, uncapped (it cannot be capped); hf-offload at every cap."""
-    settings = [("tiermoe", b, v) for b in budgets for v in (variants if b is not None else variants[:1])]
+    """tiermoe at every budget and routing, a budget's routings side by side (every variant when capped:
+    they only differ when experts move; routing None: the engine's default); hf once, uncapped (it
+    cannot be capped); hf-offload at every cap."""
+    settings = [
+        ("tiermoe", b, {**v, **({"routing": r} if r else {})})
+        for b in budgets
+        for r in routings
+        for v in (variants if b is not None else variants[:1])
+    ]
     if "hf" in peer_names:
         settings.append(("hf", None, None))
     if "hf-offload" in peer_names:
@@ -125,8 +196,12 @@ def bench(
     variants: list[dict] | None = None,
     argv: list[str] | None = None,
     progress: Callable[[str], None] = print,
+    routings: list[str | None] | None = None,
+    record_routing: str | None = None,
+    llama_cpp: llamacpp.LlamaCppOptions | None = None,
 ) -> dict:
-    """Measure every setting and return {"runs": [...], ...}; writes nothing."""
+    """Measure every setting and return {"runs": [...], ...}; writes nothing but the routing traces
+    asked for (record_routing: a path each tiermoe run's trace is named after)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -134,6 +209,13 @@ def bench(
             f"{model_dir} has no config.json; write one with `tiermoe synth`", param="model"
         )
     config = json.loads(config_path.read_text())
+    if llamacpp.ENGINE in peer_names and llama_cpp is None:
+        raise InvalidRequestError(
+            "--peers llama.cpp needs --llama-cpp DIR, a llama.cpp build and its converter (bench/README.md)",
+            param="llama_cpp",
+        )
+    # A bad device, dtype or budget fails here, before any run, as it would in every tiermoe run.
+    EngineConfig(device=device, dtype=dtype, cpu_budget_gib=cpu_budget_gib)
     info = read_synth_info(model_dir)
     common = {
         "model_preset": info.get("preset", model_dir.name),
@@ -152,14 +234,26 @@ def bench(
         workload.seed,
     )
     results = []
-    for engine, budget, options in _settings(gpu_budgets, peer_names, variants or parse_variants(None)):
+    variants = variants or parse_variants(None)
+    for engine, budget, options in _settings(gpu_budgets, peer_names, variants, routings or [None]):
         w = workload if engine == "tiermoe" else peer_workload
         budget_text = "uncapped" if budget is None else f"{budget:g} GiB"
         variant = (
             ""
             if options is None
-            else f" ({options['eviction']}, prefetch {'on' if options['prefetch'] else 'off'})"
+            else f" ({options.get('routing') or 'default'} routing, {options['eviction']}, "
+            f"prefetch {'on' if options['prefetch'] else 'off'})"
         )
+        trace = None
+        if engine == "tiermoe" and record_routing:
+            several = budget is not None and len(variants) > 1  # name the variant only where it differs
+            trace = routing_trace_path(
+                record_routing,
+                options.get("routing"),
+                budget,
+                variant_name({**options, "gpu_budget_gib": budget}) if several else "",
+            )
+            options = {**options, "record_routing": trace}
         progress(
             f"bench: {engine}{variant} at GPU {budget_text}, batch {w.batch}, {w.prompt_len}+{w.gen_len} tokens, {w.repeat} runs"
         )
@@ -180,25 +274,58 @@ def bench(
             **common,
             "engine": engine,
             "gpu_budget_gib": budget,
-            **(options or {}),
+            **{k: v for k, v in (options or {}).items() if k in ("eviction", "prefetch")},
             "gen_len": w.gen_len,
             "repeat": w.repeat,
             **figures,
         }
+        if engine == "tiermoe":
+            # The child reads the routing in force back from the LLM; a run that failed keeps what was asked.
+            requested = options.get("routing")
+            run.setdefault("routing", parse_routing(requested).mode if requested else None)
+            run["routing_trace"] = trace if trace and Path(trace).exists() else None
         if w.gen_len != workload.gen_len:
             run["gen_len_requested"] = workload.gen_len  # peers' length was capped with --peer-gen-len
         results.append(run)
+    if llamacpp.ENGINE in peer_names:
+        # The fitted split once per capped budget; all on the GPU and all experts on the CPU once each.
+        llama_runs = llamacpp.runs(model_dir, workload, gpu_budgets, llama_cpp, timeout_s, progress)
+        results += [{**common, **r} for r in llama_runs]
 
     # Measured last, so this process holds no CUDA context while the engines run.
     h2d = h2d_gb_s if h2d_gb_s is not None else measure_h2d(config)
-    for run in results:
-        capped_tiermoe = run["engine"] == "tiermoe" and run["gpu_budget_gib"] is not None
-        run["pcie_floor_tok_s"] = (
-            pcie_floor(config, run["gpu_budget_gib"], workload.batch, h2d) if capped_tiermoe else None
-        )
+    engine_config = {"device": device, "dtype": dtype, "cpu_budget_gib": cpu_budget_gib}
+    _finish_runs(results, config, workload.batch, h2d, engine_config)
+    return {"runs": results, "model_dir": str(model_dir), "h2d_gb_s": h2d, "seed": workload.seed}
+
+
+def _routing_key(run: dict) -> tuple:
+    return run.get("routing"), json.dumps(run.get("routing_params"), sort_keys=True)
+
+
+def _finish_runs(runs: list[dict], config: dict, batch: int, h2d_gb_s: float | None, engine: dict) -> None:
+    """Floors of every capped tiermoe run, routing notes of the peers, and every RUN_KEYS key present.
+    engine: the EngineConfig fields every tiermoe run was given besides its GPU budget."""
+    # The all-resident step: an uncapped run that moved no experts (the engine's default budget may not
+    # hold every expert on a small GPU, and then its speed is no such step).
+    uncapped = {
+        _routing_key(r): r["decode_tok_s"]
+        for r in runs
+        if r["engine"] == "tiermoe"
+        and r["gpu_budget_gib"] is None
+        and r.get("decode_tok_s")
+        and not r.get("h2d_bytes_per_token")
+    }
+    for run in runs:
+        if run["engine"] == "tiermoe" and run["gpu_budget_gib"] is not None:
+            capped = EngineConfig(gpu_budget_gib=run["gpu_budget_gib"], **engine)
+            run["pcie_floor_tok_s"] = pcie_floor(config, capped, batch, h2d_gb_s)
+            run.update(run_floors(run, h2d_gb_s, uncapped.get(_routing_key(run))))
+        elif run["engine"] != "tiermoe":
+            run["routing"] = None
+            run.setdefault("routing_note", PEER_ROUTING_NOTES.get(run["engine"]))
         for key in RUN_KEYS:
             run.setdefault(key, None)
-    return {"runs": results, "model_dir": str(model_dir), "h2d_gb_s": h2d, "seed": workload.seed}
 
 
 def _summary_table(runs: list[dict]):
@@ -208,12 +335,17 @@ def _summary_table(runs: list[dict]):
     for col in (
         "engine",
         "GPU cap",
+        "routing",
         "batch",
         "prefill tok/s",
         "decode tok/s",
         "TTFT s",
         "peak GPU GiB",
-        "PCIe floor",
+        "GPU hit rate",
+        "H2D GB/s",
+        "floor tok/s",
+        "of floor",
+        "PCIe floor (uniform)",
         "note",
     ):
         table.add_column(col)
@@ -224,8 +356,10 @@ def _summary_table(runs: list[dict]):
     for r in runs:
         cap = "none" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g}"
         table.add_row(
-            f"{r['engine']} {variant_name(r)}".strip(), cap, str(r["batch"]), fmt(r["prefill_tok_s"], ",.1f"), fmt(r["decode_tok_s"]),
-            fmt(r["ttft_s"], ".3f"), fmt(r["peak_gpu_gib"]), fmt(r["pcie_floor_tok_s"]), (r["error"] or "")[:60],
+            f"{r['engine']} {variant_name(r)}".strip(), cap, r["routing"] or "-", str(r["batch"]),
+            fmt(r["prefill_tok_s"], ",.1f"), fmt(r["decode_tok_s"]), fmt(r["ttft_s"], ".3f"), fmt(r["peak_gpu_gib"]),
+            fmt(r["gpu_hit_rate"], ".1%"), fmt(r["h2d_gb_s"], ".1f"), fmt(r["floor_tok_s"]),
+            fmt(r["floor_fraction"], ".0%"), fmt(r["pcie_floor_tok_s"]), (r["error"] or "")[:60],
         )  # fmt: skip
     return table
 
@@ -249,6 +383,9 @@ def main(args: argparse.Namespace) -> int:
         h2d_gb_s=args.h2d_gb_s,
         variants=parse_variants(args.variants),
         progress=console.print,
+        routings=parse_routings(args.routing),
+        record_routing=args.record_routing,
+        llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_quant),
     )
     runs = payload["runs"]
     stem = args.name or f"bench-{runs[0]['model_preset']}-b{workload.batch}-{timestamp()}"
@@ -262,7 +399,9 @@ def main(args: argparse.Namespace) -> int:
     for r in runs:
         if r["experts"]:
             cap = "uncapped" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g} GiB"
-            console.print(f"expert store, {r['engine']} at {cap}: {json.dumps(r['experts'])}")
+            console.print(
+                f"expert store, {r['engine']} at {cap}, {r['routing']} routing: {json.dumps(r['experts'])}"
+            )
     console.print(f"saved {json_path} and {png_path}")
     return 0
 
@@ -278,7 +417,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up; figures are medians")
-    p.add_argument("--peers", default="", help="comma-separated: hf, hf-offload")
+    p.add_argument("--peers", default="", help="comma-separated: hf, hf-offload, llama.cpp")
+    p.add_argument(
+        "--llama-cpp", default=None, metavar="DIR", help="llama.cpp build and converter (--peers llama.cpp)"
+    )
+    p.add_argument(
+        "--llama-cpp-quant", default=None, choices=list(llamacpp.QUANT_TYPES), help="bench a quantized GGUF"
+    )
     p.add_argument(
         "--peer-gen-len", type=int, default=None, help="shorter generation for slow peers (recorded)"
     )
@@ -288,6 +433,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="tiermoe settings to compare when capped: POLICY or POLICY+noprefetch, comma-separated "
         "(e.g. lru,lfu,lru-protect,lru+noprefetch; default: the engine's own, lfu without prefetch)",
+    )
+    p.add_argument(
+        "--routing",
+        default=None,
+        help="tiermoe runs once per routing at every budget, comma-separated: natural, uniform, szd, "
+        "szd:NAME=VALUE,..., trace:FILE (default: the engine's, szd on synthetic checkpoints)",
+    )
+    p.add_argument(
+        "--record-routing",
+        default=None,
+        metavar="PATH",
+        help="record each tiermoe run's routing to PATH's stem + -<routing>-<budget> + its suffix",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per engine and setting")
     p.add_argument("--device", default=None, help="tiermoe device: cuda or cpu (default: cuda if present)")

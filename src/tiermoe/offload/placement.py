@@ -1,9 +1,17 @@
 """Choose the expert provider for a model: everything resident when the plan says it fits, else the
-tiered store sized by the memory plan."""
+tiered store sized by the memory plan.
+
+The memory plan is made in one place for everyone: `memory_plan` for a loaded model, and
+`plan_from_config` for `tiermoe profile` and `tiermoe bench`, which have only config.json and must
+count the same slots the engine will have."""
 
 from __future__ import annotations
 
+import torch
+
 from ..config import EngineConfig
+from ..errors import CheckpointError
+from ..models.base import MoEArgs
 from .budget import GIB, MemoryPlan, plan_memory
 from .provider import ExpertProvider, load_resident
 from .sources import open_expert_source
@@ -11,14 +19,50 @@ from .store import TieredExpertStore
 
 
 def memory_plan(source, config: EngineConfig, dense_bytes: int, max_model_len: int) -> MemoryPlan:
-    args = source.args
-    itemsize = source.dtype.itemsize
+    return _plan(source.args, source.dtype, source.device, config, dense_bytes, max_model_len)
+
+
+def plan_from_config(hf_config: dict, config: EngineConfig) -> MemoryPlan:
+    """The plan `LLM(path, **config)` makes, from the checkpoint's config.json alone (no weights read).
+    Dense bytes come from the module tree built on the meta device, i.e. the very parameters the
+    loader fills and then counts."""
+    arch, hf, args = _args_from_config(hf_config)
+    with torch.device("meta"):
+        model = arch.build(args, hf)
+    model.to(dtype=config.torch_dtype)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # As LLM does: the context is the model's, shortened by --max-model-len.
+    max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+    return _plan(args, config.torch_dtype, config.torch_device, config, dense_bytes, max_model_len)
+
+
+def _args_from_config(hf_config: dict):
+    """(Architecture, transformers config, MoEArgs) as the loader reads them from config.json."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..models.registry import architecture_for
+
+    arch = architecture_for(hf_config)
+    model_type = hf_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"config.json has model_type {model_type!r}, which transformers does not know")
+    hf = CONFIG_MAPPING[model_type].from_dict(dict(hf_config))
+    return arch, hf, arch.args_from_hf(hf)
+
+
+def _plan(
+    args: MoEArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    config: EngineConfig,
+    dense_bytes: int,
+    max_model_len: int,
+) -> MemoryPlan:
+    itemsize = dtype.itemsize
     kv_tokens = config.kv_reserve_tokens or min(max_model_len, 4096)
     kv_bytes = kv_tokens * args.num_layers * 2 * args.num_kv_heads * args.head_dim * itemsize
     workspace = (
-        config.workspace_gib
-        if config.workspace_gib is not None
-        else (1.0 if source.device.type == "cuda" else 0.0)
+        config.workspace_gib if config.workspace_gib is not None else (1.0 if device.type == "cuda" else 0.0)
     )
     return plan_memory(
         moe_layers=args.moe_layers,
@@ -28,7 +72,7 @@ def memory_plan(source, config: EngineConfig, dense_bytes: int, max_model_len: i
         dense_bytes=dense_bytes,
         kv_bytes=kv_bytes,
         workspace_bytes=int(workspace * GIB),
-        device=source.device,
+        device=device,
         gpu_budget_gib=config.gpu_budget_gib,
         cpu_budget_gib=config.cpu_budget_gib,
     )
