@@ -62,11 +62,11 @@ qwen3)
     # synth writes only the dense weights and tiermoe generates the experts (seeded, normal(0, 0.02)) straight
     # into its pinned host cache; the peers build the same architecture with random weights in memory.
     # A capped run loads for 40-75 s, so 64 new tokens timed twice keep the six tiermoe runs near 5 minutes;
-    # HF offload (0.1 tok/s, ~4 minutes for 4 tokens) takes the rest.
+    # HF offload (0.1 tok/s, ~3 minutes for 3 tokens) takes the rest.
     model=$(synth qwen3-30b-a3b --experts-in-memory)
     $TIERMOE bench --model "$model" --gpu-budget 8,none --routing "$ROUTING" \
         --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 \
-        "${peer_flags[@]}" --peer-gen-len 4 --peer-repeat 1 --timeout 300
+        "${peer_flags[@]}" --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 *)
     echo "usage: $0 [olmoe|qwen3]" >&2

@@ -9,6 +9,7 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tiermoe.bench import llamacpp, run
@@ -146,6 +147,37 @@ def test_layout_agrees_with_gguf_py(gguf):
     assert sizes["token_embd.weight"] == layout.cpu_bytes
     assert sum(sizes.values()) == layout.cpu_bytes + layout.dense_gpu_bytes + sum(layout.expert_bytes)
     assert sum(v for k, v in sizes.items() if k.startswith("blk.3.ffn_") and "_exps" in k) == EXPERT_BYTES[3]
+
+
+def test_q8_0_is_bit_for_bit_gguf_pys(monkeypatch):
+    """The fast Q8_0 the converter runs with gives gguf-py's bytes (the reference of ggml-quants.c) on
+    random rows and on the edge cases: an all-zero block, exact halves, a value just below a half,
+    denormal-sized scales."""
+    root = Path(LLAMA_CPP or "/work/shared/llamacpp")
+    gguf_py = next((p for p in (root / "convert" / "gguf-py", root / "gguf-py") if p.is_dir()), None)
+    if gguf_py is None:
+        pytest.skip("no gguf-py here (set TIERMOE_LLAMA_CPP)")
+    monkeypatch.syspath_prepend(str(gguf_py))
+    import gguf.quants as quants
+
+    monkeypatch.setattr(llamacpp, "_Q8_0_CHUNK_BLOCKS", 100)  # several chunks, the last one short
+    x = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32) * 0.02
+    x[0, :32] = 0
+    x[1, :32] = np.arange(32) - 15.5  # d = 16.5 / 127: many x / d land near halves
+    x[2, :32] = np.float32(0.5) * np.where(np.arange(32) % 2, 1, -1) * 127  # d = 0.5, x / d = +-127
+    x[3, :31] = np.nextafter(np.float32(0.5), np.float32(0))  # just below a half after scaling by 1
+    x[3, 31] = 127
+    x[4, :32] *= 1e-35
+    reference = quants.quantize(x, quants.GGMLQuantizationType.Q8_0)
+    bf16 = quants.quantize(x, quants.GGMLQuantizationType.BF16)
+    fast = llamacpp.q8_0_blocks(x).reshape(reference.shape)
+    assert fast.dtype == np.uint8 and fast.shape == (64, 256 // 32 * 34)
+    assert np.array_equal(fast, reference)
+    # the converter's route to it (setattr first, so that the original comes back after the test)
+    monkeypatch.setattr(quants, "_apply_over_grouped_rows", quants._apply_over_grouped_rows)
+    llamacpp._use_fast_q8_0(quants)
+    assert np.array_equal(quants.quantize(x, quants.GGMLQuantizationType.Q8_0), reference)
+    assert np.array_equal(quants.quantize(x, quants.GGMLQuantizationType.BF16), bf16)  # gguf-py's own
 
 
 def _gpu(n_cpu_moe: int, tokens: int) -> int:

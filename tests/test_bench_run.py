@@ -42,11 +42,21 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch):
         "--out-dir", str(tmp_path / "results"), "--name", "t",
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["/venv/bin/tiermoe", *argv])
+    written = []  # (file name, runs in it) of every write
+    write_json = run.write_json
+    monkeypatch.setattr(
+        run,
+        "write_json",
+        lambda path, payload: written.append((path.name, len(payload["runs"]))) or write_json(path, payload),
+    )
     parser = argparse.ArgumentParser()
     run.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     assert args.func(args) == 0
 
+    # The runs so far after every setting (a bench stopped from outside keeps them), then the result.
+    assert written == [*(("t.partial.json", n) for n in range(1, 7)), ("t.json", 6)]
+    assert not (tmp_path / "results" / "t.partial.json").exists()
     data = json.loads((tmp_path / "results" / "t.json").read_text())
     # A budget's routings side by side, then the peers.
     assert [(r["engine"], r["gpu_budget_gib"], r["routing"]) for r in data["runs"]] == [

@@ -199,9 +199,11 @@ def bench(
     routings: list[str | None] | None = None,
     record_routing: str | None = None,
     llama_cpp: llamacpp.LlamaCppOptions | None = None,
+    measured: Callable[[list[dict]], None] | None = None,
 ) -> dict:
     """Measure every setting and return {"runs": [...], ...}; writes nothing but the routing traces
-    asked for (record_routing: a path each tiermoe run's trace is named after)."""
+    asked for (record_routing: a path each tiermoe run's trace is named after). `measured` is given the
+    runs so far after each setting, so that a bench stopped from outside keeps what it measured."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -287,10 +289,14 @@ def bench(
         if w.gen_len != workload.gen_len:
             run["gen_len_requested"] = workload.gen_len  # peers' length was capped with --peer-gen-len
         results.append(run)
+        if measured:
+            measured(results)
     if llamacpp.ENGINE in peer_names:
         # The fitted split once per capped budget; all on the GPU and all experts on the CPU once each.
         llama_runs = llamacpp.runs(model_dir, workload, gpu_budgets, llama_cpp, timeout_s, progress)
         results += [{**common, **r} for r in llama_runs]
+        if measured:
+            measured(results)
 
     # Measured last, so this process holds no CUDA context while the engines run.
     h2d = h2d_gb_s if h2d_gb_s is not None else measure_h2d(config)
@@ -369,6 +375,11 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console()
     workload = Workload(args.prompt_len, args.gen_len, args.batch, args.repeat, args.seed)
+    preset = read_synth_info(Path(args.model)).get("preset", Path(args.model).name)
+    stem = args.name or f"bench-{preset}-b{workload.batch}-{timestamp()}"
+    out_dir = Path(args.out_dir)
+    # The runs so far, rewritten after each setting and removed once the whole result is written.
+    partial = out_dir / f"{stem}.partial.json"
     payload = bench(
         args.model,
         workload,
@@ -386,11 +397,11 @@ def main(args: argparse.Namespace) -> int:
         routings=parse_routings(args.routing),
         record_routing=args.record_routing,
         llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_quant),
+        measured=lambda runs: write_json(partial, {"runs": runs, "partial": True}),
     )
     runs = payload["runs"]
-    stem = args.name or f"bench-{runs[0]['model_preset']}-b{workload.batch}-{timestamp()}"
-    out_dir = Path(args.out_dir)
     json_path = write_json(out_dir / f"{stem}.json", payload)
+    partial.unlink(missing_ok=True)
     title = (
         f"{runs[0]['model_preset']} ({runs[0]['experts_dtype']}), batch {workload.batch}, {runs[0]['device']}"
     )
