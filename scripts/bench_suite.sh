@@ -10,7 +10,8 @@
 # Environment: SYNTH_DIR (where checkpoints are written, default ~/.cache/tiermoe/synth),
 # TIERMOE (the command, default "python3 -m tiermoe.cli" from this checkout), PEERS (HF peers,
 # default hf-offload; e.g. hf,hf-offload), LLAMA_CPP (a llama.cpp installation: adds the llama.cpp
-# peer, which converts the checkpoint to GGUF first and does not fit the 10 minutes the first time).
+# peer, which converts the checkpoint to GGUF first and does not fit the 10 minutes the first time;
+# TIERMOE_LLAMA_CPP, the tests' name, works too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -42,6 +43,7 @@ trap collect EXIT
 # Every tiermoe setting runs once per routing: natural (the random routers' own, an optimistic upper
 # bound), uniform (no locality, the worst case) and szd (calibrated to trained models, ROUTING.md).
 ROUTING=natural,uniform,szd
+LLAMA_CPP=${LLAMA_CPP:-${TIERMOE_LLAMA_CPP:-}}  # the tests' name for the same folder
 peer_flags=(--peers "${PEERS:-hf-offload}${LLAMA_CPP:+,llama.cpp}" ${LLAMA_CPP:+--llama-cpp "$LLAMA_CPP"})
 
 case "${1:-olmoe}" in

@@ -314,3 +314,14 @@ def test_bench_on_gpu_with_both_peers_and_floors(tmp_path):
     assert capped["routing"] == "szd" and capped["pcie_floor_tok_s"] > 0 and capped["floor_tok_s"] > 0
     assert capped["h2d_gb_s"] > 0 and 0 <= capped["gpu_hit_rate"] <= 1 and capped["floor_fraction"] > 0
     assert runs[("tiermoe", None)]["pcie_floor_tok_s"] is None
+
+
+def test_git_revision_given_by_the_caller_wins(monkeypatch):
+    """A copy of the tree on another machine may carry a stale .git: the revision the caller names is
+    the one recorded."""
+    from tiermoe.bench.report import git_revision
+
+    monkeypatch.setenv("TIERMOE_GIT_REV", "abc1234")
+    assert git_revision() == "abc1234"
+    monkeypatch.setenv("TIERMOE_GIT_REV", "")
+    assert git_revision() != "abc1234"

@@ -62,7 +62,11 @@ RUN_KEYS = (
 
 
 def git_revision(cwd: str | Path | None = None) -> str | None:
-    """Short HEAD hash with "-dirty" when tracked files have uncommitted changes; None outside git."""
+    """Short HEAD hash with "-dirty" when tracked files have uncommitted changes; None outside git.
+    TIERMOE_GIT_REV, when set, wins: a copy of the tree (the GPU machine gets one) may have no .git or,
+    as seen there, a stale one."""
+    if os.environ.get("TIERMOE_GIT_REV"):
+        return os.environ["TIERMOE_GIT_REV"]
     where = Path(cwd) if cwd else Path(__file__).resolve().parent
     try:
         rev = subprocess.run(
@@ -75,8 +79,7 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
             text=True,
         )
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (the GPU machine gets one) is told its revision by the caller.
-        return os.environ.get("TIERMOE_GIT_REV") or None
+        return None
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

@@ -39,6 +39,8 @@ class TraceRecorder:
                 "seen": torch.empty(b, max_len + 1, dtype=torch.bool, device=self.device),
                 "counter": torch.zeros((), dtype=torch.long, device=self.device),
                 "rows": torch.arange(b, device=self.device)[:, None],
+                # written by index: a Python True would be copied from the host, which a graph cannot do
+                "true": torch.ones((), dtype=torch.bool, device=self.device),
             }
         buf = self._buffers[key]
         buf["seen"].zero_()
@@ -53,7 +55,7 @@ class TraceRecorder:
         self._where = torch.where(valid, positions, self._run["max_len"])  # [B, S]
         buf["counter"].add_(1)
         buf["step"][buf["rows"], self._where] = buf["counter"]
-        buf["seen"][buf["rows"], self._where] = True
+        buf["seen"][buf["rows"], self._where] = buf["true"]
 
     def observe(self, index: int, ids: torch.Tensor) -> None:
         """ids [B, S, k] of the MoE layer moe_layers[index] in the current step."""
