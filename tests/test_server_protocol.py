@@ -38,13 +38,16 @@ def test_sampling_params_mapping():
     req = ChatCompletionRequest(
         messages=USER, max_tokens=9, temperature=0.5, top_p=0.9, stop="###", seed=3, top_k=20, ignore_eos=True
     )
-    p = req.sampling_params(default_max_tokens=100)
-    assert ChatCompletionRequest(messages=USER).sampling_params(default_max_tokens=100).max_tokens == 100
+    p = req.sampling_params({})
+    unset = ChatCompletionRequest(messages=USER).sampling_params({"top_p": 0.8})
+    # unset: to the end of the context, and the checkpoint's defaults, both resolved in the engine
+    assert (unset.max_tokens, unset.top_p, unset.top_k, unset.repetition_penalty) == (None, None, None, None)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.top_k, p.ignore_eos) == (
         9, 0.5, 0.9, ["###"], 3, 20, True
     )  # fmt: skip
-    # OpenAI samples at temperature 1 when a client sends none; so do we.
-    assert ChatCompletionRequest(messages=USER).sampling_params(default_max_tokens=100).temperature == 1.0
+    # OpenAI samples at temperature 1 when a client sends none; so do we, unless the checkpoint names one.
+    assert unset.temperature == 1.0
+    assert ChatCompletionRequest(messages=USER).sampling_params({"temperature": 0.6}).temperature == 0.6
 
 
 @pytest.mark.parametrize(
@@ -52,9 +55,7 @@ def test_sampling_params_mapping():
 )
 def test_out_of_range_values_name_the_parameter(field, value):
     with pytest.raises(InvalidRequestError) as info:
-        ChatCompletionRequest.model_validate({"messages": USER, field: value}).sampling_params(
-            default_max_tokens=100
-        )
+        ChatCompletionRequest.model_validate({"messages": USER, field: value}).sampling_params({})
     assert info.value.param == field
 
 

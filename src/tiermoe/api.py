@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,50 +11,53 @@ from .engine.engine import Engine
 from .engine.request import RequestOutput, SamplingParams, TokenEvent
 from .engine.runner import ModelRunner
 from .errors import InvalidRequestError
-from .offload.placement import build_provider, memory_plan
+from .offload.placement import build_provider, plan_for_model
 from .routing.spec import build_routing
-from .weights.loader import load_model, open_source
-from .weights.tokenizer import eos_token_ids, load_tokenizer, render_chat
+from .weights.loader import build_meta, load_model, open_source, progress_bar
+from .weights.tokenizer import eos_token_ids, load_tokenizer, render_chat, sampling_defaults
 
 
 class LLM:
     """A loaded model. Not thread-safe: one generate/stream at a time (the server queues requests)."""
 
     def __init__(self, model: str | Path, **config):
-        self.config = EngineConfig(**config)
+        # The load path, in order: open the checkpoint, build on meta, plan every device byte, build the
+        # expert provider, load the dense weights, build the runner with the plan.
+        self.config = c = EngineConfig(**config)
         self.path = Path(model)
         self.model_name = self.path.name
-        self.source = open_source(self.path, self.config.torch_device, self.config.torch_dtype)
-        self.args = self.source.args
-        self.max_model_len = min(
-            self.config.max_model_len or self.args.max_position_embeddings, self.args.max_position_embeddings
-        )
-        c, a = self.config, self.args
+        self.source = open_source(self.path, c.torch_device, c.torch_dtype)
+        self.args = a = self.source.args
+        self.max_model_len = a.context_len(c.max_model_len)
         self.routing = build_routing(
             c.routing, self.path, self.source.checkpoint.config.get("model_type", ""), a.moe_layers,
             a.num_experts, a.top_k, self.source.device, c.routing_seed, c.record_routing, c.prefetch_accuracy,
         )  # fmt: skip
-        self.model, self.provider = load_model(
-            self.source, self._provider, self.config.show_progress, self.routing
-        )
+        model = build_meta(self.source)
+        self.plan = plan_for_model(model, a, c, self.max_model_len)
+        if c.show_progress:
+            print(self.plan.describe(), file=sys.stderr, flush=True)
+        with progress_bar(c.show_progress) as progress:
+            self.provider = build_provider(self.source, c, self.plan, progress)
+            self.model = load_model(model, self.source, self.provider, self.routing, progress)
         self.tokenizer = load_tokenizer(self.path)
         runner = ModelRunner(
             self.model,
-            self.args,
+            a,
             self.source.device,
             self.source.dtype,
-            self.config.prefill_chunk,
+            c.prefill_chunk,
             self.max_model_len,
-            graphs=self.config.cuda_graphs,
+            graphs=c.cuda_graphs,
             provider=self.provider,
             routing=self.routing,
+            kv_tokens=self.plan.kv_tokens,
         )
         eos = eos_token_ids(self.path, self.source.checkpoint.config, self.tokenizer)
-        self.engine = Engine(runner, self.provider, self.tokenizer, eos, self.max_model_len)
-
-    def _provider(self, source, dense_bytes: int, progress):
-        self.plan = memory_plan(source, self.config, dense_bytes, self.max_model_len)
-        return build_provider(source, self.config, self.plan, progress)
+        self.sampling_defaults = sampling_defaults(self.path)
+        self.engine = Engine(
+            runner, self.provider, self.tokenizer, eos, self.max_model_len, self.sampling_defaults
+        )
 
     @property
     def routing_mode(self) -> str:

@@ -27,9 +27,11 @@ End a line with \\ to continue on the next one; paste a block between two lines 
 
 @dataclass
 class ChatOptions:
-    max_tokens: int
-    temperature: float
-    top_p: float
+    """None: the model's own (generation_config.json; max_tokens: the end of the context)."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
     seed: int | None
     thinking: bool | None  # None: the chat template's default
 
@@ -109,9 +111,14 @@ class RemoteBackend:
         chunks = self.client.chat.completions.create(
             model=self.name,
             messages=messages,
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
+            # unset values are left out of the request, so any server applies its own defaults
+            **{
+                k: v
+                for k, v in dict(
+                    max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p
+                ).items()
+                if v is not None
+            },
             seed=options.seed,
             stream=True,
             stream_options={"include_usage": True},
@@ -226,18 +233,18 @@ class ChatSession:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "chat", help="chat in the terminal", description="Interactive chat with streaming output. " + HELP
-    )
+    parser = subparsers.add_parser("chat", description="Interactive chat with streaming output. " + HELP)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint directory: load the model in this process")
     source.add_argument("--url", help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--api-key", default=None, help="for --url (default: $OPENAI_API_KEY, or none)")
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="most tokens per reply")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="most tokens per reply (default: no limit)"
+    )
+    parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the model's)")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--think", action=argparse.BooleanOptionalAction, default=None, help="thinking (default: the model's)"

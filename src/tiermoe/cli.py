@@ -21,6 +21,12 @@ def add_engine_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument(
         "--cpu-budget", type=float, default=None, help="GiB of pinned RAM for experts (default: RAM/2)"
     )
+    p.add_argument(
+        "--kv-reserve-tokens",
+        type=int,
+        default=None,
+        help="KV cache tokens reserved in the GPU budget, shared by a batch's rows (default: context, at most 4096)",
+    )
     p.add_argument("--eviction", default="lfu", help="GPU expert slot policy: lfu, lru, lru-protect")
     p.add_argument(
         "--prefetch", action="store_true", help="predict the next layer's experts and copy them ahead of use"
@@ -47,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         gpu_budget_gib=args.gpu_budget,
         cpu_budget_gib=args.cpu_budget,
+        kv_reserve_tokens=args.kv_reserve_tokens,
         eviction=args.eviction,
         prefetch=args.prefetch,
         routing=args.routing,
@@ -57,11 +64,21 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # None everywhere: the engine resolves it (request.SamplingParams), so there is one default per setting.
+    p.add_argument("--max-tokens", type=int, default=None, help="default: to the end of the context")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy (default: generation_config.json's, else 0)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=None, help="0 = off (default: generation_config.json's, else 0)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=None, help="default: generation_config.json's, else 1"
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="run to --max-tokens even past end-of-sequence")
@@ -82,26 +99,54 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import chat, generate, hardware
-    from .bench import run as bench_run
-    from .bench import synth
-    from .routing import report as routing_report
+# Every subcommand: the module that registers it (imported only when that command runs, so `tiermoe
+# --help` and `tiermoe chat --url` never import torch) and its one-line help.
+COMMANDS = {
+    "generate": ("generate", "generate text from a prompt, streaming"),
+    "demo": ("generate", "write a small random-weight Qwen3-MoE checkpoint and generate from it"),
+    "serve": ("server.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "chat": ("chat", "chat in the terminal"),
+    "synth": ("bench.synth", "write a random-weight checkpoint with a real model's config"),
+    "bench": ("bench.run", "time tiermoe and its peers; JSON and PNG under bench/results/"),
+    "profile": ("hardware", "measure PCIe, disk, CPU and GPU ceilings and the decode floor"),
+    "routing-report": (
+        "routing.report",
+        "locality and offline LRU / LFU / Belady hit rates of a routing trace",
+    ),
+}
+
+
+class _Subcommands:
+    """The subparsers as modules see them: each parser gets its one-line help from COMMANDS."""
+
+    def __init__(self, sub):
+        self.sub = sub
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command`'s module loaded (every other command listed by name and help only)."""
+    import importlib
 
     parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    generate.add_parser(sub)
-    try:
-        from .server import serve
-
-        serve.add_parser(sub)
-    except ImportError as e:  # the server's packages are an optional extra
-        missing = e.name
-        p = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'tiermoe[serve]')")
-        # Whatever flags were given, the answer is what to install.
-        p.set_defaults(func=lambda _: _missing_extra("serve", missing), accepts_unknown=True)
-    for module in (chat, synth, bench_run, hardware, routing_report):
-        module.add_parser(sub)
+    if command in COMMANDS:
+        module = COMMANDS[command][0]
+        try:
+            importlib.import_module(f"{__package__}.{module}").add_parser(_Subcommands(sub))
+        except ImportError as e:
+            if module != "server.serve":
+                raise
+            # The server's packages are an optional extra: whatever flags were given, say what to install.
+            p = sub.add_parser("serve", help=COMMANDS["serve"][1])
+            p.set_defaults(
+                func=lambda _, missing=e.name: _missing_extra("serve", missing), accepts_unknown=True
+            )
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -110,7 +155,8 @@ def _missing_extra(extra: str, package: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "accepts_unknown", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -71,6 +71,8 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be >= 0 GiB", name)
         if not 0.0 <= self.prefetch_accuracy <= 1.0:
             raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")
+        if self.kv_reserve_tokens is not None and self.kv_reserve_tokens < 1:
+            raise InvalidRequestError("kv_reserve_tokens must be at least 1 token", "kv_reserve_tokens")
         if self.prefill_chunk < 1:
             raise InvalidRequestError("prefill_chunk must be at least 1 token", "prefill_chunk")
 

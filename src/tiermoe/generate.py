@@ -9,7 +9,7 @@ from .cli import add_engine_args, add_sampling_args, engine_kwargs, sampling_par
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    p = sub.add_parser("generate")
     add_engine_args(p)
     add_sampling_args(p)
     p.add_argument("--prompt", default=None, help="prompt text (default: read standard input)")
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-think", action="store_true", help="with --chat: switch the template's thinking off")
     p.set_defaults(func=run_generate)
 
-    d = sub.add_parser("demo", help="write a small random-weight Qwen3-MoE checkpoint and generate from it")
+    d = sub.add_parser("demo")
     d.add_argument("--device", default=None)
     d.add_argument("--dtype", default=None)
     d.add_argument("--max-tokens", type=int, default=48)

@@ -409,7 +409,7 @@ def _hit_rate(text: str) -> float:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("profile", help="measure PCIe, disk, CPU and GPU ceilings and the decode floor")
+    p = subparsers.add_parser("profile")
     p.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/profile-<date>.json)")
     p.add_argument("--model", default=None, help="checkpoint directory to compute the decode floor for")

@@ -418,7 +418,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="time tiermoe and HF peers; JSON and PNG under bench/results/")
+    p = subparsers.add_parser("bench")
     p.add_argument("--model", required=True, help="checkpoint directory (e.g. from `tiermoe synth`)")
     p.add_argument(
         "--gpu-budget", action="append", help="GiB, comma-separated or repeated; 'none' = uncapped"

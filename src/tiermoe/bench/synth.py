@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("synth", help="write a random-weight checkpoint with a real model's config")
+    p = subparsers.add_parser("synth")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="bf16", help="bf16 (fp8 comes with the quantization issue)")

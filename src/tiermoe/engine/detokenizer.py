@@ -3,9 +3,17 @@ half-decoded character, no possible start of a stop string), and cut the output 
 
 Each step decodes only a short window of recent tokens (the prefix/read offsets of vLLM's
 detokenizer): the window before the read offset gives the tokenizer its context (leading spaces,
-merged bytes), the text beyond it is new. Decoding the whole output every step would cost O(n^2)."""
+merged bytes), the text beyond it is new. Decoding the whole output every step would cost O(n^2).
+
+A window whose decode ends in U+FFFD ends in an unfinished UTF-8 sequence (a byte-level token can
+stop mid-character): it is held until the character completes. At the end of the stream (flush)
+the held text is emitted up to those trailing replacement characters. decode() gives text, not
+bytes, so a replacement character the model produced for a genuinely invalid byte is dropped too
+when it is the very last thing generated."""
 
 from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
 
 
 class TextStream:
@@ -24,26 +32,48 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add a token; return the text that became final. Sets self.stopped on a stop string."""
         self.ids.append(token_id)
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.stopped:
             return ""
-        context = self._decode(self.ids[self._prefix : self._read])
-        window = self._decode(self.ids[self._prefix :])
-        if len(window) <= len(context) or window.endswith("\ufffd"):  # nothing new, or a partial character
+        new, partial = self._new_text()
+        if not new:
+            return ""
+        full = self._cut(self.text + new)
+        if self.stopped:  # a stop string in the settled text ends the stream, unfinished bytes or not
+            self.text = full
+            return self._emit(len(full))
+        if partial:  # the window ends mid-character: wait for the rest of its bytes
             return ""
         self._prefix, self._read = self._read, len(self.ids)
-        longest = max((len(s) for s in self.stop), default=0)
-        search_from = max(0, len(self.text) - longest)
-        full = self.text + window[len(context) :]
-        hits = [i for i in (full.find(s, search_from) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = full[: min(hits)], True
-            return self._emit(len(self.text))
         self.text = full
         return self._emit(len(full) - self._pending_stop_prefix(full))
 
     def flush(self) -> str:
-        """Everything not yet emitted (at the end of generation nothing can change any more)."""
+        """Everything not yet emitted: the stream has ended, so held text that only began a stop
+        string is final, and so is a held window, up to the bytes of a character left unfinished."""
+        if self.tokenizer is not None and not self.stopped:
+            new, _ = self._new_text()
+            if new:
+                self.text = self._cut(self.text + new)
+            self._prefix = self._read = len(self.ids)
         return self._emit(len(self.text))
+
+    def _new_text(self) -> tuple[str, bool]:
+        """The window's text beyond its context, less trailing replacement characters, and whether
+        there were any (an unfinished character)."""
+        context = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        settled = window.rstrip(REPLACEMENT)
+        return settled[len(context) :], len(settled) < len(window)
+
+    def _cut(self, full: str) -> str:
+        """full cut at the first stop string that ends beyond self.text (sets self.stopped)."""
+        longest = max((len(s) for s in self.stop), default=0)
+        search_from = max(0, len(self.text) - longest)
+        hits = [i for i in (full.find(s, search_from) for s in self.stop) if i >= 0]
+        if not hits:
+            return full
+        self.stopped = True
+        return full[: min(hits)]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -36,9 +36,11 @@ class Engine:
         tokenizer,
         eos_token_ids: set[int],
         max_model_len: int,
+        sampling_defaults: dict | None = None,
     ):
         self.runner, self.provider, self.tokenizer = runner, provider, tokenizer
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
+        self.sampling_defaults = sampling_defaults or {}  # generation_config.json's, for unset fields
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -51,17 +53,36 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt"
             )
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        if len(prompt_ids) + (params.max_tokens or 1) > self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) exceeds the "
                 f"model's context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
 
-    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
-        """Generate for a batch; yields the events of each step. Closing the iterator aborts at once."""
+    def resolve(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SamplingParams]:
+        """Every field set, and the batch held to the KV cache reserve of the memory plan: the left-padded
+        batch needs rows x (longest prompt + max_tokens) slots. An unset max_tokens runs to the end of the
+        context or of the reserve; a set one that does not fit is an error naming the limit."""
         for prompt, p in zip(prompts, params, strict=True):
             self.validate(prompt, p)
+        width, rows = max(len(p) for p in prompts), len(prompts)
+        per_row = self.runner.kv_tokens // rows
+        room = min(self.max_model_len, per_row)
+        needed = width + max(p.max_tokens or 1 for p in params)
+        if needed > per_row:
+            raise InvalidRequestError(
+                f"the KV cache reserve holds {self.runner.kv_tokens} tokens (--kv-reserve-tokens, part of "
+                f"the GPU budget); {rows} sequence(s) of up to {width} prompt tokens plus max_tokens "
+                f"{max(p.max_tokens or 1 for p in params)} need {rows * needed}: lower max_tokens, send "
+                "fewer prompts at once, or raise --kv-reserve-tokens",
+                param="max_tokens",
+            )
+        return [p.resolved(self.sampling_defaults, room - width) for p in params]
+
+    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        """Generate for a batch; yields the events of each step. Closing the iterator aborts at once."""
+        params = self.resolve(prompts, params)
         device = self.runner.device
         seqs = [
             Sequence(prompt, p, Sampler(p, device), TextStream(self.tokenizer, p.stop))

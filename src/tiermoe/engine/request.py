@@ -2,39 +2,62 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InvalidRequestError
 
+# What a field left None becomes when the checkpoint's generation_config.json does not say either.
+FALLBACKS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 
-@dataclass
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy."""
+    """How to pick tokens and when to stop. temperature 0 means greedy. A sampling field left None takes
+    the checkpoint's generation_config.json value, else FALLBACKS; max_tokens None runs to the end of the
+    context (or of the KV cache reserve, whichever comes first)."""
 
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None  # 0: no top-k cut
+    top_p: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] | tuple[str, ...] = ()
+    stop_token_ids: list[int] | tuple[int, ...] = ()
     ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
-            self.stop = [self.stop]
+            object.__setattr__(self, "stop", [self.stop])
+        given = lambda v: v is not None  # noqa: E731
         checks = [
-            (self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature", "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
-            (0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
+            (
+                not given(self.max_tokens) or self.max_tokens >= 1,
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ),
+            (not given(self.temperature) or self.temperature >= 0, "temperature", "temperature must be >= 0"),
+            (not given(self.top_k) or self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
+            (not given(self.top_p) or 0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
+            (
+                not given(self.repetition_penalty) or self.repetition_penalty > 0,
+                "repetition_penalty",
+                "repetition_penalty must be > 0",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
         ]
         for ok, param, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=param)
+
+    def resolved(self, defaults: dict, max_tokens: int) -> SamplingParams:
+        """Every field set: unset sampling fields from `defaults` (generation_config.json) or FALLBACKS,
+        max_tokens from the caller's resolution of the context end when unset."""
+        fields = {
+            k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, fallback)
+            for k, fallback in FALLBACKS.items()
+        }
+        return replace(self, **fields, max_tokens=self.max_tokens or max_tokens)
 
 
 @dataclass

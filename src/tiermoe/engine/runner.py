@@ -33,8 +33,12 @@ class ModelRunner:
         graphs: bool,
         provider: ExpertProvider,
         routing: Routing | None = None,
+        kv_tokens: int | None = None,
     ):
         self.model, self.args, self.device, self.dtype = model, args, device, dtype
+        # The memory plan's KV reserve, in tokens summed over a batch's rows: all caches held at once
+        # stay within it. None: the context of one row.
+        self.kv_tokens = kv_tokens or max_model_len
         self.routing = routing
         self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
         self.graphs = graphs and device.type == "cuda"
@@ -48,12 +52,20 @@ class ModelRunner:
         return KVCache(a.num_layers, batch, max_len, a.num_kv_heads, a.head_dim, self.dtype, self.device)
 
     def cache_for(self, batch: int, max_len: int) -> KVCache:
-        """A reset cache of at least max_len slots for `batch` rows, reused across calls (with its graph)."""
-        size = min(max(MIN_CACHE, 1 << (max_len - 1).bit_length()), max(self.max_model_len, max_len))
+        """A reset cache of at least max_len slots for `batch` rows, reused across calls (with its graph).
+        Sizes round up to powers of two (fewer graphs to capture) but never past the plan's KV reserve:
+        caches of other batch sizes are dropped when the new one would not fit beside them."""
+        if batch * max_len > self.kv_tokens:
+            raise ValueError(f"{batch} x {max_len} KV slots exceed the plan's {self.kv_tokens} tokens")
         cache = self._caches.get(batch)
         if cache is None or cache.max_len < max_len:
             self._graphs.pop(batch, None)
             self._caches.pop(batch, None)
+            rounded = max(MIN_CACHE, 1 << (max_len - 1).bit_length())
+            size = max(min(rounded, self.max_model_len, self.kv_tokens // batch), max_len)
+            if batch * size + sum(c.batch * c.max_len for c in self._caches.values()) > self.kv_tokens:
+                self._caches.clear()
+                self._graphs.clear()
             cache = self._caches[batch] = self.new_cache(batch, size)
         cache.reset()
         return cache

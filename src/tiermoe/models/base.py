@@ -3,13 +3,25 @@ how to build the module tree, and where its tensors live in a checkpoint."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, InvalidRequestError
 from ..weights.checkpoint import ExpertNames
-from .layers import Attention, AttentionSpec, CausalLM, DecoderBody, DecoderLayer, Rotary
+from .layers import (
+    Attention,
+    AttentionSpec,
+    CausalLM,
+    DecoderBody,
+    DecoderLayer,
+    DynamicNTKRotary,
+    LongRopeRotary,
+    Rotary,
+)
 from .moe import SoftmaxTopKRouter, SparseMoeBlock
 
 
@@ -72,6 +84,23 @@ class MoEArgs:
         return CausalLM(body, self.vocab_size, self.hidden_size, self.tie_word_embeddings)
 
     @property
+    def rope_extends_context(self) -> bool:
+        """Whether the rope scaling is made for contexts beyond max_position_embeddings: true for every
+        scaled rope_type (linear, dynamic, yarn, llama3, longrope), false for plain "default" rotary."""
+        return self.rope_parameters.get("rope_type", "default") != "default"
+
+    @property
+    def rope_max_len(self) -> int:
+        """The longest context, in tokens, the rope parameters are valid for: for a scaled rope_type
+        original_max_position_embeddings x factor where both are given, else max_position_embeddings;
+        never less than max_position_embeddings (llama3 and longrope configs state the long one there)."""
+        p = self.rope_parameters
+        original, factor = p.get("original_max_position_embeddings"), p.get("factor")
+        if not self.rope_extends_context or original is None or factor is None:
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, int(original * factor))
+
+    @property
     def expert_shape(self) -> tuple[int, int]:
         """(hidden, intermediate) of one expert."""
         return self.hidden_size, self.moe_intermediate_size
@@ -79,31 +108,85 @@ class MoEArgs:
     def expert_numel(self) -> int:
         return 3 * self.hidden_size * self.moe_intermediate_size
 
+    def context_len(self, requested: int | None) -> int:
+        """The context in tokens: `requested` (--max-model-len) or max_position_embeddings. Beyond
+        max_position_embeddings only as far as the rope scaling was made for (YaRN and kin), else a
+        clear error rather than a silent cut."""
+        if requested is None:
+            return self.max_position_embeddings
+        if requested < 1:
+            raise InvalidRequestError("max_model_len must be at least 1 token", "max_model_len")
+        longest = self.rope_max_len
+        if requested > longest:
+            rope = self.rope_parameters.get("rope_type", "default")
+            how = (
+                "enable rope scaling (e.g. YaRN) in config.json to go further"
+                if longest == self.max_position_embeddings
+                else f"its {rope} rope scaling reaches {longest}"
+            )
+            raise InvalidRequestError(
+                f"max_model_len {requested} is beyond this model's context of {self.max_position_embeddings} "
+                f"tokens (max_position_embeddings; {how})",
+                "max_model_len",
+            )
+        return requested
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")  # the rope_type values built here
+
 
 def rope_parameters(hf) -> dict:
-    """transformers 5 normalises rope_theta / rope_scaling into rope_parameters; older configs don't."""
-    params = getattr(hf, "rope_parameters", None)
-    if params:
-        return params
-    params = dict(getattr(hf, "rope_scaling", None) or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
-    params["rope_theta"] = getattr(hf, "rope_theta", 10000.0)
+    """The config's rope parameters with `rope_type` and `rope_theta` set. transformers 5 normalises
+    rope_theta / rope_scaling (legacy key `type` or `rope_type`) into rope_parameters, and checks each
+    type's required fields as it reads config.json; older configs don't. Raises CheckpointError for a
+    rope type tiermoe does not implement."""
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):  # as transformers' standardize_rope_params
+        params.setdefault("original_max_position_embeddings", hf.max_position_embeddings)
+    if params["rope_type"] not in ROPE_TYPES:
+        config = Path(getattr(hf, "name_or_path", "") or ".") / "config.json"
+        raise CheckpointError(
+            f"{config}: rope_type {params['rope_type']!r} (field rope_parameters.rope_type; rope_scaling.type "
+            f"or rope_scaling.rope_type in older configs) is not supported; tiermoe supports "
+            f"{', '.join(ROPE_TYPES)}"
+        )
     return params
 
 
 def build_rotary(hf, head_dim: int) -> Rotary:
+    """The rotary embedding of the config's rope parameters. Scaled types run transformers' own rope
+    functions (on the CPU, see Rotary.reset), so the frequencies are theirs to the bit."""
     params = rope_parameters(hf)
-    rope_type = params.get("rope_type", "default")
+    rope_type = params["rope_type"]
+    if rope_type == "default":
 
-    def compute() -> tuple[torch.Tensor, float]:
-        if rope_type == "default":
+        def default() -> tuple[torch.Tensor, float]:
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
             return 1.0 / (params["rope_theta"] ** exponents), 1.0
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        return ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+        return Rotary(default)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    return Rotary(compute)
+    # transformers' yarn, dynamic and longrope read head_dim unguarded (None in a Mixtral config)
+    config = copy.deepcopy(hf)
+    config.head_dim = head_dim
+    init = ROPE_INIT_FUNCTIONS[rope_type]
+    if rope_type == "dynamic":
+        # At load (seq_len = max_position_embeddings) these are the plain frequencies; they grow past it.
+        theta, factor, original = params["rope_theta"], params["factor"], hf.max_position_embeddings
+        return DynamicNTKRotary(lambda: init(config, "cpu"), theta, factor, original, head_dim)
+    if rope_type == "longrope":
+        original = params["original_max_position_embeddings"]
+
+        def short_and_long() -> tuple[torch.Tensor, float]:
+            short, scaling = init(config, "cpu")
+            long, _ = init(config, "cpu", seq_len=original + 1)
+            return torch.stack([short, long]), scaling
+
+        return LongRopeRotary(short_and_long, original)
+    return Rotary(lambda: init(config, "cpu"))
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,11 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding, rotate-half convention. `compute` returns (inv_freq, attention scaling)
-    from the config's rope parameters, so scaled variants (yarn, linear, ...) share this code; it is kept
-    so the buffer can be rebuilt after the model was created on the meta device."""
+    """Rotary position embedding, rotate-half convention. `compute` returns (inv_freq [head_dim / 2],
+    attention scaling) from the config's rope parameters, so scaled variants (yarn, linear, llama3) share
+    this code. It is kept so the buffer can be rebuilt (`reset`) after the model was created on the meta
+    device, and it always runs on the CPU, whatever device is ambient. Variants whose frequencies depend on
+    the sequence length override `frequencies`."""
 
     def __init__(self, compute: Callable[[], tuple[torch.Tensor, float]]):
         super().__init__()
@@ -42,13 +44,53 @@ class Rotary(nn.Module):
 
     def reset(self) -> None:
         device = self.inv_freq.device
-        inv_freq, self.attention_scaling = self.compute()
+        with torch.device("cpu"):  # the model is built under torch.device("meta"): nothing to copy out of
+            inv_freq, self.attention_scaling = self.compute()
         self.inv_freq = inv_freq.float().to("cpu" if device.type == "meta" else device)
 
+    def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        """The inverse frequencies for positions [B, T]: [D/2], or [B, 1, D/2] where they depend on the row."""
+        return self.inv_freq
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        freqs = positions[..., None].float() * self.frequencies(positions)  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+class DynamicNTKRotary(Rotary):
+    """transformers' "dynamic" NTK scaling. A row no longer than `original_len` (max_position_embeddings)
+    tokens keeps the plain frequencies; a longer one, of length L = its largest position + 1, uses the base
+    theta * (factor * L / original_len - (factor - 1)) ** (dim / (dim - 2)), recomputed at every forward
+    as transformers does (keys already in the cache keep the frequencies they were rotated with). One
+    difference: transformers takes L over the whole batch, this takes it per row, so a row's result does
+    not depend on its batch; and a prompt prefilled in chunks gets each chunk's L."""
+
+    def __init__(self, compute, theta: float, factor: float, original_len: int, dim: int):
+        super().__init__(compute)
+        self.theta, self.factor, self.original_len, self.dim = theta, factor, original_len, dim
+
+    def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        length = positions.amax(-1, keepdim=True) + 1  # [B, 1]
+        stretch = self.factor * length.clamp(min=self.original_len) / self.original_len - (self.factor - 1)
+        base = self.theta * stretch ** (self.dim / (self.dim - 2))  # [B, 1], float32 as in transformers
+        steps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=positions.device)
+        grown = 1.0 / (base ** (steps.float() / self.dim))  # [B, D/2]
+        return torch.where(length > self.original_len, grown, self.inv_freq)[:, None]
+
+
+class LongRopeRotary(Rotary):
+    """transformers' "longrope": `compute` returns the inverse frequencies of the short and of the long
+    factors stacked [2, D/2]; a row longer than `original_len` tokens (its largest position + 1) uses the
+    long ones. transformers decides over the whole batch, this per row."""
+
+    def __init__(self, compute, original_len: int):
+        super().__init__(compute)
+        self.original_len = original_len
+
+    def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        long = positions.amax(-1) + 1 > self.original_len  # [B]
+        return self.inv_freq[long.long()][:, None]  # [B, 1, D/2]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,6 +111,10 @@ class AttentionSpec:
     qk_norm: str | None = None  # None, "head" (Qwen3: per head) or "full" (OLMoE: over all heads)
     clip_qkv: float | None = None
     sliding_window: int | None = None
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """The KV cache bytes one token needs in this layer: K and V, num_kv_heads x head_dim each."""
+        return 2 * self.num_kv_heads * self.head_dim * itemsize
 
 
 class Attention(nn.Module):
@@ -182,6 +228,15 @@ class CausalLM(nn.Module):
         """Token embeddings [B, T, H] and the rotary (cos, sin) tables of the positions."""
         x = self.model.embed_tokens(input_ids)
         return x, self.model.rotary(positions, x.dtype)
+
+    def dense_bytes(self) -> int:
+        """Bytes of every parameter this module tree holds (the experts live in their provider); on the
+        meta device too, so the plan is made before any weight is allocated."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """KV cache bytes per token over all layers, as each attention layer declares them."""
+        return sum(layer.self_attn.spec.kv_bytes_per_token(itemsize) for layer in self.model.layers)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: float32 logits."""

@@ -16,8 +16,10 @@ from ..errors import BudgetError
 GIB = 1 << 30
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryPlan:
+    """Every byte the engine will allocate on its device, decided before any weight is loaded."""
+
     dense_bytes: int
     kv_bytes: int
     workspace_bytes: int
@@ -26,10 +28,28 @@ class MemoryPlan:
     gpu_slots: int  # expert slots in the GPU pool; total_experts means everything is resident
     quotas: dict[int, int]  # MoE layer -> its slots
     host_slots: int  # experts the host cache holds
+    kv_tokens: int = 0  # KV cache tokens kv_bytes holds, summed over the rows of a batch
+    budget_bytes: int | None = None  # the GPU budget the plan was fitted to; None: uncapped (CPU)
 
     @property
     def all_resident(self) -> bool:
         return self.gpu_slots >= self.total_experts
+
+    def describe(self) -> str:
+        """One line: dense / KV tokens / workspace / expert slots / host cache, in GiB."""
+        budget = "uncapped" if self.budget_bytes is None else f"{self.budget_bytes / GIB:.2f} GiB"
+        experts = (
+            f"all {self.total_experts} experts resident {self.gpu_slots * self.expert_bytes / GIB:.2f} GiB"
+            if self.all_resident
+            else f"{self.gpu_slots} of {self.total_experts} expert slots "
+            f"{self.gpu_slots * self.expert_bytes / GIB:.2f} GiB | host cache {self.host_slots} experts "
+            f"{self.host_slots * self.expert_bytes / GIB:.2f} GiB"
+        )
+        return (
+            f"memory plan (GPU budget {budget}): dense {self.dense_bytes / GIB:.2f} GiB | KV cache "
+            f"{self.kv_tokens} tokens {self.kv_bytes / GIB:.2f} GiB | workspace "
+            f"{self.workspace_bytes / GIB:.2f} GiB | {experts}"
+        )
 
 
 def plan_memory(
@@ -44,7 +64,10 @@ def plan_memory(
     device: torch.device,
     gpu_budget_gib: float | None,
     cpu_budget_gib: float | None,
+    kv_tokens: int = 0,
 ) -> MemoryPlan:
+    """The split of the budgets. Called before any weight is on the device, so the default budget (free
+    memory now, minus a margin) does not already hold the dense weights it then subtracts."""
     total = len(moe_layers) * num_experts
     fixed = dense_bytes + kv_bytes + workspace_bytes
     budget = default_gpu_budget(device) if gpu_budget_gib is None else int(gpu_budget_gib * GIB)
@@ -63,7 +86,18 @@ def plan_memory(
     }
     host_budget = default_cpu_budget() if cpu_budget_gib is None else int(cpu_budget_gib * GIB)
     host_slots = 0 if slots >= total else min(total, max(0, host_budget // expert_bytes))
-    return MemoryPlan(dense_bytes, kv_bytes, workspace_bytes, expert_bytes, total, slots, quotas, host_slots)
+    return MemoryPlan(
+        dense_bytes,
+        kv_bytes,
+        workspace_bytes,
+        expert_bytes,
+        total,
+        slots,
+        quotas,
+        host_slots,
+        kv_tokens,
+        budget,
+    )
 
 
 def size(n: int) -> str:

@@ -1,9 +1,10 @@
 """Choose the expert provider for a model: everything resident when the plan says it fits, else the
 tiered store sized by the memory plan.
 
-The memory plan is made in one place for everyone: `memory_plan` for a loaded model, and
-`plan_from_config` for `tiermoe profile` and `tiermoe bench`, which have only config.json and must
-count the same slots the engine will have."""
+The memory plan is made in one place for everyone, from the module tree built on the meta device
+(before any weight is allocated): `plan_for_model` for `LLM(...)`, and `plan_from_config` for
+`tiermoe profile` and `tiermoe bench`, which have only config.json and must count the same slots the
+engine will have."""
 
 from __future__ import annotations
 
@@ -12,28 +13,22 @@ import torch
 from ..config import EngineConfig
 from ..errors import CheckpointError
 from ..models.base import MoEArgs
+from ..models.layers import CausalLM
 from .budget import GIB, MemoryPlan, plan_memory
 from .provider import ExpertProvider, load_resident
 from .sources import open_expert_source
 from .store import TieredExpertStore
 
-
-def memory_plan(source, config: EngineConfig, dense_bytes: int, max_model_len: int) -> MemoryPlan:
-    return _plan(source.args, source.dtype, source.device, config, dense_bytes, max_model_len)
+DEFAULT_KV_TOKENS = 4096  # KV cache reserve when --kv-reserve-tokens is not given (capped by the context)
 
 
 def plan_from_config(hf_config: dict, config: EngineConfig) -> MemoryPlan:
-    """The plan `LLM(path, **config)` makes, from the checkpoint's config.json alone (no weights read).
-    Dense bytes come from the module tree built on the meta device, i.e. the very parameters the
-    loader fills and then counts."""
+    """The plan `LLM(path, **config)` makes, from the checkpoint's config.json alone (no weights read)."""
     arch, hf, args = _args_from_config(hf_config)
     with torch.device("meta"):
         model = arch.build(args, hf)
     model.to(dtype=config.torch_dtype)
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # As LLM does: the context is the model's, shortened by --max-model-len.
-    max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
-    return _plan(args, config.torch_dtype, config.torch_device, config, dense_bytes, max_model_len)
+    return plan_for_model(model, args, config, args.context_len(config.max_model_len))
 
 
 def _args_from_config(hf_config: dict):
@@ -50,17 +45,11 @@ def _args_from_config(hf_config: dict):
     return arch, hf, arch.args_from_hf(hf)
 
 
-def _plan(
-    args: MoEArgs,
-    dtype: torch.dtype,
-    device: torch.device,
-    config: EngineConfig,
-    dense_bytes: int,
-    max_model_len: int,
-) -> MemoryPlan:
-    itemsize = dtype.itemsize
-    kv_tokens = config.kv_reserve_tokens or min(max_model_len, 4096)
-    kv_bytes = kv_tokens * args.num_layers * 2 * args.num_kv_heads * args.head_dim * itemsize
+def plan_for_model(model: CausalLM, args: MoEArgs, config: EngineConfig, max_model_len: int) -> MemoryPlan:
+    """The plan for a model built on the meta device in the compute dtype: its dense parameters, each
+    attention layer's KV bytes per token times the KV reserve, the workspace and the expert slots."""
+    dtype, device = config.torch_dtype, config.torch_device
+    kv_tokens = config.kv_reserve_tokens or min(max_model_len, DEFAULT_KV_TOKENS)
     workspace = (
         config.workspace_gib if config.workspace_gib is not None else (1.0 if device.type == "cuda" else 0.0)
     )
@@ -68,13 +57,14 @@ def _plan(
         moe_layers=args.moe_layers,
         num_experts=args.num_experts,
         top_k=args.top_k,
-        expert_bytes=args.expert_numel() * itemsize,
-        dense_bytes=dense_bytes,
-        kv_bytes=kv_bytes,
+        expert_bytes=args.expert_numel() * dtype.itemsize,
+        dense_bytes=model.dense_bytes(),
+        kv_bytes=kv_tokens * model.kv_bytes_per_token(dtype.itemsize),
         workspace_bytes=int(workspace * GIB),
         device=device,
         gpu_budget_gib=config.gpu_budget_gib,
         cpu_budget_gib=config.cpu_budget_gib,
+        kv_tokens=kv_tokens,
     )
 
 

@@ -174,9 +174,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "routing-report", help="locality and offline LRU / LFU / Belady hit rates of a routing trace"
-    )
+    p = subparsers.add_parser("routing-report")
     p.add_argument("trace", help="routing trace (.npz, .txt or .gz)")
     p.add_argument(
         "--slots",

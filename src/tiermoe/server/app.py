@@ -69,8 +69,8 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
 
     def submit(prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest) -> Job:
         # Sampling values are checked here, so a bad request fails before it waits in the queue.
-        params = body.sampling_params(default_max_tokens=llm.max_model_len)
-        return worker.submit(prompt, params, to_context_end=body.requested_max_tokens() is None)
+        params = body.sampling_params(llm.sampling_defaults)
+        return worker.submit(prompt, params)
 
     @app.get("/health")
     async def health() -> dict:

@@ -56,17 +56,21 @@ class _SamplingFields(_Lenient):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """Our SamplingParams; raises InvalidRequestError (param named) for out-of-range values.
-        OpenAI's default temperature is 1, so a client that sends none samples, as it would there."""
+    def sampling_params(self, model_defaults: dict) -> SamplingParams:
+        """Our SamplingParams; raises InvalidRequestError (param named) for out-of-range values. Unset
+        fields take the checkpoint's generation_config.json values (`model_defaults`) in the engine,
+        except temperature: with neither the client nor the checkpoint naming one, OpenAI's default of
+        1 applies, so such a client samples as it would there. No max_tokens: to the context end."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        requested = self.requested_max_tokens()
+        temperature = (
+            self.temperature if self.temperature is not None else model_defaults.get("temperature", 1.0)
+        )
         return SamplingParams(
-            max_tokens=default_max_tokens if requested is None else requested,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            max_tokens=self.requested_max_tokens(),
+            temperature=temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),

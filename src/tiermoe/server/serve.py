@@ -56,7 +56,6 @@ def serving(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
-        help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.",
     )
     add_engine_args(parser)

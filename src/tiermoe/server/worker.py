@@ -12,7 +12,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..engine.request import SamplingParams, TokenEvent
 from .metrics import ServerMetrics
@@ -26,7 +26,6 @@ class JobAborted(Exception):
 class Job:
     prompt: Callable[[], list[int]]  # token ids; runs on the worker: templates and tokenizer are the LLM's
     params: SamplingParams
-    to_context_end: bool  # the client set no max_tokens: generate up to the end of the context
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent | BaseException
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -71,9 +70,9 @@ class EngineWorker:
     def queued(self) -> int:
         return self._jobs.qsize()
 
-    def submit(self, prompt: Callable[[], list[int]], params: SamplingParams, to_context_end: bool) -> Job:
+    def submit(self, prompt: Callable[[], list[int]], params: SamplingParams) -> Job:
         """Queue a job; call from the event loop whose handler will await the job's events."""
-        job = Job(prompt, params, to_context_end, asyncio.get_running_loop())
+        job = Job(prompt, params, asyncio.get_running_loop())
         self._metrics.queued.inc()
         self._jobs.put(job)
         return job
@@ -98,10 +97,7 @@ class EngineWorker:
         started = False
         try:
             ids = job.prompt()
-            params = job.params
-            if job.to_context_end:
-                params = replace(params, max_tokens=max(self._llm.max_model_len - len(ids), 1))
-            stream = self._llm.stream(ids, params)
+            stream = self._llm.stream(ids, job.params)
             for event in stream:
                 if not started:  # the first event comes out of prefill
                     started = True

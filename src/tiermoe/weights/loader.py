@@ -7,8 +7,8 @@ is an error naming it, never a silently half-loaded model.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,7 @@ from .checkpoint import Checkpoint, expect_shape, read_config
 # Tensors some writers add that carry nothing we need (rotary tables are recomputed).
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-# (source, bytes of the dense weights, progress bar) -> the provider that will serve the experts
-ProviderFactory = Callable[["ModelSource", int, "Progress | None"], ExpertProvider]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,20 +66,30 @@ def hf_config(path: Path):
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
 
 
+def build_meta(source: ModelSource) -> CausalLM:
+    """The module tree on the meta device in the compute dtype: sizes known, nothing allocated. A tied
+    head the checkpoint unties gets its own lm_head here, so that the memory plan counts it."""
+    with torch.device("meta"):
+        model = source.arch.build(source.args, source.hf_config)
+    model = model.to(dtype=source.dtype)
+    untie_head(model, source, torch.device("meta"))
+    return model
+
+
 def load_model(
-    source: ModelSource, provider_factory: ProviderFactory, show_progress: bool = False, routing=None
-) -> tuple[CausalLM, ExpertProvider]:
-    """routing: a routing.Routing that overrides or records the routers' choice, or None."""
-    with progress_bar(show_progress) as progress:
-        with torch.device("meta"):
-            model = source.arch.build(source.args, source.hf_config)
-        model.to(dtype=source.dtype).to_empty(device=source.device)
-        for module in model.modules():
-            if isinstance(module, Rotary):
-                module.reset()
-        load_dense(model, source, progress)
-        dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        provider = provider_factory(source, dense_bytes, progress)
+    model: CausalLM,
+    source: ModelSource,
+    provider: ExpertProvider,
+    routing=None,
+    progress: Progress | None = None,
+) -> CausalLM:
+    """Allocate the meta model's dense weights on the device, stream them in, and hand the MoE blocks
+    their expert provider. routing: a routing.Routing that overrides or records the routers' choice."""
+    model.to_empty(device=source.device)
+    for module in model.modules():
+        if isinstance(module, Rotary):
+            module.reset()
+    load_dense(model, source, progress)
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     for block in blocks:
         block.experts, block.routing = provider, routing
@@ -89,23 +98,26 @@ def load_model(
     provider.attach(
         routing.predictor() if overridden else RouterLookahead({b.layer_idx: b.gate for b in blocks})
     )
-    model.requires_grad_(False).eval()
-    return model, provider
+    return model.requires_grad_(False).eval()
 
 
 def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) -> None:
     ckpt, args = source.checkpoint, source.args
     params = dict(model.named_parameters())
-    expected = set(params)
+    disk = {name: name for name in params}  # our parameter -> the checkpoint tensor it is read from
+    if model.lm_head is None and EMBED not in ckpt and HEAD in ckpt:
+        disk[EMBED] = HEAD  # tied, only the head written: transformers ties the other way round
     expert_names: set[str] = set()
     if SYNTHETIC_KEY not in ckpt.config:
         for layer in args.moe_layers:
             expert_names |= ckpt.expert_names_on_disk(source.arch.expert_names, layer, args.num_experts)
-    missing = sorted(expected - ckpt.keys())
+    missing = sorted(name for name, tensor in disk.items() if tensor not in ckpt)
     if missing:
         raise CheckpointError(f"tensor {missing[0]} missing from {ckpt.path} ({len(missing)} missing in all)")
     leftover = sorted(
-        n for n in ckpt.keys() - expected - expert_names if not IGNORED.match(n) and not _tied_head(n, model)
+        n
+        for n in ckpt.keys() - set(disk.values()) - expert_names
+        if not IGNORED.match(n) and not _tied_head(n, model)
     )
     if leftover:
         raise CheckpointError(
@@ -114,15 +126,52 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
         )
     task = progress.add_task("dense weights", total=len(params)) if progress else None
     for name, param in params.items():
-        tensor = ckpt.get(name)
-        expect_shape(name, tuple(tensor.shape), tuple(param.shape), ckpt.file_of(name))
+        tensor = ckpt.get(disk[name])
+        expect_shape(disk[name], tuple(tensor.shape), tuple(param.shape), ckpt.file_of(disk[name]))
         param.data.copy_(tensor.to(source.dtype))
         if progress:
             progress.advance(task)
 
 
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
 def _tied_head(name: str, model: CausalLM) -> bool:
-    return name == "lm_head.weight" and model.lm_head is None
+    """The checkpoint's lm_head.weight when the model uses embed_tokens for it (untie_head found the
+    two equal, as checkpoints that store a tied weight twice have them)."""
+    return name == HEAD and model.lm_head is None
+
+
+def untie_head(model: CausalLM, source: ModelSource, device: torch.device | None = None) -> None:
+    """Give a tied model (tie_word_embeddings) its own lm_head when the checkpoint holds an lm_head.weight
+    unlike embed_tokens: transformers then does not tie them, uses each, and warns. Compared in the
+    compute dtype, as transformers compares the loaded parameters. A no-op when the model has a head.
+    device: where the new head is allocated (meta when called on the model build_meta made)."""
+    ckpt = source.checkpoint
+    if model.lm_head is not None or HEAD not in ckpt or EMBED not in ckpt:
+        return
+    if _same_tensor(ckpt.get(HEAD), ckpt.get(EMBED), source.dtype):
+        return
+    log.warning(
+        "%s: config.json sets tie_word_embeddings, but the checkpoint's %s differs from %s; using them "
+        "untied, as transformers does (set tie_word_embeddings to false to silence this)",
+        ckpt.path,
+        HEAD,
+        EMBED,
+    )
+    model.lm_head = torch.nn.utils.skip_init(
+        torch.nn.Linear, source.args.hidden_size, source.args.vocab_size, bias=False, device=device,
+        dtype=source.dtype,
+    )  # fmt: skip
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, rows: int = 4096) -> bool:
+    """torch.equal after the cast to dtype, a block of rows at a time (the tensors are memory-mapped)."""
+    if a.shape != b.shape:
+        return False
+    return all(
+        torch.equal(a[i : i + rows].to(dtype), b[i : i + rows].to(dtype)) for i in range(0, len(a), rows)
+    )
 
 
 class progress_bar:

@@ -1,4 +1,4 @@
-"""The checkpoint's tokenizer, chat template and stop tokens."""
+"""The checkpoint's tokenizer, chat template, stop tokens and sampling defaults."""
 
 from __future__ import annotations
 
@@ -36,6 +36,28 @@ def eos_token_ids(path: Path, config: dict, tokenizer) -> set[int]:
         elif isinstance(src, list):
             ids.update(i for i in src if isinstance(i, int))
     return ids
+
+
+def sampling_defaults(path: Path) -> dict:
+    """The sampling a checkpoint asks for in generation_config.json, as SamplingParams fields, for
+    requests that leave them unset. As transformers: `do_sample` true samples with its temperature
+    (1.0 if absent), top_p and top_k; otherwise decoding is greedy. repetition_penalty applies either way."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        gen = json.loads(file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    out = {}
+    if gen.get("do_sample"):
+        out["temperature"] = float(gen.get("temperature", 1.0))
+        out.update({k: gen[k] for k in ("top_p", "top_k") if gen.get(k) is not None})
+    else:
+        out["temperature"] = 0.0
+    if gen.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(gen["repetition_penalty"])
+    return out
 
 
 def render_chat(tokenizer, messages: list[dict], enable_thinking: bool | None, extra: dict | None) -> str:

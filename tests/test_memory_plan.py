@@ -1,0 +1,166 @@
+"""The memory plan holds: made before any weight is allocated, its KV reserve bounds every cache the
+runner allocates, and an unset max_tokens resolves to what the context and the reserve allow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.cli import main
+from tiermoe.errors import InvalidRequestError
+from tiermoe.offload import budget
+from tiermoe.offload.budget import GIB, plan_memory
+from tiermoe.weights import loader
+
+PROMPT = [5, 9, 12, 7, 3, 88, 41]
+
+
+def _kv_bytes(llm: LLM) -> int:
+    """Bytes of every KV cache the runner holds now."""
+    caches = llm.engine.runner._caches.values()
+    return sum(t.numel() * t.element_size() for c in caches for t in (*c.k, *c.v))
+
+
+@pytest.fixture(scope="module")
+def long_context(tiny_checkpoint):
+    """A tiny Qwen3-MoE whose config claims a 40,960-token context, as Qwen3's does."""
+    return tiny_checkpoint("qwen3_moe", max_position_embeddings=40960)[0]
+
+
+def test_default_reserve_is_capped_and_counted_per_layer(long_context):
+    llm = LLM(long_context, device="cpu")
+    per_token = 3 * 2 * 2 * 16 * 4  # layers x K and V x kv heads x head_dim x fp32
+    assert llm.max_model_len == 40960
+    assert (llm.plan.kv_tokens, llm.plan.kv_bytes) == (4096, 4096 * per_token)
+    assert llm.model.kv_bytes_per_token(4) == per_token
+
+
+def test_no_max_tokens_runs_to_the_reserve_and_never_past_it(long_context):
+    llm = LLM(long_context, device="cpu", kv_reserve_tokens=48)
+    out = llm.generate(PROMPT, SamplingParams(ignore_eos=True))[0]
+    assert (len(out.token_ids), out.finish_reason) == (48 - len(PROMPT), "length")
+    assert _kv_bytes(llm) == llm.plan.kv_bytes  # 48 tokens exactly: no power-of-two rounding past the plan
+    # Two rows share the reserve: 24 slots each; the batch-1 cache is dropped to make room.
+    outs = llm.generate([PROMPT, PROMPT[:3]], SamplingParams(ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [24 - len(PROMPT)] * 2
+    assert _kv_bytes(llm) <= llm.plan.kv_bytes and list(llm.engine.runner._caches) == [2]
+
+
+def test_a_request_beyond_the_reserve_names_the_limit(long_context):
+    llm = LLM(long_context, device="cpu", kv_reserve_tokens=48)
+    with pytest.raises(InvalidRequestError, match="KV cache reserve holds 48 tokens") as info:
+        llm.generate(PROMPT, SamplingParams(max_tokens=42))
+    assert info.value.param == "max_tokens" and "--kv-reserve-tokens" in str(info.value)
+    assert _kv_bytes(llm) == 0  # refused before anything was allocated
+    assert len(llm.generate(PROMPT, SamplingParams(max_tokens=41, ignore_eos=True))[0].token_ids) == 41
+
+
+def test_default_budget_counts_the_dense_weights_once(tiny_checkpoint, monkeypatch):
+    """The default budget is the free memory before loading: a fake free figure that drops by the
+    dense bytes once they are loaded must not be read after that drop."""
+    path, _ = tiny_checkpoint("qwen3_moe")
+    free = {"bytes": GIB + 1_000_000}
+    load_dense = loader.load_dense
+
+    def loading(model, source, progress):
+        load_dense(model, source, progress)
+        free["bytes"] -= model.dense_bytes()
+
+    monkeypatch.setattr(loader, "load_dense", loading)
+    monkeypatch.setattr(budget, "default_gpu_budget", lambda device: free["bytes"] - GIB)
+    llm = LLM(path, device="cpu")
+    p = llm.plan
+    assert p.budget_bytes == 1_000_000
+    assert p.gpu_slots == (1_000_000 - p.dense_bytes - p.kv_bytes - p.workspace_bytes) // p.expert_bytes
+    assert 0 < p.gpu_slots < p.total_experts and free["bytes"] == GIB + 1_000_000 - p.dense_bytes
+
+
+def test_plan_arithmetic():
+    plan = plan_memory(
+        moe_layers=[0, 1, 2], num_experts=8, top_k=2, expert_bytes=1000, dense_bytes=5000, kv_bytes=3000,
+        workspace_bytes=1000, device=torch.device("cpu"), gpu_budget_gib=20_500 / GIB, cpu_budget_gib=1e-5,
+        kv_tokens=30,
+    )  # fmt: skip
+    assert plan.gpu_slots == 11 and plan.quotas == {0: 4, 1: 4, 2: 3}  # (20500 - 9000) // 1000, spread
+    assert plan.host_slots == int(1e-5 * GIB) // 1000 and not plan.all_resident
+    line = plan.describe()
+    assert (
+        "KV cache 30 tokens" in line and "11 of 24 expert slots" in line and "host cache 10 experts" in line
+    )
+
+
+def test_generate_prints_the_plan_line(tiny_checkpoint, capsys):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    assert (
+        main(["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--max-tokens", "2"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "memory plan (GPU budget uncapped): dense" in err and "KV cache 512 tokens" in err
+
+
+def test_max_model_len_beyond_the_model_is_refused(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    with pytest.raises(InvalidRequestError, match="beyond this model's context of 512") as info:
+        LLM(path, device="cpu", max_model_len=1024)
+    assert info.value.param == "max_model_len"
+    assert LLM(path, device="cpu", max_model_len=100).max_model_len == 100
+
+
+def test_max_model_len_reaches_as_far_as_yarn_was_made_for(tiny_checkpoint):
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+    }
+    path, _ = tiny_checkpoint("qwen3_moe", rope_parameters=yarn)
+    llm = LLM(path, device="cpu", max_model_len=2048)
+    assert llm.max_model_len == 2048 and llm.plan.kv_tokens == 2048
+    with pytest.raises(InvalidRequestError, match="its yarn rope scaling reaches 2048"):
+        LLM(path, device="cpu", max_model_len=2049)
+
+
+def _with_generation_config(tiny_checkpoint, tmp_path, **fields):
+    src, _ = tiny_checkpoint("qwen3_moe")
+    dst = tmp_path / "model"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    (dst / "generation_config.json").unlink()
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, **fields}))
+    return dst
+
+
+def test_generation_config_supplies_unset_sampling_fields(tiny_checkpoint, tmp_path):
+    path = _with_generation_config(
+        tiny_checkpoint,
+        tmp_path,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.95,
+        top_k=20,
+        repetition_penalty=1.1,
+    )
+    engine = LLM(path, device="cpu").engine
+    (p,) = engine.resolve([PROMPT], [SamplingParams()])
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.6, 0.95, 20, 1.1)
+    (p,) = engine.resolve([PROMPT], [SamplingParams(temperature=0.0, top_k=0, max_tokens=5)])
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (0.0, 0, 0.95, 5)  # the request's own win
+
+
+def test_without_do_sample_decoding_is_greedy_as_in_transformers(tiny_checkpoint, tmp_path):
+    """transformers' generate() ignores temperature unless do_sample is set; so do we."""
+    path = _with_generation_config(tiny_checkpoint, tmp_path, temperature=0.7, top_p=0.8)
+    _, hf = tiny_checkpoint("qwen3_moe")
+    llm = LLM(path, device="cpu")
+    assert llm.engine.resolve([PROMPT], [SamplingParams()])[0].temperature == 0.0
+    ours = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(PROMPT) :]
+    assert ours == ref.tolist()
