@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers
 
-from tiermoe.demo import build_tokenizer
+from tiermoe.bench.synth_tokenizer import chatml_bpe
 
 VOCAB = 320  # the 256 byte symbols, 5 ChatML special tokens and some merges
-TOKENIZER = build_tokenizer(VOCAB)
+TOKENIZER = chatml_bpe(VOCAB)
 EOS = TOKENIZER.convert_tokens_to_ids("<|im_end|>")
 
 

@@ -319,7 +319,7 @@ def test_bench_on_gpu_with_both_peers_and_floors(tmp_path):
 def test_git_revision_given_by_the_caller_wins(monkeypatch):
     """A copy of the tree on another machine may carry a stale .git: the revision the caller names is
     the one recorded."""
-    from tiermoe.bench.report import git_revision
+    from tiermoe.provenance import git_revision
 
     monkeypatch.setenv("TIERMOE_GIT_REV", "abc1234")
     assert git_revision() == "abc1234"

@@ -9,8 +9,9 @@ import random
 
 import pytest
 
+from tiermoe.bench.synth_tokenizer import CHATML_CORPUS as CORPUS
+from tiermoe.bench.synth_tokenizer import CHATML_SPECIAL_TOKENS as SPECIAL_TOKENS
 from tiermoe.bench.synth_tokenizer import STYLES, train_bpe, wrap
-from tiermoe.demo import CORPUS, SPECIAL_TOKENS
 from tiermoe.engine.detokenizer import TextStream
 
 from .conftest import TOKENIZER

@@ -11,7 +11,9 @@ from .engine.engine import Engine
 from .engine.request import RequestOutput, SamplingParams, TokenEvent
 from .engine.runner import ModelRunner
 from .errors import InvalidRequestError
+from .models.moe import SparseMoeBlock
 from .offload.placement import build_provider, plan_for_model
+from .offload.predictor import RouterLookahead
 from .routing.spec import build_routing
 from .weights.loader import build_meta, load_model, open_source, progress_bar
 from .weights.tokenizer import eos_token_ids, load_tokenizer, render_chat, sampling_defaults
@@ -40,6 +42,10 @@ class LLM:
         with progress_bar(c.show_progress) as progress:
             self.provider = build_provider(self.source, c, self.plan, progress)
             self.model = load_model(model, self.source, self.provider, self.routing, progress)
+        # Under an override the routers decide nothing, so their lookahead would predict noise.
+        overridden = self.routing is not None and self.routing.overrides
+        gates = {m.layer_idx: m.gate for m in self.model.modules() if isinstance(m, SparseMoeBlock)}
+        self.provider.attach(self.routing.predictor() if overridden else RouterLookahead(gates))
         self.tokenizer = load_tokenizer(self.path)
         runner = ModelRunner(
             self.model,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from .cli import add_engine_args, engine_kwargs
 from .engine.request import SamplingParams
 from .errors import TiermoeError
+from .flags import add_engine_args, engine_kwargs
 
 HELP = """Commands:
   /think [on|off]  switch the model's thinking (chat templates that have the switch); bare: toggle

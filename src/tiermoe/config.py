@@ -59,12 +59,6 @@ class EngineConfig:
                 ) from None
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise InvalidRequestError("device cuda asked for, but torch sees no CUDA GPU", "device")
-        from .offload.policy import POLICIES
-
-        if self.eviction not in POLICIES:
-            raise InvalidRequestError(
-                f"eviction {self.eviction!r} unknown; choose one of {', '.join(POLICIES)}", "eviction"
-            )
         for name in ("gpu_budget_gib", "cpu_budget_gib", "workspace_gib"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .bench.synth_tokenizer import chatml_bpe
+
 DEMO_CONFIG = dict(
     vocab_size=1024,
     hidden_size=256,
@@ -28,16 +30,6 @@ DEMO_CONFIG = dict(
     rope_theta=1_000_000.0,
 )
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-CORPUS = """tiermoe runs mixture of experts language models that do not fit in the memory of one graphics
-card. The attention weights and the hottest experts stay on the GPU, the other experts wait in pinned
-host memory or on the disk, and the engine moves each expert across the bus just before a layer needs
-it. The router of the next layer guesses which experts come next, so their transfers start early.
-Hello, how are you today? I am fine, thank you. What is the capital of France? Paris is the capital.
-The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > ! ? , . ; : ' "
-"""
-
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -50,7 +42,7 @@ def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
         return path
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = chatml_bpe(DEMO_CONFIG["vocab_size"])
     config = Qwen3MoeConfig(
         **DEMO_CONFIG,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -70,11 +62,3 @@ def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.replace(path)
     return path
-
-
-def build_tokenizer(vocab_size: int = DEMO_CONFIG["vocab_size"]):
-    """A byte-level BPE trained on CORPUS in milliseconds, with ChatML special tokens and template."""
-    from .bench.synth_tokenizer import STYLES, train_bpe, wrap
-
-    tok = train_bpe([CORPUS] * 4, vocab_size, dict(enumerate(SPECIAL_TOKENS)), reserve=False)
-    return wrap(tok, STYLES["chatml"])

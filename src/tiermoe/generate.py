@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_engine_args, add_sampling_args, engine_kwargs, sampling_params
+from .flags import add_engine_args, add_sampling_args, engine_kwargs, sampling_params
 
 
 def add_parser(sub) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .bench.report import RESULTS_DIR, run_metadata, timestamp, write_json
 from .config import EngineConfig
 from .offload.budget import MemoryPlan
 from .offload.placement import plan_from_config
+from .provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 
 GB = 1e9
 GIB = 1 << 30

@@ -39,6 +39,7 @@ from pathlib import Path
 from ..errors import InvalidRequestError, TiermoeError
 from .shapes import bytes_per_element, checkpoint_size
 from .synth import INIT_STD, read_synth_info
+from .synth_tokenizer import chatml_bpe
 from .workload import Workload
 
 ENGINE = "llama.cpp"
@@ -206,9 +207,7 @@ def _stage(model_dir: Path, stage: Path, install: LlamaCppDir, random: bool) -> 
         return
     # A byte-level BPE trained in milliseconds (the demo's); the converter pads the vocabulary to the
     # config's size.
-    from ..demo import build_tokenizer
-
-    build_tokenizer(vocab_size).save_pretrained(stage)
+    chatml_bpe(vocab_size).save_pretrained(stage)
 
 
 def _run_tool(cmd: list[str], timeout_s: float, log: Path, env: dict | None = None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..offload.sources import SYNTHETIC_KEY
+from ..weights.checkpoint import SYNTHETIC_KEY
 from .shapes import checkpoint_size
 from .workload import Workload, median_figures, random_prompts
 

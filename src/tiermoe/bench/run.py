@@ -22,10 +22,11 @@ from ..config import EngineConfig
 from ..errors import BudgetError, InvalidRequestError
 from ..hardware import decode_floor, h2d_bandwidth, measured_floor, missed_expert_bytes_per_token
 from ..offload.placement import plan_from_config
+from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 from ..routing.spec import parse_routing
 from . import llamacpp, peers
 from .measure import run_isolated
-from .report import RESULTS_DIR, RUN_KEYS, plot_runs, run_metadata, timestamp, variant_name, write_json
+from .report import RUN_KEYS, plot_runs, variant_name
 from .shapes import bytes_per_element, expert_intermediate_size
 from .synth import read_synth_info
 from .workload import Workload

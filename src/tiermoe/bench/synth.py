@@ -28,13 +28,12 @@ from rich.progress import (
 from safetensors.torch import save_file
 
 from ..errors import InvalidRequestError
-from ..offload.sources import SYNTHETIC_KEY
+from ..weights.checkpoint import SYNTH_INFO_FILE, SYNTHETIC_KEY
 from .presets import PRESETS, get_preset
 from .shapes import TensorSpec, architecture, bytes_per_element, tensor_specs
 from .synth_tokenizer import copy_tokenizer, prepare_tokenizer
 
 INIT_STD = 0.02
-SYNTH_INFO_FILE = "tiermoe_synth.json"
 _DTYPES = {"bf16": (torch.bfloat16, "bfloat16")}
 _GIB = 1 << 30
 # What an earlier synth may have left: a --no-tokenizer run must not keep a stale tokenizer.

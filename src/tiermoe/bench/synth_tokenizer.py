@@ -337,6 +337,25 @@ def wrap(tok, style: TokenizerStyle):
     )
 
 
+CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+CHATML_CORPUS = """tiermoe runs mixture of experts language models that do not fit in the memory of one graphics
+card. The attention weights and the hottest experts stay on the GPU, the other experts wait in pinned
+host memory or on the disk, and the engine moves each expert across the bus just before a layer needs
+it. The router of the next layer guesses which experts come next, so their transfers start early.
+Hello, how are you today? I am fine, thank you. What is the capital of France? Paris is the capital.
+The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > ! ? , . ; : ' "
+"""
+
+
+def chatml_bpe(vocab_size: int):
+    """A byte-level BPE trained on CHATML_CORPUS in milliseconds, with ChatML special tokens and template:
+    the demo's tokenizer, the tests', and the one staged for llama.cpp's converter when a checkpoint has
+    none of its own."""
+    tok = train_bpe([CHATML_CORPUS] * 4, vocab_size, dict(enumerate(CHATML_SPECIAL_TOKENS)), reserve=False)
+    return wrap(tok, STYLES["chatml"])
+
+
 def build(style: TokenizerStyle, config: dict):
     """The style's tokenizer for config.json's vocabulary (seconds: Qwen ~3 s, a 50k BPE ~4 s)."""
     if style.published:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from ..models.base import MoEArgs
+from ..models.kv_cache import KVCache
 from ..models.layers import CausalLM, DecoderLayer
 from ..models.moe import SparseMoeBlock
 from ..offload.provider import ExpertProvider
 from ..routing.hook import Routing
-from .kv_cache import KVCache
 
 MIN_CACHE = 256  # cache sizes are rounded up to powers of two from here, so few graphs are captured
 

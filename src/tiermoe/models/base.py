@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InvalidRequestError
-from ..weights.checkpoint import ExpertNames
 from .layers import (
     Attention,
     AttentionSpec,
@@ -23,6 +22,7 @@ from .layers import (
     Rotary,
 )
 from .moe import SoftmaxTopKRouter, SparseMoeBlock
+from .names import ExpertNames
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..weights.checkpoint import ExpertNames
 from .base import Architecture, MoEArgs
 from .layers import CausalLM, DecoderLayer
+from .names import ExpertNames
 
 
 @dataclass

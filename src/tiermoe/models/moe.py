@@ -1,5 +1,6 @@
 """Routers and the sparse MoE block. The block never touches expert weights: it routes and hands the
-tokens to an ExpertProvider (offload/provider.py), which owns where the experts live and how they run."""
+tokens to its `Experts` (one method), which own where the experts live and how they run; the engine's
+wider view of them (graph safety, statistics, prefetch) is offload/provider.py's ExpertProvider."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..offload.provider import ExpertProvider
 from .layers import MLP
+
+
+class Experts(Protocol):
+    """All the MoE block asks of the experts."""
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids and weights [T, k] -> sum_k weights * expert_ids(x), [T, H]."""
+        ...
 
 
 class RoutingOverride(Protocol):
@@ -58,7 +66,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.layer_idx, self.gate = layer_idx, gate
         # Set by the loader. Not a submodule: the provider owns its weights and where they live.
-        self.experts: ExpertProvider | None = None
+        self.experts: Experts | None = None
         self.routing: RoutingOverride | None = None  # set by the loader when routing is emulated or recorded
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..weights.checkpoint import ExpertNames
 from .base import Architecture, MoEArgs, sparse_layers
 from .layers import MLP, CausalLM, DecoderLayer
+from .names import ExpertNames
 
 
 @dataclass

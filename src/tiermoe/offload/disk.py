@@ -13,7 +13,8 @@ import os
 import torch
 
 from ..errors import CheckpointError
-from ..weights.checkpoint import ByteRange, Checkpoint, ExpertNames
+from ..models.names import ExpertNames
+from ..weights.checkpoint import ByteRange, Checkpoint
 
 ALIGN = 4096
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..config import EngineConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidRequestError
 from ..models.base import MoEArgs
 from ..models.layers import CausalLM
 from .budget import GIB, MemoryPlan, plan_memory
+from .policy import POLICIES
 from .provider import ExpertProvider, load_resident
 from .sources import open_expert_source
 from .store import TieredExpertStore
@@ -48,6 +49,10 @@ def _args_from_config(hf_config: dict):
 def plan_for_model(model: CausalLM, args: MoEArgs, config: EngineConfig, max_model_len: int) -> MemoryPlan:
     """The plan for a model built on the meta device in the compute dtype: its dense parameters, each
     attention layer's KV bytes per token times the KV reserve, the workspace and the expert slots."""
+    if config.eviction not in POLICIES:  # checked here, before any weight is loaded
+        raise InvalidRequestError(
+            f"eviction {config.eviction!r} unknown; choose one of {', '.join(POLICIES)}", "eviction"
+        )
     dtype, device = config.torch_dtype, config.torch_device
     kv_tokens = config.kv_reserve_tokens or min(max_model_len, DEFAULT_KV_TOKENS)
     workspace = (

@@ -11,15 +11,14 @@ from typing import Protocol
 
 import torch
 
+from ..models.moe import Experts
 from .expert_compute import GATHER_MAX_PAIRS, expert_mlp
 from .predictor import Predictor
 from .sources import bank_views, open_expert_source
 
 
-class ExpertProvider(Protocol):
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], ids and weights [T, k] -> sum_k weights * expert_ids(x), [T, H]."""
-        ...
+class ExpertProvider(Experts, Protocol):
+    """The MoE block's Experts (forward) plus what the engine needs of them."""
 
     def graph_safe(self, tokens: int) -> bool:
         """Whether forward on this many tokens never synchronises with the host, so a decode step can be

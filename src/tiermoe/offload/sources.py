@@ -11,9 +11,8 @@ from typing import Protocol
 
 import torch
 
+from ..weights.checkpoint import SYNTHETIC_KEY
 from .disk import ExpertReader
-
-SYNTHETIC_KEY = "tiermoe_synthetic_experts"
 
 
 class ExpertSource(Protocol):

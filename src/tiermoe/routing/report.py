@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import InvalidRequestError
+from ..provenance import run_metadata, write_json
 from .replay import admissions, locality, replay_admissions
 from .trace import Trace, load_trace
 
@@ -147,8 +148,6 @@ def plot_hit_rates(report: dict, path: str | Path, title: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from ..bench.report import run_metadata, write_json
 
     rhos = parse_rhos(args.slots)  # before the trace, so a typo fails at once
     trace = load_trace(args.trace)

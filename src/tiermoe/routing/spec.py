@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidRequestError
+from ..weights.checkpoint import SYNTH_INFO_FILE, SYNTHETIC_KEY
 from .hook import Routing
 from .playback import TracePlayback
 from .recorder import TraceRecorder
@@ -76,9 +77,6 @@ def _szd_params(text: str, base: SZDParams) -> SZDParams:
 
 def is_synthetic(path: Path) -> bool:
     """Written by `tiermoe synth` (random weights whose own routing means nothing)."""
-    from ..bench.synth import SYNTH_INFO_FILE
-    from ..offload.sources import SYNTHETIC_KEY
-
     if (path / SYNTH_INFO_FILE).exists():
         return True
     config = path / "config.json"

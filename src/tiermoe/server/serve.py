@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import uvicorn
 from rich.console import Console
 
-from ..cli import add_engine_args, engine_kwargs
+from ..flags import add_engine_args, engine_kwargs
 
 
 class ReadyServer(uvicorn.Server):

@@ -19,6 +19,12 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..models.names import ExpertNames
+
+# config.json key of checkpoints whose experts are generated, not stored (tiermoe synth --experts-in-memory)
+SYNTHETIC_KEY = "tiermoe_synthetic_experts"
+# what `tiermoe synth` records beside the checkpoint it wrote (preset, seed, date)
+SYNTH_INFO_FILE = "tiermoe_synth.json"
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -38,18 +44,6 @@ class ByteRange:
     offset: int
     nbytes: int
     dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """Where an architecture's experts live, as format strings over {layer} and {expert}.
-
-    per_expert: (gate, up, down) weight names of one expert, each [I, H] / [I, H] / [H, I].
-    fused: (gate_up, down) names of a layer's stacked experts, [E, 2I, H] and [E, H, I].
-    """
-
-    per_expert: tuple[str, str, str]
-    fused: tuple[str, str]
 
 
 class Checkpoint:

@@ -19,12 +19,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..errors import CheckpointError
 from ..models.base import Architecture, MoEArgs
 from ..models.layers import CausalLM, Rotary
-from ..models.moe import SparseMoeBlock
+from ..models.moe import Experts, SparseMoeBlock
 from ..models.registry import architecture_for
-from ..offload.predictor import RouterLookahead
-from ..offload.provider import ExpertProvider
-from ..offload.sources import SYNTHETIC_KEY
-from .checkpoint import Checkpoint, expect_shape, read_config
+from .checkpoint import SYNTHETIC_KEY, Checkpoint, expect_shape, read_config
 
 # Tensors some writers add that carry nothing we need (rotary tables are recomputed).
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -79,25 +76,20 @@ def build_meta(source: ModelSource) -> CausalLM:
 def load_model(
     model: CausalLM,
     source: ModelSource,
-    provider: ExpertProvider,
+    experts: Experts,
     routing=None,
     progress: Progress | None = None,
 ) -> CausalLM:
     """Allocate the meta model's dense weights on the device, stream them in, and hand the MoE blocks
-    their expert provider. routing: a routing.Routing that overrides or records the routers' choice."""
+    their experts. routing: a routing.Routing that overrides or records the routers' choice."""
     model.to_empty(device=source.device)
     for module in model.modules():
         if isinstance(module, Rotary):
             module.reset()
     load_dense(model, source, progress)
-    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
-    for block in blocks:
-        block.experts, block.routing = provider, routing
-    # Under an override the routers decide nothing, so their lookahead would predict noise.
-    overridden = routing is not None and routing.overrides
-    provider.attach(
-        routing.predictor() if overridden else RouterLookahead({b.layer_idx: b.gate for b in blocks})
-    )
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            block.experts, block.routing = experts, routing
     return model.requires_grad_(False).eval()
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from tiermoe.engine.kv_cache import KVCache
+from tiermoe.models.kv_cache import KVCache
 
 
 def cache(max_len=6):
