@@ -21,6 +21,7 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # over 4 s on CI's 2 cores
 def test_hf_peer_reports_consistent_figures(tiny_dir):
     workload = Workload(prompt_len=12, gen_len=6, batch=2, repeat=2)
     result = run_isolated("hf", tiny_dir, workload, timeout_s=300)
@@ -40,6 +41,7 @@ def test_hf_peer_reports_consistent_figures(tiny_dir):
     assert result["load_s"] > 0
 
 
+@pytest.mark.slow  # over 4 s on CI's 2 cores
 def test_failures_become_errors(tiny_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -31,6 +31,7 @@ def _capped_budget_gib(model) -> float:
     return (least.dense_bytes + least.kv_bytes + least.workspace_bytes + 6.5 * least.expert_bytes) / GIB
 
 
+@pytest.mark.slow  # over 4 s on CI's 2 cores
 def test_bench_command_end_to_end(tmp_path, monkeypatch):
     model = tmp_path / "tiny"
     synth_checkpoint("tiny-olmoe", model, progress=False)
@@ -93,7 +94,7 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch):
         assert len(r["samples"]) == 2
     assert runs["tiermoe"]["gen_len"] == 6 and runs["tiermoe"]["repeat"] == 2
     assert runs["hf"]["gen_len"] == 4 and runs["hf"]["gen_len_requested"] == 6
-    assert isinstance(runs["tiermoe"]["experts"], dict)
+    assert runs["tiermoe"]["experts"] == {}  # all resident: the store has nothing to count
     # Uncapped: nothing moves, so no traffic and no floors.
     for key in ("gpu_hit_rate", "h2d_bytes_per_token", "floor_tok_s", "floor_fraction", "pcie_floor_tok_s"):
         assert runs["tiermoe"][key] is None, key

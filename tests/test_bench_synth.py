@@ -232,7 +232,7 @@ def test_tiny_checkpoint_generates_from_text_and_chat(preset, tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     reply = llm.chat(messages, SamplingParams(max_tokens=4, ignore_eos=True))
     assert reply.prompt_token_ids == llm.encode(reply.prompt, add_special_tokens=False)
-    assert len(reply.token_ids) == 4 and isinstance(reply.text, str)
+    assert len(reply.token_ids) == 4 and reply.text == tok.decode(reply.token_ids, skip_special_tokens=True)
     expected = {
         "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
         "olmo": "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n",

@@ -103,7 +103,9 @@ def test_prefetch_and_policies_do_not_change_tokens(model, policy):
     # every prefetch is used, wasted (evicted unused), or still waiting in its slot at the end
     assert s["prefetch_hits"] + s["prefetch_wasted"] <= s["prefetch_issued"]
     assert s["predicted_correct"] <= min(s["predicted"], s["routed"])
-    assert 0 <= s["prefetch_precision"] <= 1 and 0 <= s["prefetch_recall"] <= 1
+    assert 0 < s["predicted_correct"] < s["predicted"]  # router lookahead on a tiny model: some right
+    assert s["prefetch_precision"] == round(s["predicted_correct"] / s["predicted"], 4)
+    assert s["prefetch_recall"] == round(s["predicted_correct"] / s["routed"], 4)
     assert off.stats.experts["prefetch_issued"] == 0 and off.stats.experts["prefetch_precision"] is None
 
 

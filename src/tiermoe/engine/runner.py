@@ -13,7 +13,7 @@ import torch
 
 from ..models.base import MoEArgs
 from ..models.kv_cache import KVCache
-from ..models.layers import CausalLM, DecoderLayer
+from ..models.layers import CausalLM
 from ..models.moe import SparseMoeBlock
 from ..offload.provider import ExpertProvider
 from ..routing.hook import Routing
@@ -192,9 +192,9 @@ class LayeredDecodeGraph(DecodeGraph):
         self.pieces = []
         for layer in model.model.layers:
             if isinstance(layer.mlp, SparseMoeBlock):
-                piece = capture(lambda layer=layer, x=x: _moe_dense_part(layer, x, rope, cache))
+                piece = capture(lambda layer=layer, x=x: layer.before_experts(x, rope, cache))
                 x = torch.empty_like(x)  # the eager part writes the layer's output here
-                self.pieces.append((piece, layer.mlp.layer_idx, x))
+                self.pieces.append((piece, layer, x))
             else:
                 piece = capture(lambda layer=layer, x=x: layer(x, rope, cache))
                 x = piece.outputs
@@ -212,18 +212,9 @@ class LayeredDecodeGraph(DecodeGraph):
             piece.graph.replay()
             if layer is not None:
                 x1, xn, weights, ids, shared = piece.outputs
-                y = self.provider.forward(layer, xn, ids, weights)
-                if shared is not None:
-                    y = y + shared
-                torch.add(x1, y.view_as(x1), out=out)
+                routed = self.provider.forward(layer.mlp.layer_idx, xn, ids, weights)
+                layer.after_experts(x1, routed, shared, out=out)
         self.epilogue.graph.replay()
-
-
-def _moe_dense_part(layer: DecoderLayer, x: torch.Tensor, rope, cache: KVCache):
-    """(residual after attention, MoE input [T, H], routing weights, expert ids, shared expert output)."""
-    x1 = layer.attend(x, rope, cache)
-    xn = layer.post_attention_layernorm(x1).reshape(-1, x1.shape[-1])
-    return (x1, xn, *layer.mlp.dense_part(xn))
 
 
 class Captured:

@@ -193,6 +193,21 @@ class DecoderLayer(nn.Module):
         """The residual stream after this layer's attention."""
         return x + self.self_attn(self.input_layernorm(x), rope, cache)
 
+    # A MoE layer in two parts, for callers that run the routed experts themselves (the runner's
+    # layered CUDA graphs): forward(x) == after_experts(r, experts(xn, ids, w), s) of before_experts(x).
+    def before_experts(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache):
+        """(residual after attention [B, T, H], expert input [T, H], routing weights and expert ids
+        [T, k], shared expert output [T, H] or None)."""
+        x1 = self.attend(x, rope, cache)
+        xn = self.post_attention_layernorm(x1).reshape(-1, x1.shape[-1])
+        return (x1, xn, *self.mlp.dense_part(xn))
+
+    def after_experts(
+        self, residual: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None, out=None
+    ) -> torch.Tensor:
+        """The layer's output from the routed experts' output [T, H], written into `out` if given."""
+        return torch.add(residual, self.mlp.combine(routed, shared).view_as(residual), out=out)
+
 
 class DecoderBody(nn.Module):
     """Embedding, decoder layers and final norm; the `model.` prefix of Hugging Face names."""

@@ -74,8 +74,12 @@ class SparseMoeBlock(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         weights, ids, shared = self.dense_part(x)
-        out = self.experts.forward(self.layer_idx, x, ids, weights)
-        return (out if shared is None else out + shared).reshape(shape)
+        return self.combine(self.experts.forward(self.layer_idx, x, ids, weights), shared).reshape(shape)
+
+    @staticmethod
+    def combine(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """The block's output [T, H] from its routed experts' [T, H] and the shared expert's (or None)."""
+        return routed if shared is None else routed + shared
 
     def dense_part(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything but the routed experts: (routing weights [T, k], expert ids [T, k], gated shared
