@@ -13,10 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tiermoe.bench import synth, synth_tokenizer
 from tiermoe.bench.presets import PRESETS, get_preset
-from tiermoe.bench.shapes import checkpoint_size, expert_bytes_per_token, num_experts, tensor_specs
+from tiermoe.bench.shapes import checkpoint_size, expert_bytes_per_token, tensor_specs
 from tiermoe.bench.synth import INIT_STD, read_synth_info, synth_checkpoint
 from tiermoe.bench.synth_tokenizer import get_style, prepare_tokenizer, special_ids, train_bpe
 from tiermoe.errors import InvalidRequestError, UnsupportedArchitectureError
+from tiermoe.models.registry import from_config
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
 
@@ -40,7 +41,7 @@ def test_tiny_preset_matches_transformers_names_and_loads(preset, tmp_path):
     cfg = get_preset(preset).config
     assert model.config.hidden_size == cfg["hidden_size"] == 64
     assert model.config.vocab_size == 512
-    assert num_experts(model.config.to_dict()) == num_experts(cfg) == 8
+    assert model.config.num_experts == from_config(cfg)[2].num_experts == 8
     assert model.generation_config.eos_token_id == 2
 
     # transformers' own save_pretrained of the loaded model writes exactly our names and shapes.
@@ -117,7 +118,7 @@ def test_published_presets_have_the_real_shapes(preset, params, experts, top_k):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     assert sum(p.numel() for p in model.parameters()) == sum(s.numel for s in tensor_specs(cfg)) == params
-    assert num_experts(cfg) == experts
+    assert from_config(cfg)[2].num_experts == experts
     assert hf_config.num_experts_per_tok == top_k
 
 

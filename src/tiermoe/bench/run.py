@@ -21,13 +21,14 @@ import torch
 from ..config import EngineConfig
 from ..errors import BudgetError, InvalidRequestError
 from ..hardware import decode_floor, h2d_bandwidth, measured_floor, missed_expert_bytes_per_token
+from ..models.registry import from_config
 from ..offload.placement import plan_from_config
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 from ..routing.spec import parse_routing
 from . import llamacpp, peers
 from .measure import run_isolated
 from .report import RUN_KEYS, plot_runs, variant_name
-from .shapes import bytes_per_element, expert_intermediate_size
+from .shapes import bytes_per_element
 from .synth import read_synth_info
 from .workload import Workload
 
@@ -67,7 +68,7 @@ def measure_h2d(config: dict) -> float | None:
     """Pinned host-to-device GB/s in chunks of one expert, the transfer the offload path makes."""
     if not torch.cuda.is_available():
         return None
-    chunk = 3 * config["hidden_size"] * expert_intermediate_size(config) * bytes_per_element(config)
+    chunk = from_config(config)[2].expert_numel() * bytes_per_element(config)
     return h2d_bandwidth(chunk, pinned=True, total_bytes=1 << 30)
 
 

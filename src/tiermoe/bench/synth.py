@@ -28,9 +28,10 @@ from rich.progress import (
 from safetensors.torch import save_file
 
 from ..errors import InvalidRequestError
+from ..models.registry import from_config
 from ..weights.checkpoint import SYNTH_INFO_FILE, SYNTHETIC_KEY
 from .presets import PRESETS, get_preset
-from .shapes import TensorSpec, architecture, bytes_per_element, tensor_specs
+from .shapes import TensorSpec, bytes_per_element, tensor_specs
 from .synth_tokenizer import copy_tokenizer, prepare_tokenizer
 
 INIT_STD = 0.02
@@ -132,7 +133,7 @@ def synth_checkpoint(
     torch_dtype, dtype_name = _DTYPES[dtype]
     name, source, config, published_gen, style = _resolve(preset_or_config)
     style = style if tokenizer else None
-    architecture(config)  # fail before writing anything if the layout is unknown
+    from_config(config)  # fail before writing anything if the architecture is unknown
     config["torch_dtype"] = dtype_name
     generation_config = _generation_config(config, published_gen)
     # Before the weights, so that a tokenizer that cannot be made fails in seconds, not after GiBs.

@@ -4,6 +4,7 @@ how to build the module tree, and where its tensors live in a checkpoint."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,14 @@ class Architecture:
     args_from_hf: Callable[[object], MoEArgs]
     build: Callable[[MoEArgs, object], CausalLM]  # (args, hf config); the loader attaches the experts
     expert_names: ExpertNames
-    renames: tuple[tuple[str, str], ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): Hub tensor names -> ours, on reading
+    hub_renames: tuple[tuple[str, str], ...] = ()  # ours -> the names save_pretrained writes
+
+    def hub_name(self, name: str) -> str:
+        """The name transformers' save_pretrained gives the tensor we call `name`."""
+        for pattern, replacement in self.hub_renames:
+            name = re.sub(pattern, replacement, name)
+        return name
 
 
 def sparse_layers(hf, num_experts: int) -> list[int]:

@@ -49,4 +49,5 @@ ARCH = Architecture(
     build,
     EXPERT_NAMES,
     renames=((r"\.block_sparse_moe\.", ".mlp."),),
+    hub_renames=((r"\.mlp\.", ".block_sparse_moe."),),  # every Mixtral layer is sparse
 )

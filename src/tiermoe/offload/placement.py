@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..config import EngineConfig
-from ..errors import CheckpointError, InvalidRequestError
+from ..errors import InvalidRequestError
 from ..models.base import MoEArgs
 from ..models.layers import CausalLM
+from ..models.registry import from_config
 from .budget import GIB, MemoryPlan, plan_memory
 from .policy import POLICIES
 from .provider import ExpertProvider, load_resident
@@ -25,25 +26,11 @@ DEFAULT_KV_TOKENS = 4096  # KV cache reserve when --kv-reserve-tokens is not giv
 
 def plan_from_config(hf_config: dict, config: EngineConfig) -> MemoryPlan:
     """The plan `LLM(path, **config)` makes, from the checkpoint's config.json alone (no weights read)."""
-    arch, hf, args = _args_from_config(hf_config)
+    arch, hf, args = from_config(hf_config)
     with torch.device("meta"):
         model = arch.build(args, hf)
     model.to(dtype=config.torch_dtype)
     return plan_for_model(model, args, config, args.context_len(config.max_model_len))
-
-
-def _args_from_config(hf_config: dict):
-    """(Architecture, transformers config, MoEArgs) as the loader reads them from config.json."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from ..models.registry import architecture_for
-
-    arch = architecture_for(hf_config)
-    model_type = hf_config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise CheckpointError(f"config.json has model_type {model_type!r}, which transformers does not know")
-    hf = CONFIG_MAPPING[model_type].from_dict(dict(hf_config))
-    return arch, hf, arch.args_from_hf(hf)
 
 
 def plan_for_model(model: CausalLM, args: MoEArgs, config: EngineConfig, max_model_len: int) -> MemoryPlan:

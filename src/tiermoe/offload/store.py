@@ -73,8 +73,8 @@ class TieredExpertStore:
     ):
         self.plan, self.device, self.prefetch = plan, device, prefetch
         self.num_experts = num_experts
-        numel = 3 * shape[0] * shape[1]
-        self.expert_bytes = numel * dtype.itemsize
+        self.expert_bytes = plan.expert_bytes  # one byte accounting: the plan's
+        numel = self.expert_bytes // dtype.itemsize
         self.host = HostCache(source, plan.host_slots, numel, dtype, pinned=device.type == "cuda")
         self.pool = SlotPool(plan.quotas, numel, shape, dtype, device, policy)
         self.copier = CopyStream(device)
