@@ -1,49 +1,86 @@
-"""EngineConfig: where and how the engine runs. One source of defaults; units in the field names."""
+"""EngineConfig: where and how the engine runs. The one source of every engine setting's default; units
+in the field names. Fields are grouped by the part of the engine they configure; each field's `help`
+metadata documents it, and the CLI flags are generated from them (flags.py), so a default lives here only.
+Importing this module does not import torch (the CLI's --help and chat over --url need none)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
+# dtype names the engine accepts -> torch dtype names
 DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
 }
 
 
-@dataclass
+def _setting(default, help: str, flag: str | None = None):
+    """A field with its documentation; flag: the CLI flag when it is not --field-name, "" for none."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    device: str | None = None  # "cuda", "cuda:1", "cpu"; None: cuda when available
-    dtype: str | None = None  # bf16 / fp16 / fp32; None: bf16 on cuda, fp32 on cpu
-    max_model_len: int | None = None  # tokens; None: the model's max_position_embeddings
-    prefill_chunk: int = 2048  # tokens per prefill forward, bounds activation memory on long prompts
-    show_progress: bool = False  # progress bars while loading
-    gpu_budget_gib: float | None = None  # GiB for everything on the GPU; None: free memory minus 1 GiB (cuda)
-    cpu_budget_gib: float | None = None  # GiB of (pinned) host memory for experts; None: half the RAM
-    # GPU slot eviction policy: lfu, lru, lru-protect. LFU and no prefetch measured best on the H100
-    # (bench/NOTES.md): Qwen3-30B-A3B at 8 GiB, LFU 36.6 tok/s, LRU 32.3, LRU with prefetch 27.2.
-    eviction: str = "lfu"
-    prefetch: bool = False  # predict the next layer's experts and copy them while this layer computes
-    kv_reserve_tokens: int | None = (
-        None  # KV cache tokens reserved in the GPU budget; None: min(context, 4096)
+    # --- the model on its device
+    device: str | None = _setting(None, "cuda, cuda:N or cpu (default: cuda when available)")
+    dtype: str | None = _setting(None, "bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    max_model_len: int | None = _setting(
+        None,
+        "context length in tokens (default: max_position_embeddings; beyond it only as far as the "
+        "config's rope scaling reaches)",
     )
-    cuda_graphs: bool = True  # capture decode steps as CUDA graphs where the expert provider allows it
-    workspace_gib: float | None = None  # activations and library workspace; None: 1 GiB on cuda, 0 on cpu
-    # Expert routing (routing/spec.py): natural, uniform, szd[:params] or trace:FILE; None: szd on synthetic
-    # checkpoints (random routers repeat the same experts every token), natural on real ones.
-    routing: str | None = None
-    routing_seed: int = 0  # seed of emulated routing (uniform, szd) and of the emulated prefetch predictor
-    record_routing: str | None = None  # write every token's expert ids per layer to this trace file
-    prefetch_accuracy: float = (
-        0.8  # under an override: share of the next layer's experts the predictor gets right
+    # --- the runner
+    prefill_chunk: int = _setting(
+        2048, "tokens per prefill forward: bounds activation memory on long prompts"
     )
+    cuda_graphs: bool = _setting(
+        True, "capture decode steps as CUDA graphs where the expert provider allows it"
+    )
+    kv_reserve_tokens: int | None = _setting(
+        None,
+        "KV cache tokens reserved in the GPU budget, shared by a batch's rows (default: context, at most 4096)",
+    )
+    # --- the memory plan and the expert store
+    gpu_budget_gib: float | None = _setting(
+        None,
+        "GiB for everything on the GPU (default: free memory before loading minus 1 GiB)",
+        "--gpu-budget",
+    )
+    cpu_budget_gib: float | None = _setting(
+        None, "GiB of pinned RAM for experts (default: half the RAM)", "--cpu-budget"
+    )
+    workspace_gib: float | None = _setting(
+        None, "GiB for activations and library workspace (default: 1 on cuda, 0 on cpu)", "--workspace"
+    )
+    # LFU and no prefetch measured best with random routers (bench/NOTES.md); under trained-like (szd)
+    # routing at about k slots per layer the policies are within 2 points of each other.
+    eviction: str = _setting("lfu", "GPU expert slot eviction policy")
+    prefetch: bool = _setting(
+        False, "predict the next layer's experts and copy them while this layer computes"
+    )
+    # --- expert routing (routing/spec.py)
+    routing: str | None = _setting(
+        None,
+        "who picks the experts: natural (the routers), uniform, szd, szd:s_g=..,sigma_doc=..,sigma_loc=..,"
+        "phi=..,p_stick=.. or trace:FILE (default: szd on synthetic checkpoints, natural otherwise)",
+    )
+    routing_seed: int = _setting(
+        0, "seed of emulated routing (uniform, szd) and of the emulated prefetch predictor"
+    )
+    record_routing: str | None = _setting(
+        None, "write every token's expert ids per layer to this file (.npz or .txt.gz)"
+    )
+    prefetch_accuracy: float = _setting(
+        0.8, "under a routing override: share of the next layer's experts the emulated predictor gets right"
+    )
+    # --- the caller
+    show_progress: bool = _setting(False, "progress bars and the plan line while loading", "")
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -51,6 +88,8 @@ class EngineConfig:
                 f"dtype {self.dtype!r} unknown; choose one of bf16, fp16, fp32", "dtype"
             )
         if self.device is not None:
+            import torch  # here, not at module level: see the module docstring
+
             try:
                 torch.device(self.device)
             except RuntimeError:
@@ -65,17 +104,21 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be >= 0 GiB", name)
         if not 0.0 <= self.prefetch_accuracy <= 1.0:
             raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")
-        if self.kv_reserve_tokens is not None and self.kv_reserve_tokens < 1:
-            raise InvalidRequestError("kv_reserve_tokens must be at least 1 token", "kv_reserve_tokens")
-        if self.prefill_chunk < 1:
-            raise InvalidRequestError("prefill_chunk must be at least 1 token", "prefill_chunk")
+        for name in ("prefill_chunk", "kv_reserve_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidRequestError(f"{name} must be at least 1 token", name)
 
     @property
-    def torch_device(self) -> torch.device:
+    def torch_device(self):
+        import torch
+
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        import torch
+
         if self.dtype:
-            return DTYPES[self.dtype]
+            return getattr(torch, DTYPES[self.dtype])
         return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32

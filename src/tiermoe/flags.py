@@ -4,64 +4,55 @@ and their translation into LLM(...) keywords and SamplingParams."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
+from .config import EngineConfig
 from .engine.request import SamplingParams
 from .offload.policy import POLICIES  # the policy registry: plain Python, no torch
 
+# Choices of a setting, from the registry that implements it.
+CHOICES = {"eviction": list(POLICIES)}
+
+
+def _flag(f) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _engine_fields():
+    return [f for f in fields(EngineConfig) if f.metadata.get("flag") != ""]
+
 
 def add_engine_args(p: argparse.ArgumentParser, model: bool = True) -> None:
-    """The engine flags; model=False leaves --model to the caller (chat pairs it with --url)."""
+    """A flag for every EngineConfig setting, its help and default from the field (so no default lives
+    here: an absent flag leaves the field's own); model=False leaves --model to the caller (chat pairs
+    it with --url)."""
     if model:
         p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
-    p.add_argument(
-        "--gpu-budget", type=float, default=None, help="GiB for everything on the GPU (default: free - 1)"
-    )
-    p.add_argument(
-        "--cpu-budget", type=float, default=None, help="GiB of pinned RAM for experts (default: RAM/2)"
-    )
-    p.add_argument(
-        "--kv-reserve-tokens",
-        type=int,
-        default=None,
-        help="KV cache tokens reserved in the GPU budget, shared by a batch's rows (default: context, at most 4096)",
-    )
-    p.add_argument("--eviction", default="lfu", choices=list(POLICIES), help="GPU expert slot policy")
-    p.add_argument(
-        "--prefetch", action="store_true", help="predict the next layer's experts and copy them ahead of use"
-    )
-    p.add_argument(
-        "--routing",
-        default=None,
-        help="who picks the experts: natural (the routers), uniform, szd, szd:s_g=..,sigma_doc=..,sigma_loc=..,"
-        "phi=..,p_stick=.. or trace:FILE (default: szd on synthetic checkpoints, natural otherwise)",
-    )
-    p.add_argument("--routing-seed", type=int, default=0, help="seed of emulated routing")
-    p.add_argument(
-        "--record-routing",
-        default=None,
-        metavar="FILE",
-        help="write every token's expert ids to FILE (.npz or .txt.gz)",
-    )
+    for f in _engine_fields():
+        help_text = f.metadata["help"]
+        if f.type in ("bool", bool):
+            p.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {'on' if f.default else 'off'})")  # fmt: skip
+            continue
+        kind = {"int | None": int, "int": int, "float | None": float, "float": float}.get(f.type, str)
+        shown = "" if f.default is None or "default:" in help_text else f" (default: {f.default})"
+        p.add_argument(
+            _flag(f),
+            dest=f.name,
+            type=kind,
+            default=None,
+            choices=CHOICES.get(f.name),
+            metavar="GIB" if f.name.endswith("_gib") else None,
+            help=help_text + shown,
+        )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        gpu_budget_gib=args.gpu_budget,
-        cpu_budget_gib=args.cpu_budget,
-        kv_reserve_tokens=args.kv_reserve_tokens,
-        eviction=args.eviction,
-        prefetch=args.prefetch,
-        routing=args.routing,
-        routing_seed=args.routing_seed,
-        record_routing=args.record_routing,
-        show_progress=True,
-    )
+    """LLM(...) keywords of the flags given; the rest keep EngineConfig's defaults."""
+    given = {
+        f.name: getattr(args, f.name) for f in _engine_fields() if getattr(args, f.name, None) is not None
+    }
+    return {**given, "show_progress": True}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
