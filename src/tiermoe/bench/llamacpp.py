@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidRequestError, TiermoeError
-from .shapes import bytes_per_element, checkpoint_size
+from .shapes import bytes_per_element, checkpoint_size, tensor_specs
 from .synth import INIT_STD, read_synth_info
 from .synth_tokenizer import chatml_bpe
 from .workload import Workload
@@ -625,8 +625,6 @@ def _random_weights(model_dir: Path, seed: int, lazy_tensor: type) -> dict[str, 
     writes it: normal(0, INIT_STD), norms ones, biases zeros, seeded per name as synth does. On the GPU
     when there is one (normal_ over 30B values on the CPU takes longer than the bench allows)."""
     import torch
-
-    from .shapes import tensor_specs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -23,6 +23,7 @@ from ..errors import BudgetError, InvalidRequestError
 from ..hardware import decode_floor, h2d_bandwidth, measured_floor, missed_expert_bytes_per_token
 from ..models.registry import from_config
 from ..offload.placement import plan_from_config
+from ..offload.policy import POLICIES
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 from ..routing.spec import parse_routing
 from . import llamacpp, peers
@@ -141,9 +142,6 @@ PEER_ROUTING_NOTES = {
 def parse_variants(value: str | None) -> list[dict]:
     """`lru,lfu,lru-protect,lru+noprefetch` -> tiermoe options per variant (eviction policy, prefetch);
     None: the engine's defaults."""
-    from ..config import EngineConfig
-    from ..offload.policy import POLICIES
-
     if not value:
         defaults = EngineConfig()
         return [{"eviction": defaults.eviction, "prefetch": defaults.prefetch}]

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Wait for scripts/device_session.sh (at most $1 seconds), then bring back its results and logs through $OUT.
+W=${W:-/tmp/session}
+end=$((SECONDS + ${1:-560}))
+while [[ ! -e $W/done && $SECONDS -lt $end ]]; do sleep 5; done
+cd "$W/repo" || exit 1
+tar -czf "$OUT/session.tar.gz" -C "$W" --exclude repo . -C "$W/repo" bench/results 2>/dev/null
+cat "$W/phases.log" 2>/dev/null | tail -n 30
+echo ---; tail -n 5 "$W/pytest.log" 2>/dev/null
+for f in olmoe qwen3; do echo "--- $f"; grep -E "bench: |saved|Error|error" "$W/$f.log" 2>/dev/null | tail -n 12; done
+[[ -e $W/done ]] && echo DONE || echo RUNNING

