@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("generate", "write a small random-weight Qwen3-MoE checkpoint and generate from it"),
     "serve": ("server.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "chat": ("chat", "chat in the terminal"),
+    "eval": ("evaluate", "perplexity of a checkpoint over a text file (sliding windows)"),
     "synth": ("bench.synth", "write a random-weight checkpoint with a real model's config"),
     "bench": ("bench.run", "time tiermoe and its peers; JSON and PNG under bench/results/"),
     "profile": ("hardware", "measure PCIe, disk, CPU and GPU ceilings and the decode floor"),

@@ -84,15 +84,42 @@ class ModelRunner:
         positions = (valid.cumsum(-1) - 1).clamp(min=0)
         if self.routing:
             self.routing.begin_run([len(p) for p in prompts], cache.max_len)
-        logits = None
-        for start in range(0, width, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, width)
+        # Each chunk fills the cache; the last one's logits are the next token's.
+        *_, (_, logits) = self._chunks(ids, valid, positions, cache, self.prefill_chunk, last_only=True)
+        return logits, positions[:, -1] + 1
+
+    @torch.inference_mode()
+    def logprobs(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
+        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 (float32 [len - 1]): one sequence through a
+        fresh cache, `chunk` tokens a forward (their logits, [chunk, vocab] float32, are the peak memory)."""
+        cache = self.cache_for(1, len(ids))
+        x = torch.tensor([ids], device=self.device)
+        valid = torch.ones_like(x, dtype=torch.bool)
+        if self.routing:
+            self.routing.begin_run([len(ids)], cache.max_len)
+        out = []
+        try:
+            positions = torch.arange(len(ids), device=self.device)[None]
+            for start, logits in self._chunks(x, valid, positions, cache, chunk, last_only=False):
+                targets = x[0, start + 1 : start + 1 + logits.shape[1]]  # the next token of each position
+                scored = torch.log_softmax(logits[0, : len(targets)], dim=-1)
+                out.append(scored.gather(-1, targets[:, None])[:, 0])
+        finally:
+            self.end_run()
+        return torch.cat(out)
+
+    def _chunks(self, ids, valid, positions, cache: KVCache, chunk: int, last_only: bool):
+        """Run ids [B, W] through the model `chunk` positions at a time, filling the cache; yields (start,
+        logits of the chunk: [B, V] of its last position if last_only, else [B, T, V])."""
+        width = ids.shape[1]
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
             cache.start(valid[:, start:end])
             if self.routing:
                 self.routing.begin_step(positions[:, start:end], valid[:, start:end])
-            logits = self.model(ids[:, start:end], positions[:, start:end], cache, last_only=end == width)
+            logits = self.model(ids[:, start:end], positions[:, start:end], cache, last_only=last_only)
             cache.commit()
-        return logits, positions[:, -1] + 1
+            yield start, logits
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, cache: KVCache):
