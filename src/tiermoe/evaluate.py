@@ -52,12 +52,13 @@ def perplexity(llm, ids: list[int], context: int | None = None, stride: int | No
     """Perplexity of `llm` over token ids. context: tokens per window (default: the model's context, at
     most the KV reserve); stride: default context // 2."""
     runner = llm.engine.runner
-    context = context or min(llm.max_model_len, runner.kv_tokens)
+    longest = min(llm.max_model_len, runner.kv_tokens)  # the model's context and the KV cache reserve
+    context = context or longest
     stride = stride or max(1, context // 2)
-    if not 2 <= context <= min(llm.max_model_len, runner.kv_tokens):
+    if not 2 <= context <= longest:
         raise InvalidRequestError(
-            f"context must be 2 to {min(llm.max_model_len, runner.kv_tokens)} tokens (the model's context and "
-            f"the KV cache reserve, --kv-reserve-tokens); got {context}",
+            f"context must be 2 to {longest} tokens (the model's context and the KV cache reserve, "
+            f"--kv-reserve-tokens); got {context}",
             "context",
         )
     if not 1 <= stride <= context - 1:

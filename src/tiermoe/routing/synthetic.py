@@ -95,7 +95,8 @@ class RoutingModel:
         )
 
     def step(self, docs: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Route every MoE layer of one step at once (into self.ids); each routing model defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define step()")
 
 
 class UniformRouting(RoutingModel):
