@@ -136,6 +136,25 @@ def _check_capped_run(capped: dict, uncapped: dict) -> None:
     assert capped["pcie_floor_tok_s"] > 0
 
 
+def test_kv_reserve_fits_the_workload():
+    # The engine's default (the context, at most 4096 tokens) unless the batch's rows need more.
+    assert run.kv_reserve_for({"max_position_embeddings": 40960}, Workload(128, 128, 1)) == 4096
+    assert run.kv_reserve_for({"max_position_embeddings": 40960}, Workload(128, 64, 32)) == 32 * 192
+    assert run.kv_reserve_for({"max_position_embeddings": 512}, Workload(16, 8, 2)) == 512
+
+
+@pytest.mark.slow  # a child process per run
+def test_a_batch_beyond_the_default_kv_reserve_runs(tmp_path):
+    # tiny-olmoe's context is 512 tokens, so the default reserve holds 512; 8 rows of 60 + 4 need 512 too,
+    # 12 rows need 768: refused before the bench sized the reserve to its workload.
+    model = tmp_path / "tiny"
+    synth_checkpoint("tiny-olmoe", model, progress=False)
+    payload = run.bench(model, Workload(60, 4, 12, 1), [None], [], h2d_gb_s=H2D_GB_S, progress=lambda _: None)
+    (tiermoe,) = payload["runs"]
+    assert tiermoe["error"] is None, tiermoe["error"]
+    assert tiermoe["kv_reserve_tokens"] == 12 * 64 and tiermoe["batch"] == 12 and tiermoe["decode_tok_s"] > 0
+
+
 def test_decode_traffic_per_decoded_token():
     experts = {"gpu_hit_rate": 0.75, "bytes_h2d": 5_000_000, "bytes_disk": 1_000_000}
     stats = {"sequences": 2, "completion_tokens": 12, "decode_s": 0.5, "experts_decode": experts}

@@ -12,6 +12,7 @@ RUN_KEYS = (
     "experts_dtype",
     "gpu_budget_gib",
     "cpu_budget_gib",
+    "kv_reserve_tokens",
     "batch",
     "prompt_len",
     "gen_len",

@@ -22,7 +22,7 @@ from ..config import EngineConfig
 from ..errors import BudgetError, InvalidRequestError
 from ..hardware import decode_floor, h2d_bandwidth, measured_floor, missed_expert_bytes_per_token
 from ..models.registry import from_config
-from ..offload.placement import plan_from_config
+from ..offload.placement import DEFAULT_KV_TOKENS, plan_from_config
 from ..offload.policy import POLICIES
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 from ..routing.spec import parse_routing
@@ -158,6 +158,13 @@ def parse_variants(value: str | None) -> list[dict]:
     return variants
 
 
+def kv_reserve_for(config: dict, workload: Workload) -> int:
+    """The KV reserve of a tiermoe run: the engine's default (the context, at most DEFAULT_KV_TOKENS), or
+    the workload's batch x (prompt + generated) tokens where that is larger, so a batched run fits."""
+    default = min(config.get("max_position_embeddings") or DEFAULT_KV_TOKENS, DEFAULT_KV_TOKENS)
+    return max(default, workload.batch * (workload.prompt_len + workload.gen_len))
+
+
 def _settings(
     budgets: list[float | None],
     peer_names: list[str],
@@ -200,10 +207,12 @@ def bench(
     record_routing: str | None = None,
     llama_cpp: llamacpp.LlamaCppOptions | None = None,
     measured: Callable[[list[dict]], None] | None = None,
+    kv_reserve_tokens: int | None = None,
 ) -> dict:
     """Measure every setting and return {"runs": [...], ...}; writes nothing but the routing traces
     asked for (record_routing: a path each tiermoe run's trace is named after). `measured` is given the
-    runs so far after each setting, so that a bench stopped from outside keeps what it measured."""
+    runs so far after each setting, so that a bench stopped from outside keeps what it measured.
+    kv_reserve_tokens: every tiermoe run's KV reserve (default: kv_reserve_for the workload)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.exists():
@@ -216,8 +225,15 @@ def bench(
             "--peers llama.cpp needs --llama-cpp DIR, a llama.cpp build and its converter (bench/README.md)",
             param="llama_cpp",
         )
-    # A bad device, dtype or budget fails here, before any run, as it would in every tiermoe run.
-    EngineConfig(device=device, dtype=dtype, cpu_budget_gib=cpu_budget_gib)
+    # The engine settings every tiermoe run shares besides its budget, routing and policy; a bad device,
+    # dtype or budget fails here, before any run, as it would in every tiermoe run.
+    engine_config = {
+        "device": device,
+        "dtype": dtype,
+        "cpu_budget_gib": cpu_budget_gib,
+        "kv_reserve_tokens": kv_reserve_tokens or kv_reserve_for(config, workload),
+    }
+    EngineConfig(**engine_config)
     info = read_synth_info(model_dir)
     common = {
         "model_preset": info.get("preset", model_dir.name),
@@ -268,7 +284,9 @@ def bench(
             timeout_s,
             device if engine == "tiermoe" else None,
             dtype if engine == "tiermoe" else None,
-            options,
+            {**options, "kv_reserve_tokens": engine_config["kv_reserve_tokens"]}
+            if engine == "tiermoe"
+            else options,
         )
         if figures.get("error"):
             progress(f"bench: {engine}: {figures['error']}")
@@ -277,6 +295,7 @@ def bench(
             "engine": engine,
             "gpu_budget_gib": budget,
             **{k: v for k, v in (options or {}).items() if k in ("eviction", "prefetch")},
+            **({"kv_reserve_tokens": engine_config["kv_reserve_tokens"]} if engine == "tiermoe" else {}),
             "gen_len": w.gen_len,
             "repeat": w.repeat,
             **figures,
@@ -300,7 +319,6 @@ def bench(
 
     # Measured last, so this process holds no CUDA context while the engines run.
     h2d = h2d_gb_s if h2d_gb_s is not None else measure_h2d(config)
-    engine_config = {"device": device, "dtype": dtype, "cpu_budget_gib": cpu_budget_gib}
     _finish_runs(results, config, workload.batch, h2d, engine_config)
     return {"runs": results, "model_dir": str(model_dir), "h2d_gb_s": h2d, "seed": workload.seed}
 
@@ -398,6 +416,7 @@ def main(args: argparse.Namespace) -> int:
         record_routing=args.record_routing,
         llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_quant),
         measured=lambda runs: write_json(partial, {"runs": runs, "partial": True}),
+        kv_reserve_tokens=args.kv_reserve_tokens,
     )
     runs = payload["runs"]
     json_path = write_json(out_dir / f"{stem}.json", payload)
@@ -456,6 +475,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         metavar="PATH",
         help="record each tiermoe run's routing to PATH's stem + -<routing>-<budget> + its suffix",
+    )
+    p.add_argument(
+        "--kv-reserve-tokens",
+        type=int,
+        default=None,
+        help="tiermoe's KV cache reserve, tokens (default: the engine's, or batch x (prompt + gen) if larger)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per engine and setting")
     p.add_argument("--device", default=None, help="tiermoe device: cuda or cpu (default: cuda if present)")
