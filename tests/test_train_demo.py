@@ -57,6 +57,9 @@ def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
     assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]  # it learns something in 30 steps
     assert set(log["held_out"]) == {"plays", "python"}
     assert "licence" not in train.plays(tmp_path / "s.tar.gz")["play_00_gut.txt"]
+    # The held-out play (every 20th by name: play_19) and module, as text
+    assert "SCENE 19." in (out / "heldout_plays.txt").read_text()
+    assert (out / "heldout_python.txt").read_text().startswith("def add_2(a, b):")
 
     llm = LLM(out, device="cpu", dtype="fp32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
