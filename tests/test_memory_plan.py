@@ -3,8 +3,6 @@ runner allocates, and an unset max_tokens resolves to what the context and the r
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -122,45 +120,3 @@ def test_max_model_len_reaches_as_far_as_yarn_was_made_for(tiny_checkpoint):
     assert llm.max_model_len == 2048 and llm.plan.kv_tokens == 2048
     with pytest.raises(InvalidRequestError, match="its yarn rope scaling reaches 2048"):
         LLM(path, device="cpu", max_model_len=2049)
-
-
-def _with_generation_config(tiny_checkpoint, tmp_path, **fields):
-    src, _ = tiny_checkpoint("qwen3_moe")
-    dst = tmp_path / "model"
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).symlink_to(f)
-    (dst / "generation_config.json").unlink()
-    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, **fields}))
-    return dst
-
-
-def test_generation_config_supplies_unset_sampling_fields(tiny_checkpoint, tmp_path):
-    path = _with_generation_config(
-        tiny_checkpoint,
-        tmp_path,
-        do_sample=True,
-        temperature=0.6,
-        top_p=0.95,
-        top_k=20,
-        repetition_penalty=1.1,
-    )
-    engine = LLM(path, device="cpu").engine
-    (p,) = engine.resolve([PROMPT], [SamplingParams()])
-    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.6, 0.95, 20, 1.1)
-    (p,) = engine.resolve([PROMPT], [SamplingParams(temperature=0.0, top_k=0, max_tokens=5)])
-    assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (0.0, 0, 0.95, 5)  # the request's own win
-
-
-def test_without_do_sample_decoding_is_greedy_as_in_transformers(tiny_checkpoint, tmp_path):
-    """transformers' generate() ignores temperature unless do_sample is set; so do we."""
-    path = _with_generation_config(tiny_checkpoint, tmp_path, temperature=0.7, top_p=0.8)
-    _, hf = tiny_checkpoint("qwen3_moe")
-    llm = LLM(path, device="cpu")
-    assert llm.engine.resolve([PROMPT], [SamplingParams()])[0].temperature == 0.0
-    ours = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, len(PROMPT) :]
-    assert ours == ref.tolist()

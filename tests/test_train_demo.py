@@ -68,4 +68,4 @@ def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert ours == ref[0, len(ids) :].tolist()
-    assert llm.sampling_defaults == {"temperature": 0.8, "top_p": 0.95}
+    assert llm.sampling_defaults == {"temperature": 0.8, "top_p": 0.95, "top_k": 50}  # do_sample: top_k 50

@@ -38,10 +38,23 @@ def eos_token_ids(path: Path, config: dict, tokenizer) -> set[int]:
     return ids
 
 
+# generation_config.json's sampling fields: (type, valid, what a valid value is)
+_SAMPLING_FIELDS = {
+    "temperature": (float, lambda v: v >= 0, ">= 0"),
+    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "an integer >= 0"),
+    "repetition_penalty": (float, lambda v: v > 0, "> 0"),
+}
+HF_SAMPLE_TOP_K = 50  # transformers' top_k when do_sample is on and the file sets none
+
+
 def sampling_defaults(path: Path) -> dict:
     """The sampling a checkpoint asks for in generation_config.json, as SamplingParams fields, for
-    requests that leave them unset. As transformers: `do_sample` true samples with its temperature
-    (1.0 if absent), top_p and top_k; otherwise decoding is greedy. repetition_penalty applies either way."""
+    requests that leave them unset: only what the file says, so that a caller's own default (the OpenAI
+    API's temperature 1) holds where it says nothing. `do_sample: false` asks for greedy decoding;
+    `do_sample: true` samples as transformers does (temperature 1 and top_k 50 where unset). A field the
+    file sets to null counts as unset; a value of the wrong type or range is a CheckpointError here, at
+    load, not a failure of the first request."""
     file = path / "generation_config.json"
     if not file.exists():
         return {}
@@ -49,14 +62,25 @@ def sampling_defaults(path: Path) -> dict:
         gen = json.loads(file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{file} holds {type(gen).__name__}, not an object")
     out = {}
-    if gen.get("do_sample"):
-        out["temperature"] = float(gen.get("temperature", 1.0))
-        out.update({k: gen[k] for k in ("top_p", "top_k") if gen.get(k) is not None})
-    else:
-        out["temperature"] = 0.0
-    if gen.get("repetition_penalty") is not None:
-        out["repetition_penalty"] = float(gen["repetition_penalty"])
+    for name, (kind, valid, what) in _SAMPLING_FIELDS.items():
+        value = gen.get(name)
+        if value is None:
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (kind is int and value != int(value)) or not valid(value):
+            raise CheckpointError(f"{file}: {name} is {value!r}; it must be {what}")
+        out[name] = kind(value)
+    sample = gen.get("do_sample")
+    if sample is not None and not isinstance(sample, bool):
+        raise CheckpointError(f"{file}: do_sample is {sample!r}; it must be true or false")
+    if sample is False:  # greedy: the file's temperature, top_p and top_k do not apply
+        out = {k: v for k, v in out.items() if k == "repetition_penalty"} | {"temperature": 0.0}
+    elif sample:
+        out.setdefault("temperature", 1.0)
+        out.setdefault("top_k", HF_SAMPLE_TOP_K)
     return out
 
 
