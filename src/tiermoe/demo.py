@@ -1,10 +1,8 @@
-"""`tiermoe demo`'s checkpoints, both real Hugging Face ones with no download:
+"""`tiermoe demo`: a small random-weight Qwen3-MoE checkpoint, written once to a cache folder, so a
+newcomer sees the whole path (load, tokenize, chat template, generate, stats) with no download.
 
-- the trained demo MoE shipped in the package (data/demo-moe: a Qwen3-MoE of 14.5M parameters, 32 experts
-  top-4, trained by scripts/train_demo.py on Shakespeare's plays and Python's standard library; its
-  training log, routing report and held-out text are in docs/demo-model/), the default;
-- a small random-weight Qwen3-MoE written once to a cache folder (`tiermoe demo --random`): the same path
-  (load, tokenize, chat template, generate, stats) for offload exercises, where the text is gibberish.
+The architecture and file layout are real (Qwen3MoeForCausalLM, per-expert Hub tensor names, a
+byte-level BPE tokenizer with the ChatML template); the weights are random, so the text is gibberish.
 """
 
 from __future__ import annotations
@@ -12,12 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+import torch
 
-SHIPPED = Path(__file__).resolve().parent / "data" / "demo-moe"
-SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+from .bench.synth_tokenizer import chatml_bpe
 
-RANDOM_CONFIG = dict(
+DEMO_CONFIG = dict(
+    vocab_size=1024,
     hidden_size=256,
     intermediate_size=512,
     moe_intermediate_size=128,
@@ -31,38 +29,22 @@ RANDOM_CONFIG = dict(
     max_position_embeddings=4096,
     rope_theta=1_000_000.0,
 )
-RANDOM_TOKENIZER_IDS = 1024  # the BPE's target size; the vocabulary is what it reaches
-
-
-def shipped_checkpoint() -> Path:
-    """The trained demo model's folder inside the installed package."""
-    missing = [name for name in SHIPPED_FILES if not (SHIPPED / name).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"the demo model is missing from the installed package ({', '.join(missing)} not in {SHIPPED}); "
-            "reinstall tiermoe, or run `tiermoe demo --random`"
-        )
-    return SHIPPED
 
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tiermoe" / "demo-qwen3-moe-v2"
+    return Path(base) / "tiermoe" / "demo-qwen3-moe-v1"
 
 
 def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write the random-weight demo checkpoint to `path` (skipped when already complete)."""
+    """Write the demo checkpoint to `path` (skipped when already complete)."""
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
-    import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from .bench.synth_tokenizer import chatml_bpe
-
-    tokenizer = chatml_bpe(RANDOM_TOKENIZER_IDS)
+    tokenizer = chatml_bpe(DEMO_CONFIG["vocab_size"])
     config = Qwen3MoeConfig(
-        **RANDOM_CONFIG,
-        vocab_size=len(tokenizer),  # every id the model can sample decodes to text
+        **DEMO_CONFIG,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         bos_token_id=None,
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
