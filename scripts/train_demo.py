@@ -74,13 +74,13 @@ def python_sources(root: Path, max_chars: int) -> dict[str, str]:
     packages), sorted by path, up to max_chars in all."""
     out, total = {}, 0
     for path in sorted(root.rglob("*.py")):
-        name = path.relative_to(root).as_posix()
-        if SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1]):
+        rel = path.relative_to(root)
+        if SKIPPED_DIRS.intersection(rel.parts[:-1]):
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if total + len(text) > max_chars:
             break
-        out[name] = text
+        out[rel.as_posix()] = text
         total += len(text)
     return out
 
