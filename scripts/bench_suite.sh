@@ -11,7 +11,8 @@
 # TIERMOE (the command, default "python3 -m tiermoe.cli" from this checkout), PEERS (HF peers,
 # default hf-offload; e.g. hf,hf-offload), LLAMA_CPP (a llama.cpp installation: adds the llama.cpp
 # peer, which converts the checkpoint to GGUF first and does not fit the 10 minutes the first time;
-# TIERMOE_LLAMA_CPP, the tests' name, works too).
+# TIERMOE_LLAMA_CPP, the tests' name, works too), GPU_BUDGETS (tiermoe's caps, default the suite's cap
+# and none; e.g. 8 alone where a lease is short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -55,7 +56,7 @@ olmoe)
         --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
     # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe at 4 GiB and uncapped, 3 routings
     #    each (~35-50 s a run); HF offload at the same cap (~0.6 tok/s: 8 tokens, timed once).
-    $TIERMOE bench --model "$model" --gpu-budget 4,none --routing "$ROUTING" \
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" \
         --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
         "${peer_flags[@]}" --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
@@ -66,7 +67,7 @@ qwen3)
     # A capped run loads for 40-75 s, so 64 new tokens timed twice keep the six tiermoe runs near 5 minutes;
     # HF offload (0.1 tok/s, ~3 minutes for 3 tokens) takes the rest.
     model=$(synth qwen3-30b-a3b --experts-in-memory)
-    $TIERMOE bench --model "$model" --gpu-budget 8,none --routing "$ROUTING" \
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" \
         --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 \
         "${peer_flags[@]}" --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;

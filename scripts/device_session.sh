@@ -9,6 +9,8 @@
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
 #     qwen3: the same for Qwen3-30B-A3B at 8 GiB
+#   QWEN3_BUDGETS / OLMOE_BUDGETS: tiermoe's caps in that suite (e.g. QWEN3_BUDGETS=8 skips the uncapped
+#   runs, ~3 minutes, where a lease is short)
 set -u
 W=${W:-/tmp/session}
 cd "$W/repo"
@@ -74,7 +76,8 @@ for suite in $SUITES; do
         mark "qwen3 gguf (disk) done"
     fi
     free -g | tee -a "$W/phases.log"
-    bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
+    if [[ $suite == qwen3 ]]; then budgets=${QWEN3_BUDGETS:-}; else budgets=${OLMOE_BUDGETS:-}; fi
+    GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done
 touch "$W/done"
