@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is no
 from rich.console import Console
 
 from tiermoe import LLM, SamplingParams, chat
-from tiermoe.demo import write_demo_checkpoint
+from tiermoe.demo import write_random_checkpoint
 from tiermoe.errors import TiermoeError
 from tiermoe.server.app import create_app
 from tiermoe.server.serve import serving
@@ -27,7 +27,7 @@ SAMPLING = ["--temperature", "1", "--top-p", "1", "--seed", "0", "--max-tokens",
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
-    path = write_demo_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-qwen3-moe")
+    path = write_random_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-qwen3-moe")
     return LLM(path, device="cpu", dtype="fp32", gpu_budget_gib=GPU_BUDGET)
 
 

@@ -1,17 +1,21 @@
 """`tiermoe demo` and `tiermoe generate` as a newcomer runs them."""
 
+from transformers import AutoTokenizer
+
 from tiermoe.cli import main
-from tiermoe.demo import DEMO_CONFIG
+from tiermoe.demo import RANDOM_CONFIG
 
 
-def test_demo_writes_a_real_checkpoint_and_streams_from_it(tmp_path, monkeypatch, capsys):
+def test_random_demo_writes_a_real_checkpoint_and_streams_from_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert main(["demo", "--device", "cpu", "--max-tokens", "12"]) == 0
+    assert main(["demo", "--random", "--device", "cpu", "--max-tokens", "12"]) == 0
     out, err = capsys.readouterr()
-    folder = tmp_path / "tiermoe" / "demo-qwen3-moe-v1"
+    folder = tmp_path / "tiermoe" / "demo-qwen3-moe-random-v2"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert "The weights are RANDOM" in err and "Qwen3MoeForCausalLM" in err
-    assert f"{DEMO_CONFIG['num_experts']} experts (top-{DEMO_CONFIG['num_experts_per_tok']})" in err
+    # Every id the model can sample is one of the tokenizer's, so every sampled token prints.
+    assert f"vocab {len(AutoTokenizer.from_pretrained(folder))}." in err
+    assert f"{RANDOM_CONFIG['num_experts']} experts (top-{RANDOM_CONFIG['num_experts_per_tok']})" in err
     assert err.strip().splitlines()[-1].startswith("[length] prompt ") and "completion 12 tok" in err
     assert out.strip()  # the streamed text
 

@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families
 
 from tiermoe import LLM, SamplingParams
-from tiermoe.demo import write_demo_checkpoint
+from tiermoe.demo import write_random_checkpoint
 from tiermoe.server.app import create_app
 from tiermoe.server.serve import serving
 
@@ -37,7 +37,7 @@ NO_EOS = {"ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory) -> LLM:
-    path = write_demo_checkpoint(tmp_path_factory.mktemp("server") / "tiny-qwen3-moe")
+    path = write_random_checkpoint(tmp_path_factory.mktemp("server") / "tiny-qwen3-moe")
     # A 1024-token context keeps the fill-the-context test's prefill short; a 20 MiB "GPU" budget puts
     # the tiered expert store to work (on the CPU it is still a budgeted pool), so its metrics count.
     return LLM(path, device="cpu", dtype="fp32", max_model_len=1024, gpu_budget_gib=0.02)

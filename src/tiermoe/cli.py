@@ -11,7 +11,7 @@ from .errors import TiermoeError
 # --help` and `tiermoe chat --url` never import torch) and its one-line help.
 COMMANDS = {
     "generate": ("generate", "generate text from a prompt, streaming"),
-    "demo": ("generate", "write a small random-weight Qwen3-MoE checkpoint and generate from it"),
+    "demo": ("generate", "write text with the small MoE trained for tiermoe (--random: a random-weight one)"),
     "serve": ("server.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "chat": ("chat", "chat in the terminal"),
     "eval": ("evaluate", "perplexity of a checkpoint over a text file (sliding windows)"),

@@ -1,21 +1,24 @@
-"""`tiermoe demo`: a small random-weight Qwen3-MoE checkpoint, written once to a cache folder, so a
-newcomer sees the whole path (load, tokenize, chat template, generate, stats) with no download.
+"""`tiermoe demo`'s checkpoints, with no download.
 
-The architecture and file layout are real (Qwen3MoeForCausalLM, per-expert Hub tensor names, a
-byte-level BPE tokenizer with the ChatML template); the weights are random, so the text is gibberish.
+The default is the trained demo MoE shipped in the package (data/demo-moe, docs/demo-model.md): a
+14.5M-parameter Qwen3-MoE with 32 experts (top-4) in each of its 4 layers, trained by
+scripts/train_demo.py on Shakespeare's plays and Python's standard library, so it writes text that reads
+like either. `--random` writes a random-weight checkpoint of the same family to a cache folder instead:
+gibberish, but a real file layout for trying the offload flags on.
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .bench.synth_tokenizer import chatml_bpe
 
-DEMO_CONFIG = dict(
-    vocab_size=1024,
+# The random checkpoint's shape; its vocabulary is the tokenizer's own size, so every id it samples prints.
+RANDOM_CONFIG = dict(
     hidden_size=256,
     intermediate_size=512,
     moe_intermediate_size=128,
@@ -29,22 +32,29 @@ DEMO_CONFIG = dict(
     max_position_embeddings=4096,
     rope_theta=1_000_000.0,
 )
+RANDOM_TOKENIZER_MERGES = 1024  # the merge budget of chatml_bpe; training on its small corpus stops sooner
 
 
-def cache_dir() -> Path:
+def trained_checkpoint() -> Path:
+    """The shipped demo model's folder (package data: on disk wherever the package is installed)."""
+    return Path(str(resources.files("tiermoe") / "data" / "demo-moe"))
+
+
+def random_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tiermoe" / "demo-qwen3-moe-v1"
+    return Path(base) / "tiermoe" / "demo-qwen3-moe-random-v2"
 
 
-def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write the demo checkpoint to `path` (skipped when already complete)."""
+def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the random-weight demo checkpoint to `path` (skipped when already complete)."""
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tokenizer = chatml_bpe(DEMO_CONFIG["vocab_size"])
+    tokenizer = chatml_bpe(RANDOM_TOKENIZER_MERGES)
     config = Qwen3MoeConfig(
-        **DEMO_CONFIG,
+        **RANDOM_CONFIG,
+        vocab_size=len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         bos_token_id=None,
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),

@@ -20,10 +20,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_generate)
 
     d = sub.add_parser("demo")
-    d.add_argument("--device", default=None)
-    d.add_argument("--dtype", default=None)
-    d.add_argument("--max-tokens", type=int, default=48)
-    d.add_argument("--prompt", default="What is the capital of France?")
+    d.add_argument(
+        "--random",
+        action="store_true",
+        help="a random-weight checkpoint instead of the trained one (gibberish; to try the offload flags on)",
+    )
+    d.add_argument("--prompt", default=None, help="default: the opening of a scene, then of a Python module")
+    d.add_argument("--max-tokens", type=int, default=80, help="tokens written after each prompt")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_engine_args(d, model=False)
     d.set_defaults(func=run_demo)
 
 
@@ -55,23 +60,37 @@ def stream(llm, prompt: str, params, chat: bool = False, enable_thinking: bool |
             print(f"[{event.finish_reason}] {event.stats.line()}", file=sys.stderr)
 
 
+# The trained demo's default prompts: one of each thing it learnt to write.
+DEMO_PROMPTS = ("KING HENRY.\n", "import os\n\n\ndef ")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .api import LLM
-    from .demo import DEMO_CONFIG, cache_dir, write_demo_checkpoint
+    from .demo import random_cache_dir, trained_checkpoint, write_random_checkpoint
     from .engine.request import SamplingParams
 
-    path = write_demo_checkpoint(cache_dir())
-    c = DEMO_CONFIG
+    if args.random:
+        path = write_random_checkpoint(random_cache_dir())
+        about = "The weights are RANDOM: the text below is gibberish; it shows the engine working end to end."
+        prompts = [args.prompt or "What is the capital of France?"]
+        # Sampled rather than greedy: greedy decoding of random weights repeats one token.
+        params = SamplingParams(args.max_tokens, temperature=1.0, top_p=0.95, seed=args.seed, ignore_eos=True)
+    else:
+        path = trained_checkpoint()
+        about = "Trained on Shakespeare's plays and Python's standard library (docs/demo-model.md)."
+        prompts = [args.prompt] if args.prompt is not None else list(DEMO_PROMPTS)
+        params = SamplingParams(args.max_tokens, seed=args.seed)  # sampling: generation_config.json's
+    llm = LLM(path, **engine_kwargs(args))
+    a = llm.args
     print(
-        f"demo checkpoint: {path}\n"
-        f"architecture Qwen3MoeForCausalLM, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-        f"{c['num_experts']} experts (top-{c['num_experts_per_tok']}), vocab {c['vocab_size']}.\n"
-        "The weights are RANDOM: the text below is gibberish; it shows the engine working end to end.",
+        f"demo checkpoint: {path}\n{llm.source.arch.name}: {a.num_layers} layers, hidden {a.hidden_size}, "
+        f"{a.num_experts} experts (top-{a.top_k}), vocab {a.vocab_size}. {about}",
         file=sys.stderr,
     )
-    llm = LLM(path, device=args.device, dtype=args.dtype, show_progress=True)
-    print(f"prompt (chat template applied): {args.prompt}", file=sys.stderr)
-    # Sampled rather than greedy: greedy decoding of random weights repeats one token.
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True)
-    stream(llm, args.prompt, params, chat=True)
+    for i, prompt in enumerate(prompts):
+        sys.stdout.write("\n" if i else "")
+        print(f"--- prompt {prompt!r}", file=sys.stderr)
+        if not args.random:  # a completion reads on from its prompt
+            sys.stdout.write(prompt)
+        stream(llm, prompt, params, chat=args.random)
     return 0
