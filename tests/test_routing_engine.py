@@ -50,6 +50,24 @@ def test_recorded_trace_replays_to_identical_routing_and_tokens(checkpoint, tmp_
     assert np.array_equal(again.experts, trace.experts) and np.array_equal(again.token, trace.token)
 
 
+def test_a_teacher_forced_prefill_as_decode_routes_as_decoding_did(checkpoint, tmp_path):
+    decoded, forced = tmp_path / "decoded.npz", tmp_path / "forced.npz"
+    tokens = (
+        LLM(checkpoint, device="cpu", record_routing=str(decoded)).generate(PROMPT[:1], GREEDY)[0].token_ids
+    )
+    # The same 16 positions in one prefill, as tiermoe eval routes a window of text.
+    LLM(checkpoint, device="cpu", record_routing=str(forced)).generate(
+        PROMPT[:1] + tokens[:-1], SamplingParams(max_tokens=1)
+    )
+    a, b = load_trace(decoded).as_decode(), load_trace(forced).as_decode()
+    assert len(set(load_trace(forced).step.tolist())) == 1 and b.step.max() == 15 and not b.prefill.any()
+    for column in ("seq", "token", "layer", "step"):
+        assert np.array_equal(
+            getattr(a, column) - getattr(a, column).min(), getattr(b, column) - getattr(b, column).min()
+        )
+    assert np.array_equal(np.sort(a.experts, axis=1), np.sort(b.experts, axis=1))
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("routing", ["szd", "uniform"])
 def test_store_hit_counters_equal_offline_replay(checkpoint, tmp_path, policy, routing):

@@ -151,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
 
     rhos = parse_rhos(args.slots)  # before the trace, so a typo fails at once
     trace = load_trace(args.trace)
+    if args.as_decode:
+        trace = trace.as_decode()
     console = Console()
     # A long trace takes tens of seconds (the engine's own policy classes, in Python).
     with console.status(f"replaying {len(trace):,} rows at {len(rhos)} cache sizes"):
@@ -167,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
             f"saved {plot_hit_rates(report, args.png, title)}", soft_wrap=True
         )  # whole paths, to copy
     if args.json:
-        payload = {**run_metadata(), "trace": str(args.trace), **report}
+        payload = {**run_metadata(), "trace": str(args.trace), "as_decode": args.as_decode, **report}
         console.print(f"saved {write_json(args.json, payload)}", soft_wrap=True)
     return 0
 
@@ -179,6 +181,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--slots",
         default=DEFAULT_RHOS,
         help=f"cache sizes per layer as multiples of k, comma-separated (default {DEFAULT_RHOS})",
+    )
+    p.add_argument(
+        "--as-decode",
+        action="store_true",
+        help="every token its own decode step: for traces of teacher-forced text (tiermoe eval's windows "
+        "are prefills, each routed token by token as decode would)",
     )
     p.add_argument("--png", default=None, help="write the hit rate plot here")
     p.add_argument("--json", default=None, help="write every figure here")

@@ -76,6 +76,17 @@ class Trace:
                 f.write(f"{s} {t} {ly} {int(p)} {' '.join(map(str, ex))}\n")
         return path
 
+    def as_decode(self) -> Trace:
+        """The same routing with every token its own decode step, sequence after sequence. Exact for a
+        trace of teacher-forced text (tiermoe eval records its windows as prefills): causal attention
+        routes each token of a prefill as decoding it one at a time would."""
+        positions = sorted(set(zip(self.seq.tolist(), self.token.tolist(), strict=True)))
+        step_of = {key: i for i, key in enumerate(positions)}
+        steps = [step_of[key] for key in zip(self.seq.tolist(), self.token.tolist(), strict=True)]
+        return Trace.build(
+            self.seq, self.token, self.layer, np.zeros(len(self), bool), steps, self.experts, self.num_experts
+        )
+
     def sequences(self) -> list[int]:
         return sorted(set(self.seq.tolist()))
 
