@@ -103,7 +103,7 @@ def real_word_share(text: str) -> float:
 def test_demo_writes_mostly_real_words_and_the_random_one_does_not(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
-    assert "Qwen3MoeForCausalLM: 4 layers, hidden 256, 32 experts (top-4), vocab 4096" in err
+    assert "Qwen3MoeForCausalLM: 4 layers, hidden 256, 32 experts (top-4), vocab 4096\n" in err
     assert out.startswith("KING HENRY.\n") and "\nimport os\n\n\ndef " in out
     assert err.count(" decode ") == 2  # one stats line per prompt
     assert real_word_share(out) > 0.8  # measured 0.91: the misses are made-up Python names (urlutf_8)

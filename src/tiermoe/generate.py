@@ -80,11 +80,12 @@ def run_demo(args: argparse.Namespace) -> int:
         about = "Trained on Shakespeare's plays and Python's standard library (docs/demo-model.md)."
         prompts = [args.prompt] if args.prompt is not None else list(DEMO_PROMPTS)
         params = SamplingParams(args.max_tokens, seed=args.seed)  # sampling: generation_config.json's
+    print(f"demo checkpoint: {path}\n{about}", file=sys.stderr)
     llm = LLM(path, **engine_kwargs(args))
     a = llm.args
     print(
-        f"demo checkpoint: {path}\n{llm.source.arch.name}: {a.num_layers} layers, hidden {a.hidden_size}, "
-        f"{a.num_experts} experts (top-{a.top_k}), vocab {a.vocab_size}. {about}",
+        f"{llm.source.arch.name}: {a.num_layers} layers, hidden {a.hidden_size}, "
+        f"{a.num_experts} experts (top-{a.top_k}), vocab {a.vocab_size}",
         file=sys.stderr,
     )
     for i, prompt in enumerate(prompts):
