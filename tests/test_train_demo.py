@@ -36,6 +36,27 @@ def fake_sdist(path: Path) -> Path:
     return path
 
 
+def test_conversations_are_excerpts_answered_and_ended(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    import random
+
+    texts = ["\n".join(f"line {t}.{i} of the text" for i in range(200)) for t in range(3)]
+    chats = train.conversations(texts, "plays", random.Random(0), 20_000)
+    chars = sum(len(m["content"]) for c in chats for m in c if m["role"] != "system")
+    assert 20_000 <= chars < 20_000 + 2 * 41 * 30  # stops within one conversation of the target
+    for messages in chats:
+        roles = [m["role"] for m in messages if m["role"] != "system"]
+        assert roles in (["user", "assistant"], ["user", "assistant"] * 2)
+        for m in messages:
+            if m["role"] == "assistant":  # consecutive lines of one text
+                numbers = [int(x.split(".")[1].split()[0]) for x in m["content"].splitlines()]
+                assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert any(m["role"] == "system" for c in chats for m in c)
+    assert any(m["content"].startswith("Continue the scene:\nline ") for c in chats for m in c)
+
+
 @pytest.mark.slow  # about 5 s on 2 cores
 def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
     spec = importlib.util.spec_from_file_location("train_demo", SCRIPT)
@@ -58,6 +79,10 @@ def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
     assert log["corpus"]["plays"]["validation"] == 1 and log["corpus"]["python"]["validation"] == 1
     assert log["validation"][-1]["step"] == 30 and set(log["validation"][-1]) >= {"plays", "python", "loss"}
     assert log["kept_step"] == min(log["validation"], key=lambda v: v["loss"])["step"]
+    assert log["conversations"] > 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos  # a chat turn's end stops generation
     assert log["curve"][-1]["loss"] < log["curve"][0]["loss"]  # it learns something in 30 steps
     assert set(log["held_out"]) == {"plays", "python"}
     assert "licence" not in train.plays(tmp_path / "s.tar.gz")["play_00_gut.txt"]
