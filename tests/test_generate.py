@@ -26,3 +26,12 @@ def test_generate_chat_mode_streams_text(tiny_checkpoint, capsys):
     assert main([*args, "--prompt", "Hi", "--max-tokens", "6", "--ignore-eos"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "completion 6 tok" in err.strip().splitlines()[-1]
+
+
+def test_out_of_range_sampling_flags_are_one_error_line(tiny_checkpoint, capsys):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    for flag, value in [("--seed", str(2**70)), ("--temperature", "nan"), ("--top-p", "inf")]:
+        args = ["generate", "--model", str(path), "--device", "cpu", "--prompt", "Hi", flag, value]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err

@@ -74,6 +74,19 @@ def test_models_and_health(url, client, llm):
     assert [m.id for m in client.models.list().data] == [llm.model_name] == ["tiny-qwen3-moe"]
     health = httpx2.get(url + "/health").json()
     assert health == {"status": "ok", "model": "tiny-qwen3-moe", "queued": 0}
+    assert client.models.retrieve("tiny-qwen3-moe").id == "tiny-qwen3-moe"
+    r = httpx2.get(url + "/v1/models/gpt-4o")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_model_served_under_several_names(llm):
+    with serving(create_app(llm, ["tiny-qwen3-moe", "acme/tiny"])) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-qwen3-moe", "acme/tiny"]
+        assert client.models.retrieve("acme/tiny").id == "acme/tiny"  # a slash in the id
+        r = client.completions.create(model="acme/tiny", prompt=PROMPT, max_tokens=2, extra_body=NO_EOS)
+        assert r.model == "acme/tiny" and r.usage.completion_tokens == 2
+        assert httpx2.get(url + "/health").json()["model"] == "tiny-qwen3-moe"
 
 
 def test_chat_greedy_equals_llm_chat(client, llm):
@@ -83,6 +96,7 @@ def test_chat_greedy_equals_llm_chat(client, llm):
     )
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text
+    assert r.choices[0].message.refusal is None and r.choices[0].message.annotations == []
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
         ref.stats.prompt_tokens, 16, ref.stats.prompt_tokens + 16
@@ -210,29 +224,94 @@ def test_no_max_tokens_means_up_to_the_end_of_the_context(client, llm):
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
+M = "tiny-qwen3-moe"
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 BAD_REQUESTS = [
     # (name, path, body, status, param)
     ("malformed JSON", CHAT, b'{"messages": [{"role": "user"', 400, None),
     ("no body", CHAT, b"", 400, None),
     ("missing messages", CHAT, {"model": "tiny-qwen3-moe"}, 400, "messages"),
-    ("messages not a list", CHAT, {"messages": "hi"}, 400, "messages"),
-    ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-    ("max_tokens not an integer", CHAT, {"messages": USER, "max_tokens": "ten"}, 400, "max_tokens"),
-    ("negative temperature", CHAT, {"messages": USER, "temperature": -1}, 400, "temperature"),
-    ("n above 1", CHAT, {"messages": USER, "n": 3}, 400, "n"),
-    ("unknown model", CHAT, {"model": "gpt-4o", "messages": USER}, 404, "model"),
-    ("max_tokens beyond the context", CHAT, {"messages": USER, "max_tokens": 10**6}, 400, "max_tokens"),
-    ("prompt beyond the context", COMPLETIONS, {"prompt": "fox " * 5000, "max_tokens": 4}, 400, "max_tokens"),
+    ("messages not a list", CHAT, {"model": M, "messages": "hi"}, 400, "messages"),
     (
-        "streamed prompt beyond the context",
-        COMPLETIONS,
-        {"prompt": "fox " * 5000, "max_tokens": 4, "stream": True},
+        "unknown role",
+        CHAT,
+        {"model": M, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages.0.role",
+    ),
+    (
+        "max_tokens not an integer",
+        CHAT,
+        {"model": M, "messages": USER, "max_tokens": "ten"},
         400,
         "max_tokens",
     ),
-    ("empty prompt", COMPLETIONS, {"prompt": "", "max_tokens": 4}, 400, "prompt"),
-    ("token id outside the vocabulary", COMPLETIONS, {"prompt": [10**6], "max_tokens": 4}, 400, "prompt"),
-    ("missing prompt", COMPLETIONS, {"max_tokens": 4}, 400, "prompt"),
+    ("negative temperature", CHAT, {"model": M, "messages": USER, "temperature": -1}, 400, "temperature"),
+    ("n above 1", CHAT, {"model": M, "messages": USER, "n": 3}, 400, "n"),
+    ("unknown model", CHAT, {"model": "gpt-4o", "messages": USER}, 404, "model"),
+    (
+        "max_tokens beyond the context",
+        CHAT,
+        {"model": M, "messages": USER, "max_tokens": 10**6},
+        400,
+        "max_tokens",
+    ),
+    (
+        "prompt beyond the context",
+        COMPLETIONS,
+        {"model": M, "prompt": "fox " * 5000, "max_tokens": 4},
+        400,
+        "max_tokens",
+    ),
+    (
+        "streamed prompt beyond the context",
+        COMPLETIONS,
+        {"model": M, "prompt": "fox " * 5000, "max_tokens": 4, "stream": True},
+        400,
+        "max_tokens",
+    ),
+    ("empty prompt", COMPLETIONS, {"model": M, "prompt": "", "max_tokens": 4}, 400, "prompt"),
+    (
+        "token id outside the vocabulary",
+        COMPLETIONS,
+        {"model": M, "prompt": [10**6], "max_tokens": 4},
+        400,
+        "prompt",
+    ),
+    ("missing prompt", COMPLETIONS, {"model": M, "max_tokens": 4}, 400, "prompt"),
+    ("missing model", CHAT, {"messages": USER}, 400, "model"),
+    ("missing model, completions", COMPLETIONS, {"prompt": "x"}, 400, "model"),
+    (
+        "an image",
+        CHAT,
+        {"model": M, "messages": [{"role": "user", "content": [IMAGE]}]},
+        400,
+        "messages.0.content.0.type",
+    ),
+    ("best_of", COMPLETIONS, {"model": M, "prompt": "x", "best_of": 2}, 400, "best_of"),
+    (
+        "json response_format",
+        CHAT,
+        {"model": M, "messages": USER, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    ("logit_bias", CHAT, {"model": M, "messages": USER, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("seed beyond 64 bits", CHAT, {"model": M, "messages": USER, "seed": 2**70}, 400, "seed"),
+    (
+        "NaN temperature",
+        COMPLETIONS,
+        b'{"model": "tiny-qwen3-moe", "prompt": "x", "temperature": NaN}',
+        400,
+        "temperature",
+    ),
+    (
+        "negative stop token",
+        COMPLETIONS,
+        {"model": M, "prompt": "x", "stop_token_ids": [-1]},
+        400,
+        "stop_token_ids",
+    ),
 ]
 
 
@@ -281,7 +360,7 @@ def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
     max_tokens = 1000  # ~5 s of decoding on 2 CPU cores if the engine kept going
     aborted = metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted")
     generated = metric(url, "tiermoe_completion_tokens_total")
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, **NO_EOS}
+    body = {"model": M, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, **NO_EOS}
     with httpx2.stream("POST", url + COMPLETIONS, json=body) as r:
         assert r.status_code == 200
         data = (line for line in r.iter_lines() if line.startswith("data: "))
@@ -298,7 +377,7 @@ def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
 def test_clients_leaving_a_whole_or_a_queued_request_cancel_it(url, client, llm):
     aborted = metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted")
     generated = metric(url, "tiermoe_completion_tokens_total")
-    body = {"prompt": PROMPT, "max_tokens": 1000, **NO_EOS}
+    body = {"model": M, "prompt": PROMPT, "max_tokens": 1000, **NO_EOS}
 
     def give_up() -> None:
         with pytest.raises(httpx2.TimeoutException):

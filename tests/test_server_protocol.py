@@ -18,28 +18,70 @@ from tiermoe.server.protocol import (
 USER = [{"role": "user", "content": "hi"}]
 
 
-def test_unknown_fields_are_ignored():
+def test_fields_that_change_nothing_are_ignored_and_their_off_values_accepted():
     req = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": USER, "logprobs": True, "user": "u1", "tools": [], "frequency_penalty": 0}
-    )
+        {"model": "m", "messages": USER, "user": "u1", "metadata": {"a": "b"}, "frequency_penalty": 0,
+         "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "auto", "n": 1, "logit_bias": {},
+         "response_format": {"type": "text"}}
+    )  # fmt: skip
     assert req.template_messages() == USER
+    assert (
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 1, "echo": False}).prompt
+        == "x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "value"),
+    [
+        (ChatCompletionRequest, "logprobs", True),
+        (ChatCompletionRequest, "top_logprobs", 2),
+        (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}]),
+        (ChatCompletionRequest, "tool_choice", "required"),
+        (ChatCompletionRequest, "response_format", {"type": "json_schema"}),
+        (ChatCompletionRequest, "logit_bias", {"7": 1.0}),
+        (CompletionRequest, "logprobs", 1),
+        (CompletionRequest, "echo", True),
+        (CompletionRequest, "best_of", 3),
+        (CompletionRequest, "suffix", "}"),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_by_name(model, field, value):
+    body = (
+        {"model": "m", "messages": USER} if model is ChatCompletionRequest else {"model": "m", "prompt": "x"}
+    )
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({**body, field: value})
+    assert info.value.errors()[0]["loc"] == (field,) and "not supported" in str(info.value)
 
 
 def test_max_completion_tokens_wins_over_max_tokens_and_default_applies():
     assert (
-        ChatCompletionRequest(messages=USER, max_tokens=5, max_completion_tokens=7).requested_max_tokens()
+        ChatCompletionRequest(
+            model="m", messages=USER, max_tokens=5, max_completion_tokens=7
+        ).requested_max_tokens()
         == 7
     )
-    assert ChatCompletionRequest(messages=USER, max_tokens=5).requested_max_tokens() == 5
-    assert ChatCompletionRequest(messages=USER).requested_max_tokens() is None  # to the end of the context
+    assert ChatCompletionRequest(model="m", messages=USER, max_tokens=5).requested_max_tokens() == 5
+    assert (
+        ChatCompletionRequest(model="m", messages=USER).requested_max_tokens() is None
+    )  # to the end of the context
 
 
 def test_sampling_params_mapping():
     req = ChatCompletionRequest(
-        messages=USER, max_tokens=9, temperature=0.5, top_p=0.9, stop="###", seed=3, top_k=20, ignore_eos=True
+        model="m",
+        messages=USER,
+        max_tokens=9,
+        temperature=0.5,
+        top_p=0.9,
+        stop="###",
+        seed=3,
+        top_k=20,
+        ignore_eos=True,
     )
     p = req.sampling_params({})
-    unset = ChatCompletionRequest(messages=USER).sampling_params({"top_p": 0.8})
+    unset = ChatCompletionRequest(model="m", messages=USER).sampling_params({"top_p": 0.8})
     # unset: to the end of the context, and the checkpoint's defaults, both resolved in the engine
     assert (unset.max_tokens, unset.top_p, unset.top_k, unset.repetition_penalty) == (None, None, None, None)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.top_k, p.ignore_eos) == (
@@ -47,7 +89,10 @@ def test_sampling_params_mapping():
     )  # fmt: skip
     # OpenAI samples at temperature 1 when a client sends none; so do we, unless the checkpoint names one.
     assert unset.temperature == 1.0
-    assert ChatCompletionRequest(messages=USER).sampling_params({"temperature": 0.6}).temperature == 0.6
+    assert (
+        ChatCompletionRequest(model="m", messages=USER).sampling_params({"temperature": 0.6}).temperature
+        == 0.6
+    )
 
 
 @pytest.mark.parametrize(
@@ -55,17 +100,20 @@ def test_sampling_params_mapping():
 )
 def test_out_of_range_values_name_the_parameter(field, value):
     with pytest.raises(InvalidRequestError) as info:
-        ChatCompletionRequest.model_validate({"messages": USER, field: value}).sampling_params({})
+        ChatCompletionRequest.model_validate({"model": "m", "messages": USER, field: value}).sampling_params(
+            {}
+        )
     assert info.value.param == field
 
 
 def test_message_roles_and_content_parts():
     req = ChatCompletionRequest(
+        model="m",
         messages=[
             {"role": "developer", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": None},
-        ]
+        ],
     )
     assert req.template_messages() == [
         {"role": "system", "content": "be brief"},
@@ -77,8 +125,9 @@ def test_message_roles_and_content_parts():
 @pytest.mark.parametrize(
     ("body", "loc"),
     [
-        ({}, ("messages",)),
-        ({"messages": "hi"}, ("messages",)),
+        ({}, ("model",)),
+        ({"model": "m"}, ("messages",)),
+        ({"messages": "hi"}, ("model",)),
         ({"messages": []}, ("messages",)),
         ({"messages": [{"role": "wizard", "content": "x"}]}, ("messages", 0, "role")),
         ({"messages": USER, "max_tokens": "ten"}, ("max_tokens",)),
@@ -88,24 +137,24 @@ def test_message_roles_and_content_parts():
 )
 def test_malformed_requests_fail_validation_at_the_field(body, loc):
     with pytest.raises(ValidationError) as info:
-        ChatCompletionRequest.model_validate(body)
+        ChatCompletionRequest.model_validate({"model": "m", **body} if body and loc != ("model",) else body)
     assert info.value.errors()[0]["loc"] == loc
 
 
 def test_completion_prompt_forms():
-    assert CompletionRequest(prompt="abc").prompt == "abc"
-    assert CompletionRequest(prompt=[1, 2, 3]).prompt == [1, 2, 3]
-    assert CompletionRequest(prompt=["abc"]).prompt == "abc"  # a batch of one
-    assert CompletionRequest(prompt=[[4, 5]]).prompt == [4, 5]
+    assert CompletionRequest(model="m", prompt="abc").prompt == "abc"
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    assert CompletionRequest(model="m", prompt=["abc"]).prompt == "abc"  # a batch of one
+    assert CompletionRequest(model="m", prompt=[[4, 5]]).prompt == [4, 5]
     with pytest.raises(ValidationError, match="one prompt per request"):
-        CompletionRequest(prompt=["a", "b"])
+        CompletionRequest(model="m", prompt=["a", "b"])
 
 
 def test_include_usage():
     assert ChatCompletionRequest(
-        messages=USER, stream=True, stream_options={"include_usage": True}
+        model="m", messages=USER, stream=True, stream_options={"include_usage": True}
     ).include_usage
-    assert not ChatCompletionRequest(messages=USER, stream=True).include_usage
+    assert not ChatCompletionRequest(model="m", messages=USER, stream=True).include_usage
 
 
 def test_response_shapes():

@@ -35,11 +35,10 @@ def add_parser(sub) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from .api import LLM
 
+    params = sampling_params(args)  # before the model loads: a bad flag fails at once
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     llm = LLM(args.model, **engine_kwargs(args))
-    stream(
-        llm, prompt, sampling_params(args), chat=args.chat, enable_thinking=False if args.no_think else None
-    )
+    stream(llm, prompt, params, chat=args.chat, enable_thinking=False if args.no_think else None)
     return 0
 
 

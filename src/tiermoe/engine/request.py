@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from ..errors import InvalidRequestError
@@ -30,19 +31,36 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", [self.stop])
         given = lambda v: v is not None  # noqa: E731
+        finite = lambda v: v is None or math.isfinite(v)  # noqa: E731
         checks = [
             (
                 not given(self.max_tokens) or self.max_tokens >= 1,
                 "max_tokens",
                 "max_tokens must be at least 1",
             ),
-            (not given(self.temperature) or self.temperature >= 0, "temperature", "temperature must be >= 0"),
-            (not given(self.top_k) or self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
-            (not given(self.top_p) or 0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
             (
-                not given(self.repetition_penalty) or self.repetition_penalty > 0,
+                finite(self.temperature) and (not given(self.temperature) or self.temperature >= 0),
+                "temperature",
+                "temperature must be a finite number >= 0",
+            ),
+            (not given(self.top_k) or self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
+            (
+                finite(self.top_p) and (not given(self.top_p) or 0 < self.top_p <= 1),
+                "top_p",
+                "top_p must be in (0, 1]",
+            ),
+            (
+                finite(self.repetition_penalty)
+                and (not given(self.repetition_penalty) or self.repetition_penalty > 0),
                 "repetition_penalty",
-                "repetition_penalty must be > 0",
+                "repetition_penalty must be a finite number > 0",
+            ),
+            # torch's generators take any integer of 64 bits, signed or not
+            (not given(self.seed) or -(2**63) <= self.seed < 2**64, "seed", "seed must fit in 64 bits"),
+            (
+                all(0 <= t < 2**63 for t in self.stop_token_ids),
+                "stop_token_ids",
+                "stop_token_ids must be token ids >= 0",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
         ]

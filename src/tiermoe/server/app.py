@@ -46,10 +46,12 @@ class ModelNotFoundError(TiermoeError):
     error_type = "invalid_request_error"
 
 
-def create_app(llm, model_name: str | None = None) -> FastAPI:
-    """The app serving `llm` under `model_name` (default: llm.model_name). The engine worker thread
-    starts and stops with the app's lifespan."""
-    model_name = model_name or llm.model_name
+def create_app(llm, served_names: str | list[str] | None = None) -> FastAPI:
+    """The app serving `llm` under `served_names` (default: llm.model_name), each one an id clients may
+    send; the first is the one /health reports. The engine worker thread starts and stops with the app's
+    lifespan."""
+    names = [served_names] if isinstance(served_names, str) else list(served_names or [llm.model_name])
+    model_name = names[0]
     metrics = ServerMetrics()
     worker = EngineWorker(llm, metrics)
 
@@ -62,10 +64,16 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
     app = FastAPI(title="tiermoe", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
     _add_error_handlers(app, metrics)
 
-    def check_model(name: str | None) -> None:
-        # Clients must send some model name; accept none at all, as many local servers do.
-        if name is not None and name != model_name:
-            raise ModelNotFoundError(f"model {name!r} is not served here; this server serves {model_name!r}")
+    def check_model(name: str) -> str:
+        if name not in names:
+            served = ", ".join(map(repr, names))
+            raise ModelNotFoundError(f"model {name!r} is not served here; this server serves {served}")
+        return name
+
+    def card(name: str) -> dict:
+        return {
+            "id": name, "object": "model", "created": 0, "owned_by": "tiermoe", "max_model_len": llm.max_model_len
+        }  # fmt: skip
 
     def submit(prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest) -> Job:
         # Sampling values are checked here, so a bad request fails before it waits in the queue.
@@ -78,8 +86,11 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tiermoe"}
-        return {"object": "list", "data": [{**card, "max_model_len": llm.max_model_len}]}
+        return {"object": "list", "data": [card(name) for name in names]}
+
+    @app.get("/v1/models/{model_id:path}")  # :path, since ids may hold slashes (org/model)
+    async def model(model_id: str) -> dict:
+        return card(check_model(model_id))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -87,7 +98,7 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
 
     @app.post(ChatShape.endpoint)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(body.model)
+        name = check_model(body.model)
         messages = body.template_messages()
 
         def prompt() -> list[int]:
@@ -97,15 +108,13 @@ def create_app(llm, model_name: str | None = None) -> FastAPI:
             return llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
 
         job = submit(prompt, body)
-        return await _respond(request, job, ChatShape(model_name), body.stream, body.include_usage, metrics)
+        return await _respond(request, job, ChatShape(name), body.stream, body.include_usage, metrics)
 
     @app.post(CompletionShape.endpoint)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
+        name = check_model(body.model)
         job = submit(lambda: llm.encode(body.prompt), body)
-        return await _respond(
-            request, job, CompletionShape(model_name), body.stream, body.include_usage, metrics
-        )
+        return await _respond(request, job, CompletionShape(name), body.stream, body.include_usage, metrics)
 
     return app
 
@@ -212,6 +221,11 @@ def _error_body(exc: Exception) -> ErrorResponse:
     return ErrorResponse(error=ErrorBody(message=f"internal error: {exc!r}", type="server_error"))
 
 
+def _is_union_branch(loc_part) -> bool:
+    """pydantic names the branch of a union in an error's location ("str", "list[ContentPart]")."""
+    return isinstance(loc_part, str) and (loc_part in ("str", "int", "float", "bool") or "[" in loc_part)
+
+
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def reply(request: Request, status: int, body: ErrorResponse) -> JSONResponse:
         if request.url.path in GENERATION_ENDPOINTS:
@@ -220,8 +234,10 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
+        errors = exc.errors()
+        # Of a union's failed branches (str | list[ContentPart]), the one our own check refused says why.
+        err = next((e for e in errors if e["type"] == "value_error"), errors[0])
+        param = ".".join(str(p) for p in err["loc"] if p != "body" and not _is_union_branch(p)) or None
         if err["type"] == "json_invalid":
             param = None
             message = f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}"

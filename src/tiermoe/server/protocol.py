@@ -1,8 +1,10 @@
 """OpenAI-compatible request, response and error models.
 
-Requests ignore fields we do not use (`logprobs`, `user`, `tools`, ...) because real clients send many of
-them; the ones we read are typed, so a wrong type is a 400, not a crash. Value ranges (temperature >= 0,
-...) are checked once, by SamplingParams, which names the offending parameter.
+Requests ignore fields that change nothing here (`user`, `metadata`, `store`, ...) because real clients
+send many of them; a field that would change the answer and is not supported (images, `n` > 1,
+`best_of`, a `response_format` other than text, ...) is a 400 naming it, never a silent 200. The fields we
+read are typed, so a wrong type is a 400, not a crash. Value ranges (temperature >= 0, ...) are checked
+once, by SamplingParams, which names the offending parameter.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+def unsupported(field: str, why: str, allowed: tuple = (None,)):
+    """A validator refusing every value of `field` but `allowed` (what means "off"): the 400 names it."""
+
+    def check(value):
+        if not any(value == ok and type(value) is type(ok) for ok in allowed):
+            raise ValueError(why)
+        return value
+
+    return field_validator(field)(classmethod(lambda cls, value: check(value)))
+
+
 class _SamplingFields(_Lenient):
     """Fields shared by /v1/completions and /v1/chat/completions, plus vLLM's common extensions
     (top_k, repetition_penalty, ignore_eos, stop_token_ids) that tools like lm-eval send."""
 
-    model: str | None = None
+    model: str
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -41,13 +54,10 @@ class _SamplingFields(_Lenient):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
 
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send n separate requests with different seeds")
-        return n
+    _n = unsupported("n", "only n=1 is supported; send n separate requests with different seeds", (1,))
+    _logit_bias = unsupported("logit_bias", "logit_bias is not supported", (None, {}))
 
     @property
     def include_usage(self) -> bool:
@@ -80,6 +90,15 @@ class _SamplingFields(_Lenient):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
+    best_of: int | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    echo: bool = False
+
+    _best_of = unsupported("best_of", "best_of is not supported (it needs n > 1)", (None, 1))
+    _suffix = unsupported("suffix", "suffix (fill in the middle) is not supported", (None, ""))
+    _logprobs = unsupported("logprobs", "logprobs are not supported yet")
+    _echo = unsupported("echo", "echo is not supported yet", (False,))
 
     @field_validator("prompt")
     @classmethod
@@ -92,21 +111,28 @@ class CompletionRequest(_SamplingFields):
         return prompt
 
 
-class TextPart(_Lenient):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise ValueError(f"content parts of type {kind!r} are not supported: this server takes text only")
+        return kind
 
 
 class ChatMessage(_Lenient):
     # "developer" is what newer OpenAI clients send instead of "system".
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
     def to_template(self) -> dict[str, str]:
         """The {"role", "content"} dict chat templates expect; text parts are joined in order."""
         role = "system" if self.role == "developer" else self.role
         if isinstance(self.content, list):
-            return {"role": role, "content": "".join(part.text for part in self.content)}
+            return {"role": role, "content": "".join(part.text or "" for part in self.content)}
         return {"role": role, "content": self.content or ""}
 
 
@@ -116,6 +142,25 @@ class ChatCompletionRequest(_SamplingFields):
     # Thinking switch: inside chat_template_kwargs as in vLLM, or top-level (which wins when both are set).
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    _logprobs = unsupported("logprobs", "logprobs are not supported yet", (False,))
+    _top_logprobs = unsupported("top_logprobs", "top_logprobs are not supported yet", (None, 0))
+    _tools = unsupported("tools", "tools are not supported yet", (None, []))
+    _tool_choice = unsupported("tool_choice", "tool_choice is not supported yet", (None, "none", "auto"))
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(
+                f"response_format {value.get('type')!r} is not supported (structured output is not in yet)"
+            )
+        return value
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens replaced max_tokens in OpenAI's API; newer clients send only it.
@@ -194,7 +239,7 @@ class ChatShape(_Shape):
         return {**self._chunk({"delta": {}, "finish_reason": reason}), "stats": stats.to_dict()}
 
     def whole(self, text: str, reason: str, stats: GenerationStats) -> dict:
-        message = {"role": "assistant", "content": text}
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
         return {
             **self._header("chat.completion"),
             "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],

@@ -62,7 +62,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all interfaces)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     parser.add_argument(
-        "--served-model-name", default=None, help="model id clients send (default: the directory name)"
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the model ids clients may send, the first one shown (default: the directory name)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -77,17 +81,17 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     llm = LLM(args.model, **engine_kwargs(args))  # the loader draws the progress bars
-    name = args.served_model_name or llm.model_name
+    names = args.served_model_name or [llm.model_name]
 
     def ready(url: str) -> None:
         console.print(
-            f"[bold green]Ready:[/] serving [bold]{name}[/] at [bold]{url}/v1[/] (OpenAI-compatible; Ctrl+C stops)",
+            f"[bold green]Ready:[/] serving [bold]{names[0]}[/] at [bold]{url}/v1[/] (OpenAI-compatible; Ctrl+C stops)",
             soft_wrap=True,  # one line, so scripts can read the URL off it
         )
 
     # On Ctrl+C, streams still running get 5 s to finish; then they are cancelled, which aborts generation.
     config = uvicorn.Config(
-        create_app(llm, name),
+        create_app(llm, names),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
