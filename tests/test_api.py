@@ -50,3 +50,18 @@ def test_chat_applies_the_template_and_the_thinking_switch(llm):
     out = llm.chat(messages, SamplingParams(max_tokens=5, ignore_eos=True))
     assert out.prompt == on and len(out.token_ids) == 5
     assert out.prompt_token_ids == llm.encode(on, add_special_tokens=False)
+
+
+def test_a_text_far_beyond_the_context_is_refused_after_tokenising_a_little_of_it(llm, monkeypatch):
+    from tiermoe.errors import InvalidRequestError
+
+    text = "The quick brown fox jumps over the lazy dog. " * 100_000  # 4.5 MB
+    seen = []
+    encode = llm.tokenizer.encode
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda t, **kw: seen.append(len(t)) or encode(t, **kw))
+    with pytest.raises(InvalidRequestError, match="longer than the model's context") as info:
+        llm.encode(text)
+    assert info.value.param == "prompt" and sum(seen) < len(text) / 100
+    # Texts that fit (and those near the limit) are tokenised whole, as before.
+    fits = "The quick brown fox. " * 20
+    assert llm.encode(fits) == encode(fits)

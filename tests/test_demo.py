@@ -32,7 +32,7 @@ UNIGRAM_RATIO = 5  # and at least 5x under that unigram
 
 
 def held_out_ids(llm: LLM, name: str) -> list[int]:
-    return llm.encode((HELD_OUT / f"heldout_{name}.txt").read_text(), False)[:SCORED_TOKENS]
+    return llm.encode((HELD_OUT / f"heldout_{name}.txt").read_text(), False, False)[:SCORED_TOKENS]
 
 
 def unigram_perplexity(ids: list[int]) -> float:

@@ -80,6 +80,21 @@ def test_missing_config(ckpt):
         LLM(ckpt, device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("config.json", "[1, 2]", r"config\.json holds a JSON list, not an object"),
+        ("config.json", "{oops", r"config\.json is not valid JSON"),
+        ("generation_config.json", '"greedy"', r"generation_config\.json holds a JSON str, not an object"),
+        ("generation_config.json", "{", r"generation_config\.json is not valid JSON"),
+    ],
+)
+def test_json_files_that_are_not_objects_name_the_file(ckpt, name, text, message):
+    (ckpt / name).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        LLM(ckpt, device="cpu")
+
+
 def test_config_not_matching_weights(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
     config["num_hidden_layers"] = 2

@@ -256,10 +256,11 @@ BAD_REQUESTS = [
         400,
         "max_tokens",
     ),
+    ("prompt beyond the context", COMPLETIONS, {"model": M, "prompt": "fox " * 5000}, 400, "prompt"),
     (
-        "prompt beyond the context",
+        "prompt at the context",
         COMPLETIONS,
-        {"model": M, "prompt": "fox " * 5000, "max_tokens": 4},
+        {"model": M, "prompt": [5] * 1022, "max_tokens": 4},
         400,
         "max_tokens",
     ),
@@ -268,7 +269,7 @@ BAD_REQUESTS = [
         COMPLETIONS,
         {"model": M, "prompt": "fox " * 5000, "max_tokens": 4, "stream": True},
         400,
-        "max_tokens",
+        "prompt",
     ),
     ("empty prompt", COMPLETIONS, {"model": M, "prompt": "", "max_tokens": 4}, 400, "prompt"),
     (
@@ -534,3 +535,58 @@ def test_serve_command_prints_its_url_once_ready_and_stops_on_ctrl_c(llm):
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
+
+
+def test_an_api_key_is_required_on_v1_when_set(llm):
+    with serving(create_app(llm, api_key="s3cret")) as url:
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        r = good.completions.create(model=M, prompt=PROMPT, max_tokens=2, extra_body=NO_EOS)
+        assert r.usage.completion_tokens == 2 and good.models.list().data[0].id == M
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.chat.completions.create(model=M, messages=USER, max_tokens=2)
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+        r = httpx2.get(url + "/v1/models")  # no header at all
+        assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+        assert httpx2.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_request_bodies_beyond_the_limit_are_refused_before_reading(llm):
+    with serving(create_app(llm, max_body_bytes=4096)) as url:
+        big = {"model": M, "prompt": "fox " * 2000, "max_tokens": 2}
+        r = httpx2.post(url + COMPLETIONS, json=big)
+        assert r.status_code == 413 and "4,096 bytes" in r.json()["error"]["message"]
+
+        def chunked():  # no Content-Length: the limit counts what arrives
+            yield json.dumps(big).encode()
+
+        r = httpx2.post(url + COMPLETIONS, content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        small = {"model": M, "prompt": PROMPT, "max_tokens": 2, **NO_EOS}
+        r = httpx2.post(url + COMPLETIONS, content=iter([json.dumps(small).encode()]),
+                        headers={"content-type": "application/json"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_huge_prompt_is_a_400(client, llm):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=M, prompt="The quick brown fox. " * 200_000, max_tokens=2)
+    assert info.value.body["param"] == "prompt" and "longer than the model's context" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), [(["--port", "99999"], "--port"), (["--max-request-mib", "0"], "--max-request-mib")]
+)
+def test_bad_serve_flags_are_one_error_line(tmp_path, capsys, flags, message):
+    from tiermoe.cli import main
+
+    assert main(["serve", "--model", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message} ") and err.count("\n") == 1
+
+
+def test_loopback_hosts():
+    from tiermoe.server.serve import _is_loopback
+
+    assert all(map(_is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
+    assert not any(map(_is_loopback, ["0.0.0.0", "192.168.1.5", "::", "myhost.lan"]))

@@ -94,11 +94,13 @@ def test_bad_sampling_values_fail_at_load(fields, message, tmp_path):
 def test_server_default_temperature_applies_when_the_file_is_silent():
     # OpenAI's temperature 1 where neither the client nor the checkpoint names one
     assert (
-        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]).sampling_params({}).temperature
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+        .sampling_params({})
+        .temperature
         == 1.0
     )
     assert (
-        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.2)
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0.2)
         .sampling_params({"temperature": 0.7})
         .temperature
         == 0.2

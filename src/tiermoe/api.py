@@ -78,15 +78,40 @@ class LLM:
     def device(self):
         return self.source.device
 
-    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a prompt. Chat prompts pass add_special_tokens=False: the template has them."""
+    def encode(
+        self, prompt: str | list[int], add_special_tokens: bool = True, prompt_of_request: bool = True
+    ) -> list[int]:
+        """Token ids of a prompt. Chat prompts pass add_special_tokens=False: the template has them. A
+        request's prompt (not a text to score, tiermoe eval's) far beyond the context is refused early."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError(f"{self.path} has no tokenizer: pass token ids, not text", "prompt")
+            if prompt_of_request:
+                self._refuse_if_surely_too_long(prompt)
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         if not all(isinstance(t, int) for t in prompt):
             raise InvalidRequestError("a prompt is a string or a list of token ids", "prompt")
         return list(prompt)
+
+    def _refuse_if_surely_too_long(self, text: str, piece_chars: int = 16384) -> None:
+        """Refuse a text that cannot fit the context without tokenising all of it (megabytes take
+        seconds): count tokens piece by piece, cut before whitespace, and stop once the count passes the
+        context with a margin for what the cuts may change (a few tokens each)."""
+        if len(text.encode()) <= self.max_model_len:  # every token holds at least one byte
+            return
+        count, start, pieces = 0, 0, 0
+        while start < len(text):
+            end = min(len(text), start + piece_chars)
+            cut = text.rfind(" ", start + 1, end) if end < len(text) else end
+            end = cut if cut > start else end
+            count += len(self.tokenizer.encode(text[start:end], add_special_tokens=False))
+            pieces, start = pieces + 1, end
+            if count > self.max_model_len + 8 * pieces:
+                raise InvalidRequestError(
+                    f"the prompt is longer than the model's context of {self.max_model_len} tokens "
+                    f"(at least {count - 8 * pieces} tokens in its first {end:,} characters of {len(text):,})",
+                    "prompt",
+                )
 
     def generate(
         self, prompts: str | list[int] | list[str] | list[list[int]], params: SamplingParams | None = None

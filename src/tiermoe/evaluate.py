@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **engine_kwargs(args))
     if llm.tokenizer is None:
         raise InvalidRequestError(f"{args.model} has no tokenizer: tiermoe eval reads text", "text")
-    ids = llm.encode(path.read_text(encoding="utf-8", errors="replace"))[: args.max_tokens or None]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = llm.encode(text, prompt_of_request=False)[: args.max_tokens or None]
     result = perplexity(llm, ids, args.context, args.stride)
     print(result.line())
     if args.json:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine.request import GenerationStats, TokenEvent
 from ..errors import TiermoeError
+from .guard import DEFAULT_MAX_BODY_BYTES, Guard
 from .metrics import ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -46,10 +47,15 @@ class ModelNotFoundError(TiermoeError):
     error_type = "invalid_request_error"
 
 
-def create_app(llm, served_names: str | list[str] | None = None) -> FastAPI:
+def create_app(
+    llm,
+    served_names: str | list[str] | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """The app serving `llm` under `served_names` (default: llm.model_name), each one an id clients may
-    send; the first is the one /health reports. The engine worker thread starts and stops with the app's
-    lifespan."""
+    send; the first is the one /health reports. api_key: required on every /v1 route (None: open).
+    The engine worker thread starts and stops with the app's lifespan."""
     names = [served_names] if isinstance(served_names, str) else list(served_names or [llm.model_name])
     model_name = names[0]
     metrics = ServerMetrics()
@@ -62,6 +68,7 @@ def create_app(llm, served_names: str | list[str] | None = None) -> FastAPI:
         worker.stop()
 
     app = FastAPI(title="tiermoe", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     _add_error_handlers(app, metrics)
 
     def check_model(name: str) -> str:

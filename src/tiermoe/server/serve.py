@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +14,9 @@ from contextlib import contextmanager
 import uvicorn
 from rich.console import Console
 
+from ..errors import InvalidRequestError
 from ..flags import add_engine_args, engine_kwargs
+from .guard import DEFAULT_MAX_BODY_BYTES
 
 
 class ReadyServer(uvicorn.Server):
@@ -69,6 +73,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="the model ids clients may send, the first one shown (default: the directory name)",
     )
     parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TIERMOE_API_KEY"),
+        help="require this key (Authorization: Bearer KEY) on every /v1 route (default: $TIERMOE_API_KEY; "
+        "none: open)",
+    )
+    parser.add_argument(
+        "--max-request-mib",
+        type=float,
+        default=DEFAULT_MAX_BODY_BYTES / 2**20,
+        help="largest request body accepted, MiB (default: %(default)g)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     parser.set_defaults(func=run)
@@ -79,9 +95,20 @@ def run(args: argparse.Namespace) -> int:
     from ..api import LLM  # torch is heavy: import it only once a command needs a model
     from .app import create_app
 
+    if not 0 <= args.port <= 65535:
+        raise InvalidRequestError(f"--port must be 0 (any free port) to 65535, got {args.port}")
+    if args.max_request_mib <= 0:
+        raise InvalidRequestError(f"--max-request-mib must be > 0, got {args.max_request_mib:g}")
+
     console = Console(stderr=True)
     llm = LLM(args.model, **engine_kwargs(args))  # the loader draws the progress bars
     names = args.served_model_name or [llm.model_name]
+    if args.api_key is None and not _is_loopback(args.host):
+        console.print(
+            f"[bold yellow]Warning:[/] listening on {args.host} without an API key: anyone who can reach this "
+            "machine can use the model; set --api-key or TIERMOE_API_KEY",
+            soft_wrap=True,
+        )
 
     def ready(url: str) -> None:
         console.print(
@@ -91,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     # On Ctrl+C, streams still running get 5 s to finish; then they are cancelled, which aborts generation.
     config = uvicorn.Config(
-        create_app(llm, names),
+        create_app(llm, names, args.api_key, int(args.max_request_mib * 2**20)),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
@@ -102,3 +129,12 @@ def run(args: argparse.Namespace) -> int:
         ReadyServer(config, on_ready=ready).run()
     console.print("Server stopped.")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False

@@ -202,7 +202,15 @@ def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.exists():
         raise CheckpointError(f"{file} not found: a checkpoint directory needs its config.json")
+    return read_json_object(file)
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (config.json, generation_config.json); CheckpointError else."""
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value

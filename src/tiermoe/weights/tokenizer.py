@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import CheckpointError, InvalidRequestError
+from .checkpoint import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -27,7 +27,7 @@ def eos_token_ids(path: Path, config: dict, tokenizer) -> set[int]:
     gen_config = path / "generation_config.json"
     sources = [config.get("eos_token_id")]
     if gen_config.exists():
-        sources.append(json.loads(gen_config.read_text()).get("eos_token_id"))
+        sources.append(read_json_object(gen_config).get("eos_token_id"))
     if tokenizer is not None:
         sources.append(tokenizer.eos_token_id)
     for src in sources:
@@ -58,12 +58,7 @@ def sampling_defaults(path: Path) -> dict:
     file = path / "generation_config.json"
     if not file.exists():
         return {}
-    try:
-        gen = json.loads(file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(gen, dict):
-        raise CheckpointError(f"{file} holds {type(gen).__name__}, not an object")
+    gen = read_json_object(file)
     out = {}
     for name, (kind, valid, what) in _SAMPLING_FIELDS.items():
         value = gen.get(name)
