@@ -590,3 +590,44 @@ def test_loopback_hosts():
 
     assert all(map(_is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
     assert not any(map(_is_loopback, ["0.0.0.0", "192.168.1.5", "::", "myhost.lan"]))
+
+
+def test_logprobs_are_the_engines_log_softmax_of_the_chosen_tokens(url, client, llm):
+    kwargs = dict(model=M, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kwargs, extra_body=NO_EOS).choices[0].logprobs.content
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**kwargs, stream=True, extra_body=NO_EOS)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    wait_idle(url)
+    prompt = llm.encode(llm.apply_chat_template(MESSAGES), add_special_tokens=False)
+    tokens = llm.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    reference = llm.engine.runner.logprobs(prompt + tokens)[-6:].tolist()
+    for entries in (whole, streamed):
+        assert [e.logprob for e in entries] == pytest.approx(reference, abs=1e-5)
+        assert [e.token for e in entries] == [llm.tokenizer.decode([t]) for t in tokens]
+        # greedy: the chosen token is the likeliest, first of the three alternatives, in order
+        assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob for e in entries)
+        assert all(a.logprob >= b.logprob for e in entries for a, b in itertools.pairwise(e.top_logprobs))
+
+
+def test_completions_echo_the_prompt_with_its_logprobs(url, client, llm):
+    r = client.completions.create(
+        model=M, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, echo=True, extra_body=NO_EOS
+    ).choices[0]
+    wait_idle(url)
+    prompt = llm.encode(PROMPT)
+    assert r.text.startswith(PROMPT) and len(r.logprobs.tokens) == len(prompt) + 4
+    assert r.logprobs.token_logprobs[0] is None and r.logprobs.top_logprobs[0] is None
+    expected = [lp for lp, _ in llm.prompt_logprobs(prompt)]
+    assert r.logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-5)
+    assert r.logprobs.text_offset[: len(prompt)] == [
+        len("".join(llm.tokenizer.decode([t]) for t in prompt[:i])) for i in range(len(prompt))
+    ]
+    assert all(len(top) == 2 for top in r.logprobs.top_logprobs[1:])
+    plain = client.completions.create(
+        model=M, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, extra_body=NO_EOS
+    )
+    assert plain.choices[0].text == r.text and plain.choices[0].logprobs is None

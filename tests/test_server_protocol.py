@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
 from pydantic import ValidationError
 
-from tiermoe.engine.request import GenerationStats
+from tiermoe.engine.request import GenerationStats, TokenEvent
 from tiermoe.errors import InvalidRequestError
 from tiermoe.server.protocol import (
     ChatCompletionRequest,
@@ -34,14 +34,10 @@ def test_fields_that_change_nothing_are_ignored_and_their_off_values_accepted():
 @pytest.mark.parametrize(
     ("model", "field", "value"),
     [
-        (ChatCompletionRequest, "logprobs", True),
-        (ChatCompletionRequest, "top_logprobs", 2),
         (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}]),
         (ChatCompletionRequest, "tool_choice", "required"),
         (ChatCompletionRequest, "response_format", {"type": "json_schema"}),
         (ChatCompletionRequest, "logit_bias", {"7": 1.0}),
-        (CompletionRequest, "logprobs", 1),
-        (CompletionRequest, "echo", True),
         (CompletionRequest, "best_of", 3),
         (CompletionRequest, "suffix", "}"),
     ],
@@ -160,12 +156,50 @@ def test_include_usage():
 def test_response_shapes():
     stats = GenerationStats(prompt_tokens=4, completion_tokens=3, ttft_s=0.1, prefill_s=0.1, decode_s=0.5)
     chat = ChatShape("m")
-    chunks = [*chat.opening(), chat.delta("x"), chat.finish("stop", stats), chat.usage(stats)]
+    events = [TokenEvent(0, 7, "x"), TokenEvent(0, 8, "", "stop", stats)]
+    chunks = [*chat.opening([], None), chat.delta(events[0]), chat.finish("stop", stats), chat.usage(stats)]
+    assert chat.delta(events[1]) is None  # no text, no log-probability: no chunk
     assert {c["id"] for c in chunks} == {chat.id} and chat.id.startswith("chatcmpl-")
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[2]["choices"][0]["finish_reason"] == "stop" and chunks[2]["stats"]["decode_tok_s"] == 4.0
     assert chunks[3]["choices"] == [] and chunks[3]["usage"]["total_tokens"] == 7
-    whole = CompletionShape("m").whole("hello", "length", stats)
+    whole = CompletionShape("m").whole(
+        [TokenEvent(0, 7, "hel"), TokenEvent(0, 8, "lo", "length", stats)], [1], None
+    )
     assert whole["object"] == "text_completion" and whole["choices"][0]["text"] == "hello"
+    assert whole["choices"][0]["logprobs"] is None
     assert whole["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
     assert whole["stats"]["prefill_tok_s"] == 40.0
+
+
+def test_logprob_shapes():
+    stats = GenerationStats(prompt_tokens=2, completion_tokens=2)
+    text = {1: "A", 2: "b", 7: "x", 8: "é", 9: "z"}.__getitem__
+    events = [
+        TokenEvent(0, 7, "x", None, None, -0.5, [(7, -0.5), (9, -1.5)]),
+        TokenEvent(0, 8, "é", "length", stats, -2.0, [(9, -1.0), (8, -2.0)]),
+    ]
+    content = ChatShape("m", text).whole(events, [1, 2], None)["choices"][0]["logprobs"]["content"]
+    assert content[1] == {"token": "é", "logprob": -2.0, "bytes": [195, 169], "top_logprobs": [
+        {"token": "z", "logprob": -1.0, "bytes": [122]}, {"token": "é", "logprob": -2.0, "bytes": [195, 169]}]}  # fmt: skip
+    echo = CompletionShape("m", text, echo=True, decode=lambda ids: "".join(map(text, ids)))
+    whole = echo.whole(events, [1, 2], [(-3.0, [(2, -3.0), (9, -4.0)])])["choices"][0]
+    assert whole["text"] == "Abxé"
+    assert whole["logprobs"] == {
+        "tokens": ["A", "b", "x", "é"],
+        "token_logprobs": [None, -3.0, -0.5, -2.0],
+        "top_logprobs": [None, {"b": -3.0, "z": -4.0}, {"x": -0.5, "z": -1.5}, {"z": -1.0, "é": -2.0}],
+        "text_offset": [0, 1, 2, 3],
+    }
+
+
+def test_top_logprobs_need_logprobs_and_a_range():
+    with pytest.raises(ValidationError, match="top_logprobs needs logprobs"):
+        ChatCompletionRequest(model="m", messages=USER, top_logprobs=3)
+    req = ChatCompletionRequest(model="m", messages=USER, logprobs=True, top_logprobs=3)
+    assert req.sampling_params({}).logprobs == 3
+    assert ChatCompletionRequest(model="m", messages=USER, logprobs=True).sampling_params({}).logprobs == 0
+    assert ChatCompletionRequest(model="m", messages=USER).sampling_params({}).logprobs is None
+    with pytest.raises(InvalidRequestError) as info:
+        CompletionRequest(model="m", prompt="x", logprobs=21).sampling_params({})
+    assert info.value.param == "logprobs"

@@ -143,6 +143,19 @@ class LLM:
             for p, i, evs, r in zip(batch, ids, outputs, reasons, strict=True)
         ]
 
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each prompt token after the first: its log-probability given the ones before, and the
+        `top` likeliest tokens there [(id, log-probability)] (what completions' echo reports)."""
+        if len(ids) < 2:
+            return []
+        if not top:
+            return [(lp, []) for lp in self.engine.runner.logprobs(ids).tolist()]
+        chosen, top_ids, top_values = self.engine.runner.logprobs(ids, top=top)
+        return [
+            (lp, list(zip(i, v, strict=True)))
+            for lp, i, v in zip(chosen.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
+        ]
+
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
         """Stream one sequence. Closing the iterator stops generation at once."""
         ids = self.encode(prompt)

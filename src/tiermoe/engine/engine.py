@@ -104,11 +104,12 @@ class Engine:
         start = time.perf_counter()
         logits, positions = self.runner.prefill(prompts, cache)
         tokens = self._sample(seqs, logits)
+        scores = self._logprobs(seqs, logits, tokens)
         stats.ttft_s = stats.prefill_s = time.perf_counter() - start
         after_prefill = self.provider.stats()
         decode_start = time.perf_counter()
         while True:
-            events = self._advance(seqs, tokens)
+            events = self._advance(seqs, tokens, scores)
             stats.completion_tokens = sum(len(s.output_ids) for s in seqs)
             done = all(s.finish_reason for s in seqs)
             if done:
@@ -125,6 +126,7 @@ class Engine:
             logits = self.runner.decode(token_tensor, positions, active, cache)
             positions = positions + 1
             tokens = self._sample(seqs, logits)
+            scores = self._logprobs(seqs, logits, tokens)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
         if all(s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in seqs):
@@ -141,9 +143,24 @@ class Engine:
                 picked.append(int(s.sampler(logits[row], seen)))
         return [t if s.finish_reason is None else None for t, s in zip(picked, seqs, strict=True)]
 
-    def _advance(self, seqs: list[Sequence], tokens: list[int | None]) -> list[TokenEvent]:
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list[int | None]) -> list:
+        """Per sequence that asked for them: (the picked token's log-probability, [(id, log-probability)]
+        of the k likeliest), from the raw logits; None for the others."""
+        out = []
+        for row, (s, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if token is None or s.params.logprobs is None:
+                out.append(None)
+                continue
+            scored = torch.log_softmax(logits[row].float(), dim=-1)
+            top = torch.topk(scored, s.params.logprobs) if s.params.logprobs else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+            out.append((float(scored[token]), pairs))
+        return out
+
+    def _advance(self, seqs: list[Sequence], tokens: list[int | None], scores: list) -> list[TokenEvent]:
         events = []
-        for i, (s, token) in enumerate(zip(seqs, tokens, strict=True)):
+        for i, (s, token, score) in enumerate(zip(seqs, tokens, scores, strict=True)):
             if token is None:
                 continue
             s.output_ids.append(token)
@@ -157,7 +174,10 @@ class Engine:
                 s.finish_reason = "length"
             if s.finish_reason:
                 text += s.text.flush()
-            events.append(TokenEvent(i, token, text, s.finish_reason))
+            event = TokenEvent(i, token, text, s.finish_reason)
+            if score is not None and not is_stop_token:
+                event.logprob, event.top_logprobs = score
+            events.append(event)
         return events
 
     def _finish_stats(self, stats: GenerationStats, device: torch.device, after_prefill: dict) -> None:

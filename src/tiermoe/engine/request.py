@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import InvalidRequestError
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
 # What a field left None becomes when the checkpoint's generation_config.json does not say either.
 FALLBACKS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 
@@ -26,6 +28,7 @@ class SamplingParams:
     stop: list[str] | tuple[str, ...] = ()
     stop_token_ids: list[int] | tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +66,11 @@ class SamplingParams:
                 "stop_token_ids must be token ids >= 0",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (
+                not given(self.logprobs) or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                "logprobs",
+                f"the number of top log-probabilities must be 0 to {MAX_TOP_LOGPROBS}",
+            ),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -151,10 +159,15 @@ class RequestOutput:
 @dataclass
 class TokenEvent:
     """One streamed step of one sequence: the new text (may be empty while a stop string or a multi-byte
-    character is pending) and, on the last event, finish_reason and the final stats."""
+    character is pending) and, on the last event, finish_reason and the final stats. With
+    SamplingParams.logprobs: the token's log-probability under the model (log-softmax of its logits,
+    before any sampling setting) and the likeliest tokens' [(id, log-probability)]; none for a stop token,
+    which is not part of the text."""
 
     index: int
     token_id: int | None
     text: str
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None

@@ -89,24 +89,32 @@ class ModelRunner:
         return logits, positions[:, -1] + 1
 
     @torch.inference_mode()
-    def logprobs(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
-        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 (float32 [len - 1]): one sequence through a
-        fresh cache, `chunk` tokens a forward (their logits, [chunk, vocab] float32, are the peak memory)."""
+    def logprobs(self, ids: list[int], chunk: int = 512, top: int = 0):
+        """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 (float32 [len - 1]) and, with top > 0, the
+        `top` likeliest next tokens at each of those positions (ids and log-probabilities, [len - 1, top]):
+        one sequence through a fresh cache, `chunk` tokens a forward (their logits, [chunk, vocab] float32,
+        are the peak memory)."""
         cache = self.cache_for(1, len(ids))
         x = torch.tensor([ids], device=self.device)
         valid = torch.ones_like(x, dtype=torch.bool)
         if self.routing:
             self.routing.begin_run([len(ids)], cache.max_len)
-        out = []
+        chosen, top_ids, top_values = [], [], []
         try:
             positions = torch.arange(len(ids), device=self.device)[None]
             for start, logits in self._chunks(x, valid, positions, cache, chunk, last_only=False):
                 targets = x[0, start + 1 : start + 1 + logits.shape[1]]  # the next token of each position
-                scored = torch.log_softmax(logits[0, : len(targets)], dim=-1)
-                out.append(scored.gather(-1, targets[:, None])[:, 0])
+                scored = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
+                chosen.append(scored.gather(-1, targets[:, None])[:, 0])
+                if top:
+                    best = torch.topk(scored, top, dim=-1)
+                    top_ids.append(best.indices)
+                    top_values.append(best.values)
         finally:
             self.end_run()
-        return torch.cat(out)
+        if not top:
+            return torch.cat(chosen)
+        return torch.cat(chosen), torch.cat(top_ids), torch.cat(top_values)
 
     def _chunks(self, ids, valid, positions, cache: KVCache, chunk: int, last_only: bool):
         """Run ids [B, W] through the model `chunk` positions at a time, filling the cache; yields (start,

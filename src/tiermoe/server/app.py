@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from ..engine.request import GenerationStats, TokenEvent
-from ..errors import TiermoeError
+from ..errors import InvalidRequestError, TiermoeError
 from .guard import DEFAULT_MAX_BODY_BYTES, Guard
 from .metrics import ServerMetrics
 from .protocol import (
@@ -85,7 +85,18 @@ def create_app(
     def submit(prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest) -> Job:
         # Sampling values are checked here, so a bad request fails before it waits in the queue.
         params = body.sampling_params(llm.sampling_defaults)
-        return worker.submit(prompt, params)
+        echo_scores = params.logprobs if getattr(body, "echo", False) else None
+        return worker.submit(prompt, params, echo_scores)
+
+    def token_text(body) -> Callable[[int], str] | None:
+        """How log-probabilities name a token: its own text (None: the request asked for none)."""
+        if body.requested_logprobs() is None:
+            return None
+        if llm.tokenizer is None:
+            raise InvalidRequestError(
+                "logprobs name tokens by their text, and this checkpoint has no tokenizer", "logprobs"
+            )
+        return lambda token_id: llm.tokenizer.decode([token_id])
 
     @app.get("/health")
     async def health() -> dict:
@@ -115,13 +126,19 @@ def create_app(
             return llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
 
         job = submit(prompt, body)
-        return await _respond(request, job, ChatShape(name), body.stream, body.include_usage, metrics)
+        shape = ChatShape(name, token_text(body))
+        return await _respond(request, job, shape, body.stream, body.include_usage, metrics)
 
     @app.post(CompletionShape.endpoint)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         name = check_model(body.model)
         job = submit(lambda: llm.encode(body.prompt), body)
-        return await _respond(request, job, CompletionShape(name), body.stream, body.include_usage, metrics)
+        if body.echo and llm.tokenizer is None:
+            raise InvalidRequestError(
+                "echo gives the prompt's text, and this checkpoint has no tokenizer", "echo"
+            )
+        shape = CompletionShape(name, token_text(body), body.echo, body.echo and llm.tokenizer.decode)
+        return await _respond(request, job, shape, body.stream, body.include_usage, metrics)
 
     return app
 
@@ -138,7 +155,7 @@ async def _respond(
         async with _cancel_on_disconnect(request, job):
             first = await job.next_event()
             if not stream:
-                text, last = await _collect(job, first)
+                events = await _collect(job, first)
     except JobAborted:
         metrics.requests.labels(shape.endpoint, "aborted").inc()
         return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
@@ -149,8 +166,8 @@ async def _respond(
         return StreamingResponse(
             body, media_type="text/event-stream", headers=_SSE_HEADERS, background=BackgroundTask(job.cancel)
         )
-    metrics.finished(shape.endpoint, last.stats)
-    return JSONResponse(shape.whole(text, last.finish_reason, last.stats))
+    metrics.finished(shape.endpoint, events[-1].stats)
+    return JSONResponse(shape.whole(events, job.prompt_ids, job.prompt_scores))
 
 
 @asynccontextmanager
@@ -171,12 +188,12 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> AsyncIterator[Non
         task.cancel()
 
 
-async def _collect(job: Job, event: TokenEvent) -> tuple[str, TokenEvent]:
-    parts = [event.text]
+async def _collect(job: Job, event: TokenEvent) -> list[TokenEvent]:
+    events = [event]
     while event.finish_reason is None:
         event = await job.next_event()
-        parts.append(event.text)
-    return "".join(parts), event
+        events.append(event)
+    return events
 
 
 def _sse_line(payload: dict) -> str:
@@ -192,11 +209,11 @@ async def _sse(
 ) -> AsyncIterator[str]:
     outcome = "aborted"  # until the engine finishes: a cancelled generator only runs its finally
     try:
-        for chunk in shape.opening():
+        for chunk in shape.opening(job.prompt_ids, job.prompt_scores):
             yield _sse_line(chunk)
         while True:
-            if event.text:
-                yield _sse_line(shape.delta(event.text))
+            if (chunk := shape.delta(event)) is not None:
+                yield _sse_line(chunk)
             if event.finish_reason is not None:
                 break
             event = await job.next_event()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from ..engine.request import GenerationStats, SamplingParams
+from ..engine.request import GenerationStats, SamplingParams, TokenEvent
 
 
 class _Lenient(BaseModel):
@@ -66,6 +68,10 @@ class _SamplingFields(_Lenient):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """None: no log-probabilities; k: each token's and the k likeliest alternatives."""
+        return None
+
     def sampling_params(self, model_defaults: dict) -> SamplingParams:
         """Our SamplingParams; raises InvalidRequestError (param named) for out-of-range values. Unset
         fields take the checkpoint's generation_config.json values (`model_defaults`) in the engine,
@@ -85,6 +91,7 @@ class _SamplingFields(_Lenient):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            logprobs=self.requested_logprobs(),
         )
 
 
@@ -92,13 +99,14 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     best_of: int | None = None
     suffix: str | None = None
-    logprobs: int | None = None
-    echo: bool = False
+    logprobs: int | None = None  # the legacy API's: how many alternatives per token (0: the token's only)
+    echo: bool = False  # the prompt before the completion (with its tokens' log-probabilities)
 
     _best_of = unsupported("best_of", "best_of is not supported (it needs n > 1)", (None, 1))
     _suffix = unsupported("suffix", "suffix (fill in the middle) is not supported", (None, ""))
-    _logprobs = unsupported("logprobs", "logprobs are not supported yet")
-    _echo = unsupported("echo", "echo is not supported yet", (False,))
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -144,12 +152,10 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = None  # alternatives per token, with logprobs
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    _logprobs = unsupported("logprobs", "logprobs are not supported yet", (False,))
-    _top_logprobs = unsupported("top_logprobs", "top_logprobs are not supported yet", (None, 0))
     _tools = unsupported("tools", "tools are not supported yet", (None, []))
     _tool_choice = unsupported("tool_choice", "tool_choice is not supported yet", (None, "none", "auto"))
 
@@ -161,6 +167,15 @@ class ChatCompletionRequest(_SamplingFields):
                 f"response_format {value.get('type')!r} is not supported (structured output is not in yet)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("value_error", "top_logprobs needs logprobs: true", {})
+        return self
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens replaced max_tokens in OpenAI's API; newer clients send only it.
@@ -199,16 +214,18 @@ class ErrorResponse(BaseModel):
 
 class _Shape:
     """The JSON of one response, streamed or whole. id, created and model are shared by every chunk,
-    as OpenAI's are; our per-request stats ride on the final chunk and the whole response."""
+    as OpenAI's are; our per-request stats ride on the final chunk and the whole response. token_text:
+    the text of one token id, for log-probabilities (None when the request asked for none)."""
 
     endpoint: str
     id_prefix: str
     chunk_object: str
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_text: Callable[[int], str] | None = None):
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.token_text = token_text
 
     def _header(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -220,8 +237,8 @@ class _Shape:
         """The extra last chunk asked for by stream_options.include_usage: no choices, only usage."""
         return {**self._header(self.chunk_object), "choices": [], "usage": Usage.of(stats).model_dump()}
 
-    def opening(self) -> list[dict]:
-        return []
+    def _scored(self, events: list[TokenEvent]) -> list[TokenEvent]:
+        return [e for e in events if e.logprob is not None] if self.token_text else []
 
 
 class ChatShape(_Shape):
@@ -229,40 +246,122 @@ class ChatShape(_Shape):
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
-    def opening(self) -> list[dict]:
+    def opening(self, prompt_ids: list[int], prompt_scores: list | None) -> list[dict]:
         return [self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
 
-    def delta(self, text: str) -> dict:
-        return self._chunk({"delta": {"content": text}, "finish_reason": None})
+    def delta(self, event: TokenEvent) -> dict | None:
+        """The chunk of one event; None when it carries neither text nor a log-probability."""
+        scored = self._scored([event])
+        if not event.text and not scored:
+            return None
+        choice = {"delta": {"content": event.text}, "finish_reason": None}
+        return self._chunk({**choice, **({"logprobs": self._logprobs(scored)} if scored else {})})
 
     def finish(self, reason: str, stats: GenerationStats) -> dict:
         return {**self._chunk({"delta": {}, "finish_reason": reason}), "stats": stats.to_dict()}
 
-    def whole(self, text: str, reason: str, stats: GenerationStats) -> dict:
+    def whole(self, events: list[TokenEvent], prompt_ids: list[int], prompt_scores: list | None) -> dict:
+        last = events[-1]
+        text = "".join(e.text for e in events)
         message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        logprobs = self._logprobs(self._scored(events)) if self.token_text else None
         return {
             **self._header("chat.completion"),
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
-            "usage": Usage.of(stats).model_dump(),
-            "stats": stats.to_dict(),
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": logprobs}
+            ],
+            "usage": Usage.of(last.stats).model_dump(),
+            "stats": last.stats.to_dict(),
         }
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, events: list[TokenEvent]) -> dict:
+        content = [
+            {
+                **self._entry(e.token_id, e.logprob),
+                "top_logprobs": [self._entry(i, lp) for i, lp in e.top_logprobs],
+            }
+            for e in events
+        ]
+        return {"content": content, "refusal": None}
 
 
 class CompletionShape(_Shape):
+    """prompt_ids, prompt_scores: with echo, the prompt's tokens and their log-probabilities (all but the
+    first, which has no history), known once the engine has tokenised the prompt."""
+
     endpoint = "/v1/completions"
     id_prefix = "cmpl"
     chunk_object = "text_completion"
 
-    def delta(self, text: str) -> dict:
-        return self._chunk({"text": text, "finish_reason": None})
+    def __init__(
+        self,
+        model: str,
+        token_text: Callable[[int], str] | None = None,
+        echo: bool = False,
+        decode: Callable[[list[int]], str] | None = None,
+    ):
+        super().__init__(model, token_text)
+        self.echo, self.decode = echo, decode  # decode: the prompt's text, for echo
+        self.offset = 0  # characters of text sent before the next token, for text_offset
+
+    def opening(self, prompt_ids: list[int], prompt_scores: list | None) -> list[dict]:
+        if not self.echo:
+            return []
+        return [self._chunk({"text": self._prompt_text(prompt_ids), "finish_reason": None,
+                             "logprobs": self._prompt_logprobs(prompt_ids, prompt_scores)})]  # fmt: skip
+
+    def delta(self, event: TokenEvent) -> dict | None:
+        scored = self._scored([event])
+        if not event.text and not scored:
+            return None
+        return self._chunk({"text": event.text, "finish_reason": None, "logprobs": self._logprobs(scored)})
 
     def finish(self, reason: str, stats: GenerationStats) -> dict:
         return {**self._chunk({"text": "", "finish_reason": reason}), "stats": stats.to_dict()}
 
-    def whole(self, text: str, reason: str, stats: GenerationStats) -> dict:
+    def whole(self, events: list[TokenEvent], prompt_ids: list[int], prompt_scores: list | None) -> dict:
+        last = events[-1]
+        prefix = self._prompt_text(prompt_ids) if self.echo else ""
+        logprobs = None
+        if self.token_text:
+            head = self._prompt_logprobs(prompt_ids, prompt_scores) if self.echo else None
+            tail = self._logprobs(self._scored(events))
+            logprobs = {k: (head[k] if head else []) + tail[k] for k in tail}
         return {
             **self._header("text_completion"),
-            "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
-            "usage": Usage.of(stats).model_dump(),
-            "stats": stats.to_dict(),
-        }
+            "choices": [{"index": 0, "text": prefix + "".join(e.text for e in events),
+                         "finish_reason": last.finish_reason, "logprobs": logprobs}],
+            "usage": Usage.of(last.stats).model_dump(),
+            "stats": last.stats.to_dict(),
+        }  # fmt: skip
+
+    def _prompt_text(self, prompt_ids: list[int]) -> str:
+        return self.decode(prompt_ids)
+
+    def _prompt_logprobs(self, prompt_ids: list[int], prompt_scores: list | None) -> dict | None:
+        if not self.token_text:
+            return None
+        # The first prompt token has no history: null, as OpenAI's echo gives it.
+        scores = [(None, None), *prompt_scores] if prompt_ids else []
+        return self._table(prompt_ids, scores)
+
+    def _logprobs(self, events: list[TokenEvent]) -> dict | None:
+        if not self.token_text:
+            return None
+        return self._table([e.token_id for e in events], [(e.logprob, e.top_logprobs) for e in events])
+
+    def _table(self, token_ids: list[int], scores: list) -> dict:
+        """The legacy logprobs object: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset."""
+        table = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, (logprob, top) in zip(token_ids, scores, strict=True):
+            text = self.token_text(token_id)
+            table["tokens"].append(text)
+            table["token_logprobs"].append(logprob)
+            table["top_logprobs"].append(None if top is None else {self.token_text(i): lp for i, lp in top})
+            table["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return table

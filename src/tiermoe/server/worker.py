@@ -27,6 +27,10 @@ class Job:
     prompt: Callable[[], list[int]]  # token ids; runs on the worker: templates and tokenizer are the LLM's
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    echo_scores: int | None = None  # completions' echo with logprobs: alternatives per prompt token
+    # Set on the worker before the first event: the prompt's ids and, with echo_scores, their scores.
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_scores: list | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent | BaseException
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -70,9 +74,11 @@ class EngineWorker:
     def queued(self) -> int:
         return self._jobs.qsize()
 
-    def submit(self, prompt: Callable[[], list[int]], params: SamplingParams) -> Job:
+    def submit(
+        self, prompt: Callable[[], list[int]], params: SamplingParams, echo_scores: int | None = None
+    ) -> Job:
         """Queue a job; call from the event loop whose handler will await the job's events."""
-        job = Job(prompt, params, asyncio.get_running_loop())
+        job = Job(prompt, params, asyncio.get_running_loop(), echo_scores)
         self._metrics.queued.inc()
         self._jobs.put(job)
         return job
@@ -96,7 +102,9 @@ class EngineWorker:
         stream = None
         started = False
         try:
-            ids = job.prompt()
+            ids = job.prompt_ids = job.prompt()
+            if job.echo_scores is not None:
+                job.prompt_scores = self._llm.prompt_logprobs(ids, job.echo_scores)
             stream = self._llm.stream(ids, job.params)
             for event in stream:
                 if not started:  # the first event comes out of prefill
