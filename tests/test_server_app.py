@@ -531,8 +531,23 @@ def test_serve_command_prints_its_url_once_ready_and_stops_on_ctrl_c(llm):
         plans = [line for line in before if line.startswith("memory plan (GPU budget uncapped): dense")]
         assert len(plans) == 1 and "KV cache 4096 tokens" in plans[0], before  # the demo: 4096-token context
         assert httpx2.get(ready[1] + "/health").json()["status"] == "ok"
+        lines = []
+        body = {"model": M, "prompt": PROMPT, "max_tokens": 4000, "stream": True, **NO_EOS}
+
+        def read_stream():
+            with httpx2.stream("POST", ready[1] + COMPLETIONS, json=body, timeout=60) as r:
+                lines.extend(filter(None, r.iter_lines()))
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        while not proc.poll() and len(lines) < 3:  # a stream is running
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+        reader.join(10)
+        # The stream got the grace period, then an error event and [DONE]; the log has no traceback.
+        assert lines[-1] == "data: [DONE]" and "server_shutting_down" in lines[-2]
+        assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
 
@@ -631,3 +646,31 @@ def test_completions_echo_the_prompt_with_its_logprobs(url, client, llm):
         model=M, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, extra_body=NO_EOS
     )
     assert plain.choices[0].text == r.text and plain.choices[0].logprobs is None
+
+
+def test_shutdown_ends_running_streams_with_an_error_event_and_done(llm, caplog):
+    lines, waiting = [], []
+    with serving(create_app(llm), grace_s=0.5) as url:
+        body = {"model": M, "prompt": PROMPT, "max_tokens": 1000, "stream": True, **NO_EOS}
+
+        def read_stream():
+            with httpx2.stream("POST", url + COMPLETIONS, json=body, timeout=30) as r:
+                lines.extend(filter(None, r.iter_lines()))
+
+        def wait_whole():  # queued behind the stream: it ends as a 503
+            waiting.append(httpx2.post(url + COMPLETIONS, json={**body, "stream": False}, timeout=30))
+
+        readers = [threading.Thread(target=read_stream), threading.Thread(target=wait_whole)]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(lines) < 5:  # the stream is running
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    for t in readers:
+        t.join(10)
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+    assert waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "server_shutting_down"
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

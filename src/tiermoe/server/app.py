@@ -33,7 +33,7 @@ from .protocol import (
     ErrorBody,
     ErrorResponse,
 )
-from .worker import EngineWorker, Job, JobAborted
+from .worker import EngineWorker, Job, JobAborted, ServerShuttingDown
 
 log = logging.getLogger("tiermoe.server")
 
@@ -69,6 +69,7 @@ def create_app(
 
     app = FastAPI(title="tiermoe", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.drain = worker.drain  # the server calls it when its shutdown grace runs out
     _add_error_handlers(app, metrics)
 
     def check_model(name: str) -> str:
@@ -226,6 +227,10 @@ async def _sse(
         yield "data: [DONE]\n\n"
     except JobAborted:
         pass
+    except ServerShuttingDown as exc:  # expected: one line in the log, the error event to the client
+        log.warning("stream ended: %s", exc)
+        yield _sse_line(_error_body(exc).model_dump())
+        yield "data: [DONE]\n\n"
     except Exception as exc:  # the 200 header is gone, so the error travels in the stream, as OpenAI's do
         log.exception("generation failed mid-stream")
         outcome = "error"
@@ -240,7 +245,12 @@ async def _sse(
 def _error_body(exc: Exception) -> ErrorResponse:
     if isinstance(exc, TiermoeError):
         return ErrorResponse(
-            error=ErrorBody(message=str(exc), type=exc.error_type, param=getattr(exc, "param", None))
+            error=ErrorBody(
+                message=str(exc),
+                type=exc.error_type,
+                param=getattr(exc, "param", None),
+                code=getattr(exc, "code", None),
+            )
         )
     return ErrorResponse(error=ErrorBody(message=f"internal error: {exc!r}", type="server_error"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -18,14 +19,32 @@ from ..errors import InvalidRequestError
 from ..flags import add_engine_args, engine_kwargs
 from .guard import DEFAULT_MAX_BODY_BYTES
 
+# On Ctrl+C or SIGTERM, requests still running after this long end with an error event and [DONE]
+# (a 503 when not streamed); uvicorn's own cancellation, which cuts streams short, comes later.
+SHUTDOWN_GRACE_S = 5.0
+
 
 class ReadyServer(uvicorn.Server):
     """A uvicorn Server that knows its URL once listening (port 0 picks a free port) and calls
-    on_ready(url) then, so the ready line is printed only when clients can connect."""
+    on_ready(url) then, so the ready line is printed only when clients can connect. On shutdown it gives
+    running requests grace_s to finish, then ends them through the app's drain()."""
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_ready: Callable[[str], None] | None = None,
+        grace_s: float = SHUTDOWN_GRACE_S,
+    ):
+        config.timeout_graceful_shutdown = grace_s + 5  # time for the drained streams to say goodbye
         super().__init__(config)
         self.on_ready = on_ready
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            asyncio.get_running_loop().call_later(self.grace_s, drain)
+        await super().shutdown(sockets)
 
     @property
     def url(self) -> str:
@@ -39,10 +58,12 @@ class ReadyServer(uvicorn.Server):
 
 
 @contextmanager
-def serving(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
+def serving(
+    app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0, grace_s: float = SHUTDOWN_GRACE_S
+) -> Iterator[str]:
     """Run `app` in a background thread (a notebook, a test) and yield its URL once it accepts
-    connections; stop it on exit."""
-    server = ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    connections; stop it on exit, giving running requests grace_s."""
+    server = ReadyServer(uvicorn.Config(app, host=host, port=port, log_level="warning"), grace_s=grace_s)
     thread = threading.Thread(target=server.run, name="tiermoe-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -116,13 +137,11 @@ def run(args: argparse.Namespace) -> int:
             soft_wrap=True,  # one line, so scripts can read the URL off it
         )
 
-    # On Ctrl+C, streams still running get 5 s to finish; then they are cancelled, which aborts generation.
     config = uvicorn.Config(
         create_app(llm, names, args.api_key, int(args.max_request_mib * 2**20)),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=5,
     )
     # uvicorn re-raises the Ctrl+C it handled once it has shut down cleanly: that is a normal stop.
     with contextlib.suppress(KeyboardInterrupt):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..engine.request import SamplingParams, TokenEvent
+from ..errors import TiermoeError
 from .metrics import ServerMetrics
 
 
@@ -22,7 +23,15 @@ class JobAborted(Exception):
     """The job was cancelled (its client left) before the engine finished it."""
 
 
-@dataclass
+class ServerShuttingDown(TiermoeError):
+    """The server is stopping: a request still queued or running ends with this error."""
+
+    http_status = 503
+    error_type = "server_error"
+    code = "server_shutting_down"
+
+
+@dataclass(eq=False)  # a job is itself: hashed by identity, kept in the worker's set of live jobs
 class Job:
     prompt: Callable[[], list[int]]  # token ids; runs on the worker: templates and tokenizer are the LLM's
     params: SamplingParams
@@ -61,6 +70,8 @@ class EngineWorker:
         self._llm = llm
         self._metrics = metrics
         self._jobs: queue.Queue[Job | None] = queue.Queue()  # None asks the thread to stop
+        self._live: set[Job] = set()  # queued or running
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tiermoe-engine", daemon=True)
 
     def start(self) -> None:
@@ -69,6 +80,16 @@ class EngineWorker:
     def stop(self, timeout: float = 5.0) -> None:
         self._jobs.put(None)
         self._thread.join(timeout)
+
+    def drain(self) -> int:
+        """End every queued or running job with ServerShuttingDown (their handlers answer it: a 503, or
+        an error event and [DONE] on a stream) and cancel it; returns how many there were."""
+        with self._lock:
+            jobs = list(self._live)
+        for job in jobs:
+            job.put(ServerShuttingDown("the server is shutting down; send the request again once it is back"))
+            job.cancel()
+        return len(jobs)
 
     @property
     def queued(self) -> int:
@@ -79,6 +100,8 @@ class EngineWorker:
     ) -> Job:
         """Queue a job; call from the event loop whose handler will await the job's events."""
         job = Job(prompt, params, asyncio.get_running_loop(), echo_scores)
+        with self._lock:
+            self._live.add(job)
         self._metrics.queued.inc()
         self._jobs.put(job)
         return job
@@ -86,16 +109,20 @@ class EngineWorker:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             self._metrics.queued.dec()
-            if job.cancelled:
-                job.put(JobAborted())
-                continue
-            self._metrics.running.inc()
             try:
-                if self._serve(job):
-                    # The engine resets the store's statistics when a run starts: these are this job's.
-                    self._metrics.add_store_stats(self._llm.store_stats())
+                if job.cancelled:
+                    job.put(JobAborted())
+                    continue
+                self._metrics.running.inc()
+                try:
+                    if self._serve(job):
+                        # The engine resets the store's statistics when a run starts: these are this job's.
+                        self._metrics.add_store_stats(self._llm.store_stats())
+                finally:
+                    self._metrics.running.dec()
             finally:
-                self._metrics.running.dec()
+                with self._lock:
+                    self._live.discard(job)
 
     def _serve(self, job: Job) -> bool:
         """Run the job; True once the engine started generating for it."""
