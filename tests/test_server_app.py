@@ -674,3 +674,18 @@ def test_shutdown_ends_running_streams_with_an_error_event_and_done(llm, caplog)
     assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
     assert waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "server_shutting_down"
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@pytest.mark.slow  # about 5 s
+def test_the_openapi_document_holds_for_every_answer(llm):
+    """schemathesis, every check, against /openapi.json: each status, content type and value constraint
+    the server answers with is documented, and what the document allows is served."""
+    pytest.importorskip("schemathesis")
+    with serving(create_app(llm)) as url:
+        run = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json", "--checks", "all",
+             "--max-examples", "25", "--seed", "1", "--no-color"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert re.search(r"\d+ generated, \d+ passed", run.stdout)

@@ -193,13 +193,15 @@ def test_logprob_shapes():
     }
 
 
-def test_top_logprobs_need_logprobs_and_a_range():
-    with pytest.raises(ValidationError, match="top_logprobs needs logprobs"):
-        ChatCompletionRequest(model="m", messages=USER, top_logprobs=3)
+def test_top_logprobs_imply_logprobs_and_have_a_range():
+    assert ChatCompletionRequest(model="m", messages=USER, top_logprobs=3).sampling_params({}).logprobs == 3
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest(model="m", messages=USER, top_logprobs=21)
+    assert info.value.errors()[0]["loc"] == ("top_logprobs",)
     req = ChatCompletionRequest(model="m", messages=USER, logprobs=True, top_logprobs=3)
     assert req.sampling_params({}).logprobs == 3
     assert ChatCompletionRequest(model="m", messages=USER, logprobs=True).sampling_params({}).logprobs == 0
     assert ChatCompletionRequest(model="m", messages=USER).sampling_params({}).logprobs is None
-    with pytest.raises(InvalidRequestError) as info:
-        CompletionRequest(model="m", prompt="x", logprobs=21).sampling_params({})
-    assert info.value.param == "logprobs"
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest(model="m", prompt="x", logprobs=21)
+    assert info.value.errors()[0]["loc"] == ("logprobs",)

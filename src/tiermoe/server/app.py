@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -40,6 +40,45 @@ log = logging.getLogger("tiermoe.server")
 GENERATION_ENDPOINTS = (ChatShape.endpoint, CompletionShape.endpoint)
 # Proxies (nginx) buffer responses unless told not to, which would hold every token back.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+_ERROR_MEANINGS = {
+    400: "invalid request: malformed JSON, a wrong or out-of-range field, a prompt beyond the context",
+    401: "missing or incorrect API key (with --api-key)",
+    404: "the model is not served here",
+    413: "request body beyond --max-request-mib",
+    500: "internal error",
+    503: "the server is shutting down",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": _ERROR_MEANINGS[s]} for s in statuses}
+
+
+# Whole JSON, or with "stream": true an SSE stream of chunks ending in "data: [DONE]".
+GENERATION_RESPONSES = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **_errors(400, 401, 404, 413, 500, 503),
+}
+
+
+def _openapi(app: FastAPI, with_key: bool) -> dict:
+    """FastAPI's document without the 422 it adds to every body (validation errors are 400s here), and
+    the key's 401 only where a key is required."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                if not (with_key and path.startswith("/v1")):
+                    operation["responses"].pop("401", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class ModelNotFoundError(TiermoeError):
@@ -68,6 +107,7 @@ def create_app(
         worker.stop()
 
     app = FastAPI(title="tiermoe", summary="OpenAI-compatible MoE inference server", lifespan=lifespan)
+    app.openapi = lambda: _openapi(app, api_key is not None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.state.drain = worker.drain  # the server calls it when its shutdown grace runs out
     _add_error_handlers(app, metrics)
@@ -107,15 +147,17 @@ def create_app(
     async def models() -> dict:
         return {"object": "list", "data": [card(name) for name in names]}
 
-    @app.get("/v1/models/{model_id:path}")  # :path, since ids may hold slashes (org/model)
+    @app.get("/v1/models/{model_id:path}", responses=_errors(404))  # :path: ids may hold slashes (org/model)
     async def model(model_id: str) -> dict:
         return card(check_model(model_id))
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics", response_class=PlainTextResponse, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
+    )
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(ChatShape.endpoint)
+    @app.post(ChatShape.endpoint, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         name = check_model(body.model)
         messages = body.template_messages()
@@ -130,7 +172,7 @@ def create_app(
         shape = ChatShape(name, token_text(body))
         return await _respond(request, job, shape, body.stream, body.include_usage, metrics)
 
-    @app.post(CompletionShape.endpoint)
+    @app.post(CompletionShape.endpoint, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         name = check_model(body.model)
         job = submit(lambda: llm.encode(body.prompt), body)
@@ -294,9 +336,11 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return reply(
+        response = reply(
             request, exc.status_code, ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind))
         )
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -14,10 +14,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.request import GenerationStats, SamplingParams, TokenEvent
+from ..engine.request import MAX_TOP_LOGPROBS, GenerationStats, SamplingParams, TokenEvent
 
 
 class _Lenient(BaseModel):
@@ -28,15 +27,22 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-def unsupported(field: str, why: str, allowed: tuple = (None,)):
-    """A validator refusing every value of `field` but `allowed` (what means "off"): the 400 names it."""
+def only(*allowed, default=None):
+    """A field whose values beyond `allowed` (those meaning "off") would change the answer and are not
+    supported: the OpenAPI schema lists the allowed ones, and `refuse_others` checks them."""
+    return Field(default, json_schema_extra={"enum": list(allowed)})
 
-    def check(value):
+
+def refuse_others(field: str, why: str):
+    """The validator of an `only` field: any other value is a 400 naming the field."""
+
+    def check(cls, value):
+        allowed = cls.model_fields[field].json_schema_extra["enum"]
         if not any(value == ok and type(value) is type(ok) for ok in allowed):
             raise ValueError(why)
         return value
 
-    return field_validator(field)(classmethod(lambda cls, value: check(value)))
+    return field_validator(field)(classmethod(check))
 
 
 class _SamplingFields(_Lenient):
@@ -53,13 +59,13 @@ class _SamplingFields(_Lenient):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
-    n: int = 1
+    n: int = only(1, default=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = only(None, {})
 
-    _n = unsupported("n", "only n=1 is supported; send n separate requests with different seeds", (1,))
-    _logit_bias = unsupported("logit_bias", "logit_bias is not supported", (None, {}))
+    _n = refuse_others("n", "only n=1 is supported; send n separate requests with different seeds")
+    _logit_bias = refuse_others("logit_bias", "logit_bias is not supported")
 
     @property
     def include_usage(self) -> bool:
@@ -95,15 +101,29 @@ class _SamplingFields(_Lenient):
         )
 
 
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    best_of: int | None = None
-    suffix: str | None = None
-    logprobs: int | None = None  # the legacy API's: how many alternatives per token (0: the token's only)
+    # The schema says what is served: one prompt, text or token ids (a batch of one is that prompt).
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                _IDS,
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": _IDS, "minItems": 1, "maxItems": 1},
+            ]
+        }
+    )
+    best_of: int | None = only(None, 1)
+    suffix: str | None = only(None, "")
+    # the legacy API's: how many alternatives per token (0: the token's only)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False  # the prompt before the completion (with its tokens' log-probabilities)
 
-    _best_of = unsupported("best_of", "best_of is not supported (it needs n > 1)", (None, 1))
-    _suffix = unsupported("suffix", "suffix (fill in the middle) is not supported", (None, ""))
+    _best_of = refuse_others("best_of", "best_of is not supported (it needs n > 1)")
+    _suffix = refuse_others("suffix", "suffix (fill in the middle) is not supported")
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -120,7 +140,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(_Lenient):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
 
     @field_validator("type")
@@ -150,14 +170,18 @@ class ChatCompletionRequest(_SamplingFields):
     # Thinking switch: inside chat_template_kwargs as in vLLM, or top-level (which wins when both are set).
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, json_schema_extra={"properties": {"type": {"enum": ["text"]}}}
+    )
     logprobs: bool = False
-    top_logprobs: int | None = None  # alternatives per token, with logprobs
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS
+    )  # alternatives per token; implies logprobs
+    tools: list[dict[str, Any]] | None = only(None, [])
+    tool_choice: str | dict[str, Any] | None = only(None, "none", "auto")
 
-    _tools = unsupported("tools", "tools are not supported yet", (None, []))
-    _tool_choice = unsupported("tool_choice", "tool_choice is not supported yet", (None, "none", "auto"))
+    _tools = refuse_others("tools", "tools are not supported yet")
+    _tool_choice = refuse_others("tool_choice", "tool_choice is not supported yet")
 
     @field_validator("response_format")
     @classmethod
@@ -168,14 +192,9 @@ class ChatCompletionRequest(_SamplingFields):
             )
         return value
 
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
-            raise PydanticCustomError("value_error", "top_logprobs needs logprobs: true", {})
-        return self
-
     def requested_logprobs(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
+        # OpenAI asks for logprobs: true beside top_logprobs; asking for alternatives is asking enough.
+        return (self.top_logprobs or 0) if self.logprobs or self.top_logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens replaced max_tokens in OpenAI's API; newer clients send only it.
@@ -333,11 +352,17 @@ class CompletionShape(_Shape):
             logprobs = {k: (head[k] if head else []) + tail[k] for k in tail}
         return {
             **self._header("text_completion"),
-            "choices": [{"index": 0, "text": prefix + "".join(e.text for e in events),
-                         "finish_reason": last.finish_reason, "logprobs": logprobs}],
+            "choices": [
+                {
+                    "index": 0,
+                    "text": prefix + "".join(e.text for e in events),
+                    "finish_reason": last.finish_reason,
+                    "logprobs": logprobs,
+                }
+            ],
             "usage": Usage.of(last.stats).model_dump(),
             "stats": last.stats.to_dict(),
-        }  # fmt: skip
+        }
 
     def _prompt_text(self, prompt_ids: list[int]) -> str:
         return self.decode(prompt_ids)
