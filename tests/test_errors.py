@@ -152,3 +152,13 @@ def test_serve_without_the_server_extra_says_what_to_install(monkeypatch, capsys
     assert capsys.readouterr().err.strip() == (
         "error: tiermoe serve needs the package uvicorn: pip install 'tiermoe[serve]'"
     )
+
+
+def test_chat_url_without_the_client_package_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError
+    assert main(["chat", "--url", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: tiermoe chat --url needs the package openai: pip install 'tiermoe[serve]'"
+    )

@@ -84,7 +84,12 @@ class RemoteBackend:
     """Generation on a server, through the official openai client."""
 
     def __init__(self, url: str, api_key: str | None = None):
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise TiermoeError(
+                "tiermoe chat --url needs the package openai: pip install 'tiermoe[serve]'"
+            ) from None
 
         base = url.rstrip("/")
         base = base if base.endswith("/v1") else base + "/v1"
