@@ -689,3 +689,41 @@ def test_the_openapi_document_holds_for_every_answer(llm):
         )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert re.search(r"\d+ generated, \d+ passed", run.stdout)
+
+
+# Qwen's way of writing tools into the prompt, cut to what the test needs.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}'
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n"
+)
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tools_and_their_history_reach_the_template(llm, client):
+    with pytest.raises(openai.BadRequestError) as info:  # a template without a tool-call format
+        client.chat.completions.create(model=M, messages=USER, tools=[WEATHER_TOOL], max_tokens=2)
+    assert info.value.body["param"] == "tools" and "no tool-call format" in info.value.message
+    tooled = LLM(llm.path, device="cpu", dtype="fp32", max_model_len=1024)
+    tooled.tokenizer.chat_template = TOOLS_TEMPLATE
+    history = [
+        *USER,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+    ]  # fmt: skip
+    with serving(create_app(tooled)) as url:
+        tooled_client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        def prompt_tokens(**kw) -> int:
+            r = tooled_client.chat.completions.create(model=M, max_tokens=2, extra_body=NO_EOS, **kw)
+            assert r.choices[0].finish_reason == "length"  # random weights write no call
+            return r.usage.prompt_tokens
+
+        plain, with_tools = prompt_tokens(messages=USER), prompt_tokens(messages=USER, tools=[WEATHER_TOOL])
+        rendered = tooled.apply_chat_template(USER, chat_template_kwargs={"tools": [WEATHER_TOOL]})
+        assert with_tools == len(tooled.encode(rendered, False)) > plain
+        assert prompt_tokens(messages=USER, tools=[WEATHER_TOOL], tool_choice="none") == plain
+        assert prompt_tokens(messages=history, tools=[WEATHER_TOOL]) > with_tools

@@ -19,9 +19,10 @@ REPLACEMENT = "\ufffd"
 class TextStream:
     """tokenizer None (a checkpoint without one) yields no text: callers then use the token ids."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""  # decoded so far, cut at a stop string once one is hit
         self.emitted = 0  # characters of self.text handed out
@@ -76,7 +77,7 @@ class TextStream:
         return full[: min(hits)]
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _pending_stop_prefix(self, text: str) -> int:
         """Length of the longest suffix of text that begins some stop string."""

@@ -85,7 +85,7 @@ class Engine:
         params = self.resolve(prompts, params)
         device = self.runner.device
         seqs = [
-            Sequence(prompt, p, Sampler(p, device), TextStream(self.tokenizer, p.stop))
+            Sequence(prompt, p, Sampler(p, device), TextStream(self.tokenizer, p.stop, p.skip_special_tokens))
             for prompt, p in zip(prompts, params, strict=True)
         ]
         stats = GenerationStats(sequences=len(prompts), prompt_tokens=sum(len(p) for p in prompts))

@@ -29,6 +29,7 @@ class SamplingParams:
     stop_token_ids: list[int] | tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest
+    skip_special_tokens: bool = True  # False keeps markers such as Mistral's [TOOL_CALLS] in the text
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +34,7 @@ from .protocol import (
     ErrorBody,
     ErrorResponse,
 )
+from .tool_calls import format_for
 from .worker import EngineWorker, Job, JobAborted, ServerShuttingDown
 
 log = logging.getLogger("tiermoe.server")
@@ -123,9 +125,11 @@ def create_app(
             "id": name, "object": "model", "created": 0, "owned_by": "tiermoe", "max_model_len": llm.max_model_len
         }  # fmt: skip
 
-    def submit(prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest) -> Job:
+    def submit(
+        prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest, **overrides
+    ) -> Job:
         # Sampling values are checked here, so a bad request fails before it waits in the queue.
-        params = body.sampling_params(llm.sampling_defaults)
+        params = replace(body.sampling_params(llm.sampling_defaults), **overrides)
         echo_scores = params.logprobs if getattr(body, "echo", False) else None
         return worker.submit(prompt, params, echo_scores)
 
@@ -160,16 +164,18 @@ def create_app(
     @app.post(ChatShape.endpoint, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         name = check_model(body.model)
-        messages = body.template_messages()
+        messages, template_kwargs = body.template_messages(), body.template_kwargs()
+        tools = format_for(body.tools, body.tool_choice, getattr(llm.tokenizer, "chat_template", None))
 
         def prompt() -> list[int]:
             text = llm.apply_chat_template(
-                messages, enable_thinking=body.enable_thinking, chat_template_kwargs=body.chat_template_kwargs
+                messages, enable_thinking=body.enable_thinking, chat_template_kwargs=template_kwargs
             )
             return llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
 
-        job = submit(prompt, body)
-        shape = ChatShape(name, token_text(body))
+        # With tools in play the text keeps special tokens: some formats' markers are ([TOOL_CALLS]).
+        job = submit(prompt, body, skip_special_tokens=tools is None)
+        shape = ChatShape(name, token_text(body), tools)
         return await _respond(request, job, shape, body.stream, body.include_usage, metrics)
 
     @app.post(CompletionShape.endpoint, responses=GENERATION_RESPONSES)
@@ -263,6 +269,8 @@ async def _sse(
         stats: GenerationStats = event.stats
         outcome = "success"
         metrics.finished(shape.endpoint, stats)
+        for chunk in shape.closing():
+            yield _sse_line(chunk)
         yield _sse_line(shape.finish(event.finish_reason, stats))
         if include_usage:
             yield _sse_line(shape.usage(stats))

@@ -9,6 +9,7 @@ once, by SamplingParams, which names the offending parameter.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine.request import MAX_TOP_LOGPROBS, GenerationStats, SamplingParams, TokenEvent
+from .tool_calls import ToolCall, ToolFormat, ToolStream, split_answer
 
 
 class _Lenient(BaseModel):
@@ -151,17 +153,51 @@ class ContentPart(_Lenient):
         return kind
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     # "developer" is what newer OpenAI clients send instead of "system".
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
-    def to_template(self) -> dict[str, str]:
-        """The {"role", "content"} dict chat templates expect; text parts are joined in order."""
+    def to_template(self) -> dict[str, Any]:
+        """The dict chat templates expect: text parts joined in order; an assistant's tool calls with their
+        arguments as an object (the templates write them with tojson), a tool message's call id."""
         role = "system" if self.role == "developer" else self.role
         if isinstance(self.content, list):
-            return {"role": role, "content": "".join(part.text or "" for part in self.content)}
-        return {"role": role, "content": self.content or ""}
+            out: dict[str, Any] = {"role": role, "content": "".join(part.text or "" for part in self.content)}
+        else:
+            out = {"role": role, "content": self.content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -177,11 +213,14 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS
     )  # alternatives per token; implies logprobs
-    tools: list[dict[str, Any]] | None = only(None, [])
+    tools: list[dict[str, Any]] | None = None  # passed to the chat template; calls parsed from the answer
     tool_choice: str | dict[str, Any] | None = only(None, "none", "auto")
 
-    _tools = refuse_others("tools", "tools are not supported yet")
-    _tool_choice = refuse_others("tool_choice", "tool_choice is not supported yet")
+    _tool_choice = refuse_others(
+        "tool_choice",
+        "tool_choice 'required' or a named function is not supported: it needs constrained decoding, which "
+        "tiermoe does not have yet; use 'auto'",
+    )
 
     @field_validator("response_format")
     @classmethod
@@ -202,8 +241,14 @@ class ChatCompletionRequest(_SamplingFields):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """chat_template_kwargs, with the tools when they are in play (tool_choice "none" leaves them out)."""
+        if not self.tools or self.tool_choice == "none":
+            return self.chat_template_kwargs
+        return {**(self.chat_template_kwargs or {}), "tools": self.tools}
 
 
 class Usage(BaseModel):
@@ -261,9 +306,19 @@ class _Shape:
 
 
 class ChatShape(_Shape):
+    """tools: the tool-call format to find in the answer (None: plain text)."""
+
     endpoint = "/v1/chat/completions"
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(
+        self, model: str, token_text: Callable[[int], str] | None = None, tools: ToolFormat | None = None
+    ):
+        super().__init__(model, token_text)
+        self.tools = tools
+        self.tool_stream = ToolStream(tools) if tools else None
+        self.calls: list[ToolCall] = []
 
     def opening(self, prompt_ids: list[int], prompt_scores: list | None) -> list[dict]:
         return [self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
@@ -271,23 +326,45 @@ class ChatShape(_Shape):
     def delta(self, event: TokenEvent) -> dict | None:
         """The chunk of one event; None when it carries neither text nor a log-probability."""
         scored = self._scored([event])
-        if not event.text and not scored:
+        text = self.tool_stream.push(event.text) if self.tool_stream else event.text
+        if not text and not scored:
             return None
-        choice = {"delta": {"content": event.text}, "finish_reason": None}
+        choice = {"delta": {"content": text}, "finish_reason": None}
         return self._chunk({**choice, **({"logprobs": self._logprobs(scored)} if scored else {})})
 
+    def closing(self) -> list[dict]:
+        """Once the answer ended: the content held back, then the tool calls, one delta each."""
+        if not self.tool_stream:
+            return []
+        rest, self.calls = self.tool_stream.finish()
+        chunks = [self._chunk({"delta": {"content": rest}, "finish_reason": None})] if rest else []
+        return chunks + [
+            self._chunk({"delta": {"tool_calls": [call.to_openai(i)]}, "finish_reason": None})
+            for i, call in enumerate(self.calls)
+        ]
+
     def finish(self, reason: str, stats: GenerationStats) -> dict:
+        reason = "tool_calls" if self.calls else reason
         return {**self._chunk({"delta": {}, "finish_reason": reason}), "stats": stats.to_dict()}
 
     def whole(self, events: list[TokenEvent], prompt_ids: list[int], prompt_scores: list | None) -> dict:
         last = events[-1]
-        text = "".join(e.text for e in events)
+        text, calls = "".join(e.text for e in events), []
+        if self.tools:
+            text, calls = split_answer(self.tools, text)
         message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        if calls:  # as OpenAI: no content beside the calls unless the model wrote some
+            message.update(content=text.strip() or None, tool_calls=[c.to_openai() for c in calls])
         logprobs = self._logprobs(self._scored(events)) if self.token_text else None
         return {
             **self._header("chat.completion"),
             "choices": [
-                {"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": logprobs}
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": "tool_calls" if calls else last.finish_reason,
+                }
             ],
             "usage": Usage.of(last.stats).model_dump(),
             "stats": last.stats.to_dict(),
@@ -338,6 +415,9 @@ class CompletionShape(_Shape):
         if not event.text and not scored:
             return None
         return self._chunk({"text": event.text, "finish_reason": None, "logprobs": self._logprobs(scored)})
+
+    def closing(self) -> list[dict]:
+        return []
 
     def finish(self, reason: str, stats: GenerationStats) -> dict:
         return {**self._chunk({"text": "", "finish_reason": reason}), "stats": stats.to_dict()}
