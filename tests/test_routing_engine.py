@@ -135,3 +135,15 @@ def test_bad_routing_is_one_clear_error(checkpoint, tmp_path, capsys):
         assert main([*base, "--routing", value]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+@pytest.mark.parametrize("routing", ["natural", "uniform", "szd"])
+def test_prefetch_at_three_slots_a_layer_never_runs_out_of_victims(checkpoint, routing):
+    """Batch 2, top-2: a layer's predicted experts can fill all 3 slots; prefetching one more found no
+    slot to evict (ValueError in the policy; seen first on the GPU machine's graph-vs-eager test)."""
+    llm = tiered(checkpoint, slots=3, routing=routing, prefetch=True)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    out = llm.generate([PROMPT, PROMPT[:4]], params) + llm.generate([PROMPT[2:], PROMPT[:7]], params)
+    assert [len(o.token_ids) for o in out] == [40] * 4
+    stats = llm.store_stats()
+    assert stats["prefetch_issued"] > 0 and stats["gpu_misses"] > 0

@@ -10,7 +10,6 @@ import torch
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import CheckpointError
-from tiermoe.server.protocol import ChatCompletionRequest
 from tiermoe.weights.tokenizer import sampling_defaults
 
 PROMPT = [3, 17, 42, 9, 100, 5]
@@ -89,19 +88,3 @@ def test_bad_sampling_values_fail_at_load(fields, message, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps(fields))
     with pytest.raises(CheckpointError, match=message):
         sampling_defaults(tmp_path)
-
-
-def test_server_default_temperature_applies_when_the_file_is_silent():
-    # OpenAI's temperature 1 where neither the client nor the checkpoint names one
-    assert (
-        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
-        .sampling_params({})
-        .temperature
-        == 1.0
-    )
-    assert (
-        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0.2)
-        .sampling_params({"temperature": 0.7})
-        .temperature
-        == 0.2
-    )

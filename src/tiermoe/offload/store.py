@@ -198,9 +198,11 @@ class TieredExpertStore:
         part = self.pool.layers[layer]
         ranked = [e for e, _ in Counter(predicted).most_common()]
         self._predicted[layer] = set(ranked)
-        slack = len(part.slots) - routed
-        missing = [e for e in ranked if e not in part.slot_of][: max(slack, 0)]
         exclude = {part.slot_of[e] for e in ranked if e in part.slot_of}
+        # Never more than the slots beyond the working set, nor than those not holding a predicted expert:
+        # each copy takes one of those, and with none left there is no victim.
+        room = min(len(part.slots) - routed, len(part.slots) - len(exclude))
+        missing = [e for e in ranked if e not in part.slot_of][: max(room, 0)]
         for e in missing:
             exclude.add(self._load(layer, e, part, exclude, prefetched=True))
             self.stats_.prefetch_issued += 1
