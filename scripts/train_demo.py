@@ -8,7 +8,8 @@ headers and licence cut) and the standard library's .py files of the running Pyt
 not their tests). Of each source, sorted by name, every 20th file is held out for the final test and
 every 20th from the 10th on is the validation split. A byte-level BPE is trained on the training split;
 with --chat-share, conversations in the ChatML template made of training excerpts (that share of its
-characters) join the training stream, to teach the model to end a chat turn. The model trains until --minutes or --steps, and the weights kept are those of the lowest validation
+characters) join the training stream, to teach the model to end a chat turn (--answer-lines caps their
+answers); --init fine-tunes an earlier checkpoint with its own tokenizer instead. The model trains until --minutes or --steps, and the weights kept are those of the lowest validation
 loss (evaluated every --eval-every-s seconds and at the end): a 14M-parameter model sees the few million
 tokens many times over, so the last step is not always the best. DIR gets a Hugging Face checkpoint
 (config.json, model.safetensors, tokenizer with the ChatML template, generation_config.json) plus
@@ -117,15 +118,17 @@ def excerpt(text: str, rng: random.Random, lines: int) -> list[str]:
     return all_lines[start : start + lines]
 
 
-def conversations(texts: list[str], source: str, rng: random.Random, n_chars: int) -> list[list[dict]]:
+def conversations(
+    texts: list[str], source: str, rng: random.Random, n_chars: int, max_lines: int = 40
+) -> list[list[dict]]:
     """Chat messages built from excerpts of `texts`, about n_chars of them: a request of the source's
-    kind (or the start of an excerpt to continue) answered by an excerpt of 4-40 lines; a system turn
-    in a third of them, a second exchange in a quarter."""
+    kind (or the start of an excerpt to continue) answered by an excerpt of 4 to max_lines lines; a
+    system turn in a third of them, a second exchange in a quarter."""
     out, total = [], 0
     while total < n_chars:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 1 / 3 else []
         for _ in range(2 if rng.random() < 0.25 else 1):
-            lines = excerpt(rng.choice(texts), rng, rng.randint(4, 40))
+            lines = excerpt(rng.choice(texts), rng, rng.randint(4, max(4, max_lines)))
             request = rng.choice(REQUESTS[source])
             if "{cue}" in request:
                 cut = max(1, len(lines) // 4)
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--chat-share", type=float, default=0.0, help="conversations made of the text, as a share of it"
     )
+    p.add_argument("--answer-lines", type=int, default=40, help="longest answer of those conversations")
+    p.add_argument("--init", default=None, help="fine-tune this checkpoint (and keep its tokenizer)")
     a = p.parse_args(argv)
     started = time.time()
     random.seed(a.seed)
@@ -201,15 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     parts = {name: split(texts) for name, texts in sources.items()}
     train_texts = [t for train, _, _ in parts.values() for t in train]
     random.shuffle(train_texts)
-    tok = wrap(
-        train_bpe(train_texts, a.vocab, dict(enumerate(CHATML_SPECIAL_TOKENS)), reserve=False),
-        STYLES["chatml"],
-    )
+    if a.init:  # fine-tuning: the checkpoint's own tokenizer
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.init)
+    else:
+        tok = wrap(
+            train_bpe(train_texts, a.vocab, dict(enumerate(CHATML_SPECIAL_TOKENS)), reserve=False),
+            STYLES["chatml"],
+        )
     rng = random.Random(a.seed)
     chats = [
         tok.apply_chat_template(messages, tokenize=False)
         for name, (train, _, _) in parts.items()
-        for messages in conversations(train, name, rng, int(a.chat_share * sum(map(len, train))))
+        for messages in conversations(
+            train, name, rng, int(a.chat_share * sum(map(len, train))), a.answer_lines
+        )
     ]
     if chats:
         train_texts = train_texts + chats
@@ -226,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         output_router_logits=True, router_aux_loss_coef=0.01, rope_theta=10000.0, eos_token_id=eot,
         bos_token_id=None, pad_token_id=eot, **SHAPES[a.shape],
     )  # fmt: skip
-    model = Qwen3MoeForCausalLM(config).to(device)
+    if a.init:
+        model = Qwen3MoeForCausalLM.from_pretrained(
+            a.init, dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=0.01
+        ).to(device)
+    else:
+        model = Qwen3MoeForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget_s, warmup = a.minutes * 60, 100
     gen = torch.Generator().manual_seed(a.seed)

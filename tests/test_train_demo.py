@@ -98,3 +98,18 @@ def test_tiny_training_writes_a_checkpoint_both_engines_run(tmp_path):
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert ours == ref[0, len(ids) :].tolist()
     assert llm.sampling_defaults == {"temperature": 0.8, "top_p": 0.95, "top_k": 50}  # do_sample: top_k 50
+
+    # Fine-tuning it (--init): same tokenizer, the loss starts where training left off.
+    tuned = tmp_path / "tuned"
+    argv_ft = [
+        *argv[: argv.index("--out") + 1],
+        str(tuned),
+        "--init",
+        str(out),
+        *argv[argv.index("--shape") :],
+    ]
+    argv_ft[argv_ft.index("--steps") + 1] = "5"
+    assert train.main([*argv_ft, "--answer-lines", "6"]) == 0
+    tuned_log = json.loads((tuned / "training_log.json").read_text())
+    assert transformers.AutoTokenizer.from_pretrained(tuned).get_vocab() == tok.get_vocab()
+    assert tuned_log["curve"][0]["loss"] < log["curve"][0]["loss"] - 0.1  # not from scratch
