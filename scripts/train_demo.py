@@ -9,9 +9,10 @@ not their tests). Of each source, sorted by name, every 20th file is held out fo
 every 20th from the 10th on is the validation split. A byte-level BPE is trained on the training split;
 with --chat-share, conversations in the ChatML template made of training excerpts (that share of its
 characters) join the training stream, to teach the model to end a chat turn (--answer-lines caps their
-answers); --init fine-tunes an earlier checkpoint with its own tokenizer instead. The model trains until --minutes or --steps, and the weights kept are those of the lowest validation
-loss (evaluated every --eval-every-s seconds and at the end): a 14M-parameter model sees the few million
-tokens many times over, so the last step is not always the best. DIR gets a Hugging Face checkpoint
+answers); --init fine-tunes an earlier checkpoint with its own tokenizer instead. The model trains
+until --minutes or --steps, and the weights kept are those of the lowest validation loss (evaluated
+every --eval-every-s seconds and at the end): a 14M-parameter model sees the few million tokens many
+times over, so the last step is not always the best. DIR gets a Hugging Face checkpoint
 (config.json, model.safetensors, tokenizer with the ChatML template, generation_config.json) plus
 training_log.json (the command, seed, corpus versions, loss and validation curves, held-out perplexity
 per source) and the held-out text of each source (heldout_plays.txt, heldout_python.txt).
