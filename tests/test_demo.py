@@ -24,9 +24,9 @@ from .test_models import REL_TOL, hf_logits, our_logits, rel_err
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "docs" / "demo-model"
 SCORED_TOKENS = 8192  # of each held-out text: ~2 s of CPU each
-# Perplexity bounds on those tokens. The model measured 58.9 (plays) and 38.2 (Python) at context 1024,
+# Perplexity bounds on those tokens. The model measured 58.8 (plays) and 40.9 (Python) at context 1024,
 # stride 512; a unigram model fitted to the very text it is scored on (the best any context-free model
-# can do there) scores 356 and 362. The bounds leave 20 % for retraining noise.
+# can do there) scores 356 and 362. The bounds leave 12-20 % for retraining noise.
 MAX_PERPLEXITY = {"plays": 70.0, "python": 46.0}
 UNIGRAM_RATIO = 5  # and at least 5x under that unigram
 
@@ -106,7 +106,7 @@ def test_demo_writes_mostly_real_words_and_the_random_one_does_not(tmp_path, mon
     assert "Qwen3MoeForCausalLM: 4 layers, hidden 256, 32 experts (top-4), vocab 4096\n" in err
     assert out.startswith("KING HENRY.\n") and "\nimport os\n\n\ndef " in out
     assert err.count(" decode ") == 2  # one stats line per prompt
-    assert real_word_share(out) > 0.8  # measured 0.91: the misses are made-up Python names (urlutf_8)
+    assert real_word_share(out) > 0.8  # measured 0.89: the misses are mostly made-up Python names
     # The control: the same check fails on the random-weight demo (its vocabulary is fully printable).
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["demo", "--random", "--device", "cpu", "--max-tokens", "120"]) == 0
