@@ -126,11 +126,13 @@ def create_app(
         }  # fmt: skip
 
     def submit(
-        prompt: Callable[[], list[int]], body: ChatCompletionRequest | CompletionRequest, **overrides
+        prompt: Callable[[], list[int]],
+        body: ChatCompletionRequest | CompletionRequest,
+        echo_scores: int | None = None,
+        **overrides,
     ) -> Job:
         # Sampling values are checked here, so a bad request fails before it waits in the queue.
         params = replace(body.sampling_params(llm.sampling_defaults), **overrides)
-        echo_scores = params.logprobs if getattr(body, "echo", False) else None
         return worker.submit(prompt, params, echo_scores)
 
     def token_text(body) -> Callable[[int], str] | None:
@@ -181,7 +183,7 @@ def create_app(
     @app.post(CompletionShape.endpoint, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         name = check_model(body.model)
-        job = submit(lambda: llm.encode(body.prompt), body)
+        job = submit(lambda: llm.encode(body.prompt), body, body.requested_logprobs() if body.echo else None)
         if body.echo and llm.tokenizer is None:
             raise InvalidRequestError(
                 "echo gives the prompt's text, and this checkpoint has no tokenizer", "echo"

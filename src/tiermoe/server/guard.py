@@ -31,14 +31,15 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(scope):
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
             error = ErrorBody(
                 message="missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
                 type="invalid_request_error",
                 code="invalid_api_key",
             )
             return await send_error(send, 401, error, ((b"www-authenticate", b"Bearer"),))
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await send_error(send, 413, self._too_large())
         if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
@@ -55,9 +56,8 @@ class Guard:
             receive = _replay(b"".join(chunks), receive)
         return await self.app(scope, receive, send)
 
-    def _authorized(self, scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+    def _authorized(self, headers: dict) -> bool:
+        return hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.api_key}".encode())
 
     def _too_large(self) -> ErrorBody:
         return ErrorBody(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import InvalidRequestError
@@ -66,7 +67,7 @@ def _deepseek(text: str) -> list[ToolCall]:
 class ToolFormat:
     name: str
     marker: str  # where the calls start, in the model's text (special tokens kept)
-    parse: callable
+    parse: Callable[[str], list[ToolCall]]
 
 
 # The registry: a chat template that writes the marker is a model that emits it.
@@ -109,7 +110,7 @@ class ToolStream:
         self.text += piece
         if self.in_call:
             return ""
-        at = self.text.find(self.fmt.marker)
+        at = self.text.find(self.fmt.marker, self.sent)  # what was streamed holds no marker
         if at >= 0:
             self.in_call = True
             out, self.sent = self.text[self.sent : at], at
