@@ -223,6 +223,10 @@ class LayeredDecodeGraph(DecodeGraph):
             return model.embed(self.tokens[:, None], self.positions[:, None])
 
         self.prologue = capture(prologue)
+        # The tensors the prologue allocates inside its graph (where the recorder writes, the masks, the
+        # emulated ids) hold nothing until it runs, and each piece's warm-up reads them: a warm-up would
+        # write recorded ids at position 0 over the prompt's.
+        self.prologue.graph.replay()
         x, rope = self.prologue.outputs
         self.pieces = []
         for layer in model.model.layers:
