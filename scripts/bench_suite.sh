@@ -11,8 +11,9 @@
 # TIERMOE (the command, default "python3 -m tiermoe.cli" from this checkout), PEERS (HF peers,
 # default hf-offload; e.g. hf,hf-offload), LLAMA_CPP (a llama.cpp installation: adds the llama.cpp
 # peer, which converts the checkpoint to GGUF first and does not fit the 10 minutes the first time;
-# TIERMOE_LLAMA_CPP, the tests' name, works too), GPU_BUDGETS (tiermoe's caps, default the suite's cap
-# and none; e.g. 8 alone where a lease is short).
+# TIERMOE_LLAMA_CPP, the tests' name, works too), LLAMA_FORMATS (its GGUFs: default base for OLMoE, the
+# converter's bf16, and base,q4_k_m for Qwen3, q8_0 and Q4_K_M), GPU_BUDGETS (tiermoe's caps, default the
+# suite's cap and none; e.g. 8 alone where a lease is short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -46,6 +47,7 @@ trap collect EXIT
 ROUTING=natural,uniform,szd
 LLAMA_CPP=${LLAMA_CPP:-${TIERMOE_LLAMA_CPP:-}}  # the tests' name for the same folder
 peer_flags=(--peers "${PEERS:-hf-offload}${LLAMA_CPP:+,llama.cpp}" ${LLAMA_CPP:+--llama-cpp "$LLAMA_CPP"})
+llama_formats() { [[ -n $LLAMA_CPP ]] && echo --llama-cpp-formats "${LLAMA_FORMATS:-$1}"; }
 
 case "${1:-olmoe}" in
 olmoe)
@@ -58,7 +60,7 @@ olmoe)
     #    each (~35-50 s a run); HF offload at the same cap (~0.6 tok/s: 8 tokens, timed once).
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" \
         --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
-        "${peer_flags[@]}" --peer-gen-len 8 --peer-repeat 1 --timeout 240
+        "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
 qwen3)
     # Qwen3-30B-A3B (30.5B params): its 57 GiB of bf16 experts do not fit the 64 GiB disk beside the OS, so
@@ -69,7 +71,7 @@ qwen3)
     model=$(synth qwen3-30b-a3b --experts-in-memory)
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" \
         --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 \
-        "${peer_flags[@]}" --peer-gen-len 3 --peer-repeat 1 --timeout 300
+        "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 *)
     echo "usage: $0 [olmoe|qwen3]" >&2

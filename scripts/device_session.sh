@@ -11,6 +11,9 @@
 #     qwen3: the same for Qwen3-30B-A3B at 8 GiB
 #   QWEN3_BUDGETS / OLMOE_BUDGETS: tiermoe's caps in that suite (e.g. QWEN3_BUDGETS=8 skips the uncapped
 #   runs, ~3 minutes, where a lease is short)
+#   then, with AB_REV set and that revision's src/ in .carry/ab/src: scripts/ab_decode.sh for each suite
+#   in AB_SUITES (default SUITES) whose checkpoint is still there: Qwen3 at 8 GiB, OLMoE at 4 GiB, szd,
+#   old and new interleaved AB_ROUNDS times (default 2; Qwen3 about 80 s a bench call, OLMoE about 40)
 set -u
 W=${W:-/tmp/session}
 cd "$W/repo"
@@ -28,16 +31,18 @@ df -h / /dev/shm "$HOME" | tee -a "$W/phases.log"
 free -g | tee -a "$W/phases.log"
 bash scripts/llamacpp_dir.sh .carry/kit /tmp/llama > "$W/kit.log" 2>&1 || { mark "kit failed"; cat "$W/kit.log"; }
 export TIERMOE_LLAMA_CPP=/tmp/llama
-/tmp/llama/bin/llama-bench --version 2>&1 | tail -2 | tee -a "$W/phases.log"
+python3 -c 'import sys; from tiermoe.bench.llamacpp import locate, llama_cpp_version as v; print("llama.cpp", v(locate(sys.argv[1])))' \
+    /tmp/llama 2>&1 | tail -1 | tee -a "$W/phases.log"
 mark "kit ready"
 
-# Qwen3's q8_0 GGUF (32.5 GB) goes to /dev/shm when it has room: the disk cannot hold it beside OLMoE's.
+# Qwen3's q8_0 and Q4_K_M GGUFs (32.5 + 18.6 GB) go to /dev/shm when it has room: the disk cannot hold them beside OLMoE's.
 shm_free=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
 QWORK=$GGUF
-if [[ ${shm_free:-0} -gt 36000000000 ]]; then QWORK=/dev/shm/gguf; fi
+if [[ ${shm_free:-0} -gt 56000000000 ]]; then QWORK=/dev/shm/gguf; fi
 mark "qwen3 gguf work dir $QWORK"
 qwen3_gguf() {
-    python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/qwen3-30b-a3b" --work-dir "$1" &&
+    python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/qwen3-30b-a3b" --work-dir "$1" \
+        --llama-cpp-formats base,q4_k_m &&
         mkdir -p "$GGUF" && for f in "$1"/*.gguf; do [[ -e "$GGUF/$(basename "$f")" ]] || ln -s "$f" "$GGUF/"; done
 }
 
@@ -80,4 +85,13 @@ for suite in $SUITES; do
     GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done
+if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
+    for suite in ${AB_SUITES:-$SUITES}; do
+        if [[ $suite == qwen3 ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
+        [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
+        OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
+            > "$W/ab-$suite.log" 2>&1
+        mark "ab $suite done ($?): $(grep -h 'ab_decode' "$W/ab-$suite.log" | tail -1)"
+    done
+fi
 touch "$W/done"

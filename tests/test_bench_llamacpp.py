@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiermoe.bench import llamacpp, run
+from tiermoe.bench import llamacpp, report, run
 from tiermoe.bench.workload import Workload
 from tiermoe.errors import InvalidRequestError
 
@@ -479,6 +479,36 @@ def test_runs_cover_every_setting_with_complete_run_dicts(gguf, tmp_path, monkey
         assert len(r["samples"]) == 3
     assert runs[2]["error"].startswith("skipped: even with every expert on the CPU")
     assert runs[2]["decode_tok_s"] is None
+
+
+def test_runs_repeat_every_setting_per_gguf_format(gguf, tmp_path, monkeypatch):
+    sample = tmp_path / "sample.json"
+    sample.write_text(BENCH_JSON)
+    root = _install(tmp_path / "kit", FAKE_BENCH.format(python=sys.executable, sample=str(sample)))
+    options = llamacpp.options(root, "base, q4_k_m,base")
+    assert options.formats == ("base", "q4_k_m")
+    asked = []
+
+    def prepare(model_dir, options, progress, fmt):
+        asked.append(fmt)
+        if fmt == "q4_k_m":
+            raise llamacpp.LlamaCppError("llama-quantize failed")
+        return llamacpp.Gguf(gguf, "q8_0", "random")
+
+    monkeypatch.setattr(llamacpp, "prepare_gguf", prepare)
+    monkeypatch.setattr(llamacpp, "_nvidia_smi", lambda q: [81920.0] if q == "memory.total" else None)
+    runs = llamacpp.runs(tmp_path, Workload(128, 64), [None], options, timeout_s=60, progress=lambda _: None)
+    assert asked == ["base", "q4_k_m"]
+    assert [(r["llama_cpp_format"], r["experts_dtype"], r["llama_cpp_setting"], r["error"]) for r in runs] == [
+        ("base", "q8_0", "all-gpu", None), ("base", "q8_0", "experts-cpu", None),
+        ("q4_k_m", None, "all-gpu", "no GGUF: llama-quantize failed"),
+        ("q4_k_m", None, "experts-cpu", "no GGUF: llama-quantize failed"),
+    ]  # fmt: skip
+    names = ["q8_0 all-gpu", "q8_0 experts-cpu", "q4_k_m all-gpu", "q4_k_m experts-cpu"]
+    assert [report.variant_name(r) for r in runs] == names
+    with pytest.raises(InvalidRequestError, match="base, q4_k_m, got 'q4_0'") as e:
+        llamacpp.options(root, "q4_0")
+    assert e.value.param == "llama_cpp_formats"
 
 
 def test_runs_without_a_gpu_are_recorded_as_skipped(tmp_path, monkeypatch):

@@ -9,9 +9,10 @@
 
 The checkpoint is converted once to a GGUF (cached in a work dir, never written into the model folder):
 bf16 from its safetensors, or, for `tiermoe synth --experts-in-memory` checkpoints whose experts are not on
-disk, q8_0 with random weights drawn from config.json; `llama-quantize` may take either to Q4_K_M. Then
-`llama-bench` times three settings: every layer on the GPU (when it fits), the fitted split (the smallest
-`--n-cpu-moe N` whose GPU share fits each capped budget) and every layer's experts on the CPU.
+disk, q8_0 with random weights drawn from config.json (the "base" format); `llama-quantize` may take
+either to Q4_K_M (`--llama-cpp-formats base,q4_k_m` benches both). Then, per format, `llama-bench` times
+three settings: every layer on the GPU (when it fits), the fitted split (the smallest `--n-cpu-moe N`
+whose GPU share fits each capped budget) and every layer's experts on the CPU.
 
 The converter runs in a child process of this module (`python -m tiermoe.bench.llamacpp convert`), where it
 can be given random weights or a pre-tokenizer it does not know; `... prepare` converts without timing.
@@ -43,7 +44,9 @@ from .synth_tokenizer import chatml_bpe
 from .workload import Workload
 
 ENGINE = "llama.cpp"
-QUANT_TYPES = {"q4_k_m": "Q4_K_M"}  # --llama-cpp-quant name -> llama-quantize type
+QUANT_TYPES = {"q4_k_m": "Q4_K_M"}  # --llama-cpp-formats name -> llama-quantize type
+BASE = "base"  # the converter's own GGUF: bf16 from safetensors, q8_0 from random weights
+FORMATS = (BASE, *QUANT_TYPES)
 DEFAULT_WORK_DIR = Path("~/.cache/tiermoe/gguf").expanduser()
 _GIB = 1 << 30
 _MIB = 1 << 20
@@ -133,21 +136,30 @@ class LlamaCppOptions:
 
     install: LlamaCppDir
     work_dir: Path = DEFAULT_WORK_DIR  # cached GGUFs, staging folders, converter logs
-    quantize: str | None = None  # a QUANT_TYPES key: bench a llama-quantize'd copy of the GGUF
+    formats: tuple[str, ...] = (BASE,)  # GGUFs to bench, each FORMATS: the base one, llama-quantize'd copies
     cuda_context_gib: float = 0.5  # outside llama.cpp's own buffers: 0.3-0.6 GiB measured on an H100
     convert_timeout_s: float = 3600.0  # Qwen3-30B-A3B's random q8_0 GGUF took about 7 minutes
 
     def __post_init__(self):
-        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
             raise InvalidRequestError(
-                f"--llama-cpp-quant takes {', '.join(QUANT_TYPES)}, got {self.quantize!r}",
-                param="llama_cpp_quant",
+                f"--llama-cpp-formats takes a comma-separated list of {', '.join(FORMATS)}, got "
+                f"{','.join(self.formats) or 'nothing'!r}",
+                param="llama_cpp_formats",
             )
 
 
-def options(llama_cpp_dir: str | Path | None, quantize: str | None = None) -> LlamaCppOptions | None:
-    """The bench's llama.cpp options from `--llama-cpp DIR` and `--llama-cpp-quant`; None without DIR."""
-    return None if llama_cpp_dir is None else LlamaCppOptions(locate(llama_cpp_dir), quantize=quantize)
+def parse_formats(text: str | None) -> tuple[str, ...]:
+    """`--llama-cpp-formats base,q4_k_m` -> ("base", "q4_k_m"); None: the base GGUF alone."""
+    return (BASE,) if text is None else tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+
+
+def options(llama_cpp_dir: str | Path | None, formats: str | None = None) -> LlamaCppOptions | None:
+    """The bench's llama.cpp options from `--llama-cpp DIR` and `--llama-cpp-formats`; None without DIR."""
+    if llama_cpp_dir is None:
+        return None
+    return LlamaCppOptions(locate(llama_cpp_dir), formats=parse_formats(formats))
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -247,9 +259,10 @@ def _convert(model_dir: Path, out: Path, dtype: str, random: bool, options: Llam
 
 
 def prepare_gguf(
-    model_dir: str | Path, options: LlamaCppOptions, progress: Callable[[str], None] = print
+    model_dir: str | Path, options: LlamaCppOptions, progress: Callable[[str], None] = print, fmt: str = BASE
 ) -> Gguf:
-    """The checkpoint's GGUF, converted (and quantized) on the first call, found in the cache after."""
+    """The checkpoint's GGUF in format `fmt` (FORMATS), converted (and quantized) on the first call, found
+    in the cache after."""
     model_dir = Path(model_dir).resolve()
     config = json.loads((model_dir / "config.json").read_text())
     # Experts generated in memory are on no disk: draw every weight from config.json instead, as q8_0,
@@ -267,24 +280,24 @@ def prepare_gguf(
         )
         _convert(model_dir, base, base_dtype, random, options)
     weights = "random" if random else "checkpoint"
-    if options.quantize is None:
+    if fmt == BASE:
         return Gguf(base, base_dtype, weights)
-    out = options.work_dir / f"{stem}-{options.quantize}.gguf"
+    out = options.work_dir / f"{stem}-{fmt}.gguf"
     if not out.exists():
-        _check_disk(options.work_dir, config, options.quantize)
-        progress(f"bench: llama.cpp: llama-quantize {base.name} to {QUANT_TYPES[options.quantize]}")
+        _check_disk(options.work_dir, config, fmt)
+        progress(f"bench: llama.cpp: llama-quantize {base.name} to {QUANT_TYPES[fmt]}")
         part = out.with_name(out.name + ".part")
         # --allow-requantize: the input may be q8_0 (the random-weight path) rather than bf16
         cmd = [
             str(options.install.llama_quantize), "--allow-requantize", str(base), str(part),
-            QUANT_TYPES[options.quantize], str(os.cpu_count() or 1),
+            QUANT_TYPES[fmt], str(os.cpu_count() or 1),
         ]  # fmt: skip
         try:
             _run_tool(cmd, options.convert_timeout_s, out.with_suffix(".log"), options.install.env())
             part.replace(out)
         finally:
             part.unlink(missing_ok=True)
-    return Gguf(out, options.quantize, weights)
+    return Gguf(out, fmt, weights)
 
 
 # ---------------------------------------------------------------------------------------- the GPU split
@@ -565,8 +578,9 @@ def runs(
     progress: Callable[[str], None] = print,
 ) -> list[dict]:
     """llama.cpp's run dicts in the bench's schema (report.RUN_KEYS plus peer_flags, llama_cpp_version,
-    n_cpu_moe, gguf, ...): all on the GPU, the fitted split per capped budget, all experts on the CPU.
-    A failure becomes that run's `error`; nothing here raises for a peer that does not work."""
+    llama_cpp_format, n_cpu_moe, gguf, ...), per GGUF format of the options: all on the GPU, the fitted
+    split per capped budget, all experts on the CPU. A failure becomes that run's `error`; nothing here
+    raises for a peer that does not work."""
     model_dir = Path(model_dir)
     caps = [b for b in gpu_budgets if b is not None]
     base = {
@@ -574,46 +588,59 @@ def runs(
         "experts_dtype": None, "gpu_budget_gib": None, "cpu_budget_gib": None, "batch": 1,
         "prompt_len": workload.prompt_len, "gen_len": workload.gen_len, "repeat": workload.repeat,
         "prefill_tok_s": None, "decode_tok_s": None, "ttft_s": None, "peak_gpu_gib": None,
-        "peer_flags": None, "llama_cpp_version": None, "llama_cpp_setting": None, "n_cpu_moe": None,
-        "n_layer": None, "plan_gpu_gib": None, "gguf": None, "gguf_weights": None, "error": None,
+        "peer_flags": None, "llama_cpp_version": None, "llama_cpp_format": None, "llama_cpp_setting": None,
+        "n_cpu_moe": None, "n_layer": None, "plan_gpu_gib": None, "gguf": None, "gguf_weights": None,
+        "error": None,
     }  # fmt: skip
 
-    def failed(reason: str) -> list[dict]:
+    def failed(fmt: str, reason: str) -> list[dict]:
         names = [("all-gpu", None), *[("fit", b) for b in caps], ("experts-cpu", None)]
-        return [{**base, "llama_cpp_setting": n, "gpu_budget_gib": b, "error": reason} for n, b in names]
+        return [
+            {**base, "llama_cpp_format": fmt, "llama_cpp_setting": n, "gpu_budget_gib": b, "error": reason}
+            for n, b in names
+        ]
 
     total = _nvidia_smi("memory.total")
     if total is None:
-        return failed("skipped: no NVIDIA GPU (nvidia-smi answered nothing); this peer is a CUDA build")
-    try:
-        gguf = prepare_gguf(model_dir, options, progress)
-        layout = read_layout(gguf.path)
-    except (TiermoeError, OSError, ValueError) as e:
-        return failed(f"no GGUF: {e}")
-    base.update(
-        experts_dtype=gguf.dtype, gguf=str(gguf.path), gguf_weights=gguf.weights, n_layer=layout.n_layer
-    )
+        reason = "skipped: no NVIDIA GPU (nvidia-smi answered nothing); this peer is a CUDA build"
+        return [r for fmt in options.formats for r in failed(fmt, reason)]
     version = llama_cpp_version(options.install)
     results = []
-    for s in plan_settings(layout, gpu_budgets, total[0] / 1024, workload, options.cuda_context_gib):
-        run = dict(base, llama_cpp_setting=s.name, gpu_budget_gib=s.gpu_budget_gib, n_cpu_moe=s.n_cpu_moe)
-        if s.n_cpu_moe is None:
-            results.append({**run, "error": f"skipped: {s.skip}"})
+    for fmt in options.formats:
+        try:
+            gguf = prepare_gguf(model_dir, options, progress, fmt)
+            layout = read_layout(gguf.path)
+        except (TiermoeError, OSError, ValueError) as e:
+            results += failed(fmt, f"no GGUF: {e}")
             continue
-        cmd = bench_command(options.install.llama_bench, gguf.path, workload, s.n_cpu_moe)
-        plan = gpu_bytes(layout, s.n_cpu_moe, workload.prompt_len, workload.gen_len) / _GIB
-        progress(
-            f"bench: llama.cpp {s.name}: --n-cpu-moe {s.n_cpu_moe}/{layout.n_layer}, GPU plan {plan:.2f} GiB"
-        )
-        figures = _time(cmd, timeout_s, options.install.env())
-        if figures.get("error"):
-            progress(f"bench: llama.cpp: {figures['error']}")
-        build = figures.pop("build", None)  # the JSON's build number and commit, if --version said nothing
-        run.update(figures, peer_flags=shlex.join(cmd[1:]), plan_gpu_gib=plan)
-        run["llama_cpp_version"] = version or build
-        if run["peak_gpu_gib"] is None and not run["error"]:  # nvidia-smi read nothing: the plan's figure
-            run["peak_gpu_gib"] = plan + options.cuda_context_gib
-        results.append(run)
+        common = dict(
+            base, experts_dtype=gguf.dtype, llama_cpp_format=fmt, gguf=str(gguf.path),
+            gguf_weights=gguf.weights, n_layer=layout.n_layer,
+        )  # fmt: skip
+        for s in plan_settings(layout, gpu_budgets, total[0] / 1024, workload, options.cuda_context_gib):
+            run = dict(
+                common, llama_cpp_setting=s.name, gpu_budget_gib=s.gpu_budget_gib, n_cpu_moe=s.n_cpu_moe
+            )
+            if s.n_cpu_moe is None:
+                results.append({**run, "error": f"skipped: {s.skip}"})
+                continue
+            cmd = bench_command(options.install.llama_bench, gguf.path, workload, s.n_cpu_moe)
+            plan = gpu_bytes(layout, s.n_cpu_moe, workload.prompt_len, workload.gen_len) / _GIB
+            progress(
+                f"bench: llama.cpp {gguf.dtype} {s.name}: --n-cpu-moe {s.n_cpu_moe}/{layout.n_layer}, "
+                f"GPU plan {plan:.2f} GiB"
+            )
+            figures = _time(cmd, timeout_s, options.install.env())
+            if figures.get("error"):
+                progress(f"bench: llama.cpp: {figures['error']}")
+            build = figures.pop(
+                "build", None
+            )  # the JSON's build number and commit, if --version said nothing
+            run.update(figures, peer_flags=shlex.join(cmd[1:]), plan_gpu_gib=plan)
+            run["llama_cpp_version"] = version or build
+            if run["peak_gpu_gib"] is None and not run["error"]:  # nvidia-smi read nothing: the plan's figure
+                run["peak_gpu_gib"] = plan + options.cuda_context_gib
+            results.append(run)
     return results
 
 
@@ -731,20 +758,23 @@ def _main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("prepare", help="convert (and quantize) a checkpoint to the GGUF bench would use")
     q.add_argument("--llama-cpp", required=True)
     q.add_argument("--model", required=True)
-    q.add_argument("--llama-cpp-quant", default=None, choices=list(QUANT_TYPES))
+    q.add_argument("--llama-cpp-formats", default=None, help=f"comma-separated, of {', '.join(FORMATS)}")
     q.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
     q.add_argument("--timeout", type=float, default=3600.0, help="seconds for converting, and for quantizing")
     a = p.parse_args(argv)
     if a.command == "convert":
         return _convert_main(a)
     install = locate(a.llama_cpp)
-    gguf = prepare_gguf(
-        a.model, LlamaCppOptions(install, Path(a.work_dir), a.llama_cpp_quant, convert_timeout_s=a.timeout)
+    options = LlamaCppOptions(
+        install, Path(a.work_dir), parse_formats(a.llama_cpp_formats), convert_timeout_s=a.timeout
     )
-    layout = read_layout(gguf.path)
-    print(
-        f"{gguf.path}: {gguf.dtype}, {gguf.weights} weights, {layout.n_layer} layers, {layout.gpu_gib_all:.2f} GiB"
-    )
+    for fmt in options.formats:
+        gguf = prepare_gguf(a.model, options, fmt=fmt)
+        layout = read_layout(gguf.path)
+        print(
+            f"{gguf.path}: {gguf.dtype}, {gguf.weights} weights, {layout.n_layer} layers, "
+            f"{layout.gpu_gib_all:.2f} GiB"
+        )
     return 0
 
 

@@ -49,7 +49,10 @@ RUN_KEYS = (
 
 
 def variant_name(run: dict) -> str:
-    """The tiermoe store settings of a capped run ("lru", "lfu no-prefetch"), "" otherwise."""
+    """The tiermoe store settings of a capped run ("lru", "lfu no-prefetch"), llama.cpp's GGUF type and
+    split ("q4_k_m fit"), "" otherwise."""
+    if run.get("llama_cpp_setting"):
+        return f"{run.get('experts_dtype') or run.get('llama_cpp_format') or ''} {run['llama_cpp_setting']}".strip()
     if run.get("gpu_budget_gib") is None or not run.get("eviction"):
         return ""
     return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -391,7 +392,7 @@ def _summary_table(runs: list[dict]):
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table's columns whole
     workload = Workload(args.prompt_len, args.gen_len, args.batch, args.repeat, args.seed)
     preset = read_synth_info(Path(args.model)).get("preset", Path(args.model).name)
     stem = args.name or f"bench-{preset}-b{workload.batch}-{timestamp()}"
@@ -414,7 +415,7 @@ def main(args: argparse.Namespace) -> int:
         progress=console.print,
         routings=parse_routings(args.routing),
         record_routing=args.record_routing,
-        llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_quant),
+        llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_formats),
         measured=lambda runs: write_json(partial, {"runs": runs, "partial": True}),
         kv_reserve_tokens=args.kv_reserve_tokens,
     )
@@ -452,7 +453,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--llama-cpp", default=None, metavar="DIR", help="llama.cpp build and converter (--peers llama.cpp)"
     )
     p.add_argument(
-        "--llama-cpp-quant", default=None, choices=list(llamacpp.QUANT_TYPES), help="bench a quantized GGUF"
+        "--llama-cpp-formats",
+        default=None,
+        help=f"GGUFs llama.cpp runs, comma-separated: {', '.join(llamacpp.FORMATS)} (default: base, the "
+        "converter's bf16, or q8_0 for experts generated in memory)",
     )
     p.add_argument(
         "--peer-gen-len", type=int, default=None, help="shorter generation for slow peers (recorded)"
