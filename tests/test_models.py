@@ -88,5 +88,5 @@ def test_bf16_on_cpu_loads_bf16_weights_and_stays_close(tiny_checkpoint):
     path, hf = tiny_checkpoint("qwen3_moe")
     llm = LLM(path, device="cpu", dtype="bf16")
     assert {p.dtype for p in llm.model.parameters()} == {torch.bfloat16}
-    assert {t.dtype for bank in llm.provider.banks.values() for t in bank} == {torch.bfloat16}
+    assert {t.dtype for bank in llm.provider.banks.values() for t in bank.values()} == {torch.bfloat16}
     assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 3e-2

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tiermoe.formats.dense import DenseFormat
 from tiermoe.models.qwen3_moe import ARCH
 from tiermoe.offload.disk import ExpertReader
 from tiermoe.weights.checkpoint import Checkpoint
@@ -10,10 +11,11 @@ from tiermoe.weights.checkpoint import Checkpoint
 @pytest.mark.parametrize("direct", [True, False])
 def test_reader_returns_the_expert_weights(tiny_checkpoint, layout, direct):
     path, hf = tiny_checkpoint("qwen3_moe", layout)
-    reader = ExpertReader(Checkpoint(path), ARCH.expert_names, [0, 1], 8, (64, 32), direct=direct)
-    out = torch.empty(3 * 64 * 32)
+    fmt = DenseFormat(64, 32, torch.float32)
+    reader = ExpertReader(Checkpoint(path), fmt, ARCH.expert_names, [0, 1], 8, direct=direct)
+    out = fmt.empty(1)[0]
     assert reader.read_into(1, 5, out) == 3 * 64 * 32 * 4
-    experts = hf.model.layers[1].mlp.experts
-    assert torch.equal(out[: 2 * 32 * 64].view(64, 64), experts.gate_up_proj[5].detach())
-    assert torch.equal(out[2 * 32 * 64 :].view(64, 32), experts.down_proj[5].detach())
+    experts, views = hf.model.layers[1].mlp.experts, fmt.views(out[None])
+    assert torch.equal(views["gate_up"][0], experts.gate_up_proj[5].detach())
+    assert torch.equal(views["down"][0], experts.down_proj[5].detach())
     assert reader.bytes_read == 3 * 64 * 32 * 4

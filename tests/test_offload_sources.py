@@ -7,15 +7,17 @@ import torch
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.bench.synth import synth_checkpoint
+from tiermoe.formats.dense import DenseFormat
 from tiermoe.offload.sources import SyntheticExperts
 
 
 def test_synthetic_experts_are_seeded_and_scaled():
-    a = SyntheticExperts(seed=0, std=0.02, numel=30_000, device=torch.device("cpu"))
-    x, y, z = torch.empty(30_000), torch.empty(30_000), torch.empty(30_000)
-    a.read_into(3, 5, x)
-    a.read_into(3, 5, y)
-    a.read_into(3, 6, z)
+    fmt = DenseFormat(100, 100, torch.float32)
+    a = SyntheticExperts(seed=0, std=0.02, fmt=fmt, device=torch.device("cpu"))
+    bank = fmt.empty(3)
+    for row, expert in enumerate((5, 5, 6)):
+        a.read_into(3, expert, bank[row])
+    x, y, z = torch.cat([v.flatten(1) for v in fmt.views(bank).values()], dim=1)  # the values, no padding
     assert torch.equal(x, y) and not torch.equal(x, z)
     assert abs(x.std().item() - 0.02) < 0.001
 

@@ -7,13 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tiermoe.formats.dense import DenseFormat
 from tiermoe.offload.budget import GIB, plan_memory
 from tiermoe.offload.store import TieredExpertStore
 
 H, INTER, E, K = 8, 4, 6, 2  # hidden, expert intermediate, experts per layer, top-k
 LAYERS = [0, 1]
 NUMEL = 3 * H * INTER
-BYTES = NUMEL * 4  # fp32
+FMT = DenseFormat(H, INTER, torch.float32)
+BYTES = FMT.nbytes
 
 
 class FakeSource:
@@ -30,7 +32,9 @@ class FakeSource:
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         self.reads.append((layer, expert))
-        out.copy_(self.weights(layer, expert))
+        views, flat = FMT.views(out[None]), self.weights(layer, expert)
+        views["gate_up"].view(-1).copy_(flat[: 2 * INTER * H])
+        views["down"].view(-1).copy_(flat[2 * INTER * H :])
         return BYTES
 
 
@@ -55,9 +59,7 @@ def store(
         cpu_budget_gib=host_experts * BYTES / GIB,
     )  # fmt: skip
     source = FakeSource()
-    return TieredExpertStore(
-        source, plan, (H, INTER), E, torch.float32, torch.device("cpu"), policy, False
-    ), source
+    return TieredExpertStore(source, plan, FMT, E, torch.device("cpu"), policy, False), source
 
 
 def test_outputs_equal_the_experts_and_the_counters_follow_the_routing():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tiermoe.errors import InvalidRequestError
+from tiermoe.formats.dense import DenseFormat
 from tiermoe.offload.budget import MemoryPlan
 from tiermoe.offload.sources import SyntheticExperts
 from tiermoe.offload.store import TieredExpertStore
@@ -136,15 +137,14 @@ def engine_counts(trace: Trace, slots: int, policy: str) -> tuple[int, int]:
     hidden, inter, k = 4, 2, trace.top_k
     quotas = dict.fromkeys(trace.layers, slots)
     total = len(quotas) * trace.num_experts
-    numel = 3 * hidden * inter
-    plan = MemoryPlan(0, 0, 0, numel * 4, total, sum(quotas.values()), quotas, host_slots=total)
-    source = SyntheticExperts(0, 0.02, numel, torch.device("cpu"))
+    fmt = DenseFormat(hidden, inter, torch.float32)
+    plan = MemoryPlan(0, 0, 0, fmt.nbytes, total, sum(quotas.values()), quotas, host_slots=total)
+    source = SyntheticExperts(0, 0.02, fmt, torch.device("cpu"))
     store = TieredExpertStore(
         source,
         plan,
-        (hidden, inter),
+        fmt,
         trace.num_experts,
-        torch.float32,
         torch.device("cpu"),
         policy,
         prefetch=False,

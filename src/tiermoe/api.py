@@ -36,7 +36,7 @@ class LLM:
             a.num_experts, a.top_k, self.source.device, c.routing_seed, c.record_routing, c.prefetch_accuracy,
         )  # fmt: skip
         model = build_meta(self.source)
-        self.plan = plan_for_model(model, a, c, self.max_model_len)
+        self.plan = plan_for_model(model, a, self.source.format, c, self.max_model_len)
         if c.show_progress:
             print(self.plan.describe(), file=sys.stderr, flush=True)
         with progress_bar(c.show_progress) as progress:

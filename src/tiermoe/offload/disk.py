@@ -13,6 +13,7 @@ import os
 import torch
 
 from ..errors import CheckpointError
+from ..formats.base import ExpertFormat
 from ..models.names import ExpertNames
 from ..weights.checkpoint import ByteRange, Checkpoint
 
@@ -25,19 +26,20 @@ class ExpertReader:
     def __init__(
         self,
         ckpt: Checkpoint,
+        fmt: ExpertFormat,
         names: ExpertNames,
         layers: list[int],
         num_experts: int,
-        shape: tuple[int, int],
         direct: bool = True,
     ):
-        # Computing every range up front validates every expert tensor's name and shape at load time.
+        # Computing every range up front validates every expert tensor's name, shape and dtype at load time.
+        self.format = fmt
         self.ranges = {
-            (layer, e): ckpt.expert_ranges(names, layer, e, shape)
+            (layer, e): ckpt.expert_ranges(fmt, names, layer, e)
             for layer in layers
             for e in range(num_experts)
         }
-        largest = max(r.nbytes for rs in self.ranges.values() for r in rs)
+        largest = max(r.nbytes for rs in self.ranges.values() for _, r in rs)
         self._staging = mmap.mmap(-1, largest + 2 * ALIGN)  # page-aligned, as O_DIRECT needs
         self._staging_tensor = torch.frombuffer(self._staging, dtype=torch.uint8)
         self._fds: dict[tuple, int] = {}
@@ -46,12 +48,13 @@ class ExpertReader:
         self.bytes_read = 0
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
-        """Fill out ([3*H*I] in the compute dtype) with the expert's [gate_up, down]. Returns bytes read."""
-        pos, total = 0, 0
-        for r in self.ranges[(layer, expert)]:
-            numel = r.nbytes // r.dtype.itemsize
-            out[pos : pos + numel].copy_(self._read(r).view(r.dtype))
-            pos, total = pos + numel, total + r.nbytes
+        """Fill out (uint8 [format.nbytes]) with the expert in its format. Returns the bytes read."""
+        views = self.format.views(out[None])
+        total = 0
+        for piece, r in self.ranges[(layer, expert)]:
+            values = self._read(r).view(r.dtype)
+            views[piece.part].view(-1)[piece.start : piece.start + values.numel()].copy_(values)
+            total += r.nbytes
         self.bytes_read += total
         return total
 

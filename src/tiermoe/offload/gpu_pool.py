@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..formats.base import ExpertFormat
 from .policy import POLICIES
-from .sources import bank_views
 
 
 class LayerSlots:
@@ -64,15 +64,13 @@ class SlotPool:
     def __init__(
         self,
         quotas: dict[int, int],
-        numel: int,
-        shape: tuple[int, int],
-        dtype: torch.dtype,
+        fmt: ExpertFormat,
         device: torch.device,
         policy: str,
     ):
         total = sum(quotas.values())
-        self.flat = torch.empty(total, numel, dtype=dtype, device=device)
-        self.gate_up, self.down = bank_views(self.flat, *shape)
+        self.flat = fmt.empty(total, device)  # uint8 [slots, expert bytes]
+        self.bank = fmt.views(self.flat)
         self.layers: dict[int, LayerSlots] = {}
         start = 0
         for layer, quota in quotas.items():
@@ -84,7 +82,7 @@ class SlotPool:
 
     @property
     def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+        return self.flat.numel()
 
     def __len__(self) -> int:
         return self.flat.shape[0]

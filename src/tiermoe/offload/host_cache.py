@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..formats.base import ExpertFormat
 from .sources import ExpertSource
 
 # Pinned allocations are rounded up to a power of two by torch's host allocator: allocate in chunks of
@@ -15,14 +16,14 @@ CHUNK_BYTES = 1 << 30
 
 
 class HostCache:
-    def __init__(self, source: ExpertSource, capacity: int, numel: int, dtype: torch.dtype, pinned: bool):
-        self.source, self.capacity, self.numel = source, capacity, numel
-        per_chunk = max(1, CHUNK_BYTES // (numel * dtype.itemsize))
-        self.chunks = []
+    def __init__(self, source: ExpertSource, capacity: int, fmt: ExpertFormat, pinned: bool):
+        self.source, self.capacity = source, capacity
+        per_chunk = max(1, CHUNK_BYTES // fmt.nbytes)
+        self.chunks = []  # uint8 [n, expert bytes] each
         left = capacity
         while left > 0:
             n = min(per_chunk, left)
-            self.chunks.append(torch.empty(n, numel, dtype=dtype, pin_memory=pinned))
+            self.chunks.append(fmt.empty(n, pin_memory=pinned))
             left -= n
         self.per_chunk = per_chunk
         self.entry_of: OrderedDict[tuple[int, int], int] = (
@@ -34,7 +35,7 @@ class HostCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.chunks)
+        return sum(c.numel() for c in self.chunks)
 
     def buffer(self, entry: int) -> torch.Tensor:
         return self.chunks[entry // self.per_chunk][entry % self.per_chunk]

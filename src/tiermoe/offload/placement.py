@@ -12,6 +12,8 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
+from ..formats.base import ExpertFormat
+from ..formats.registry import format_for
 from ..models.base import MoEArgs
 from ..models.layers import CausalLM
 from ..models.registry import from_config
@@ -30,12 +32,16 @@ def plan_from_config(hf_config: dict, config: EngineConfig) -> MemoryPlan:
     with torch.device("meta"):
         model = arch.build(args, hf)
     model.to(dtype=config.torch_dtype)
-    return plan_for_model(model, args, config, args.context_len(config.max_model_len))
+    fmt = format_for(hf_config, *args.expert_shape, config.torch_dtype)
+    return plan_for_model(model, args, fmt, config, args.context_len(config.max_model_len))
 
 
-def plan_for_model(model: CausalLM, args: MoEArgs, config: EngineConfig, max_model_len: int) -> MemoryPlan:
+def plan_for_model(
+    model: CausalLM, args: MoEArgs, fmt: ExpertFormat, config: EngineConfig, max_model_len: int
+) -> MemoryPlan:
     """The plan for a model built on the meta device in the compute dtype: its dense parameters, each
-    attention layer's KV bytes per token times the KV reserve, the workspace and the expert slots."""
+    attention layer's KV bytes per token times the KV reserve, the workspace and the expert slots of
+    the experts' format."""
     if config.eviction not in POLICIES:  # checked here, before any weight is loaded
         raise InvalidRequestError(
             f"eviction {config.eviction!r} unknown; choose one of {', '.join(POLICIES)}", "eviction"
@@ -49,7 +55,7 @@ def plan_for_model(model: CausalLM, args: MoEArgs, config: EngineConfig, max_mod
         moe_layers=args.moe_layers,
         num_experts=args.num_experts,
         top_k=args.top_k,
-        expert_bytes=args.expert_numel() * dtype.itemsize,
+        expert_bytes=fmt.nbytes,
         dense_bytes=model.dense_bytes(),
         kv_bytes=kv_tokens * model.kv_bytes_per_token(dtype.itemsize),
         workspace_bytes=int(workspace * GIB),
@@ -66,9 +72,8 @@ def build_provider(source, config: EngineConfig, plan: MemoryPlan, progress=None
     return TieredExpertStore(
         open_expert_source(source),
         plan,
-        source.args.expert_shape,
+        source.format,
         source.args.num_experts,
-        source.dtype,
         source.device,
         policy=config.eviction,
         prefetch=config.prefetch,

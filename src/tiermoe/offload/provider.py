@@ -11,10 +11,10 @@ from typing import Protocol
 
 import torch
 
+from ..formats.base import ExpertFormat
 from ..models.moe import Experts
-from .expert_compute import GATHER_MAX_PAIRS, expert_mlp
 from .predictor import Predictor
-from .sources import bank_views, open_expert_source
+from .sources import open_expert_source
 
 
 class ExpertProvider(Experts, Protocol):
@@ -37,18 +37,17 @@ class ExpertProvider(Experts, Protocol):
 
 
 class ResidentExperts:
-    """Every expert of every layer stacked on one device: gate_up [E, 2I, H], down [E, H, I] per layer."""
+    """Every expert of every layer on one device, a bank of the format's views per layer (expert id =
+    index in the bank)."""
 
-    def __init__(self, banks: dict[int, tuple[torch.Tensor, torch.Tensor]], top_k: int):
-        self.banks, self.top_k = banks, top_k
+    def __init__(self, banks: dict[int, dict[str, torch.Tensor]], fmt: ExpertFormat, top_k: int):
+        self.banks, self.format, self.top_k = banks, fmt, top_k
 
     def graph_safe(self, tokens: int) -> bool:
-        # The gathered path (few token-expert pairs) never synchronises; the per-expert loop does.
-        return tokens * self.top_k <= GATHER_MAX_PAIRS
+        return self.format.graph_safe(tokens * self.top_k)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.banks[layer]
-        return expert_mlp(x, ids, weights, gate_up, down)
+        return self.format.mlp(x, ids, weights, self.banks[layer])
 
     def stats(self, since: dict | None = None) -> dict:
         return {}
@@ -62,16 +61,15 @@ class ResidentExperts:
 
 def load_resident(source, progress=None) -> ResidentExperts:
     """Read every expert of every MoE layer into stacked banks on source.device (no offload)."""
-    args = source.args
-    hidden, inter = args.expert_shape
+    args, fmt = source.args, source.format
     experts = open_expert_source(source)
     task = progress.add_task("experts", total=len(args.moe_layers)) if progress else None
     banks = {}
     for layer in args.moe_layers:
-        flat = torch.empty(args.num_experts, args.expert_numel(), dtype=source.dtype, device=source.device)
+        flat = fmt.empty(args.num_experts, source.device)
         for e in range(args.num_experts):
             experts.read_into(layer, e, flat[e])
-        banks[layer] = bank_views(flat, hidden, inter)
+        banks[layer] = fmt.views(flat)
         if progress:
             progress.advance(task)
-    return ResidentExperts(banks, args.top_k)
+    return ResidentExperts(banks, fmt, args.top_k)

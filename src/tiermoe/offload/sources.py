@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from ..formats.base import ExpertFormat
 from ..weights.checkpoint import SYNTHETIC_KEY
 from .disk import ExpertReader
 
@@ -19,15 +20,17 @@ class ExpertSource(Protocol):
     description: str
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
-        """Fill out ([3*H*I], compute dtype) with [gate_up (2I x H), down (H x I)]; return bytes read."""
+        """Fill out (uint8 [format.nbytes]) with the expert in the model's expert format; return the bytes
+        read from disk."""
         ...
 
 
 class SyntheticExperts:
-    """Seeded random experts, normal(0, std), the same for a (seed, layer, expert) on any device."""
+    """Seeded random experts, about normal(0, std), the same for a (seed, layer, expert) on one device
+    (drawn on `device`, the GPU when there is one: 57 GiB of Qwen3 experts take minutes on the CPU)."""
 
-    def __init__(self, seed: int, std: float, numel: int, device: torch.device):
-        self.seed, self.std, self.numel = seed, std, numel
+    def __init__(self, seed: int, std: float, fmt: ExpertFormat, device: torch.device):
+        self.seed, self.std, self.format = seed, std, fmt
         self.device = device
         self.description = (
             f"synthetic experts (seed {seed}, std {std}), generated in memory, not read from disk"
@@ -36,8 +39,7 @@ class SyntheticExperts:
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed * 1_000_003 + layer * 10_007 + expert)
-        values = torch.randn(self.numel, generator=g, device=self.device, dtype=torch.float32) * self.std
-        out.copy_(values)
+        self.format.fill_random(out, g, self.std)
         return 0
 
 
@@ -49,17 +51,9 @@ def open_expert_source(source) -> ExpertSource:
         return SyntheticExperts(
             int(synthetic.get("seed", 0)),
             float(synthetic.get("std", 0.02)),
-            args.expert_numel(),
+            source.format,
             source.device,
         )
     return ExpertReader(
-        source.checkpoint, source.arch.expert_names, args.moe_layers, args.num_experts, args.expert_shape
-    )
-
-
-def bank_views(flat: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of a flat expert bank [S, 3*H*I] as gate_up [S, 2I, H] and down [S, H, I]."""
-    s = flat.shape[0]
-    return flat[:, : 2 * inter * hidden].view(s, 2 * inter, hidden), flat[:, 2 * inter * hidden :].view(
-        s, hidden, inter
+        source.checkpoint, source.format, source.arch.expert_names, args.moe_layers, args.num_experts
     )

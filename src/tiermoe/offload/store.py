@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from ..formats.base import ExpertFormat
 from .budget import MemoryPlan
-from .expert_compute import accumulate_pairs, expert_mlp
 from .gpu_pool import LayerSlots, SlotPool
 from .host_cache import HostCache
 from .predictor import Predictor
@@ -63,9 +63,8 @@ class TieredExpertStore:
         self,
         source: ExpertSource,
         plan: MemoryPlan,
-        shape: tuple[int, int],
+        fmt: ExpertFormat,
         num_experts: int,
-        dtype: torch.dtype,
         device: torch.device,
         policy: str = "lru",
         prefetch: bool = True,
@@ -73,10 +72,13 @@ class TieredExpertStore:
     ):
         self.plan, self.device, self.prefetch = plan, device, prefetch
         self.num_experts = num_experts
-        self.expert_bytes = plan.expert_bytes  # one byte accounting: the plan's
-        numel = self.expert_bytes // dtype.itemsize
-        self.host = HostCache(source, plan.host_slots, numel, dtype, pinned=device.type == "cuda")
-        self.pool = SlotPool(plan.quotas, numel, shape, dtype, device, policy)
+        if plan.expert_bytes != fmt.nbytes:
+            raise ValueError(
+                f"the plan counts {plan.expert_bytes} bytes an expert, {fmt.name} has {fmt.nbytes}"
+            )
+        self.expert_bytes, self.format = fmt.nbytes, fmt
+        self.host = HostCache(source, plan.host_slots, fmt, pinned=device.type == "cuda")
+        self.pool = SlotPool(plan.quotas, fmt, device, policy)
         self.copier = CopyStream(device)
         self.predictor: Predictor | None = None
         self.policy = policy
@@ -104,6 +106,7 @@ class TieredExpertStore:
     def stats(self, since: dict | None = None) -> dict:
         d = (self.stats_ if since is None else self.stats_.minus(since)).to_dict()
         d.update(
+            format=self.format.describe(),
             policy=self.policy,
             prefetch=self.prefetch,
             gpu_slots=len(self.pool),
@@ -135,13 +138,11 @@ class TieredExpertStore:
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
             slots = lut.to(self.device)[ids]  # [T, k]; -1 where the expert is in another wave
             if len(waves) == 1:
-                out = expert_mlp(x, slots, weights, self.pool.gate_up, self.pool.down)
+                out = self.format.mlp(x, slots, weights, self.pool.bank)
             else:
                 out = torch.zeros_like(x) if out is None else out
                 tok, k = (slots >= 0).nonzero(as_tuple=True)
-                accumulate_pairs(
-                    x, tok, slots[tok, k], weights[tok, k], self.pool.gate_up, self.pool.down, out
-                )
+                self.format.accumulate(x, tok, slots[tok, k], weights[tok, k], self.pool.bank, out)
             used = self.copier.mark_used()
             for slot in slot_of.values():
                 self.pool.released[slot] = used

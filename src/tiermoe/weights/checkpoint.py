@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..formats.base import ExpertFormat, Piece
 from ..models.names import ExpertNames
 
 # config.json key of checkpoints whose experts are generated, not stored (tiermoe synth --experts-in-memory)
@@ -33,7 +34,14 @@ SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F32": torch.float32,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
 }
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what an unquantized tensor may be stored as
 
 
 @dataclass(frozen=True)
@@ -142,8 +150,15 @@ class Checkpoint:
             self._headers[file] = {"__data_start__": 8 + size, **header}
         return self._headers[file]
 
-    def byte_range(self, name: str, shape: tuple[int, ...], index: int | None = None) -> ByteRange:
-        """Where tensor `name` (or its index-th slice along dim 0) lies in its file; checks its shape.
+    def byte_range(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        index: int | None = None,
+        dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    ) -> ByteRange:
+        """Where tensor `name` (or its index-th slice along dim 0) lies in its file; checks its shape and
+        that its dtype is one of `dtypes`.
 
         `shape` is the expected shape of what is returned (the slice when index is given)."""
         file, disk_name = self._locate(name)
@@ -152,9 +167,10 @@ class Checkpoint:
         got = full_shape[1:] if index is not None else full_shape
         expect_shape(disk_name, got, shape, self.path / file)
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        if dtype not in dtypes:
+            allowed = ", ".join(k for k, v in SAFETENSORS_DTYPES.items() if v in dtypes)
             raise CheckpointError(
-                f"tensor {disk_name} in {self.path / file} has unsupported dtype {entry['dtype']}"
+                f"tensor {disk_name} in {self.path / file} has dtype {entry['dtype']}, expected {allowed}"
             )
         start = self.header(file)["__data_start__"] + entry["data_offsets"][0]
         nbytes = math.prod(shape) * dtype.itemsize
@@ -165,28 +181,21 @@ class Checkpoint:
         return ByteRange(self.path / file, start, nbytes, dtype)
 
     def expert_ranges(
-        self, names: ExpertNames, layer: int, expert: int, shape: tuple[int, int]
-    ) -> list[ByteRange]:
-        """Byte ranges that, read in order, give one expert as [gate_up (2I x H), down (H x I)]."""
-        hidden, inter = shape
-        if self.expert_layout(names, layer) == "fused":
-            gate_up, down = (n.format(layer=layer) for n in names.fused)
-            return [
-                self.byte_range(gate_up, (2 * inter, hidden), expert),
-                self.byte_range(down, (hidden, inter), expert),
-            ]
-        gate, up, down = (n.format(layer=layer, expert=expert) for n in names.per_expert)
+        self, fmt: ExpertFormat, names: ExpertNames, layer: int, expert: int
+    ) -> list[tuple[Piece, ByteRange]]:
+        """Each checkpoint tensor of one expert in format `fmt`, with where it lies on disk."""
+        fused = self.expert_layout(names, layer) == "fused"
         return [
-            self.byte_range(gate, (inter, hidden)),
-            self.byte_range(up, (inter, hidden)),
-            self.byte_range(down, (hidden, inter)),
+            (p, self.byte_range(p.name, p.shape, p.index, p.dtypes or FLOAT_DTYPES))
+            for p in fmt.pieces(names, layer, expert, fused)
         ]
 
-    def expert_names_on_disk(self, names: ExpertNames, layer: int, num_experts: int) -> set[str]:
+    def expert_names_on_disk(
+        self, fmt: ExpertFormat, names: ExpertNames, layer: int, num_experts: int
+    ) -> set[str]:
         """Our names of every expert tensor of a layer, to account for them in the leftover check."""
-        if self.expert_layout(names, layer) == "fused":
-            return {n.format(layer=layer) for n in names.fused}
-        return {n.format(layer=layer, expert=e) for e in range(num_experts) for n in names.per_expert}
+        fused = self.expert_layout(names, layer) == "fused"
+        return {p.name for e in range(num_experts) for p in fmt.pieces(names, layer, e, fused)}
 
 
 def expect_shape(name: str, got: tuple[int, ...], shape: tuple[int, ...], where: Path | str) -> None:

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import CheckpointError
+from ..formats.base import ExpertFormat
+from ..formats.registry import format_for
 from ..models.base import Architecture, MoEArgs
 from ..models.layers import CausalLM, Rotary
 from ..models.moe import Experts, SparseMoeBlock
@@ -39,7 +41,8 @@ class ModelSource:
     hf_config: object
     checkpoint: Checkpoint
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the dense weights and activations
+    format: ExpertFormat  # of the experts, in every tier
 
 
 def open_source(path: str | Path, device: torch.device, dtype: torch.dtype) -> ModelSource:
@@ -51,7 +54,8 @@ def open_source(path: str | Path, device: torch.device, dtype: torch.dtype) -> M
         args = arch.args_from_hf(hf)
     except AttributeError as e:
         raise CheckpointError(f"{path / 'config.json'} lacks a field {arch.name} needs: {e}") from None
-    return ModelSource(path, arch, args, hf, Checkpoint(path, arch.renames), device, dtype)
+    fmt = format_for(config, *args.expert_shape, dtype)
+    return ModelSource(path, arch, args, hf, Checkpoint(path, arch.renames), device, dtype, fmt)
 
 
 def hf_config(path: Path):
@@ -102,7 +106,9 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     expert_names: set[str] = set()
     if SYNTHETIC_KEY not in ckpt.config:
         for layer in args.moe_layers:
-            expert_names |= ckpt.expert_names_on_disk(source.arch.expert_names, layer, args.num_experts)
+            expert_names |= ckpt.expert_names_on_disk(
+                source.format, source.arch.expert_names, layer, args.num_experts
+            )
     missing = sorted(name for name, tensor in disk.items() if tensor not in ckpt)
     if missing:
         raise CheckpointError(f"tensor {missing[0]} missing from {ckpt.path} ({len(missing)} missing in all)")

@@ -1,0 +1,106 @@
+"""The expert format seam: one object per format owns an expert's bytes.
+
+Everything that stores or moves experts (GPU slots, the pinned host cache, the disk reader, the memory
+plan) holds each expert as `nbytes` raw bytes; only the format knows what they are: the named parts
+(packed weights, scales, zero points) at aligned offsets, which checkpoint tensors fill them, how to
+view a bank of experts as tensors, and how to run the SwiGLU experts over such a bank.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..models.names import ExpertNames
+
+ALIGN_BYTES = 256  # every part starts at a multiple of this: aligned loads in kernels, views of any dtype
+
+
+@dataclass(frozen=True)
+class Part:
+    """One named tensor inside an expert's bytes, e.g. gate_up [2, I, H] bf16 or its scales."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the expert
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[tuple[Part, ...], int]:
+    """Parts placed one after another at ALIGN_BYTES boundaries, and the expert's size in bytes."""
+    parts, offset = [], 0
+    for name, dtype, shape in specs:
+        parts.append(Part(name, dtype, tuple(shape), offset))
+        offset += -(-math.prod(shape) * dtype.itemsize // ALIGN_BYTES) * ALIGN_BYTES
+    return tuple(parts), offset
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A checkpoint tensor (or the index-th slice of a fused one) that fills part of a Part: its values,
+    flattened, go to the part's elements [start, start + numel)."""
+
+    part: str
+    start: int
+    name: str  # the tensor's name as the model files use it (after the architecture's renames)
+    shape: tuple[int, ...]  # of the tensor, or of the slice
+    index: int | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None  # the dtypes the checkpoint may store; None: any float
+
+
+class ExpertFormat(ABC):
+    """How one expert of (hidden H, intermediate I) is stored, read and computed in this format."""
+
+    name: str
+    hidden: int
+    inter: int
+    parts: tuple[Part, ...]
+    nbytes: int  # one expert, alignment included
+
+    def views(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each part of a bank of experts, bank: uint8 [S, nbytes] -> {name: [S, *part.shape]}."""
+        s = bank.shape[0]
+        return {
+            p.name: bank[:, p.offset : p.offset + p.nbytes].view(p.dtype).view(s, *p.shape)
+            for p in self.parts
+        }
+
+    def empty(self, count: int, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
+        """An uninitialised bank of `count` experts: uint8 [count, nbytes]."""
+        return torch.empty(count, self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+
+    @abstractmethod
+    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+        """The checkpoint tensors that make up one expert, in the per-expert or the fused layout."""
+
+    @abstractmethod
+    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """Write a random expert (weights about normal(0, std)) into its bytes, uint8 [nbytes]: synthetic
+        checkpoints whose experts are generated rather than read."""
+
+    @abstractmethod
+    def mlp(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, bank: dict) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]): x [T, H], slots and weights [T, k], bank the
+        views of the experts' bank. Never synchronises with the host when graph_safe(T * k)."""
+
+    @abstractmethod
+    def accumulate(self, x, tokens, slots, weights, bank: dict, out: torch.Tensor) -> torch.Tensor:
+        """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) for every pair i (1-d tensors)."""
+
+    @abstractmethod
+    def graph_safe(self, pairs: int) -> bool:
+        """Whether mlp over this many (token, expert) pairs runs without a host synchronisation."""
+
+    def describe(self) -> str:
+        return self.name

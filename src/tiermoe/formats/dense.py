@@ -1,0 +1,53 @@
+"""Experts in the compute dtype (bf16, fp16 or fp32): the format of unquantized checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.names import ExpertNames
+from .base import ExpertFormat, Piece, layout
+from .swiglu import GATHER_MAX_PAIRS, accumulate_pairs, expert_mlp
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class DenseFormat(ExpertFormat):
+    """gate_up [2I, H] (gate rows, then up rows) and down [H, I], as transformers' fused experts."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
+        self.hidden, self.inter, self.dtype = hidden, inter, dtype
+        self.name = DTYPE_NAMES[dtype]
+        self.parts, self.nbytes = layout(
+            [("gate_up", dtype, (2 * inter, hidden)), ("down", dtype, (hidden, inter))]
+        )
+
+    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+        h, i = self.hidden, self.inter
+        if fused:
+            gate_up, down = (n.format(layer=layer) for n in names.fused)
+            return [Piece("gate_up", 0, gate_up, (2 * i, h), expert), Piece("down", 0, down, (h, i), expert)]
+        gate, up, down = (n.format(layer=layer, expert=expert) for n in names.per_expert)
+        return [
+            Piece("gate_up", 0, gate, (i, h)),
+            Piece("gate_up", i * h, up, (i, h)),
+            Piece("down", 0, down, (h, i)),
+        ]
+
+    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        views = self.views(expert[None])
+        numel = sum(p.numel for p in self.parts)
+        values = torch.randn(numel, generator=generator, device=expert.device, dtype=torch.float32) * std
+        start = 0
+        for p in self.parts:
+            views[p.name].view(-1).copy_(values[start : start + p.numel])
+            start += p.numel
+
+    def mlp(self, x, slots, weights, bank):
+        return expert_mlp(x, slots, weights, bank["gate_up"], bank["down"])
+
+    def accumulate(self, x, tokens, slots, weights, bank, out):
+        return accumulate_pairs(x, tokens, slots, weights, bank["gate_up"], bank["down"], out)
+
+    def graph_safe(self, pairs: int) -> bool:
+        # The gathered path (few token-expert pairs) never synchronises; the per-expert loop does.
+        return pairs <= GATHER_MAX_PAIRS
