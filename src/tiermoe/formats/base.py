@@ -104,3 +104,14 @@ class ExpertFormat(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    # Non-expert weights of a quantized checkpoint are dequantized at load: a weight may come with
+    # companion tensors (its scales), which the format names and folds in.
+    def companions(self, name: str) -> tuple[str, ...]:
+        """Checkpoint tensors that may accompany the non-expert tensor `name` (e.g. its scales)."""
+        return ()
+
+    def dense_weight(self, name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The non-expert tensor `name` in dtype from its stored value and whichever companions the
+        checkpoint holds (tensors: name and those companions)."""
+        return tensors[name].to(dtype)

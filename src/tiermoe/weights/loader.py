@@ -109,12 +109,14 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
             expert_names |= ckpt.expert_names_on_disk(
                 source.format, source.arch.expert_names, layer, args.num_experts
             )
+    fmt = source.format
+    companions = {c for tensor in disk.values() for c in fmt.companions(tensor) if c in ckpt}
     missing = sorted(name for name, tensor in disk.items() if tensor not in ckpt)
     if missing:
         raise CheckpointError(f"tensor {missing[0]} missing from {ckpt.path} ({len(missing)} missing in all)")
     leftover = sorted(
         n
-        for n in ckpt.keys() - set(disk.values()) - expert_names
+        for n in ckpt.keys() - set(disk.values()) - expert_names - companions
         if not IGNORED.match(n) and not _tied_head(n, model)
     )
     if leftover:
@@ -124,9 +126,10 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
         )
     task = progress.add_task("dense weights", total=len(params)) if progress else None
     for name, param in params.items():
-        tensor = ckpt.get(disk[name])
-        expect_shape(disk[name], tuple(tensor.shape), tuple(param.shape), ckpt.file_of(disk[name]))
-        param.data.copy_(tensor.to(source.dtype))
+        stored = disk[name]
+        tensors = {n: ckpt.get(n) for n in (stored, *fmt.companions(stored)) if n in ckpt}
+        expect_shape(stored, tuple(tensors[stored].shape), tuple(param.shape), ckpt.file_of(stored))
+        param.data.copy_(fmt.dense_weight(stored, tensors, source.dtype))
         if progress:
             progress.advance(task)
 

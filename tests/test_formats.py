@@ -1,0 +1,135 @@
+"""Expert formats: byte layouts, quantization round trips and error bounds, and checkpoints written as the
+published ones are, loaded and compared with a dequantize-then-compute reference (transformers on the
+dequantized weights)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.errors import CheckpointError
+from tiermoe.formats.base import ALIGN_BYTES
+from tiermoe.formats.dense import DenseFormat
+from tiermoe.formats.fp8 import E4M3, E4M3_MAX, Fp8BlockFormat, dequantize_blocks, quantize_blocks
+from tiermoe.formats.registry import format_for
+
+from .test_models import PROMPTS, hf_logits, our_logits, rel_err
+
+
+def test_parts_are_aligned_and_views_share_the_bank():
+    fmt = Fp8BlockFormat(64, 40, torch.float32, (16, 16))
+    assert [p.name for p in fmt.parts] == ["gate_up", "gate_up_scale", "down", "down_scale"]
+    assert all(p.offset % ALIGN_BYTES == 0 for p in fmt.parts) and fmt.nbytes % ALIGN_BYTES == 0
+    # 2 x 40 x 64 e4m3, 2 x 3 x 4 scales (40 rows in 3 blocks of 16), 64 x 40 e4m3, 4 x 3 scales
+    assert [p.nbytes for p in fmt.parts] == [5120, 96, 2560, 48] and fmt.nbytes == 5120 + 256 + 2560 + 256
+    bank = torch.zeros(3, fmt.nbytes, dtype=torch.uint8)
+    views = fmt.views(bank)
+    views["down_scale"][2].fill_(1.5)
+    assert bank[2, 7936:7940].view(torch.float32).item() == 1.5 and not bank[:2, 7936:7940].any()
+    assert DenseFormat(64, 32, torch.bfloat16).nbytes == 3 * 64 * 32 * 2
+
+
+def test_fp8_blocks_round_trip_exactly_on_representable_values():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (40, 72), generator=g, dtype=torch.uint8).view(E4M3)
+    codes = torch.where(codes.float().isnan(), torch.zeros_like(codes.float()), codes.float()).to(E4M3)
+    codes[::16, ::16] = E4M3_MAX  # every 16 x 16 block holds e4m3's largest value: its scale is exact
+    scale_inv = 2.0 ** torch.randint(-12, 0, (3, 5), generator=g).float()
+    w = dequantize_blocks(codes, scale_inv, (16, 16), torch.float32)
+    q, s = quantize_blocks(w, (16, 16))
+    assert torch.equal(s, scale_inv) and torch.equal(q.float(), codes.float())
+
+
+def test_fp8_error_is_within_half_an_e4m3_step():
+    w = torch.randn(2, 96, 80, generator=torch.Generator().manual_seed(1)) * 0.02
+    q, s = quantize_blocks(w, (32, 32))
+    err = (dequantize_blocks(q, s, (32, 32), torch.float32) - w).abs()
+    per_weight = s.repeat_interleave(32, -2)[..., :96, :].repeat_interleave(32, -1)[..., :80]
+    # 3 mantissa bits: 2^-4 relative for normal values; below 2^-6 (scaled) the subnormal step is 2^-9
+    assert (err <= 2**-4 * w.abs() + 2**-10 * per_weight + 1e-12).all()
+    assert err.max() > 0  # it did round
+
+
+def test_format_for_reads_quantization_config():
+    assert isinstance(format_for({}, 64, 32, torch.bfloat16), DenseFormat)
+    fp8 = format_for(
+        {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}},
+        2048, 768, torch.bfloat16,
+    )  # fmt: skip
+    # one byte a weight, 2 x 6 x 16 float32 gate/up scales (768 bytes), 16 x 6 down scales padded to 512
+    assert isinstance(fp8, Fp8BlockFormat) and fp8.nbytes == 3 * 2048 * 768 + 768 + 512
+    with pytest.raises(CheckpointError, match="quant_method 'bitsandbytes' is not supported"):
+        format_for({"quantization_config": {"quant_method": "bitsandbytes"}}, 64, 32, torch.float32)
+    with pytest.raises(CheckpointError, match="without weight_block_size"):
+        format_for({"quantization_config": {"quant_method": "fp8"}}, 64, 32, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+FP8_QUANTIZED = re.compile(r".*\.(self_attn\.[qkvo]_proj|mlp\.experts\.\d+\.(gate|up|down)_proj)\.weight$")
+
+
+def write_fp8_checkpoint(src: Path, out: Path, block: tuple[int, int]) -> Path:
+    """`src` as Qwen3-*-FP8 is published: every attention and expert projection's weight e4m3 with its
+    float32 `weight_scale_inv` per block, the rest (embeddings, norms, routers, lm_head) as they were.
+    Also writes `out`-dequantized, the same weights dequantized, as the reference's checkpoint."""
+    shutil.copytree(src, out)
+    ref = out.with_name(out.name + "-dequantized")
+    shutil.copytree(src, ref)
+    (file,) = out.glob("*.safetensors")
+    tensors = load_file(file)
+    quantized, dequantized = {}, {}
+    for name, t in tensors.items():
+        if FP8_QUANTIZED.match(name):
+            q, s = quantize_blocks(t, block)
+            quantized[name], quantized[name + "_scale_inv"] = q, s
+            dequantized[name] = dequantize_blocks(q, s, block, t.dtype)
+        else:
+            quantized[name] = dequantized[name] = t
+    save_file(quantized, file, metadata={"format": "pt"})
+    save_file(dequantized, ref / file.name, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return ref
+
+
+@pytest.mark.parametrize("block", [(16, 16), (128, 128)])
+def test_fp8_checkpoint_matches_transformers_on_its_dequantized_weights(tiny_checkpoint, tmp_path, block):
+    src, _ = tiny_checkpoint("qwen3_moe", "per_expert", moe_intermediate_size=40)
+    ref = write_fp8_checkpoint(src, tmp_path / "fp8", block)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    llm = LLM(tmp_path / "fp8", device="cpu", dtype="fp32")
+    assert llm.source.format.name.startswith("fp8")
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4
+    # every tier holds the experts as fp8: a tiered run generates what the resident one does
+    plan = llm.plan
+    budget = (plan.dense_bytes + plan.kv_bytes + 3 * 2 * plan.expert_bytes) / 2**30
+    tiered = LLM(tmp_path / "fp8", device="cpu", dtype="fp32", gpu_budget_gib=budget)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    out = tiered.generate(PROMPTS[0], params)[0]
+    assert out.token_ids == llm.generate(PROMPTS[0], params)[0].token_ids
+    assert out.stats.experts["format"].startswith("fp8") and out.stats.experts["gpu_misses"] > 0
+    assert plan.expert_bytes == llm.source.format.nbytes < 3 * 64 * 40 * 4 / 3
+
+
+def test_fp8_checkpoint_with_a_wrong_scale_names_the_tensor(tiny_checkpoint, tmp_path):
+    src, _ = tiny_checkpoint("qwen3_moe", "per_expert")
+    write_fp8_checkpoint(src, tmp_path / "fp8", (16, 16))
+    (file,) = (tmp_path / "fp8").glob("*.safetensors")
+    tensors = load_file(file)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"
+    tensors[name] = tensors[name].half()  # a scale stored in the wrong dtype
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} .* has dtype F16, expected F32"):
+        LLM(tmp_path / "fp8", device="cpu", dtype="fp32")
