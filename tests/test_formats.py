@@ -19,6 +19,15 @@ from tiermoe.errors import CheckpointError
 from tiermoe.formats.base import ALIGN_BYTES
 from tiermoe.formats.dense import DenseFormat
 from tiermoe.formats.fp8 import E4M3, E4M3_MAX, Fp8BlockFormat, dequantize_blocks, quantize_blocks
+from tiermoe.formats.int4 import (
+    AWQ_ORDER,
+    dequantize_groups,
+    pack_cols,
+    pack_rows,
+    quantize_groups,
+    unpack_cols,
+    unpack_rows,
+)
 from tiermoe.formats.registry import format_for
 
 from .test_models import PROMPTS, hf_logits, our_logits, rel_err
@@ -133,3 +142,101 @@ def test_fp8_checkpoint_with_a_wrong_scale_names_the_tensor(tiny_checkpoint, tmp
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"{re.escape(name)} .* has dtype F16, expected F32"):
         LLM(tmp_path / "fp8", device="cpu", dtype="fp32")
+
+
+# ---------------------------------------------------------------------------------------- int4
+
+
+def test_int4_words_hold_gptq_and_awq_nibble_orders():
+    rows = torch.arange(1, 9, dtype=torch.int32)[:, None]  # inputs 0..7 of one output: 1..8
+    assert pack_rows(rows).item() == 0x87654321 - 2**32  # input j in bits 4j (the word is negative)
+    cols = torch.arange(8, dtype=torch.int32)[None]  # outputs 0..7 of one input: 0..7
+    assert pack_cols(cols).item() == 0x76543210
+    assert pack_cols(cols, AWQ_ORDER).item() == 0x75316420  # AutoAWQ's order 0 2 4 6 1 3 5 7
+    q = torch.randint(0, 16, (3, 32, 24), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    assert torch.equal(unpack_rows(pack_rows(q)), q) and torch.equal(unpack_cols(pack_cols(q)), q)
+    assert torch.equal(unpack_cols(pack_cols(q, AWQ_ORDER), AWQ_ORDER), q)
+
+
+def test_int4_round_to_nearest_error_is_half_a_step():
+    w = torch.randn(2, 48, 64, generator=torch.Generator().manual_seed(2)) * 0.02  # [.., N, K]
+    q, zeros, scales = quantize_groups(w, 16)
+    assert q.shape == (2, 64, 48) and zeros.shape == scales.shape == (2, 4, 48)
+    err = (dequantize_groups(q, zeros, scales, torch.float32) - w).abs()
+    step = scales.repeat_interleave(16, dim=-2).transpose(-1, -2)  # [.., N, K]
+    assert (err <= step / 2 + 1e-7).all() and err.max() > step.max() / 8
+
+
+INT4_QUANTIZED = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def write_int4_checkpoint(src: Path, out: Path, group: int, method: str) -> Path:
+    """`src`'s experts as published 4-bit checkpoints store them, per projection P: GPTQ (AutoGPTQ's v1
+    format: P.qweight [K/8, N], P.qzeros [K/G, N/8] holding each zero minus one, P.scales fp16, P.g_idx)
+    or AWQ (AutoAWQ's GEMM format: P.qweight [K, N/8] and P.qzeros in the order 0 2 4 6 1 3 5 7). Also
+    writes `out`-dequantized, the experts' dequantized weights, as the reference's checkpoint."""
+    shutil.copytree(src, out)
+    ref = out.with_name(out.name + "-dequantized")
+    shutil.copytree(src, ref)
+    (file,) = out.glob("*.safetensors")
+    quantized, dequantized = {}, {}
+    for name, t in load_file(file).items():
+        if not INT4_QUANTIZED.match(name):
+            quantized[name] = dequantized[name] = t
+            continue
+        p = name.removesuffix(".weight")
+        q, zeros, scales = quantize_groups(t, group if group > 0 else t.shape[1])
+        scales = scales.half()
+        dequantized[name] = dequantize_groups(q, zeros, scales, t.dtype)
+        if method == "gptq":
+            quantized[p + ".qweight"] = pack_rows(q)
+            quantized[p + ".qzeros"] = pack_cols((zeros - 1) & 15)
+            quantized[p + ".g_idx"] = torch.arange(t.shape[1], dtype=torch.int32) // (
+                group if group > 0 else t.shape[1]
+            )
+        else:
+            quantized[p + ".qweight"] = pack_cols(q, AWQ_ORDER)
+            quantized[p + ".qzeros"] = pack_cols(zeros, AWQ_ORDER)
+        quantized[p + ".scales"] = scales
+    save_file(quantized, file, metadata={"format": "pt"})
+    save_file(dequantized, ref / file.name, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False}
+        if method == "gptq"
+        else {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True}
+    )
+    (out / "config.json").write_text(json.dumps(config))
+    return ref
+
+
+@pytest.mark.parametrize(("method", "group"), [("gptq", 16), ("gptq", -1), ("awq", 32)])
+def test_int4_checkpoint_matches_transformers_on_its_dequantized_weights(
+    tiny_checkpoint, tmp_path, method, group
+):
+    src, _ = tiny_checkpoint("qwen3_moe", "per_expert")
+    ref = write_int4_checkpoint(src, tmp_path / method, group, method)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    llm = LLM(tmp_path / method, device="cpu", dtype="fp32")
+    assert llm.source.format.name == f"int4 ({method}, group {group})"
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4
+    plan = llm.plan
+    budget = (plan.dense_bytes + plan.kv_bytes + 3 * 2 * plan.expert_bytes) / 2**30
+    tiered = LLM(tmp_path / method, device="cpu", dtype="fp32", gpu_budget_gib=budget)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert tiered.generate(PROMPTS[0], params)[0].token_ids == llm.generate(PROMPTS[0], params)[0].token_ids
+
+
+def test_int4_configs_that_cannot_load_are_refused_clearly():
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    with pytest.raises(CheckpointError, match="act-order"):
+        format_for({"quantization_config": {**gptq, "desc_act": True}}, 2048, 768, torch.bfloat16)
+    with pytest.raises(CheckpointError, match="with 8 bits is not supported"):
+        format_for({"quantization_config": {**gptq, "bits": 8}}, 2048, 768, torch.bfloat16)
+    with pytest.raises(
+        CheckpointError, match="moe_intermediate_size 96 is no multiple of 8 and of the group size 64"
+    ):
+        format_for({"quantization_config": {**gptq, "group_size": 64}}, 2048, 96, torch.bfloat16)
+    fmt = format_for({"quantization_config": gptq}, 2048, 768, torch.bfloat16)
+    # 4 bits a weight, fp16 scales and 4-bit zeros per 128 inputs
+    assert fmt.nbytes == 3 * 2048 * 768 // 2 + 2 * 16 * 768 * (2 + 0.5) + 6 * 2048 * (2 + 0.5)

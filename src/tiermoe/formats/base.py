@@ -57,6 +57,7 @@ class Piece:
     shape: tuple[int, ...]  # of the tensor, or of the slice
     index: int | None = None
     dtypes: tuple[torch.dtype, ...] | None = None  # the dtypes the checkpoint may store; None: any float
+    tag: str | None = None  # how the format's put() turns the stored values into the part's (repacking)
 
 
 class ExpertFormat(ABC):
@@ -75,6 +76,17 @@ class ExpertFormat(ABC):
             p.name: bank[:, p.offset : p.offset + p.nbytes].view(p.dtype).view(s, *p.shape)
             for p in self.parts
         }
+
+    def part(self, name: str) -> Part:
+        return next(p for p in self.parts if p.name == name)
+
+    def put(self, views: dict[str, torch.Tensor], piece: Piece, values: torch.Tensor) -> None:
+        """Write one checkpoint tensor's values where `piece` says, in an expert's views (of a bank of one)."""
+        views[piece.part].view(-1)[piece.start : piece.start + values.numel()].copy_(values.reshape(-1))
+
+    def ignored(self, name: str) -> bool:
+        """Whether a checkpoint tensor beside the experts carries nothing this format needs."""
+        return False
 
     def empty(self, count: int, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
         """An uninitialised bank of `count` experts: uint8 [count, nbytes]."""

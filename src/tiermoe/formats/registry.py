@@ -8,8 +8,9 @@ from ..errors import CheckpointError
 from .base import ExpertFormat
 from .dense import DenseFormat
 from .fp8 import Fp8BlockFormat
+from .int4 import Int4Format
 
-SUPPORTED = "fp8 (block scales)"  # quant_method values format_for reads, for error messages
+SUPPORTED = "fp8 (block scales), gptq and awq (4-bit)"  # quant_method values format_for reads
 
 
 def quantization(config: dict) -> dict | None:
@@ -40,4 +41,30 @@ def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> Exp
                 f"supported; tiermoe reads block-scaled fp8 as Qwen3-*-FP8 and DeepSeek-V3 publish it (got {block!r})"
             )
         return Fp8BlockFormat(hidden, inter, dtype, tuple(block))
+    if method in ("gptq", "awq"):
+        bits = qc.get("bits", qc.get("w_bit"))
+        group = qc.get("group_size", qc.get("q_group_size", 128))
+        if bits != 4:
+            raise CheckpointError(
+                f"config.json: {method} with {bits} bits is not supported; tiermoe reads 4-bit"
+            )
+        if method == "gptq" and qc.get("desc_act"):
+            raise CheckpointError(
+                "config.json: GPTQ with act-order (desc_act: true) is not supported: its groups follow a "
+                "permutation of the inputs (g_idx); use a checkpoint quantized with desc_act false"
+            )
+        if method == "gptq" and qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+            raise CheckpointError(
+                f"config.json: GPTQ checkpoint_format {qc['checkpoint_format']!r} is not supported"
+            )
+        if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+            raise CheckpointError(
+                f"config.json: AWQ version {qc['version']!r} is not supported; tiermoe reads gemm"
+            )
+        if not isinstance(group, int) or group == 0 or group < -1:
+            raise CheckpointError(
+                f"config.json: {method} group_size {group!r} is not a positive integer or -1"
+            )
+        v2 = qc.get("checkpoint_format") == "gptq_v2"
+        return Int4Format(hidden, inter, dtype, group, "gptq_v2" if v2 else method)
     raise CheckpointError(f"config.json: quant_method {method!r} is not supported; tiermoe reads {SUPPORTED}")

@@ -52,8 +52,8 @@ class ExpertReader:
         views = self.format.views(out[None])
         total = 0
         for piece, r in self.ranges[(layer, expert)]:
-            values = self._read(r).view(r.dtype)
-            views[piece.part].view(-1)[piece.start : piece.start + values.numel()].copy_(values)
+            values = self._read(r).view(r.dtype).view(piece.shape)
+            self.format.put(views, piece, values)
             total += r.nbytes
         self.bytes_read += total
         return total

@@ -128,15 +128,16 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor {name} not found in {self.path}") from None
 
-    def expert_layout(self, names: ExpertNames, layer: int) -> str:
-        """'per_expert' or 'fused', whichever this checkpoint uses for `layer`."""
+    def expert_layout(self, fmt: ExpertFormat, names: ExpertNames, layer: int) -> str:
+        """'per_expert' or 'fused', whichever this checkpoint uses for `layer` (quantized formats name
+        their own per-expert tensors, e.g. `.qweight`)."""
+        first = fmt.pieces(names, layer, 0, fused=False)[0].name
+        if first in self:
+            return "per_expert"
         if names.fused[0].format(layer=layer) in self:
             return "fused"
-        if names.per_expert[0].format(layer=layer, expert=0) in self:
-            return "per_expert"
         raise CheckpointError(
-            f"no expert weights for layer {layer} in {self.path}: expected "
-            f"{names.per_expert[0].format(layer=layer, expert=0)} or {names.fused[0].format(layer=layer)}"
+            f"no expert weights for layer {layer} in {self.path}: expected {first} or {names.fused[0].format(layer=layer)}"
         )
 
     def header(self, file: str) -> dict:
@@ -184,7 +185,7 @@ class Checkpoint:
         self, fmt: ExpertFormat, names: ExpertNames, layer: int, expert: int
     ) -> list[tuple[Piece, ByteRange]]:
         """Each checkpoint tensor of one expert in format `fmt`, with where it lies on disk."""
-        fused = self.expert_layout(names, layer) == "fused"
+        fused = self.expert_layout(fmt, names, layer) == "fused"
         return [
             (p, self.byte_range(p.name, p.shape, p.index, p.dtypes or FLOAT_DTYPES))
             for p in fmt.pieces(names, layer, expert, fused)
@@ -194,7 +195,7 @@ class Checkpoint:
         self, fmt: ExpertFormat, names: ExpertNames, layer: int, num_experts: int
     ) -> set[str]:
         """Our names of every expert tensor of a layer, to account for them in the leftover check."""
-        fused = self.expert_layout(names, layer) == "fused"
+        fused = self.expert_layout(fmt, names, layer) == "fused"
         return {p.name for e in range(num_experts) for p in fmt.pieces(names, layer, e, fused)}
 
 

@@ -117,7 +117,7 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     leftover = sorted(
         n
         for n in ckpt.keys() - set(disk.values()) - expert_names - companions
-        if not IGNORED.match(n) and not _tied_head(n, model)
+        if not IGNORED.match(n) and not _tied_head(n, model) and not fmt.ignored(n)
     )
     if leftover:
         raise CheckpointError(
