@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tiermoe import LLM, SamplingParams
+from tiermoe.errors import InvalidRequestError
 
 REL_TOL = 1e-4
 PROMPTS = [[5, 17, 42, 99, 7, 3 + 8, 120, 64], [9, 33, 200, 14]]
@@ -90,3 +91,15 @@ def test_bf16_on_cpu_loads_bf16_weights_and_stays_close(tiny_checkpoint):
     assert {p.dtype for p in llm.model.parameters()} == {torch.bfloat16}
     assert {t.dtype for bank in llm.provider.banks.values() for t in bank.values()} == {torch.bfloat16}
     assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 3e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+def test_fewer_experts_per_token_match_transformers_with_that_top_k(tiny_checkpoint, arch):
+    path, _ = tiny_checkpoint(arch)
+    _, hf_k1 = tiny_checkpoint(arch, num_experts_per_tok=1)  # the same weights (same seed), top-1 routing
+    llm = LLM(path, device="cpu", dtype="fp32", experts_per_token=1)
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf_k1, PROMPTS)) < REL_TOL
+    full = LLM(path, device="cpu", dtype="fp32")
+    assert rel_err(our_logits(llm, PROMPTS), our_logits(full, PROMPTS)) > 0.01  # it did change the routing
+    with pytest.raises(InvalidRequestError, match="routes to 2 experts a token; choose 1 to 2"):
+        LLM(path, device="cpu", experts_per_token=3)

@@ -28,7 +28,7 @@ class LLM:
         self.config = c = EngineConfig(**config)
         self.path = Path(model)
         self.model_name = self.path.name
-        self.source = open_source(self.path, c.torch_device, c.torch_dtype)
+        self.source = open_source(self.path, c.torch_device, c.torch_dtype, c.experts_per_token)
         self.args = a = self.source.args
         self.max_model_len = a.context_len(c.max_model_len)
         self.routing = build_routing(

@@ -46,6 +46,11 @@ class EngineConfig:
         None,
         "KV cache tokens reserved in the GPU budget, shared by a batch's rows (default: context, at most 4096)",
     )
+    experts_per_token: int | None = _setting(
+        None,
+        "routed experts per token, below the model's top-k to trade quality for speed (default: the "
+        "model's top-k; its perplexity cost is in the README)",
+    )
     # --- the memory plan and the expert store
     gpu_budget_gib: float | None = _setting(
         None,
@@ -104,6 +109,8 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be >= 0 GiB", name)
         if not 0.0 <= self.prefetch_accuracy <= 1.0:
             raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")
+        if self.experts_per_token is not None and self.experts_per_token < 1:
+            raise InvalidRequestError("experts_per_token must be at least 1", "experts_per_token")
         for name in ("prefill_chunk", "kv_reserve_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:

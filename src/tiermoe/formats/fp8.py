@@ -121,3 +121,25 @@ class Fp8BlockFormat(DequantizingFormat):
         gate_up = dequantize_blocks(gate_up, bank["gate_up_scale"][slots], self.block, self.dtype)
         down = dequantize_blocks(bank["down"][slots], bank["down_scale"][slots], self.block, self.dtype)
         return gate_up.view(n, 2 * i, h), down
+
+
+class Fp8Writer:
+    """Writes experts as Qwen3-*-FP8 publishes them (`tiermoe convert --experts fp8`)."""
+
+    name = "fp8"
+
+    def __init__(self, block: tuple[int, int] = (128, 128)):
+        self.block = tuple(block)
+        self.config = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
+        }  # fmt: skip
+
+    def specs(self, base: str, out_features: int, in_features: int) -> list[tuple[str, torch.dtype, tuple]]:
+        return [
+            (f"{base}.weight", E4M3, (out_features, in_features)),
+            (f"{base}.weight{SCALE_SUFFIX}", torch.float32, blocks(out_features, in_features, self.block)),
+        ]
+
+    def quantize(self, base: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale_inv = quantize_blocks(w, self.block)
+        return {f"{base}.weight": q, f"{base}.weight{SCALE_SUFFIX}": scale_inv}

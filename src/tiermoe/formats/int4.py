@@ -163,3 +163,55 @@ class Int4Format(DequantizingFormat):
             return dequantize_groups(q, zeros, bank[f"{prefix}_scales"][slots], self.dtype)
 
         return proj("gate_up").reshape(n, 2 * i, h), proj("down")
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # the ranges searched by the error-minimising scales
+
+
+def search_clip(w: torch.Tensor, group: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """Per group of w [..., N, K], the range shrink (of ratios) whose round-to-nearest quantization has
+    the least squared error (llama.cpp's and AWQ's clip search, on the weights alone): [..., N, K / G]."""
+    best = torch.ones(*w.shape[:-1], w.shape[-1] // group, device=w.device)
+    best_err = torch.full_like(best, float("inf"))
+    for ratio in ratios:
+        clip = torch.full_like(best, ratio)
+        q, zeros, scales = quantize_groups(w, group, clip)
+        err = (dequantize_groups(q, zeros, scales.half(), torch.float32) - w.float()).square()
+        err = err.unflatten(-1, (-1, group)).sum(-1)
+        better = err < best_err
+        best, best_err = torch.where(better, clip, best), torch.where(better, err, best_err)
+    return best
+
+
+class GptqWriter:
+    """Writes experts as published GPTQ 4-bit checkpoints store them (AutoGPTQ's v1 layout: zeros minus
+    one, fp16 scales, g_idx; asymmetric, no act-order), so other GPTQ loaders read them too. scales: "rtn"
+    (round to nearest over each group's full range) or "mse" (search_clip)."""
+
+    name = "int4"
+
+    def __init__(self, group: int = 128, scales: str = "mse"):
+        self.group, self.scales = group, scales
+        self.config = {
+            "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False,
+            "checkpoint_format": "gptq", "tiermoe_scales": scales,
+        }  # fmt: skip
+
+    def specs(self, base: str, out_features: int, in_features: int) -> list[tuple[str, torch.dtype, tuple]]:
+        n, k, g = out_features, in_features, self.group
+        return [
+            (f"{base}.qweight", torch.int32, (k // 8, n)),
+            (f"{base}.qzeros", torch.int32, (k // g, n // 8)),
+            (f"{base}.scales", torch.float16, (k // g, n)),
+            (f"{base}.g_idx", torch.int32, (k,)),
+        ]
+
+    def quantize(self, base: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        clip = search_clip(w, self.group) if self.scales == "mse" else None
+        q, zeros, scales = quantize_groups(w, self.group, clip)
+        return {
+            f"{base}.qweight": pack_rows(q),
+            f"{base}.qzeros": pack_cols((zeros - 1) & 15),
+            f"{base}.scales": scales.half(),
+            f"{base}.g_idx": torch.arange(w.shape[-1], dtype=torch.int32) // self.group,
+        }

@@ -34,12 +34,12 @@ class ExpertReader:
     ):
         # Computing every range up front validates every expert tensor's name, shape and dtype at load time.
         self.format = fmt
-        self.ranges = {
-            (layer, e): ckpt.expert_ranges(fmt, names, layer, e)
+        self.spans = {
+            (layer, e): _spans(ckpt.expert_ranges(fmt, names, layer, e))
             for layer in layers
             for e in range(num_experts)
         }
-        largest = max(r.nbytes for rs in self.ranges.values() for _, r in rs)
+        largest = max(span.nbytes for spans in self.spans.values() for span, _ in spans)
         self._staging = mmap.mmap(-1, largest + 2 * ALIGN)  # page-aligned, as O_DIRECT needs
         self._staging_tensor = torch.frombuffer(self._staging, dtype=torch.uint8)
         self._fds: dict[tuple, int] = {}
@@ -51,10 +51,13 @@ class ExpertReader:
         """Fill out (uint8 [format.nbytes]) with the expert in its format. Returns the bytes read."""
         views = self.format.views(out[None])
         total = 0
-        for piece, r in self.ranges[(layer, expert)]:
-            values = self._read(r).view(r.dtype).view(piece.shape)
-            self.format.put(views, piece, values)
-            total += r.nbytes
+        for span, members in self.spans[(layer, expert)]:
+            data = self._read(span)
+            for piece, r in members:
+                start = r.offset - span.offset
+                values = data[start : start + r.nbytes].view(r.dtype).view(piece.shape)
+                self.format.put(views, piece, values)
+            total += span.nbytes
         self.bytes_read += total
         return total
 
@@ -93,3 +96,21 @@ class ExpertReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _spans(ranges: list[tuple]) -> list[tuple[ByteRange, list[tuple]]]:
+    """Merge an expert's (piece, range) list into reads: ranges of one file less than a page apart become
+    one read (a converted checkpoint stores each expert's tensors side by side: one read an expert)."""
+    spans: list[tuple[ByteRange, list[tuple]]] = []
+    for piece, r in sorted(ranges, key=lambda pr: (str(pr[1].path), pr[1].offset)):
+        if spans:
+            span, members = spans[-1]
+            end = span.offset + span.nbytes
+            if span.path == r.path and 0 <= r.offset - end < ALIGN:
+                grown = ByteRange(
+                    span.path, span.offset, max(end, r.offset + r.nbytes) - span.offset, torch.uint8
+                )
+                spans[-1] = (grown, [*members, (piece, r)])
+                continue
+        spans.append((ByteRange(r.path, r.offset, r.nbytes, torch.uint8), [(piece, r)]))
+    return spans

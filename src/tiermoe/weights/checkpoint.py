@@ -122,6 +122,12 @@ class Checkpoint:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {disk_name} from {self.path / file}: {e}") from None
 
+    def stored(self, name: str) -> tuple[str, torch.dtype | None, tuple[int, ...]]:
+        """(name on disk, dtype, shape) of tensor `name`, from its file's header (nothing read)."""
+        file, disk_name = self._locate(name)
+        entry = self.header(file)[disk_name]
+        return disk_name, SAFETENSORS_DTYPES.get(entry["dtype"]), tuple(entry["shape"])
+
     def _locate(self, name: str) -> tuple[str, str]:
         try:
             return self._where[name]

@@ -7,6 +7,7 @@ is an error naming it, never a silently half-loaded model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidRequestError
 from ..formats.base import ExpertFormat
 from ..formats.registry import format_for
 from ..models.base import Architecture, MoEArgs
@@ -25,8 +26,8 @@ from ..models.moe import Experts, SparseMoeBlock
 from ..models.registry import architecture_for
 from .checkpoint import SYNTHETIC_KEY, Checkpoint, expect_shape, read_config
 
-# Tensors some writers add that carry nothing we need (rotary tables are recomputed).
-IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# Tensors some writers add that carry nothing we need (rotary tables are recomputed; alignment padding).
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$|^tiermoe\.padding\.\d+$")  # padding: weights/writer.py
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,11 @@ class ModelSource:
     format: ExpertFormat  # of the experts, in every tier
 
 
-def open_source(path: str | Path, device: torch.device, dtype: torch.dtype) -> ModelSource:
+def open_source(
+    path: str | Path, device: torch.device, dtype: torch.dtype, experts_per_token: int | None = None
+) -> ModelSource:
+    """The checkpoint at `path` with its architecture, args and expert format. experts_per_token: route
+    each token to this many experts instead of the config's top-k (fewer: faster, less exact)."""
     path = Path(path)
     config = read_config(path)
     arch = architecture_for(config, str(path / "config.json"))
@@ -54,6 +59,14 @@ def open_source(path: str | Path, device: torch.device, dtype: torch.dtype) -> M
         args = arch.args_from_hf(hf)
     except AttributeError as e:
         raise CheckpointError(f"{path / 'config.json'} lacks a field {arch.name} needs: {e}") from None
+    if experts_per_token is not None:
+        if not 1 <= experts_per_token <= args.top_k:
+            raise InvalidRequestError(
+                f"experts_per_token {experts_per_token}: this model routes to {args.top_k} experts a token; "
+                f"choose 1 to {args.top_k}",
+                "experts_per_token",
+            )
+        args = dataclasses.replace(args, top_k=experts_per_token)
     fmt = format_for(config, *args.expert_shape, dtype)
     return ModelSource(path, arch, args, hf, Checkpoint(path, arch.renames), device, dtype, fmt)
 
