@@ -3,10 +3,12 @@ served identically by the resident provider and the tiered store."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.bench.synth import synth_checkpoint
+from tiermoe.errors import InvalidRequestError
 from tiermoe.formats.dense import DenseFormat
 from tiermoe.offload.sources import SyntheticExperts
 
@@ -34,3 +36,25 @@ def test_checkpoint_without_expert_tensors_runs_resident_and_tiered(tmp_path):
     assert out.token_ids == resident.generate([1, 2, 3, 4], params)[0].token_ids
     assert out.stats.experts["source"].startswith("synthetic experts (seed 0, std 0.02)")
     assert out.stats.experts["gpu_misses"] > 0
+
+
+@pytest.mark.parametrize(
+    ("experts", "name"), [("int4", "int4 (gptq, group 32)"), ("fp8", "fp8 (e4m3, 128x128 block scales)")]
+)
+def test_quantized_experts_generated_in_memory(tmp_path, experts, name):
+    result = synth_checkpoint(
+        "tiny-qwen3-moe", tmp_path / "m", progress=False, experts_in_memory=True, experts=experts
+    )
+    llm = LLM(result.out_dir, device="cpu")
+    plan = llm.plan
+    tiered = LLM(
+        result.out_dir,
+        device="cpu",
+        gpu_budget_gib=(plan.dense_bytes + plan.kv_bytes + 4 * 2 * plan.expert_bytes) / 2**30,
+    )
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    out = tiered.generate([1, 2, 3, 4], params)[0]
+    assert out.token_ids == llm.generate([1, 2, 3, 4], params)[0].token_ids
+    assert out.stats.experts["format"] == name and llm.source.format.nbytes == plan.expert_bytes
+    with pytest.raises(InvalidRequestError, match="then run tiermoe convert"):
+        synth_checkpoint("tiny-qwen3-moe", tmp_path / "d", progress=False, experts=experts)

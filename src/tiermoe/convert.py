@@ -35,7 +35,7 @@ from .weights.writer import Planned, write_checkpoint
 WRITERS = {"int4": GptqWriter, "fp8": Fp8Writer}
 
 
-def writer_for(experts: str, group_size: int, scales: str, block: int):
+def writer_for(experts: str, group_size: int = 128, scales: str = "mse", block: int = 128):
     if experts == "int4":
         return GptqWriter(group_size, scales)
     if experts == "fp8":

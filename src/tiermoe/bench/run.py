@@ -21,6 +21,8 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import BudgetError, InvalidRequestError
+from ..formats.dense import DenseFormat
+from ..formats.registry import format_for
 from ..hardware import decode_floor, h2d_bandwidth, measured_floor, missed_expert_bytes_per_token
 from ..models.registry import from_config
 from ..offload.placement import DEFAULT_KV_TOKENS, plan_from_config
@@ -236,10 +238,12 @@ def bench(
     }
     EngineConfig(**engine_config)
     info = read_synth_info(model_dir)
+    experts_format = format_for(config, *from_config(config)[2].expert_shape, torch.bfloat16)
     common = {
         "model_preset": info.get("preset", model_dir.name),
-        "experts_dtype": info.get("dtype")
-        or _DTYPE_NAMES.get(config.get("torch_dtype", ""), config.get("torch_dtype")),
+        "experts_dtype": experts_format.name
+        if not isinstance(experts_format, DenseFormat)
+        else info.get("dtype") or _DTYPE_NAMES.get(config.get("torch_dtype", ""), config.get("torch_dtype")),
         "cpu_budget_gib": cpu_budget_gib,
         "batch": workload.batch,
         "prompt_len": workload.prompt_len,

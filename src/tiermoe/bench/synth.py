@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from safetensors.torch import save_file
 
+from ..convert import writer_for
 from ..errors import InvalidRequestError
 from ..models.registry import from_config
 from ..weights.checkpoint import SYNTH_INFO_FILE, SYNTHETIC_KEY
@@ -113,6 +114,7 @@ def synth_checkpoint(
     progress: bool = True,
     experts_in_memory: bool = False,
     tokenizer: bool = True,
+    experts: str | None = None,
 ) -> SynthResult:
     """Write config.json, generation_config.json, safetensors shards (and their index when more than
     one) to out_dir. preset_or_config: a preset name or a config.json dict with `architectures`.
@@ -121,14 +123,18 @@ def synth_checkpoint(
     copied from ~/.cache/tiermoe/tokenizers); a config dict gets none, since no preset says its style.
 
     experts_in_memory: write no expert tensors; config.json tells tiermoe to generate them (seeded, same
-    init) straight into its host cache. For shapes whose experts outgrow the disk (Qwen3-30B-A3B)."""
-    if dtype == "fp8":
-        raise InvalidRequestError(
-            "fp8 experts come with the quantization issue; use --dtype bf16 for now", param="dtype"
-        )
+    init) straight into its host cache. For shapes whose experts outgrow the disk (Qwen3-30B-A3B).
+    experts: with experts_in_memory, generate them quantized (int4 or fp8, as `tiermoe convert` writes
+    them); quantized experts on disk come from `tiermoe convert` of a bf16 synth."""
     if dtype not in _DTYPES:
         raise InvalidRequestError(
-            f"unknown dtype {dtype!r}; choose bf16 (fp8 comes with quantization)", param="dtype"
+            f"unknown dtype {dtype!r}; choose bf16 (quantized experts: --experts int4 or fp8)", param="dtype"
+        )
+    if experts is not None and not experts_in_memory:
+        raise InvalidRequestError(
+            "--experts quantizes experts generated in memory (--experts-in-memory); for quantized experts "
+            "on disk, synth bf16 and then run tiermoe convert",
+            param="experts",
         )
     torch_dtype, dtype_name = _DTYPES[dtype]
     name, source, config, published_gen, style = _resolve(preset_or_config)
@@ -154,6 +160,10 @@ def synth_checkpoint(
     if experts_in_memory:
         specs = [spec for spec in specs if not spec.is_expert]
         config[SYNTHETIC_KEY] = {"seed": seed, "std": INIT_STD}
+        if experts is not None:  # int4 groups of 128 inputs, fewer where a tiny shape has fewer
+            hidden, inter = from_config(config)[2].expert_shape
+            group = next((g for g in (128, 64, 32, 16, 8) if hidden % g == 0 and inter % g == 0), 128)
+            config["quantization_config"] = writer_for(experts, group_size=group).config
     elem = bytes_per_element(config)
     shards = _plan_shards(specs, elem, int(shard_gib * _GIB))
     total = sum(s.numel for s in specs) * elem
@@ -219,6 +229,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         experts_in_memory=args.experts_in_memory,
         tokenizer=args.tokenizer,
+        experts=args.experts,
     )
     tokenizer = f" and a {result.tokenizer} tokenizer" if result.tokenizer else ""
     print(
@@ -231,7 +242,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("synth")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default="bf16", help="bf16 (fp8 comes with the quantization issue)")
+    p.add_argument("--dtype", default="bf16", help="bf16")
+    p.add_argument(
+        "--experts", default=None, choices=("int4", "fp8"),
+        help="with --experts-in-memory: generate the experts quantized (as tiermoe convert writes them)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-gib", type=float, default=4.0, help="target size of each safetensors shard, GiB")
     p.add_argument(

@@ -154,6 +154,13 @@ class Int4Format(DequantizingFormat):
             views[f"{prefix}_qzeros"][0].copy_(pack_cols(zeros))
             views[f"{prefix}_scales"][0].copy_(scales)
 
+    def mlp(self, x, slots, weights, bank):
+        if x.is_cuda and self.graph_safe(slots.numel()):  # decode: the fused Triton GEMV
+            from .int4_triton import int4_mlp
+
+            return int4_mlp(self, x, slots, weights, bank)
+        return super().mlp(x, slots, weights, bank)
+
     def dequantize(self, bank: dict, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, h, i = slots.numel(), self.hidden, self.inter
 
