@@ -148,7 +148,10 @@ def test_dense_layers_from_mlp_only_layers_match_transformers(tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(InvalidRequestError, match=r"unknown preset 'nope'.*olmoe-1b-7b.*tiny-mixtral"):
         synth_checkpoint("nope", tmp_path, progress=False)
-    with pytest.raises(InvalidRequestError, match=r"unknown dtype .fp8.; choose bf16 \(quantized experts: --experts int4 or fp8\)"):
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"unknown dtype .fp8.; choose bf16 \(quantized experts: --experts int4 or fp8\)",
+    ):
         synth_checkpoint("tiny-olmoe", tmp_path, dtype="fp8", progress=False)
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
         synth_checkpoint({"architectures": ["LlamaForCausalLM"]}, tmp_path, progress=False)
