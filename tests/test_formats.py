@@ -15,9 +15,18 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tiermoe import LLM, SamplingParams
+from tiermoe.convert import convert, writer_for
 from tiermoe.errors import CheckpointError
 from tiermoe.formats.base import ALIGN_BYTES
 from tiermoe.formats.dense import DenseFormat
+from tiermoe.formats.fp4 import (
+    dequantize_nvfp4,
+    e2m1_table,
+    pack_nibbles,
+    quantize_nvfp4,
+    to_e2m1,
+    unpack_nibbles,
+)
 from tiermoe.formats.fp8 import E4M3, E4M3_MAX, Fp8BlockFormat, dequantize_blocks, quantize_blocks
 from tiermoe.formats.int4 import (
     AWQ_ORDER,
@@ -240,3 +249,52 @@ def test_int4_configs_that_cannot_load_are_refused_clearly():
     fmt = format_for({"quantization_config": gptq}, 2048, 768, torch.bfloat16)
     # 4 bits a weight, fp16 scales and 4-bit zeros per 128 inputs
     assert fmt.nbytes == 3 * 2048 * 768 // 2 + 2 * 16 * 768 * (2 + 0.5) + 6 * 2048 * (2 + 0.5)
+
+
+# ---------------------------------------------------------------------------------------- nvfp4
+
+
+def test_e2m1_codes_round_trip_and_round_to_nearest():
+    codes = torch.arange(16)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+    assert pack_nibbles(torch.tensor([1, 2])).item() == 0x21  # element 0 in the low nibble
+    values = e2m1_table()[codes]
+    assert torch.equal(to_e2m1(values)[values != 0], codes[values != 0])  # -0 and 0 are the same value
+    assert to_e2m1(torch.tensor([0.7, 2.4, 2.6, 5.0, 9.0, -1.3])).tolist() == [1, 4, 5, 6, 7, 11]
+
+
+def test_nvfp4_error_is_within_half_a_step_of_each_block():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4)) * 0.02
+    packed, scale, scale_2 = quantize_nvfp4(w)
+    assert packed.shape == (32, 32) and scale.shape == (32, 4) and scale.dtype == E4M3 and scale_2.shape == ()
+    err = (dequantize_nvfp4(packed, scale, scale_2, torch.float32) - w).abs()
+    per_block = (scale.float() * scale_2).repeat_interleave(16, dim=-1)
+    # the widest e2m1 step is 2 (4 to 6): half of it at each block's scale; values past 6 x scale clip
+    # only by the e4m3 rounding of the block scale (3 mantissa bits: 1/16)
+    assert (err <= per_block + w.abs() / 16 + 1e-9).all() and err.max() > 0
+
+
+def test_nvfp4_checkpoint_converted_loads_and_matches_its_dequantized_weights(tiny_checkpoint, tmp_path):
+    src, _ = tiny_checkpoint("qwen3_moe", "per_expert")
+    out = convert(src, tmp_path / "nvfp4", writer_for("nvfp4"))
+    llm = LLM(out, device="cpu", dtype="fp32")
+    # 4-bit values 2048 + 1024 bytes; scales and global scales padded to 256 each at this tiny size
+    assert llm.source.format.name.startswith("nvfp4") and llm.plan.expert_bytes == 2048 + 1024 + 4 * 256
+    # the reference: the same checkpoint with each expert dequantized by the published formula
+    ref = tmp_path / "ref"
+    shutil.copytree(src, ref)
+    (file,) = ref.glob("*.safetensors")
+    (qfile,) = out.glob("*.safetensors")
+    q, tensors = load_file(qfile), load_file(file)
+    for name in tensors:
+        if ".experts." in name:
+            base = name.removesuffix(".weight")
+            w = e2m1_table()[unpack_nibbles(q[f"{base}.weight"])]
+            w = (
+                w.unflatten(-1, (-1, 16))
+                * (q[f"{base}.weight_scale"].float() * q[f"{base}.weight_scale_2"])[..., None]
+            )
+            tensors[name] = w.flatten(-2).to(tensors[name].dtype)
+    save_file(tensors, file, metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4

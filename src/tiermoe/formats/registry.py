@@ -7,10 +7,14 @@ import torch
 from ..errors import CheckpointError
 from .base import ExpertFormat
 from .dense import DenseFormat
+from .fp4 import GROUP as NVFP4_GROUP
+from .fp4 import Nvfp4Format
 from .fp8 import Fp8BlockFormat
 from .int4 import Int4Format
 
-SUPPORTED = "fp8 (block scales), gptq and awq (4-bit)"  # quant_method values format_for reads
+SUPPORTED = (
+    "fp8 (block scales), gptq and awq (4-bit), modelopt (NVFP4)"  # quant_method values format_for reads
+)
 
 
 def quantization(config: dict) -> dict | None:
@@ -67,4 +71,12 @@ def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> Exp
             )
         v2 = qc.get("checkpoint_format") == "gptq_v2"
         return Int4Format(hidden, inter, dtype, group, "gptq_v2" if v2 else method)
+    if method == "modelopt":
+        algo, group = qc.get("quant_algo"), qc.get("group_size", NVFP4_GROUP)
+        if algo != "NVFP4" or group != NVFP4_GROUP:
+            raise CheckpointError(
+                f"config.json: modelopt quant_algo {algo!r} with group_size {group!r} is not supported; tiermoe "
+                f"reads NVFP4 with groups of {NVFP4_GROUP}"
+            )
+        return Nvfp4Format(hidden, inter, dtype)
     raise CheckpointError(f"config.json: quant_method {method!r} is not supported; tiermoe reads {SUPPORTED}")

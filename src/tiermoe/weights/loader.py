@@ -141,8 +141,9 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     for name, param in params.items():
         stored = disk[name]
         tensors = {n: ckpt.get(n) for n in (stored, *fmt.companions(stored)) if n in ckpt}
-        expect_shape(stored, tuple(tensors[stored].shape), tuple(param.shape), ckpt.file_of(stored))
-        param.data.copy_(fmt.dense_weight(stored, tensors, source.dtype))
+        value = fmt.dense_weight(stored, tensors, source.dtype)  # dequantized where the format stores it so
+        expect_shape(stored, tuple(value.shape), tuple(param.shape), ckpt.file_of(stored))
+        param.data.copy_(value)
         if progress:
             progress.advance(task)
 

@@ -103,7 +103,7 @@ def _write_shard(path: Path, shard: list[Planned], progress) -> int:
                 raise ValueError(
                     f"{t.name}: made {values.dtype} {list(values.shape)}, planned {t.dtype} {list(t.shape)}"
                 )
-            f.write(values.contiguous().view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+            f.write(values.cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
             if progress and not t.name.startswith(PADDING_PREFIX):
                 progress(t)
         return f.tell()
