@@ -15,7 +15,10 @@ COMMANDS = {
     "serve": ("server.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "chat": ("chat", "chat in the terminal"),
     "eval": ("evaluate", "perplexity of a checkpoint over a text file (sliding windows)"),
-    "convert": ("convert", "quantize a checkpoint's experts (int4 in GPTQ's layout, fp8 with block scales, nvfp4)"),
+    "convert": (
+        "convert",
+        "quantize a checkpoint's experts (int4 in GPTQ's layout, fp8 with block scales, nvfp4)",
+    ),
     "synth": ("bench.synth", "write a random-weight checkpoint with a real model's config"),
     "bench": ("bench.run", "time tiermoe and its peers; JSON and PNG under bench/results/"),
     "profile": ("hardware", "measure PCIe, disk, CPU and GPU ceilings and the decode floor"),
