@@ -9,6 +9,7 @@
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
 #     qwen3: the same for Qwen3-30B-A3B at 8 GiB
+#     qwen3-int4 / olmoe-int4: tiermoe with int4 experts at those caps, llama.cpp at Q4_K_M (bench_suite.sh)
 #   QWEN3_BUDGETS / OLMOE_BUDGETS: tiermoe's caps in that suite (e.g. QWEN3_BUDGETS=8 skips the uncapped
 #   runs, ~3 minutes, where a lease is short)
 #   then, with AB_REV set and that revision's src/ in .carry/ab/src: scripts/ab_decode.sh for each suite
@@ -47,7 +48,7 @@ qwen3_gguf() {
 }
 
 SUITES=${SUITES:-olmoe qwen3}
-[[ " $SUITES " == *" qwen3 "* ]] && (
+[[ " $SUITES " == *" qwen3 "* || " $SUITES " == *" qwen3-int4 "* ]] && (
     $T synth --preset qwen3-30b-a3b --out "$SYNTH/qwen3-30b-a3b" --dtype bf16 --experts-in-memory
     mark "qwen3 synth done"
     if [[ $QWORK != "$GGUF" ]]; then qwen3_gguf "$QWORK" && mark "qwen3 gguf done"; fi
@@ -65,7 +66,10 @@ if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
 fi
 (
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
+    python3 -m pytest -q -p no:cacheprovider tests/test_formats_int4_triton.py 2>&1 | tail -n 15
     mark "gpu tests done"
+    python3 -m tiermoe.bench.kernels 2>&1 | tail -n 8
+    mark "kernel bench done"
     python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
     mark "llama.cpp tests done"
 ) > "$W/pytest.log" 2>&1 &
@@ -75,13 +79,13 @@ df -h / /dev/shm | tee -a "$W/phases.log"
 
 if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
-    if [[ $suite == qwen3 && $QWORK == "$GGUF" ]]; then
+    if [[ $suite == qwen3* && $QWORK == "$GGUF" && ! -e $GGUF/.qwen3-ready ]]; then
         rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
-        qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1
+        qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1 && touch "$GGUF/.qwen3-ready"
         mark "qwen3 gguf (disk) done"
     fi
     free -g | tee -a "$W/phases.log"
-    if [[ $suite == qwen3 ]]; then budgets=${QWEN3_BUDGETS:-}; else budgets=${OLMOE_BUDGETS:-}; fi
+    case $suite in qwen3) budgets=${QWEN3_BUDGETS:-} ;; olmoe) budgets=${OLMOE_BUDGETS:-} ;; *) budgets= ;; esac
     GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done

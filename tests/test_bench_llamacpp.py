@@ -485,20 +485,23 @@ def test_runs_repeat_every_setting_per_gguf_format(gguf, tmp_path, monkeypatch):
     sample = tmp_path / "sample.json"
     sample.write_text(BENCH_JSON)
     root = _install(tmp_path / "kit", FAKE_BENCH.format(python=sys.executable, sample=str(sample)))
-    options = llamacpp.options(root, "base, q4_k_m,base")
+    # llama.cpp converts the bf16 checkpoint that the benched (quantized) one was made from
+    options = llamacpp.options(root, "base, q4_k_m,base", source=tmp_path / "bf16")
     assert options.formats == ("base", "q4_k_m")
     asked = []
 
     def prepare(model_dir, options, progress, fmt):
-        asked.append(fmt)
+        asked.append((Path(model_dir).name, fmt))
         if fmt == "q4_k_m":
             raise llamacpp.LlamaCppError("llama-quantize failed")
         return llamacpp.Gguf(gguf, "q8_0", "random")
 
     monkeypatch.setattr(llamacpp, "prepare_gguf", prepare)
     monkeypatch.setattr(llamacpp, "_nvidia_smi", lambda q: [81920.0] if q == "memory.total" else None)
-    runs = llamacpp.runs(tmp_path, Workload(128, 64), [None], options, timeout_s=60, progress=lambda _: None)
-    assert asked == ["base", "q4_k_m"]
+    runs = llamacpp.runs(
+        tmp_path / "int4", Workload(128, 64), [None], options, timeout_s=60, progress=lambda _: None
+    )
+    assert asked == [("bf16", "base"), ("bf16", "q4_k_m")]
     assert [(r["llama_cpp_format"], r["experts_dtype"], r["llama_cpp_setting"], r["error"]) for r in runs] == [
         ("base", "q8_0", "all-gpu", None), ("base", "q8_0", "experts-cpu", None),
         ("q4_k_m", None, "all-gpu", "no GGUF: llama-quantize failed"),

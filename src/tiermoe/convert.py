@@ -47,8 +47,12 @@ def writer_for(experts: str, group_size: int = 128, scales: str = "mse", block: 
     raise InvalidRequestError(f"--experts {experts!r}: choose one of {', '.join(WRITERS)}", "experts")
 
 
-def convert(model: str | Path, out: str | Path, writer, progress: bool = False) -> Path:
-    """Write `model` with its experts quantized by `writer` to `out` (which must not exist)."""
+def convert(
+    model: str | Path, out: str | Path, writer, progress: bool = False, device: str | None = None
+) -> Path:
+    """Write `model` with its experts quantized by `writer` to `out` (which must not exist); the
+    quantization runs on `device` (default: the GPU when there is one)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     if out.exists():
         raise InvalidRequestError(f"--out {out} exists; convert writes a new directory", "out")
@@ -71,7 +75,7 @@ def convert(model: str | Path, out: str | Path, writer, progress: bool = False) 
     for layer in args.moe_layers:
         fused = ckpt.expert_layout(fmt, names, layer) == "fused"
         for e in range(args.num_experts):
-            planned += _expert(ckpt, arch, writer, names, layer, e, fused, hidden, inter)
+            planned += _expert(ckpt, arch, writer, names, layer, e, fused, hidden, inter, device)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir(parents=True)
@@ -114,7 +118,7 @@ def _copied(ckpt, name: str) -> Planned:
 
 
 def _expert(
-    ckpt, arch, writer, names, layer: int, expert: int, fused: bool, hidden: int, inter: int
+    ckpt, arch, writer, names, layer: int, expert: int, fused: bool, hidden: int, inter: int, device
 ) -> list[Planned]:
     """The planned tensors of one expert: its three projections quantized, made together when the first
     is written (one expert in memory at a time)."""
@@ -125,9 +129,9 @@ def _expert(
 
     def weights() -> list[torch.Tensor]:  # gate, up [I, H] and down [H, I]
         if fused:
-            gate_up, down = (ckpt.get(n.format(layer=layer))[expert] for n in names.fused)
+            gate_up, down = (ckpt.get(n.format(layer=layer))[expert].to(device) for n in names.fused)
             return [*gate_up.float().split(inter), down.float()]
-        return [ckpt.get(n.format(layer=layer, expert=expert)).float() for n in names.per_expert]
+        return [ckpt.get(n.format(layer=layer, expert=expert)).to(device).float() for n in names.per_expert]
 
     def make(name: str) -> torch.Tensor:
         if not made:

@@ -137,6 +137,9 @@ class LlamaCppOptions:
     install: LlamaCppDir
     work_dir: Path = DEFAULT_WORK_DIR  # cached GGUFs, staging folders, converter logs
     formats: tuple[str, ...] = (BASE,)  # GGUFs to bench, each FORMATS: the base one, llama-quantize'd copies
+    # The checkpoint llama.cpp converts, when not the bench's --model: the unquantized checkpoint that a
+    # quantized one tiermoe runs was made from (llama.cpp quantizes its own way, from bf16 or q8_0).
+    source: Path | None = None
     cuda_context_gib: float = 0.5  # outside llama.cpp's own buffers: 0.3-0.6 GiB measured on an H100
     convert_timeout_s: float = 3600.0  # Qwen3-30B-A3B's random q8_0 GGUF took about 7 minutes
 
@@ -155,11 +158,16 @@ def parse_formats(text: str | None) -> tuple[str, ...]:
     return (BASE,) if text is None else tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
 
 
-def options(llama_cpp_dir: str | Path | None, formats: str | None = None) -> LlamaCppOptions | None:
-    """The bench's llama.cpp options from `--llama-cpp DIR` and `--llama-cpp-formats`; None without DIR."""
+def options(
+    llama_cpp_dir: str | Path | None, formats: str | None = None, source: str | Path | None = None
+) -> LlamaCppOptions | None:
+    """The bench's llama.cpp options from `--llama-cpp DIR`, `--llama-cpp-formats` and
+    `--llama-cpp-source`; None without DIR."""
     if llama_cpp_dir is None:
         return None
-    return LlamaCppOptions(locate(llama_cpp_dir), formats=parse_formats(formats))
+    return LlamaCppOptions(
+        locate(llama_cpp_dir), formats=parse_formats(formats), source=source and Path(source)
+    )
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -581,7 +589,7 @@ def runs(
     llama_cpp_format, n_cpu_moe, gguf, ...), per GGUF format of the options: all on the GPU, the fitted
     split per capped budget, all experts on the CPU. A failure becomes that run's `error`; nothing here
     raises for a peer that does not work."""
-    model_dir = Path(model_dir)
+    model_dir = Path(options.source or model_dir)
     caps = [b for b in gpu_budgets if b is not None]
     base = {
         "engine": ENGINE, "model_preset": read_synth_info(model_dir).get("preset", model_dir.name),

@@ -419,7 +419,7 @@ def main(args: argparse.Namespace) -> int:
         progress=console.print,
         routings=parse_routings(args.routing),
         record_routing=args.record_routing,
-        llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_formats),
+        llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_formats, args.llama_cpp_source),
         measured=lambda runs: write_json(partial, {"runs": runs, "partial": True}),
         kv_reserve_tokens=args.kv_reserve_tokens,
     )
@@ -455,6 +455,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--peers", default="", help="comma-separated: hf, hf-offload, llama.cpp")
     p.add_argument(
         "--llama-cpp", default=None, metavar="DIR", help="llama.cpp build and converter (--peers llama.cpp)"
+    )
+    p.add_argument(
+        "--llama-cpp-source",
+        default=None,
+        metavar="DIR",
+        help="the checkpoint llama.cpp converts (default: --model), e.g. the bf16 one a quantized --model came from",
     )
     p.add_argument(
         "--llama-cpp-formats",

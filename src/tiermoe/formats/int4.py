@@ -220,5 +220,5 @@ class GptqWriter:
             f"{base}.qweight": pack_rows(q),
             f"{base}.qzeros": pack_cols((zeros - 1) & 15),
             f"{base}.scales": scales.half(),
-            f"{base}.g_idx": torch.arange(w.shape[-1], dtype=torch.int32) // self.group,
+            f"{base}.g_idx": torch.arange(w.shape[-1], dtype=torch.int32, device=w.device) // self.group,
         }

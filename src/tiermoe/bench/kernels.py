@@ -1,0 +1,104 @@
+"""`python -m tiermoe.bench.kernels`: each expert format's decode path on the GPU at real expert shapes:
+time per layer step (batch 1, top-k distinct experts from a bank of resident slots), the bytes it reads,
+achieved GB/s against the measured HBM copy bandwidth, and its error against the torch reference
+(experts dequantized to float32). Writes bench/results/kernels-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ..formats.dense import DenseFormat
+from ..formats.int4 import Int4Format
+from ..formats.quantized import DequantizingFormat
+from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
+
+SHAPES = {"olmoe-1b-7b": (2048, 1024, 8), "qwen3-30b-a3b": (2048, 768, 8)}  # hidden, expert inter, top-k
+SLOTS = 64
+
+
+def _time_ms(fn, iters: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    if not torch.cuda.is_available():  # the CPU smoke test: wall time
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) * 1000 / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def hbm_gb_s() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / _time_ms(lambda: b.copy_(a), 20) / 1e6
+
+
+def measure(fmt, top_k: int, device: str = "cuda", iters: int = 200) -> dict:
+    """One format's decode step over top_k distinct experts of a bank of SLOTS random ones."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bank = fmt.empty(SLOTS, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for s in range(SLOTS):
+        fmt.fill_random(bank[s], g, 0.02)
+    views = fmt.views(bank)
+    x = torch.randn(1, fmt.hidden, device=device, dtype=dtype)
+    slots = torch.randperm(SLOTS, device=device)[:top_k][None]
+    weights = torch.full((1, top_k), 1.0 / top_k, device=device, dtype=dtype)
+    ms = _time_ms(lambda: fmt.mlp(x, slots, weights, views), iters)
+    nbytes = top_k * fmt.nbytes
+    got = fmt.mlp(x, slots, weights, views).float()
+    if isinstance(fmt, DequantizingFormat):  # the reference: dequantized to float32, in torch
+        gate_up, down = fmt.dequantize(views, slots[0])
+        ref_fmt = DenseFormat(fmt.hidden, fmt.inter, torch.float32)
+        bank32 = {"gate_up": gate_up.float(), "down": down.float()}
+        pairs = torch.arange(top_k, device=device)[None]
+        ref = ref_fmt.mlp(x.float(), pairs, weights.float(), bank32)
+    else:
+        ref = DenseFormat(fmt.hidden, fmt.inter, torch.float32).mlp(
+            x.float(), slots, weights.float(), {k: v.float() for k, v in views.items()}
+        )
+    return {
+        "format": fmt.name, "hidden": fmt.hidden, "inter": fmt.inter, "top_k": top_k, "ms_per_layer": ms,
+        "bytes_read": nbytes, "gb_s": nbytes / ms / 1e6, "rel_error": ((got - ref).norm() / ref.norm()).item(),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tiermoe.bench.kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help=f"JSON file (default: {RESULTS_DIR}/kernels-<date>.json)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the kernel bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    hbm = hbm_gb_s()
+    runs = []
+    for shape, (h, i, k) in SHAPES.items():
+        for fmt in (DenseFormat(h, i, torch.bfloat16), Int4Format(h, i, torch.bfloat16, 128)):
+            r = {"shape": shape, **measure(fmt, k)}
+            r["of_hbm"] = r["gb_s"] / hbm
+            runs.append(r)
+            print(
+                f"{shape:14} {r['format']:24} {r['ms_per_layer'] * 1000:8.1f} us  {r['gb_s']:7.1f} GB/s "
+                f"({r['of_hbm']:.0%} of HBM {hbm:.0f})  rel error {r['rel_error']:.1e}"
+            )
+    path = write_json(
+        args.out or RESULTS_DIR / f"kernels-{timestamp()}.json",
+        {"hbm_gb_s": hbm, "runs": runs, **run_metadata(argv)},
+    )
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
