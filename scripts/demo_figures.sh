@@ -4,7 +4,9 @@
 #     and at the full context (1024, stride 1023);
 #   - the model's routing on that text, recorded during the second pass (docs/demo-model/routing-*.npz),
 #     and its routing report with every token a decode step (the windows are teacher-forced prefills);
-#   - the same report for SZD and uniform routing forced onto the model over the plays, for comparison.
+#   - the same report for SZD and uniform routing forced onto the model over the plays, for comparison;
+#   - the README's "Quantized experts" table (~10 more minutes): each format written by tiermoe convert, and
+#     fewer experts per token, evaluated at the full context (docs/demo-model/quantized/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,3 +27,21 @@ for routing in szd uniform; do
     $T routing-report "$tmp/$routing.npz" --as-decode --json "$D/routing-plays-$routing.json"
 done
 rm -rf "$tmp"
+
+Q=$D/quantized
+mkdir -p "$Q"
+trap 'rm -rf "$tmp"' EXIT
+tmp=$(mktemp -d)
+$T convert --model "$M" --experts fp8 --out "$tmp/fp8"
+$T convert --model "$M" --experts int4 --scales rtn --out "$tmp/int4-rtn"
+$T convert --model "$M" --experts int4 --scales mse --out "$tmp/int4-mse"
+$T convert --model "$M" --experts nvfp4 --out "$tmp/nvfp4"
+for text in plays python; do
+    flags=(--device cpu --dtype fp32 --context 1024 --stride 1023 --text "$D/heldout_$text.txt")
+    for q in fp8 int4-rtn int4-mse nvfp4; do
+        $T eval --model "$tmp/$q" "${flags[@]}" --json "$Q/eval-$q-$text.json"
+    done
+    for k in 3 2; do
+        $T eval --model "$M" --experts-per-token "$k" "${flags[@]}" --json "$Q/eval-k$k-$text.json"
+    done
+done

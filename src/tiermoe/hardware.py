@@ -43,7 +43,7 @@ class Measurement:
     note: str = ""
 
 
-def _time_cpu(fn: Callable[[], None], min_s: float) -> float:
+def time_cpu(fn: Callable[[], None], min_s: float) -> float:
     """Seconds per call of fn, after one warm-up call, repeated until min_s has passed."""
     fn()
     calls, start = 0, time.perf_counter()
@@ -55,7 +55,7 @@ def _time_cpu(fn: Callable[[], None], min_s: float) -> float:
             return elapsed / calls
 
 
-def _time_cuda(fn: Callable[[], None], iters: int) -> float:
+def time_cuda(fn: Callable[[], None], iters: int) -> float:
     """Seconds per call measured with CUDA events, after one warm-up call."""
     fn()
     torch.cuda.synchronize()
@@ -74,33 +74,33 @@ def h2d_bandwidth(chunk_bytes: int, pinned: bool, total_bytes: int = 4 * GIB) ->
     src.fill_(1)  # touch the pages so the first copy does not pay for faulting them in
     dst = torch.empty(chunk_bytes, dtype=torch.uint8, device="cuda")
     iters = max(3, total_bytes // chunk_bytes)
-    return chunk_bytes / _time_cuda(lambda: dst.copy_(src, non_blocking=pinned), iters) / GB
+    return chunk_bytes / time_cuda(lambda: dst.copy_(src, non_blocking=pinned), iters) / GB
 
 
 def gpu_copy_bandwidth(nbytes: int) -> float:
     """GB/s of device-to-device copy, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * nbytes / _time_cuda(lambda: dst.copy_(src), 10) / GB
+    return 2 * nbytes / time_cuda(lambda: dst.copy_(src), 10) / GB
 
 
 def gpu_gemm_tflops(n: int) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / _time_cuda(lambda: torch.mm(a, b), 20) / 1e12
+    return 2 * n**3 / time_cuda(lambda: torch.mm(a, b), 20) / 1e12
 
 
 def cpu_copy_bandwidth(nbytes: int, min_s: float = 0.3) -> float:
     """GB/s of a RAM-to-RAM copy, counting bytes read plus bytes written."""
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _time_cpu(lambda: dst.copy_(src), min_s) / GB
+    return 2 * nbytes / time_cpu(lambda: dst.copy_(src), min_s) / GB
 
 
 def cpu_matmul_gflops(n: int, dtype: torch.dtype, min_s: float = 0.3) -> float:
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / _time_cpu(lambda: torch.mm(a, b), min_s) / 1e9
+    return 2 * n**3 / time_cpu(lambda: torch.mm(a, b), min_s) / 1e9
 
 
 def _read_all(path: Path, chunk_bytes: int, direct: bool) -> float:

@@ -8,40 +8,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 from ..formats.dense import DenseFormat
 from ..formats.int4 import Int4Format
 from ..formats.quantized import DequantizingFormat
+from ..hardware import gpu_copy_bandwidth, time_cpu, time_cuda
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 
 SHAPES = {"olmoe-1b-7b": (2048, 1024, 8), "qwen3-30b-a3b": (2048, 768, 8)}  # hidden, expert inter, top-k
 SLOTS = 64
 
 
-def _time_ms(fn, iters: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    if not torch.cuda.is_available():  # the CPU smoke test: wall time
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) * 1000 / iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def hbm_gb_s() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / _time_ms(lambda: b.copy_(a), 20) / 1e6
+def _time_ms(fn, iters: int) -> float:
+    """Milliseconds per call: CUDA events on the GPU, wall time on the CPU (the smoke test)."""
+    if torch.cuda.is_available():
+        return time_cuda(fn, iters) * 1000
+    return time_cpu(fn, min_s=0.01) * 1000
 
 
 def measure(fmt, top_k: int, device: str = "cuda", iters: int = 200) -> dict:
@@ -81,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: the kernel bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    hbm = hbm_gb_s()
+    hbm = gpu_copy_bandwidth(1 << 30)
     runs = []
     for shape, (h, i, k) in SHAPES.items():
         for fmt in (DenseFormat(h, i, torch.bfloat16), Int4Format(h, i, torch.bfloat16, 128)):
