@@ -66,7 +66,7 @@ if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
 fi
 (
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
-    python3 -m pytest -q -p no:cacheprovider tests/test_formats_int4_triton.py 2>&1 | tail -n 15
+    python3 -m pytest -q -p no:cacheprovider tests/test_formats_triton.py 2>&1 | tail -n 15
     mark "gpu tests done"
     python3 -m tiermoe.bench.kernels 2>&1 | tail -n 8
     mark "kernel bench done"

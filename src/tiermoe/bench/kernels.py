@@ -12,6 +12,7 @@ import sys
 import torch
 
 from ..formats.dense import DenseFormat
+from ..formats.fp8 import Fp8BlockFormat
 from ..formats.int4 import Int4Format
 from ..formats.quantized import DequantizingFormat
 from ..hardware import gpu_copy_bandwidth, time_cpu, time_cuda
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     hbm = gpu_copy_bandwidth(1 << 30)
     runs = []
     for shape, (h, i, k) in SHAPES.items():
-        for fmt in (DenseFormat(h, i, torch.bfloat16), Int4Format(h, i, torch.bfloat16, 128)):
+        for fmt in (
+            DenseFormat(h, i, torch.bfloat16),
+            Fp8BlockFormat(h, i, torch.bfloat16),
+            Int4Format(h, i, torch.bfloat16, 128),
+        ):
             r = {"shape": shape, **measure(fmt, k)}
             r["of_hbm"] = r["gb_s"] / hbm
             runs.append(r)

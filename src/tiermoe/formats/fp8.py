@@ -98,6 +98,13 @@ class Fp8BlockFormat(DequantizingFormat):
             views[wq][0].copy_(q.reshape(views[wq][0].shape))
             views[ws][0].copy_(s.reshape(views[ws][0].shape))
 
+    def mlp(self, x, slots, weights, bank):
+        if x.is_cuda and self.graph_safe(slots.numel()):  # decode: the fused Triton GEMV
+            from .triton_kernels import fp8_mlp
+
+            return fp8_mlp(self, x, slots, weights, bank)
+        return super().mlp(x, slots, weights, bank)
+
     def companions(self, name: str) -> tuple[str, ...]:
         return (name + SCALE_SUFFIX,) if name.endswith(".weight") else ()
 

@@ -156,7 +156,7 @@ class Int4Format(DequantizingFormat):
 
     def mlp(self, x, slots, weights, bank):
         if x.is_cuda and self.graph_safe(slots.numel()):  # decode: the fused Triton GEMV
-            from .int4_triton import int4_mlp
+            from .triton_kernels import int4_mlp
 
             return int4_mlp(self, x, slots, weights, bank)
         return super().mlp(x, slots, weights, bank)

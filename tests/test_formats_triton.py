@@ -1,0 +1,50 @@
+"""The quantized formats' Triton decode kernels against their torch reference: compiled on a GPU, and
+without one in Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1 before triton is
+imported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tiermoe.formats import triton_kernels
+from tiermoe.formats.fp8 import Fp8BlockFormat
+from tiermoe.formats.int4 import Int4Format
+from tiermoe.formats.quantized import DequantizingFormat
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+CASES = [
+    (Int4Format, (64, 32, 16), triton_kernels.int4_mlp),
+    (Int4Format, (128, 96, -1), triton_kernels.int4_mlp),
+    (Int4Format, (256, 128, 128), triton_kernels.int4_mlp),
+    (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_mlp),  # 40 rows: a partial block of scales
+    (Fp8BlockFormat, (256, 128, (128, 128)), triton_kernels.fp8_mlp),
+]
+
+
+@pytest.mark.parametrize(("cls", "shape", "kernel"), CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
+    hidden, inter, block = shape
+    fmt = cls(hidden, inter, DTYPE, block)
+    bank = fmt.empty(5, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for s in range(5):
+        fmt.fill_random(bank[s], g, 0.05)
+    views = fmt.views(bank)
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+    slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
+    got = kernel(fmt, x, slots, weights, views).float()
+    # the reference: the experts dequantized to float32, in torch
+    ref = DequantizingFormat.mlp(
+        cls(hidden, inter, torch.float32, block), x.float(), slots, weights.float(), views
+    )
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if not CUDA else 1e-2), rel
+    if CUDA:  # the format's own decode path is this kernel
+        assert torch.equal(fmt.mlp(x, slots, weights, views).float(), got)
