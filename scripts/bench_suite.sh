@@ -76,8 +76,9 @@ qwen3)
         "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 qwen3-int4 | olmoe-int4)
-    # Quantized experts (issue 12): tiermoe with int4 experts (GPTQ layout, the Triton decode kernel) under
-    # the same cap, and llama.cpp's Q4_K_M made from the bf16 checkpoint of the same shape. Qwen3's int4
+    # Quantized experts (issue 12): tiermoe with int4 experts (GPTQ layout, the Triton decode kernel) and
+    # with the bf16 ones (--also-model) under the same cap, and llama.cpp's Q4_K_M made from the bf16
+    # checkpoint of the same shape, in one results file. Qwen3's int4
     # experts are generated in memory like its bf16 ones; OLMoE's are converted from its bf16 synth
     # (round-to-nearest scales: the search changes quality, not speed).
     if [[ $1 == qwen3-int4 ]]; then
@@ -91,7 +92,7 @@ qwen3-int4 | olmoe-int4)
         [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts int4 --scales rtn --out "$model"
     fi
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" \
-        --prompt-len 128 --gen-len "$gen" --batch 1 --repeat "$repeat" \
+        --prompt-len 128 --gen-len "$gen" --batch 1 --repeat "$repeat" --also-model "$bf16" \
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300
     ;;

@@ -16,6 +16,7 @@ from tiermoe.bench.report import RUN_KEYS, plot_runs
 from tiermoe.bench.synth import synth_checkpoint
 from tiermoe.bench.workload import Workload
 from tiermoe.config import EngineConfig
+from tiermoe.convert import convert, writer_for
 from tiermoe.errors import InvalidRequestError
 from tiermoe.hardware import GIB
 from tiermoe.offload.placement import plan_from_config
@@ -153,6 +154,26 @@ def test_a_batch_beyond_the_default_kv_reserve_runs(tmp_path):
     (tiermoe,) = payload["runs"]
     assert tiermoe["error"] is None, tiermoe["error"]
     assert tiermoe["kv_reserve_tokens"] == 12 * 64 and tiermoe["batch"] == 12 and tiermoe["decode_tok_s"] > 0
+
+
+@pytest.mark.slow  # about 7 s on CI's 2 cores
+def test_also_model_runs_tiermoe_on_each_checkpoint_with_its_own_floor(tmp_path):
+    bf16 = tmp_path / "tiny"
+    synth_checkpoint("tiny-olmoe", bf16, progress=False)
+    int4 = convert(bf16, tmp_path / "tiny-int4", writer_for("int4", 16, "rtn"))
+    cap = _capped_budget_gib(bf16)
+    payload = run.bench(
+        int4, Workload(16, 4, 1, 1), [cap], [], h2d_gb_s=H2D_GB_S, progress=lambda _: None, also_models=[bf16]
+    )
+    runs = payload["runs"]
+    assert [(r["model_dir"], r["experts_dtype"]) for r in runs] == [
+        (str(int4), "int4 (gptq, group 16)"),
+        (str(bf16), "bf16"),
+    ]
+    assert all(r["error"] is None and r["decode_tok_s"] > 0 for r in runs), [r["error"] for r in runs]
+    # each floor from the model's own plan: the budget that leaves bf16 with 6.5 of its 16 experts holds
+    # every int4 one (3.4x smaller), so nothing of int4's crosses PCIe
+    assert runs[0]["pcie_floor_tok_s"] is None and runs[1]["pcie_floor_tok_s"] > 0
 
 
 def test_decode_traffic_per_decoded_token():

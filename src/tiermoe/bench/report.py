@@ -60,7 +60,8 @@ def variant_name(run: dict) -> str:
 
 def run_label(run: dict) -> str:
     budget = "uncapped" if run.get("gpu_budget_gib") is None else f"{run['gpu_budget_gib']:g} GiB"
-    lines = [run["engine"], budget, run.get("routing") and f"{run['routing']} routing", variant_name(run)]
+    routing = run.get("routing") and f"{run['routing']} routing"
+    lines = [run["engine"], run.get("experts_dtype"), budget, routing, variant_name(run)]
     return "\n".join(filter(None, lines)) + f"\nbatch {run['batch']}"
 
 

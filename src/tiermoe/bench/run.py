@@ -211,18 +211,17 @@ def bench(
     llama_cpp: llamacpp.LlamaCppOptions | None = None,
     measured: Callable[[list[dict]], None] | None = None,
     kv_reserve_tokens: int | None = None,
+    also_models: list[str | Path] = (),
 ) -> dict:
     """Measure every setting and return {"runs": [...], ...}; writes nothing but the routing traces
     asked for (record_routing: a path each tiermoe run's trace is named after). `measured` is given the
     runs so far after each setting, so that a bench stopped from outside keeps what it measured.
-    kv_reserve_tokens: every tiermoe run's KV reserve (default: kv_reserve_for the workload)."""
+    kv_reserve_tokens: every tiermoe run's KV reserve (default: kv_reserve_for the workload).
+    also_models: checkpoints of the same shape (e.g. its bf16 original beside a quantized model) that
+    tiermoe runs at the same settings, in the same results; the peers run once, on model_dir."""
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise InvalidRequestError(
-            f"{model_dir} has no config.json; write one with `tiermoe synth`", param="model"
-        )
-    config = json.loads(config_path.read_text())
+    config = _read_config(model_dir)
+    extra = [(Path(m), _read_config(Path(m))) for m in also_models]
     if llamacpp.ENGINE in peer_names and llama_cpp is None:
         raise InvalidRequestError(
             "--peers llama.cpp needs --llama-cpp DIR, a llama.cpp build and its converter (bench/README.md)",
@@ -237,18 +236,23 @@ def bench(
         "kv_reserve_tokens": kv_reserve_tokens or kv_reserve_for(config, workload),
     }
     EngineConfig(**engine_config)
-    info = read_synth_info(model_dir)
-    experts_format = format_for(config, *from_config(config)[2].expert_shape, torch.bfloat16)
-    common = {
-        "model_preset": info.get("preset", model_dir.name),
-        "experts_dtype": experts_format.name
-        if not isinstance(experts_format, DenseFormat)
-        else info.get("dtype") or _DTYPE_NAMES.get(config.get("torch_dtype", ""), config.get("torch_dtype")),
-        "cpu_budget_gib": cpu_budget_gib,
-        "batch": workload.batch,
-        "prompt_len": workload.prompt_len,
-        **run_metadata(argv),
-    }
+    metadata = run_metadata(argv)
+
+    def common_of(mdir: Path, cfg: dict) -> dict:
+        info = read_synth_info(mdir)
+        experts_format = format_for(cfg, *from_config(cfg)[2].expert_shape, torch.bfloat16)
+        dense = info.get("dtype") or _DTYPE_NAMES.get(cfg.get("torch_dtype", ""), cfg.get("torch_dtype"))
+        return {
+            "model_preset": info.get("preset", mdir.name),
+            "model_dir": str(mdir),
+            "experts_dtype": dense if isinstance(experts_format, DenseFormat) else experts_format.name,
+            "cpu_budget_gib": cpu_budget_gib,
+            "batch": workload.batch,
+            "prompt_len": workload.prompt_len,
+            **metadata,
+        }
+
+    common = common_of(model_dir, config)
     peer_workload = Workload(
         workload.prompt_len,
         peer_gen_len or workload.gen_len,
@@ -258,7 +262,14 @@ def bench(
     )
     results = []
     variants = variants or parse_variants(None)
-    for engine, budget, options in _settings(gpu_budgets, peer_names, variants, routings or [None]):
+    settings = [
+        (model_dir, common, *s) for s in _settings(gpu_budgets, peer_names, variants, routings or [None])
+    ]
+    for mdir, cfg in extra:  # tiermoe alone, at the same settings
+        settings += [
+            (mdir, common_of(mdir, cfg), *s) for s in _settings(gpu_budgets, [], variants, routings or [None])
+        ]
+    for mdir, model_common, engine, budget, options in settings:
         w = workload if engine == "tiermoe" else peer_workload
         budget_text = "uncapped" if budget is None else f"{budget:g} GiB"
         variant = (
@@ -282,7 +293,7 @@ def bench(
         )
         figures = run_isolated(
             engine,
-            model_dir,
+            mdir,
             w,
             budget,
             cpu_budget_gib,
@@ -296,7 +307,7 @@ def bench(
         if figures.get("error"):
             progress(f"bench: {engine}: {figures['error']}")
         run = {
-            **common,
+            **model_common,
             "engine": engine,
             "gpu_budget_gib": budget,
             **{k: v for k, v in (options or {}).items() if k in ("eviction", "prefetch")},
@@ -324,8 +335,19 @@ def bench(
 
     # Measured last, so this process holds no CUDA context while the engines run.
     h2d = h2d_gb_s if h2d_gb_s is not None else measure_h2d(config)
-    _finish_runs(results, config, workload.batch, h2d, engine_config)
+    for mdir, cfg in [(model_dir, config), *extra]:  # each model's floors from its own plan
+        group = [r for r in results if r["model_dir"] == str(mdir)]  # the peers are model_dir's
+        _finish_runs(group, cfg, workload.batch, h2d, engine_config)
     return {"runs": results, "model_dir": str(model_dir), "h2d_gb_s": h2d, "seed": workload.seed}
+
+
+def _read_config(model_dir: Path) -> dict:
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise InvalidRequestError(
+            f"{model_dir} has no config.json; write one with `tiermoe synth`", param="model"
+        )
+    return json.loads(config_path.read_text())
 
 
 def _routing_key(run: dict) -> tuple:
@@ -363,6 +385,7 @@ def _summary_table(runs: list[dict]):
     table = Table(title="tiermoe bench")
     for col in (
         "engine",
+        "experts",
         "GPU cap",
         "routing",
         "batch",
@@ -385,7 +408,7 @@ def _summary_table(runs: list[dict]):
     for r in runs:
         cap = "none" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g}"
         table.add_row(
-            f"{r['engine']} {variant_name(r)}".strip(), cap, r["routing"] or "-", str(r["batch"]),
+            f"{r['engine']} {variant_name(r)}".strip(), r["experts_dtype"] or "-", cap, r["routing"] or "-", str(r["batch"]),
             fmt(r["prefill_tok_s"], ",.1f"), fmt(r["decode_tok_s"]), fmt(r["ttft_s"], ".3f"), fmt(r["peak_gpu_gib"]),
             fmt(r["gpu_hit_rate"], ".1%"), fmt(r["h2d_gb_s"], ".1f"), fmt(r["floor_tok_s"]),
             fmt(r["floor_fraction"], ".0%"), fmt(r["pcie_floor_tok_s"]), (r["error"] or "")[:60],
@@ -418,6 +441,7 @@ def main(args: argparse.Namespace) -> int:
         variants=parse_variants(args.variants),
         progress=console.print,
         routings=parse_routings(args.routing),
+        also_models=args.also_model or [],
         record_routing=args.record_routing,
         llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_formats, args.llama_cpp_source),
         measured=lambda runs: write_json(partial, {"runs": runs, "partial": True}),
@@ -452,6 +476,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up; figures are medians")
+    p.add_argument(
+        "--also-model",
+        action="append",
+        metavar="DIR",
+        help="another checkpoint of the same shape tiermoe runs at the same settings, in the same results "
+        "(e.g. the bf16 original of a quantized --model); repeatable",
+    )
     p.add_argument("--peers", default="", help="comma-separated: hf, hf-offload, llama.cpp")
     p.add_argument(
         "--llama-cpp", default=None, metavar="DIR", help="llama.cpp build and converter (--peers llama.cpp)"
