@@ -105,6 +105,13 @@ class Fp8BlockFormat(DequantizingFormat):
             return fp8_mlp(self, x, slots, weights, bank)
         return super().mlp(x, slots, weights, bank)
 
+    def accumulate(self, x, tokens, slots, weights, bank, out):
+        if x.is_cuda:  # prefill and large batches: the grouped Triton GEMM
+            from .triton_kernels import fp8_accumulate
+
+            return fp8_accumulate(self, x, tokens, slots, weights, bank, out)
+        return super().accumulate(x, tokens, slots, weights, bank, out)
+
     def companions(self, name: str) -> tuple[str, ...]:
         return (name + SCALE_SUFFIX,) if name.endswith(".weight") else ()
 

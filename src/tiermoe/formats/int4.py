@@ -161,6 +161,13 @@ class Int4Format(DequantizingFormat):
             return int4_mlp(self, x, slots, weights, bank)
         return super().mlp(x, slots, weights, bank)
 
+    def accumulate(self, x, tokens, slots, weights, bank, out):
+        if x.is_cuda:  # prefill and large batches: the grouped Triton GEMM
+            from .triton_kernels import int4_accumulate
+
+            return int4_accumulate(self, x, tokens, slots, weights, bank, out)
+        return super().accumulate(x, tokens, slots, weights, bank, out)
+
     def dequantize(self, bank: dict, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, h, i = slots.numel(), self.hidden, self.inter
 

@@ -1,6 +1,9 @@
-"""Triton kernels of the quantized formats' decode path: a grouped GEMV over a step's (token, expert)
-pairs straight from the bank of expert slots, dequantization fused (int4 in the GPTQ layout, fp8 with
-block scales): each program reads its pair's quantized weights once and never writes them out.
+"""Triton kernels of the quantized formats (int4 in the GPTQ layout, fp8 with block scales), reading the
+quantized weights straight from the bank of expert slots with dequantization fused, never writing them
+out: for decode a grouped GEMV over a step's (token, expert) pairs (one program per pair and block of
+outputs, no host synchronisation); for prefill and large batches a grouped GEMM over the pairs sorted by
+expert (one program per block of an expert's tokens and block of outputs, each weight tile read once for
+up to BLOCK_M tokens).
 
 Imported only where used (CUDA, or the tests with TRITON_INTERPRET=1 set before the import), since triton
 decides at decoration whether a kernel is compiled or interpreted.
@@ -78,6 +81,85 @@ def _fp8_gemv(
     tl.store(out_ptr + (p * M + m) * N + rows, acc, mask=live)
 
 
+@triton.jit
+def _int4_gemm(
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
+    slot_stride_qw, slot_stride_qz, slot_stride_sc,
+    K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """out[r, m, :] = x[tok[r]] @ w_m of the block's expert, for the sorted pairs r of block b."""
+    b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(blk_slot_ptr + b).to(tl.int64)
+    rows = tl.load(blk_start_ptr + b) + tl.arange(0, BLOCK_M)
+    live_r = rows < tl.load(blk_end_ptr + b)
+    tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    live_c = cols < N
+    qw = qw_ptr + slot * slot_stride_qw + m * (K // 8 * N)
+    qz = qz_ptr + slot * slot_stride_qz + m * (K // G * (N // 8))
+    sc = sc_ptr + slot * slot_stride_sc + m * (K // G * N)
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(
+            x_ptr + tok[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :], mask=live_r[:, None], other=0.0
+        )
+        words = tl.load(
+            qw + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[:, None] * N + cols[None, :],
+            mask=live_c[None, :],
+            other=0,
+        )
+        q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        g = k0 // G
+        s = tl.load(sc + g * N + cols, mask=live_c, other=0.0).to(tl.float32)
+        z = ((tl.load(qz + g * (N // 8) + cols // 8, mask=live_c, other=0) >> ((cols % 8) * 4)) & 15).to(
+            tl.float32
+        )
+        w = (q - z[None, :]) * s[None, :]  # [BLOCK_K, BLOCK_N]
+        if DOT_FP32:  # Triton's interpreter: its bf16 dot is broken
+            acc += tl.dot(a.to(tl.float32), w)
+        else:
+            acc += tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
+    tl.store(
+        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
+    )
+
+
+@triton.jit
+def _fp8_gemm(
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, out_ptr,
+    slot_stride_w, slot_stride_s,
+    K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(blk_slot_ptr + b).to(tl.int64)
+    rows = tl.load(blk_start_ptr + b) + tl.arange(0, BLOCK_M)
+    live_r = rows < tl.load(blk_end_ptr + b)
+    tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    live_c = cols < N
+    w = w_ptr + slot * slot_stride_w + m * (N * K)
+    s = s_ptr + slot * slot_stride_s + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            x_ptr + tok[:, None] * K + ks[None, :], mask=live_r[:, None] & (ks < K)[None, :], other=0.0
+        )
+        tile = tl.load(w + cols[None, :] * K + ks[:, None], mask=live_c[None, :] & (ks < K)[:, None], other=0)
+        scale = tl.load(s + (cols // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live_c, other=0.0)
+        wt = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[None, :]  # [BLOCK_K, BLOCK_N]
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), wt)
+        else:
+            acc += tl.dot(a.to(tl.bfloat16), wt.to(tl.bfloat16))
+    tl.store(
+        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
+    )
+
+
 def _divisor(n: int) -> int:
     return next(b for b in (128, 64, 32, 16, 8) if n % b == 0)
 
@@ -126,3 +208,64 @@ def int4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
 
 def fp8_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
     return _mlp(_fp8_project, fmt, x, slots, weights, bank)
+
+
+BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
+_INTERPRETED = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
+
+
+def _blocks(slots_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot, start, end) of each block of at most BLOCK_M consecutive pairs of one expert (host sync)."""
+    used, counts = torch.unique_consecutive(slots_sorted, return_counts=True)
+    blocks, offset = [], 0
+    for e, n in zip(used.tolist(), counts.tolist(), strict=True):
+        blocks += [(e, lo, min(lo + BLOCK_M, offset + n)) for lo in range(offset, offset + n, BLOCK_M)]
+        offset += n
+    return tuple(
+        torch.tensor(v, dtype=torch.int32, device=slots_sorted.device) for v in zip(*blocks, strict=True)
+    )
+
+
+def _int4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+    qw, qz, sc = (bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
+    group = fmt.groups[prefix]
+    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    _int4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
+        x.contiguous(), tok, *blocks, qw, qz, sc, out, qw.stride(0), qz.stride(0), sc.stride(0),
+        K=k, N=n, G=group, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, _divisor(group)), BLOCK_N=BLOCK_N,
+        DOT_FP32=_INTERPRETED,
+    )  # fmt: skip
+    return out
+
+
+def _fp8_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+    w, s = bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"]
+    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    bo, bi = fmt.block
+    _fp8_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
+        x.contiguous(), tok, *blocks, w, s, out, w.stride(0), s.stride(0),
+        K=k, N=n, BO=bo, BI=bi, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, min(_divisor(bi), 128)), BLOCK_N=BLOCK_N,
+        DOT_FP32=_INTERPRETED,
+    )  # fmt: skip
+    return out
+
+
+def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) by grouped GEMMs over the pairs
+    sorted by expert: gate and up, SiLU-and-multiply, down, then one scatter-add."""
+    order = torch.argsort(slots)
+    tok, s_sorted = tokens[order].contiguous(), slots[order]
+    blocks = _blocks(s_sorted)
+    gate_up = project(fmt, x, tok, blocks, bank, "gate_up", fmt.hidden, fmt.inter, 2)  # [P, 2, I]
+    act = F.silu(gate_up[:, 0]) * gate_up[:, 1]  # [P, I], in sorted order
+    rows = torch.arange(tok.numel(), device=x.device)
+    down = project(fmt, act, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1)[:, 0]  # [P, H]
+    return out.index_add_(0, tok, (down * weights[order][:, None].float()).to(out.dtype))
+
+
+def int4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    return _accumulate(_int4_gemm_project, fmt, x, tokens, slots, weights, bank, out)
+
+
+def fp8_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    return _accumulate(_fp8_gemm_project, fmt, x, tokens, slots, weights, bank, out)
