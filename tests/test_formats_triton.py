@@ -18,6 +18,15 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
+
+def random_bank(fmt, slots: int) -> dict:
+    bank = fmt.empty(slots, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for s in range(slots):
+        fmt.fill_random(bank[s], g, 0.05)
+    return fmt.views(bank)
+
+
 CASES = [
     (Int4Format, (64, 32, 16), triton_kernels.int4_mlp),
     (Int4Format, (128, 96, -1), triton_kernels.int4_mlp),
@@ -31,11 +40,7 @@ CASES = [
 def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
     hidden, inter, block = shape
     fmt = cls(hidden, inter, DTYPE, block)
-    bank = fmt.empty(5, DEVICE)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    for s in range(5):
-        fmt.fill_random(bank[s], g, 0.05)
-    views = fmt.views(bank)
+    views = random_bank(fmt, 5)
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
     slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
@@ -62,11 +67,7 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     """Prefill: 40 tokens x top-2 over 5 experts, so an expert's pairs span several blocks of 16."""
     hidden, inter, block = shape
     fmt = cls(hidden, inter, DTYPE, block)
-    bank = fmt.empty(5, DEVICE)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    for s in range(5):
-        fmt.fill_random(bank[s], g, 0.05)
-    views = fmt.views(bank)
+    views = random_bank(fmt, 5)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, hidden, generator=gen).to(DEVICE, DTYPE)
     tokens = torch.arange(40, device=DEVICE).repeat_interleave(2)

@@ -61,6 +61,8 @@ class Fp8BlockFormat(DequantizingFormat):
     """gate_up [2I, H] e4m3 (gate rows, then up rows) with scales [2, Ri, Ch] (gate's, then up's, so the
     blocks stay whole when I is no multiple of the block), down [H, I] e4m3 with scales [Rh, Ci]."""
 
+    kernels = "fp8"  # triton_kernels' fp8_mlp / fp8_accumulate on CUDA
+
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, block: tuple[int, int] = (128, 128)):
         self.hidden, self.inter, self.dtype, self.block = hidden, inter, dtype, tuple(block)
         self.name = f"fp8 (e4m3, {block[0]}x{block[1]} block scales)"
@@ -97,20 +99,6 @@ class Fp8BlockFormat(DequantizingFormat):
         ):
             views[wq][0].copy_(q.reshape(views[wq][0].shape))
             views[ws][0].copy_(s.reshape(views[ws][0].shape))
-
-    def mlp(self, x, slots, weights, bank):
-        if x.is_cuda and self.graph_safe(slots.numel()):  # decode: the fused Triton GEMV
-            from .triton_kernels import fp8_mlp
-
-            return fp8_mlp(self, x, slots, weights, bank)
-        return super().mlp(x, slots, weights, bank)
-
-    def accumulate(self, x, tokens, slots, weights, bank, out):
-        if x.is_cuda:  # prefill and large batches: the grouped Triton GEMM
-            from .triton_kernels import fp8_accumulate
-
-            return fp8_accumulate(self, x, tokens, slots, weights, bank, out)
-        return super().accumulate(x, tokens, slots, weights, bank, out)
 
     def companions(self, name: str) -> tuple[str, ...]:
         return (name + SCALE_SUFFIX,) if name.endswith(".weight") else ()

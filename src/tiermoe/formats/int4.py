@@ -82,6 +82,8 @@ class Int4Format(DequantizingFormat):
     """gate and up stacked ([2, ...] of each tensor below, gate first), then down; GPTQ layout, zeros
     kept as they are (not minus one)."""
 
+    kernels = "int4"  # triton_kernels' int4_mlp / int4_accumulate on CUDA
+
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, group: int, source: str = "gptq"):
         """group: inputs per group, -1 for one group per output (all K inputs); source: the checkpoint's
         layout, gptq (zeros minus one), gptq_v2 or awq."""
@@ -153,20 +155,6 @@ class Int4Format(DequantizingFormat):
             views[f"{prefix}_qweight"][0].copy_(pack_rows(q))
             views[f"{prefix}_qzeros"][0].copy_(pack_cols(zeros))
             views[f"{prefix}_scales"][0].copy_(scales)
-
-    def mlp(self, x, slots, weights, bank):
-        if x.is_cuda and self.graph_safe(slots.numel()):  # decode: the fused Triton GEMV
-            from .triton_kernels import int4_mlp
-
-            return int4_mlp(self, x, slots, weights, bank)
-        return super().mlp(x, slots, weights, bank)
-
-    def accumulate(self, x, tokens, slots, weights, bank, out):
-        if x.is_cuda:  # prefill and large batches: the grouped Triton GEMM
-            from .triton_kernels import int4_accumulate
-
-            return int4_accumulate(self, x, tokens, slots, weights, bank, out)
-        return super().accumulate(x, tokens, slots, weights, bank, out)
 
     def dequantize(self, bank: dict, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, h, i = slots.numel(), self.hidden, self.inter

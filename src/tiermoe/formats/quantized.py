@@ -15,6 +15,14 @@ from .swiglu import GATHER_MAX_PAIRS, accumulate_pairs, expert_mlp
 
 class DequantizingFormat(ExpertFormat):
     dtype: torch.dtype  # the compute dtype the experts are dequantized to
+    kernels: str | None = None  # on CUDA: triton_kernels' <kernels>_mlp (decode) and <kernels>_accumulate
+
+    def _kernel(self, x: torch.Tensor, what: str):
+        if not (x.is_cuda and self.kernels):
+            return None
+        from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
+
+        return getattr(triton_kernels, f"{self.kernels}_{what}")
 
     @abstractmethod
     def dequantize(self, bank: dict, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +30,9 @@ class DequantizingFormat(ExpertFormat):
 
     def mlp(self, x, slots, weights, bank):
         t, k = slots.shape
+        kernel = self._kernel(x, "mlp")
+        if kernel and self.graph_safe(t * k):  # decode: the fused grouped GEMV
+            return kernel(self, x, slots, weights, bank)
         if not self.graph_safe(t * k):
             tokens = torch.arange(t, device=x.device).repeat_interleave(k)
             return self.accumulate(
@@ -33,6 +44,9 @@ class DequantizingFormat(ExpertFormat):
         return expert_mlp(x, pairs, weights, gate_up, down)
 
     def accumulate(self, x, tokens, slots, weights, bank, out):
+        kernel = self._kernel(x, "accumulate")
+        if kernel:  # prefill and large batches: the grouped GEMM
+            return kernel(self, x, tokens, slots, weights, bank, out)
         used, inverse = torch.unique(slots, return_inverse=True)
         gate_up, down = self.dequantize(bank, used)
         return accumulate_pairs(x, tokens, inverse, weights, gate_up, down, out)

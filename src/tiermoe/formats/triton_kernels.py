@@ -82,6 +82,21 @@ def _fp8_gemv(
 
 
 @triton.jit
+def _gemm_block(
+    blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """This GEMM program's expert slot, sorted pair rows (and which are live), their tokens, its output
+    columns (and which are live) and stacked matrix m."""
+    b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(blk_slot_ptr + b).to(tl.int64)
+    rows = tl.load(blk_start_ptr + b) + tl.arange(0, BLOCK_M)
+    live_r = rows < tl.load(blk_end_ptr + b)
+    tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slot, rows, live_r, tok, cols, cols < N, m
+
+
+@triton.jit
 def _int4_gemm(
     x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
     slot_stride_qw, slot_stride_qz, slot_stride_sc,
@@ -89,13 +104,9 @@ def _int4_gemm(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m of the block's expert, for the sorted pairs r of block b."""
-    b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    slot = tl.load(blk_slot_ptr + b).to(tl.int64)
-    rows = tl.load(blk_start_ptr + b) + tl.arange(0, BLOCK_M)
-    live_r = rows < tl.load(blk_end_ptr + b)
-    tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    live_c = cols < N
+    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    )
     qw = qw_ptr + slot * slot_stride_qw + m * (K // 8 * N)
     qz = qz_ptr + slot * slot_stride_qz + m * (K // G * (N // 8))
     sc = sc_ptr + slot * slot_stride_sc + m * (K // G * N)
@@ -133,13 +144,9 @@ def _fp8_gemm(
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    slot = tl.load(blk_slot_ptr + b).to(tl.int64)
-    rows = tl.load(blk_start_ptr + b) + tl.arange(0, BLOCK_M)
-    live_r = rows < tl.load(blk_end_ptr + b)
-    tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    live_c = cols < N
+    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    )
     w = w_ptr + slot * slot_stride_w + m * (N * K)
     s = s_ptr + slot * slot_stride_s + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
