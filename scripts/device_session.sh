@@ -37,6 +37,7 @@ python3 -c 'import sys; from tiermoe.bench.llamacpp import locate, llama_cpp_ver
 mark "kit ready"
 
 # Qwen3's q8_0 and Q4_K_M GGUFs (32.5 + 18.6 GB) go to /dev/shm when it has room: the disk cannot hold them beside OLMoE's.
+SUITES=${SUITES:-olmoe qwen3}
 shm_free=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
 QWORK=$GGUF
 if [[ ${shm_free:-0} -gt 56000000000 ]]; then QWORK=/dev/shm/gguf; fi
@@ -47,7 +48,6 @@ qwen3_gguf() {
         mkdir -p "$GGUF" && for f in "$1"/*.gguf; do [[ -e "$GGUF/$(basename "$f")" ]] || ln -s "$f" "$GGUF/"; done
 }
 
-SUITES=${SUITES:-olmoe qwen3}
 [[ " $SUITES " == *" qwen3 "* || " $SUITES " == *" qwen3-int4 "* ]] && (
     $T synth --preset qwen3-30b-a3b --out "$SYNTH/qwen3-30b-a3b" --dtype bf16 --experts-in-memory
     mark "qwen3 synth done"
@@ -55,7 +55,10 @@ SUITES=${SUITES:-olmoe qwen3}
 ) > "$W/p1-qwen3.log" 2>&1 &
 (
     $T synth --preset olmoe-1b-7b --out "$SYNTH/olmoe-1b-7b" --dtype bf16 && mark "olmoe synth done"
-    python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
+    # Its GGUF only for its suite (an A/B alone needs the checkpoint, not llama.cpp's copy).
+    if [[ " $SUITES " == *" olmoe "* ]]; then
+        python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
+    fi
 ) > "$W/p1-olmoe.log" 2>&1 &
 if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     (
@@ -90,6 +93,7 @@ for suite in $SUITES; do
     mark "$suite suite done ($?)"
 done
 if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
+    [[ $QWORK != "$GGUF" ]] && rm -rf "$QWORK"  # the GGUFs in /dev/shm hold RAM the A/B's host caches want
     for suite in ${AB_SUITES:-$SUITES}; do
         if [[ $suite == qwen3 ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
         [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
