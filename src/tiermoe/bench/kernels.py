@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from ..engine.runner import capture
 from ..formats.dense import DenseFormat
 from ..formats.fp8 import Fp8BlockFormat
 from ..formats.int4 import Int4Format
@@ -28,15 +29,7 @@ def _time_ms(fn, iters: int) -> float:
     wall time on the CPU (the smoke test)."""
     if not torch.cuda.is_available():
         return time_cpu(fn, min_s=0.01) * 1000
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles the kernels) off the capturing stream
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_cuda(graph.replay, iters) * 1000
+    return time_cuda(capture(fn).graph.replay, iters) * 1000
 
 
 def measure(fmt, top_k: int, device: str = "cuda", iters: int = 200) -> dict:
