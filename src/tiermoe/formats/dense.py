@@ -36,7 +36,8 @@ class DenseFormat(ExpertFormat):
     def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         views = self.views(expert[None])
         numel = sum(p.numel for p in self.parts)
-        values = torch.randn(numel, generator=generator, device=expert.device, dtype=torch.float32) * std
+        # Drawn where the generator lives (the GPU), copied into the expert wherever it is (pinned host memory)
+        values = torch.randn(numel, generator=generator, device=generator.device, dtype=torch.float32) * std
         start = 0
         for p in self.parts:
             views[p.name].view(-1).copy_(values[start : start + p.numel])
