@@ -10,6 +10,9 @@ from tiermoe import LLM, SamplingParams
 from tiermoe.bench.synth import synth_checkpoint
 from tiermoe.errors import InvalidRequestError
 from tiermoe.formats.dense import DenseFormat
+from tiermoe.formats.fp4 import Nvfp4Format
+from tiermoe.formats.fp8 import Fp8BlockFormat
+from tiermoe.formats.int4 import Int4Format
 from tiermoe.offload.sources import SyntheticExperts
 
 
@@ -22,6 +25,26 @@ def test_synthetic_experts_are_seeded_and_scaled():
     x, y, z = torch.cat([v.flatten(1) for v in fmt.views(bank).values()], dim=1)  # the values, no padding
     assert torch.equal(x, y) and not torch.equal(x, z)
     assert abs(x.std().item() - 0.02) < 0.001
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        DenseFormat(256, 128, torch.bfloat16),
+        Int4Format(256, 128, torch.bfloat16, group=128),
+        Fp8BlockFormat(256, 128, torch.bfloat16),
+        Nvfp4Format(256, 128, torch.bfloat16),
+    ],
+    ids=["bf16", "int4", "fp8", "nvfp4"],
+)
+def test_synthetic_experts_drawn_on_the_gpu_fill_pinned_host_memory(fmt):
+    """The engine's case for Qwen3-sized checkpoints: the generator on the GPU, the host cache pinned."""
+    source = SyntheticExperts(seed=1, std=0.02, fmt=fmt, device=torch.device("cuda"))
+    host, gpu = fmt.empty(1, pin_memory=True), fmt.empty(1, device="cuda")
+    source.read_into(2, 7, host[0])
+    source.read_into(2, 7, gpu[0])
+    assert host.any() and torch.equal(host, gpu.cpu())
 
 
 def test_checkpoint_without_expert_tensors_runs_resident_and_tiered(tmp_path):
