@@ -4,6 +4,7 @@ official openai client (and raw HTTP for what a client library would not send)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import re
@@ -170,6 +171,17 @@ def test_seed_makes_sampling_reproducible(client, llm):
         for _ in range(2)
     ]
     assert texts == [ref, ref]
+
+
+def test_server_seed_is_the_seed_of_requests_that_send_none(llm):
+    sampled = dict(model=M, prompt=PROMPT, max_tokens=16, temperature=1.0, extra_body=NO_EOS)
+    with serving(create_app(llm, seed=7)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        unseeded = [client.completions.create(**sampled).choices[0].text for _ in range(2)]
+        own = client.completions.create(**sampled, seed=11).choices[0].text
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    assert unseeded == [llm.generate(PROMPT, dataclasses.replace(params, seed=7))[0].text] * 2
+    assert own == llm.generate(PROMPT, dataclasses.replace(params, seed=11))[0].text != unseeded[0]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -590,7 +602,12 @@ def test_a_huge_prompt_is_a_400(client, llm):
 
 
 @pytest.mark.parametrize(
-    ("flags", "message"), [(["--port", "99999"], "--port"), (["--max-request-mib", "0"], "--max-request-mib")]
+    ("flags", "message"),
+    [
+        (["--port", "99999"], "--port"),
+        (["--max-request-mib", "0"], "--max-request-mib"),
+        (["--seed", str(2**64)], "--seed"),
+    ],
 )
 def test_bad_serve_flags_are_one_error_line(tmp_path, capsys, flags, message):
     from tiermoe.cli import main

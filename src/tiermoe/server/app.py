@@ -93,9 +93,12 @@ def create_app(
     served_names: str | list[str] | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    seed: int | None = None,
 ) -> FastAPI:
     """The app serving `llm` under `served_names` (default: llm.model_name), each one an id clients may
     send; the first is the one /health reports. api_key: required on every /v1 route (None: open).
+    seed: the sampling seed of every request that sends none, so that a request's output depends on the
+    request alone, as llama.cpp's server does with --seed (None: fresh randomness per request).
     The engine worker thread starts and stops with the app's lifespan."""
     names = [served_names] if isinstance(served_names, str) else list(served_names or [llm.model_name])
     model_name = names[0]
@@ -133,6 +136,8 @@ def create_app(
     ) -> Job:
         # Sampling values are checked here, so a bad request fails before it waits in the queue.
         params = replace(body.sampling_params(llm.sampling_defaults), **overrides)
+        if params.seed is None and seed is not None:
+            params = replace(params, seed=seed)
         return worker.submit(prompt, params, echo_scores)
 
     def token_text(body) -> Callable[[int], str] | None:

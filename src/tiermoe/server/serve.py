@@ -106,6 +106,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="largest request body accepted, MiB (default: %(default)g)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed of every request that sends none: the same request gives the same output "
+        "(default: fresh randomness per request)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     parser.set_defaults(func=run)
@@ -120,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port must be 0 (any free port) to 65535, got {args.port}")
     if args.max_request_mib <= 0:
         raise InvalidRequestError(f"--max-request-mib must be > 0, got {args.max_request_mib:g}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
+        raise InvalidRequestError(f"--seed must fit in 64 bits, got {args.seed}")
 
     console = Console(stderr=True)
     llm = LLM(args.model, **engine_kwargs(args))  # the loader draws the progress bars
@@ -138,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     config = uvicorn.Config(
-        create_app(llm, names, args.api_key, int(args.max_request_mib * 2**20)),
+        create_app(llm, names, args.api_key, int(args.max_request_mib * 2**20), args.seed),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
