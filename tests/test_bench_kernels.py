@@ -3,6 +3,7 @@ each format's decode path and its error against the float32 reference is the for
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tiermoe.bench.kernels import measure
@@ -19,3 +20,25 @@ def test_measure_reports_bytes_speed_and_error():
     )
     assert dense["rel_error"] < 1e-6 and int4["rel_error"] < 1e-5  # the same computation in float32
     assert dense["gb_s"] > 0 and int4["ms_per_layer"] > 0
+
+
+def test_sweep_tries_launches_from_the_rule_and_keeps_the_fastest(monkeypatch):
+    """In Triton's interpreter on the CPU: every launch it times gave the rule's outputs (it raises
+    otherwise), none breaks the format's constraints, and the best is the fastest it tried."""
+    pytest.importorskip("triton")
+    from tiermoe.bench import kernels
+
+    monkeypatch.setattr(kernels, "SLOTS", 4)
+    monkeypatch.setattr(kernels, "SWEEP_AXES", {"split": (1, 2, 8), "block_k": (16, 32)})
+    fmt = Int4Format(64, 32, torch.float32, 16)
+    r = kernels.sweep_projection(fmt, "int4", "gate_up", pairs=2, device="cpu", iters=1)
+    assert (r["k"], r["n"], r["m"], r["bytes_read"]) == (
+        64,
+        32,
+        2,
+        2 * (64 // 8 * 32 * 4 + 4 * 32 // 8 * 4 + 4 * 32 * 2) * 2,
+    )
+    tried = {(t["split"], t["block_k"]) for t in r["tried"]}
+    # split 8 of K = 64 leaves 8 inputs a program, below block_k 16; block_k 32 is beyond the group of 16
+    assert tried == {(1, 16), (2, 16)}
+    assert r["best_us"] == min(t["us"] for t in r["tried"])

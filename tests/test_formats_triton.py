@@ -36,8 +36,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("cls", "shape", "kernel"), CASES, ids=lambda c: getattr(c, "__name__", str(c)))
-def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
+def gemv_error(cls, shape, kernel) -> tuple[torch.Tensor, float]:
+    """The kernel's decode step (3 tokens, top-2 of 5 experts) and its relative error against the
+    experts dequantized to float32 in torch."""
     hidden, inter, block = shape
     fmt = cls(hidden, inter, DTYPE, block)
     views = random_bank(fmt, 5)
@@ -45,14 +46,39 @@ def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
     slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
     got = kernel(fmt, x, slots, weights, views).float()
-    # the reference: the experts dequantized to float32, in torch
     ref = DequantizingFormat.mlp(
         cls(hidden, inter, torch.float32, block), x.float(), slots, weights.float(), views
     )
-    rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel < (1e-5 if not CUDA else 1e-2), rel
     if CUDA:  # the format's own decode path is this kernel
         assert torch.equal(fmt.mlp(x, slots, weights, views).float(), got)
+    return got, ((got - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize(("cls", "shape", "kernel"), CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
+    rel = gemv_error(cls, shape, kernel)[1]
+    assert rel < (1e-5 if not CUDA else 1e-2), rel
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        triton_kernels.GemvConfig(block_n=32, block_k=32, split=4, warps=2),
+        triton_kernels.GemvConfig(block_n=128, block_k=64, split=2, warps=8),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    ("cls", "shape", "kernel"), [CASES[2], CASES[4]], ids=lambda c: getattr(c, "__name__", str(c))
+)
+def test_split_k_and_other_tiles_give_the_same_outputs(monkeypatch, config, cls, shape, kernel):
+    """Every launch the sweep may pick computes the same step: K split across programs (the partial sums
+    added in torch) and other tile sizes, against the default launch and the reference."""
+    default = gemv_error(cls, shape, kernel)[0]
+    monkeypatch.setattr(triton_kernels, "gemv_config", lambda *args: config)
+    got, rel_config = gemv_error(cls, shape, kernel)
+    assert rel_config < (1e-5 if not CUDA else 1e-2), rel_config
+    assert torch.allclose(got, default, rtol=1e-5, atol=1e-5 * default.abs().max().item())
 
 
 GEMM_CASES = [

@@ -2,11 +2,16 @@
 time per layer step (batch 1, top-k distinct experts from a bank of resident slots), the bytes it reads,
 achieved GB/s against the measured HBM copy bandwidth, and its error against the torch reference
 (experts dequantized to float32). Writes bench/results/kernels-<date>.json.
+
+`--sweep` times the quantized formats' grouped GEMV launches instead (triton_kernels.GemvConfig: tile
+sizes, K split, warps) per projection at those shapes, by coordinate descent from the launch rule, and
+writes bench/results/kernels-sweep-<date>.json with the winners as entries for triton_kernels.TUNED.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -62,14 +67,109 @@ def measure(fmt, top_k: int, device: str = "cuda", iters: int = 200) -> dict:
     }  # fmt: skip
 
 
+# The sweep's axes, visited in this order from the rule's launch, each keeping the fastest so far.
+SWEEP_AXES = {
+    "split": (1, 2, 4, 8, 16),
+    "block_n": (32, 64, 128, 256),
+    "block_k": (16, 32, 64, 128),
+    "warps": (1, 2, 4, 8),
+}
+
+
+def sweep_projection(
+    fmt, kernel: str, prefix: str, pairs: int, device: str = "cuda", iters: int = 200
+) -> dict:
+    """The fastest GemvConfig of one grouped GEMV (`kernel` over the `prefix` projection of `pairs`
+    distinct resident experts, each on its own input row), against the launch rule; every launch tried
+    must give the rule's outputs."""
+    from ..formats import triton_kernels
+
+    bank = fmt.empty(SLOTS, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for s in range(SLOTS):
+        fmt.fill_random(bank[s], g, 0.02)
+    views = fmt.views(bank)
+    h, i = fmt.hidden, fmt.inter
+    k, n, m = (h, i, 2) if prefix == "gate_up" else (i, h, 1)
+    quantum = fmt.groups[prefix] if kernel == "int4" else min(fmt.block[1], 128)
+    project = getattr(triton_kernels, f"{kernel}_project")
+    x = torch.randn(pairs, k, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    rows = torch.arange(pairs, device=device)
+    slots = torch.randperm(SLOTS, device=device)[:pairs]
+    nbytes = pairs * sum(
+        v[0].numel() * v.element_size() for name, v in views.items() if name.startswith(prefix)
+    )
+
+    def run(config):
+        return project(fmt, x, rows, slots, views, prefix, k, n, m, config)
+
+    rule = triton_kernels.gemv_config(kernel, k, n, m, pairs, quantum)
+    expected = run(rule)
+    tol = 1e-4 * expected.abs().max().item()
+    times: dict = {}
+    best = rule
+    for axis, values in {"rule": (None,), **SWEEP_AXES}.items():
+        for value in values:
+            config = best if value is None else dataclasses.replace(best, **{axis: value})
+            valid = quantum % config.block_k == 0 and k % (config.split * config.block_k) == 0
+            if config in times or not valid:
+                continue
+            if not torch.allclose(run(config), expected, rtol=1e-4, atol=tol):
+                raise AssertionError(f"{kernel} {prefix}: {config} differs from {rule}")
+            times[config] = _time_ms(lambda c=config: run(c), iters)
+        best = min(times, key=times.get)
+    return {
+        "kernel": kernel, "projection": prefix, "k": k, "n": n, "m": m, "pairs": pairs, "bytes_read": nbytes,
+        "rule": dataclasses.asdict(rule), "rule_us": times[rule] * 1000, "best": dataclasses.asdict(best),
+        "best_us": times[best] * 1000, "best_gb_s": nbytes / times[best] / 1e6,
+        "tried": [{**dataclasses.asdict(c), "us": t * 1000} for c, t in times.items()],
+    }  # fmt: skip
+
+
+def sweep(pairs: int) -> list[dict]:
+    runs = []
+    for shape, (h, i, _) in SHAPES.items():
+        for kernel, fmt in (
+            ("int4", Int4Format(h, i, torch.bfloat16, 128)),
+            ("fp8", Fp8BlockFormat(h, i, torch.bfloat16)),
+        ):
+            for prefix in ("gate_up", "down"):
+                r = {"shape": shape, **sweep_projection(fmt, kernel, prefix, pairs)}
+                runs.append(r)
+                print(
+                    f"{shape:14} {kernel:5} {prefix:8} rule {r['rule_us']:6.1f} us, best {r['best_us']:6.1f} us "
+                    f"({r['best_gb_s']:6.1f} GB/s) {r['best']}"
+                )
+    name = torch.cuda.get_device_name()
+    print("triton_kernels.TUNED entries:")
+    for r in runs:
+        key = (name, r["kernel"], r["k"], r["n"], r["m"], r["pairs"])
+        print(f"    {key!r}: GemvConfig(**{r['best']!r}),")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tiermoe.bench.kernels", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help=f"JSON file (default: {RESULTS_DIR}/kernels-<date>.json)")
+    p.add_argument("--sweep", action="store_true", help="time the grouped GEMVs' launches instead")
+    p.add_argument(
+        "--pairs", type=int, default=8, help="(token, expert) pairs of a sweep's step (default: 8)"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the kernel bench needs a CUDA GPU", file=sys.stderr)
         return 2
     hbm = gpu_copy_bandwidth(1 << 30)
+    if args.sweep:
+        runs = sweep(args.pairs)
+        for r in runs:
+            r["of_hbm"] = r["best_gb_s"] / hbm
+        path = write_json(
+            args.out or RESULTS_DIR / f"kernels-sweep-{timestamp()}.json",
+            {"hbm_gb_s": hbm, "runs": runs, **run_metadata(argv)},
+        )
+        print(f"saved {path}")
+        return 0
     runs = []
     for shape, (h, i, k) in SHAPES.items():
         for fmt in (

@@ -11,6 +11,8 @@ decides at decoration whether a kernel is compiled or interpreted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -21,12 +23,13 @@ import triton.language as tl
 def _int4_gemv(
     x_ptr, row_ptr, slot_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
     slot_stride_qw, slot_stride_qz, slot_stride_sc,
-    K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+    K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, n] = sum_k x[row[p], k] * w_m[k, n] of the expert in slot[p], w = s * (q - z): one
-    program per (pair, block of N outputs, stacked matrix m)."""
-    p, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """out[p, m, sp, n] = sum_k x[row[p], k] * w_m[k, n] over split sp's K / SPLIT inputs, for the expert in
+    slot[p], w = s * (q - z): one program per (pair, block of N outputs, stacked matrix m and split sp)."""
+    p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m, sp = ms // SPLIT, ms % SPLIT
     slot = tl.load(slot_ptr + p).to(tl.int64)
     row = tl.load(row_ptr + p).to(tl.int64)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -34,24 +37,25 @@ def _int4_gemv(
     qw = qw_ptr + slot * slot_stride_qw + m * (K // 8 * N)
     qz = qz_ptr + slot * slot_stride_qz + m * (K // G * (N // 8))
     sc = sc_ptr + slot * slot_stride_sc + m * (K // G * N)
-    shifts = tl.arange(0, 8) * 4
+    # GPTQ packs inputs 8r .. 8r + 7 into word row r, input 8r + j in bits 4j .. 4j + 3: tiles stay
+    # [BLOCK_K / 8, 8, BLOCK_N] (word row, nibble, output) and are summed over both input axes, never
+    # reshaped to [BLOCK_K, BLOCK_N] (a layout conversion through shared memory per tile).
+    r8, j = tl.arange(0, BLOCK_K // 8), tl.arange(0, 8)
+    shifts = j * 4
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * K + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)  # [BLOCK_K]
-        words = tl.load(
-            qw + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[:, None] * N + cols[None, :],
-            mask=live[None, :],
-            other=0,
-        )
-        q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N)).to(tl.float32)
+    for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
+        x = tl.load(x_ptr + row * K + k0 + r8[:, None] * 8 + j[None, :]).to(tl.float32)  # [BLOCK_K / 8, 8]
+        words = tl.load(qw + (k0 // 8 + r8)[:, None] * N + cols[None, :], mask=live[None, :], other=0)
+        q = ((words[:, None, :] >> shifts[None, :, None]) & 15).to(tl.float32)  # [BLOCK_K / 8, 8, BLOCK_N]
         g = k0 // G  # BLOCK_K divides G: one group per step
         s = tl.load(sc + g * N + cols, mask=live, other=0.0).to(tl.float32)
         z = ((tl.load(qz + g * (N // 8) + cols // 8, mask=live, other=0) >> ((cols % 8) * 4)) & 15).to(
             tl.float32
         )
         # sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
-        acc += s * (tl.sum(x[:, None] * q, axis=0) - z * tl.sum(x))
-    tl.store(out_ptr + (p * M + m) * N + cols, acc, mask=live)
+        xq = tl.sum(tl.sum(x[:, :, None] * q, axis=1), axis=0)
+        acc += s * (xq - z * tl.sum(tl.sum(x, axis=1), axis=0))
+    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + cols, acc, mask=live)
 
 
 @triton.jit
@@ -59,11 +63,12 @@ def _fp8_gemv(
     x_ptr, row_ptr, slot_ptr, w_ptr, s_ptr, out_ptr,
     slot_stride_w, slot_stride_s,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, n] = sum_k x[row[p], k] * w_m[n, k] * s_m[n // BO, k // BI] of the expert in slot[p]
-    (w e4m3 [N, K], out x in, row-major; BLOCK_K divides BI)."""
-    p, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """out[p, m, sp, n] = sum_k x[row[p], k] * w_m[n, k] * s_m[n // BO, k // BI] over split sp's inputs,
+    for the expert in slot[p] (w e4m3 [N, K], out x in, row-major; BLOCK_K divides BI)."""
+    p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m, sp = ms // SPLIT, ms % SPLIT
     slot = tl.load(slot_ptr + p).to(tl.int64)
     row = tl.load(row_ptr + p).to(tl.int64)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,14 +76,14 @@ def _fp8_gemv(
     w = w_ptr + slot * slot_stride_w + m * (N * K)
     s = s_ptr + slot * slot_stride_s + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0)
         tile = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         scale = tl.load(s + (rows // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live, other=0.0)
         acc += scale * tl.sum(tile * x[None, :], axis=1)
-    tl.store(out_ptr + (p * M + m) * N + rows, acc, mask=live)
+    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + rows, acc, mask=live)
 
 
 @triton.jit
@@ -174,26 +179,67 @@ def _divisor(n: int) -> int:
 BLOCK_N = 64
 
 
-def _int4_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
-    qw, qz, sc = (bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
+@dataclass(frozen=True)
+class GemvConfig:
+    """A grouped GEMV's launch: outputs and inputs per program step, programs along K (their partial
+    outputs summed in torch, so results do not depend on scheduling), warps per program."""
+
+    block_n: int
+    block_k: int
+    split: int
+    warps: int
+
+
+# Measured winners by (GPU name, kernel, K, N, M, pairs), from `python -m tiermoe.bench.kernels --sweep`;
+# other launches take gemv_config's rule.
+TUNED: dict[tuple, GemvConfig] = {}
+PROGRAMS_PER_SM = 4  # enough programs in flight to cover a GEMV's load latency
+
+
+def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -> GemvConfig:
+    """The launch of one grouped GEMV: a tuned one for this GPU and shape, else BLOCK_N outputs and the
+    largest block of inputs that divides `quantum` (the format's group or scale block) per step, with K
+    split until the grid holds PROGRAMS_PER_SM programs per SM (a batch-1 decode step alone has 8 pairs:
+    too few programs to keep HBM busy)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    tuned = TUNED.get((name, kernel, k, n, m, pairs))
+    if tuned is not None:
+        return tuned
+    block_k = _divisor(quantum)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+    split = 1
+    while (
+        pairs * triton.cdiv(n, BLOCK_N) * m * split < PROGRAMS_PER_SM * sms and k % (2 * split * block_k) == 0
+    ):
+        split *= 2
+    return GemvConfig(BLOCK_N, block_k, split, 4)
+
+
+def _gemv(kernel, weights: tuple, sizes: dict, x, rows, slots, k: int, n: int, m: int, config: GemvConfig):
+    """Launch a grouped GEMV kernel over the bank tensors `weights` (each indexed by slot first);
+    float32 [P, m, n], the splits' partial outputs summed."""
+    if config.split > 1 and k % (config.split * config.block_k):  # unsplit, the kernels mask a partial block
+        raise ValueError(f"{config} does not divide K = {k}")
+    out = torch.empty(slots.numel(), m, config.split, n, dtype=torch.float32, device=x.device)
+    kernel[(slots.numel(), triton.cdiv(n, config.block_n), m * config.split)](
+        x.contiguous(), rows, slots, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
+        SPLIT=config.split, BLOCK_K=config.block_k, BLOCK_N=config.block_n, num_warps=config.warps, **sizes,
+    )  # fmt: skip
+    return out[:, :, 0] if config.split == 1 else out.sum(dim=2)
+
+
+def int4_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
+    weights = tuple(bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
     group = fmt.groups[prefix]
-    out = torch.empty(slots.numel(), m, n, dtype=torch.float32, device=x.device)
-    _int4_gemv[(slots.numel(), triton.cdiv(n, BLOCK_N), m)](
-        x.contiguous(), rows, slots, qw, qz, sc, out, qw.stride(0), qz.stride(0), sc.stride(0),
-        K=k, N=n, G=group, M=m, BLOCK_K=_divisor(group), BLOCK_N=BLOCK_N,
-    )  # fmt: skip
-    return out
+    config = config or gemv_config("int4", k, n, m, slots.numel(), group)
+    return _gemv(_int4_gemv, weights, {"G": group}, x, rows, slots, k, n, m, config)
 
 
-def _fp8_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
-    w, s = bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"]
-    out = torch.empty(slots.numel(), m, n, dtype=torch.float32, device=x.device)
+def fp8_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
+    weights = (bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"])
     bo, bi = fmt.block
-    _fp8_gemv[(slots.numel(), triton.cdiv(n, BLOCK_N), m)](
-        x.contiguous(), rows, slots, w, s, out, w.stride(0), s.stride(0),
-        K=k, N=n, BO=bo, BI=bi, M=m, BLOCK_K=min(_divisor(bi), 128), BLOCK_N=BLOCK_N,
-    )  # fmt: skip
-    return out
+    config = config or gemv_config("fp8", k, n, m, slots.numel(), min(bi, 128))
+    return _gemv(_fp8_gemv, weights, {"BO": bo, "BI": bi}, x, rows, slots, k, n, m, config)
 
 
 def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
@@ -210,11 +256,11 @@ def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
 
 
 def int4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    return _mlp(_int4_project, fmt, x, slots, weights, bank)
+    return _mlp(int4_project, fmt, x, slots, weights, bank)
 
 
 def fp8_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    return _mlp(_fp8_project, fmt, x, slots, weights, bank)
+    return _mlp(fp8_project, fmt, x, slots, weights, bank)
 
 
 BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
