@@ -36,9 +36,10 @@ $T convert --model "$M" --experts fp8 --out "$tmp/fp8"
 $T convert --model "$M" --experts int4 --scales rtn --out "$tmp/int4-rtn"
 $T convert --model "$M" --experts int4 --scales mse --out "$tmp/int4-mse"
 $T convert --model "$M" --experts nvfp4 --out "$tmp/nvfp4"
+$T convert --model "$M" --experts mxfp4 --out "$tmp/mxfp4"
 for text in plays python; do
     flags=(--device cpu --dtype fp32 --context 1024 --stride 1023 --text "$D/heldout_$text.txt")
-    for q in fp8 int4-rtn int4-mse nvfp4; do
+    for q in fp8 int4-rtn int4-mse nvfp4 mxfp4; do
         $T eval --model "$tmp/$q" "${flags[@]}" --json "$Q/eval-$q-$text.json"
     done
     for k in 3 2; do

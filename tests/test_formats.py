@@ -37,6 +37,7 @@ from tiermoe.formats.int4 import (
     unpack_cols,
     unpack_rows,
 )
+from tiermoe.formats.mxfp4 import Mxfp4Format, dequantize_mxfp4, quantize_mxfp4
 from tiermoe.formats.registry import format_for
 
 from .test_models import PROMPTS, hf_logits, our_logits, rel_err
@@ -246,6 +247,10 @@ def test_int4_configs_that_cannot_load_are_refused_clearly():
         CheckpointError, match="moe_intermediate_size 96 is no multiple of 8 and of the group size 64"
     ):
         format_for({"quantization_config": {**gptq, "group_size": 64}}, 2048, 96, torch.bfloat16)
+    with pytest.raises(
+        CheckpointError, match="moe_intermediate_size 48 is no multiple of MXFP4's 32-value blocks"
+    ):
+        format_for({"quantization_config": {"quant_method": "mxfp4"}}, 2048, 48, torch.bfloat16)
     fmt = format_for({"quantization_config": gptq}, 2048, 768, torch.bfloat16)
     # 4 bits a weight, fp16 scales and 4-bit zeros per 128 inputs
     assert fmt.nbytes == 3 * 2048 * 768 // 2 + 2 * 16 * 768 * (2 + 0.5) + 6 * 2048 * (2 + 0.5)
@@ -298,3 +303,84 @@ def test_nvfp4_checkpoint_converted_loads_and_matches_its_dequantized_weights(ti
     save_file(tensors, file, metadata={"format": "pt"})
     hf = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
     assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------- mxfp4
+
+
+def test_mxfp4_round_trips_exactly_on_representable_values():
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (24, 4, 32), generator=g)
+    codes[..., 0] = 7  # every block holds e2m1's largest value, 6: its power-of-two scale is exact
+    scales = torch.randint(100, 140, (24, 4), generator=g, dtype=torch.uint8)
+    blocks = pack_nibbles(codes).view(24, 4, 16)
+    w = dequantize_mxfp4(blocks, scales, torch.float32)  # [24, 128]
+    assert w[0, 0].item() == 6 * 2.0 ** (scales[0, 0].item() - 127)  # value 0 in byte 0's low nibble
+    blocks2, scales2 = quantize_mxfp4(w)
+    assert torch.equal(scales2, scales) and torch.equal(dequantize_mxfp4(blocks2, scales2, torch.float32), w)
+
+
+def test_mxfp4_error_is_within_half_a_step_of_each_block():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(6)) * 0.02
+    w[3, 32:64] = 0  # an all-zero block: scale 2^-127, values 0
+    blocks, scales = quantize_mxfp4(w)
+    assert blocks.shape == (16, 3, 16) and scales.shape == (16, 3) and scales.dtype == torch.uint8
+    err = (dequantize_mxfp4(blocks, scales, torch.float32) - w).abs()
+    per_block = torch.exp2(scales.float() - 127).repeat_interleave(32, dim=-1)
+    # the widest e2m1 step is 2 (4 to 6): half of it at the block's scale; the scale keeps |w| <= 6 x scale
+    assert (
+        (err <= per_block + 1e-12).all() and err.max() > 0 and scales[3, 1] == 0 and not err[3, 32:64].any()
+    )
+    # half the block's largest magnitude at most: a power-of-two scale wastes up to a factor of 2
+    assert (per_block * 6 < 2 * w.abs().unflatten(-1, (3, 32)).amax(-1).repeat_interleave(32, -1) + 1e-12)[
+        w.unflatten(-1, (3, 32)).abs().amax(-1).repeat_interleave(32, -1) > 0
+    ].all()
+
+
+def test_mxfp4_checkpoint_as_gpt_oss_publishes_it_matches_transformers_on_its_dequantized_weights(
+    tiny_checkpoint, tmp_path
+):
+    """gpt-oss's layout on a fused-expert checkpoint: `<fused>_blocks` uint8 [E, out, in / 32, 16] and
+    `<fused>_scales` uint8 [E, out, in / 32], quant_method mxfp4; the reference is transformers on the
+    same checkpoint with those experts dequantized by the published formula (2^(scale - 127) x e2m1)."""
+    src, _ = tiny_checkpoint("qwen3_moe", "fused")
+    published, ref = tmp_path / "mxfp4", tmp_path / "ref"
+    shutil.copytree(src, published)
+    shutil.copytree(src, ref)
+    (file,) = published.glob("*.safetensors")
+    tensors, dequantized = load_file(file), load_file(file)
+    for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
+        blocks, scales = quantize_mxfp4(tensors.pop(name))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        table = e2m1_table()[unpack_nibbles(blocks)]  # the published formula, written out
+        w = (table * 2.0 ** (scales.float() - 127)[..., None]).flatten(-2)
+        dequantized[name] = w.to(dequantized[name].dtype)
+    save_file(tensors, file, metadata={"format": "pt"})
+    save_file(dequantized, next(ref.glob("*.safetensors")), metadata={"format": "pt"})
+    config = json.loads((published / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
+    (published / "config.json").write_text(json.dumps(config))
+    llm = LLM(published, device="cpu", dtype="fp32")
+    assert isinstance(llm.source.format, Mxfp4Format)
+    # 4-bit values 2 x 64 x 32 / 2 + 64 x 32 / 2 bytes; 128 + 64 scales, each part padded to 256
+    assert llm.plan.expert_bytes == 2048 + 256 + 1024 + 256
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4
+
+
+def test_mxfp4_converted_checkpoint_loads_tiered_and_generates(tiny_checkpoint, tmp_path):
+    src, _ = tiny_checkpoint("qwen3_moe", "per_expert")
+    out = convert(src, tmp_path / "mxfp4", writer_for("mxfp4"))
+    assert any(n.endswith("gate_proj.weight_blocks") for n in load_file(next(out.glob("*.safetensors"))))
+    resident = LLM(out, device="cpu", dtype="fp32")
+    plan = resident.plan
+    tiered = LLM(
+        out,
+        device="cpu",
+        dtype="fp32",
+        gpu_budget_gib=(plan.dense_bytes + plan.kv_bytes + 7 * plan.expert_bytes) / 2**30,
+    )
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    a, b = (m.generate([1, 2, 3, 4], params)[0] for m in (resident, tiered))
+    assert a.token_ids == b.token_ids and b.stats.experts["gpu_misses"] > 0
+    assert b.stats.experts["format"].startswith("mxfp4")

@@ -10,13 +10,21 @@ import torch
 pytest.importorskip("triton")
 
 from tiermoe.formats import triton_kernels
+from tiermoe.formats.fp4 import Nvfp4Format
 from tiermoe.formats.fp8 import Fp8BlockFormat
 from tiermoe.formats.int4 import Int4Format
+from tiermoe.formats.mxfp4 import Mxfp4Format
 from tiermoe.formats.quantized import DequantizingFormat
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def make(cls, shape, dtype):
+    """The format of (hidden, inter, block): block None for the fp4 formats, whose blocks are fixed."""
+    hidden, inter, block = shape
+    return cls(hidden, inter, dtype) if block is None else cls(hidden, inter, dtype, block)
 
 
 def random_bank(fmt, slots: int) -> dict:
@@ -33,22 +41,25 @@ CASES = [
     (Int4Format, (256, 128, 128), triton_kernels.int4_mlp),
     (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_mlp),  # 40 rows: a partial block of scales
     (Fp8BlockFormat, (256, 128, (128, 128)), triton_kernels.fp8_mlp),
+    (Nvfp4Format, (64, 32, None), triton_kernels.nvfp4_mlp),
+    (Nvfp4Format, (256, 96, None), triton_kernels.nvfp4_mlp),
+    (Mxfp4Format, (64, 32, None), triton_kernels.mxfp4_mlp),
+    (Mxfp4Format, (256, 96, None), triton_kernels.mxfp4_mlp),
+    (Mxfp4Format, (256, 128, None), triton_kernels.mxfp4_mlp),
 ]
 
 
 def gemv_error(cls, shape, kernel) -> tuple[torch.Tensor, float]:
     """The kernel's decode step (3 tokens, top-2 of 5 experts) and its relative error against the
     experts dequantized to float32 in torch."""
-    hidden, inter, block = shape
-    fmt = cls(hidden, inter, DTYPE, block)
+    hidden = shape[0]
+    fmt = make(cls, shape, DTYPE)
     views = random_bank(fmt, 5)
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
     slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
     got = kernel(fmt, x, slots, weights, views).float()
-    ref = DequantizingFormat.mlp(
-        cls(hidden, inter, torch.float32, block), x.float(), slots, weights.float(), views
-    )
+    ref = DequantizingFormat.mlp(make(cls, shape, torch.float32), x.float(), slots, weights.float(), views)
     if CUDA:  # the format's own decode path is this kernel
         assert torch.equal(fmt.mlp(x, slots, weights, views).float(), got)
     return got, ((got - ref).norm() / ref.norm()).item()
@@ -69,7 +80,7 @@ def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
     ids=str,
 )
 @pytest.mark.parametrize(
-    ("cls", "shape", "kernel"), [CASES[2], CASES[4]], ids=lambda c: getattr(c, "__name__", str(c))
+    ("cls", "shape", "kernel"), [CASES[2], CASES[4], CASES[-1]], ids=lambda c: getattr(c, "__name__", str(c))
 )
 def test_split_k_and_other_tiles_give_the_same_outputs(monkeypatch, config, cls, shape, kernel):
     """Every launch the sweep may pick computes the same step: K split across programs (the partial sums
@@ -85,14 +96,16 @@ GEMM_CASES = [
     (Int4Format, (64, 32, 16), triton_kernels.int4_accumulate),
     (Int4Format, (128, 96, -1), triton_kernels.int4_accumulate),
     (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_accumulate),
+    (Nvfp4Format, (64, 96, None), triton_kernels.nvfp4_accumulate),
+    (Mxfp4Format, (64, 96, None), triton_kernels.mxfp4_accumulate),
 ]
 
 
 @pytest.mark.parametrize(("cls", "shape", "kernel"), GEMM_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
 def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     """Prefill: 40 tokens x top-2 over 5 experts, so an expert's pairs span several blocks of 16."""
-    hidden, inter, block = shape
-    fmt = cls(hidden, inter, DTYPE, block)
+    hidden = shape[0]
+    fmt = make(cls, shape, DTYPE)
     views = random_bank(fmt, 5)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, hidden, generator=gen).to(DEVICE, DTYPE)
@@ -100,7 +113,7 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     slots = torch.randint(0, 5, (80,), generator=gen).to(DEVICE)
     weights = torch.rand(80, generator=gen).to(DEVICE, DTYPE)
     got = kernel(fmt, x, tokens, slots, weights, views, torch.zeros_like(x)).float()
-    ref_fmt = cls(hidden, inter, torch.float32, block)
+    ref_fmt = make(cls, shape, torch.float32)
     ref = DequantizingFormat.accumulate(
         ref_fmt, x.float(), tokens, slots, weights.float(), views, torch.zeros_like(x, dtype=torch.float32)
     )

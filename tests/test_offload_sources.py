@@ -13,6 +13,7 @@ from tiermoe.formats.dense import DenseFormat
 from tiermoe.formats.fp4 import Nvfp4Format
 from tiermoe.formats.fp8 import Fp8BlockFormat
 from tiermoe.formats.int4 import Int4Format
+from tiermoe.formats.mxfp4 import Mxfp4Format
 from tiermoe.offload.sources import SyntheticExperts
 
 
@@ -35,8 +36,9 @@ def test_synthetic_experts_are_seeded_and_scaled():
         Int4Format(256, 128, torch.bfloat16, group=128),
         Fp8BlockFormat(256, 128, torch.bfloat16),
         Nvfp4Format(256, 128, torch.bfloat16),
+        Mxfp4Format(256, 128, torch.bfloat16),
     ],
-    ids=["bf16", "int4", "fp8", "nvfp4"],
+    ids=["bf16", "int4", "fp8", "nvfp4", "mxfp4"],
 )
 def test_synthetic_experts_drawn_on_the_gpu_fill_pinned_host_memory(fmt):
     """The engine's case for Qwen3-sized checkpoints: the generator on the GPU, the host cache pinned."""

@@ -1,11 +1,12 @@
 """`tiermoe convert`: quantize an unquantized checkpoint's experts into a published format.
 
-    tiermoe convert --model DIR --experts int4|fp8|nvfp4 --out DIR [--group-size 128] [--scales mse|rtn]
+    tiermoe convert --model DIR --experts int4|fp8|nvfp4|mxfp4 --out DIR [--group-size 128] [--scales mse|rtn]
 
 int4 is written in GPTQ's layout (qweight / qzeros / scales / g_idx, asymmetric, no act-order), so the
 loader and kernels of published GPTQ checkpoints serve it and other GPTQ tools read it; fp8 as
 Qwen3-*-FP8 (e4m3 with float32 block scales); nvfp4 as NVIDIA ModelOpt's NVFP4 (e2m1, e4m3 scales per
-16 values, a float32 scale per tensor). Everything but the routed experts (attention, routers,
+16 values, a float32 scale per tensor); mxfp4 as OCP microscaling (e2m1, e8m0 scales per 32 values), each
+expert's weight as `<name>_blocks` / `<name>_scales` as gpt-oss names its fused experts. Everything but the routed experts (attention, routers,
 embeddings, norms, shared experts) is copied as it is. Each expert's tensors are written side by side from
 a page boundary, so one aligned read moves one expert. The checkpoint is written into a hidden temporary
 directory beside --out, config.json last, and renamed to --out only when complete: an interrupted
@@ -29,12 +30,13 @@ from .formats.dense import DenseFormat
 from .formats.fp4 import Nvfp4Writer
 from .formats.fp8 import Fp8Writer
 from .formats.int4 import GptqWriter
+from .formats.mxfp4 import Mxfp4Writer
 from .formats.registry import format_for
 from .weights.checkpoint import INDEX_FILE, SYNTHETIC_KEY
 from .weights.loader import open_source
 from .weights.writer import Planned, write_checkpoint
 
-WRITERS = {"int4": GptqWriter, "fp8": Fp8Writer, "nvfp4": Nvfp4Writer}
+WRITERS = {"int4": GptqWriter, "fp8": Fp8Writer, "nvfp4": Nvfp4Writer, "mxfp4": Mxfp4Writer}
 
 
 def writer_for(experts: str, group_size: int = 128, scales: str = "mse", block: int = 128):
@@ -44,6 +46,8 @@ def writer_for(experts: str, group_size: int = 128, scales: str = "mse", block: 
         return Fp8Writer((block, block))
     if experts == "nvfp4":
         return Nvfp4Writer()
+    if experts == "mxfp4":
+        return Mxfp4Writer()
     raise InvalidRequestError(f"--experts {experts!r}: choose one of {', '.join(WRITERS)}", "experts")
 
 

@@ -18,8 +18,10 @@ import torch
 
 from ..engine.runner import capture
 from ..formats.dense import DenseFormat
+from ..formats.fp4 import Nvfp4Format
 from ..formats.fp8 import Fp8BlockFormat
 from ..formats.int4 import Int4Format
+from ..formats.mxfp4 import Mxfp4Format
 from ..formats.quantized import DequantizingFormat
 from ..hardware import gpu_copy_bandwidth, time_cpu, time_cuda
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
@@ -76,12 +78,10 @@ SWEEP_AXES = {
 }
 
 
-def sweep_projection(
-    fmt, kernel: str, prefix: str, pairs: int, device: str = "cuda", iters: int = 200
-) -> dict:
-    """The fastest GemvConfig of one grouped GEMV (`kernel` over the `prefix` projection of `pairs`
-    distinct resident experts, each on its own input row), against the launch rule; every launch tried
-    must give the rule's outputs."""
+def sweep_projection(fmt, prefix: str, pairs: int, device: str = "cuda", iters: int = 200) -> dict:
+    """The fastest GemvConfig of one grouped GEMV (the format's kernel over the `prefix` projection of
+    `pairs` distinct resident experts, each on its own input row), against the launch rule; every launch
+    tried must give the rule's outputs."""
     from ..formats import triton_kernels
 
     bank = fmt.empty(SLOTS, device)
@@ -91,8 +91,7 @@ def sweep_projection(
     views = fmt.views(bank)
     h, i = fmt.hidden, fmt.inter
     k, n, m = (h, i, 2) if prefix == "gate_up" else (i, h, 1)
-    quantum = fmt.groups[prefix] if kernel == "int4" else min(fmt.block[1], 128)
-    project = getattr(triton_kernels, f"{kernel}_project")
+    project = triton_kernels.PROJECTIONS[fmt.kernels]
     x = torch.randn(pairs, k, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     rows = torch.arange(pairs, device=device)
     slots = torch.randperm(SLOTS, device=device)[:pairs]
@@ -103,7 +102,9 @@ def sweep_projection(
     def run(config):
         return project(fmt, x, rows, slots, views, prefix, k, n, m, config)
 
-    rule = triton_kernels.gemv_config(kernel, k, n, m, pairs, quantum)
+    rule = triton_kernels.gemv_config(
+        fmt.kernels, k, n, m, pairs, triton_kernels.gemv_quantum(fmt, prefix, k)[0]
+    )
     expected = run(rule)
     tol = 1e-4 * expected.abs().max().item()
     times: dict = {}
@@ -111,33 +112,43 @@ def sweep_projection(
     for axis, values in {"rule": (None,), **SWEEP_AXES}.items():
         for value in values:
             config = best if value is None else dataclasses.replace(best, **{axis: value})
-            valid = quantum % config.block_k == 0 and k % (config.split * config.block_k) == 0
-            if config in times or not valid:
+            if config in times:
                 continue
-            if not torch.allclose(run(config), expected, rtol=1e-4, atol=tol):
-                raise AssertionError(f"{kernel} {prefix}: {config} differs from {rule}")
+            try:
+                got = run(config)
+            except ValueError:  # a launch the format's scales or K do not allow
+                continue
+            if not torch.allclose(got, expected, rtol=1e-4, atol=tol):
+                raise AssertionError(f"{fmt.kernels} {prefix}: {config} differs from {rule}")
             times[config] = _time_ms(lambda c=config: run(c), iters)
         best = min(times, key=times.get)
     return {
-        "kernel": kernel, "projection": prefix, "k": k, "n": n, "m": m, "pairs": pairs, "bytes_read": nbytes,
+        "kernel": fmt.kernels, "projection": prefix, "k": k, "n": n, "m": m, "pairs": pairs, "bytes_read": nbytes,
         "rule": dataclasses.asdict(rule), "rule_us": times[rule] * 1000, "best": dataclasses.asdict(best),
         "best_us": times[best] * 1000, "best_gb_s": nbytes / times[best] / 1e6,
         "tried": [{**dataclasses.asdict(c), "us": t * 1000} for c, t in times.items()],
     }  # fmt: skip
 
 
+def quantized_formats(h: int, i: int) -> list:
+    """The quantized formats at one expert shape, bf16 compute, as the bench and the sweep run them."""
+    return [
+        Fp8BlockFormat(h, i, torch.bfloat16),
+        Int4Format(h, i, torch.bfloat16, 128),
+        Nvfp4Format(h, i, torch.bfloat16),
+        Mxfp4Format(h, i, torch.bfloat16),
+    ]
+
+
 def sweep(pairs: int) -> list[dict]:
     runs = []
     for shape, (h, i, _) in SHAPES.items():
-        for kernel, fmt in (
-            ("int4", Int4Format(h, i, torch.bfloat16, 128)),
-            ("fp8", Fp8BlockFormat(h, i, torch.bfloat16)),
-        ):
+        for fmt in quantized_formats(h, i):
             for prefix in ("gate_up", "down"):
-                r = {"shape": shape, **sweep_projection(fmt, kernel, prefix, pairs)}
+                r = {"shape": shape, **sweep_projection(fmt, prefix, pairs)}
                 runs.append(r)
                 print(
-                    f"{shape:14} {kernel:5} {prefix:8} rule {r['rule_us']:6.1f} us, best {r['best_us']:6.1f} us "
+                    f"{shape:14} {r['kernel']:6} {prefix:8} rule {r['rule_us']:6.1f} us, best {r['best_us']:6.1f} us "
                     f"({r['best_gb_s']:6.1f} GB/s) {r['best']}"
                 )
     name = torch.cuda.get_device_name()
@@ -172,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = []
     for shape, (h, i, k) in SHAPES.items():
-        for fmt in (
-            DenseFormat(h, i, torch.bfloat16),
-            Fp8BlockFormat(h, i, torch.bfloat16),
-            Int4Format(h, i, torch.bfloat16, 128),
-        ):
+        for fmt in (DenseFormat(h, i, torch.bfloat16), *quantized_formats(h, i)):
             r = {"shape": shape, **measure(fmt, k)}
             r["of_hbm"] = r["gb_s"] / hbm
             runs.append(r)

@@ -96,6 +96,10 @@ class ExpertFormat(ABC):
     def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         """The checkpoint tensors that make up one expert, in the per-expert or the fused layout."""
 
+    def fused_name(self, names: ExpertNames, layer: int) -> str:
+        """The tensor that marks a checkpoint whose `layer` stores its experts fused (in this format)."""
+        return names.fused[0].format(layer=layer)
+
     @abstractmethod
     def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         """Write a random expert (weights about normal(0, std)) into its bytes, uint8 [nbytes]: synthetic

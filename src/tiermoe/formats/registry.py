@@ -11,10 +11,9 @@ from .fp4 import GROUP as NVFP4_GROUP
 from .fp4 import Nvfp4Format
 from .fp8 import Fp8BlockFormat
 from .int4 import Int4Format
+from .mxfp4 import Mxfp4Format
 
-SUPPORTED = (
-    "fp8 (block scales), gptq and awq (4-bit), modelopt (NVFP4)"  # quant_method values format_for reads
-)
+SUPPORTED = "fp8 (block scales), gptq and awq (4-bit), modelopt (NVFP4), mxfp4"  # quant_method values format_for reads
 
 
 def quantization(config: dict) -> dict | None:
@@ -79,4 +78,6 @@ def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> Exp
                 f"reads NVFP4 with groups of {NVFP4_GROUP}"
             )
         return Nvfp4Format(hidden, inter, dtype)
+    if method == "mxfp4":
+        return Mxfp4Format(hidden, inter, dtype)
     raise CheckpointError(f"config.json: quant_method {method!r} is not supported; tiermoe reads {SUPPORTED}")

@@ -1,6 +1,6 @@
-"""Triton kernels of the quantized formats (int4 in the GPTQ layout, fp8 with block scales), reading the
-quantized weights straight from the bank of expert slots with dequantization fused, never writing them
-out: for decode a grouped GEMV over a step's (token, expert) pairs (one program per pair and block of
+"""Triton kernels of the quantized formats (int4 in the GPTQ layout, fp8 with block scales, NVFP4 and
+MXFP4), reading the quantized weights straight from the bank of expert slots with dequantization fused,
+never writing them out: for decode a grouped GEMV over a step's (token, expert) pairs (one program per pair and block of
 outputs, no host synchronisation); for prefill and large batches a grouped GEMM over the pairs sorted by
 expert (one program per block of an expert's tokens and block of outputs, each weight tile read once for
 up to BLOCK_M tokens).
@@ -83,6 +83,60 @@ def _fp8_gemv(
         tile = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         scale = tl.load(s + (rows // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live, other=0.0)
         acc += scale * tl.sum(tile * x[None, :], axis=1)
+    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + rows, acc, mask=live)
+
+
+@triton.jit
+def _e2m1(code):
+    """float32 value of e2m1 codes (int32, 0..15): sign in bit 3, exponent in bits 1-2, mantissa bit 0."""
+    e = (code >> 1) & 3
+    mant = (code & 1).to(tl.float32)
+    mag = tl.where(e == 0, mant * 0.5, (1.0 + mant * 0.5) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _fp4_scale(s, E8M0: tl.constexpr):
+    """float32 block scales from their bytes: e8m0 (MXFP4, 2^(s - 127)) or e4m3 (NVFP4)."""
+    if E8M0:
+        return tl.exp2(s.to(tl.float32) - 127.0)
+    else:
+        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp4_gemv(
+    x_ptr, row_ptr, slot_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
+    slot_stride_w, slot_stride_s, slot_stride_g,
+    K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, GS: tl.constexpr,
+    E8M0: tl.constexpr, GLOBAL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out[p, m, sp, n] = sum_k x[row[p], k] * w_m[n, k] over split sp's inputs for the expert in slot[p]:
+    w e2m1 [N, K / 2] bytes (input 2 j in the low nibble of byte j) times a scale per GS inputs [N, K / GS]
+    (and NVFP4's float32 scale per matrix when GLOBAL). Tiles stay [BLOCK_N, blocks, GS / 2] bytes, the
+    even and odd inputs multiplied apart: no interleaving reshape."""
+    p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m, sp = ms // SPLIT, ms % SPLIT
+    slot = tl.load(slot_ptr + p).to(tl.int64)
+    row = tl.load(row_ptr + p).to(tl.int64)
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = rows < N
+    w = w_ptr + slot * slot_stride_w + m * (N * (K // 2))
+    s = s_ptr + slot * slot_stride_s + m * (N * (K // GS))
+    b, t = tl.arange(0, BLOCK_K // GS), tl.arange(0, GS // 2)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
+        offsets = rows[:, None, None] * (K // 2) + k0 // 2 + b[None, :, None] * (GS // 2) + t[None, None, :]
+        codes = tl.load(w + offsets, mask=live[:, None, None], other=0).to(
+            tl.int32
+        )  # [BLOCK_N, blocks, GS/2]
+        xs = x_ptr + row * K + k0 + b[:, None] * GS + 2 * t[None, :]
+        even, odd = tl.load(xs).to(tl.float32), tl.load(xs + 1).to(tl.float32)  # [blocks, GS / 2]
+        part = tl.sum(_e2m1(codes & 15) * even[None] + _e2m1(codes >> 4) * odd[None], axis=2)
+        sc = tl.load(s + rows[:, None] * (K // GS) + k0 // GS + b[None, :], mask=live[:, None], other=0)
+        acc += tl.sum(part * _fp4_scale(sc, E8M0), axis=1)
+    if GLOBAL:
+        acc *= tl.load(g_ptr + slot * slot_stride_g + m)
     tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + rows, acc, mask=live)
 
 
@@ -172,6 +226,47 @@ def _fp8_gemm(
     )
 
 
+@triton.jit
+def _fp4_gemm(
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
+    slot_stride_w, slot_stride_s, slot_stride_g,
+    K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, GS: tl.constexpr, E8M0: tl.constexpr,
+    GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert: the even inputs' dot with the low nibbles
+    plus the odd inputs' with the high ones, each [BLOCK_K / 2, BLOCK_N] tile scaled per input."""
+    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    )
+    w = w_ptr + slot * slot_stride_w + m * (N * (K // 2))
+    s = s_ptr + slot * slot_stride_s + m * (N * (K // GS))
+    t = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xs = x_ptr + tok[:, None] * K + k0 + 2 * t[None, :]
+        even = tl.load(xs, mask=live_r[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 2]
+        odd = tl.load(xs + 1, mask=live_r[:, None], other=0.0)
+        codes = tl.load(w + cols[None, :] * (K // 2) + k0 // 2 + t[:, None], mask=live_c[None, :], other=0)
+        codes = codes.to(tl.int32)  # [BLOCK_K / 2, BLOCK_N]
+        sc = tl.load(
+            s + cols[None, :] * (K // GS) + (k0 + 2 * t[:, None]) // GS, mask=live_c[None, :], other=0
+        )
+        scale = _fp4_scale(sc, E8M0)  # inputs 2t and 2t + 1 share a block: GS is even
+        lo, hi = _e2m1(codes & 15) * scale, _e2m1(codes >> 4) * scale
+        if DOT_FP32:
+            acc += tl.dot(even.to(tl.float32), lo) + tl.dot(odd.to(tl.float32), hi)
+        else:
+            acc += tl.dot(even.to(tl.bfloat16), lo.to(tl.bfloat16)) + tl.dot(
+                odd.to(tl.bfloat16), hi.to(tl.bfloat16)
+            )
+    if GLOBAL:
+        acc *= tl.load(g_ptr + slot * slot_stride_g + m)
+    tl.store(
+        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
+    )
+
+
 def _divisor(n: int) -> int:
     return next(b for b in (128, 64, 32, 16, 8) if n % b == 0)
 
@@ -215,9 +310,12 @@ def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -
     return GemvConfig(BLOCK_N, block_k, split, 4)
 
 
-def _gemv(kernel, weights: tuple, sizes: dict, x, rows, slots, k: int, n: int, m: int, config: GemvConfig):
+def _gemv(kernel, weights: tuple, sizes: dict, x, rows, slots, k, n, m, config: GemvConfig, quantum, floor):
     """Launch a grouped GEMV kernel over the bank tensors `weights` (each indexed by slot first);
-    float32 [P, m, n], the splits' partial outputs summed."""
+    float32 [P, m, n], the splits' partial outputs summed. A step's block of inputs must divide `quantum`
+    (a scale group a step may not straddle) and be a multiple of `floor` (the inputs of a packed unit)."""
+    if quantum % config.block_k or config.block_k % floor:
+        raise ValueError(f"{config}: block_k must divide {quantum} and be a multiple of {floor}")
     if config.split > 1 and k % (config.split * config.block_k):  # unsplit, the kernels mask a partial block
         raise ValueError(f"{config} does not divide K = {k}")
     out = torch.empty(slots.numel(), m, config.split, n, dtype=torch.float32, device=x.device)
@@ -228,18 +326,54 @@ def _gemv(kernel, weights: tuple, sizes: dict, x, rows, slots, k: int, n: int, m
     return out[:, :, 0] if config.split == 1 else out.sum(dim=2)
 
 
+def gemv_quantum(fmt, prefix: str, k: int) -> tuple[int, int]:
+    """(quantum, floor) of a format's GEMV over `prefix`: its block of inputs per step divides quantum
+    (a scale group it may not straddle) and is a multiple of floor (the inputs a packed unit or a scale
+    holds)."""
+    if fmt.kernels == "int4":
+        return fmt.groups[prefix], 8
+    if fmt.kernels == "fp8":
+        return fmt.block[1], 1
+    return k, 32 if fmt.kernels == "mxfp4" else 16
+
+
+def _launch(fmt, prefix: str, k: int, n: int, m: int, pairs: int, config) -> tuple[GemvConfig, int, int]:
+    quantum, floor = gemv_quantum(fmt, prefix, k)
+    return config or gemv_config(fmt.kernels, k, n, m, pairs, quantum), quantum, floor
+
+
 def int4_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
     weights = tuple(bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
-    group = fmt.groups[prefix]
-    config = config or gemv_config("int4", k, n, m, slots.numel(), group)
-    return _gemv(_int4_gemv, weights, {"G": group}, x, rows, slots, k, n, m, config)
+    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
+    return _gemv(_int4_gemv, weights, {"G": fmt.groups[prefix]}, x, rows, slots, k, n, m, *launch)
 
 
 def fp8_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
     weights = (bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"])
     bo, bi = fmt.block
-    config = config or gemv_config("fp8", k, n, m, slots.numel(), min(bi, 128))
-    return _gemv(_fp8_gemv, weights, {"BO": bo, "BI": bi}, x, rows, slots, k, n, m, config)
+    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
+    return _gemv(_fp8_gemv, weights, {"BO": bo, "BI": bi}, x, rows, slots, k, n, m, *launch)
+
+
+def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
+    """The fp4 kernels' bank tensors (values, block scales, per-matrix scales) and constants. MXFP4 has no
+    per-matrix scale: its scales' tensor stands in for the pointer, unread (GLOBAL off)."""
+    if fmt.kernels == "mxfp4":
+        scales = bank[f"{prefix}_scales"]
+        return (bank[prefix], scales, scales), {"GS": 32, "E8M0": True, "GLOBAL": False}
+    return (
+        (bank[prefix], bank[f"{prefix}_scale"].view(torch.uint8), bank[f"{prefix}_scale_2"]),
+        {"GS": 16, "E8M0": False, "GLOBAL": True},
+    )
+
+
+def fp4_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
+    weights, sizes = _fp4_parts(fmt, bank, prefix)
+    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
+    return _gemv(_fp4_gemv, weights, sizes, x, rows, slots, k, n, m, *launch)
+
+
+PROJECTIONS = {"int4": int4_project, "fp8": fp8_project, "nvfp4": fp4_project, "mxfp4": fp4_project}
 
 
 def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
@@ -261,6 +395,13 @@ def int4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
 
 def fp8_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
     return _mlp(fp8_project, fmt, x, slots, weights, bank)
+
+
+def nvfp4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
+    return _mlp(fp4_project, fmt, x, slots, weights, bank)
+
+
+mxfp4_mlp = nvfp4_mlp  # one kernel for both: _fp4_parts tells them apart
 
 
 BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
@@ -303,6 +444,16 @@ def _fp8_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m:
     return out
 
 
+def _fp4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+    weights, sizes = _fp4_parts(fmt, bank, prefix)
+    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    _fp4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
+        x.contiguous(), tok, *blocks, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
+        BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED, **sizes,
+    )  # fmt: skip
+    return out
+
+
 def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
     """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) by grouped GEMMs over the pairs
     sorted by expert: gate and up, SiLU-and-multiply, down, then one scatter-add."""
@@ -322,3 +473,10 @@ def int4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
 
 def fp8_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
     return _accumulate(_fp8_gemm_project, fmt, x, tokens, slots, weights, bank, out)
+
+
+def nvfp4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    return _accumulate(_fp4_gemm_project, fmt, x, tokens, slots, weights, bank, out)
+
+
+mxfp4_accumulate = nvfp4_accumulate

@@ -140,10 +140,11 @@ class Checkpoint:
         first = fmt.pieces(names, layer, 0, fused=False)[0].name
         if first in self:
             return "per_expert"
-        if names.fused[0].format(layer=layer) in self:
+        fused = fmt.fused_name(names, layer)
+        if fused in self:
             return "fused"
         raise CheckpointError(
-            f"no expert weights for layer {layer} in {self.path}: expected {first} or {names.fused[0].format(layer=layer)}"
+            f"no expert weights for layer {layer} in {self.path}: expected {first} or {fused}"
         )
 
     def header(self, file: str) -> dict:
