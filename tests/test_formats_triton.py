@@ -4,6 +4,8 @@ imported)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -119,3 +121,25 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     )
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if not CUDA else 2e-2), rel
+
+
+def test_tuned_launches_are_saved_merged_and_used(monkeypatch, tmp_path):
+    """A sweep's saved winners become the launch of that GPU and shape (the CPU is "cpu" here); a file
+    that cannot be read leaves the rule in charge, with a warning, never an error."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(triton_kernels, "SHIPPED_TUNED", tmp_path / "none.json")
+    triton_kernels.tuned.cache_clear()
+    rule = triton_kernels.gemv_config("int4", 256, 128, 2, 6, 128)
+    won = triton_kernels.GemvConfig(block_n=32, block_k=64, split=2, warps=2)
+    gpu = torch.cuda.get_device_name() if CUDA else "cpu"
+    entry = {"gpu": gpu, "kernel": "int4", "k": 256, "n": 128, "m": 2, "pairs": 6}
+    triton_kernels.save_tuned([{**entry, "config": {**won.__dict__, "split": 4}}])
+    path = triton_kernels.save_tuned([{**entry, "config": won.__dict__}])  # the same key: replaced
+    assert len(json.loads(path.read_text())["entries"]) == 1
+    assert triton_kernels.gemv_config("int4", 256, 128, 2, 6, 128) == won != rule
+    assert triton_kernels.gemv_config("int4", 256, 128, 2, 8, 128) == rule  # another shape: the rule
+    path.write_text("{not json")
+    triton_kernels.tuned.cache_clear()
+    with pytest.warns(UserWarning, match="ignored, not a tuned-launch file"):
+        assert triton_kernels.gemv_config("int4", 256, 128, 2, 6, 128) == rule
+    triton_kernels.tuned.cache_clear()

@@ -5,9 +5,18 @@ Importing this module does not import torch (the CLI's --help and chat over --ur
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import InvalidRequestError
+
+
+def user_cache_dir() -> Path:
+    """Where tiermoe keeps what it makes once per machine (tokenizers, GGUFs, tuned kernel launches):
+    $XDG_CACHE_HOME/tiermoe, else ~/.cache/tiermoe."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiermoe"
+
 
 # dtype names the engine accepts -> torch dtype names
 DTYPES = {

@@ -9,13 +9,13 @@ gibberish, but a real file layout for trying the offload flags on.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .bench.synth_tokenizer import chatml_bpe
+from .config import user_cache_dir
 
 # The random checkpoint's shape; its vocabulary is the tokenizer's own size, so every id it samples prints.
 RANDOM_CONFIG = dict(
@@ -41,8 +41,7 @@ def trained_checkpoint() -> Path:
 
 
 def random_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tiermoe" / "demo-qwen3-moe-random-v2"
+    return user_cache_dir() / "demo-qwen3-moe-random-v2"
 
 
 def write_random_checkpoint(path: Path, seed: int = 0) -> Path:

@@ -5,7 +5,8 @@ achieved GB/s against the measured HBM copy bandwidth, and its error against the
 
 `--sweep` times the quantized formats' grouped GEMV launches instead (triton_kernels.GemvConfig: tile
 sizes, K split, warps) per projection at those shapes, by coordinate descent from the launch rule, and
-writes bench/results/kernels-sweep-<date>.json with the winners as entries for triton_kernels.TUNED.
+writes bench/results/kernels-sweep-<date>.json; `--save` also makes the winners this machine's launches
+(~/.cache/tiermoe/gemv_tuned.json, read by the engine; formats/gemv_tuned.json ships those we measured).
 """
 
 from __future__ import annotations
@@ -151,12 +152,14 @@ def sweep(pairs: int) -> list[dict]:
                     f"{shape:14} {r['kernel']:6} {prefix:8} rule {r['rule_us']:6.1f} us, best {r['best_us']:6.1f} us "
                     f"({r['best_gb_s']:6.1f} GB/s) {r['best']}"
                 )
-    name = torch.cuda.get_device_name()
-    print("triton_kernels.TUNED entries:")
-    for r in runs:
-        key = (name, r["kernel"], r["k"], r["n"], r["m"], r["pairs"])
-        print(f"    {key!r}: GemvConfig(**{r['best']!r}),")
     return runs
+
+
+def tuned_entries(runs: list[dict]) -> list[dict]:
+    """The sweep's winners as tuned-launch entries (triton_kernels.save_tuned) for this GPU."""
+    gpu = torch.cuda.get_device_name()
+    keys = ("kernel", "k", "n", "m", "pairs")
+    return [{"gpu": gpu, **{k: r[k] for k in keys}, "config": r["best"]} for r in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="time the grouped GEMVs' launches instead")
     p.add_argument(
         "--pairs", type=int, default=8, help="(token, expert) pairs of a sweep's step (default: 8)"
+    )
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="with --sweep: this GPU's winners become the engine's launches here",
     )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = sweep(args.pairs)
         for r in runs:
             r["of_hbm"] = r["best_gb_s"] / hbm
+        if args.save:
+            from ..formats.triton_kernels import save_tuned
+
+            print(f"tuned launches saved to {save_tuned(tuned_entries(runs))}")
         path = write_json(
             args.out or RESULTS_DIR / f"kernels-sweep-{timestamp()}.json",
             {"hbm_gb_s": hbm, "runs": runs, **run_metadata(argv)},

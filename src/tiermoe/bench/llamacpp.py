@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import user_cache_dir
 from ..errors import InvalidRequestError, TiermoeError
 from .shapes import bytes_per_element, checkpoint_size, tensor_specs
 from .synth import INIT_STD, read_synth_info
@@ -47,7 +48,7 @@ ENGINE = "llama.cpp"
 QUANT_TYPES = {"q4_k_m": "Q4_K_M"}  # --llama-cpp-formats name -> llama-quantize type
 BASE = "base"  # the converter's own GGUF: bf16 from safetensors, q8_0 from random weights
 FORMATS = (BASE, *QUANT_TYPES)
-DEFAULT_WORK_DIR = Path("~/.cache/tiermoe/gguf").expanduser()
+DEFAULT_WORK_DIR = user_cache_dir() / "gguf"
 _GIB = 1 << 30
 _MIB = 1 << 20
 _BIN_DIRS = (".", "bin", "build/bin")

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import itertools
 import json
-import os
 import shutil
 import sys
 import sysconfig
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import user_cache_dir
 from ..errors import InvalidRequestError
 
 CHATML_TEMPLATE = (
@@ -366,8 +366,7 @@ def build(style: TokenizerStyle, config: dict):
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tiermoe" / "tokenizers"
+    return user_cache_dir() / "tokenizers"
 
 
 def _cache_key(style: TokenizerStyle, config: dict) -> str:

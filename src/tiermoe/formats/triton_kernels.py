@@ -11,12 +11,18 @@ decides at decoration whether a kernel is compiled or interpreted.
 
 from __future__ import annotations
 
+import functools
+import json
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ..config import user_cache_dir
 
 
 @triton.jit
@@ -285,10 +291,51 @@ class GemvConfig:
     warps: int
 
 
-# Measured winners by (GPU name, kernel, K, N, M, pairs), from `python -m tiermoe.bench.kernels --sweep`;
-# other launches take gemv_config's rule.
-TUNED: dict[tuple, GemvConfig] = {}
+# Measured launches, by (GPU name, kernel, K, N, M, pairs): shipped for the GPUs we measured, and this
+# machine's own from `python -m tiermoe.bench.kernels --sweep --save` (they win). Others take the rule.
+SHIPPED_TUNED = Path(__file__).with_name("gemv_tuned.json")
 PROGRAMS_PER_SM = 4  # enough programs in flight to cover a GEMV's load latency
+
+
+def user_tuned_path() -> Path:
+    return user_cache_dir() / "gemv_tuned.json"
+
+
+def _key(entry: dict) -> tuple:
+    return (entry["gpu"], entry["kernel"], entry["k"], entry["n"], entry["m"], entry["pairs"])
+
+
+def _read_tuned(path: Path) -> list[dict]:
+    """A tuned-launch file's entries; one that cannot be read is left out with a warning (the launch rule
+    still runs every kernel), never an error."""
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        for e in entries:
+            GemvConfig(**e["config"]), _key(e)
+        return entries
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path}: ignored, not a tuned-launch file ({e!r})", stacklevel=2)
+        return []
+
+
+@functools.cache
+def tuned() -> dict[tuple, GemvConfig]:
+    return {
+        _key(e): GemvConfig(**e["config"]) for p in (SHIPPED_TUNED, user_tuned_path()) for e in _read_tuned(p)
+    }
+
+
+def save_tuned(entries: list[dict], path: Path | None = None) -> Path:
+    """Merge `entries` ({gpu, kernel, k, n, m, pairs, config}) into a tuned-launch file (default: this
+    machine's), replacing entries of the same key."""
+    path = path or user_tuned_path()
+    merged = {_key(e): e for e in (*_read_tuned(path), *entries)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"entries": sorted(merged.values(), key=_key)}, indent=1) + "\n")
+    tuned.cache_clear()
+    return path
 
 
 def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -> GemvConfig:
@@ -297,9 +344,9 @@ def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -
     split until the grid holds PROGRAMS_PER_SM programs per SM (a batch-1 decode step alone has 8 pairs:
     too few programs to keep HBM busy)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    tuned = TUNED.get((name, kernel, k, n, m, pairs))
-    if tuned is not None:
-        return tuned
+    found = tuned().get((name, kernel, k, n, m, pairs))
+    if found is not None:
+        return found
     block_k = _divisor(quantum)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
     split = 1
