@@ -42,3 +42,26 @@ def test_sweep_tries_launches_from_the_rule_and_keeps_the_fastest(monkeypatch):
     # split 8 of K = 64 leaves 8 inputs a program, below block_k 16; block_k 32 is beyond the group of 16
     assert tried == {(1, 16), (2, 16)}
     assert r["best_us"] == min(t["us"] for t in r["tried"])
+
+
+def dequantized(q, scales, zeros):
+    """A linear of the weights the int4 values stand for, in the input's dtype: the harness's own check."""
+    w = (q.float() - zeros.float().repeat_interleave(128, 1)) * scales.float().repeat_interleave(128, 1)
+    return lambda x: x @ w.to(x.dtype).T
+
+
+def test_int4_peer_layer_step_matches_its_float32_reference():
+    from tiermoe.bench import int4_peers
+
+    step, reference = int4_peers.layer_step(dequantized, 256, 128, 2, device="cpu")
+    rel = ((step() - reference).norm() / reference.norm()).item()
+    assert 1e-4 < rel < 1e-2  # bf16 inputs and weights against float32: close, not equal
+
+
+@pytest.mark.gpu
+def test_torch_tinygemm_peer_computes_the_same_step():
+    """The packing and zero convention we hand torch's tinygemm kernel give our weights."""
+    from tiermoe.bench import int4_peers
+
+    step, reference = int4_peers.layer_step(int4_peers.tinygemm, 2048, 768, 8)
+    assert ((step() - reference).norm() / reference.norm()).item() < 1e-2

@@ -7,6 +7,7 @@ achieved GB/s against the measured HBM copy bandwidth, and its error against the
 sizes, K split, warps) per projection at those shapes, by coordinate descent from the launch rule, and
 writes bench/results/kernels-sweep-<date>.json; `--save` also makes the winners this machine's launches
 (~/.cache/tiermoe/gemv_tuned.json, read by the engine; formats/gemv_tuned.json ships those we measured).
+Without --sweep, int4 kernels that exist elsewhere run the same layer step beside ours (bench/int4_peers.py).
 """
 
 from __future__ import annotations
@@ -203,12 +204,43 @@ def main(argv: list[str] | None = None) -> int:
                 f"{shape:14} {r['format']:24} {r['ms_per_layer'] * 1000:8.1f} us  {r['gb_s']:7.1f} GB/s "
                 f"({r['of_hbm']:.0%} of HBM {hbm:.0f})  rel error {r['rel_error']:.1e}"
             )
+        runs += [r | ({"of_hbm": r["gb_s"] / hbm} if "gb_s" in r else {}) for r in int4_peers(shape, h, i, k)]
     path = write_json(
         args.out or RESULTS_DIR / f"kernels-{timestamp()}.json",
         {"hbm_gb_s": hbm, "runs": runs, **run_metadata(argv)},
     )
     print(f"saved {path}")
     return 0
+
+
+def int4_peers(shape: str, h: int, i: int, top_k: int, iters: int = 200) -> list[dict]:
+    """The same layer step by int4 kernels outside tiermoe (bench/int4_peers.py), each over the bytes of
+    our int4 format at group 128; one that does not run (not installed, another torch) is reported."""
+    from . import int4_peers as peers
+
+    runs = []
+    nbytes = top_k * Int4Format(h, i, torch.bfloat16, peers.GROUP).nbytes
+    for name, make in peers.PEERS.items():
+        r = {
+            "shape": shape,
+            "format": f"int4 (group {peers.GROUP}), {name}, per expert",
+            "hidden": h,
+            "inter": i,
+        }
+        try:
+            step, reference = peers.layer_step(make, h, i, top_k)
+            ms = _time_ms(step, iters)
+            got = step()
+            r |= {"ms_per_layer": ms, "bytes_read": nbytes, "gb_s": nbytes / ms / 1e6}
+            r["rel_error"] = ((got - reference).norm() / reference.norm()).item()
+            print(
+                f"{shape:14} {r['format']:40} {ms * 1000:8.1f} us  {r['gb_s']:7.1f} GB/s  rel error {r['rel_error']:.1e}"
+            )
+        except Exception as e:  # a peer's failure is a figure of the comparison, not the bench's end
+            r["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(f"{shape:14} {r['format']:40} did not run: {r['error']}")
+        runs.append(r)
+    return runs
 
 
 if __name__ == "__main__":
