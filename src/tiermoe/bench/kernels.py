@@ -95,14 +95,13 @@ def sweep_projection(fmt, prefix: str, pairs: int, device: str = "cuda", iters: 
     k, n, m = (h, i, 2) if prefix == "gate_up" else (i, h, 1)
     project = triton_kernels.PROJECTIONS[fmt.kernels]
     x = torch.randn(pairs, k, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    rows = torch.arange(pairs, device=device)
     slots = torch.randperm(SLOTS, device=device)[:pairs]
     nbytes = pairs * sum(
         v[0].numel() * v.element_size() for name, v in views.items() if name.startswith(prefix)
     )
 
-    def run(config):
-        return project(fmt, x, rows, slots, views, prefix, k, n, m, config)
+    def run(config):  # [pairs, m, n]: each pair its own input row (top_k 1), the splits summed
+        return project(fmt, x, slots, views, prefix, k, n, m, config).sum(dim=2)
 
     rule = triton_kernels.gemv_config(
         fmt.kernels, k, n, m, pairs, triton_kernels.gemv_quantum(fmt, prefix, k)[0]

@@ -1,9 +1,14 @@
 """Triton kernels of the quantized formats (int4 in the GPTQ layout, fp8 with block scales, NVFP4 and
 MXFP4), reading the quantized weights straight from the bank of expert slots with dequantization fused,
-never writing them out: for decode a grouped GEMV over a step's (token, expert) pairs (one program per pair and block of
-outputs, no host synchronisation); for prefill and large batches a grouped GEMM over the pairs sorted by
-expert (one program per block of an expert's tokens and block of outputs, each weight tile read once for
-up to BLOCK_M tokens).
+never writing them out.
+
+Decode: a grouped GEMV over a step's (token, expert) pairs (one program per pair, block of outputs and
+split of K; no host synchronisation), in three launches per MoE layer: gate and up; down, which reads
+SiLU(gate) x up from the first one's partial sums and scales by the routing weight; the sum over each
+token's pairs. A graph replays each launch in a few microseconds, so at batch 1 the launches, not the
+bytes, set the time of a layer unless there are few of them.
+Prefill and large batches: a grouped GEMM over the pairs sorted by expert (one program per block of an
+expert's tokens and block of outputs, each weight tile read once for up to BLOCK_M tokens).
 
 Imported only where used (CUDA, or the tests with TRITON_INTERPRET=1 set before the import), since triton
 decides at decoration whether a kernel is compiled or interpreted.
@@ -26,18 +31,63 @@ from ..config import user_cache_dir
 
 
 @triton.jit
+def _load(ptr, mask):
+    """tl.load, masked (zeros outside) when a mask is given."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _gemv_input(x_ptr, p, offs, mask, K: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr):
+    """Pair p's inputs at offsets `offs` (any shape) as float32: its token's row of x [T, K] (pair p
+    belongs to token p // TOPK), or, when ACT_SPLIT > 0, SiLU(gate) x up from the gate_up GEMV's output
+    [P, 2, ACT_SPLIT, K] (its K splits summed here, so neither the sum nor the activation is a launch)."""
+    if ACT_SPLIT == 0:
+        return _load(x_ptr + (p // TOPK) * K + offs, mask).to(tl.float32)
+    base = x_ptr + p * (2 * ACT_SPLIT * K) + offs
+    gate = _load(base, mask)
+    up = _load(base + ACT_SPLIT * K, mask)
+    for s in tl.static_range(1, ACT_SPLIT):
+        gate += _load(base + s * K, mask)
+        up += _load(base + (ACT_SPLIT + s) * K, mask)
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
+def _gemv_store(
+    out_ptr,
+    w_ptr,
+    p,
+    m,
+    sp,
+    cols,
+    live,
+    acc,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+):
+    """out[p, m, sp, cols] = acc, times pair p's routing weight when WEIGHTED (the down projection)."""
+    if WEIGHTED:
+        acc *= tl.load(w_ptr + p).to(tl.float32)
+    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + cols, acc, mask=live)
+
+
+@triton.jit
 def _int4_gemv(
-    x_ptr, row_ptr, slot_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
+    x_ptr, slot_ptr, w_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
     slot_stride_qw, slot_stride_qz, slot_stride_sc,
     K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, sp, n] = sum_k x[row[p], k] * w_m[k, n] over split sp's K / SPLIT inputs, for the expert in
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[k, n] over split sp's K / SPLIT inputs, for the expert in
     slot[p], w = s * (q - z): one program per (pair, block of N outputs, stacked matrix m and split sp)."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
     slot = tl.load(slot_ptr + p).to(tl.int64)
-    row = tl.load(row_ptr + p).to(tl.int64)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = cols < N
     qw = qw_ptr + slot * slot_stride_qw + m * (K // 8 * N)
@@ -50,7 +100,9 @@ def _int4_gemv(
     shifts = j * 4
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
-        x = tl.load(x_ptr + row * K + k0 + r8[:, None] * 8 + j[None, :]).to(tl.float32)  # [BLOCK_K / 8, 8]
+        x = _gemv_input(
+            x_ptr, p, k0 + r8[:, None] * 8 + j[None, :], None, K, TOPK, ACT_SPLIT
+        )  # [BLOCK_K / 8, 8]
         words = tl.load(qw + (k0 // 8 + r8)[:, None] * N + cols[None, :], mask=live[None, :], other=0)
         q = ((words[:, None, :] >> shifts[None, :, None]) & 15).to(tl.float32)  # [BLOCK_K / 8, 8, BLOCK_N]
         g = k0 // G  # BLOCK_K divides G: one group per step
@@ -61,35 +113,35 @@ def _int4_gemv(
         # sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
         xq = tl.sum(tl.sum(x[:, :, None] * q, axis=1), axis=0)
         acc += s * (xq - z * tl.sum(tl.sum(x, axis=1), axis=0))
-    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + cols, acc, mask=live)
+    _gemv_store(out_ptr, w_ptr, p, m, sp, cols, live, acc, N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
 def _fp8_gemv(
-    x_ptr, row_ptr, slot_ptr, w_ptr, s_ptr, out_ptr,
+    x_ptr, slot_ptr, w_ptr, wq_ptr, s_ptr, out_ptr,
     slot_stride_w, slot_stride_s,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, sp, n] = sum_k x[row[p], k] * w_m[n, k] * s_m[n // BO, k // BI] over split sp's inputs,
-    for the expert in slot[p] (w e4m3 [N, K], out x in, row-major; BLOCK_K divides BI)."""
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] * s_m[n // BO, k // BI] over split sp's inputs, for the
+    expert in slot[p] (w e4m3 [N, K], out x in, row-major; BLOCK_K divides BI)."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
     slot = tl.load(slot_ptr + p).to(tl.int64)
-    row = tl.load(row_ptr + p).to(tl.int64)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
-    w = w_ptr + slot * slot_stride_w + m * (N * K)
+    w = wq_ptr + slot * slot_stride_w + m * (N * K)
     s = s_ptr + slot * slot_stride_s + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32)
+        x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0)
         tile = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # [BLOCK_N, BLOCK_K]
         scale = tl.load(s + (rows // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live, other=0.0)
         acc += scale * tl.sum(tile * x[None, :], axis=1)
-    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + rows, acc, mask=live)
+    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
@@ -112,22 +164,22 @@ def _fp4_scale(s, E8M0: tl.constexpr):
 
 @triton.jit
 def _fp4_gemv(
-    x_ptr, row_ptr, slot_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
+    x_ptr, slot_ptr, w_ptr, wq_ptr, s_ptr, g_ptr, out_ptr,
     slot_stride_w, slot_stride_s, slot_stride_g,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, GS: tl.constexpr,
-    E8M0: tl.constexpr, GLOBAL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    E8M0: tl.constexpr, GLOBAL: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr,
+    WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, sp, n] = sum_k x[row[p], k] * w_m[n, k] over split sp's inputs for the expert in slot[p]:
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for the expert in slot[p]:
     w e2m1 [N, K / 2] bytes (input 2 j in the low nibble of byte j) times a scale per GS inputs [N, K / GS]
     (and NVFP4's float32 scale per matrix when GLOBAL). Tiles stay [BLOCK_N, blocks, GS / 2] bytes, the
     even and odd inputs multiplied apart: no interleaving reshape."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
     slot = tl.load(slot_ptr + p).to(tl.int64)
-    row = tl.load(row_ptr + p).to(tl.int64)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
-    w = w_ptr + slot * slot_stride_w + m * (N * (K // 2))
+    w = wq_ptr + slot * slot_stride_w + m * (N * (K // 2))
     s = s_ptr + slot * slot_stride_s + m * (N * (K // GS))
     b, t = tl.arange(0, BLOCK_K // GS), tl.arange(0, GS // 2)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -136,14 +188,15 @@ def _fp4_gemv(
         codes = tl.load(w + offsets, mask=live[:, None, None], other=0).to(
             tl.int32
         )  # [BLOCK_N, blocks, GS/2]
-        xs = x_ptr + row * K + k0 + b[:, None] * GS + 2 * t[None, :]
-        even, odd = tl.load(xs).to(tl.float32), tl.load(xs + 1).to(tl.float32)  # [blocks, GS / 2]
+        xs = k0 + b[:, None] * GS + 2 * t[None, :]
+        even = _gemv_input(x_ptr, p, xs, None, K, TOPK, ACT_SPLIT)  # [blocks, GS / 2]
+        odd = _gemv_input(x_ptr, p, xs + 1, None, K, TOPK, ACT_SPLIT)
         part = tl.sum(_e2m1(codes & 15) * even[None] + _e2m1(codes >> 4) * odd[None], axis=2)
         sc = tl.load(s + rows[:, None] * (K // GS) + k0 // GS + b[None, :], mask=live[:, None], other=0)
         acc += tl.sum(part * _fp4_scale(sc, E8M0), axis=1)
     if GLOBAL:
         acc *= tl.load(g_ptr + slot * slot_stride_g + m)
-    tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + rows, acc, mask=live)
+    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
@@ -357,20 +410,32 @@ def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -
     return GemvConfig(BLOCK_N, block_k, split, 4)
 
 
-def _gemv(kernel, weights: tuple, sizes: dict, x, rows, slots, k, n, m, config: GemvConfig, quantum, floor):
-    """Launch a grouped GEMV kernel over the bank tensors `weights` (each indexed by slot first);
-    float32 [P, m, n], the splits' partial outputs summed. A step's block of inputs must divide `quantum`
-    (a scale group a step may not straddle) and be a multiple of `floor` (the inputs of a packed unit)."""
+def _gemv(kernel, weights: tuple, sizes: dict, x, slots, k, n, m, config: GemvConfig, quantum, floor, fused):
+    """Launch a grouped GEMV kernel over the bank tensors `weights` (each indexed by slot first): float32
+    [P, m, split, n], the splits' partial outputs (summed by whoever reads them). A step's block of inputs
+    must divide `quantum` (a scale group a step may not straddle) and be a multiple of `floor` (the
+    inputs of a packed unit). fused: the kernel's TOPK, ACT_SPLIT and WEIGHTED, and the routing weights."""
     if quantum % config.block_k or config.block_k % floor:
         raise ValueError(f"{config}: block_k must divide {quantum} and be a multiple of {floor}")
     if config.split > 1 and k % (config.split * config.block_k):  # unsplit, the kernels mask a partial block
         raise ValueError(f"{config} does not divide K = {k}")
     out = torch.empty(slots.numel(), m, config.split, n, dtype=torch.float32, device=x.device)
+    routing = fused.pop("routing")
     kernel[(slots.numel(), triton.cdiv(n, config.block_n), m * config.split)](
-        x.contiguous(), rows, slots, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
-        SPLIT=config.split, BLOCK_K=config.block_k, BLOCK_N=config.block_n, num_warps=config.warps, **sizes,
+        x, slots, routing, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
+        SPLIT=config.split, BLOCK_K=config.block_k, BLOCK_N=config.block_n, num_warps=config.warps,
+        **sizes, **fused,
     )  # fmt: skip
-    return out[:, :, 0] if config.split == 1 else out.sum(dim=2)
+    return out
+
+
+def _fused(x, top_k: int, act_split: int, routing) -> dict:
+    """The GEMV's input and output fusions: gate_up reads x [T, K] (top_k pairs a token); down reads the
+    gate_up partials (act_split of them) through SiLU-and-multiply and scales by the routing weights."""
+    return {
+        "TOPK": top_k, "ACT_SPLIT": act_split, "WEIGHTED": routing is not None,
+        "routing": x if routing is None else routing,  # unread when not WEIGHTED
+    }  # fmt: skip
 
 
 def gemv_quantum(fmt, prefix: str, k: int) -> tuple[int, int]:
@@ -389,17 +454,18 @@ def _launch(fmt, prefix: str, k: int, n: int, m: int, pairs: int, config) -> tup
     return config or gemv_config(fmt.kernels, k, n, m, pairs, quantum), quantum, floor
 
 
-def int4_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
+def int4_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
     weights = tuple(bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
     launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    return _gemv(_int4_gemv, weights, {"G": fmt.groups[prefix]}, x, rows, slots, k, n, m, *launch)
+    sizes = {"G": fmt.groups[prefix]}
+    return _gemv(_int4_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
 
 
-def fp8_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
+def fp8_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
     weights = (bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"])
-    bo, bi = fmt.block
     launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    return _gemv(_fp8_gemv, weights, {"BO": bo, "BI": bi}, x, rows, slots, k, n, m, *launch)
+    sizes = {"BO": fmt.block[0], "BI": fmt.block[1]}
+    return _gemv(_fp8_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
 
 
 def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
@@ -414,26 +480,27 @@ def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
     )
 
 
-def fp4_project(fmt, x, rows, slots, bank, prefix: str, k: int, n: int, m: int, config=None):
+def fp4_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
     weights, sizes = _fp4_parts(fmt, bank, prefix)
     launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    return _gemv(_fp4_gemv, weights, sizes, x, rows, slots, k, n, m, *launch)
+    return _gemv(_fp4_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
 
 
 PROJECTIONS = {"int4": int4_project, "fp8": fp8_project, "nvfp4": fp4_project, "mxfp4": fp4_project}
 
 
 def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
-    """The format's mlp (x [T, H], slots and weights [T, k]) by grouped GEMVs: gate and up of every pair
-    in one launch, SiLU-and-multiply, down in a second; no host synchronisation."""
+    """The format's mlp (x [T, H], slots and weights [T, k]) in three launches and no host
+    synchronisation: gate and up of every pair; down of every pair, reading SiLU(gate) x up and scaling
+    by its routing weight as it goes; the sum over each token's pairs (and the K splits)."""
     t, k = slots.shape
     h, i = fmt.hidden, fmt.inter
     pairs = slots.reshape(-1).contiguous()
-    rows = torch.arange(t, device=x.device).repeat_interleave(k)
-    gate_up = project(fmt, x, rows, pairs, bank, "gate_up", h, i, 2)  # [P, 2, I] float32
-    act = F.silu(gate_up[:, 0]) * gate_up[:, 1]  # [P, I]
-    down = project(fmt, act, torch.arange(t * k, device=x.device), pairs, bank, "down", i, h, 1)
-    return (down.view(t, k, h) * weights[:, :, None].float()).sum(dim=1).to(x.dtype)
+    gate_up = project(fmt, x.contiguous(), pairs, bank, "gate_up", h, i, 2, top_k=k)  # [P, 2, split, I]
+    down = project(
+        fmt, gate_up, pairs, bank, "down", i, h, 1, act_split=gate_up.shape[2], routing=weights.reshape(-1)
+    )  # [P, 1, split, H]
+    return down.view(t, -1, h).sum(dim=1).to(x.dtype)
 
 
 def int4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
