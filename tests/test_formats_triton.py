@@ -12,11 +12,13 @@ import torch
 pytest.importorskip("triton")
 
 from tiermoe.formats import triton_kernels
+from tiermoe.formats.dense import DenseFormat
 from tiermoe.formats.fp4 import Nvfp4Format
 from tiermoe.formats.fp8 import Fp8BlockFormat
 from tiermoe.formats.int4 import Int4Format
 from tiermoe.formats.mxfp4 import Mxfp4Format
 from tiermoe.formats.quantized import DequantizingFormat
+from tiermoe.formats.swiglu import accumulate_pairs, expert_mlp
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -24,9 +26,17 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 
 def make(cls, shape, dtype):
-    """The format of (hidden, inter, block): block None for the fp4 formats, whose blocks are fixed."""
+    """The format of (hidden, inter, block): block None for the formats without one (dense, fp4)."""
     hidden, inter, block = shape
     return cls(hidden, inter, dtype) if block is None else cls(hidden, inter, dtype, block)
+
+
+def float32_weights(cls, shape, views, slots) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [n, 2I, H] and down [n, H, I] of the experts at slots [n], in float32, by torch alone."""
+    fmt = make(cls, shape, torch.float32)
+    if isinstance(fmt, DequantizingFormat):
+        return fmt.dequantize(views, slots)
+    return views["gate_up"][slots].float(), views["down"][slots].float()
 
 
 def random_bank(fmt, slots: int) -> dict:
@@ -38,6 +48,8 @@ def random_bank(fmt, slots: int) -> dict:
 
 
 CASES = [
+    (DenseFormat, (64, 40, None), triton_kernels.dense_mlp),
+    (DenseFormat, (256, 128, None), triton_kernels.dense_mlp),
     (Int4Format, (64, 32, 16), triton_kernels.int4_mlp),
     (Int4Format, (128, 96, -1), triton_kernels.int4_mlp),
     (Int4Format, (256, 128, 128), triton_kernels.int4_mlp),
@@ -61,7 +73,8 @@ def gemv_error(cls, shape, kernel) -> tuple[torch.Tensor, float]:
     slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
     got = kernel(fmt, x, slots, weights, views).float()
-    ref = DequantizingFormat.mlp(make(cls, shape, torch.float32), x.float(), slots, weights.float(), views)
+    gate_up, down = float32_weights(cls, shape, views, slots.reshape(-1))
+    ref = expert_mlp(x.float(), torch.arange(6, device=DEVICE).view(3, 2), weights.float(), gate_up, down)
     if CUDA:  # the format's own decode path is this kernel
         assert torch.equal(fmt.mlp(x, slots, weights, views).float(), got)
     return got, ((got - ref).norm() / ref.norm()).item()
@@ -82,7 +95,9 @@ def test_grouped_gemv_matches_the_torch_reference(cls, shape, kernel):
     ids=str,
 )
 @pytest.mark.parametrize(
-    ("cls", "shape", "kernel"), [CASES[2], CASES[4], CASES[-1]], ids=lambda c: getattr(c, "__name__", str(c))
+    ("cls", "shape", "kernel"),
+    [CASES[4], CASES[6], CASES[-1], CASES[1]],
+    ids=lambda c: getattr(c, "__name__", str(c)),
 )
 def test_split_k_and_other_tiles_give_the_same_outputs(monkeypatch, config, cls, shape, kernel):
     """Every launch the sweep may pick computes the same step: K split across programs (the partial sums
@@ -115,9 +130,9 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     slots = torch.randint(0, 5, (80,), generator=gen).to(DEVICE)
     weights = torch.rand(80, generator=gen).to(DEVICE, DTYPE)
     got = kernel(fmt, x, tokens, slots, weights, views, torch.zeros_like(x)).float()
-    ref_fmt = make(cls, shape, torch.float32)
-    ref = DequantizingFormat.accumulate(
-        ref_fmt, x.float(), tokens, slots, weights.float(), views, torch.zeros_like(x, dtype=torch.float32)
+    gate_up, down = float32_weights(cls, shape, views, torch.arange(5, device=DEVICE))
+    ref = accumulate_pairs(
+        x.float(), tokens, slots, weights.float(), gate_up, down, torch.zeros_like(x, dtype=torch.float32)
     )
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if not CUDA else 2e-2), rel

@@ -3,7 +3,7 @@ time per layer step (batch 1, top-k distinct experts from a bank of resident slo
 achieved GB/s against the measured HBM copy bandwidth, and its error against the torch reference
 (experts dequantized to float32). Writes bench/results/kernels-<date>.json.
 
-`--sweep` times the quantized formats' grouped GEMV launches instead (triton_kernels.GemvConfig: tile
+`--sweep` times every format's grouped GEMV launches instead (triton_kernels.GemvConfig: tile
 sizes, K split, warps) per projection at those shapes, by coordinate descent from the launch rule, and
 writes bench/results/kernels-sweep-<date>.json; `--save` also makes the winners this machine's launches
 (~/.cache/tiermoe/gemv_tuned.json, read by the engine; formats/gemv_tuned.json ships those we measured).
@@ -144,7 +144,7 @@ def quantized_formats(h: int, i: int) -> list:
 def sweep(pairs: int) -> list[dict]:
     runs = []
     for shape, (h, i, _) in SHAPES.items():
-        for fmt in quantized_formats(h, i):
+        for fmt in (DenseFormat(h, i, torch.bfloat16), *quantized_formats(h, i)):
             for prefix in ("gate_up", "down"):
                 r = {"shape": shape, **sweep_projection(fmt, prefix, pairs)}
                 runs.append(r)

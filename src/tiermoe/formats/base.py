@@ -68,6 +68,15 @@ class ExpertFormat(ABC):
     inter: int
     parts: tuple[Part, ...]
     nbytes: int  # one expert, alignment included
+    # On CUDA: triton_kernels' <kernels>_mlp (decode) and, where it has one, <kernels>_accumulate.
+    kernels: str | None = None
+
+    def _kernel(self, x: torch.Tensor, what: str):
+        if not (x.is_cuda and self.kernels):
+            return None
+        from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
+
+        return getattr(triton_kernels, f"{self.kernels}_{what}", None)
 
     def views(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each part of a bank of experts, bank: uint8 [S, nbytes] -> {name: [S, *part.shape]}."""

@@ -14,6 +14,8 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 class DenseFormat(ExpertFormat):
     """gate_up [2I, H] (gate rows, then up rows) and down [H, I], as transformers' fused experts."""
 
+    kernels = "dense"  # decode on CUDA: triton_kernels' dense_mlp reads the slots in place
+
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.name = DTYPE_NAMES[dtype]
@@ -44,6 +46,9 @@ class DenseFormat(ExpertFormat):
             start += p.numel
 
     def mlp(self, x, slots, weights, bank):
+        kernel = self._kernel(x, "mlp")
+        if kernel and self.graph_safe(slots.numel()):
+            return kernel(self, x, slots, weights, bank)
         return expert_mlp(x, slots, weights, bank["gate_up"], bank["down"])
 
     def accumulate(self, x, tokens, slots, weights, bank, out):

@@ -15,14 +15,6 @@ from .swiglu import GATHER_MAX_PAIRS, accumulate_pairs, expert_mlp
 
 class DequantizingFormat(ExpertFormat):
     dtype: torch.dtype  # the compute dtype the experts are dequantized to
-    kernels: str | None = None  # on CUDA: triton_kernels' <kernels>_mlp (decode) and <kernels>_accumulate
-
-    def _kernel(self, x: torch.Tensor, what: str):
-        if not (x.is_cuda and self.kernels):
-            return None
-        from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
-
-        return getattr(triton_kernels, f"{self.kernels}_{what}")
 
     @abstractmethod
     def dequantize(self, bank: dict, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,6 +145,31 @@ def _fp8_gemv(
 
 
 @triton.jit
+def _dense_gemv(
+    x_ptr, slot_ptr, w_ptr, wq_ptr, out_ptr,
+    slot_stride_w,
+    K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, TOPK: tl.constexpr,
+    ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for the expert in slot[p], w in
+    the compute dtype [N, K] (out x in, row-major): the unquantized experts read in place, where torch
+    would first gather the chosen experts' weights into a copy."""
+    p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m, sp = ms // SPLIT, ms % SPLIT
+    slot = tl.load(slot_ptr + p).to(tl.int64)
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = rows < N
+    w = wq_ptr + slot * slot_stride_w + m * (N * K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
+        tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
+        acc += tl.sum(tile.to(tl.float32) * x[None, :], axis=1)
+    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
+
+
+@triton.jit
 def _e2m1(code):
     """float32 value of e2m1 codes (int32, 0..15): sign in bit 3, exponent in bits 1-2, mantissa bit 0."""
     e = (code >> 1) & 3
@@ -446,6 +471,8 @@ def gemv_quantum(fmt, prefix: str, k: int) -> tuple[int, int]:
         return fmt.groups[prefix], 8
     if fmt.kernels == "fp8":
         return fmt.block[1], 1
+    if fmt.kernels == "dense":
+        return k, 1
     return k, 32 if fmt.kernels == "mxfp4" else 16
 
 
@@ -468,6 +495,13 @@ def fp8_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_
     return _gemv(_fp8_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
 
 
+def dense_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
+    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
+    return _gemv(
+        _dense_gemv, (bank[prefix],), {}, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing)
+    )
+
+
 def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
     """The fp4 kernels' bank tensors (values, block scales, per-matrix scales) and constants. MXFP4 has no
     per-matrix scale: its scales' tensor stands in for the pointer, unread (GLOBAL off)."""
@@ -486,7 +520,9 @@ def fp4_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_
     return _gemv(_fp4_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
 
 
-PROJECTIONS = {"int4": int4_project, "fp8": fp8_project, "nvfp4": fp4_project, "mxfp4": fp4_project}
+PROJECTIONS = {
+    "dense": dense_project, "int4": int4_project, "fp8": fp8_project, "nvfp4": fp4_project, "mxfp4": fp4_project,
+}  # fmt: skip
 
 
 def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
@@ -501,6 +537,10 @@ def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
         fmt, gate_up, pairs, bank, "down", i, h, 1, act_split=gate_up.shape[2], routing=weights.reshape(-1)
     )  # [P, 1, split, H]
     return down.view(t, -1, h).sum(dim=1).to(x.dtype)
+
+
+def dense_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
+    return _mlp(dense_project, fmt, x, slots, weights, bank)
 
 
 def int4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
