@@ -158,3 +158,32 @@ def test_tuned_launches_are_saved_merged_and_used(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="ignored, not a tuned-launch file"):
         assert triton_kernels.gemv_config("int4", 256, 128, 2, 6, 128) == rule
     triton_kernels.tuned.cache_clear()
+
+
+@pytest.mark.parametrize("cls", [DenseFormat, Int4Format, Mxfp4Format], ids=lambda c: c.__name__)
+def test_experts_read_in_place_from_two_memories_through_one_address_table(cls):
+    """The decode path without host round trips: a layer's table holds each expert's address, some in the
+    GPU's slot bank, the rest in the pinned host cache (both host memory here, as in the interpreter);
+    the kernel reads each where it lies and computes what the experts, gathered in one bank, give."""
+    shape = {Int4Format: (128, 64, 32)}.get(cls, (128, 64, None))
+    fmt = make(cls, shape, DTYPE)
+    bank = fmt.empty(6, DEVICE)  # experts 0..5 side by side: the reference
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for e in range(6):
+        fmt.fill_random(bank[e], g, 0.05)
+    gpu, host = (
+        fmt.empty(2, DEVICE),
+        fmt.empty(4, DEVICE),
+    )  # experts 4 and 1 in slots, the rest in host memory
+    placement = {4: (gpu, 0), 1: (gpu, 1), 0: (host, 3), 2: (host, 0), 3: (host, 2), 5: (host, 1)}
+    for e, (memory, index) in placement.items():
+        memory[index].copy_(bank[e])
+    table = torch.tensor(
+        [memory[index].data_ptr() for _, (memory, index) in sorted(placement.items())], device=DEVICE
+    )
+    x = torch.randn(3, shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+    ids = torch.tensor([[0, 4], [2, 5], [1, 3]], device=DEVICE)
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
+    got = triton_kernels.mlp_at(fmt, x, ids, weights, table)
+    expected = triton_kernels.bank_mlp(fmt, x, ids, weights, fmt.views(bank))
+    assert torch.equal(got, expected)

@@ -93,7 +93,7 @@ def sweep_projection(fmt, prefix: str, pairs: int, device: str = "cuda", iters: 
     views = fmt.views(bank)
     h, i = fmt.hidden, fmt.inter
     k, n, m = (h, i, 2) if prefix == "gate_up" else (i, h, 1)
-    project = triton_kernels.PROJECTIONS[fmt.kernels]
+    table = triton_kernels.slot_table(fmt, views)
     x = torch.randn(pairs, k, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     slots = torch.randperm(SLOTS, device=device)[:pairs]
     nbytes = pairs * sum(
@@ -101,7 +101,7 @@ def sweep_projection(fmt, prefix: str, pairs: int, device: str = "cuda", iters: 
     )
 
     def run(config):  # [pairs, m, n]: each pair its own input row (top_k 1), the splits summed
-        return project(fmt, x, slots, views, prefix, k, n, m, config).sum(dim=2)
+        return triton_kernels.project(fmt, x, slots, table, prefix, k, n, m, config).sum(dim=2)
 
     rule = triton_kernels.gemv_config(
         fmt.kernels, k, n, m, pairs, triton_kernels.gemv_quantum(fmt, prefix, k)[0]

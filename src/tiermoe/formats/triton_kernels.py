@@ -77,22 +77,36 @@ def _gemv_store(
 
 
 @triton.jit
+def _expert(table_ptr, id_ptr, p):
+    """Pair p's expert as a byte pointer: the address the table holds for the pair's id (a GPU slot, or
+    pinned host memory the kernel reads in place)."""
+    return tl.load(table_ptr + tl.load(id_ptr + p).to(tl.int64)).to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit
+def _part(base, OFFSET: tl.constexpr, DT: tl.constexpr):
+    """A part of an expert (its byte offset in the format's layout) as a pointer to DT."""
+    return (base + OFFSET).to(tl.pointer_type(DT))
+
+
+@triton.jit
 def _int4_gemv(
-    x_ptr, slot_ptr, w_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
-    slot_stride_qw, slot_stride_qz, slot_stride_sc,
+    x_ptr, id_ptr, table_ptr, w_ptr, out_ptr,
+    QW: tl.constexpr, QZ: tl.constexpr, SC: tl.constexpr, SC_DT: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr,
     TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, sp, n] = sum_k x_p[k] * w_m[k, n] over split sp's K / SPLIT inputs, for the expert in
-    slot[p], w = s * (q - z): one program per (pair, block of N outputs, stacked matrix m and split sp)."""
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[k, n] over split sp's K / SPLIT inputs, for pair p's expert,
+    w = s * (q - z): one program per (pair, block of N outputs, stacked matrix m and split sp). QW, QZ, SC:
+    byte offsets of the projection's packed weights, zeros and scales (of type SC_DT) in an expert."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
-    slot = tl.load(slot_ptr + p).to(tl.int64)
+    base = _expert(table_ptr, id_ptr, p)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = cols < N
-    qw = qw_ptr + slot * slot_stride_qw + m * (K // 8 * N)
-    qz = qz_ptr + slot * slot_stride_qz + m * (K // G * (N // 8))
-    sc = sc_ptr + slot * slot_stride_sc + m * (K // G * N)
+    qw = _part(base, QW, tl.int32) + m * (K // 8 * N)
+    qz = _part(base, QZ, tl.int32) + m * (K // G * (N // 8))
+    sc = _part(base, SC, SC_DT) + m * (K // G * N)
     # GPTQ packs inputs 8r .. 8r + 7 into word row r, input 8r + j in bits 4j .. 4j + 3: tiles stay
     # [BLOCK_K / 8, 8, BLOCK_N] (word row, nibble, output) and are summed over both input axes, never
     # reshaped to [BLOCK_K, BLOCK_N] (a layout conversion through shared memory per tile).
@@ -118,21 +132,22 @@ def _int4_gemv(
 
 @triton.jit
 def _fp8_gemv(
-    x_ptr, slot_ptr, w_ptr, wq_ptr, s_ptr, out_ptr,
-    slot_stride_w, slot_stride_s,
+    x_ptr, id_ptr, table_ptr, w_ptr, out_ptr,
+    W: tl.constexpr, S: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     SPLIT: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] * s_m[n // BO, k // BI] over split sp's inputs, for the
-    expert in slot[p] (w e4m3 [N, K], out x in, row-major; BLOCK_K divides BI)."""
+    pair's expert (w e4m3 [N, K], out x in, row-major, at byte offset W; float32 scales at S; BLOCK_K
+    divides BI)."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
-    slot = tl.load(slot_ptr + p).to(tl.int64)
+    base = _expert(table_ptr, id_ptr, p)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
-    w = wq_ptr + slot * slot_stride_w + m * (N * K)
-    s = s_ptr + slot * slot_stride_s + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
+    w = _part(base, W, tl.uint8) + m * (N * K)
+    s = _part(base, S, tl.float32) + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -146,20 +161,20 @@ def _fp8_gemv(
 
 @triton.jit
 def _dense_gemv(
-    x_ptr, slot_ptr, w_ptr, wq_ptr, out_ptr,
-    slot_stride_w,
+    x_ptr, id_ptr, table_ptr, w_ptr, out_ptr,
+    W: tl.constexpr, W_DT: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, TOPK: tl.constexpr,
     ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for the expert in slot[p], w in
-    the compute dtype [N, K] (out x in, row-major): the unquantized experts read in place, where torch
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for pair p's expert, w of type
+    W_DT [N, K] (out x in, row-major) at byte offset W: the unquantized experts read in place, where torch
     would first gather the chosen experts' weights into a copy."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
-    slot = tl.load(slot_ptr + p).to(tl.int64)
+    base = _expert(table_ptr, id_ptr, p)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
-    w = wq_ptr + slot * slot_stride_w + m * (N * K)
+    w = _part(base, W, W_DT) + m * (N * K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -189,23 +204,23 @@ def _fp4_scale(s, E8M0: tl.constexpr):
 
 @triton.jit
 def _fp4_gemv(
-    x_ptr, slot_ptr, w_ptr, wq_ptr, s_ptr, g_ptr, out_ptr,
-    slot_stride_w, slot_stride_s, slot_stride_g,
+    x_ptr, id_ptr, table_ptr, w_ptr, out_ptr,
+    W: tl.constexpr, S: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, GS: tl.constexpr,
     E8M0: tl.constexpr, GLOBAL: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr,
     WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for the expert in slot[p]:
-    w e2m1 [N, K / 2] bytes (input 2 j in the low nibble of byte j) times a scale per GS inputs [N, K / GS]
-    (and NVFP4's float32 scale per matrix when GLOBAL). Tiles stay [BLOCK_N, blocks, GS / 2] bytes, the
-    even and odd inputs multiplied apart: no interleaving reshape."""
+    """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for pair p's expert: w e2m1
+    [N, K / 2] bytes at byte offset W (input 2 j in the low nibble of byte j) times a one-byte scale per GS
+    inputs [N, K / GS] at S (and NVFP4's float32 scale per matrix at G when GLOBAL). Tiles stay
+    [BLOCK_N, blocks, GS / 2] bytes, the even and odd inputs multiplied apart: no interleaving reshape."""
     p, nb, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m, sp = ms // SPLIT, ms % SPLIT
-    slot = tl.load(slot_ptr + p).to(tl.int64)
+    base = _expert(table_ptr, id_ptr, p)
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
-    w = wq_ptr + slot * slot_stride_w + m * (N * (K // 2))
-    s = s_ptr + slot * slot_stride_s + m * (N * (K // GS))
+    w = _part(base, W, tl.uint8) + m * (N * (K // 2))
+    s = _part(base, S, tl.uint8) + m * (N * (K // GS))
     b, t = tl.arange(0, BLOCK_K // GS), tl.arange(0, GS // 2)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
@@ -220,7 +235,7 @@ def _fp4_gemv(
         sc = tl.load(s + rows[:, None] * (K // GS) + k0 // GS + b[None, :], mask=live[:, None], other=0)
         acc += tl.sum(part * _fp4_scale(sc, E8M0), axis=1)
     if GLOBAL:
-        acc *= tl.load(g_ptr + slot * slot_stride_g + m)
+        acc *= tl.load(_part(base, G, tl.float32) + m)
     _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
 
 
@@ -435,34 +450,6 @@ def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -
     return GemvConfig(BLOCK_N, block_k, split, 4)
 
 
-def _gemv(kernel, weights: tuple, sizes: dict, x, slots, k, n, m, config: GemvConfig, quantum, floor, fused):
-    """Launch a grouped GEMV kernel over the bank tensors `weights` (each indexed by slot first): float32
-    [P, m, split, n], the splits' partial outputs (summed by whoever reads them). A step's block of inputs
-    must divide `quantum` (a scale group a step may not straddle) and be a multiple of `floor` (the
-    inputs of a packed unit). fused: the kernel's TOPK, ACT_SPLIT and WEIGHTED, and the routing weights."""
-    if quantum % config.block_k or config.block_k % floor:
-        raise ValueError(f"{config}: block_k must divide {quantum} and be a multiple of {floor}")
-    if config.split > 1 and k % (config.split * config.block_k):  # unsplit, the kernels mask a partial block
-        raise ValueError(f"{config} does not divide K = {k}")
-    out = torch.empty(slots.numel(), m, config.split, n, dtype=torch.float32, device=x.device)
-    routing = fused.pop("routing")
-    kernel[(slots.numel(), triton.cdiv(n, config.block_n), m * config.split)](
-        x, slots, routing, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
-        SPLIT=config.split, BLOCK_K=config.block_k, BLOCK_N=config.block_n, num_warps=config.warps,
-        **sizes, **fused,
-    )  # fmt: skip
-    return out
-
-
-def _fused(x, top_k: int, act_split: int, routing) -> dict:
-    """The GEMV's input and output fusions: gate_up reads x [T, K] (top_k pairs a token); down reads the
-    gate_up partials (act_split of them) through SiLU-and-multiply and scales by the routing weights."""
-    return {
-        "TOPK": top_k, "ACT_SPLIT": act_split, "WEIGHTED": routing is not None,
-        "routing": x if routing is None else routing,  # unread when not WEIGHTED
-    }  # fmt: skip
-
-
 def gemv_quantum(fmt, prefix: str, k: int) -> tuple[int, int]:
     """(quantum, floor) of a format's GEMV over `prefix`: its block of inputs per step divides quantum
     (a scale group it may not straddle) and is a multiple of floor (the inputs a packed unit or a scale
@@ -481,25 +468,78 @@ def _launch(fmt, prefix: str, k: int, n: int, m: int, pairs: int, config) -> tup
     return config or gemv_config(fmt.kernels, k, n, m, pairs, quantum), quantum, floor
 
 
-def int4_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
-    weights = tuple(bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
-    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    sizes = {"G": fmt.groups[prefix]}
-    return _gemv(_int4_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+GEMV_KERNELS = {
+    "dense": _dense_gemv,
+    "int4": _int4_gemv,
+    "fp8": _fp8_gemv,
+    "nvfp4": _fp4_gemv,
+    "mxfp4": _fp4_gemv,
+}
 
 
-def fp8_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
-    weights = (bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"])
-    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    sizes = {"BO": fmt.block[0], "BI": fmt.block[1]}
-    return _gemv(_fp8_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
+def gemv_parts(fmt, prefix: str) -> dict:
+    """The GEMV kernel's constants for the `prefix` projection of an expert in `fmt`: where its tensors
+    lie in the expert's bytes (offsets), their types, and the format's block sizes."""
+
+    def at(part: str) -> int:
+        return fmt.part(part).offset
+
+    if fmt.kernels == "dense":
+        return {"W": at(prefix), "W_DT": _TL_DTYPES[fmt.dtype]}
+    if fmt.kernels == "int4":
+        scales = f"{prefix}_scales"
+        return {
+            "QW": at(f"{prefix}_qweight"), "QZ": at(f"{prefix}_qzeros"), "SC": at(scales),
+            "SC_DT": _TL_DTYPES[fmt.part(scales).dtype], "G": fmt.groups[prefix],
+        }  # fmt: skip
+    if fmt.kernels == "fp8":
+        return {"W": at(prefix), "S": at(f"{prefix}_scale"), "BO": fmt.block[0], "BI": fmt.block[1]}
+    if fmt.kernels == "mxfp4":
+        return {"W": at(prefix), "S": at(f"{prefix}_scales"), "G": 0, "GS": 32, "E8M0": True, "GLOBAL": False}
+    return {
+        "W": at(prefix), "S": at(f"{prefix}_scale"), "G": at(f"{prefix}_scale_2"), "GS": 16, "E8M0": False,
+        "GLOBAL": True,
+    }  # fmt: skip
 
 
-def dense_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
-    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    return _gemv(
-        _dense_gemv, (bank[prefix],), {}, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing)
-    )
+def project(fmt, x, ids, table, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
+    """One grouped GEMV over the `prefix` projection (K inputs, N outputs, m stacked matrices) of pair p's
+    expert, the one at address table[ids[p]]: float32 [P, m, split, N], the K splits' partial sums
+    (added by whoever reads them). Fusions: top_k pairs a token (x [T, K]); act_split > 0: x is a gate_up
+    output, read through SiLU-and-multiply; routing [P]: each pair's output scaled by its weight. A
+    launch's block of inputs must divide the format's quantum (a scale group a step may not straddle) and
+    be a multiple of its floor (the inputs of a packed unit): ValueError otherwise."""
+    config, quantum, floor = _launch(fmt, prefix, k, n, m, ids.numel(), config)
+    if quantum % config.block_k or config.block_k % floor:
+        raise ValueError(f"{config}: block_k must divide {quantum} and be a multiple of {floor}")
+    if config.split > 1 and k % (config.split * config.block_k):  # unsplit, the kernels mask a partial block
+        raise ValueError(f"{config} does not divide K = {k}")
+    out = torch.empty(ids.numel(), m, config.split, n, dtype=torch.float32, device=x.device)
+    GEMV_KERNELS[fmt.kernels][(ids.numel(), triton.cdiv(n, config.block_n), m * config.split)](
+        x, ids, table, x if routing is None else routing, out, K=k, N=n, M=m, SPLIT=config.split,
+        TOPK=top_k, ACT_SPLIT=act_split, WEIGHTED=routing is not None, BLOCK_K=config.block_k,
+        BLOCK_N=config.block_n, num_warps=config.warps, **gemv_parts(fmt, prefix),
+    )  # fmt: skip
+    return out
+
+
+_SLOT_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def slot_table(fmt, bank: dict) -> torch.Tensor:
+    """int64 [S]: the address of each slot of a bank of experts (the views of one uint8 [S, nbytes]
+    tensor), made once per bank (on the first, eager call: never inside a graph capture)."""
+    first = bank[fmt.parts[0].name]
+    if first.stride(0) * first.element_size() != fmt.nbytes:
+        raise ValueError(
+            f"the bank's slots are {first.stride(0) * first.element_size()} bytes apart, not {fmt.nbytes}"
+        )
+    key = (first.data_ptr(), first.shape[0], fmt.nbytes, str(first.device))
+    if key not in _SLOT_TABLES:
+        slots = torch.arange(first.shape[0], device=first.device, dtype=torch.int64)
+        _SLOT_TABLES[key] = first.data_ptr() + slots * fmt.nbytes
+    return _SLOT_TABLES[key]
 
 
 def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
@@ -514,48 +554,27 @@ def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
     )
 
 
-def fp4_project(fmt, x, slots, bank, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
-    weights, sizes = _fp4_parts(fmt, bank, prefix)
-    launch = _launch(fmt, prefix, k, n, m, slots.numel(), config)
-    return _gemv(_fp4_gemv, weights, sizes, x, slots, k, n, m, *launch, _fused(x, top_k, act_split, routing))
-
-
-PROJECTIONS = {
-    "dense": dense_project, "int4": int4_project, "fp8": fp8_project, "nvfp4": fp4_project, "mxfp4": fp4_project,
-}  # fmt: skip
-
-
-def _mlp(project, fmt, x, slots, weights, bank) -> torch.Tensor:
-    """The format's mlp (x [T, H], slots and weights [T, k]) in three launches and no host
-    synchronisation: gate and up of every pair; down of every pair, reading SiLU(gate) x up and scaling
-    by its routing weight as it goes; the sum over each token's pairs (and the K splits)."""
-    t, k = slots.shape
+def mlp_at(fmt, x, ids, weights, table) -> torch.Tensor:
+    """sum_k weights[t, k] * expert(x[t]) for the experts at addresses table[ids[t, k]] (GPU slots, or
+    pinned host memory read in place), in three launches and no host synchronisation: gate and up of
+    every pair; down of every pair, reading SiLU(gate) x up and scaling by its routing weight as it goes;
+    the sum over each token's pairs (and the K splits)."""
+    t, k = ids.shape
     h, i = fmt.hidden, fmt.inter
-    pairs = slots.reshape(-1).contiguous()
-    gate_up = project(fmt, x.contiguous(), pairs, bank, "gate_up", h, i, 2, top_k=k)  # [P, 2, split, I]
+    flat = ids.reshape(-1).contiguous()
+    gate_up = project(fmt, x.contiguous(), flat, table, "gate_up", h, i, 2, top_k=k)  # [P, 2, split, I]
     down = project(
-        fmt, gate_up, pairs, bank, "down", i, h, 1, act_split=gate_up.shape[2], routing=weights.reshape(-1)
+        fmt, gate_up, flat, table, "down", i, h, 1, act_split=gate_up.shape[2], routing=weights.reshape(-1)
     )  # [P, 1, split, H]
     return down.view(t, -1, h).sum(dim=1).to(x.dtype)
 
 
-def dense_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    return _mlp(dense_project, fmt, x, slots, weights, bank)
+def bank_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
+    """The format's decode mlp over a bank of expert slots (its views): mlp_at over the slots' addresses."""
+    return mlp_at(fmt, x, slots, weights, slot_table(fmt, bank))
 
 
-def int4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    return _mlp(int4_project, fmt, x, slots, weights, bank)
-
-
-def fp8_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    return _mlp(fp8_project, fmt, x, slots, weights, bank)
-
-
-def nvfp4_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    return _mlp(fp4_project, fmt, x, slots, weights, bank)
-
-
-mxfp4_mlp = nvfp4_mlp  # one kernel for both: _fp4_parts tells them apart
+dense_mlp = int4_mlp = fp8_mlp = nvfp4_mlp = mxfp4_mlp = bank_mlp  # ExpertFormat._kernel's names
 
 
 BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
