@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiermoe import LLM, SamplingParams
-from tiermoe.errors import BudgetError, CheckpointError
+from tiermoe.errors import BudgetError, CheckpointError, InvalidRequestError
 from tiermoe.offload.budget import GIB
 from tiermoe.offload.store import TieredExpertStore
 
@@ -151,3 +151,40 @@ def test_cli_generate_with_budget_prints_expert_stats(model, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("[length] prompt ") and "completion 5 tok" in line
     assert "experts: GPU hits " in line and "prefetch precision " in line
+
+
+def test_in_place_misses_give_the_resident_tokens_and_admit_after_the_step(model):
+    """miss_path in-place (the decode kernels in Triton's interpreter, host memory standing for pinned
+    memory): decode reads missed experts where they lie through the address table, admission after each
+    step moves them into slots, and the tokens are the all-resident ones."""
+    pytest.importorskip("triton")
+    path, resident = model
+    llm = tiered(path, resident, slots=2, miss_path="in-place")
+    store = llm.provider
+    assert store.graph_safe(1) and not store.graph_safe(16)  # decode one graph; a prefill the copy path
+    expected = resident.generate(PROMPT, GREEDY)[0]
+    out = llm.generate(PROMPT, GREEDY)[0]
+    assert out.token_ids == expected.token_ids
+    s, d = out.stats.experts, out.stats.experts_decode
+    assert s["miss_path"] == "in-place"
+    steps, layers = len(out.token_ids) - 1, 4  # the first token comes from the prefill
+    assert d["gpu_hits"] + d["gpu_misses"] == steps * layers * 2  # top-2 of distinct experts at batch 1
+    assert d["gpu_misses"] > 0 and d["gpu_hits"] > 0
+    assert d["bytes_in_place"] == d["gpu_misses"] * resident.plan.expert_bytes  # one token: one read each
+    assert d["bytes_h2d"] == d["gpu_misses"] * resident.plan.expert_bytes  # every miss admitted (LFU)
+    # the table: each layer's resident experts point at their slots, every other expert at its host copy
+    in_place = store.in_place
+    for layer, row in in_place.row.items():
+        part = store.pool.layers[layer]
+        for e in range(resident.args.num_experts):
+            slot = part.slot_of.get(e)
+            expected_addr = (
+                in_place.slot_addr[slot] if e in in_place.resident[layer] else in_place.host_addr[row, e]
+            )
+            assert int(in_place.table[row, e]) == int(expected_addr)
+
+
+def test_in_place_needs_every_expert_in_host_memory(model):
+    path, resident = model
+    with pytest.raises(InvalidRequestError, match="all 32 must fit the host cache"):
+        tiered(path, resident, slots=2, host=6, miss_path="in-place")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import InvalidRequestError
 
+MISS_PATHS = ("copy", "in-place")  # EngineConfig.miss_path
+
 
 def user_cache_dir() -> Path:
     """Where tiermoe keeps what it makes once per machine (tokenizers, GGUFs, tuned kernel launches):
@@ -78,6 +80,12 @@ class EngineConfig:
     prefetch: bool = _setting(
         False, "predict the next layer's experts and copy them while this layer computes"
     )
+    miss_path: str = _setting(
+        "copy",
+        "how decode reaches an expert missing from the GPU: copy (into a slot, then compute; a host "
+        "round trip per layer) or in-place (the kernel reads it from pinned host memory, the step one "
+        "CUDA graph; it is admitted to a slot after the step)",
+    )
     # --- expert routing (routing/spec.py)
     routing: str | None = _setting(
         None,
@@ -116,6 +124,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidRequestError(f"{name} must be >= 0 GiB", name)
+        if self.miss_path not in MISS_PATHS:
+            raise InvalidRequestError(
+                f"miss_path {self.miss_path!r} unknown; choose one of {', '.join(MISS_PATHS)}", "miss_path"
+            )
         if not 0.0 <= self.prefetch_accuracy <= 1.0:
             raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")
         if self.experts_per_token is not None and self.experts_per_token < 1:

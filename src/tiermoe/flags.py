@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .config import EngineConfig
+from .config import MISS_PATHS, EngineConfig
 from .engine.request import SamplingParams
 from .offload.policy import POLICIES  # the policy registry: plain Python, no torch
 
 # Choices of a setting, from the registry that implements it.
-CHOICES = {"eviction": list(POLICIES)}
+CHOICES = {"eviction": list(POLICIES), "miss_path": list(MISS_PATHS)}
 
 
 def _flag(f) -> str:

@@ -126,6 +126,7 @@ class Engine:
             logits = self.runner.decode(token_tensor, positions, active, cache)
             positions = positions + 1
             tokens = self._sample(seqs, logits)
+            self.provider.after_step(len(seqs))  # the step is done: its tokens are on the host
             scores = self._logprobs(seqs, logits, tokens)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:

@@ -78,4 +78,6 @@ def build_provider(source, config: EngineConfig, plan: MemoryPlan, progress=None
         policy=config.eviction,
         prefetch=config.prefetch,
         progress=progress,
+        miss_path=config.miss_path,
+        top_k=source.args.top_k,
     )

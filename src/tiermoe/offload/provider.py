@@ -35,6 +35,11 @@ class ExpertProvider(Experts, Protocol):
         """Receive the next-layer expert predictor once the model is built (for prefetch)."""
         ...
 
+    def after_step(self, tokens: int) -> None:
+        """A decode step of `tokens` rows has finished (the engine holds its sampled tokens): bookkeeping
+        the step's graph could not do."""
+        ...
+
 
 class ResidentExperts:
     """Every expert of every layer on one device, a bank of the format's views per layer (expert id =
@@ -56,6 +61,9 @@ class ResidentExperts:
         pass
 
     def attach(self, predictor: Predictor) -> None:
+        pass
+
+    def after_step(self, tokens: int) -> None:
         pass
 
 

@@ -1,10 +1,11 @@
 """TieredExpertStore: the ExpertProvider that runs a model whose experts do not fit on the GPU.
 
-Per MoE layer and step: route (done by the block), pull the routed expert ids to the host together
-with the next layer's predicted ids (one synchronisation), load missing experts into this layer's GPU
-slots from the host cache (which reads the disk on its own misses), wait for those copies, launch the
-expert kernels, then start copying the next layer's predicted experts on the side stream while the
-kernels run. A layer that hits more experts than it has slots (long prefills) runs in waves.
+Per MoE layer and step (the copy path; miss_path in-place decodes as offload/in_place.py says): route
+(done by the block), pull the routed expert ids to the host together with the next layer's predicted
+ids (one synchronisation), load missing experts into this layer's GPU slots from the host cache (which
+reads the disk on its own misses), wait for those copies, launch the expert kernels, then start copying
+the next layer's predicted experts on the side stream while the kernels run. A layer that hits more
+experts than it has slots (long prefills) runs in waves.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..formats.base import ExpertFormat
 from .budget import MemoryPlan
 from .gpu_pool import LayerSlots, SlotPool
 from .host_cache import HostCache
+from .in_place import InPlaceMisses
 from .predictor import Predictor
 from .sources import ExpertSource
 from .transfer import CopyStream
@@ -36,7 +38,8 @@ class StoreStats:
     routed: int = 0  # unique experts the layers routed to (for prediction recall)
     host_hits: int = 0
     host_misses: int = 0  # read from the expert source (disk)
-    bytes_h2d: int = 0
+    bytes_h2d: int = 0  # copied into slots
+    bytes_in_place: int = 0  # read by kernels from pinned host memory (miss_path in-place), also over PCIe
     bytes_disk: int = 0
     wait_s: float = 0.0  # host time blocked on copies the next kernels need
     disk_s: float = 0.0
@@ -69,6 +72,8 @@ class TieredExpertStore:
         policy: str = "lru",
         prefetch: bool = True,
         progress=None,
+        miss_path: str = "copy",
+        top_k: int = 1,
     ):
         self.plan, self.device, self.prefetch = plan, device, prefetch
         self.num_experts = num_experts
@@ -85,6 +90,8 @@ class TieredExpertStore:
         self._predicted: dict[int, set[int]] = {}
         self._preload(list(plan.quotas), progress)
         self.stats_ = StoreStats()
+        self.miss_path = miss_path
+        self.in_place = InPlaceMisses(self, top_k) if miss_path == "in-place" else None
 
     def _preload(self, layers: list[int], progress) -> None:
         """Fill the host cache in layer order, so a cache that holds everything never reads the disk again."""
@@ -101,7 +108,12 @@ class TieredExpertStore:
             self.predictor = predictor
 
     def graph_safe(self, tokens: int) -> bool:
-        return False  # every layer pulls the routed ids to the host
+        # The copy path pulls every layer's routed ids to the host; the in-place path never does.
+        return self.in_place is not None and self.in_place.graph_safe(tokens)
+
+    def after_step(self, tokens: int) -> None:
+        if self.in_place is not None:
+            self.in_place.after_step(tokens)
 
     def stats(self, since: dict | None = None) -> dict:
         d = (self.stats_ if since is None else self.stats_.minus(since)).to_dict()
@@ -109,6 +121,7 @@ class TieredExpertStore:
             format=self.format.describe(),
             policy=self.policy,
             prefetch=self.prefetch,
+            miss_path=self.miss_path,
             gpu_slots=len(self.pool),
             host_slots=self.host.capacity,
             source=self.host.source.description,
@@ -119,6 +132,17 @@ class TieredExpertStore:
         self.stats_ = StoreStats()
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.in_place is not None:
+            if self.in_place.graph_safe(x.shape[0]):
+                return self.in_place.forward(layer, x, ids, weights)
+            out = self._copy_path(layer, x, ids, weights)
+            self.in_place.sync_layer(layer)
+            return out
+        return self._copy_path(layer, x, ids, weights)
+
+    def _copy_path(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         prediction = self.predictor.predict(layer, x) if self.predictor else None
         flat = ids.reshape(-1)
         if prediction is not None:

@@ -1,0 +1,142 @@
+"""Decode with no host round trip per layer: missing experts read in place from pinned host memory.
+
+A device table holds, per MoE layer and expert, the address the decode kernels read the expert at: its
+GPU slot once admitted there, else its copy in the pinned host cache, which the kernel reads over PCIe
+(zero-copy). A layer's step is then one kernel launch over the table, with no decision on the host, so
+the whole decode step is one CUDA graph. Each step writes its routed ids to a device buffer; after the
+step (the engine has its tokens, so the GPU is done) the host reads them, counts hits and misses, lets
+the slot policy admit the missed experts (token-batched, as the copy path does) and copies them into
+their victims' slots on the side stream. A victim's entry goes back to its host copy before the copy
+into its slot starts; an admitted expert's entry points at its slot only once its copy has landed, seen
+at a later step: admission lags the routing by at least one step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..formats.swiglu import GATHER_MAX_PAIRS
+from .gpu_pool import LayerSlots
+
+
+class InPlaceMisses:
+    def __init__(self, store, top_k: int):
+        self.store, self.top_k = store, top_k
+        fmt, host, plan = store.format, store.host, store.plan
+        if not fmt.kernels:
+            raise InvalidRequestError(
+                f"miss_path in-place needs a decode kernel for {fmt.name} experts", "miss_path"
+            )
+        if store.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            raise InvalidRequestError("miss_path in-place needs a CUDA GPU", "miss_path")
+        layers = list(plan.quotas)
+        if host.capacity < len(layers) * store.num_experts:
+            raise InvalidRequestError(
+                f"miss_path in-place reads missed experts from host memory, so all {len(layers) * store.num_experts} "
+                f"must fit the host cache ({host.capacity} do): raise --cpu-budget to "
+                f"{len(layers) * store.num_experts * fmt.nbytes / 2**30:.1f} GiB or use miss_path copy",
+                "miss_path",
+            )
+        self.row = {layer: r for r, layer in enumerate(layers)}
+        # Every expert is in the host cache (the store preloads a cache that holds them all) and stays.
+        self.host_addr = torch.tensor(
+            [
+                [host.buffer(host.get(layer, e)[0]).data_ptr() for e in range(store.num_experts)]
+                for layer in layers
+            ],
+            dtype=torch.int64,
+        )  # [L, E]
+        self.table = self.host_addr.to(store.device, copy=True)  # a copy even on the CPU: entries change
+        pool = store.pool
+        self.slot_addr = [pool.flat[s].data_ptr() for s in range(len(pool))]
+        self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
+        self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
+        self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
+
+    def graph_safe(self, tokens: int) -> bool:
+        return self.store.format.graph_safe(tokens * self.top_k)
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from ..formats import triton_kernels  # triton decides compiled or interpreted at first import
+
+        row = self.row[layer]
+        self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
+        return triton_kernels.mlp_at(self.store.format, x, ids, weights, self.table[row])
+
+    def sync_layer(self, layer: int) -> None:
+        """After the copy path ran `layer` (a prefill): its slots hold what the policy put there, every
+        copy landed (the copy path waited), so each resident expert's entry points at its slot."""
+        part = self.store.pool.layers[layer]
+        self.pending = [p for p in self.pending if p[0] != layer]
+        self.resident[layer] = set(part.slot_of)
+        row = self.host_addr[self.row[layer]].clone()
+        for e, slot in part.slot_of.items():
+            row[e] = self.slot_addr[slot]
+        self.table[self.row[layer]].copy_(row)
+
+    def after_step(self, tokens: int) -> None:
+        """Count the step's hits and misses, flip the entries of admissions that landed, admit the step's
+        misses (victims' entries back to host memory first, then their copies, on the side stream)."""
+        store, pairs = self.store, tokens * self.top_k
+        if not self.graph_safe(tokens):
+            return  # that step ran the copy path
+        flips: dict[tuple[int, int], int] = {}
+        waiting = []
+        for layer, e, slot, event in self.pending:
+            if store.pool.layers[layer].expert_of.get(slot) != e:
+                continue  # evicted again before it landed
+            if event is None or event.query():
+                flips[(self.row[layer], e)] = self.slot_addr[slot]
+                self.resident[layer].add(e)
+            else:
+                waiting.append((layer, e, slot, event))
+        self.pending = waiting
+        routed = self.routed[:, :pairs].tolist()  # the step is done: no wait
+        admitted = []
+        for layer, r in self.row.items():
+            part = store.pool.layers[layer]
+            counts = Counter(routed[r])
+            for e, n in counts.items():
+                if e in self.resident[layer]:
+                    store.stats_.gpu_hits += 1
+                else:
+                    store.stats_.gpu_misses += 1
+                    store.stats_.bytes_in_place += n * store.expert_bytes  # each pair's program reads it
+            group = part.waves(routed[r])[0]  # the slots' share of this step's experts
+            part.ensure(
+                group,
+                lambda slot, part=part: None,
+                lambda e, exclude, layer=layer, part=part: self._claim(
+                    layer, e, part, exclude, flips, admitted
+                ),
+            )
+        if flips:
+            index = torch.tensor(list(flips), dtype=torch.long)
+            self.table[index[:, 0], index[:, 1]] = torch.tensor(list(flips.values()), dtype=torch.int64).to(
+                store.device
+            )
+        after = store.copier.mark_used()  # the flips, and every kernel of the step, come before the copies
+        for layer, e, slot in admitted:
+            entry, _ = store.host.get(layer, e)
+            event = store.copier.copy(store.pool.flat[slot], store.host.buffer(entry), after=after)
+            store.host.reading(entry, event)
+            store.stats_.bytes_h2d += store.expert_bytes
+            self.pending.append((layer, e, slot, event))
+
+    def _claim(
+        self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list
+    ) -> int:
+        """A slot for missed expert e: its victim's entry goes back to the host copy now."""
+        before = dict(part.expert_of)
+        slot = part.claim(e, exclude, prefetched=False)
+        victim = before.get(slot)
+        if victim is not None:
+            self.resident[layer].discard(victim)
+            flips[(self.row[layer], victim)] = int(self.host_addr[self.row[layer], victim])
+            self.pending = [p for p in self.pending if p[2] != slot]
+        admitted.append((layer, e, slot))
+        return slot
