@@ -15,7 +15,8 @@
 # peer, which converts the checkpoint to GGUF first and does not fit the 10 minutes the first time;
 # TIERMOE_LLAMA_CPP, the tests' name, works too), LLAMA_FORMATS (its GGUFs: default base for OLMoE, the
 # converter's bf16, and base,q4_k_m for Qwen3, q8_0 and Q4_K_M), GPU_BUDGETS (tiermoe's caps, default the
-# suite's cap and none; e.g. 8 alone where a lease is short).
+# suite's cap and none; e.g. 8 alone where a lease is short), VARIANTS (tiermoe's store settings when
+# capped, bench --variants; e.g. lfu+noprefetch,lfu+noprefetch+in-place to compare the miss paths).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -48,6 +49,7 @@ trap collect EXIT
 # bound), uniform (no locality, the worst case) and szd (calibrated to trained models, ROUTING.md).
 ROUTING=natural,uniform,szd
 LLAMA_CPP=${LLAMA_CPP:-${TIERMOE_LLAMA_CPP:-}}  # the tests' name for the same folder
+variant_flags=(${VARIANTS:+--variants "$VARIANTS"})
 peer_flags=(--peers "${PEERS:-hf-offload}${LLAMA_CPP:+,llama.cpp}" ${LLAMA_CPP:+--llama-cpp "$LLAMA_CPP"})
 llama_formats() { [[ -n $LLAMA_CPP ]] && echo --llama-cpp-formats "${LLAMA_FORMATS:-$1}"; }
 
@@ -60,7 +62,7 @@ olmoe)
         --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
     # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe at 4 GiB and uncapped, 3 routings
     #    each (~35-50 s a run); HF offload at the same cap (~0.6 tok/s: 8 tokens, timed once).
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" \
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
@@ -71,7 +73,7 @@ qwen3)
     # A capped run loads for 40-75 s, so 64 new tokens timed twice keep the six tiermoe runs near 5 minutes;
     # HF offload (0.1 tok/s, ~3 minutes for 3 tokens) takes the rest.
     model=$(synth qwen3-30b-a3b --experts-in-memory)
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" \
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
@@ -91,7 +93,7 @@ qwen3-int4 | olmoe-int4)
         model="$SYNTH_DIR/olmoe-1b-7b-int4"
         [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts int4 --scales rtn --out "$model"
     fi
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" \
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len "$gen" --batch 1 --repeat "$repeat" --also-model "$bf16" \
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300

@@ -229,9 +229,12 @@ def test_pcie_floor_of_a_capped_run():
 
 
 def test_settings_pair_engines_with_budgets_and_variants():
-    lru, lfu_off = {"eviction": "lru", "prefetch": True}, {"eviction": "lfu", "prefetch": False}
+    lru = {"eviction": "lru", "prefetch": True, "miss_path": "copy"}
+    lfu_off = {"eviction": "lfu", "prefetch": False, "miss_path": "copy"}
     assert run.parse_variants("lru,lfu+noprefetch") == [lru, lfu_off]
     assert run.parse_variants(None) == [lfu_off]  # the engine's defaults
+    assert run.parse_variants("lfu+noprefetch+in-place") == [{**lfu_off, "miss_path": "in-place"}]
+    assert run.parse_variants("lfu+in-place+noprefetch") == [{**lfu_off, "miss_path": "in-place"}]
     assert run._settings([4.0, None], ["hf", "hf-offload"], [lru, lfu_off]) == [
         ("tiermoe", 4.0, lru),
         ("tiermoe", 4.0, lfu_off),
@@ -253,8 +256,9 @@ def test_settings_pair_engines_with_budgets_and_variants():
         ("tiermoe", None, {**lru, **uniform}),
         ("tiermoe", None, {**lru, **szd}),
     ]
-    with pytest.raises(InvalidRequestError, match="POLICY or POLICY\\+noprefetch"):
-        run.parse_variants("lru+fast")
+    for bad in ("lru+fast", "lru+in-place+in-place"):
+        with pytest.raises(InvalidRequestError, match="POLICY\\[\\+noprefetch\\]\\[\\+in-place\\]"):
+            run.parse_variants(bad)
 
 
 def test_argument_parsing_and_errors(tmp_path):

@@ -36,17 +36,19 @@ def decode_traffic(stats: dict) -> dict:
     touches nearly every expert and would swamp the per-token picture). stats: GenerationStats fields
     sequences, completion_tokens (the whole batch's), decode_s and experts_decode. Decoded tokens are
     completion_tokens - sequences, as in decode_tok_s: each sequence's first token comes out of prefill.
-    h2d_gb_s is achieved (decode H2D bytes / decode time), not the link's ceiling. None when nothing
-    is offloaded (no store statistics) or nothing was decoded."""
+    h2d_gb_s is achieved (decode H2D bytes / decode time), not the link's ceiling. H2D bytes are every
+    byte of experts over PCIe: copied into slots, and read in place by the kernels (miss_path in-place).
+    None when nothing is offloaded (no store statistics) or nothing was decoded."""
     e = stats.get("experts_decode") or {}
     tokens = stats["completion_tokens"] - stats["sequences"]
     if "bytes_h2d" not in e or tokens <= 0:
         return dict.fromkeys(TRAFFIC)
+    pcie = e["bytes_h2d"] + e.get("bytes_in_place", 0)
     return {
         "gpu_hit_rate": e.get("gpu_hit_rate"),
-        "h2d_bytes_per_token": e["bytes_h2d"] / tokens,
+        "h2d_bytes_per_token": pcie / tokens,
         "disk_bytes_per_token": e["bytes_disk"] / tokens,
-        "h2d_gb_s": e["bytes_h2d"] / stats["decode_s"] / GB if stats["decode_s"] > 0 else None,
+        "h2d_gb_s": pcie / stats["decode_s"] / GB if stats["decode_s"] > 0 else None,
     }
 
 

@@ -55,7 +55,8 @@ def variant_name(run: dict) -> str:
         return f"{run.get('experts_dtype') or run.get('llama_cpp_format') or ''} {run['llama_cpp_setting']}".strip()
     if run.get("gpu_budget_gib") is None or not run.get("eviction"):
         return ""
-    return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch")
+    in_place = " in-place" if run.get("miss_path") == "in-place" else ""
+    return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch") + in_place
 
 
 def run_label(run: dict) -> str:

@@ -143,21 +143,31 @@ PEER_ROUTING_NOTES = {
 
 
 def parse_variants(value: str | None) -> list[dict]:
-    """`lru,lfu,lru-protect,lru+noprefetch` -> tiermoe options per variant (eviction policy, prefetch);
-    None: the engine's defaults."""
+    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place` -> tiermoe options per variant
+    (eviction policy, prefetch, miss path); None: the engine's defaults."""
+    defaults = EngineConfig()
     if not value:
-        defaults = EngineConfig()
-        return [{"eviction": defaults.eviction, "prefetch": defaults.prefetch}]
+        return [
+            {"eviction": defaults.eviction, "prefetch": defaults.prefetch, "miss_path": defaults.miss_path}
+        ]
     variants = []
     for item in value.split(","):
-        policy, _, flag = item.strip().partition("+")
-        if policy not in POLICIES or flag not in ("", "noprefetch"):
+        policy, *flags = item.strip().split("+")
+        if (
+            policy not in POLICIES
+            or not set(flags) <= {"noprefetch", "in-place"}
+            or len(set(flags)) < len(flags)
+        ):
             raise InvalidRequestError(
-                f"--variants items are POLICY or POLICY+noprefetch with POLICY one of {', '.join(POLICIES)}; "
+                f"--variants items are POLICY[+noprefetch][+in-place] with POLICY one of {', '.join(POLICIES)}; "
                 f"got {item!r}",
                 param="variants",
             )
-        variants.append({"eviction": policy, "prefetch": flag != "noprefetch"})
+        variants.append({
+            "eviction": policy,
+            "prefetch": "noprefetch" not in flags,
+            "miss_path": "in-place" if "in-place" in flags else defaults.miss_path,
+        })  # fmt: skip
     return variants
 
 
@@ -310,7 +320,7 @@ def bench(
             **model_common,
             "engine": engine,
             "gpu_budget_gib": budget,
-            **{k: v for k, v in (options or {}).items() if k in ("eviction", "prefetch")},
+            **{k: v for k, v in (options or {}).items() if k in ("eviction", "prefetch", "miss_path")},
             **({"kv_reserve_tokens": engine_config["kv_reserve_tokens"]} if engine == "tiermoe" else {}),
             "gen_len": w.gen_len,
             "repeat": w.repeat,
@@ -506,8 +516,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--variants",
         default=None,
-        help="tiermoe settings to compare when capped: POLICY or POLICY+noprefetch, comma-separated "
-        "(e.g. lru,lfu,lru-protect,lru+noprefetch; default: the engine's own, lfu without prefetch)",
+        help="tiermoe settings to compare when capped: POLICY[+noprefetch][+in-place], comma-separated "
+        "(e.g. lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place; default: the engine's own, lfu "
+        "without prefetch, misses copied)",
     )
     p.add_argument(
         "--routing",
