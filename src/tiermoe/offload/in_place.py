@@ -4,9 +4,11 @@ A device table holds, per MoE layer and expert, the address the decode kernels r
 GPU slot once admitted there, else its copy in the pinned host cache, which the kernel reads over PCIe
 (zero-copy). A layer's step is then one kernel launch over the table, with no decision on the host, so
 the whole decode step is one CUDA graph. Each step writes its routed ids to a device buffer; after the
-step (the engine has its tokens, so the GPU is done) the host reads them, counts hits and misses, lets
-the slot policy admit the missed experts (token-batched, as the copy path does) and copies them into
-their victims' slots on the side stream. A victim's entry goes back to its host copy before the copy
+step (the engine has its tokens, so the GPU is done) the host reads them, counts hits and misses, and
+admits missed experts into slots (token-batched, as the copy path does), copying them into their
+victims' slots on the side stream. A miss is admitted only when it was routed more often lately than
+the expert the slot policy would evict (TinyLFU's admission test): admitting every miss would move each
+missed expert over PCIe twice, once read in place and once copied, for experts that may not come back. A victim's entry goes back to its host copy before the copy
 into its slot starts; an admitted expert's entry points at its slot only once its copy has landed, seen
 at a later step: admission lags the routing by at least one step.
 """
@@ -21,6 +23,8 @@ import torch
 from ..errors import InvalidRequestError
 from ..formats.swiglu import GATHER_MAX_PAIRS
 from .gpu_pool import LayerSlots
+
+DECAY_STEPS = 64  # the admission test's routing counts halve this often, so old popularity fades
 
 
 class InPlaceMisses:
@@ -56,6 +60,10 @@ class InPlaceMisses:
         self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
+        self.freq = torch.zeros(
+            len(layers), store.num_experts
+        )  # pairs routed lately, halved every DECAY_STEPS
+        self.steps = 0
 
     def graph_safe(self, tokens: int) -> bool:
         return self.store.format.graph_safe(tokens * self.top_k)
@@ -95,25 +103,28 @@ class InPlaceMisses:
             else:
                 waiting.append((layer, e, slot, event))
         self.pending = waiting
-        routed = self.routed[:, :pairs].tolist()  # the step is done: no wait
+        ids = self.routed[:, :pairs]
+        self.freq.scatter_add_(1, ids.cpu(), torch.ones(ids.shape))  # the step is done: no wait
+        self.steps += 1
+        if self.steps % DECAY_STEPS == 0:
+            self.freq /= 2
+        routed = ids.tolist()
         admitted = []
         for layer, r in self.row.items():
             part = store.pool.layers[layer]
-            counts = Counter(routed[r])
-            for e, n in counts.items():
+            for e, n in Counter(routed[r]).items():
                 if e in self.resident[layer]:
                     store.stats_.gpu_hits += 1
                 else:
                     store.stats_.gpu_misses += 1
                     store.stats_.bytes_in_place += n * store.expert_bytes  # each pair's program reads it
             group = part.waves(routed[r])[0]  # the slots' share of this step's experts
-            part.ensure(
-                group,
-                lambda slot, part=part: None,
-                lambda e, exclude, layer=layer, part=part: self._claim(
-                    layer, e, part, exclude, flips, admitted
-                ),
-            )
+            exclude = {part.slot_of[e] for e in group if e in part.slot_of}
+            for slot in exclude:
+                part.policy.touch(slot)
+            for e in group:
+                if e not in part.slot_of and self._admits(r, e, part, exclude):
+                    exclude.add(self._claim(layer, e, part, exclude, flips, admitted))
         if flips:
             index = torch.tensor(list(flips), dtype=torch.long)
             self.table[index[:, 0], index[:, 1]] = torch.tensor(list(flips.values()), dtype=torch.int64).to(
@@ -126,6 +137,16 @@ class InPlaceMisses:
             store.host.reading(entry, event)
             store.stats_.bytes_h2d += store.expert_bytes
             self.pending.append((layer, e, slot, event))
+
+    def _admits(self, row: int, e: int, part: LayerSlots, exclude: set[int]) -> bool:
+        """Whether missed expert e earns a slot: a free one, or e routed more often lately than the
+        expert the policy would evict for it."""
+        if part.free:
+            return True
+        if len(exclude) >= len(part.slots):
+            return False
+        victim = part.expert_of[part.policy.victim(exclude)]
+        return bool(self.freq[row, e] > self.freq[row, victim])
 
     def _claim(
         self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list
