@@ -47,7 +47,7 @@ trap collect EXIT
 
 # Every tiermoe setting runs once per routing: natural (the random routers' own, an optimistic upper
 # bound), uniform (no locality, the worst case) and szd (calibrated to trained models, ROUTING.md).
-ROUTING=natural,uniform,szd
+ROUTING=${ROUTINGS:-natural,uniform,szd}  # ROUTINGS=szd,uniform leaves out the upper bound where a lease is short
 LLAMA_CPP=${LLAMA_CPP:-${TIERMOE_LLAMA_CPP:-}}  # the tests' name for the same folder
 variant_flags=(${VARIANTS:+--variants "$VARIANTS"})
 peer_flags=(--peers "${PEERS:-hf-offload}${LLAMA_CPP:+,llama.cpp}" ${LLAMA_CPP:+--llama-cpp "$LLAMA_CPP"})
