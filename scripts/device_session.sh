@@ -71,7 +71,7 @@ if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     ) > "$W/train.log" 2>&1 &
 fi
 (
-    kernel_tests=(tests/test_formats_triton.py tests/test_bench_kernels.py tests/test_offload_sources.py)
+    kernel_tests=(tests/test_formats_triton.py tests/test_bench_kernels.py tests/test_offload_sources.py tests/test_offload_store_gpu.py)
     case ${GPU_TESTS:-all} in
     all) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40 ;;&
     all | kernels) python3 -m pytest -q -p no:cacheprovider "${kernel_tests[@]}" 2>&1 | tail -n 15
