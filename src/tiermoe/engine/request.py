@@ -142,6 +142,8 @@ class GenerationStats:
                 f"H2D {e['bytes_h2d'] / 1e9:.2f} GB, disk {e['bytes_disk'] / 1e9:.2f} GB, "
                 f"waited {e['wait_s'] * 1000:.0f} ms"
             )
+            if e.get("bytes_in_place"):
+                text += f", read in place {e['bytes_in_place'] / 1e9:.2f} GB"
         return text
 
 
