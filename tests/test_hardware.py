@@ -29,7 +29,14 @@ def test_quick_profile_on_cpu_measures_positive_ceilings(tmp_path):
     assert "O_DIRECT" in measured["disk read"].note
     assert not list(tmp_path.iterdir())  # the scratch file is removed
     if not torch.cuda.is_available():
-        for name in ("H2D pinned 2.5MB", "H2D pageable 9.4MB", "GPU copy (read+write)", "GPU GEMM bf16"):
+        gpu = (
+            "H2D pinned 2.5MB",
+            "H2D pageable 9.4MB",
+            "GPU copy (read+write)",
+            "zero-copy read pinned",
+            "GPU GEMM bf16",
+        )
+        for name in gpu:
             assert measured[name].value is None and "no CUDA" in measured[name].note
 
 
@@ -154,6 +161,8 @@ def test_gpu_ceilings_are_measured():
     measured = {m.name: m for m in hardware.profile(quick=True)}
     assert measured["H2D pinned 9.4MB"].value > measured["H2D pageable 9.4MB"].value * 0.5 > 0
     assert measured["GPU copy (read+write)"].value > 100
+    # a kernel reading host memory in place: PCIe's order of magnitude, not HBM's
+    assert 1 < measured["zero-copy read pinned"].value < measured["H2D pinned 9.4MB"].value * 1.5
     assert measured["GPU GEMM bf16"].value > 1
 
 
@@ -169,3 +178,19 @@ def test_floor_uses_h2d_measured_nearest_the_expert_size():
     assert hardware.h2d_near(measured, 12_582_912) == ("9.4MB", 45.0)  # one OLMoE expert
     assert hardware.h2d_near(measured, 2 << 30) == ("48MB", 50.0)  # 1GiB was not measured
     assert hardware.h2d_near(measured[2:3], 1) is None
+
+
+def test_read_in_place_reads_memory_through_its_address():
+    """The zero-copy probe's kernel (Triton's interpreter on the CPU): the words at an address, as held."""
+    pytest.importorskip("triton")
+    from tiermoe.formats.triton_kernels import read_in_place
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = (
+        torch.arange(4096, dtype=torch.int32).pin_memory()
+        if device == "cuda"
+        else torch.arange(4096, dtype=torch.int32)
+    )
+    out = torch.zeros(4096, dtype=torch.int32, device=device)
+    read_in_place(torch.tensor([src.data_ptr()], device=device), out)
+    assert torch.equal(out.cpu(), src)

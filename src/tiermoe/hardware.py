@@ -77,6 +77,16 @@ def h2d_bandwidth(chunk_bytes: int, pinned: bool, total_bytes: int = 4 * GIB) ->
     return chunk_bytes / time_cuda(lambda: dst.copy_(src, non_blocking=pinned), iters) / GB
 
 
+def zero_copy_bandwidth(nbytes: int) -> float:
+    """GB/s of a kernel reading pinned host memory in place, no copy engine (miss_path in-place's path)."""
+    from .formats.triton_kernels import read_in_place
+
+    src = torch.ones(nbytes // 4, dtype=torch.int32, pin_memory=True)
+    out = torch.empty_like(src, device="cuda")
+    address = torch.tensor([src.data_ptr()], device="cuda")
+    return nbytes / time_cuda(lambda: read_in_place(address, out), 10) / GB
+
+
 def gpu_copy_bandwidth(nbytes: int) -> float:
     """GB/s of device-to-device copy, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -175,10 +185,14 @@ def profile(quick: bool = False, disk_dir: str | Path = ".") -> list[Measurement
         m.append(
             Measurement("GPU copy (read+write)", gpu_copy_bandwidth((64 << 20) if quick else GIB), "GB/s")
         )
+        m.append(
+            Measurement("zero-copy read pinned", zero_copy_bandwidth((64 << 20) if quick else GIB), "GB/s")
+        )
         g = 1024 if quick else 8192
         m.append(Measurement("GPU GEMM bf16", gpu_gemm_tflops(g), "TFLOP/s", f"{g}^3"))
     else:
         m.append(Measurement("GPU copy (read+write)", None, "GB/s", "skipped: no CUDA device"))
+        m.append(Measurement("zero-copy read pinned", None, "GB/s", "skipped: no CUDA device"))
         m.append(Measurement("GPU GEMM bf16", None, "TFLOP/s", "skipped: no CUDA device"))
     return m
 

@@ -366,6 +366,22 @@ def _fp4_gemm(
     )
 
 
+@triton.jit
+def _read_in_place(src_ptr, out_ptr, BLOCK: tl.constexpr):
+    """out[block] = the words at the address src_ptr holds: memory read in place (pinned host memory
+    through its device-visible address, as miss_path in-place reads experts)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    src = tl.load(src_ptr).to(tl.pointer_type(tl.int32))
+    tl.store(out_ptr + offs, tl.load(src + offs))
+
+
+def read_in_place(address: torch.Tensor, out: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Fill out (int32, a multiple of `block` words) from the memory at address (an int64 [1] tensor on
+    out's device), as many programs as blocks."""
+    _read_in_place[(out.numel() // block,)](address, out, BLOCK=block)
+    return out
+
+
 def _divisor(n: int) -> int:
     return next(b for b in (128, 64, 32, 16, 8) if n % b == 0)
 
