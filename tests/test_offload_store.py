@@ -83,9 +83,12 @@ def test_pool_stays_within_budget(model):
     assert len(store.host.entry_of) <= 10
 
 
-def test_prefill_larger_than_slots_runs_in_waves(model):
+@pytest.mark.parametrize("slots", [2, 3, 4])
+def test_prefill_larger_than_slots_runs_in_waves(model, slots):
+    """Waves of half the slots, the next one's copies issued before this one computes (double-buffered;
+    with 3 slots a wave of 1 leaves one slot spare)."""
     path, resident = model
-    llm = tiered(path, resident, slots=2)
+    llm = tiered(path, resident, slots=slots)
     prompts = [PROMPT * 4, PROMPT[:5]]  # 48 tokens x top-2 touch most of the 8 experts of each layer
     expected = [o.token_ids for o in resident.generate(prompts, GREEDY)]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected

@@ -100,3 +100,23 @@ def test_a_batch_wider_than_the_slots_runs_in_waves(policy):
     w = torch.full((3, 2), 0.5)
     torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
     assert s.stats()["gpu_misses"] == 6
+
+
+def test_waves_are_double_buffered_the_next_copies_issued_before_this_wave_computes(monkeypatch):
+    s, _ = store(slots_per_layer=4, host_experts=E * len(LAYERS))
+    events = []
+    copy, accumulate = s.copier.copy, s.format.accumulate
+    monkeypatch.setattr(
+        s.copier, "copy", lambda dst, src, after=None: events.append("copy") or copy(dst, src, after)
+    )
+
+    def computed(x, tokens, slots, weights, bank, out):
+        events.append(f"compute {len(set(slots.tolist()))}")
+        return accumulate(x, tokens, slots, weights, bank, out)
+
+    monkeypatch.setattr(s.format, "accumulate", computed)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])  # 6 distinct experts, 4 slots: waves of 2
+    w = torch.full((3, 2), 0.5)
+    torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
+    assert events == ["copy"] * 4 + ["compute 2", "copy", "copy", "compute 2", "compute 2"]

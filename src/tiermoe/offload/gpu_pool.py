@@ -23,12 +23,13 @@ class LayerSlots:
         self.expert_of: dict[int, int] = {}  # slot -> expert
         self.free = list(reversed(slots))
 
-    def waves(self, routed: list[int]) -> list[list[int]]:
+    def waves(self, routed: list[int], size: int | None = None) -> list[list[int]]:
         """The distinct experts of one step's routed ids, most-routed first and resident ones before
-        missing ones (stable), cut into groups that fit this layer's slots (long prefills need several)."""
+        missing ones (stable), cut into groups of `size` (default: this layer's slots; long prefills
+        need several)."""
         needed = [e for e, _ in Counter(routed).most_common()]
         needed.sort(key=lambda e: e not in self.slot_of)
-        quota = len(self.slots)
+        quota = size or len(self.slots)
         return [needed[start : start + quota] for start in range(0, len(needed), quota)]
 
     def ensure(

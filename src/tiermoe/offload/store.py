@@ -5,7 +5,8 @@ Per MoE layer and step (the copy path; miss_path in-place decodes as offload/in_
 ids (one synchronisation), load missing experts into this layer's GPU slots from the host cache (which
 reads the disk on its own misses), wait for those copies, launch the expert kernels, then start copying
 the next layer's predicted experts on the side stream while the kernels run. A layer that hits more
-experts than it has slots (long prefills) runs in waves.
+experts than it has slots (long prefills) runs in waves of half its slots, each wave's copies issued
+while the one before computes.
 """
 
 from __future__ import annotations
@@ -152,11 +153,23 @@ class TieredExpertStore:
             routed, predicted = flat.tolist(), []
         part = self.pool.layers[layer]
         waves = part.waves(routed)
+        if len(waves) > 1 and len(part.slots) >= 2:
+            # Double-buffered: while one half of the slots computes a wave, the next wave's copies fill
+            # the other half (a long prefill is then bound by PCIe alone, not PCIe plus compute).
+            waves = part.waves(routed, len(part.slots) // 2)
         needed = [e for group in waves for e in group]
         self._score(layer, needed)
-        out = None
-        for i, group in enumerate(waves):
-            slot_of = part.ensure(group, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
+
+        def ensure(group: list[int], busy: set[int]) -> dict[int, int]:
+            return part.ensure(
+                group, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude | busy)
+            )
+
+        out, upcoming = None, ensure(waves[0], set())
+        for i in range(len(waves)):
+            slot_of = upcoming
+            if i + 1 < len(waves):  # its copies start now, behind the last use of their victims
+                upcoming = ensure(waves[i + 1], set(slot_of.values()))
             self._wait(slot_of.values())
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
