@@ -126,6 +126,7 @@ def _check_capped_run(capped: dict, uncapped: dict) -> None:
         assert e["gpu_hits"] + e["gpu_misses"] > 0 and s["gpu_hit_rate"] == e["gpu_hit_rate"]
         # Decode steps only: prefill's loads are not in these counts.
         assert e["bytes_h2d"] < s["experts"]["bytes_h2d"]
+        assert s["prefill_h2d_bytes"] == s["experts"]["bytes_h2d"] - e["bytes_h2d"]
     assert capped["experts_decode"] == capped["samples"][-1]["experts_decode"]
     assert 0 <= capped["gpu_hit_rate"] < 1 and capped["h2d_bytes_per_token"] > 0 and capped["h2d_gb_s"] > 0
     transfer_s = capped["h2d_bytes_per_token"] / (H2D_GB_S * 1e9)
@@ -135,6 +136,8 @@ def _check_capped_run(capped: dict, uncapped: dict) -> None:
     assert capped["floor_fraction"] == pytest.approx(capped["decode_tok_s"] / capped["floor_tok_s"])
     assert "PCIe" in capped["floor_note"] and "uncapped run" in capped["floor_note"]
     assert capped["pcie_floor_tok_s"] > 0
+    prefill_s = capped["prefill_h2d_bytes"] / (H2D_GB_S * 1e9)
+    assert capped["prefill_floor_fraction"] == pytest.approx(prefill_s / capped["ttft_s"])
 
 
 def test_kv_reserve_fits_the_workload():

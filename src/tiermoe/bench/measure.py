@@ -28,7 +28,8 @@ from .workload import Workload, median_figures, random_prompts
 ENGINES = ("tiermoe", *peers.PEERS)
 GB = 1e9
 # Expert traffic per decoded token of a timed run; like the timing figures, a run's value is the median.
-TRAFFIC = ("gpu_hit_rate", "h2d_bytes_per_token", "disk_bytes_per_token", "h2d_gb_s")
+DECODE_TRAFFIC = ("gpu_hit_rate", "h2d_bytes_per_token", "disk_bytes_per_token", "h2d_gb_s")
+TRAFFIC = (*DECODE_TRAFFIC, "prefill_h2d_bytes")
 
 
 def decode_traffic(stats: dict) -> dict:
@@ -42,7 +43,7 @@ def decode_traffic(stats: dict) -> dict:
     e = stats.get("experts_decode") or {}
     tokens = stats["completion_tokens"] - stats["sequences"]
     if "bytes_h2d" not in e or tokens <= 0:
-        return dict.fromkeys(TRAFFIC)
+        return dict.fromkeys(DECODE_TRAFFIC)
     pcie = e["bytes_h2d"] + e.get("bytes_in_place", 0)
     return {
         "gpu_hit_rate": e.get("gpu_hit_rate"),
@@ -50,6 +51,16 @@ def decode_traffic(stats: dict) -> dict:
         "disk_bytes_per_token": e["bytes_disk"] / tokens,
         "h2d_gb_s": pcie / stats["decode_s"] / GB if stats["decode_s"] > 0 else None,
     }
+
+
+def prefill_traffic(stats: dict) -> dict:
+    """prefill_h2d_bytes: expert bytes over PCIe during the prefill (the whole call's less decode's),
+    None when nothing is offloaded."""
+    e, d = stats.get("experts") or {}, stats.get("experts_decode") or {}
+    if "bytes_h2d" not in e:
+        return {"prefill_h2d_bytes": None}
+    pcie = lambda s: s.get("bytes_h2d", 0) + s.get("bytes_in_place", 0)  # noqa: E731
+    return {"prefill_h2d_bytes": pcie(e) - pcie(d)}
 
 
 def median_traffic(samples: list[dict]) -> dict:
@@ -105,7 +116,7 @@ def measure_tiermoe(
             "experts": stats.experts,
             "experts_decode": stats.experts_decode,
         }
-        samples.append({**sample, **decode_traffic(sample)})
+        samples.append({**sample, **decode_traffic(sample), **prefill_traffic(sample)})
     return {
         **median_figures(samples),
         **median_traffic(samples),

@@ -35,6 +35,8 @@ RUN_KEYS = (
     "floor_serial_tok_s",
     "floor_fraction",
     "floor_note",
+    "prefill_h2d_bytes",
+    "prefill_floor_fraction",
     "peer_flags",
     "experts",
     "experts_decode",

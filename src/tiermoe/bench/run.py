@@ -6,6 +6,7 @@ of decode tok/s next to it. Capped tiermoe runs get two floors, both from the en
 `pcie_floor_tok_s`, how fast any engine could decode if every expert the budget cannot hold crossed
 PCIe each time uniform routing used it, and `floor_tok_s`, the floor at the run's own measured hit rate
 (its decode H2D bytes at the measured PCIe bandwidth, against the uncapped run's all-resident step).
+A capped run's prefill gets `prefill_floor_fraction`: its expert bytes at that bandwidth over its TTFT.
 """
 
 from __future__ import annotations
@@ -100,6 +101,16 @@ def run_floors(run: dict, h2d_gb_s: float | None, resident_tok_s: float | None) 
     )
     fraction = run["decode_tok_s"] / floor.floor_tok_s if floor.floor_tok_s else None
     return {**vars(floor), "floor_fraction": fraction}
+
+
+def prefill_floor_fraction(run: dict, h2d_gb_s: float | None) -> float | None:
+    """How close a capped run's prefill came to moving its experts at the measured PCIe bandwidth: the
+    time those bytes take at that bandwidth over the time to first token (1: PCIe-bound and nothing
+    else). None without prefill bytes, bandwidth or TTFT."""
+    moved, ttft = run.get("prefill_h2d_bytes"), run.get("ttft_s")
+    if not (moved and h2d_gb_s and ttft):
+        return None
+    return moved / (h2d_gb_s * 1e9) / ttft
 
 
 def parse_routings(value: str | None) -> list[str | None]:
@@ -382,6 +393,7 @@ def _finish_runs(runs: list[dict], config: dict, batch: int, h2d_gb_s: float | N
             capped = EngineConfig(gpu_budget_gib=run["gpu_budget_gib"], **engine)
             run["pcie_floor_tok_s"] = pcie_floor(config, capped, batch, h2d_gb_s)
             run.update(run_floors(run, h2d_gb_s, uncapped.get(_routing_key(run))))
+            run["prefill_floor_fraction"] = prefill_floor_fraction(run, h2d_gb_s)
         elif run["engine"] != "tiermoe":
             run["routing"] = None
             run.setdefault("routing_note", PEER_ROUTING_NOTES.get(run["engine"]))
