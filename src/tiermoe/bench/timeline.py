@@ -1,0 +1,106 @@
+"""`python -m tiermoe.bench.timeline`: a torch-profiler timeline of a few capped decode steps, and how
+much of the copy stream's time overlaps the compute stream's.
+
+    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8 [--miss-path in-place] [--tokens 4]
+
+Writes the Chrome trace (open it in chrome://tracing or Perfetto) to bench/results/timeline-<date>.json
+beside a summary: the decode steps' wall time, the time kernels ran, the time host-to-device copies ran
+and the share of copy time during which a kernel ran too. One stream is serial if that share is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def overlap_summary(trace: dict) -> dict:
+    """From a Chrome trace's GPU events: microseconds of kernels (any stream), of host-to-device copies,
+    and of copy time during which some kernel ran (intervals merged, so concurrent kernels count once)."""
+    kernels, copies = [], []
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        if e.get("cat") == "kernel":
+            kernels.append(span)
+        elif e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""):
+            copies.append(span)
+    k, c = _union(kernels), _union(copies)
+    both = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in k for a2, b2 in c)
+    copy_us = sum(b - a for a, b in c)
+    return {
+        "kernel_us": sum(b - a for a, b in k),
+        "h2d_copy_us": copy_us,
+        "h2d_overlapped_us": both,
+        "h2d_overlap_share": both / copy_us if copy_us else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tiermoe.bench.timeline", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--gpu-budget", type=float, required=True, help="GiB: a capped run moves experts")
+    p.add_argument("--miss-path", default="copy", choices=("copy", "in-place"))
+    p.add_argument("--routing", default=None, help="as tiermoe bench (default: szd on synthetic checkpoints)")
+    p.add_argument("--tokens", type=int, default=4, help="decode steps to profile (after a warm-up)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: the timeline needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from torch.profiler import ProfilerActivity, profile
+
+    from .. import LLM, SamplingParams
+
+    llm = LLM(args.model, gpu_budget_gib=args.gpu_budget, miss_path=args.miss_path, routing=args.routing)
+    prompt = list(range(100, 164))
+    llm.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))  # graphs captured, caches warm
+    params = SamplingParams(max_tokens=args.tokens + 1, ignore_eos=True)  # the first token is prefill's
+    out = Path(args.out or RESULTS_DIR / f"timeline-{timestamp()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        result = llm.generate(prompt, params)[0]
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
+    prof.export_chrome_trace(str(out))
+    summary = {
+        "decode_s": result.stats.decode_s,
+        "wall_s": wall_s,
+        "decode_steps": args.tokens,
+        "miss_path": args.miss_path,
+        "gpu_budget_gib": args.gpu_budget,
+        "experts_decode": result.stats.experts_decode,
+        **overlap_summary(json.loads(out.read_text())),
+        **run_metadata(argv),
+    }
+    path = write_json(out.with_name(out.stem + "-summary.json"), summary)
+    share = summary["h2d_overlap_share"]
+    print(
+        f"{args.tokens} decode steps in {summary['decode_s'] * 1000:.1f} ms: kernels {summary['kernel_us'] / 1000:.1f} ms, "
+        f"H2D copies {summary['h2d_copy_us'] / 1000:.1f} ms, {'-' if share is None else f'{share:.0%}'} of it "
+        f"overlapped by kernels; trace {out}, summary {path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
