@@ -100,15 +100,6 @@ if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
     done
 fi
 
-# TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure).
-if [[ ${TIMELINE:-0} == 1 && -f $SYNTH/qwen3-30b-a3b/tiermoe_synth.json ]]; then
-    for path in copy in-place; do
-        python3 -m tiermoe.bench.timeline --model "$SYNTH/qwen3-30b-a3b" --gpu-budget 8 --miss-path $path --tokens 2 \
-            > "$W/timeline-$path.log" 2>&1
-        mark "timeline $path done ($?): $(tail -1 "$W/timeline-$path.log")"
-    done
-fi
-
 if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
     if [[ $suite == qwen3* && $QWORK == "$GGUF" && ! -e $GGUF/.qwen3-ready ]]; then
@@ -121,4 +112,12 @@ for suite in $SUITES; do
     GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done
+# TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure).
+if [[ ${TIMELINE:-0} == 1 && -f $SYNTH/qwen3-30b-a3b/tiermoe_synth.json ]]; then
+    for path in copy in-place; do
+        python3 -m tiermoe.bench.timeline --model "$SYNTH/qwen3-30b-a3b" --gpu-budget 8 --miss-path $path --tokens 2 \
+            > "$W/timeline-$path.log" 2>&1
+        mark "timeline $path done ($?): $(tail -1 "$W/timeline-$path.log")"
+    done
+fi
 touch "$W/done"
