@@ -79,6 +79,7 @@ fi
     esac
     # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them).
     python3 -m tiermoe.bench.kernels --sweep --save 2>&1 | tail -n 22
+    cp "$HOME/.cache/tiermoe/gemv_tuned.json" bench/results/gemv_tuned-h100.json 2>/dev/null  # comes back with the poll
     python3 -m tiermoe.bench.kernels 2>&1 | tail -n 16
     mark "kernel sweep and bench done"
     python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
