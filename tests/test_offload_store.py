@@ -177,6 +177,10 @@ def test_in_place_misses_give_the_resident_tokens_and_admit_after_the_step(model
     # admitted: only misses routed more often lately than the expert they would evict (TinyLFU's test)
     assert 0 < d["bytes_h2d"] < d["gpu_misses"] * resident.plan.expert_bytes
     assert d["bytes_h2d"] % resident.plan.expert_bytes == 0
+    batch = [PROMPT, PROMPT[:4]]  # two rows: four pairs a layer, an expert two rows share read twice
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == [
+        o.token_ids for o in resident.generate(batch, GREEDY)
+    ]
     # the table: each layer's resident experts point at their slots, every other expert at its host copy
     in_place = store.in_place
     for layer, row in in_place.row.items():

@@ -7,7 +7,7 @@ layer's recent experts, and the eviction policy chooses within a layer."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -31,6 +31,34 @@ class LayerSlots:
         needed.sort(key=lambda e: e not in self.slot_of)
         quota = size or len(self.slots)
         return [needed[start : start + quota] for start in range(0, len(needed), quota)]
+
+    def schedule(self, routed: list[int]) -> list[list[int]]:
+        """The waves one step's routed ids run in: one when their experts fit the slots, else waves of half
+        the slots, so that one half computes while the next wave's copies fill the other."""
+        waves = self.waves(routed)
+        if len(waves) > 1 and len(self.slots) >= 2:
+            waves = self.waves(routed, len(self.slots) // 2)
+        return waves
+
+    def admit(
+        self, waves: list[list[int]], on_hit: Callable[[int], None], load: Callable[[int, set[int]], int]
+    ) -> Iterator[dict[int, int]]:
+        """Each wave's expert -> slot (ensure), in the order the store issues them: where two waves fit the
+        slots, wave i + 1 is admitted before wave i is yielded (its copies run while wave i computes), into
+        slots outside wave i's; else one wave after the other."""
+        if 2 * max(map(len, waves)) > len(self.slots):
+            for group in waves:
+                yield self.ensure(group, on_hit, load)
+            return
+        upcoming = self.ensure(waves[0], on_hit, load)
+        for i in range(len(waves)):
+            current = upcoming
+            if i + 1 < len(waves):
+                busy = set(current.values())
+                upcoming = self.ensure(
+                    waves[i + 1], on_hit, lambda e, exclude, busy=busy: load(e, exclude | busy)
+                )
+            yield current
 
     def ensure(
         self, group: list[int], on_hit: Callable[[int], None], load: Callable[[int, set[int]], int]

@@ -152,24 +152,12 @@ class TieredExpertStore:
         else:
             routed, predicted = flat.tolist(), []
         part = self.pool.layers[layer]
-        waves = part.waves(routed)
-        if len(waves) > 1 and len(part.slots) >= 2:
-            # Double-buffered: while one half of the slots computes a wave, the next wave's copies fill
-            # the other half (a long prefill is then bound by PCIe alone, not PCIe plus compute).
-            waves = part.waves(routed, len(part.slots) // 2)
+        waves = part.schedule(routed)
         needed = [e for group in waves for e in group]
         self._score(layer, needed)
-
-        def ensure(group: list[int], busy: set[int]) -> dict[int, int]:
-            return part.ensure(
-                group, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude | busy)
-            )
-
-        out, upcoming = None, ensure(waves[0], set())
-        for i in range(len(waves)):
-            slot_of = upcoming
-            if i + 1 < len(waves):  # its copies start now, behind the last use of their victims
-                upcoming = ensure(waves[i + 1], set(slot_of.values()))
+        out = None
+        admitted = part.admit(waves, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
+        for i, slot_of in enumerate(admitted):
             self._wait(slot_of.values())
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))

@@ -2,8 +2,8 @@
 statistics of ROUTING.md.
 
 `replay` walks the trace step by step and layer by layer and admits each step's experts through the
-very calls `TieredExpertStore.forward` makes with prefetch off (`LayerSlots.waves`, then
-`LayerSlots.ensure` per wave, on the engine's own eviction policies), so its hit rate equals the GPU hit
+very calls `TieredExpertStore.forward` makes with prefetch off (`LayerSlots.schedule`, then
+`LayerSlots.admit` over its waves, on the engine's own eviction policies), so its hit rate equals the GPU hit
 rate the engine measures on the same routing. A step's routed ids are flattened as the engine flattens
 ids [T, k] (T = batch rows x tokens, row-major): the trace's (seq, token) order.
 
@@ -195,8 +195,8 @@ def _admit(part: LayerSlots, routed: list[int]) -> CacheCounts:
         counts.misses += 1
         return part.claim(expert, exclude, prefetched=False)
 
-    for group in part.waves(routed):
-        part.ensure(group, hit, load)
+    for _ in part.admit(part.schedule(routed), hit, load):
+        pass
     return counts
 
 
