@@ -187,3 +187,40 @@ def test_experts_read_in_place_from_two_memories_through_one_address_table(cls):
     got = triton_kernels.mlp_at(fmt, x, ids, weights, table)
     expected = triton_kernels.bank_mlp(fmt, x, ids, weights, fmt.views(bank))
     assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA every engine test decodes through the compiled kernels")
+@pytest.mark.parametrize("experts", ["bf16", "int4"])
+def test_the_engine_decodes_through_the_kernels_as_through_torch(
+    monkeypatch, tiny_checkpoint, tmp_path, experts
+):
+    """The whole engine with the formats' decode kernels forced on the CPU (Triton's interpreter):
+    resident and tiered, the tokens of the torch path."""
+    from tiermoe import LLM, SamplingParams
+    from tiermoe.convert import convert, writer_for
+    from tiermoe.formats.base import ExpertFormat
+
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=2)
+    if experts == "int4":
+        path = convert(path, tmp_path / "int4", writer_for("int4", group_size=32, scales="rtn"))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompt = [5, 17, 42, 99, 7, 11]
+    torch_path = LLM(path, device="cpu", dtype="fp32").generate(prompt, params)[0].token_ids
+    kernel = ExpertFormat._kernel
+    monkeypatch.setattr(ExpertFormat, "_kernel", lambda self, x, what: kernel(self, _Cuda(), what))
+    resident = LLM(path, device="cpu", dtype="fp32")
+    assert resident.generate(prompt, params)[0].token_ids == torch_path
+    plan = resident.plan
+    tiered = LLM(
+        path,
+        device="cpu",
+        dtype="fp32",
+        gpu_budget_gib=(plan.dense_bytes + plan.kv_bytes + 5 * plan.expert_bytes) / 2**30,
+    )
+    assert tiered.generate(prompt, params)[0].token_ids == torch_path
+
+
+class _Cuda:
+    """A stand-in input that says it is on CUDA, so the format picks its kernel (run by the interpreter)."""
+
+    is_cuda = True
