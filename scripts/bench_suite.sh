@@ -6,7 +6,7 @@
 #                                     under the same cap
 #   scripts/bench_suite.sh qwen3      Qwen3-30B-A3B shape at 8 GiB and uncapped, the same way
 #   scripts/bench_suite.sh qwen3-int4 the same shapes and caps with int4 experts, llama.cpp at Q4_K_M
-#   scripts/bench_suite.sh olmoe-int4
+#   scripts/bench_suite.sh olmoe-int4 (and -fp8, -nvfp4, -mxfp4 for those formats)
 #
 # Results land in bench/results/ (and are copied to $OUT when the device tool sets it).
 # Environment: SYNTH_DIR (where checkpoints are written, default ~/.cache/tiermoe/synth),
@@ -77,21 +77,24 @@ qwen3)
         --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
-qwen3-int4 | olmoe-int4)
-    # Quantized experts (issue 12): tiermoe with int4 experts (GPTQ layout, the Triton decode kernel) and
+qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qwen3-mxfp4 | olmoe-mxfp4)
+    # Quantized experts (issue 12): tiermoe with quantized experts (the format's Triton decode kernel) and
     # with the bf16 ones (--also-model) under the same cap, and llama.cpp's Q4_K_M made from the bf16
-    # checkpoint of the same shape, in one results file. Qwen3's int4
-    # experts are generated in memory like its bf16 ones; OLMoE's are converted from its bf16 synth
-    # (round-to-nearest scales: the search changes quality, not speed).
-    if [[ $1 == qwen3-int4 ]]; then
+    # checkpoint of the same shape, in one results file. Qwen3's quantized experts are generated in
+    # memory like its bf16 ones; OLMoE's are converted from its bf16 synth (int4 with round-to-nearest
+    # scales: the search changes quality, not speed).
+    fmt=${1#*-}
+    if [[ $1 == qwen3-* ]]; then
         bf16=$(synth qwen3-30b-a3b --experts-in-memory) budget=8 gen=64 repeat=2
-        model="$SYNTH_DIR/qwen3-30b-a3b-int4"
+        model="$SYNTH_DIR/qwen3-30b-a3b-$fmt"
         [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset qwen3-30b-a3b --out "$model" --dtype bf16 \
-            --experts-in-memory --experts int4 >&2
+            --experts-in-memory --experts "$fmt" >&2
     else
         bf16=$(synth olmoe-1b-7b) budget=4 gen=128 repeat=3
-        model="$SYNTH_DIR/olmoe-1b-7b-int4"
-        [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts int4 --scales rtn --out "$model"
+        model="$SYNTH_DIR/olmoe-1b-7b-$fmt"
+        scales=()
+        [[ $fmt == int4 ]] && scales=(--scales rtn)
+        [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts "$fmt" "${scales[@]}" --out "$model"
     fi
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len "$gen" --batch 1 --repeat "$repeat" --also-model "$bf16" \
@@ -99,7 +102,7 @@ qwen3-int4 | olmoe-int4)
         $(llama_formats q4_k_m) --timeout 300
     ;;
 *)
-    echo "usage: $0 [olmoe|qwen3|qwen3-int4|olmoe-int4]" >&2
+    echo "usage: $0 [olmoe|qwen3|{qwen3,olmoe}-{int4,fp8,nvfp4,mxfp4}]" >&2
     exit 2
     ;;
 esac

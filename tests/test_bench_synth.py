@@ -150,7 +150,7 @@ def test_clear_errors(tmp_path):
         synth_checkpoint("nope", tmp_path, progress=False)
     with pytest.raises(
         InvalidRequestError,
-        match=r"unknown dtype .fp8.; choose bf16 \(quantized experts: --experts int4 or fp8\)",
+        match=r"unknown dtype .fp8.; choose bf16 \(quantized experts: --experts int4, fp8, nvfp4 or mxfp4\)",
     ):
         synth_checkpoint("tiny-olmoe", tmp_path, dtype="fp8", progress=False)
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):

@@ -64,7 +64,13 @@ def test_checkpoint_without_expert_tensors_runs_resident_and_tiered(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("experts", "name"), [("int4", "int4 (gptq, group 32)"), ("fp8", "fp8 (e4m3, 128x128 block scales)")]
+    ("experts", "name"),
+    [
+        ("int4", "int4 (gptq, group 32)"),
+        ("fp8", "fp8 (e4m3, 128x128 block scales)"),
+        ("nvfp4", "nvfp4 (e2m1, e4m3 scales per 16)"),
+        ("mxfp4", "mxfp4 (e2m1, e8m0 scales per 32)"),
+    ],
 )
 def test_quantized_experts_generated_in_memory(tmp_path, experts, name):
     result = synth_checkpoint(

@@ -124,11 +124,12 @@ def synth_checkpoint(
 
     experts_in_memory: write no expert tensors; config.json tells tiermoe to generate them (seeded, same
     init) straight into its host cache. For shapes whose experts outgrow the disk (Qwen3-30B-A3B).
-    experts: with experts_in_memory, generate them quantized (int4 or fp8, as `tiermoe convert` writes
+    experts: with experts_in_memory, generate them quantized (int4, fp8, nvfp4 or mxfp4, as `tiermoe convert` writes
     them); quantized experts on disk come from `tiermoe convert` of a bf16 synth."""
     if dtype not in _DTYPES:
         raise InvalidRequestError(
-            f"unknown dtype {dtype!r}; choose bf16 (quantized experts: --experts int4 or fp8)", param="dtype"
+            f"unknown dtype {dtype!r}; choose bf16 (quantized experts: --experts int4, fp8, nvfp4 or mxfp4)",
+            param="dtype",
         )
     if experts is not None and not experts_in_memory:
         raise InvalidRequestError(
@@ -244,7 +245,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="bf16", help="bf16")
     p.add_argument(
-        "--experts", default=None, choices=("int4", "fp8"),
+        "--experts", default=None, choices=("int4", "fp8", "nvfp4", "mxfp4"),
         help="with --experts-in-memory: generate the experts quantized (as tiermoe convert writes them)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
