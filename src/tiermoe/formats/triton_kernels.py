@@ -33,10 +33,12 @@ from ..config import user_cache_dir
 @triton.jit
 def _load(ptr, mask):
     """tl.load, masked (zeros outside) when a mask is given."""
-    if mask is None:
-        return tl.load(ptr)
+    # Statement ifs on compile-time constants, one return at the end: the forms Triton's compiler takes.
+    if mask is None:  # noqa: SIM108
+        value = tl.load(ptr)
     else:
-        return tl.load(ptr, mask=mask, other=0.0)
+        value = tl.load(ptr, mask=mask, other=0.0)
+    return value
 
 
 @triton.jit
@@ -45,14 +47,16 @@ def _gemv_input(x_ptr, p, offs, mask, K: tl.constexpr, TOPK: tl.constexpr, ACT_S
     belongs to token p // TOPK), or, when ACT_SPLIT > 0, SiLU(gate) x up from the gate_up GEMV's output
     [P, 2, ACT_SPLIT, K] (its K splits summed here, so neither the sum nor the activation is a launch)."""
     if ACT_SPLIT == 0:
-        return _load(x_ptr + (p // TOPK) * K + offs, mask).to(tl.float32)
-    base = x_ptr + p * (2 * ACT_SPLIT * K) + offs
-    gate = _load(base, mask)
-    up = _load(base + ACT_SPLIT * K, mask)
-    for s in tl.static_range(1, ACT_SPLIT):
-        gate += _load(base + s * K, mask)
-        up += _load(base + (ACT_SPLIT + s) * K, mask)
-    return gate / (1.0 + tl.exp(-gate)) * up
+        value = _load(x_ptr + (p // TOPK) * K + offs, mask).to(tl.float32)
+    else:
+        base = x_ptr + p * (2 * ACT_SPLIT * K) + offs
+        gate = _load(base, mask)
+        up = _load(base + ACT_SPLIT * K, mask)
+        for s in tl.static_range(1, ACT_SPLIT):
+            gate += _load(base + s * K, mask)
+            up += _load(base + (ACT_SPLIT + s) * K, mask)
+        value = gate / (1.0 + tl.exp(-gate)) * up
+    return value
 
 
 @triton.jit
@@ -196,10 +200,11 @@ def _e2m1(code):
 @triton.jit
 def _fp4_scale(s, E8M0: tl.constexpr):
     """float32 block scales from their bytes: e8m0 (MXFP4, 2^(s - 127)) or e4m3 (NVFP4)."""
-    if E8M0:
-        return tl.exp2(s.to(tl.float32) - 127.0)
+    if E8M0:  # noqa: SIM108 (as in _load)
+        scale = tl.exp2(s.to(tl.float32) - 127.0)
     else:
-        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return scale
 
 
 @triton.jit
