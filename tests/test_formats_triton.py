@@ -224,3 +224,42 @@ class _Cuda:
     """A stand-in input that says it is on CUDA, so the format picks its kernel (run by the interpreter)."""
 
     is_cuda = True
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape", "kernel"),
+    [
+        (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_mlp),
+        (Nvfp4Format, (64, 32, None), triton_kernels.nvfp4_mlp),
+        (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_accumulate),
+        (Nvfp4Format, (64, 96, None), triton_kernels.nvfp4_accumulate),
+    ],
+    ids=["fp8-gemv", "nvfp4-gemv", "fp8-gemm", "nvfp4-gemm"],
+)
+def test_e4m3_decoded_from_its_bits_where_the_gpu_cannot_convert_it(monkeypatch, cls, shape, kernel):
+    """GPUs before sm_89 (RTX 30 series, A100) have no e4m3 conversion: the kernels decode the bits,
+    subnormals included, and compute what the native conversion does."""
+    native = gemv_error(cls, shape, kernel) if kernel.__name__.endswith("mlp") else None
+    monkeypatch.setattr(triton_kernels, "fp8_native", lambda: False)
+    if native is not None:
+        got, rel = gemv_error(cls, shape, kernel)
+        assert torch.equal(got, native[0]) and rel < 1e-5
+    else:
+        test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel)
+    codes = torch.arange(256, dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).float()
+    finite = ~values.isnan()
+    fmt = Fp8BlockFormat(16, 16, torch.float32, (16, 16))  # one expert whose weights are every e4m3 code
+    bank = fmt.empty(1, DEVICE)
+    views = fmt.views(bank)
+    views["gate_up"].view(torch.uint8).view(-1)[:256] = torch.where(finite, codes, torch.zeros_like(codes))
+    views["gate_up_scale"].fill_(1.0)
+    x = torch.zeros(1, 16, device=DEVICE, dtype=DTYPE)
+    table = triton_kernels.slot_table(fmt, views)
+    ids = torch.zeros(16, dtype=torch.long, device=DEVICE)
+    for col in range(16):  # one-hot inputs read the columns of gate_up's first 16 rows back out
+        x.zero_()
+        x[0, col] = 1.0
+        out = triton_kernels.project(fmt, x, ids[:1], table, "gate_up", 16, 16, 2).sum(2)[0, 0]
+        expected = torch.where(finite, values, torch.zeros_like(values)).view(16, 16)[:, col]
+        assert torch.equal(out.cpu(), expected), col

@@ -137,7 +137,7 @@ def _int4_gemv(
 @triton.jit
 def _fp8_gemv(
     x_ptr, id_ptr, table_ptr, w_ptr, out_ptr,
-    W: tl.constexpr, S: tl.constexpr,
+    W: tl.constexpr, S: tl.constexpr, FP8_NATIVE: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     SPLIT: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,7 +157,7 @@ def _fp8_gemv(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0)
-        tile = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        tile = _e4m3(tile, FP8_NATIVE)  # [BLOCK_N, BLOCK_K]
         scale = tl.load(s + (rows // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live, other=0.0)
         acc += scale * tl.sum(tile * x[None, :], axis=1)
     _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
@@ -189,6 +189,22 @@ def _dense_gemv(
 
 
 @triton.jit
+def _e4m3(byte, NATIVE: tl.constexpr):
+    """float32 values of e4m3fn bytes: the GPU's own conversion where it has one (sm_89 and later, and
+    the interpreter), else from the bits (sign 7, exponent 3-6 with bias 7, mantissa 0-2; subnormal at
+    exponent 0). NaN codes are not decoded: weights and scales never hold them."""
+    if NATIVE:
+        value = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        b = byte.to(tl.int32)
+        e = (b >> 3) & 15
+        mant = (b & 7).to(tl.float32)
+        mag = tl.where(e == 0, mant * 0.001953125, (1.0 + mant * 0.125) * tl.exp2((e - 7).to(tl.float32)))
+        value = tl.where((b & 128) != 0, -mag, mag)
+    return value
+
+
+@triton.jit
 def _e2m1(code):
     """float32 value of e2m1 codes (int32, 0..15): sign in bit 3, exponent in bits 1-2, mantissa bit 0."""
     e = (code >> 1) & 3
@@ -198,19 +214,19 @@ def _e2m1(code):
 
 
 @triton.jit
-def _fp4_scale(s, E8M0: tl.constexpr):
+def _fp4_scale(s, E8M0: tl.constexpr, FP8_NATIVE: tl.constexpr):
     """float32 block scales from their bytes: e8m0 (MXFP4, 2^(s - 127)) or e4m3 (NVFP4)."""
     if E8M0:  # noqa: SIM108 (as in _load)
         scale = tl.exp2(s.to(tl.float32) - 127.0)
     else:
-        scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        scale = _e4m3(s, FP8_NATIVE)
     return scale
 
 
 @triton.jit
 def _fp4_gemv(
     x_ptr, id_ptr, table_ptr, w_ptr, out_ptr,
-    W: tl.constexpr, S: tl.constexpr, G: tl.constexpr,
+    W: tl.constexpr, S: tl.constexpr, G: tl.constexpr, FP8_NATIVE: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, GS: tl.constexpr,
     E8M0: tl.constexpr, GLOBAL: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr,
     WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -238,7 +254,7 @@ def _fp4_gemv(
         odd = _gemv_input(x_ptr, p, xs + 1, None, K, TOPK, ACT_SPLIT)
         part = tl.sum(_e2m1(codes & 15) * even[None] + _e2m1(codes >> 4) * odd[None], axis=2)
         sc = tl.load(s + rows[:, None] * (K // GS) + k0 // GS + b[None, :], mask=live[:, None], other=0)
-        acc += tl.sum(part * _fp4_scale(sc, E8M0), axis=1)
+        acc += tl.sum(part * _fp4_scale(sc, E8M0, FP8_NATIVE), axis=1)
     if GLOBAL:
         acc *= tl.load(_part(base, G, tl.float32) + m)
     _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
@@ -306,6 +322,7 @@ def _fp8_gemm(
     slot_stride_w, slot_stride_s,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
 ):  # fmt: skip
     slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
         blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
@@ -320,7 +337,7 @@ def _fp8_gemm(
         )
         tile = tl.load(w + cols[None, :] * K + ks[:, None], mask=live_c[None, :] & (ks < K)[:, None], other=0)
         scale = tl.load(s + (cols // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live_c, other=0.0)
-        wt = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[None, :]  # [BLOCK_K, BLOCK_N]
+        wt = _e4m3(tile, FP8_NATIVE) * scale[None, :]  # [BLOCK_K, BLOCK_N]
         if DOT_FP32:
             acc += tl.dot(a.to(tl.float32), wt)
         else:
@@ -336,7 +353,7 @@ def _fp4_gemm(
     slot_stride_w, slot_stride_s, slot_stride_g,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, GS: tl.constexpr, E8M0: tl.constexpr,
     GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP8_NATIVE: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert: the even inputs' dot with the low nibbles
     plus the odd inputs' with the high ones, each [BLOCK_K / 2, BLOCK_N] tile scaled per input."""
@@ -356,7 +373,7 @@ def _fp4_gemm(
         sc = tl.load(
             s + cols[None, :] * (K // GS) + (k0 + 2 * t[:, None]) // GS, mask=live_c[None, :], other=0
         )
-        scale = _fp4_scale(sc, E8M0)  # inputs 2t and 2t + 1 share a block: GS is even
+        scale = _fp4_scale(sc, E8M0, FP8_NATIVE)  # inputs 2t and 2t + 1 share a block: GS is even
         lo, hi = _e2m1(codes & 15) * scale, _e2m1(codes >> 4) * scale
         if DOT_FP32:
             acc += tl.dot(even.to(tl.float32), lo) + tl.dot(odd.to(tl.float32), hi)
@@ -490,6 +507,15 @@ def _launch(fmt, prefix: str, k: int, n: int, m: int, pairs: int, config) -> tup
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@functools.cache
+def fp8_native() -> bool:
+    """Whether this GPU converts e4m3 in hardware (sm_89 and later; the interpreter too). Older GPUs (the
+    RTX 30 series, A100) decode it from its bits in the kernels."""
+    return not torch.cuda.is_available() or _INTERPRETED or torch.cuda.get_device_capability() >= (8, 9)
+
+
 GEMV_KERNELS = {
     "dense": _dense_gemv,
     "int4": _int4_gemv,
@@ -514,13 +540,23 @@ def gemv_parts(fmt, prefix: str) -> dict:
             "QW": at(f"{prefix}_qweight"), "QZ": at(f"{prefix}_qzeros"), "SC": at(scales),
             "SC_DT": _TL_DTYPES[fmt.part(scales).dtype], "G": fmt.groups[prefix],
         }  # fmt: skip
+    native = fp8_native()
     if fmt.kernels == "fp8":
-        return {"W": at(prefix), "S": at(f"{prefix}_scale"), "BO": fmt.block[0], "BI": fmt.block[1]}
+        return {
+            "W": at(prefix),
+            "S": at(f"{prefix}_scale"),
+            "BO": fmt.block[0],
+            "BI": fmt.block[1],
+            "FP8_NATIVE": native,
+        }
     if fmt.kernels == "mxfp4":
-        return {"W": at(prefix), "S": at(f"{prefix}_scales"), "G": 0, "GS": 32, "E8M0": True, "GLOBAL": False}
+        return {
+            "W": at(prefix), "S": at(f"{prefix}_scales"), "G": 0, "GS": 32, "E8M0": True, "GLOBAL": False,
+            "FP8_NATIVE": native,
+        }  # fmt: skip
     return {
         "W": at(prefix), "S": at(f"{prefix}_scale"), "G": at(f"{prefix}_scale_2"), "GS": 16, "E8M0": False,
-        "GLOBAL": True,
+        "GLOBAL": True, "FP8_NATIVE": native,
     }  # fmt: skip
 
 
@@ -552,7 +588,7 @@ def slot_table(fmt, bank: dict) -> torch.Tensor:
     """int64 [S]: the address of each slot of a bank of experts (the views of one uint8 [S, nbytes]
     tensor), made once per bank (on the first, eager call: never inside a graph capture)."""
     first = bank[fmt.parts[0].name]
-    if first.stride(0) * first.element_size() != fmt.nbytes:
+    if first.shape[0] > 1 and first.stride(0) * first.element_size() != fmt.nbytes:  # one slot: any stride
         raise ValueError(
             f"the bank's slots are {first.stride(0) * first.element_size()} bytes apart, not {fmt.nbytes}"
         )
@@ -633,7 +669,7 @@ def _fp8_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m:
     _fp8_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, w, s, out, w.stride(0), s.stride(0),
         K=k, N=n, BO=bo, BI=bi, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, min(_divisor(bi), 128)), BLOCK_N=BLOCK_N,
-        DOT_FP32=_INTERPRETED,
+        DOT_FP32=_INTERPRETED, FP8_NATIVE=fp8_native(),
     )  # fmt: skip
     return out
 
@@ -643,7 +679,8 @@ def _fp4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m:
     out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
     _fp4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
-        BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED, **sizes,
+        BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED,
+        FP8_NATIVE=fp8_native(), **sizes,
     )  # fmt: skip
     return out
 

@@ -1,0 +1,79 @@
+"""Compile every Triton kernel of the expert formats for one CUDA architecture, ahead of time, with no GPU:
+`python tests/kernels_aot.py 86` prints one line per kernel ("ok" or the compiler's error) and exits 1
+when any fails. Run by test_formats_triton_compile.py in a process without TRITON_INTERPRET (Triton
+decides at import whether its kernels compile or are interpreted)."""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tiermoe.formats import triton_kernels as tk
+
+
+def compile_for(target: GPUTarget, fn, types: dict[str, str], constants: dict) -> None:
+    """Compile fn with its pointer and integer arguments of `types` (default: 32-bit integers) and its
+    compile-time constants."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    constexprs = {(names.index(n),): v for n, v in constants.items()}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+
+
+def kernels(arch: int):
+    """(name, kernel, argument types, constants) of every kernel launch shape the engine makes."""
+    native = arch >= 89
+    gemv = {"x_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+    sizes = {"K": 2048, "N": 768, "M": 2, "SPLIT": 4, "TOPK": 8, "BLOCK_K": 128, "BLOCK_N": 64}
+    formats = {
+        "dense": (tk._dense_gemv, {"W": 0, "W_DT": tl.bfloat16}),
+        "int4": (tk._int4_gemv, {"QW": 0, "QZ": 1024, "SC": 2048, "SC_DT": tl.float16, "G": 128}),
+        "fp8": (tk._fp8_gemv, {"W": 0, "S": 4096, "BO": 128, "BI": 128, "FP8_NATIVE": native}),
+        "nvfp4": (tk._fp4_gemv, {"W": 0, "S": 4096, "G": 8192, "GS": 16, "E8M0": False, "GLOBAL": True, "FP8_NATIVE": native}),
+        "mxfp4": (tk._fp4_gemv, {"W": 0, "S": 4096, "G": 0, "GS": 32, "E8M0": True, "GLOBAL": False, "FP8_NATIVE": native}),
+    }  # fmt: skip
+    for name, (fn, consts) in formats.items():
+        yield f"{name} gemv gate_up", fn, gemv, {**sizes, **consts, "ACT_SPLIT": 0, "WEIGHTED": False}
+        yield (
+            f"{name} gemv down",
+            fn,
+            {**gemv, "x_ptr": "*fp32"},
+            {**sizes, **consts, "ACT_SPLIT": 4, "WEIGHTED": True},
+        )
+    gemm = {
+        "x_ptr": "*bf16", "tok_ptr": "*i64", "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_end_ptr": "*i32",
+        "out_ptr": "*fp32", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp32",
+        "g_ptr": "*fp32",
+    }  # fmt: skip
+    blocks = {"K": 2048, "N": 768, "M": 2, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_FP32": False}
+    yield "int4 gemm", tk._int4_gemm, gemm, {**blocks, "G": 128, "BLOCK_K": 128}
+    yield (
+        "fp8 gemm",
+        tk._fp8_gemm,
+        gemm,
+        {**blocks, "BO": 128, "BI": 128, "BLOCK_K": 128, "FP8_NATIVE": native},
+    )
+    fp4 = {**gemm, "s_ptr": "*u8"}
+    yield "nvfp4 gemm", tk._fp4_gemm, fp4, {**blocks, "GS": 16, "E8M0": False, "GLOBAL": True, "BLOCK_K": 128, "FP8_NATIVE": native}  # fmt: skip
+    yield "mxfp4 gemm", tk._fp4_gemm, fp4, {**blocks, "GS": 32, "E8M0": True, "GLOBAL": False, "BLOCK_K": 128, "FP8_NATIVE": native}  # fmt: skip
+    yield "read in place", tk._read_in_place, {"src_ptr": "*i64", "out_ptr": "*i32"}, {"BLOCK": 1024}
+
+
+def main(arch: int) -> int:
+    target, failed = GPUTarget("cuda", arch, 32), 0
+    for name, fn, types, constants in kernels(arch):
+        try:
+            compile_for(target, fn, types, constants)
+            print(f"sm_{arch} {name}: ok")
+        except Exception as e:  # every kernel is tried; the report names each failure
+            failed += 1
+            print(f"sm_{arch} {name}: {type(e).__name__}: {str(e)[:600]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
