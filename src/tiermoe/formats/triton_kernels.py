@@ -116,7 +116,9 @@ def _int4_gemv(
     # reshaped to [BLOCK_K, BLOCK_N] (a layout conversion through shared memory per tile).
     r8, j = tl.arange(0, BLOCK_K // 8), tl.arange(0, 8)
     shifts = j * 4
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Products accumulate elementwise and are summed once after the loop: a sum across warps inside it
+    # costs a trip through shared memory and barriers every step.
+    acc = tl.zeros((BLOCK_K // 8, 8, BLOCK_N), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         x = _gemv_input(
             x_ptr, p, k0 + r8[:, None] * 8 + j[None, :], None, K, TOPK, ACT_SPLIT
@@ -128,10 +130,9 @@ def _int4_gemv(
         z = ((tl.load(qz + g * (N // 8) + cols // 8, mask=live, other=0) >> ((cols % 8) * 4)) & 15).to(
             tl.float32
         )
-        # sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
-        xq = tl.sum(tl.sum(x[:, :, None] * q, axis=1), axis=0)
-        acc += s * (xq - z * tl.sum(tl.sum(x, axis=1), axis=0))
-    _gemv_store(out_ptr, w_ptr, p, m, sp, cols, live, acc, N, M, SPLIT, WEIGHTED)
+        acc += x[:, :, None] * ((q - z[None, None, :]) * s[None, None, :])
+    out = tl.sum(tl.sum(acc, axis=1), axis=0)
+    _gemv_store(out_ptr, w_ptr, p, m, sp, cols, live, out, N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
@@ -152,15 +153,15 @@ def _fp8_gemv(
     live = rows < N
     w = _part(base, W, tl.uint8) + m * (N * K)
     s = _part(base, S, tl.float32) + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once after the loop (as in _int4_gemv)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0)
         tile = _e4m3(tile, FP8_NATIVE)  # [BLOCK_N, BLOCK_K]
         scale = tl.load(s + (rows // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live, other=0.0)
-        acc += scale * tl.sum(tile * x[None, :], axis=1)
-    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
+        acc += tile * (x[None, :] * scale[:, None])
+    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, tl.sum(acc, axis=1), N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
@@ -179,13 +180,13 @@ def _dense_gemv(
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
     w = _part(base, W, W_DT) + m * (N * K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once after the loop (as in _int4_gemv)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
-        acc += tl.sum(tile.to(tl.float32) * x[None, :], axis=1)
-    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
+        acc += tile.to(tl.float32) * x[None, :]
+    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, tl.sum(acc, axis=1), N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
@@ -243,7 +244,7 @@ def _fp4_gemv(
     w = _part(base, W, tl.uint8) + m * (N * (K // 2))
     s = _part(base, S, tl.uint8) + m * (N * (K // GS))
     b, t = tl.arange(0, BLOCK_K // GS), tl.arange(0, GS // 2)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // GS, GS // 2), dtype=tl.float32)  # summed once after the loop
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         offsets = rows[:, None, None] * (K // 2) + k0 // 2 + b[None, :, None] * (GS // 2) + t[None, None, :]
         codes = tl.load(w + offsets, mask=live[:, None, None], other=0).to(
@@ -252,12 +253,13 @@ def _fp4_gemv(
         xs = k0 + b[:, None] * GS + 2 * t[None, :]
         even = _gemv_input(x_ptr, p, xs, None, K, TOPK, ACT_SPLIT)  # [blocks, GS / 2]
         odd = _gemv_input(x_ptr, p, xs + 1, None, K, TOPK, ACT_SPLIT)
-        part = tl.sum(_e2m1(codes & 15) * even[None] + _e2m1(codes >> 4) * odd[None], axis=2)
         sc = tl.load(s + rows[:, None] * (K // GS) + k0 // GS + b[None, :], mask=live[:, None], other=0)
-        acc += tl.sum(part * _fp4_scale(sc, E8M0, FP8_NATIVE), axis=1)
+        scale = _fp4_scale(sc, E8M0, FP8_NATIVE)[:, :, None]  # [BLOCK_N, blocks, 1]
+        acc += (_e2m1(codes & 15) * even[None] + _e2m1(codes >> 4) * odd[None]) * scale
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if GLOBAL:
-        acc *= tl.load(_part(base, G, tl.float32) + m)
-    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, acc, N, M, SPLIT, WEIGHTED)
+        out *= tl.load(_part(base, G, tl.float32) + m)
+    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, out, N, M, SPLIT, WEIGHTED)
 
 
 @triton.jit
