@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
@@ -60,9 +61,8 @@ class InPlaceMisses:
         self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
-        self.freq = torch.zeros(
-            len(layers), store.num_experts
-        )  # pairs routed lately, halved every DECAY_STEPS
+        # pairs routed lately per (layer, expert), halved every DECAY_STEPS; numpy: read per scalar
+        self.freq = np.zeros((len(layers), store.num_experts))
         self.steps = 0
 
     def graph_safe(self, tokens: int) -> bool:
@@ -104,11 +104,12 @@ class InPlaceMisses:
                 waiting.append((layer, e, slot, event))
         self.pending = waiting
         ids = self.routed[:, :pairs]
-        self.freq.scatter_add_(1, ids.cpu(), torch.ones(ids.shape))  # the step is done: no wait
+        routed = ids.cpu().numpy()  # the step is done: no wait
+        np.add.at(self.freq, (np.arange(len(routed))[:, None], routed), 1.0)
         self.steps += 1
         if self.steps % DECAY_STEPS == 0:
             self.freq /= 2
-        routed = ids.tolist()
+        routed = routed.tolist()
         admitted = []
         for layer, r in self.row.items():
             part = store.pool.layers[layer]
@@ -146,7 +147,7 @@ class InPlaceMisses:
         if len(exclude) >= len(part.slots):
             return False
         victim = part.expert_of[part.policy.victim(exclude)]
-        return bool(self.freq[row, e] > self.freq[row, victim])
+        return self.freq[row, e] > self.freq[row, victim]
 
     def _claim(
         self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list
