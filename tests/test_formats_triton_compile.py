@@ -1,6 +1,6 @@
-"""Every Triton kernel compiles for the GPUs users run (sm_86: RTX 30 series, A10; sm_90: H100), ahead of
-time on this machine with no GPU: a kernel that only the interpreter accepts fails here, not on the
-user's GPU."""
+"""Every Triton kernel compiles for the GPUs users run (sm_75: RTX 20 series; sm_86: RTX 30 series, A10;
+sm_89: RTX 40 series; sm_90: H100), ahead of time on this machine with no GPU: a kernel that only the
+interpreter accepts fails here, not on the user's GPU."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.slow  # about 10 s an architecture
-@pytest.mark.parametrize("arch", [86, 90])
+@pytest.mark.parametrize("arch", [75, 86, 89, 90])
 def test_every_kernel_compiles_for(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("kernels_aot.py")
