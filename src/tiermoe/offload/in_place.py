@@ -6,11 +6,13 @@ GPU slot once admitted there, else its copy in the pinned host cache, which the 
 the whole decode step is one CUDA graph. Each step writes its routed ids to a device buffer; after the
 step (the engine has its tokens, so the GPU is done) the host reads them, counts hits and misses, and
 admits missed experts into slots (token-batched, as the copy path does), copying them into their
-victims' slots on the side stream. A miss is admitted only when it was routed more often lately than
-the expert the slot policy would evict (TinyLFU's admission test): admitting every miss would move each
-missed expert over PCIe twice, once read in place and once copied, for experts that may not come back. A victim's entry goes back to its host copy before the copy
-into its slot starts; an admitted expert's entry points at its slot only once its copy has landed, seen
-at a later step: admission lags the routing by at least one step.
+victims' slots on the side stream.
+
+A miss is admitted only when it was routed more often lately than the expert the slot policy would
+evict (TinyLFU's admission test): admitting every miss would move each missed expert over PCIe twice,
+once read in place and once copied, for experts that may not come back. A victim's entry goes back to
+its host copy before the copy into its slot starts; an admitted expert's entry points at its slot only
+once its copy has landed, seen at a later step: admission lags the routing by at least one step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ DECAY_STEPS = 64  # the admission test's routing counts halve this often, so old
 
 
 class InPlaceMisses:
+    """The in-place decode path of a TieredExpertStore: table int64 [MoE layers, experts] of addresses
+    on the device, routed int64 [MoE layers, most pairs a graph-safe step has] of the last step's ids."""
+
     def __init__(self, store, top_k: int):
         self.store, self.top_k = store, top_k
         fmt, host, plan = store.format, store.host, store.plan
