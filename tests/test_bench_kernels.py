@@ -31,7 +31,10 @@ def test_sweep_tries_launches_from_the_rule_and_keeps_the_fastest(monkeypatch):
     monkeypatch.setattr(kernels, "SLOTS", 4)
     monkeypatch.setattr(kernels, "SWEEP_AXES", {"split": (1, 2, 8), "block_k": (16, 32)})
     fmt = Int4Format(64, 32, torch.float32, 16)
-    r = kernels.sweep_projection(fmt, "gate_up", pairs=2, device="cpu", iters=1)
+    device = (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # the interpreter runs kernels on CPU tensors only
+    r = kernels.sweep_projection(fmt, "gate_up", pairs=2, device=device, iters=1)
     assert (r["k"], r["n"], r["m"], r["bytes_read"]) == (
         64,
         32,
