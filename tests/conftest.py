@@ -109,3 +109,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def budget_gib(plan, experts: int) -> float:
+    """A GPU budget in GiB holding a plan's dense weights and KV cache and `experts` expert slots."""
+    return (plan.dense_bytes + plan.kv_bytes + experts * plan.expert_bytes) / 2**30

@@ -40,6 +40,7 @@ from tiermoe.formats.int4 import (
 from tiermoe.formats.mxfp4 import Mxfp4Format, dequantize_mxfp4, quantize_mxfp4
 from tiermoe.formats.registry import format_for
 
+from .conftest import budget_gib
 from .test_models import PROMPTS, hf_logits, our_logits, rel_err
 
 
@@ -378,7 +379,7 @@ def test_mxfp4_converted_checkpoint_loads_tiered_and_generates(tiny_checkpoint, 
         out,
         device="cpu",
         dtype="fp32",
-        gpu_budget_gib=(plan.dense_bytes + plan.kv_bytes + 7 * plan.expert_bytes) / 2**30,
+        gpu_budget_gib=budget_gib(plan, 7),
     )
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     a, b = (m.generate([1, 2, 3, 4], params)[0] for m in (resident, tiered))

@@ -20,6 +20,8 @@ from tiermoe.formats.mxfp4 import Mxfp4Format
 from tiermoe.formats.quantized import DequantizingFormat
 from tiermoe.formats.swiglu import accumulate_pairs, expert_mlp
 
+from .conftest import budget_gib
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -48,18 +50,18 @@ def random_bank(fmt, slots: int) -> dict:
 
 
 CASES = [
-    (DenseFormat, (64, 40, None), triton_kernels.dense_mlp),
-    (DenseFormat, (256, 128, None), triton_kernels.dense_mlp),
-    (Int4Format, (64, 32, 16), triton_kernels.int4_mlp),
-    (Int4Format, (128, 96, -1), triton_kernels.int4_mlp),
-    (Int4Format, (256, 128, 128), triton_kernels.int4_mlp),
-    (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_mlp),  # 40 rows: a partial block of scales
-    (Fp8BlockFormat, (256, 128, (128, 128)), triton_kernels.fp8_mlp),
-    (Nvfp4Format, (64, 32, None), triton_kernels.nvfp4_mlp),
-    (Nvfp4Format, (256, 96, None), triton_kernels.nvfp4_mlp),
-    (Mxfp4Format, (64, 32, None), triton_kernels.mxfp4_mlp),
-    (Mxfp4Format, (256, 96, None), triton_kernels.mxfp4_mlp),
-    (Mxfp4Format, (256, 128, None), triton_kernels.mxfp4_mlp),
+    (DenseFormat, (64, 40, None), triton_kernels.bank_mlp),
+    (DenseFormat, (256, 128, None), triton_kernels.bank_mlp),
+    (Int4Format, (64, 32, 16), triton_kernels.bank_mlp),
+    (Int4Format, (128, 96, -1), triton_kernels.bank_mlp),
+    (Int4Format, (256, 128, 128), triton_kernels.bank_mlp),
+    (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.bank_mlp),  # 40 rows: a partial block of scales
+    (Fp8BlockFormat, (256, 128, (128, 128)), triton_kernels.bank_mlp),
+    (Nvfp4Format, (64, 32, None), triton_kernels.bank_mlp),
+    (Nvfp4Format, (256, 96, None), triton_kernels.bank_mlp),
+    (Mxfp4Format, (64, 32, None), triton_kernels.bank_mlp),
+    (Mxfp4Format, (256, 96, None), triton_kernels.bank_mlp),
+    (Mxfp4Format, (256, 128, None), triton_kernels.bank_mlp),
 ]
 
 
@@ -215,7 +217,7 @@ def test_the_engine_decodes_through_the_kernels_as_through_torch(
         path,
         device="cpu",
         dtype="fp32",
-        gpu_budget_gib=(plan.dense_bytes + plan.kv_bytes + 5 * plan.expert_bytes) / 2**30,
+        gpu_budget_gib=budget_gib(plan, 5),
     )
     assert tiered.generate(prompt, params)[0].token_ids == torch_path
 
@@ -229,8 +231,8 @@ class _Cuda:
 @pytest.mark.parametrize(
     ("cls", "shape", "kernel"),
     [
-        (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_mlp),
-        (Nvfp4Format, (64, 32, None), triton_kernels.nvfp4_mlp),
+        (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.bank_mlp),
+        (Nvfp4Format, (64, 32, None), triton_kernels.bank_mlp),
         (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_accumulate),
         (Nvfp4Format, (64, 96, None), triton_kernels.nvfp4_accumulate),
     ],

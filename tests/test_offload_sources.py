@@ -16,6 +16,8 @@ from tiermoe.formats.int4 import Int4Format
 from tiermoe.formats.mxfp4 import Mxfp4Format
 from tiermoe.offload.sources import SyntheticExperts
 
+from .conftest import budget_gib
+
 
 def test_synthetic_experts_are_seeded_and_scaled():
     fmt = DenseFormat(100, 100, torch.float32)
@@ -81,7 +83,7 @@ def test_quantized_experts_generated_in_memory(tmp_path, experts, name):
     tiered = LLM(
         result.out_dir,
         device="cpu",
-        gpu_budget_gib=(plan.dense_bytes + plan.kv_bytes + 4 * 2 * plan.expert_bytes) / 2**30,
+        gpu_budget_gib=budget_gib(plan, 4 * 2),
     )
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     out = tiered.generate([1, 2, 3, 4], params)[0]

@@ -68,7 +68,8 @@ class ExpertFormat(ABC):
     inter: int
     parts: tuple[Part, ...]
     nbytes: int  # one expert, alignment included
-    # On CUDA: triton_kernels' <kernels>_mlp (decode) and, where it has one, <kernels>_accumulate.
+    # On CUDA: triton_kernels' GEMV for decode (its constants named `kernels`) and, where it has one,
+    # <kernels>_accumulate for prefill.
     kernels: str | None = None
 
     def _kernel(self, x: torch.Tensor, what: str):
@@ -76,7 +77,12 @@ class ExpertFormat(ABC):
             return None
         from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
 
-        return getattr(triton_kernels, f"{self.kernels}_{what}", None)
+        # decode: one GEMV entry for every format; prefill: the format's GEMM, where it has one
+        return (
+            triton_kernels.bank_mlp
+            if what == "mlp"
+            else getattr(triton_kernels, f"{self.kernels}_{what}", None)
+        )
 
     def views(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each part of a bank of experts, bank: uint8 [S, nbytes] -> {name: [S, *part.shape]}."""

@@ -14,7 +14,7 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 class DenseFormat(ExpertFormat):
     """gate_up [2I, H] (gate rows, then up rows) and down [H, I], as transformers' fused experts."""
 
-    kernels = "dense"  # decode on CUDA: triton_kernels' dense_mlp reads the slots in place
+    kernels = "dense"  # decode on CUDA: triton_kernels' GEMV reads the slots in place
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
         self.hidden, self.inter, self.dtype = hidden, inter, dtype

@@ -49,6 +49,13 @@ def to_e2m1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 0, code + 8, code)
 
 
+def check_blocks(hidden: int, inter: int, group: int, fmt: str) -> None:
+    """An expert's inputs (hidden for gate_up, inter for down) must fill whole blocks of `group` values."""
+    for k, what in ((hidden, "hidden_size"), (inter, "moe_intermediate_size")):
+        if k % group:
+            raise CheckpointError(f"config.json: {what} {k} is no multiple of {fmt}'s {group}-value blocks")
+
+
 def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K] -> (packed uint8 [N, K / 2], e4m3 scales [N, K / 16], float32 global scale []):
     the global scale maps the tensor's largest magnitude to e2m1's largest times e4m3's largest, each
@@ -73,14 +80,10 @@ class Nvfp4Format(DequantizingFormat):
     """gate_up [2I, H / 2] packed (gate rows, then up rows), its e4m3 scales [2I, H / 16] and its two
     global scales [2] (gate's, up's), then down [H, I / 2], [H, I / 16] and [1]."""
 
-    kernels = "nvfp4"  # triton_kernels' nvfp4_mlp / nvfp4_accumulate on CUDA
+    kernels = "nvfp4"  # triton_kernels' GEMV and nvfp4_accumulate on CUDA
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
-        for k, what in ((hidden, "hidden_size"), (inter, "moe_intermediate_size")):
-            if k % GROUP:
-                raise CheckpointError(
-                    f"config.json: {what} {k} is no multiple of NVFP4's {GROUP}-value blocks"
-                )
+        check_blocks(hidden, inter, GROUP, "NVFP4")
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.name = "nvfp4 (e2m1, e4m3 scales per 16)"
         h, i = hidden, inter

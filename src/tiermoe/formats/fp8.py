@@ -61,7 +61,7 @@ class Fp8BlockFormat(DequantizingFormat):
     """gate_up [2I, H] e4m3 (gate rows, then up rows) with scales [2, Ri, Ch] (gate's, then up's, so the
     blocks stay whole when I is no multiple of the block), down [H, I] e4m3 with scales [Rh, Ci]."""
 
-    kernels = "fp8"  # triton_kernels' fp8_mlp / fp8_accumulate on CUDA
+    kernels = "fp8"  # triton_kernels' GEMV and fp8_accumulate on CUDA
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, block: tuple[int, int] = (128, 128)):
         self.hidden, self.inter, self.dtype, self.block = hidden, inter, dtype, tuple(block)

@@ -82,7 +82,7 @@ class Int4Format(DequantizingFormat):
     """gate and up stacked ([2, ...] of each tensor below, gate first), then down; GPTQ layout, zeros
     kept as they are (not minus one)."""
 
-    kernels = "int4"  # triton_kernels' int4_mlp / int4_accumulate on CUDA
+    kernels = "int4"  # triton_kernels' GEMV and int4_accumulate on CUDA
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, group: int, source: str = "gptq"):
         """group: inputs per group, -1 for one group per output (all K inputs); source: the checkpoint's

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CheckpointError
 from ..models.names import ExpertNames
 from .base import Piece, layout
-from .fp4 import E2M1_MAX, e2m1_table, pack_nibbles, to_e2m1, unpack_nibbles
+from .fp4 import E2M1_MAX, check_blocks, e2m1_table, pack_nibbles, to_e2m1, unpack_nibbles
 from .quantized import DequantizingFormat
 
 GROUP = 32
@@ -46,14 +45,10 @@ class Mxfp4Format(DequantizingFormat):
     """gate_up [2I, H / 32, 16] (gate rows, then up rows) and its scales [2I, H / 32], then down
     [H, I / 32, 16] and [H, I / 32]."""
 
-    kernels = "mxfp4"  # triton_kernels' mxfp4_mlp / mxfp4_accumulate on CUDA
+    kernels = "mxfp4"  # triton_kernels' GEMV and mxfp4_accumulate on CUDA
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
-        for k, what in ((hidden, "hidden_size"), (inter, "moe_intermediate_size")):
-            if k % GROUP:
-                raise CheckpointError(
-                    f"config.json: {what} {k} is no multiple of MXFP4's {GROUP}-value blocks"
-                )
+        check_blocks(hidden, inter, GROUP, "MXFP4")
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.name = "mxfp4 (e2m1, e8m0 scales per 32)"
         h, i = hidden, inter

@@ -633,9 +633,6 @@ def bank_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
     return mlp_at(fmt, x, slots, weights, slot_table(fmt, bank))
 
 
-dense_mlp = int4_mlp = fp8_mlp = nvfp4_mlp = mxfp4_mlp = bank_mlp  # ExpertFormat._kernel's names
-
-
 BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
 _INTERPRETED = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
 
