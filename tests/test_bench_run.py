@@ -180,7 +180,13 @@ def test_also_model_runs_tiermoe_on_each_checkpoint_with_its_own_floor(tmp_path)
 
 
 def test_decode_traffic_per_decoded_token():
-    experts = {"gpu_hit_rate": 0.75, "bytes_h2d": 5_000_000, "bytes_disk": 1_000_000}
+    experts = {
+        "gpu_hit_rate": 0.75,
+        "bytes_h2d": 5_000_000,
+        "bytes_disk": 1_000_000,
+        "cpu_computed": 30,
+        "cpu_s": 0.02,
+    }
     stats = {"sequences": 2, "completion_tokens": 12, "decode_s": 0.5, "experts_decode": experts}
     # 2 sequences × (6 - 1) decoded tokens: the first token of each comes out of prefill.
     assert decode_traffic(stats) == {
@@ -188,6 +194,8 @@ def test_decode_traffic_per_decoded_token():
         "h2d_bytes_per_token": 500_000,
         "disk_bytes_per_token": 100_000,
         "h2d_gb_s": pytest.approx(0.01),
+        "cpu_experts_per_token": 3.0,
+        "cpu_ms_per_token": pytest.approx(2.0),
     }
     resident = {**stats, "experts_decode": {}}  # nothing offloaded: no store statistics
     assert set(decode_traffic(resident).values()) == {None}
@@ -232,12 +240,13 @@ def test_pcie_floor_of_a_capped_run():
 
 
 def test_settings_pair_engines_with_budgets_and_variants():
-    lru = {"eviction": "lru", "prefetch": True, "miss_path": "copy"}
-    lfu_off = {"eviction": "lfu", "prefetch": False, "miss_path": "copy"}
+    lru = {"eviction": "lru", "prefetch": True, "miss_path": "copy", "cpu_compute": False}
+    lfu_off = {"eviction": "lfu", "prefetch": False, "miss_path": "copy", "cpu_compute": False}
     assert run.parse_variants("lru,lfu+noprefetch") == [lru, lfu_off]
     assert run.parse_variants(None) == [lfu_off]  # the engine's defaults
     assert run.parse_variants("lfu+noprefetch+in-place") == [{**lfu_off, "miss_path": "in-place"}]
     assert run.parse_variants("lfu+in-place+noprefetch") == [{**lfu_off, "miss_path": "in-place"}]
+    assert run.parse_variants("lfu+noprefetch+cpu") == [{**lfu_off, "cpu_compute": True}]
     assert run._settings([4.0, None], ["hf", "hf-offload"], [lru, lfu_off]) == [
         ("tiermoe", 4.0, lru),
         ("tiermoe", 4.0, lfu_off),
@@ -259,8 +268,8 @@ def test_settings_pair_engines_with_budgets_and_variants():
         ("tiermoe", None, {**lru, **uniform}),
         ("tiermoe", None, {**lru, **szd}),
     ]
-    for bad in ("lru+fast", "lru+in-place+in-place"):
-        with pytest.raises(InvalidRequestError, match="POLICY\\[\\+noprefetch\\]\\[\\+in-place\\]"):
+    for bad in ("lru+fast", "lru+in-place+in-place", "lfu+in-place+cpu"):
+        with pytest.raises(InvalidRequestError, match="POLICY\\[\\+noprefetch\\]\\[\\+in-place\\|\\+cpu\\]"):
             run.parse_variants(bad)
 
 

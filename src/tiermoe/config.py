@@ -86,6 +86,11 @@ class EngineConfig:
         "round trip per layer) or in-place (the kernel reads it from pinned host memory, the step one "
         "CUDA graph; it is admitted to a slot after the step)",
     )
+    cpu_compute: bool = _setting(
+        False,
+        "compute part of each decode layer's missed experts on the CPU from the host cache while the "
+        "others are copied, split by costs measured at load (miss_path copy only)",
+    )
     # --- expert routing (routing/spec.py)
     routing: str | None = _setting(
         None,
@@ -128,6 +133,8 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"miss_path {self.miss_path!r} unknown; choose one of {', '.join(MISS_PATHS)}", "miss_path"
             )
+        if self.cpu_compute and self.miss_path != "copy":
+            raise InvalidRequestError("cpu_compute works with miss_path copy only", "cpu_compute")
         if not 0.0 <= self.prefetch_accuracy <= 1.0:
             raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")
         if self.experts_per_token is not None and self.experts_per_token < 1:

@@ -28,7 +28,14 @@ from .workload import Workload, median_figures, random_prompts
 ENGINES = ("tiermoe", *peers.PEERS)
 GB = 1e9
 # Expert traffic per decoded token of a timed run; like the timing figures, a run's value is the median.
-DECODE_TRAFFIC = ("gpu_hit_rate", "h2d_bytes_per_token", "disk_bytes_per_token", "h2d_gb_s")
+DECODE_TRAFFIC = (
+    "gpu_hit_rate",
+    "h2d_bytes_per_token",
+    "disk_bytes_per_token",
+    "h2d_gb_s",
+    "cpu_experts_per_token",
+    "cpu_ms_per_token",
+)
 TRAFFIC = (*DECODE_TRAFFIC, "prefill_h2d_bytes")
 
 
@@ -50,6 +57,8 @@ def decode_traffic(stats: dict) -> dict:
         "h2d_bytes_per_token": pcie / tokens,
         "disk_bytes_per_token": e["bytes_disk"] / tokens,
         "h2d_gb_s": pcie / stats["decode_s"] / GB if stats["decode_s"] > 0 else None,
+        "cpu_experts_per_token": e.get("cpu_computed", 0) / tokens,
+        "cpu_ms_per_token": e.get("cpu_s", 0.0) * 1000 / tokens,
     }
 
 

@@ -24,6 +24,8 @@ RUN_KEYS = (
     "peak_host_gib",
     "pcie_floor_tok_s",
     "routing",
+    "cpu_compute",
+    "plan",
     "routing_params",
     "routing_note",
     "routing_trace",
@@ -31,6 +33,8 @@ RUN_KEYS = (
     "h2d_bytes_per_token",
     "disk_bytes_per_token",
     "h2d_gb_s",
+    "cpu_experts_per_token",
+    "cpu_ms_per_token",
     "floor_tok_s",
     "floor_serial_tok_s",
     "floor_fraction",
@@ -58,7 +62,8 @@ def variant_name(run: dict) -> str:
     if run.get("gpu_budget_gib") is None or not run.get("eviction"):
         return ""
     in_place = " in-place" if run.get("miss_path") == "in-place" else ""
-    return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch") + in_place
+    cpu = " cpu" if run.get("cpu_compute") else ""
+    return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch") + in_place + cpu
 
 
 def run_label(run: dict) -> str:

@@ -37,6 +37,8 @@ from .shapes import bytes_per_element
 from .synth import read_synth_info
 from .workload import Workload
 
+STORE_OPTIONS = ("eviction", "prefetch", "miss_path", "cpu_compute")  # a variant's settings, kept in its run
+
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}
 
 
@@ -154,23 +156,29 @@ PEER_ROUTING_NOTES = {
 
 
 def parse_variants(value: str | None) -> list[dict]:
-    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place` -> tiermoe options per variant
-    (eviction policy, prefetch, miss path); None: the engine's defaults."""
+    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+cpu` -> tiermoe options per variant
+    (eviction policy, prefetch, miss path, CPU compute of misses); None: the engine's defaults."""
     defaults = EngineConfig()
     if not value:
         return [
-            {"eviction": defaults.eviction, "prefetch": defaults.prefetch, "miss_path": defaults.miss_path}
+            {
+                "eviction": defaults.eviction,
+                "prefetch": defaults.prefetch,
+                "miss_path": defaults.miss_path,
+                "cpu_compute": defaults.cpu_compute,
+            }
         ]
     variants = []
     for item in value.split(","):
         policy, *flags = item.strip().split("+")
         if (
             policy not in POLICIES
-            or not set(flags) <= {"noprefetch", "in-place"}
+            or not set(flags) <= {"noprefetch", "in-place", "cpu"}
             or len(set(flags)) < len(flags)
+            or {"in-place", "cpu"} <= set(flags)
         ):
             raise InvalidRequestError(
-                f"--variants items are POLICY[+noprefetch][+in-place] with POLICY one of {', '.join(POLICIES)}; "
+                f"--variants items are POLICY[+noprefetch][+in-place|+cpu] with POLICY one of {', '.join(POLICIES)}; "
                 f"got {item!r}",
                 param="variants",
             )
@@ -178,6 +186,7 @@ def parse_variants(value: str | None) -> list[dict]:
             "eviction": policy,
             "prefetch": "noprefetch" not in flags,
             "miss_path": "in-place" if "in-place" in flags else defaults.miss_path,
+            "cpu_compute": "cpu" in flags,
         })  # fmt: skip
     return variants
 
@@ -297,7 +306,7 @@ def bench(
             ""
             if options is None
             else f" ({options.get('routing') or 'default'} routing, {options['eviction']}, "
-            f"prefetch {'on' if options['prefetch'] else 'off'})"
+            f"prefetch {'on' if options['prefetch'] else 'off'}{', CPU compute' if options.get('cpu_compute') else ''})"
         )
         trace = None
         if engine == "tiermoe" and record_routing:
@@ -331,7 +340,8 @@ def bench(
             **model_common,
             "engine": engine,
             "gpu_budget_gib": budget,
-            **{k: v for k, v in (options or {}).items() if k in ("eviction", "prefetch", "miss_path")},
+            **{k: v for k, v in (options or {}).items() if k in STORE_OPTIONS},
+            **({"plan": "manual"} if engine == "tiermoe" else {}),
             **({"kv_reserve_tokens": engine_config["kv_reserve_tokens"]} if engine == "tiermoe" else {}),
             "gen_len": w.gen_len,
             "repeat": w.repeat,
@@ -528,9 +538,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--variants",
         default=None,
-        help="tiermoe settings to compare when capped: POLICY[+noprefetch][+in-place], comma-separated "
-        "(e.g. lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place; default: the engine's own, lfu "
-        "without prefetch, misses copied)",
+        help="tiermoe settings to compare when capped: POLICY[+noprefetch][+in-place|+cpu], comma-separated "
+        "(e.g. lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+noprefetch+cpu; default: the "
+        "engine's own, lfu without prefetch, misses copied, none computed on the CPU)",
     )
     p.add_argument(
         "--routing",

@@ -144,6 +144,8 @@ class GenerationStats:
             )
             if e.get("bytes_in_place"):
                 text += f", read in place {e['bytes_in_place'] / 1e9:.2f} GB"
+            if e.get("cpu_computed"):
+                text += f", {e['cpu_computed']} computed on the CPU in {e['cpu_s'] * 1000:.0f} ms"
         return text
 
 

@@ -46,6 +46,8 @@ class LayerSlots:
         """Each wave's expert -> slot (ensure), in the order the store issues them: where two waves fit the
         slots, wave i + 1 is admitted before wave i is yielded (its copies run while wave i computes), into
         slots outside wave i's; else one wave after the other."""
+        if not waves:  # every routed expert computed elsewhere (the CPU)
+            return
         if 2 * max(map(len, waves)) > len(self.slots):
             for group in waves:
                 yield self.ensure(group, on_hit, load)

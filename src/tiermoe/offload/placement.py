@@ -69,7 +69,7 @@ def plan_for_model(
 def build_provider(source, config: EngineConfig, plan: MemoryPlan, progress=None) -> ExpertProvider:
     if plan.all_resident:
         return load_resident(source, progress)
-    return TieredExpertStore(
+    store = TieredExpertStore(
         open_expert_source(source),
         plan,
         source.format,
@@ -81,3 +81,6 @@ def build_provider(source, config: EngineConfig, plan: MemoryPlan, progress=None
         miss_path=config.miss_path,
         top_k=source.args.top_k,
     )
+    if config.cpu_compute:
+        store.cpu_costs = store.measure_cpu_costs(source.dtype)
+    return store

@@ -4,7 +4,9 @@ Per MoE layer and step (the copy path; miss_path in-place decodes as offload/in_
 (done by the block), pull the routed expert ids to the host together with the next layer's predicted
 ids (one synchronisation), load missing experts into this layer's GPU slots from the host cache (which
 reads the disk on its own misses), wait for those copies, launch the expert kernels, then start copying
-the next layer's predicted experts on the side stream while the kernels run. A layer that hits more
+the next layer's predicted experts on the side stream while the kernels run. With CPU compute on, part
+of a decode layer's misses are computed on the CPU from the host cache while the others' copies are in
+flight (offload/cpu_compute.py), and only the tokens' hidden states cross the bus. A layer that hits more
 experts than it has slots (long prefills) runs in waves of half its slots, each wave's copies issued
 while the one before computes.
 """
@@ -18,7 +20,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..formats.base import ExpertFormat
+from . import cpu_compute
 from .budget import MemoryPlan
+from .cpu_compute import MissCosts
 from .gpu_pool import LayerSlots, SlotPool
 from .host_cache import HostCache
 from .in_place import InPlaceMisses
@@ -31,7 +35,8 @@ from .transfer import CopyStream
 class StoreStats:
     gpu_hits: int = 0  # routed expert already in a slot, not brought by a prefetch
     prefetch_hits: int = 0  # routed expert in a slot because a prefetch brought it
-    gpu_misses: int = 0  # routed expert loaded on demand
+    gpu_misses: int = 0  # routed expert loaded on demand (streamed)
+    cpu_computed: int = 0  # routed expert missing from the GPU, computed on the CPU from the host cache
     prefetch_issued: int = 0
     prefetch_wasted: int = 0  # prefetched experts evicted before any use
     predicted: int = 0  # experts the predictor named for a layer
@@ -44,6 +49,7 @@ class StoreStats:
     bytes_disk: int = 0
     wait_s: float = 0.0  # host time blocked on copies the next kernels need
     disk_s: float = 0.0
+    cpu_s: float = 0.0  # host time computing experts on the CPU
 
     def minus(self, earlier: dict) -> StoreStats:
         """The counts since `earlier` (an earlier to_dict() of these statistics)."""
@@ -51,7 +57,7 @@ class StoreStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        served = self.gpu_hits + self.prefetch_hits + self.gpu_misses
+        served = self.gpu_hits + self.prefetch_hits + self.gpu_misses + self.cpu_computed
         d["gpu_hit_rate"] = round((self.gpu_hits + self.prefetch_hits) / served, 4) if served else None
         d["prefetch_precision"] = (
             round(self.predicted_correct / self.predicted, 4) if self.predicted else None
@@ -75,7 +81,10 @@ class TieredExpertStore:
         progress=None,
         miss_path: str = "copy",
         top_k: int = 1,
+        cpu_costs: MissCosts | None = None,
     ):
+        """cpu_costs: compute misses on the CPU where these costs say it is faster (None: never); see
+        `measure_cpu_costs`."""
         self.plan, self.device, self.prefetch = plan, device, prefetch
         self.num_experts = num_experts
         if plan.expert_bytes != fmt.nbytes:
@@ -93,6 +102,15 @@ class TieredExpertStore:
         self.stats_ = StoreStats()
         self.miss_path = miss_path
         self.in_place = InPlaceMisses(self, top_k) if miss_path == "in-place" else None
+        self.cpu_costs = cpu_costs
+
+    def measure_cpu_costs(self, dtype: torch.dtype) -> MissCosts:
+        """This machine's MissCosts for this store's experts, timed with the first expert of the host cache
+        and a scratch slot (hidden states in dtype)."""
+        entry = next(iter(self.host.entry_of.values()))
+        return cpu_compute.measure(
+            self.format, self.host.buffer(entry), self.format.empty(1, self.device)[0], dtype
+        )
 
     def _preload(self, layers: list[int], progress) -> None:
         """Fill the host cache in layer order, so a cache that holds everything never reads the disk again."""
@@ -123,6 +141,7 @@ class TieredExpertStore:
             policy=self.policy,
             prefetch=self.prefetch,
             miss_path=self.miss_path,
+            cpu_compute=self.cpu_costs is not None,
             gpu_slots=len(self.pool),
             host_slots=self.host.capacity,
             source=self.host.source.description,
@@ -146,23 +165,34 @@ class TieredExpertStore:
     ) -> torch.Tensor:
         prediction = self.predictor.predict(layer, x) if self.predictor else None
         flat = ids.reshape(-1)
+        cpu = self.cpu_costs is not None and self.format.graph_safe(flat.numel())  # decode only
+        if cpu:  # the hidden states and routing weights land on the host with the ids' sync below
+            x_host, w_host = (t.to("cpu", non_blocking=True) for t in (x, weights))
         if prediction is not None:
             both = torch.cat([flat, prediction[1].reshape(-1)]).tolist()  # one sync for both
             routed, predicted = both[: flat.numel()], both[flat.numel() :]
         else:
             routed, predicted = flat.tolist(), []
         part = self.pool.layers[layer]
-        waves = part.schedule(routed)
+        on_cpu = self._cpu_share(layer, routed, part) if cpu else {}
+        waves = part.schedule([e for e in routed if e not in on_cpu])
         needed = [e for group in waves for e in group]
-        self._score(layer, needed)
-        out = None
+        self._score(layer, needed + list(on_cpu))
+        out = cpu_out = None
+        if on_cpu and not waves:
+            cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
         admitted = part.admit(waves, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
         for i, slot_of in enumerate(admitted):
+            if i == 0 and on_cpu:  # while this wave's copies are in flight
+                cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
             self._wait(slot_of.values())
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
-            slots = lut.to(self.device)[ids]  # [T, k]; -1 where the expert is in another wave
+            slots = lut.to(self.device)[ids]  # [T, k]; -1 where the expert is in another wave or on the CPU
             if len(waves) == 1:
+                if on_cpu:  # the CPU's pairs also run here, on a slot of this wave, with weight 0
+                    weights = weights.masked_fill(slots < 0, 0)
+                    slots = slots.masked_fill(slots < 0, next(iter(slot_of.values())))
                 out = self.format.mlp(x, slots, weights, self.pool.bank)
             else:
                 out = torch.zeros_like(x) if out is None else out
@@ -173,6 +203,35 @@ class TieredExpertStore:
                 self.pool.released[slot] = used
             if i == 0 and prediction is not None:
                 self._prefetch(prediction[0], predicted, len(needed))
+        if cpu_out is not None:
+            cpu_out = cpu_out.to(self.device)
+            out = cpu_out if out is None else out.add_(cpu_out)
+        return out
+
+    def _cpu_share(self, layer: int, routed: list[int], part: LayerSlots) -> dict[int, torch.Tensor]:
+        """The misses of this step's routed ids that the CPU computes faster, by cost (expert -> its
+        host cache bytes); only experts already in the host cache."""
+        misses = {
+            e: n
+            for e, n in Counter(routed).items()
+            if e not in part.slot_of and (layer, e) in self.host.entry_of
+        }
+        on_cpu = cpu_compute.split(misses, self.cpu_costs) if misses else set()
+        self.stats_.cpu_computed += len(on_cpu)
+        self.stats_.host_hits += len(on_cpu)
+        return {e: self.host.buffer(self.host.get(layer, e)[0]) for e in on_cpu}
+
+    def _compute_on_cpu(self, experts: dict, routed: list[int], x: torch.Tensor, weights: torch.Tensor):
+        k = len(routed) // x.shape[0]
+        w = weights.reshape(-1).tolist()
+        pairs: dict[int, tuple[list[int], list[float]]] = {e: ([], []) for e in experts}
+        for j, e in enumerate(routed):
+            if e in experts:
+                pairs[e][0].append(j // k)
+                pairs[e][1].append(w[j])
+        start = time.perf_counter()
+        out = cpu_compute.compute(self.format, x, pairs, experts)
+        self.stats_.cpu_s += time.perf_counter() - start
         return out
 
     def _score(self, layer: int, needed: list[int]) -> None:

@@ -1,0 +1,115 @@
+"""Missed experts computed on the CPU, straight from the pinned host cache, while others cross PCIe.
+
+A missed expert can reach the step two ways: copied into a GPU slot (PCIe, then the GPU computes it and
+keeps it for later tokens) or computed where it already sits, on the CPU, with only the tokens' hidden
+states crossing the bus. Both resources work at once, so the fastest step splits a layer's misses between
+them: `split` balances the two queues from measured costs (`MissCosts`: seconds per expert on each path,
+the CPU's growing with the tokens routed to the expert). The store issues the streamed copies first, then
+computes the CPU share on the calling thread while they are in flight (torch's intra-op threads use the
+cores), then waits for the copies, launches the GPU kernels and adds the CPU's sum.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.base import ExpertFormat
+
+TIMING_REPEATS = 5  # medians of this many runs measure each cost
+
+
+@dataclass(frozen=True)
+class MissCosts:
+    """Seconds one missed expert costs on each path, measured on this machine for this expert format."""
+
+    stream_s: float  # copied from the pinned host cache into a GPU slot (copy engine)
+    cpu_s: float  # computed on the CPU for one token routed to it
+    cpu_token_s: float  # added for each further token routed to it
+    cpu_layer_s: float  # once per layer with CPU experts: hidden states' round trip and the add
+
+    def cpu_cost(self, tokens: int) -> float:
+        return self.cpu_s + (tokens - 1) * self.cpu_token_s
+
+    def describe(self) -> str:
+        return (
+            f"miss costs: stream {self.stream_s * 1e6:.0f} us, CPU {self.cpu_s * 1e6:.0f} us "
+            f"+ {self.cpu_token_s * 1e6:.0f} us a further token, {self.cpu_layer_s * 1e6:.0f} us a layer"
+        )
+
+
+def split(misses: dict[int, int], costs: MissCosts, stream_busy_s: float = 0.0) -> set[int]:
+    """The misses (expert -> tokens routed to it) to compute on the CPU: each one, costliest first, goes to
+    whichever queue would finish it sooner (longest-processing-time list scheduling), the CPU's queue
+    starting at its per-layer cost and the stream's at `stream_busy_s` (copies already in flight)."""
+    cpu_until, stream_until, on_cpu = costs.cpu_layer_s, stream_busy_s, set()
+    for expert, tokens in sorted(misses.items(), key=lambda m: -costs.cpu_cost(m[1])):
+        cpu_done = cpu_until + costs.cpu_cost(tokens)
+        if cpu_done < stream_until + costs.stream_s:
+            cpu_until = cpu_done
+            on_cpu.add(expert)
+        else:
+            stream_until += costs.stream_s
+    return on_cpu
+
+
+def compute(
+    fmt: ExpertFormat, x: torch.Tensor, pairs: dict[int, tuple[list[int], list[float]]], experts: dict
+) -> torch.Tensor:
+    """sum over the pairs of weight * expert(x[token]) on the CPU: x [T, H] in host memory, pairs expert ->
+    (tokens, routing weights), experts expert -> its bytes (uint8 [nbytes], the host cache's entry)."""
+    out = torch.zeros_like(x)
+    for expert, (tokens, weights) in pairs.items():
+        bank = fmt.views(experts[expert][None])
+        tok = torch.tensor(tokens)
+        fmt.accumulate(x, tok, torch.zeros_like(tok), torch.tensor(weights, dtype=x.dtype), bank, out)
+    return out
+
+
+def _median_s(fn, repeats: int = TIMING_REPEATS) -> float:
+    fn()  # warm-up: first-call allocations and thread start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(fmt: ExpertFormat, expert: torch.Tensor, slot: torch.Tensor, dtype: torch.dtype) -> MissCosts:
+    """MissCosts timed with one real expert: expert its host bytes (pinned on a GPU machine), slot a GPU
+    slot it may be copied into (overwritten), dtype the compute dtype of the hidden states."""
+    cuda = slot.is_cuda
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(slot.device)
+
+    def stream():
+        slot.copy_(expert, non_blocking=True)
+        sync()
+
+    def on_cpu(tokens: int):
+        x = torch.randn(tokens, fmt.hidden, dtype=dtype)
+        pairs = {0: (list(range(tokens)), [1.0] * tokens)}
+        return lambda: compute(fmt, x, pairs, {0: expert})
+
+    x_gpu = torch.zeros(1, fmt.hidden, dtype=dtype, device=slot.device)
+    x_host = torch.zeros(1, fmt.hidden, dtype=dtype, pin_memory=cuda)
+
+    def round_trip():
+        x_host.copy_(x_gpu, non_blocking=True)
+        sync()
+        x_gpu.add_(x_host.to(slot.device, non_blocking=True))
+        sync()
+
+    one, eight = _median_s(on_cpu(1)), _median_s(on_cpu(8))
+    return MissCosts(
+        stream_s=_median_s(stream),
+        cpu_s=one,
+        cpu_token_s=max(eight - one, 0.0) / 7,
+        cpu_layer_s=_median_s(round_trip),
+    )

@@ -1,0 +1,120 @@
+"""Missed experts computed on the CPU: the split follows the measured costs, CPU-computed experts give
+the outputs GPU-resident ones give in every format, and the engine's tokens do not change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.formats.dense import DenseFormat
+from tiermoe.formats.fp4 import Nvfp4Format
+from tiermoe.formats.fp8 import Fp8BlockFormat
+from tiermoe.formats.int4 import Int4Format
+from tiermoe.formats.mxfp4 import Mxfp4Format
+from tiermoe.offload import cpu_compute
+from tiermoe.offload.cpu_compute import MissCosts
+
+from .conftest import budget_gib
+
+US = 1e-6
+
+
+def costs(stream_us: float, cpu_us: float, token_us: float = 0.0, layer_us: float = 0.0) -> MissCosts:
+    return MissCosts(stream_us * US, cpu_us * US, token_us * US, layer_us * US)
+
+
+def test_the_split_follows_the_costs():
+    misses = {3: 1, 7: 1, 9: 1, 12: 1}
+    assert cpu_compute.split(misses, costs(stream_us=100, cpu_us=10)) == set(misses)
+    assert cpu_compute.split(misses, costs(stream_us=10, cpu_us=100)) == set()
+    # Equal costs: two each way finish both queues at 200 us.
+    assert len(cpu_compute.split(misses, costs(stream_us=100, cpu_us=100))) == 2
+    # The CPU twice as fast: it takes the share that ends both queues together (3 x 50 vs 1 x 100).
+    assert len(cpu_compute.split(misses, costs(stream_us=100, cpu_us=50))) == 3
+    # A fixed per-layer cost on the CPU's side tips one expert back to the stream.
+    assert len(cpu_compute.split(misses, costs(stream_us=100, cpu_us=50, layer_us=60))) == 2
+    # An expert many tokens chose costs the CPU more; copies already in flight delay the stream.
+    heavy = cpu_compute.split({1: 8, 2: 1}, costs(stream_us=100, cpu_us=60, token_us=20))
+    assert heavy == {2}
+    assert cpu_compute.split({1: 1}, costs(stream_us=100, cpu_us=150), stream_busy_s=100 * US) == {1}
+
+
+FORMATS = [
+    DenseFormat(64, 40, torch.float32),
+    DenseFormat(64, 40, torch.bfloat16),
+    Int4Format(64, 32, torch.float32, 16),
+    Fp8BlockFormat(64, 40, torch.float32, (16, 16)),
+    Nvfp4Format(64, 32, torch.float32),
+    Mxfp4Format(64, 32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.dtype}")
+def test_cpu_computed_experts_match_the_resident_ones_in_every_format(fmt):
+    """Three tokens, top-2 of four experts, half the pairs' experts given to the CPU one by one from
+    their own bytes: the sum matches the format's mlp over the whole bank."""
+    bank = fmt.empty(4)
+    g = torch.Generator().manual_seed(0)
+    for s in range(4):
+        fmt.fill_random(bank[s], g, 0.05)
+    x = torch.randn(3, fmt.hidden, generator=g).to(fmt.dtype)
+    ids = torch.tensor([[0, 2], [2, 3], [1, 0]])
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]], dtype=fmt.dtype)
+    expected = fmt.mlp(x, ids, weights, fmt.views(bank))
+    pairs: dict[int, tuple[list[int], list[float]]] = {}
+    for t in range(3):
+        for k in range(2):
+            tokens, w = pairs.setdefault(int(ids[t, k]), ([], []))
+            tokens.append(t)
+            w.append(weights[t, k].item())
+    got = cpu_compute.compute(fmt, x, pairs, {e: bank[e] for e in range(4)})
+    tol = 2e-2 if fmt.dtype == torch.bfloat16 else 1e-5  # bf16: different summation orders
+    assert (got.float() - expected.float()).abs().max() <= tol * expected.float().abs().max()
+
+
+def test_costs_are_measured_with_a_real_expert():
+    fmt = DenseFormat(256, 128, torch.float32)
+    expert = fmt.empty(1)[0].zero_()
+    measured = cpu_compute.measure(fmt, expert, fmt.empty(1)[0], torch.float32)
+    assert 0 < measured.stream_s < 0.1 and 0 < measured.cpu_s < 0.1 and measured.cpu_layer_s > 0
+    assert measured.cpu_token_s >= 0
+    assert "stream" in measured.describe()
+
+
+PROMPT = [5, 17, 42, 99, 7, 11, 120, 64, 3, 200, 31, 8]
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
+    return path, LLM(path, device="cpu")
+
+
+@pytest.mark.parametrize(("cpu_us", "on_cpu"), [(1, True), (1e6, False)])
+def test_the_engine_gives_the_same_tokens_with_misses_on_the_cpu(model, cpu_us, on_cpu):
+    path, resident = model
+    llm = LLM(path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 2 * 4), cpu_compute=True)
+    store = llm.provider
+    assert store.cpu_costs is not None  # measured at load
+    store.cpu_costs = costs(stream_us=100, cpu_us=cpu_us)
+    out = llm.generate(PROMPT, GREEDY)[0]
+    assert out.token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
+    s = out.stats.experts
+    assert s["cpu_compute"] is True
+    if on_cpu:  # every decode miss on the CPU: only the prefill streamed
+        assert s["cpu_computed"] > 0 and s["cpu_s"] > 0
+        assert s["gpu_misses"] < s["cpu_computed"]
+    else:
+        assert s["cpu_computed"] == 0 and s["cpu_s"] == 0
+    served = s["gpu_hits"] + s["prefetch_hits"] + s["gpu_misses"] + s["cpu_computed"]
+    assert s["gpu_hit_rate"] == pytest.approx((s["gpu_hits"] + s["prefetch_hits"]) / served, abs=1e-4)
+
+
+def test_cpu_compute_needs_the_copy_path():
+    from tiermoe.config import EngineConfig
+    from tiermoe.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="miss_path copy"):
+        EngineConfig(cpu_compute=True, miss_path="in-place")
