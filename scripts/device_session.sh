@@ -33,11 +33,14 @@ mark start
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h / /dev/shm "$HOME" | tee -a "$W/phases.log"
 free -g | tee -a "$W/phases.log"
-bash scripts/llamacpp_dir.sh .carry/kit /tmp/llama > "$W/kit.log" 2>&1 || { mark "kit failed"; cat "$W/kit.log"; }
-export TIERMOE_LLAMA_CPP=/tmp/llama
-python3 -c 'import sys; from tiermoe.bench.llamacpp import locate, llama_cpp_version as v; print("llama.cpp", v(locate(sys.argv[1])))' \
-    /tmp/llama 2>&1 | tail -1 | tee -a "$W/phases.log"
-mark "kit ready"
+# LLAMA=0: no llama.cpp peer (no GGUFs: about 7 minutes saved where a lease is short).
+if [[ ${LLAMA:-1} != 0 ]]; then
+    bash scripts/llamacpp_dir.sh .carry/kit /tmp/llama > "$W/kit.log" 2>&1 || { mark "kit failed"; cat "$W/kit.log"; }
+    export TIERMOE_LLAMA_CPP=/tmp/llama
+    python3 -c 'import sys; from tiermoe.bench.llamacpp import locate, llama_cpp_version as v; print("llama.cpp", v(locate(sys.argv[1])))' \
+        /tmp/llama 2>&1 | tail -1 | tee -a "$W/phases.log"
+    mark "kit ready"
+fi
 
 # Qwen3's q8_0 and Q4_K_M GGUFs (32.5 + 18.6 GB) go to /dev/shm when it has room: the disk cannot hold them beside OLMoE's.
 SUITES=${SUITES:-olmoe qwen3}
@@ -54,9 +57,9 @@ qwen3_gguf() {
 [[ " $SUITES " == *" qwen3 "* || " $SUITES " == *" qwen3-int4 "* ]] && (
     $T synth --preset qwen3-30b-a3b --out "$SYNTH/qwen3-30b-a3b" --dtype bf16 --experts-in-memory
     mark "qwen3 synth done"
-    if [[ $QWORK != "$GGUF" ]]; then qwen3_gguf "$QWORK" && mark "qwen3 gguf done"; fi
+    if [[ $QWORK != "$GGUF" && ${LLAMA:-1} != 0 ]]; then qwen3_gguf "$QWORK" && mark "qwen3 gguf done"; fi
 ) > "$W/p1-qwen3.log" 2>&1 &
-(
+[[ " $SUITES ${AB_SUITES:-} " == *olmoe* ]] && (
     $T synth --preset olmoe-1b-7b --out "$SYNTH/olmoe-1b-7b" --dtype bf16 && mark "olmoe synth done"
     # Its GGUF only for its suite (an A/B alone needs the checkpoint, not llama.cpp's copy).
     if [[ " $SUITES " == *" olmoe "* ]]; then
@@ -103,7 +106,7 @@ fi
 
 if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
-    if [[ $suite == qwen3* && $QWORK == "$GGUF" && ! -e $GGUF/.qwen3-ready ]]; then
+    if [[ $suite == qwen3* && $QWORK == "$GGUF" && ! -e $GGUF/.qwen3-ready && ${LLAMA:-1} != 0 ]]; then
         rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
         qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1 && touch "$GGUF/.qwen3-ready"
         mark "qwen3 gguf (disk) done"
