@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,16 @@ def split(misses: dict[int, int], costs: MissCosts, stream_busy_s: float = 0.0) 
         else:
             stream_until += costs.stream_s
     return on_cpu
+
+
+def choose(
+    routed: list[int], resident: Container[int], costs: MissCosts, in_host: Callable[[int], bool]
+) -> set[int]:
+    """The experts of one layer's routed ids (a decode step's) to compute on the CPU: of the misses (not
+    resident on the GPU) already in host memory, the share `split` gives the CPU. The store and the
+    planner's simulation both decide through this."""
+    misses = {e: n for e, n in Counter(routed).items() if e not in resident and in_host(e)}
+    return split(misses, costs) if misses else set()
 
 
 def compute(

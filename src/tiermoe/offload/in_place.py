@@ -30,6 +30,17 @@ from .gpu_pool import LayerSlots
 DECAY_STEPS = 64  # the admission test's routing counts halve this often, so old popularity fades
 
 
+def admits(freq: np.ndarray, e: int, part: LayerSlots, exclude: set[int]) -> bool:
+    """Whether missed expert e earns a slot of its layer (freq: the layer's recent routing counts per
+    expert): a free one, or e routed more often lately than the expert the policy would evict for it."""
+    if part.free:
+        return True
+    if len(exclude) >= len(part.slots):
+        return False
+    victim = part.expert_of[part.policy.victim(exclude)]
+    return freq[e] > freq[victim]
+
+
 class InPlaceMisses:
     """The in-place decode path of a TieredExpertStore: table int64 [MoE layers, experts] of addresses
     on the device, routed int64 [MoE layers, most pairs a graph-safe step has] of the last step's ids."""
@@ -97,6 +108,20 @@ class InPlaceMisses:
         store, pairs = self.store, tokens * self.top_k
         if not self.graph_safe(tokens):
             return  # that step ran the copy path
+        ids = self.routed[:, :pairs]
+        routed = ids.cpu().numpy()  # the step is done: no wait
+        np.add.at(self.freq, (np.arange(len(routed))[:, None], routed), 1.0)
+        self.steps += 1
+        if self.steps % DECAY_STEPS == 0:
+            self.freq /= 2
+        routed = routed.tolist()
+        for layer, r in self.row.items():  # counted against the table the step read
+            for e, n in Counter(routed[r]).items():
+                if e in self.resident[layer]:
+                    store.stats_.gpu_hits += 1
+                else:
+                    store.stats_.gpu_misses += 1
+                    store.stats_.bytes_in_place += n * store.expert_bytes  # each pair's program reads it
         flips: dict[tuple[int, int], int] = {}
         waiting = []
         for layer, e, slot, event in self.pending:
@@ -108,28 +133,15 @@ class InPlaceMisses:
             else:
                 waiting.append((layer, e, slot, event))
         self.pending = waiting
-        ids = self.routed[:, :pairs]
-        routed = ids.cpu().numpy()  # the step is done: no wait
-        np.add.at(self.freq, (np.arange(len(routed))[:, None], routed), 1.0)
-        self.steps += 1
-        if self.steps % DECAY_STEPS == 0:
-            self.freq /= 2
-        routed = routed.tolist()
         admitted = []
         for layer, r in self.row.items():
             part = store.pool.layers[layer]
-            for e, n in Counter(routed[r]).items():
-                if e in self.resident[layer]:
-                    store.stats_.gpu_hits += 1
-                else:
-                    store.stats_.gpu_misses += 1
-                    store.stats_.bytes_in_place += n * store.expert_bytes  # each pair's program reads it
             group = part.waves(routed[r])[0]  # the slots' share of this step's experts
             exclude = {part.slot_of[e] for e in group if e in part.slot_of}
             for slot in exclude:
                 part.policy.touch(slot)
             for e in group:
-                if e not in part.slot_of and self._admits(r, e, part, exclude):
+                if e not in part.slot_of and admits(self.freq[r], e, part, exclude):
                     exclude.add(self._claim(layer, e, part, exclude, flips, admitted))
         if flips:
             index = torch.tensor(list(flips), dtype=torch.long)
@@ -143,16 +155,6 @@ class InPlaceMisses:
             store.host.reading(entry, event)
             store.stats_.bytes_h2d += store.expert_bytes
             self.pending.append((layer, e, slot, event))
-
-    def _admits(self, row: int, e: int, part: LayerSlots, exclude: set[int]) -> bool:
-        """Whether missed expert e earns a slot: a free one, or e routed more often lately than the
-        expert the policy would evict for it."""
-        if part.free:
-            return True
-        if len(exclude) >= len(part.slots):
-            return False
-        victim = part.expert_of[part.policy.victim(exclude)]
-        return self.freq[row, e] > self.freq[row, victim]
 
     def _claim(
         self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list

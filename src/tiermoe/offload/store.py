@@ -211,12 +211,9 @@ class TieredExpertStore:
     def _cpu_share(self, layer: int, routed: list[int], part: LayerSlots) -> dict[int, torch.Tensor]:
         """The misses of this step's routed ids that the CPU computes faster, by cost (expert -> its
         host cache bytes); only experts already in the host cache."""
-        misses = {
-            e: n
-            for e, n in Counter(routed).items()
-            if e not in part.slot_of and (layer, e) in self.host.entry_of
-        }
-        on_cpu = cpu_compute.split(misses, self.cpu_costs) if misses else set()
+        on_cpu = cpu_compute.choose(
+            routed, part.slot_of, self.cpu_costs, lambda e: (layer, e) in self.host.entry_of
+        )
         self.stats_.cpu_computed += len(on_cpu)
         self.stats_.host_hits += len(on_cpu)
         return {e: self.host.buffer(self.host.get(layer, e)[0]) for e in on_cpu}

@@ -1,0 +1,105 @@
+"""The planner: its simulation of a recorded trace reproduces the engine's hit rate for each layout,
+the costs decide the pick, the calibration fits the measured step time."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.offload.cpu_compute import MissCosts
+from tiermoe.planner import Costs, Layout, calibrate, choose, predict, simulate
+from tiermoe.routing.trace import load_trace
+
+from .conftest import budget_gib
+
+PROMPT = [5, 17, 42, 99, 7, 11, 120, 64, 3, 200, 31, 8]
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+FAST_CPU = MissCosts(stream_s=100e-6, cpu_s=60e-6, cpu_token_s=10e-6, cpu_layer_s=20e-6)
+
+
+def costs(
+    cpu: MissCosts | None = FAST_CPU, layer_s: float = 50e-6, step_s: float = 5e-3, in_place_s: float = 500e-6
+) -> Costs:
+    return Costs(stream_s=100e-6, in_place_s=in_place_s, cpu=cpu, layer_s=layer_s, step_s=step_s)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
+    return path, LLM(path, device="cpu")
+
+
+LAYOUTS = [
+    Layout("lfu", "copy"),
+    Layout("lru", "copy"),
+    Layout("lfu", "copy", cpu_compute=True),
+    Layout("lfu", "in-place"),
+    Layout("lru", "in-place"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
+def test_the_simulation_reproduces_the_engines_hit_rate(model, tmp_path, layout):
+    path, resident = model
+    trace_file = tmp_path / "trace.npz"
+    llm = LLM(
+        path,
+        device="cpu",
+        gpu_budget_gib=budget_gib(resident.plan, 3 * 4),
+        record_routing=str(trace_file),
+        **layout.options(),
+    )
+    if layout.cpu_compute:
+        llm.provider.cpu_costs = FAST_CPU
+    stats = llm.generate(PROMPT, GREEDY)[0].stats.experts
+    traffic = simulate(load_trace(trace_file), llm.plan.quotas, layout, costs())
+    assert 0 < stats["gpu_hit_rate"] < 1
+    assert traffic.hit_rate == pytest.approx(stats["gpu_hit_rate"], abs=1e-4)
+    assert traffic.steps == GREEDY.max_tokens - 1  # the first token comes out of the prefill
+    if layout.cpu_compute:
+        assert traffic.cpu > 0 and stats["cpu_computed"] == traffic.cpu
+    if layout.miss_path == "in-place":
+        assert traffic.in_place > 0 and traffic.streamed == 0
+
+
+def test_costs_pick_the_layout_and_calibration_fits_the_measured_step(model, tmp_path):
+    path, resident = model
+    trace_file = tmp_path / "trace.npz"
+    llm = LLM(
+        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
+    )
+    llm.generate(PROMPT, GREEDY)
+    trace, quotas = load_trace(trace_file), llm.plan.quotas
+    copy, cpu, in_place = Layout(), Layout(cpu_compute=True), Layout(miss_path="in-place")
+    # Ten times the copy engine's speed: the CPU's share outweighs the hits its experts would have made.
+    tenfold = costs(cpu=MissCosts(100e-6, 10e-6, 1e-6, 5e-6))
+    fast_cpu = [predict(trace, quotas, lay, tenfold) for lay in (copy, cpu, in_place)]
+    assert choose(fast_cpu, "latency").layout == cpu
+    slow_cpu = costs(cpu=MissCosts(100e-6, 1e-3, 1e-4, 2e-4))
+    assert choose([predict(trace, quotas, lay, slow_cpu) for lay in (copy, cpu)], "latency").layout == copy
+    # A costly host round trip per layer (the copy path's) makes reading in place the faster path.
+    slow_sync = costs(layer_s=2e-3, in_place_s=120e-6)
+    assert (
+        choose([predict(trace, quotas, lay, slow_sync) for lay in (copy, in_place)], "latency").layout
+        == in_place
+    )
+    # Calibrated to a measured 8 ms step, the calibrating layout predicts 8 ms on its own trace.
+    fitted = calibrate(costs(), trace, quotas, copy, measured_step_s=8e-3)
+    assert fitted.calibrated and predict(trace, quotas, copy, fitted).step_s == pytest.approx(8e-3)
+
+
+def test_presets_trade_speed_for_kv_tokens(model, tmp_path):
+    path, resident = model
+    trace_file = tmp_path / "trace.npz"
+    llm = LLM(
+        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
+    )
+    llm.generate(PROMPT, GREEDY)
+    trace, quotas = load_trace(trace_file), llm.plan.quotas
+    fewer = {layer: n - 1 for layer, n in quotas.items()}  # a larger KV reserve leaves fewer slots
+    fast = predict(trace, quotas, Layout(kv_reserve_tokens=256), costs())
+    roomy = predict(trace, fewer, Layout(kv_reserve_tokens=4096), costs())
+    assert fast.tok_s > roomy.tok_s
+    assert choose([fast, roomy], "latency") is fast
+    loss = 1 - roomy.tok_s / fast.tok_s
+    assert choose([fast, roomy], "throughput") is (roomy if loss <= 0.10 else fast)
