@@ -3,6 +3,8 @@ the costs decide the pick, the calibration fits the measured step time."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tiermoe import LLM, SamplingParams
@@ -103,3 +105,36 @@ def test_presets_trade_speed_for_kv_tokens(model, tmp_path):
     assert choose([fast, roomy], "latency") is fast
     loss = 1 - roomy.tok_s / fast.tok_s
     assert choose([fast, roomy], "throughput") is (roomy if loss <= 0.10 else fast)
+
+
+def test_plan_command_calibrates_saves_and_presets_reuse_it(model, tmp_path, monkeypatch, capsys):
+    from tiermoe.cli import main
+    from tiermoe.flags import engine_kwargs
+
+    path, resident = model
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    budget = f"{budget_gib(resident.plan, 3 * 4):.9f}"
+    assert main(["plan", "--model", str(path), "--device", "cpu", "--gpu-budget", budget]) == 0
+    out = capsys.readouterr().out
+    saved = next((tmp_path / "tiermoe" / "plans").glob("*.json"))
+    plan = json.loads(saved.read_text())
+    # lfu, lru x copy, copy + CPU (no in-place without a GPU) x the KV reserves: the default (the tiny
+    # model's whole context, 512), half and a quarter (256 both: the least offered)
+    kv = sorted(c["kv_reserve_tokens"] for c in plan["candidates"])
+    assert kv == [256] * 4 + [512] * 4 and "chosen (latency)" in out
+    assert plan["costs"]["calibrated"] and plan["costs"]["cpu"]["cpu_s"] > 0
+    # Calibrated on its own run, the default layout's prediction is the measured step time.
+    default = next(c for c in plan["candidates"] if c["layout"] == plan["calibration"]["layout"])
+    assert 1 / default["predicted_tok_s"] == pytest.approx(plan["calibration"]["measured_step_s"], rel=1e-6)
+    # --preset reads the saved plan: the pick's layout, and flags given beside it win.
+    from tiermoe.cli import build_parser
+
+    args = build_parser("generate").parse_args(
+        ["generate", "--model", str(path), "--device", "cpu", "--gpu-budget", budget, "--preset", "latency",
+         "--eviction", "lru"]
+    )  # fmt: skip
+    kwargs = engine_kwargs(args)
+    best = max(plan["candidates"], key=lambda c: c["predicted_tok_s"])
+    assert kwargs["eviction"] == "lru" and kwargs["cpu_compute"] == best["cpu_compute"]
+    assert kwargs["kv_reserve_tokens"] == best["kv_reserve_tokens"]
+    assert "plan (latency)" in capsys.readouterr().err

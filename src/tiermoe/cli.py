@@ -22,6 +22,7 @@ COMMANDS = {
     "synth": ("bench.synth", "write a random-weight checkpoint with a real model's config"),
     "bench": ("bench.run", "time tiermoe and its peers; JSON and PNG under bench/results/"),
     "profile": ("hardware", "measure PCIe, disk, CPU and GPU ceilings and the decode floor"),
+    "plan": ("plan", "find the fastest layout for a model and budget (measured costs, simulated candidates)"),
     "routing-report": (
         "routing.report",
         "locality and offline LRU / LFU / Belady hit rates of a routing trace",

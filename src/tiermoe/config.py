@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import InvalidRequestError
 
 MISS_PATHS = ("copy", "in-place")  # EngineConfig.miss_path
+PRESETS = ("latency", "throughput", "balanced", "auto")  # --preset: the planner's picks (planner.py)
 
 
 def user_cache_dir() -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .config import MISS_PATHS, EngineConfig
+from .config import MISS_PATHS, PRESETS, EngineConfig
 from .engine.request import SamplingParams
 from .offload.policy import POLICIES  # the policy registry: plain Python, no torch
 
@@ -28,6 +28,14 @@ def add_engine_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     it with --url)."""
     if model:
         p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="the layout `tiermoe plan` finds fastest for this model and budget (planned once, then saved): "
+        "latency, throughput (the most KV tokens within 10%% of the fastest), balanced (within 5%%), auto "
+        "(throughput for serve, else latency); flags given beside it win",
+    )
     for f in _engine_fields():
         help_text = f.metadata["help"]
         if f.type in ("bool", bool):
@@ -52,6 +60,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     given = {
         f.name: getattr(args, f.name) for f in _engine_fields() if getattr(args, f.name, None) is not None
     }
+    if (
+        getattr(args, "preset", None)
+        and getattr(args, "model", None)
+        and getattr(args, "command", None) != "plan"
+    ):
+        from .plan import resolve  # plans (loads the model once) when none is saved
+
+        given = resolve(args.model, given, args.preset, args.command)
     return {**given, "show_progress": True}
 
 

@@ -34,7 +34,6 @@ from .offload.in_place import DECAY_STEPS, admits
 from .routing.replay import admissions
 from .routing.trace import Trace
 
-PRESETS = ("latency", "throughput", "balanced", "auto")
 PRESET_SLACK = {"latency": 0.0, "balanced": 0.05, "throughput": 0.10}  # tok/s given up for KV tokens
 
 
