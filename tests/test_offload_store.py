@@ -11,6 +11,7 @@ import torch
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import BudgetError, CheckpointError, InvalidRequestError
 from tiermoe.offload.budget import GIB
+from tiermoe.offload.in_place import admits
 from tiermoe.offload.store import TieredExpertStore
 
 PROMPT = [5, 17, 42, 99, 7, 11, 120, 64, 3, 200, 31, 8]
@@ -214,8 +215,8 @@ def test_in_place_admits_a_miss_only_over_a_less_routed_victim(model):
     newcomer = next(e for e in range(resident.args.num_experts) if e not in part.slot_of)
     in_place.freq[0, victim] = 3.0
     in_place.freq[0, newcomer] = 5.0
-    assert in_place._admits(0, newcomer, part, set())
+    assert admits(in_place.freq[0], newcomer, part, set())
     in_place.freq[0, newcomer] = 3.0  # as often as the victim: not enough
-    assert not in_place._admits(0, newcomer, part, set())
+    assert not admits(in_place.freq[0], newcomer, part, set())
     in_place.freq[0, newcomer] = 9.0
-    assert not in_place._admits(0, newcomer, part, set(part.slots))  # every slot in use this step
+    assert not admits(in_place.freq[0], newcomer, part, set(part.slots))  # every slot in use this step

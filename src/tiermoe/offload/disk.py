@@ -2,13 +2,15 @@
 
 O_DIRECT bypasses the page cache, so the pinned host cache is the only copy in RAM; where the file
 system refuses O_DIRECT (tmpfs, some overlays) reads fall back to buffered I/O and drop the pages
-afterwards with posix_fadvise.
+afterwards with posix_fadvise. The host cache's reader threads call `read_into` at once: each thread
+reads through its own staging buffer.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 import torch
 
@@ -39,9 +41,11 @@ class ExpertReader:
             for layer in layers
             for e in range(num_experts)
         }
-        largest = max(span.nbytes for spans in self.spans.values() for span, _ in spans)
-        self._staging = mmap.mmap(-1, largest + 2 * ALIGN)  # page-aligned, as O_DIRECT needs
-        self._staging_tensor = torch.frombuffer(self._staging, dtype=torch.uint8)
+        self._staging_bytes = (
+            max(span.nbytes for spans in self.spans.values() for span, _ in spans) + 2 * ALIGN
+        )
+        self._local = threading.local()  # each reader thread's staging buffer
+        self._lock = threading.Lock()  # the open files and the byte count
         self._fds: dict[tuple, int] = {}
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.description = f"checkpoint {ckpt.path}"
@@ -58,14 +62,17 @@ class ExpertReader:
                 values = data[start : start + r.nbytes].view(r.dtype).view(piece.shape)
                 self.format.put(views, piece, values)
             total += span.nbytes
-        self.bytes_read += total
+        with self._lock:
+            self.bytes_read += total
         return total
 
     def _read(self, r: ByteRange) -> torch.Tensor:
         begin = r.offset - r.offset % ALIGN
         length = -(-(r.offset + r.nbytes - begin) // ALIGN) * ALIGN
-        fd = self._fd(r.path)
-        view = memoryview(self._staging)[:length]
+        with self._lock:
+            fd = self._fd(r.path)
+        staging, staging_tensor = self._staging()
+        view = memoryview(staging)[:length]
         try:
             got = os.preadv(fd, [view], begin)
         except OSError as e:
@@ -78,7 +85,14 @@ class ExpertReader:
             raise CheckpointError(
                 f"{r.path} is truncated: expert bytes end at {r.offset + r.nbytes}, file ends at {begin + got}"
             )
-        return self._staging_tensor[r.offset - begin : r.offset - begin + r.nbytes]
+        return staging_tensor[r.offset - begin : r.offset - begin + r.nbytes]
+
+    def _staging(self) -> tuple[mmap.mmap, torch.Tensor]:
+        """This thread's staging buffer (page-aligned, as O_DIRECT needs) and a tensor over it."""
+        if not hasattr(self._local, "buffer"):
+            self._local.buffer = mmap.mmap(-1, self._staging_bytes)
+            self._local.tensor = torch.frombuffer(self._local.buffer, dtype=torch.uint8)
+        return self._local.buffer, self._local.tensor
 
     def _fd(self, path) -> int:
         key = (path, self.direct)

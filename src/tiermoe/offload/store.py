@@ -100,6 +100,7 @@ class TieredExpertStore:
         self._predicted: dict[int, set[int]] = {}
         self._preload(list(plan.quotas), progress)
         self.stats_ = StoreStats()
+        self._host_counts = (self.host.source_reads, self.host.wait_s)  # counted into stats_ so far
         self.miss_path = miss_path
         self.in_place = InPlaceMisses(self, top_k) if miss_path == "in-place" else None
         self.cpu_costs = cpu_costs
@@ -117,13 +118,16 @@ class TieredExpertStore:
         count = min(self.host.capacity, len(layers) * self.num_experts)
         task = progress.add_task("experts to host", total=count) if progress else None
         keys = [(layer, e) for layer in layers for e in range(self.num_experts)][:count]
+        self.host.read_ahead(keys)  # every read queued: the reader threads keep the disk busy
         for layer, e in keys:
             self.host.get(layer, e)
             if progress:
                 progress.advance(task)
 
     def attach(self, predictor: Predictor) -> None:
-        if self.prefetch:
+        # The prediction serves the GPU prefetch when asked for, and the host cache's read-ahead from
+        # disk whenever the host cache cannot hold every expert.
+        if self.prefetch or self.host.capacity < len(self.plan.quotas) * self.num_experts:
             self.predictor = predictor
 
     def graph_safe(self, tokens: int) -> bool:
@@ -135,6 +139,7 @@ class TieredExpertStore:
             self.in_place.after_step(tokens)
 
     def stats(self, since: dict | None = None) -> dict:
+        self._count_reads()
         d = (self.stats_ if since is None else self.stats_.minus(since)).to_dict()
         d.update(
             format=self.format.describe(),
@@ -150,6 +155,16 @@ class TieredExpertStore:
 
     def reset_stats(self) -> None:
         self.stats_ = StoreStats()
+        self._host_counts = (self.host.source_reads, self.host.wait_s)
+
+    def _count_reads(self) -> None:
+        """The host cache's reads from the source since the last count (read-aheads included)."""
+        reads, wait_s = self.host.source_reads, self.host.wait_s
+        s = self.stats_
+        s.host_misses += reads - self._host_counts[0]
+        s.bytes_disk += (reads - self._host_counts[0]) * self.expert_bytes
+        s.disk_s += wait_s - self._host_counts[1]
+        self._host_counts = (reads, wait_s)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.in_place is not None:
@@ -178,6 +193,8 @@ class TieredExpertStore:
         waves = part.schedule([e for e in routed if e not in on_cpu])
         needed = [e for group in waves for e in group]
         self._score(layer, needed + list(on_cpu))
+        # This layer's experts missing from the host cache read from disk at once, not one by one.
+        self.host.read_ahead([(layer, e) for e in needed if e not in part.slot_of])
         out = cpu_out = None
         if on_cpu and not waves:
             cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
@@ -202,7 +219,10 @@ class TieredExpertStore:
             for slot in slot_of.values():
                 self.pool.released[slot] = used
             if i == 0 and prediction is not None:
-                self._prefetch(prediction[0], predicted, len(needed))
+                if self.prefetch:
+                    self._prefetch(prediction[0], predicted, len(needed))
+                else:  # only the host cache's read-ahead of the next layer's experts
+                    self.host.read_ahead([(prediction[0], e) for e in dict.fromkeys(predicted)])
         if cpu_out is not None:
             cpu_out = cpu_out.to(self.device)
             out = cpu_out if out is None else out.add_(cpu_out)
@@ -255,14 +275,8 @@ class TieredExpertStore:
         slot = part.claim(expert, exclude, prefetched)
         if self.pool.prefetched[slot]:  # the victim was prefetched and never used
             s.prefetch_wasted += 1
-        start = time.perf_counter()
         entry, hit = self.host.get(layer, expert)
-        if hit:
-            s.host_hits += 1
-        else:
-            s.host_misses += 1
-            s.bytes_disk += self.expert_bytes
-            s.disk_s += time.perf_counter() - start
+        s.host_hits += hit  # reads from the source are counted from the host cache (_count_reads)
         event = self.copier.copy(
             self.pool.flat[slot], self.host.buffer(entry), after=self.pool.released[slot]
         )
@@ -285,6 +299,7 @@ class TieredExpertStore:
         # each copy takes one of those, and with none left there is no victim.
         room = min(len(part.slots) - routed, len(part.slots) - len(exclude))
         missing = [e for e in ranked if e not in part.slot_of][: max(room, 0)]
+        self.host.read_ahead([(layer, e) for e in missing])
         for e in missing:
             exclude.add(self._load(layer, e, part, exclude, prefetched=True))
             self.stats_.prefetch_issued += 1
