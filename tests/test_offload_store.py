@@ -213,10 +213,10 @@ def test_in_place_admits_a_miss_only_over_a_less_routed_victim(model):
     assert not part.free and len(part.slot_of) == 2
     victim = part.expert_of[part.policy.victim(set())]
     newcomer = next(e for e in range(resident.args.num_experts) if e not in part.slot_of)
-    in_place.freq[0, victim] = 3.0
-    in_place.freq[0, newcomer] = 5.0
-    assert admits(in_place.freq[0], newcomer, part, set())
-    in_place.freq[0, newcomer] = 3.0  # as often as the victim: not enough
-    assert not admits(in_place.freq[0], newcomer, part, set())
-    in_place.freq[0, newcomer] = 9.0
-    assert not admits(in_place.freq[0], newcomer, part, set(part.slots))  # every slot in use this step
+    in_place.recent.freq[0, victim] = 3.0
+    in_place.recent.freq[0, newcomer] = 5.0
+    assert admits(in_place.recent.freq[0], newcomer, part, set())
+    in_place.recent.freq[0, newcomer] = 3.0  # as often as the victim: not enough
+    assert not admits(in_place.recent.freq[0], newcomer, part, set())
+    in_place.recent.freq[0, newcomer] = 9.0
+    assert not admits(in_place.recent.freq[0], newcomer, part, set(part.slots))  # every slot in use this step

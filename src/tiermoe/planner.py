@@ -25,12 +25,11 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
-
 from .offload import cpu_compute
 from .offload.cpu_compute import MissCosts
 from .offload.gpu_pool import LayerSlots
-from .offload.in_place import DECAY_STEPS, admits
+from .offload.in_place import admits
+from .offload.policy import RoutedCounts
 from .routing.replay import admissions
 from .routing.trace import Trace
 
@@ -124,11 +123,15 @@ def simulate(trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs)
         return _in_place(admissions(trace), parts, trace.num_experts, costs)
     traffic = Traffic()
     steps = set()
+    recent = RoutedCounts(list(quotas), trace.num_experts)
     for adm in admissions(trace):
         part = parts[adm.layer]
         on_cpu = set()
         if layout.cpu_compute and not adm.prefill and costs.cpu is not None:
-            on_cpu = cpu_compute.choose(adm.routed, part.slot_of, costs.cpu, lambda e: True)
+            on_cpu = cpu_compute.choose(
+                adm.routed, part.slot_of, costs.cpu, lambda e: True, recent.of(adm.layer)
+            )
+            recent.add(adm.layer, adm.routed)
         hits, streamed = _admit(part, [e for e in adm.routed if e not in on_cpu])
         traffic.lookups += hits + streamed + len(on_cpu)
         traffic.all_hits += hits
@@ -170,8 +173,7 @@ def _in_place(steps, parts: dict[int, LayerSlots], num_experts: int, costs: Cost
     and landed (one step after its admission: copies land before the next step ends), else in place;
     prefill steps run the copy path and leave each layer's slots resident."""
     traffic = Traffic()
-    rows = {layer: r for r, layer in enumerate(parts)}
-    freq = np.zeros((len(parts), num_experts))
+    recent = RoutedCounts(list(parts), num_experts)
     resident: dict[int, set[int]] = {layer: set() for layer in parts}
     pending: list[tuple[int, int, int]] = []  # (layer, expert, slot) copied after the last step
     by_step: dict[int, list] = {}
@@ -204,18 +206,15 @@ def _in_place(steps, parts: dict[int, LayerSlots], num_experts: int, costs: Cost
             resident[layer].add(e)
         pending = []
         for adm in step_admissions:
-            r = rows[adm.layer]
-            np.add.at(freq[r], adm.routed, 1.0)
-        if decode_steps % DECAY_STEPS == 0:
-            freq /= 2
+            recent.add(adm.layer, adm.routed)
         for adm in step_admissions:
-            part, r = parts[adm.layer], rows[adm.layer]
+            part = parts[adm.layer]
             group = part.waves(adm.routed)[0]
             exclude = {part.slot_of[e] for e in group if e in part.slot_of}
             for slot in exclude:
                 part.policy.touch(slot)
             for e in group:
-                if e not in part.slot_of and admits(freq[r], e, part, exclude):
+                if e not in part.slot_of and admits(recent.of(adm.layer), e, part, exclude):
                     before = dict(part.expert_of)
                     slot = part.claim(e, exclude, prefetched=False)
                     victim = before.get(slot)

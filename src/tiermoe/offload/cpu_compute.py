@@ -4,7 +4,9 @@ A missed expert can reach the step two ways: copied into a GPU slot (PCIe, then 
 keeps it for later tokens) or computed where it already sits, on the CPU, with only the tokens' hidden
 states crossing the bus. Both resources work at once, so the fastest step splits a layer's misses between
 them: `split` balances the two queues from measured costs (`MissCosts`: seconds per expert on each path,
-the CPU's growing with the tokens routed to the expert). The store issues the streamed copies first, then
+the CPU's growing with the tokens routed to the expert). Which misses take the CPU's share matters too:
+a streamed expert is admitted to a slot and may hit later, a CPU-computed one is not, so the CPU gets the
+misses routed least often lately (policy.RoutedCounts). The store issues the streamed copies first, then
 computes the CPU share on the calling thread while they are in flight (torch's intra-op threads use the
 cores), then waits for the copies, launches the GPU kernels and adds the CPU's sum.
 """
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..formats.base import ExpertFormat
@@ -59,13 +62,21 @@ def split(misses: dict[int, int], costs: MissCosts, stream_busy_s: float = 0.0) 
 
 
 def choose(
-    routed: list[int], resident: Container[int], costs: MissCosts, in_host: Callable[[int], bool]
+    routed: list[int],
+    resident: Container[int],
+    costs: MissCosts,
+    in_host: Callable[[int], bool],
+    freq: np.ndarray,
 ) -> set[int]:
     """The experts of one layer's routed ids (a decode step's) to compute on the CPU: of the misses (not
-    resident on the GPU) already in host memory, the share `split` gives the CPU. The store and the
-    planner's simulation both decide through this."""
+    resident on the GPU) already in host memory, as many as `split` gives the CPU, taking those routed
+    least often lately (freq: this layer's counts before this step). The store and the planner's
+    simulation both decide through this."""
     misses = {e: n for e, n in Counter(routed).items() if e not in resident and in_host(e)}
-    return split(misses, costs) if misses else set()
+    if not misses:
+        return set()
+    share = len(split(misses, costs))
+    return set(sorted(misses, key=lambda e: (freq[e], misses[e]))[:share])
 
 
 def compute(

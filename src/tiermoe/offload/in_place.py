@@ -26,8 +26,7 @@ import torch
 from ..errors import InvalidRequestError
 from ..formats.swiglu import GATHER_MAX_PAIRS
 from .gpu_pool import LayerSlots
-
-DECAY_STEPS = 64  # the admission test's routing counts halve this often, so old popularity fades
+from .policy import RoutedCounts
 
 
 def admits(freq: np.ndarray, e: int, part: LayerSlots, exclude: set[int]) -> bool:
@@ -77,9 +76,7 @@ class InPlaceMisses:
         self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
-        # pairs routed lately per (layer, expert), halved every DECAY_STEPS; numpy: read per scalar
-        self.freq = np.zeros((len(layers), store.num_experts))
-        self.steps = 0
+        self.recent = RoutedCounts(layers, store.num_experts)  # the admission test's counts
 
     def graph_safe(self, tokens: int) -> bool:
         return self.store.format.graph_safe(tokens * self.top_k)
@@ -110,10 +107,7 @@ class InPlaceMisses:
             return  # that step ran the copy path
         ids = self.routed[:, :pairs]
         routed = ids.cpu().numpy()  # the step is done: no wait
-        np.add.at(self.freq, (np.arange(len(routed))[:, None], routed), 1.0)
-        self.steps += 1
-        if self.steps % DECAY_STEPS == 0:
-            self.freq /= 2
+        self.recent.add_step(routed)
         routed = routed.tolist()
         for layer, r in self.row.items():  # counted against the table the step read
             for e, n in Counter(routed[r]).items():
@@ -141,7 +135,7 @@ class InPlaceMisses:
             for slot in exclude:
                 part.policy.touch(slot)
             for e in group:
-                if e not in part.slot_of and admits(self.freq[r], e, part, exclude):
+                if e not in part.slot_of and admits(self.recent.freq[r], e, part, exclude):
                     exclude.add(self._claim(layer, e, part, exclude, flips, admitted))
         if flips:
             index = torch.tensor(list(flips), dtype=torch.long)

@@ -1,11 +1,16 @@
-"""Eviction policies for one layer's GPU slots, chosen by name.
+"""Eviction policies for one layer's GPU slots, chosen by name, and the recent routing counts that
+admission decisions rank misses by.
 
-All see the same events: insert (a slot got a new expert, by demand or prefetch), touch (an expert was
-used), and victim (pick a slot to overwrite, never one in `exclude`)."""
+All policies see the same events: insert (a slot got a new expert, by demand or prefetch), touch (an
+expert was used), and victim (pick a slot to overwrite, never one in `exclude`)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import numpy as np
+
+DECAY_STEPS = 64  # recent routing counts halve every this many decode steps, so old popularity fades
 
 
 class LRU:
@@ -73,3 +78,29 @@ class ProtectPrefetchLRU(LRU):
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "lru-protect": ProtectPrefetchLRU}
+
+
+class RoutedCounts:
+    """Pairs routed lately to each (layer, expert) in decode steps, halved every DECAY_STEPS of a layer's
+    steps so that old popularity fades."""
+
+    def __init__(self, layers: list[int], num_experts: int):
+        self.row = {layer: r for r, layer in enumerate(layers)}
+        self.freq = np.zeros((len(layers), num_experts))
+        self.steps = np.zeros(len(layers), dtype=np.int64)
+
+    def add(self, layer: int, routed: list[int]) -> None:
+        r = self.row[layer]
+        np.add.at(self.freq[r], routed, 1.0)
+        self.steps[r] += 1
+        if self.steps[r] % DECAY_STEPS == 0:
+            self.freq[r] /= 2
+
+    def add_step(self, routed: np.ndarray) -> None:
+        """One decode step of every layer at once: routed [layers, pairs] in the order of `layers`."""
+        np.add.at(self.freq, (np.arange(len(routed))[:, None], routed), 1.0)
+        self.steps += 1
+        self.freq[self.steps % DECAY_STEPS == 0] /= 2
+
+    def of(self, layer: int) -> np.ndarray:
+        return self.freq[self.row[layer]]

@@ -26,6 +26,7 @@ from .cpu_compute import MissCosts
 from .gpu_pool import LayerSlots, SlotPool
 from .host_cache import HostCache
 from .in_place import InPlaceMisses
+from .policy import RoutedCounts
 from .predictor import Predictor
 from .sources import ExpertSource
 from .transfer import CopyStream
@@ -104,6 +105,7 @@ class TieredExpertStore:
         self.miss_path = miss_path
         self.in_place = InPlaceMisses(self, top_k) if miss_path == "in-place" else None
         self.cpu_costs = cpu_costs
+        self.recent = RoutedCounts(list(plan.quotas), num_experts)  # the CPU split's ranking
 
     def measure_cpu_costs(self, dtype: torch.dtype) -> MissCosts:
         """This machine's MissCosts for this store's experts, timed with the first expert of the host cache
@@ -232,8 +234,13 @@ class TieredExpertStore:
         """The misses of this step's routed ids that the CPU computes faster, by cost (expert -> its
         host cache bytes); only experts already in the host cache."""
         on_cpu = cpu_compute.choose(
-            routed, part.slot_of, self.cpu_costs, lambda e: (layer, e) in self.host.entry_of
+            routed,
+            part.slot_of,
+            self.cpu_costs,
+            lambda e: (layer, e) in self.host.entry_of,
+            self.recent.of(layer),
         )
+        self.recent.add(layer, routed)
         self.stats_.cpu_computed += len(on_cpu)
         self.stats_.host_hits += len(on_cpu)
         return {e: self.host.buffer(self.host.get(layer, e)[0]) for e in on_cpu}
