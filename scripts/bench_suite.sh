@@ -7,6 +7,10 @@
 #   scripts/bench_suite.sh qwen3      Qwen3-30B-A3B shape at 8 GiB and uncapped, the same way
 #   scripts/bench_suite.sh qwen3-int4 the same shapes and caps with int4 experts, llama.cpp at Q4_K_M
 #   scripts/bench_suite.sh olmoe-int4 (and -fp8, -nvfp4, -mxfp4 for those formats)
+#   scripts/bench_suite.sh olmoe-disk OLMoE bf16 at 4 GiB GPU and 4 GiB host (12 GiB of experts on disk),
+#                                     with the profile's O_DIRECT ceiling beside it
+#   scripts/bench_suite.sh olmoe-plan tiermoe plan --verify at OLMoE 4 GiB, szd: every candidate layout
+#                                     predicted and measured (issue 14's planner figure)
 #
 # Results land in bench/results/ (and are copied to $OUT when the device tool sets it).
 # Environment: SYNTH_DIR (where checkpoints are written, default ~/.cache/tiermoe/synth),
@@ -101,8 +105,21 @@ qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qw
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300
     ;;
+olmoe-disk)
+    # The disk tier (issue 14): the host cache holds a third of the experts, the rest is read with
+    # O_DIRECT by the reader threads; the profile beside it measures the drive's ceiling.
+    model=$(synth olmoe-1b-7b)
+    $TIERMOE profile --model "$model" --gpu-budget 4 --disk-dir "$model" \
+        --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
+    $TIERMOE bench --model "$model" --gpu-budget 4 --cpu-budget 4 --routing "${ROUTINGS:-szd}" "${variant_flags[@]}" \
+        --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 --timeout 400
+    ;;
+olmoe-plan)
+    model=$(synth olmoe-1b-7b)
+    $TIERMOE plan --model "$model" --gpu-budget 4 --routing szd --verify
+    ;;
 *)
-    echo "usage: $0 [olmoe|qwen3|{qwen3,olmoe}-{int4,fp8,nvfp4,mxfp4}]" >&2
+    echo "usage: $0 [olmoe|qwen3|{qwen3,olmoe}-{int4,fp8,nvfp4,mxfp4}|olmoe-disk|olmoe-plan]" >&2
     exit 2
     ;;
 esac
