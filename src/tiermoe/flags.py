@@ -65,7 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         and getattr(args, "model", None)
         and getattr(args, "command", None) != "plan"
     ):
-        from .plan import resolve  # plans (loads the model once) when none is saved
+        from .planning import resolve  # plans (loads the model once) when none is saved
 
         given = resolve(args.model, given, args.preset, args.command)
     return {**given, "show_progress": True}

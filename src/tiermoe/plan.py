@@ -1,211 +1,17 @@
-"""`tiermoe plan` and `--preset`: measure this machine's costs for a model, calibrate the engine on it,
-simulate every candidate layout (planner.py) and keep the preset's pick.
-
-The plan is saved per (model, budgets, device, dtype, routing) under ~/.cache/tiermoe/plans, so a
-command run with `--preset` plans once (a model load and a short decode) and reuses it after.
-`--verify` also measures every candidate (bench/measure.py, one child process each) and writes
-predicted beside measured to bench/results/.
-"""
+"""`tiermoe plan`: every candidate layout of a model at these budgets, measured costs and the engine
+calibrated on the model (planning.py), printed as a table; the pick saved for `--preset`."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-
-from .config import EngineConfig, user_cache_dir
-from .formats.registry import format_for
-from .models.registry import from_config
-from .offload import cpu_compute
-from .offload.budget import MemoryPlan
-from .offload.placement import DEFAULT_KV_TOKENS, plan_from_config
-from .planner import Costs, Layout, calibrate, choose, predict
-from .routing.trace import Trace, load_trace
-
-GB = 1e9
-CALIBRATION_PROMPT, CALIBRATION_TOKENS = 128, 48  # tokens of the calibration run (bench's Qwen3 workload)
-ROUND_TRIPS = 200  # timed host round trips (the copy path's per-layer cost)
-PLAN_KEYS = ("gpu_budget_gib", "cpu_budget_gib", "device", "dtype", "routing", "max_model_len")
-
-
-def plan_path(model_dir: str | Path, config: EngineConfig) -> Path:
-    """Where the plan for this model and these settings is kept."""
-    device = config.torch_device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = {"model": str(Path(model_dir).resolve()), "gpu": name, **{k: getattr(config, k) for k in PLAN_KEYS}}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return user_cache_dir() / "plans" / f"{Path(model_dir).name}-{digest}.json"
-
-
-def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout, MemoryPlan]]:
-    """The candidate grid and each one's memory plan: eviction (lfu, lru) x miss path (copy, copy with CPU
-    compute where measured, in-place where the host cache holds every expert) x KV reserve (the default,
-    half, a quarter: fewer KV tokens leave more expert slots). Infeasible candidates are left out."""
-    context = from_config(hf_config)[2].context_len(base.max_model_len)
-    default_kv = base.kv_reserve_tokens or min(context, DEFAULT_KV_TOKENS)
-    kv_choices = sorted({default_kv, max(default_kv // 2, 256), max(default_kv // 4, 256)}, reverse=True)
-    out = []
-    for kv in kv_choices:
-        plan = plan_from_config(hf_config, _with(base, kv_reserve_tokens=kv))
-        if plan.all_resident:  # nothing moves: the store's settings change nothing
-            out.append((Layout(kv_reserve_tokens=kv), plan))
-            continue
-        for eviction in ("lfu", "lru"):
-            out.append((Layout(eviction, "copy", False, kv), plan))
-            if cpu:
-                out.append((Layout(eviction, "copy", True, kv), plan))
-            if plan.host_slots >= plan.total_experts and base.torch_device.type == "cuda":
-                out.append((Layout(eviction, "in-place", False, kv), plan))
-    return out
-
-
-def _with(config: EngineConfig, **changes) -> EngineConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
-
-
-def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Costs:
-    """This machine's seconds per expert on each path (one expert of the model's format, random bytes),
-    the host round trip per layer, and an estimate of the rest of a step (the dense weights read once at
-    HBM speed) that calibration replaces."""
-    from .hardware import gpu_copy_bandwidth, h2d_bandwidth, zero_copy_bandwidth
-
-    args = from_config(hf_config)[2]
-    device, dtype = config.torch_device, config.torch_dtype
-    fmt = format_for(hf_config, *args.expert_shape, dtype)
-    cuda = device.type == "cuda"
-    expert = fmt.empty(1, pin_memory=cuda)[0]
-    fmt.fill_random(expert, torch.Generator().manual_seed(0), 0.02)
-    if cuda:
-        stream_s = fmt.nbytes / (h2d_bandwidth(fmt.nbytes, pinned=True, total_bytes=1 << 30) * GB)
-        in_place_s = fmt.nbytes / (zero_copy_bandwidth(64 << 20) * GB)
-        hbm = gpu_copy_bandwidth(256 << 20) / 2 * GB  # read + write counted: half is the read rate
-    else:
-        scratch = fmt.empty(1)[0]
-        stream_s = cpu_compute._median_s(lambda: scratch.copy_(expert))
-        in_place_s, hbm = None, None
-    return Costs(
-        stream_s=stream_s,
-        in_place_s=in_place_s,
-        cpu=cpu_compute.measure(fmt, expert, fmt.empty(1, device)[0], dtype),
-        layer_s=round_trip_s(device, args.top_k),
-        step_s=plan.dense_bytes / hbm if hbm else 0.0,
-    )
-
-
-def round_trip_s(device: torch.device, top_k: int) -> float:
-    """One MoE layer's host round trip on the copy path: the routed ids to the host (a synchronisation
-    behind a kernel), a slot table built and sent back, an index on the device."""
-    ids = torch.randint(0, 64, (1, top_k), device=device)
-    x = torch.zeros(1, 2048, device=device)
-
-    def once():
-        x.mul_(1.0)  # a kernel the sync waits behind
-        routed = ids.reshape(-1).tolist()
-        lut = torch.full((64,), -1, dtype=torch.long)
-        lut[routed] = torch.arange(len(routed))
-        lut.to(device)[ids]
-
-    once()
-    start = time.perf_counter()
-    for _ in range(ROUND_TRIPS):
-        once()
-    return (time.perf_counter() - start) / ROUND_TRIPS
-
-
-def calibration_run(model_dir: str | Path, kwargs: dict, layout: Layout) -> tuple[float, Trace]:
-    """The engine at `layout` decodes a seeded prompt after a warm-up, its routing recorded: (seconds per
-    decode step, the timed run's trace)."""
-    from . import LLM, SamplingParams
-    from .bench.workload import Workload, random_prompts
-
-    with tempfile.TemporaryDirectory(prefix="tiermoe-plan-") as tmp:
-        trace_file = Path(tmp) / "trace.npz"
-        llm = LLM(model_dir, **{**kwargs, **layout.options(), "record_routing": str(trace_file)})
-        vocab = llm.source.checkpoint.config["vocab_size"]
-        work = Workload(CALIBRATION_PROMPT, CALIBRATION_TOKENS, repeat=1)
-        greedy = SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, ignore_eos=True)
-        llm.generate([random_prompts(vocab, work)[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
-        stats = llm.generate(random_prompts(vocab, work, 1), greedy)[0].stats
-        trace = last_run(load_trace(trace_file))
-        del llm
-    return stats.decode_s / (stats.completion_tokens - stats.sequences), trace
-
-
-def last_run(trace: Trace) -> Trace:
-    """The rows of the trace's last document (the timed run after the warm-up)."""
-    keep = trace.seq == trace.seq.max()
-    cols = (trace.seq, trace.token, trace.layer, trace.prefill, trace.step, trace.experts)
-    return Trace.build(*(c[keep] for c in cols), num_experts=trace.num_experts)
-
-
-def make_plan(model_dir: str | Path, kwargs: dict, preset: str, progress=print) -> dict:
-    """Measure, calibrate, simulate, choose; the saved plan's content."""
-    config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
-    hf_config = json.loads((Path(model_dir) / "config.json").read_text())
-    grid = layouts(hf_config, config, cpu=True)
-    default = Layout(config.eviction, "copy", False, grid[0][0].kv_reserve_tokens)
-    default_plan = next(plan for lay, plan in grid if lay == default) if len(grid) > 1 else grid[0][1]
-    progress(f"plan: measuring this machine's costs ({len(grid)} candidate layouts)")
-    costs = measure_costs(hf_config, config, default_plan)
-    progress(
-        f"plan: {costs.cpu.describe() if costs.cpu else 'no CPU compute'}; calibrating at {default.name}"
-    )
-    measured_step_s, trace = calibration_run(model_dir, kwargs, default)
-    costs = calibrate(costs, trace, default_plan.quotas, default, measured_step_s)
-    predictions = [predict(trace, plan.quotas, lay, costs) for lay, plan in grid]
-    predictions.sort(key=lambda p: -p.tok_s)
-    chosen = choose(predictions, "throughput" if preset == "auto" else preset)
-    return {
-        "model": str(Path(model_dir).resolve()),
-        "preset": preset,
-        "settings": {k: getattr(config, k) for k in PLAN_KEYS},
-        "costs": {k: v for k, v in vars(costs).items() if k != "cpu"}
-        | {"cpu": vars(costs.cpu) if costs.cpu else None},
-        "calibration": {"layout": default.name, "measured_step_s": measured_step_s},
-        "chosen": chosen.to_dict(),
-        "candidates": [p.to_dict() for p in predictions],
-    }
-
-
-def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, progress=None) -> dict:
-    """LLM keywords with the preset's layout filled in (flags the user gave win), planning first when no
-    plan for these settings is saved. auto: throughput for the server, latency otherwise."""
-    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    if preset == "auto":
-        preset = "throughput" if command == "serve" else "latency"
-    config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
-    path = plan_path(model_dir, config)
-    saved = json.loads(path.read_text()) if path.exists() else None
-    if saved is None:
-        progress(f"plan: no saved plan for {Path(model_dir).name} at these settings; planning (once)")
-        saved = make_plan(model_dir, kwargs, preset, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved, indent=1))
-    picked = _pick(saved, preset)
-    progress(f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s")
-    layout = {k: picked[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
-    return {**layout, **kwargs}
-
-
-def _pick(saved: dict, preset: str) -> dict:
-    """The preset's candidate among a saved plan's (predicted tok/s and KV reserve are all it needs)."""
-    from .planner import PRESET_SLACK
-
-    best = max(c["predicted_tok_s"] for c in saved["candidates"])
-    near = [c for c in saved["candidates"] if c["predicted_tok_s"] >= (1 - PRESET_SLACK[preset]) * best]
-    return max(near, key=lambda c: (c["kv_reserve_tokens"] or 0, c["predicted_tok_s"]))
+from .config import EngineConfig
+from .planning import make_plan, pick, plan_path, verify
 
 
 def main(args: argparse.Namespace) -> int:
-    from .flags import engine_kwargs
+    from .flags import engine_kwargs  # here: flags imports planning, which must not import it back
 
     kwargs = {k: v for k, v in engine_kwargs(args).items() if k != "show_progress"}
     plan = make_plan(args.model, kwargs, args.preset)
@@ -222,40 +28,13 @@ def main(args: argparse.Namespace) -> int:
             f"{c['streamed_per_token']:7.1f} {c['cpu_per_token']:6.1f} {c['in_place_per_token']:8.1f} "
             f"{c['predicted_tok_s']:7.1f}"
         )
-    picked = _pick(plan, "latency" if args.preset == "auto" else args.preset)
+    picked = pick(plan, "latency" if args.preset == "auto" else args.preset)
     print(
         f"chosen ({args.preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s; saved {path}"
     )
     if args.verify:
         verify(args.model, kwargs, plan)
     return 0
-
-
-def verify(model_dir: str | Path, kwargs: dict, plan: dict) -> Path:
-    """Measure every candidate as the bench does (a child process each) and write predicted beside
-    measured."""
-    from .bench.measure import run_isolated
-    from .bench.workload import Workload
-    from .provenance import RESULTS_DIR, run_metadata, timestamp, write_json
-
-    work = Workload(CALIBRATION_PROMPT, CALIBRATION_TOKENS, repeat=2)
-    budgets = {k: kwargs.get(k) for k in ("gpu_budget_gib", "cpu_budget_gib")}
-    rows = []
-    for c in plan["candidates"]:
-        options = {k: c[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
-        figures = run_isolated(
-            "tiermoe", model_dir, work, budgets["gpu_budget_gib"], budgets["cpu_budget_gib"],
-            options={**options, **{k: v for k, v in kwargs.items() if k in ("routing", "dtype")}},
-        )  # fmt: skip
-        measured = figures.get("decode_tok_s")
-        rows.append({**c, "measured_tok_s": measured, "measured_gpu_hit_rate": figures.get("gpu_hit_rate"),
-                     "error": figures.get("error")})  # fmt: skip
-        print(f"verify: {c['layout']}: predicted {c['predicted_tok_s']:.1f}, measured {measured}")
-    out = Path(RESULTS_DIR) / f"plan-{Path(model_dir).name}-{timestamp()}.json"
-    write_json(
-        out, {**run_metadata(), **{k: v for k, v in plan.items() if k != "candidates"}, "candidates": rows}
-    )
-    return out
 
 
 def add_parser(sub) -> None:
