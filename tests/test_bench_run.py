@@ -184,7 +184,11 @@ def test_decode_traffic_per_decoded_token():
         "gpu_hit_rate": 0.75,
         "bytes_h2d": 5_000_000,
         "bytes_disk": 1_000_000,
+        "gpu_hits": 70,
+        "prefetch_hits": 10,
+        "gpu_misses": 20,
         "cpu_computed": 30,
+        "host_misses": 5,
         "cpu_s": 0.02,
     }
     stats = {"sequences": 2, "completion_tokens": 12, "decode_s": 0.5, "experts_decode": experts}
@@ -194,7 +198,10 @@ def test_decode_traffic_per_decoded_token():
         "h2d_bytes_per_token": 500_000,
         "disk_bytes_per_token": 100_000,
         "h2d_gb_s": pytest.approx(0.01),
+        "gpu_experts_per_token": 8.0,
+        "pcie_experts_per_token": 2.0,
         "cpu_experts_per_token": 3.0,
+        "disk_experts_per_token": 0.5,
         "cpu_ms_per_token": pytest.approx(2.0),
     }
     resident = {**stats, "experts_decode": {}}  # nothing offloaded: no store statistics

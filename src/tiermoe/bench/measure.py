@@ -33,7 +33,10 @@ DECODE_TRAFFIC = (
     "h2d_bytes_per_token",
     "disk_bytes_per_token",
     "h2d_gb_s",
+    "gpu_experts_per_token",
+    "pcie_experts_per_token",
     "cpu_experts_per_token",
+    "disk_experts_per_token",
     "cpu_ms_per_token",
 )
 TRAFFIC = (*DECODE_TRAFFIC, "prefill_h2d_bytes")
@@ -57,7 +60,11 @@ def decode_traffic(stats: dict) -> dict:
         "h2d_bytes_per_token": pcie / tokens,
         "disk_bytes_per_token": e["bytes_disk"] / tokens,
         "h2d_gb_s": pcie / stats["decode_s"] / GB if stats["decode_s"] > 0 else None,
+        # where routed experts were served: GPU slots, over PCIe (copied, or read in place), the CPU; disk reads
+        "gpu_experts_per_token": (e.get("gpu_hits", 0) + e.get("prefetch_hits", 0)) / tokens,
+        "pcie_experts_per_token": e.get("gpu_misses", 0) / tokens,
         "cpu_experts_per_token": e.get("cpu_computed", 0) / tokens,
+        "disk_experts_per_token": e.get("host_misses", 0) / tokens,
         "cpu_ms_per_token": e.get("cpu_s", 0.0) * 1000 / tokens,
     }
 
