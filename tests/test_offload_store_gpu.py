@@ -57,3 +57,23 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     d = out[0].stats.experts_decode
     assert d["gpu_hits"] > 0 and d["gpu_misses"] > 0 and d["bytes_in_place"] > 0 and d["bytes_h2d"] > 0
     assert [o.token_ids for o in llm.generate(prompts[:1], params)] == expected[:1]  # batch 1 after batch 2
+
+
+def test_misses_computed_on_the_cpu_beside_copies_match_resident(tiny_checkpoint):
+    """cpu_compute on CUDA: the hidden states reach the host with the routed ids, the CPU's share runs
+    while the copies fly, its sum is added to the GPU's. fp32, so the two devices' sums agree closely
+    enough for greedy tokens to match."""
+    from tiermoe.offload.cpu_compute import MissCosts
+
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    resident = LLM(path, device="cuda", dtype="fp32", workspace_gib=0)
+    plan = resident.plan
+    budget = (plan.dense_bytes + plan.kv_bytes + 4 * 3 * plan.expert_bytes) / GIB
+    expected = resident.generate(PROMPT, params)[0].token_ids
+    llm = LLM(path, device="cuda", dtype="fp32", workspace_gib=0, gpu_budget_gib=budget, cpu_compute=True)
+    assert llm.provider.cpu_costs.stream_s > 0  # measured at load on this machine
+    llm.provider.cpu_costs = MissCosts(stream_s=1e-3, cpu_s=1e-4, cpu_token_s=1e-5, cpu_layer_s=1e-5)
+    out = llm.generate(PROMPT, params)[0]
+    assert out.token_ids == expected
+    assert out.stats.experts_decode["cpu_computed"] > 0
