@@ -92,17 +92,21 @@ wait
 mark "phase 1 done"
 df -h / /dev/shm | tee -a "$W/phases.log"
 
-# Issue 9's A/B first: the GGUFs stay in /dev/shm for the suites after it (Qwen3's 57 GB host cache
-# fitted beside both of Qwen3's GGUFs, 48 GB, in the 2026-12-06 night session).
-if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
-    for suite in ${AB_SUITES:-$SUITES}; do
-        if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
-        [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
-        OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
-            > "$W/ab-$suite.log" 2>&1
-        mark "ab $suite done ($?): $(grep -h 'ab_decode' "$W/ab-$suite.log" | tail -1)"
-    done
-fi
+# Issue 9's A/B: before the suites (the GGUFs stay in /dev/shm for the suites after it: Qwen3's 57 GB host
+# cache fitted beside both of Qwen3's GGUFs, 48 GB, in the 2026-12-06 night session), or after them
+# with AB_AFTER=1 where a short lease should spend itself on the suites first.
+ab_runs() {
+    if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
+        for suite in ${AB_SUITES:-$SUITES}; do
+            if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
+            [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
+            OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
+                > "$W/ab-$suite.log" 2>&1
+            mark "ab $suite done ($?): $(grep -h 'ab_decode' "$W/ab-$suite.log" | tail -1)"
+        done
+    fi
+}
+[[ ${AB_AFTER:-0} == 1 ]] || ab_runs
 
 if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
@@ -116,6 +120,7 @@ for suite in $SUITES; do
     GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done
+[[ ${AB_AFTER:-0} == 1 ]] && ab_runs
 # TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure).
 if [[ ${TIMELINE:-0} == 1 && -f $SYNTH/qwen3-30b-a3b/tiermoe_synth.json ]]; then
     for path in copy in-place; do
