@@ -126,6 +126,13 @@ def test_plan_command_calibrates_saves_and_presets_reuse_it(model, tmp_path, mon
     # Calibrated on its own run, the default layout's prediction is the measured step time.
     default = next(c for c in plan["candidates"] if c["layout"] == plan["calibration"]["layout"])
     assert 1 / default["predicted_tok_s"] == pytest.approx(plan["calibration"]["measured_step_s"], rel=1e-6)
+    # The bench finds each run's prediction in the saved plan by its model, budgets and layout.
+    from tiermoe.planning import predicted
+
+    run = {**{k: default[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens")},
+           "gpu_budget_gib": float(budget), "cpu_budget_gib": None, "routing": "natural", "prefetch": False}  # fmt: skip
+    assert predicted(path, run) == default["predicted_tok_s"]
+    assert predicted(path, {**run, "gpu_budget_gib": 4.0}) is None
     # --preset reads the saved plan: the pick's layout, and flags given beside it win.
     from tiermoe.cli import build_parser
 

@@ -1,13 +1,16 @@
 """`tiermoe plan`: every candidate layout of a model at these budgets, measured costs and the engine
-calibrated on the model (planning.py), printed as a table; the pick saved for `--preset`."""
+calibrated on the model (planning.py), printed as a table; the pick saved for `--preset`. `--verify` also
+measures every candidate (bench/measure.py, one child process each) and writes predicted beside measured
+to bench/results/."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .config import EngineConfig
-from .planning import make_plan, pick, plan_path, verify
+from .planning import CALIBRATION_PROMPT, CALIBRATION_TOKENS, make_plan, pick, plan_path
 
 
 def main(args: argparse.Namespace) -> int:
@@ -35,6 +38,33 @@ def main(args: argparse.Namespace) -> int:
     if args.verify:
         verify(args.model, kwargs, plan)
     return 0
+
+
+def verify(model_dir: str | Path, kwargs: dict, plan: dict) -> Path:
+    """Measure every candidate as the bench does (a child process each) and write predicted beside
+    measured."""
+    from .bench.measure import run_isolated
+    from .bench.workload import Workload
+    from .provenance import RESULTS_DIR, run_metadata, timestamp, write_json
+
+    work = Workload(CALIBRATION_PROMPT, CALIBRATION_TOKENS, repeat=2)
+    budgets = {k: kwargs.get(k) for k in ("gpu_budget_gib", "cpu_budget_gib")}
+    rows = []
+    for c in plan["candidates"]:
+        options = {k: c[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
+        figures = run_isolated(
+            "tiermoe", model_dir, work, budgets["gpu_budget_gib"], budgets["cpu_budget_gib"],
+            options={**options, **{k: v for k, v in kwargs.items() if k in ("routing", "dtype")}},
+        )  # fmt: skip
+        measured = figures.get("decode_tok_s")
+        rows.append({**c, "measured_tok_s": measured, "measured_gpu_hit_rate": figures.get("gpu_hit_rate"),
+                     "error": figures.get("error")})  # fmt: skip
+        print(f"verify: {c['layout']}: predicted {c['predicted_tok_s']:.1f}, measured {measured}")
+    out = Path(RESULTS_DIR) / f"plan-{Path(model_dir).name}-{timestamp()}.json"
+    write_json(
+        out, {**run_metadata(), **{k: v for k, v in plan.items() if k != "candidates"}, "candidates": rows}
+    )
+    return out
 
 
 def add_parser(sub) -> None:

@@ -3,8 +3,6 @@ model, calibrate the engine on it, simulate every candidate layout (planner.py),
 
 The plan is saved per (model, budgets, device, dtype, routing) under ~/.cache/tiermoe/plans, so a
 command run with `--preset` plans once (a model load and a short decode) and reuses it after.
-`--verify` also measures every candidate (bench/measure.py, one child process each) and writes
-predicted beside measured to bench/results/.
 """
 
 from __future__ import annotations
@@ -123,16 +121,15 @@ def calibration_run(model_dir: str | Path, kwargs: dict, layout: Layout) -> tupl
     """The engine at `layout` decodes a seeded prompt after a warm-up, its routing recorded: (seconds per
     decode step, the timed run's trace)."""
     from . import LLM, SamplingParams
-    from .bench.workload import Workload, random_prompts
 
     with tempfile.TemporaryDirectory(prefix="tiermoe-plan-") as tmp:
         trace_file = Path(tmp) / "trace.npz"
         llm = LLM(model_dir, **{**kwargs, **layout.options(), "record_routing": str(trace_file)})
         vocab = llm.source.checkpoint.config["vocab_size"]
-        work = Workload(CALIBRATION_PROMPT, CALIBRATION_TOKENS, repeat=1)
+        prompt = torch.randint(0, vocab, (CALIBRATION_PROMPT,), generator=torch.Generator().manual_seed(1))
         greedy = SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, ignore_eos=True)
-        llm.generate([random_prompts(vocab, work)[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
-        stats = llm.generate(random_prompts(vocab, work, 1), greedy)[0].stats
+        llm.generate([prompt[:8].tolist()], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+        stats = llm.generate([prompt.tolist()], greedy)[0].stats
         trace = last_run(load_trace(trace_file))
         del llm
     return stats.decode_s / (stats.completion_tokens - stats.sequences), trace
@@ -194,6 +191,28 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
     return {**layout, **kwargs}
 
 
+def predicted(model_dir: str | Path, run: dict) -> float | None:
+    """The predicted tok/s of a bench run's layout in a saved plan of the same model, budgets and routing
+    (a plan made without --routing counts for any: the engine's default routing); None when none has it."""
+    layout_keys = ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens")
+    for path in sorted((user_cache_dir() / "plans").glob("*.json")):
+        saved = json.loads(path.read_text())
+        s = saved.get("settings", {})
+        if saved.get("model") != str(Path(model_dir).resolve()) or s.get("routing") not in (
+            None,
+            run.get("routing"),
+        ):
+            continue
+        if s.get("gpu_budget_gib") != run.get("gpu_budget_gib") or s.get("cpu_budget_gib") != run.get(
+            "cpu_budget_gib"
+        ):
+            continue
+        for c in saved["candidates"]:
+            if all(c.get(k) == run.get(k) for k in layout_keys) and not run.get("prefetch"):
+                return c["predicted_tok_s"]
+    return None
+
+
 def pick(saved: dict, preset: str) -> dict:
     """The preset's candidate among a saved plan's (predicted tok/s and KV reserve are all it needs)."""
     from .planner import PRESET_SLACK
@@ -201,30 +220,3 @@ def pick(saved: dict, preset: str) -> dict:
     best = max(c["predicted_tok_s"] for c in saved["candidates"])
     near = [c for c in saved["candidates"] if c["predicted_tok_s"] >= (1 - PRESET_SLACK[preset]) * best]
     return max(near, key=lambda c: (c["kv_reserve_tokens"] or 0, c["predicted_tok_s"]))
-
-
-def verify(model_dir: str | Path, kwargs: dict, plan: dict) -> Path:
-    """Measure every candidate as the bench does (a child process each) and write predicted beside
-    measured."""
-    from .bench.measure import run_isolated
-    from .bench.workload import Workload
-    from .provenance import RESULTS_DIR, run_metadata, timestamp, write_json
-
-    work = Workload(CALIBRATION_PROMPT, CALIBRATION_TOKENS, repeat=2)
-    budgets = {k: kwargs.get(k) for k in ("gpu_budget_gib", "cpu_budget_gib")}
-    rows = []
-    for c in plan["candidates"]:
-        options = {k: c[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
-        figures = run_isolated(
-            "tiermoe", model_dir, work, budgets["gpu_budget_gib"], budgets["cpu_budget_gib"],
-            options={**options, **{k: v for k, v in kwargs.items() if k in ("routing", "dtype")}},
-        )  # fmt: skip
-        measured = figures.get("decode_tok_s")
-        rows.append({**c, "measured_tok_s": measured, "measured_gpu_hit_rate": figures.get("gpu_hit_rate"),
-                     "error": figures.get("error")})  # fmt: skip
-        print(f"verify: {c['layout']}: predicted {c['predicted_tok_s']:.1f}, measured {measured}")
-    out = Path(RESULTS_DIR) / f"plan-{Path(model_dir).name}-{timestamp()}.json"
-    write_json(
-        out, {**run_metadata(), **{k: v for k, v in plan.items() if k != "candidates"}, "candidates": rows}
-    )
-    return out

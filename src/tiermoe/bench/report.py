@@ -39,6 +39,7 @@ RUN_KEYS = (
     "disk_experts_per_token",
     "cpu_ms_per_token",
     "floor_tok_s",
+    "predicted_tok_s",
     "floor_serial_tok_s",
     "floor_fraction",
     "floor_note",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .. import planning
 from ..config import EngineConfig
 from ..errors import BudgetError, InvalidRequestError
 from ..formats.dense import DenseFormat
@@ -404,6 +405,8 @@ def _finish_runs(runs: list[dict], config: dict, batch: int, h2d_gb_s: float | N
             run["pcie_floor_tok_s"] = pcie_floor(config, capped, batch, h2d_gb_s)
             run.update(run_floors(run, h2d_gb_s, uncapped.get(_routing_key(run))))
             run["prefill_floor_fraction"] = prefill_floor_fraction(run, h2d_gb_s)
+            if run.get("model_dir"):  # beside measured, where a saved plan predicts this layout
+                run["predicted_tok_s"] = planning.predicted(run["model_dir"], run)
         elif run["engine"] != "tiermoe":
             run["routing"] = None
             run.setdefault("routing_note", PEER_ROUTING_NOTES.get(run["engine"]))
