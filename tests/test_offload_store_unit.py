@@ -88,8 +88,11 @@ def test_a_host_cache_smaller_than_the_experts_reads_the_source_on_its_misses():
         s.forward(1, x, torch.tensor([ids]), w)
     st = s.stats()
     # Layer 1 was never preloaded (the host holds layer 0's first 3); 2 GPU slots: every step misses.
-    assert st["gpu_misses"] == 6 and st["host_misses"] == len(source.reads) - preloaded == 6
-    assert st["bytes_disk"] == 6 * BYTES and all(layer == 1 for layer, _ in source.reads[preloaded:])
+    # Five reads, not six: in the third step (1, 5) is still held, and the read of (1, 4) evicts the
+    # least recent entry after the step's held experts were touched, (1, 0), not (1, 5).
+    assert st["gpu_misses"] == 6 and st["host_misses"] == len(source.reads) - preloaded == 5
+    assert source.reads[preloaded:] == [(1, 4), (1, 5), (1, 0), (1, 1), (1, 4)]
+    assert st["bytes_disk"] == 5 * BYTES and st["host_hits"] == 1
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lru-protect"])
@@ -120,3 +123,24 @@ def test_waves_are_double_buffered_the_next_copies_issued_before_this_wave_compu
     w = torch.full((3, 2), 0.5)
     torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
     assert events == ["copy"] * 4 + ["compute 2", "copy", "copy", "compute 2", "compute 2"]
+
+
+def test_a_failed_read_leaves_no_slot_claiming_an_expert_it_does_not_hold():
+    s, source = store(slots_per_layer=2, host_experts=3)
+    x = torch.randn(1, H)
+    w = torch.tensor([[0.5, 0.5]])
+    ids = torch.tensor([[4, 5]])
+    read = source.read_into
+    failing = {(1, 5)}
+
+    def flaky(layer, expert, out):
+        if (layer, expert) in failing:
+            failing.discard((layer, expert))
+            raise OSError("transient read error")
+        return read(layer, expert, out)
+
+    source.read_into = flaky
+    with pytest.raises(OSError, match="transient"):
+        s.forward(1, x, ids, w)
+    assert 5 not in s.pool.layers[1].slot_of  # its slot was never handed out
+    torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)

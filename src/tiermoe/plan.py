@@ -10,14 +10,15 @@ import json
 from pathlib import Path
 
 from .config import EngineConfig
-from .planning import CALIBRATION_PROMPT, CALIBRATION_TOKENS, make_plan, pick, plan_path
+from .planning import CALIBRATION_PROMPT, CALIBRATION_TOKENS, concrete, make_plan, pick, plan_path
 
 
 def main(args: argparse.Namespace) -> int:
     from .flags import engine_kwargs  # here: flags imports planning, which must not import it back
 
     kwargs = {k: v for k, v in engine_kwargs(args).items() if k != "show_progress"}
-    plan = make_plan(args.model, kwargs, args.preset)
+    preset = concrete(args.preset, "plan")
+    plan = make_plan(args.model, kwargs, preset)
     config = EngineConfig(**kwargs)
     path = plan_path(args.model, config)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,9 +32,9 @@ def main(args: argparse.Namespace) -> int:
             f"{c['streamed_per_token']:7.1f} {c['cpu_per_token']:6.1f} {c['in_place_per_token']:8.1f} "
             f"{c['predicted_tok_s']:7.1f}"
         )
-    picked = pick(plan, "latency" if args.preset == "auto" else args.preset)
+    picked = pick(plan, preset)
     print(
-        f"chosen ({args.preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s; saved {path}"
+        f"chosen ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s; saved {path}"
     )
     if args.verify:
         verify(args.model, kwargs, plan)

@@ -15,6 +15,9 @@ with its routing recorded, and the measured step time less the simulated traffic
 fixes step_s. Without one (`calibrate=False`) both are estimated from the profile's ceilings, and the
 prediction says so.
 
+Every expert is taken to be in the host cache: a layout whose host cache holds fewer (the disk tier) is
+predicted as if it held them all, so too fast.
+
 Presets: latency, the fastest at batch 1; throughput, the largest KV reserve (tokens a batch can hold)
 within 10 % of the fastest; balanced, within 5 %; auto, throughput for the server and latency otherwise.
 """
@@ -25,6 +28,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
+from .formats.swiglu import GATHER_MAX_PAIRS
 from .offload import cpu_compute
 from .offload.cpu_compute import MissCosts
 from .offload.gpu_pool import LayerSlots
@@ -127,7 +131,8 @@ def simulate(trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs)
     for adm in admissions(trace):
         part = parts[adm.layer]
         on_cpu = set()
-        if layout.cpu_compute and not adm.prefill and costs.cpu is not None:
+        # The store computes on the CPU in steps of few pairs (decode; a prefill this short too).
+        if layout.cpu_compute and len(adm.routed) <= GATHER_MAX_PAIRS and costs.cpu is not None:
             on_cpu = cpu_compute.choose(
                 adm.routed, part.slot_of, costs.cpu, lambda e: True, recent.of(adm.layer)
             )

@@ -28,7 +28,11 @@ from .routing.trace import Trace, load_trace
 GB = 1e9
 CALIBRATION_PROMPT, CALIBRATION_TOKENS = 128, 48  # tokens of the calibration run (bench's Qwen3 workload)
 ROUND_TRIPS = 200  # timed host round trips (the copy path's per-layer cost)
-PLAN_KEYS = ("gpu_budget_gib", "cpu_budget_gib", "device", "dtype", "routing", "max_model_len")
+# The settings a plan depends on besides the ones it chooses: a plan saved for others is not reused.
+PLAN_KEYS = (
+    "gpu_budget_gib", "cpu_budget_gib", "workspace_gib", "kv_reserve_tokens", "experts_per_token", "device",
+    "dtype", "routing", "max_model_len",
+)  # fmt: skip
 
 
 def plan_path(model_dir: str | Path, config: EngineConfig) -> Path:
@@ -53,7 +57,7 @@ def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout
         if plan.all_resident:  # nothing moves: the store's settings change nothing
             out.append((Layout(kv_reserve_tokens=kv), plan))
             continue
-        for eviction in ("lfu", "lru"):
+        for eviction in ("lfu", "lru"):  # lfu first: the calibration runs the first layout
             out.append((Layout(eviction, "copy", False, kv), plan))
             if cpu:
                 out.append((Layout(eviction, "copy", True, kv), plan))
@@ -132,6 +136,7 @@ def calibration_run(model_dir: str | Path, kwargs: dict, layout: Layout) -> tupl
         stats = llm.generate([prompt.tolist()], greedy)[0].stats
         trace = last_run(load_trace(trace_file))
         del llm
+        _release_gpu_memory()
     return stats.decode_s / (stats.completion_tokens - stats.sequences), trace
 
 
@@ -143,14 +148,15 @@ def last_run(trace: Trace) -> Trace:
 
 
 def make_plan(model_dir: str | Path, kwargs: dict, preset: str, progress=print) -> dict:
-    """Measure, calibrate, simulate, choose; the saved plan's content."""
+    """Measure, calibrate, simulate, choose (preset: latency, throughput or balanced); the saved plan's
+    content. The calibration runs the candidate grid's first layout: the default KV reserve, lfu, copy."""
     config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
     grid = layouts(hf_config, config, cpu=True)
-    default = Layout(config.eviction, "copy", False, grid[0][0].kv_reserve_tokens)
-    default_plan = next(plan for lay, plan in grid if lay == default) if len(grid) > 1 else grid[0][1]
+    default, default_plan = grid[0]
     progress(f"plan: measuring this machine's costs ({len(grid)} candidate layouts)")
     costs = measure_costs(hf_config, config, default_plan)
+    _release_gpu_memory()  # the bandwidth probes' buffers: the calibration's default budget must not miss them
     progress(
         f"plan: {costs.cpu.describe() if costs.cpu else 'no CPU compute'}; calibrating at {default.name}"
     )
@@ -158,7 +164,7 @@ def make_plan(model_dir: str | Path, kwargs: dict, preset: str, progress=print) 
     costs = calibrate(costs, trace, default_plan.quotas, default, measured_step_s)
     predictions = [predict(trace, plan.quotas, lay, costs) for lay, plan in grid]
     predictions.sort(key=lambda p: -p.tok_s)
-    chosen = choose(predictions, "throughput" if preset == "auto" else preset)
+    chosen = choose(predictions, preset)
     return {
         "model": str(Path(model_dir).resolve()),
         "preset": preset,
@@ -175,8 +181,7 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
     """LLM keywords with the preset's layout filled in (flags the user gave win), planning first when no
     plan for these settings is saved. auto: throughput for the server, latency otherwise."""
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    if preset == "auto":
-        preset = "throughput" if command == "serve" else "latency"
+    preset = concrete(preset, command)
     config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
     path = plan_path(model_dir, config)
     saved = json.loads(path.read_text()) if path.exists() else None
@@ -188,7 +193,28 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
     picked = pick(saved, preset)
     progress(f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s")
     layout = {k: picked[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
-    return {**layout, **kwargs}
+    merged = {**layout, **kwargs}
+    if merged["cpu_compute"] and merged["miss_path"] == "in-place":  # a given flag against the pick: it wins
+        merged["cpu_compute" if "miss_path" in kwargs else "miss_path"] = (
+            False if "miss_path" in kwargs else "copy"
+        )
+    return merged
+
+
+def concrete(preset: str, command: str) -> str:
+    """auto as the command means it: throughput for the server, latency otherwise."""
+    if preset == "auto":
+        return "throughput" if command == "serve" else "latency"
+    return preset
+
+
+def _release_gpu_memory() -> None:
+    """Give freed CUDA memory back to the driver: the engine's default budget is the free memory."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def predicted(model_dir: str | Path, run: dict) -> float | None:

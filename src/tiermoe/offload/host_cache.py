@@ -57,10 +57,11 @@ class HostCache:
     def get(self, layer: int, expert: int) -> tuple[int, bool]:
         """The entry holding (layer, expert), once its bytes are there: read from the source on a miss,
         waited for when a read-ahead is still reading it. Returns (entry, hit): hit when no read started
-        here (one begun by read_ahead counts as a hit; its read counted in source_reads)."""
+        here nor by a read-ahead (each read is counted once, in source_reads)."""
         key = (layer, expert)
-        hit = key in self.entry_of
-        entry = self._claim(key) if not hit else self.entry_of[key]
+        held = key in self.entry_of
+        entry = self.entry_of[key] if held else self._claim(key)
+        hit = held and entry not in self.reads
         self.entry_of.move_to_end(key)
         future = self.reads.pop(entry, None)
         if future is not None:
@@ -75,12 +76,22 @@ class HostCache:
                 self.wait_s += time.perf_counter() - start
         return entry, hit
 
+    def holds(self, layer: int, expert: int) -> bool:
+        """Whether the expert's bytes are here now (held, and no read of it still running)."""
+        entry = self.entry_of.get((layer, expert))
+        return entry is not None and (entry not in self.reads or self.reads[entry].done())
+
     def read_ahead(self, keys: list[tuple[int, int]]) -> None:
         """Start reading the experts of `keys` not yet held, on the reader threads (at most as many as
-        the cache holds, so a read-ahead never evicts another one's expert)."""
+        the cache holds, so a read-ahead never evicts another one's expert). Those already held become
+        the most recently used first, so that the reads do not evict them."""
         if self.pool is None:
             return
-        for key in [k for k in dict.fromkeys(keys) if k not in self.entry_of][: self.capacity]:
+        keys = list(dict.fromkeys(keys))
+        for key in keys:
+            if key in self.entry_of:
+                self.entry_of.move_to_end(key)
+        for key in [k for k in keys if k not in self.entry_of][: self.capacity]:
             self._claim(key)
 
     def _claim(self, key: tuple[int, int]) -> int:
@@ -92,7 +103,7 @@ class HostCache:
             del self.key_of[entry]
             pending = self.reads.pop(entry, None)
             if pending is not None:  # a read-ahead nobody used: let it finish before reusing its buffer
-                pending.result()
+                pending.exception()  # waits; a failed read needs no more than that, its bytes are dropped
             event = self.in_flight.pop(entry, None)
             if event is not None:  # a copy to the GPU still reads this entry
                 event.synchronize()

@@ -182,7 +182,8 @@ class TieredExpertStore:
     ) -> torch.Tensor:
         prediction = self.predictor.predict(layer, x) if self.predictor else None
         flat = ids.reshape(-1)
-        cpu = self.cpu_costs is not None and self.format.graph_safe(flat.numel())  # decode only
+        decode = self.format.graph_safe(flat.numel())  # few pairs: a decode step (prefills run more)
+        cpu = self.cpu_costs is not None and decode
         if cpu:  # the hidden states and routing weights land on the host with the ids' sync below
             x_host, w_host = (t.to("cpu", non_blocking=True) for t in (x, weights))
         if prediction is not None:
@@ -200,6 +201,8 @@ class TieredExpertStore:
         out = cpu_out = None
         if on_cpu and not waves:
             cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
+        if prediction is not None and not waves:  # every expert on the CPU: no wave to follow
+            self._look_ahead(prediction[0], predicted, len(needed), decode)
         admitted = part.admit(waves, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
         for i, slot_of in enumerate(admitted):
             if i == 0 and on_cpu:  # while this wave's copies are in flight
@@ -221,14 +224,21 @@ class TieredExpertStore:
             for slot in slot_of.values():
                 self.pool.released[slot] = used
             if i == 0 and prediction is not None:
-                if self.prefetch:
-                    self._prefetch(prediction[0], predicted, len(needed))
-                else:  # only the host cache's read-ahead of the next layer's experts
-                    self.host.read_ahead([(prediction[0], e) for e in dict.fromkeys(predicted)])
+                self._look_ahead(prediction[0], predicted, len(needed), decode)
         if cpu_out is not None:
             cpu_out = cpu_out.to(self.device)
             out = cpu_out if out is None else out.add_(cpu_out)
         return out
+
+    def _look_ahead(self, layer: int, predicted: list[int], routed: int, decode: bool) -> None:
+        """Act on the next layer's predicted experts: copy them to GPU slots (prefetch on), else, in
+        decode, start reading from disk those neither on the GPU nor in the host cache (a prefill's
+        predictions name most experts: reading them all would churn the host cache)."""
+        if self.prefetch:
+            self._prefetch(layer, predicted, routed)
+        elif decode:
+            resident = self.pool.layers[layer].slot_of
+            self.host.read_ahead([(layer, e) for e in dict.fromkeys(predicted) if e not in resident])
 
     def _cpu_share(self, layer: int, routed: list[int], part: LayerSlots) -> dict[int, torch.Tensor]:
         """The misses of this step's routed ids that the CPU computes faster, by cost (expert -> its
@@ -237,7 +247,7 @@ class TieredExpertStore:
             routed,
             part.slot_of,
             self.cpu_costs,
-            lambda e: (layer, e) in self.host.entry_of,
+            lambda e: self.host.holds(layer, e),
             self.recent.of(layer),
         )
         self.recent.add(layer, routed)
@@ -279,11 +289,12 @@ class TieredExpertStore:
 
     def _load(self, layer: int, expert: int, part: LayerSlots, exclude: set[int], prefetched: bool) -> int:
         s = self.stats_
+        # Read first: should the read fail, no slot has been handed to an expert it does not hold.
+        entry, hit = self.host.get(layer, expert)
+        s.host_hits += hit  # reads from the source are counted from the host cache (_count_reads)
         slot = part.claim(expert, exclude, prefetched)
         if self.pool.prefetched[slot]:  # the victim was prefetched and never used
             s.prefetch_wasted += 1
-        entry, hit = self.host.get(layer, expert)
-        s.host_hits += hit  # reads from the source are counted from the host cache (_count_reads)
         event = self.copier.copy(
             self.pool.flat[slot], self.host.buffer(entry), after=self.pool.released[slot]
         )
