@@ -144,3 +144,15 @@ def test_a_failed_read_leaves_no_slot_claiming_an_expert_it_does_not_hold():
         s.forward(1, x, ids, w)
     assert 5 not in s.pool.layers[1].slot_of  # its slot was never handed out
     torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_loads_the_union_of_its_tokens_experts_once():
+    """Three tokens routed to six (token, expert) pairs over three experts: three loads, each expert then
+    runs over all of its tokens (what batching many sequences gains from an offloaded MoE)."""
+    s, _ = store(slots_per_layer=4, host_experts=E * len(LAYERS))
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 1], [1, 2], [0, 2]])
+    w = torch.full((3, 2), 0.5)
+    torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
+    st = s.stats()
+    assert st["gpu_misses"] == 3 and st["bytes_h2d"] == 3 * BYTES
