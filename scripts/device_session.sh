@@ -43,7 +43,7 @@ if [[ ${LLAMA:-1} != 0 ]]; then
 fi
 
 # Qwen3's q8_0 and Q4_K_M GGUFs (32.5 + 18.6 GB) go to /dev/shm when it has room: the disk cannot hold them beside OLMoE's.
-SUITES=${SUITES:-olmoe qwen3}
+SUITES=${SUITES-olmoe qwen3}  # set but empty: no suite (the GPU tests and kernels alone)
 shm_free=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
 QWORK=$GGUF
 if [[ ${shm_free:-0} -gt 56000000000 ]]; then QWORK=/dev/shm/gguf; fi
@@ -76,8 +76,10 @@ fi
 (
     kernel_tests=(tests/test_formats_triton.py tests/test_bench_kernels.py tests/test_offload_sources.py tests/test_offload_store_gpu.py)
     case ${GPU_TESTS:-all} in
-    all) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 40 ;;&
-    all | kernels) python3 -m pytest -q -p no:cacheprovider "${kernel_tests[@]}" 2>&1 | tail -n 15
+    # Every failure's traceback kept whole in pytest-gpu.log (the poll brings $W back), the summary here.
+    all) python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/ 2>&1 | tee -a "$W/pytest-gpu.log" | tail -n 40 ;;&
+    all | kernels) python3 -m pytest -q -p no:cacheprovider --tb=short "${kernel_tests[@]}" 2>&1 |
+        tee -a "$W/pytest-gpu.log" | tail -n 15
         mark "gpu tests (${GPU_TESTS:-all}) done" ;;
     esac
     # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them).

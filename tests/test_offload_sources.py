@@ -48,7 +48,9 @@ def test_synthetic_experts_drawn_on_the_gpu_fill_pinned_host_memory(fmt):
     host, gpu = fmt.empty(1, pin_memory=True), fmt.empty(1, device="cuda")
     source.read_into(2, 7, host[0])
     source.read_into(2, 7, gpu[0])
-    assert host.any() and torch.equal(host, gpu.cpu())
+    # The parts' values only: the alignment padding between parts is never written (garbage differs).
+    for name, values in fmt.views(host).items():
+        assert values.any() and torch.equal(values, fmt.views(gpu)[name].cpu()), name
 
 
 def test_checkpoint_without_expert_tensors_runs_resident_and_tiered(tmp_path):

@@ -25,6 +25,7 @@ from ..formats.fp8 import Fp8BlockFormat
 from ..formats.int4 import Int4Format
 from ..formats.mxfp4 import Mxfp4Format
 from ..formats.quantized import DequantizingFormat
+from ..formats.swiglu import expert_mlp
 from ..hardware import gpu_copy_bandwidth, time_cpu, time_cuda
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 
@@ -55,16 +56,13 @@ def measure(fmt, top_k: int, device: str = "cuda", iters: int = 200) -> dict:
     ms = _time_ms(lambda: fmt.mlp(x, slots, weights, views), iters)
     nbytes = top_k * fmt.nbytes
     got = fmt.mlp(x, slots, weights, views).float()
-    if isinstance(fmt, DequantizingFormat):  # the reference: dequantized to float32, in torch
+    # The reference: the experts in float32, through torch's SwiGLU (not the GEMV under test).
+    if isinstance(fmt, DequantizingFormat):
         gate_up, down = fmt.dequantize(views, slots[0])
-        ref_fmt = DenseFormat(fmt.hidden, fmt.inter, torch.float32)
-        bank32 = {"gate_up": gate_up.float(), "down": down.float()}
-        pairs = torch.arange(top_k, device=device)[None]
-        ref = ref_fmt.mlp(x.float(), pairs, weights.float(), bank32)
     else:
-        ref = DenseFormat(fmt.hidden, fmt.inter, torch.float32).mlp(
-            x.float(), slots, weights.float(), {k: v.float() for k, v in views.items()}
-        )
+        gate_up, down = views["gate_up"][slots[0]], views["down"][slots[0]]
+    pairs = torch.arange(top_k, device=device)[None]
+    ref = expert_mlp(x.float(), pairs, weights.float(), gate_up.float(), down.float())
     return {
         "format": fmt.name, "hidden": fmt.hidden, "inter": fmt.inter, "top_k": top_k, "ms_per_layer": ms,
         "bytes_read": nbytes, "gb_s": nbytes / ms / 1e6, "rel_error": ((got - ref).norm() / ref.norm()).item(),
