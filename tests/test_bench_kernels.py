@@ -42,8 +42,10 @@ def test_sweep_tries_launches_from_the_rule_and_keeps_the_fastest(monkeypatch):
         2 * (64 // 8 * 32 * 4 + 4 * 32 // 8 * 4 + 4 * 32 * 2) * 2,
     )
     tried = {(t["split"], t["block_k"]) for t in r["tried"]}
-    # split 8 of K = 64 leaves 8 inputs a program, below block_k 16; block_k 32 is beyond the group of 16
-    assert tried == {(1, 16), (2, 16)}
+    # split 8 of K = 64 leaves 8 inputs a program, below block_k 16; block_k 32 is beyond the group of 16.
+    # The rule's own launch is tried too: on a GPU it splits to fill the SMs, so it may add one more.
+    assert {(1, 16), (2, 16)} <= tried and (r["rule"]["split"], r["rule"]["block_k"]) in tried
+    assert all(block_k == 16 and 64 // split >= block_k for split, block_k in tried)
     assert r["best_us"] == min(t["us"] for t in r["tried"])
 
 
