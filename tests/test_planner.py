@@ -4,10 +4,12 @@ the costs decide the pick, the calibration fits the measured step time."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from tiermoe import LLM, SamplingParams
+from tiermoe.config import EngineConfig
 from tiermoe.offload.cpu_compute import MissCosts
 from tiermoe.planner import Costs, Layout, calibrate, choose, predict, simulate
 from tiermoe.routing.trace import load_trace
@@ -145,3 +147,33 @@ def test_plan_command_calibrates_saves_and_presets_reuse_it(model, tmp_path, mon
     assert kwargs["eviction"] == "lru" and kwargs["cpu_compute"] == best["cpu_compute"]
     assert kwargs["kv_reserve_tokens"] == best["kv_reserve_tokens"]
     assert "plan (latency)" in capsys.readouterr().err
+
+
+def test_a_host_cache_below_the_experts_is_simulated_with_its_disk_reads(model, tmp_path):
+    path, resident = model
+    trace_file = tmp_path / "trace.npz"
+    llm = LLM(
+        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
+    )
+    llm.generate(PROMPT, GREEDY)
+    trace, quotas = load_trace(trace_file), llm.plan.quotas
+    slow_disk = replace(costs(), disk_s=2e-3)
+    held = predict(trace, quotas, Layout(), slow_disk)  # a host cache holding every expert: no reads
+    small = predict(trace, quotas, Layout(), slow_disk, host_slots=6)
+    assert held.traffic.disk == 0 and small.traffic.disk > 0
+    assert small.traffic.hit_rate == held.traffic.hit_rate  # the GPU's slots decide the hit rate
+    assert small.step_s == pytest.approx(held.step_s + small.traffic.disk * 2e-3 / small.traffic.steps)
+    # On the CPU path only experts the host holds are computed there: fewer, with 6 of 128 held.
+    cpu = Layout(cpu_compute=True)
+    tenfold = replace(slow_disk, cpu=MissCosts(100e-6, 10e-6, 1e-6, 5e-6))
+    assert (
+        predict(trace, quotas, cpu, tenfold, host_slots=6).traffic.cpu
+        < predict(trace, quotas, cpu, tenfold).traffic.cpu
+    )
+
+
+def test_disk_reads_are_timed_on_a_real_checkpoint(model):
+    from tiermoe.planning import disk_read_s
+
+    path, _ = model
+    assert 0 < disk_read_s(path, EngineConfig(device="cpu")) < 1.0

@@ -15,8 +15,10 @@ with its routing recorded, and the measured step time less the simulated traffic
 fixes step_s. Without one (`calibrate=False`) both are estimated from the profile's ceilings, and the
 prediction says so.
 
-Every expert is taken to be in the host cache: a layout whose host cache holds fewer (the disk tier) is
-predicted as if it held them all, so too fast.
+Where the host cache holds fewer experts than the model has, the simulation keeps it too (LRU over all
+layers, a step's held experts touched before its misses are read, as the engine's read-ahead does) and
+charges each read from disk `disk_s`. The engine also reads the next layer's predicted experts ahead,
+which the simulation does not, so its disk-tier predictions err on the slow side.
 
 Presets: latency, the fastest at batch 1; throughput, the largest KV reserve (tokens a batch can hold)
 within 10 % of the fastest; balanced, within 5 %; auto, throughput for the server and latency otherwise.
@@ -25,7 +27,7 @@ within 10 % of the fastest; balanced, within 5 %; auto, throughput for the serve
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 
 from .formats.swiglu import GATHER_MAX_PAIRS
@@ -68,6 +70,7 @@ class Costs:
     layer_s: float  # the copy path's host round trip per MoE layer: ids to the host, decide, launch
     step_s: float  # the rest of a step: dense layers, the experts' compute, sampling
     calibrated: bool = False  # step_s from a measured run of this model (else estimated)
+    disk_s: float = 0.0  # one expert read from the checkpoint (O_DIRECT); 0: its experts are not on disk
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Traffic:
     streamed: int = 0
     cpu: int = 0
     in_place: int = 0  # missed experts read in place (the engine's gpu_misses on that path)
+    disk: int = 0  # experts read from disk into the host cache
     lookups: int = 0  # every step's, prefill too: the engine's gpu_hit_rate counts them all
     all_hits: int = 0
     seconds: float = 0.0  # the traffic's time (everything but step_s)
@@ -114,35 +118,45 @@ class Prediction:
             "streamed_per_token": t.streamed / per,
             "cpu_per_token": t.cpu / per,
             "in_place_per_token": t.in_place / per,
+            "disk_per_token": t.disk / per,
             "predicted_tok_s": self.tok_s,
             "calibrated": self.costs.calibrated,
         }
 
 
-def simulate(trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs) -> Traffic:
+def simulate(
+    trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs, host_slots: int | None = None
+) -> Traffic:
     """Replay `trace` through a store of these per-layer slots under `layout`: the engine's decisions,
-    hence its hit rate, and the seconds its traffic takes (batch-1 decode: one token a step)."""
+    hence its hit rate, and the seconds its traffic takes (batch-1 decode: one token a step).
+    host_slots: the host cache's experts when it cannot hold them all (None: it holds them all)."""
     parts = {layer: LayerSlots(range(n), layout.eviction) for layer, n in quotas.items()}
-    if layout.miss_path == "in-place":
+    if layout.miss_path == "in-place":  # a candidate only where the host cache holds every expert
         return _in_place(admissions(trace), parts, trace.num_experts, costs)
     traffic = Traffic()
     steps = set()
     recent = RoutedCounts(list(quotas), trace.num_experts)
+    host = HostLru(host_slots)
     for adm in admissions(trace):
         part = parts[adm.layer]
         on_cpu = set()
         # The store computes on the CPU in steps of few pairs (decode; a prefill this short too).
         if layout.cpu_compute and len(adm.routed) <= GATHER_MAX_PAIRS and costs.cpu is not None:
             on_cpu = cpu_compute.choose(
-                adm.routed, part.slot_of, costs.cpu, lambda e: True, recent.of(adm.layer)
-            )
+                adm.routed, part.slot_of, costs.cpu, lambda e, layer=adm.layer: host.holds(layer, e),
+                recent.of(adm.layer),
+            )  # fmt: skip
             recent.add(adm.layer, adm.routed)
-        hits, streamed = _admit(part, [e for e in adm.routed if e not in on_cpu])
+        hits, loaded = _admit(part, [e for e in adm.routed if e not in on_cpu])
+        reads = host.fetch(adm.layer, [*on_cpu, *loaded])
+        streamed = len(loaded)
         traffic.lookups += hits + streamed + len(on_cpu)
         traffic.all_hits += hits
         if adm.prefill:
             continue
         steps.add(adm.step)
+        traffic.disk += reads
+        traffic.seconds += reads * costs.disk_s
         traffic.hits += hits
         traffic.streamed += streamed
         traffic.cpu += len(on_cpu)
@@ -157,20 +171,47 @@ def simulate(trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs)
     return traffic
 
 
-def _admit(part: LayerSlots, routed: list[int]) -> tuple[int, int]:
-    """(hits, loads) of one step's lookup, through the calls the store's copy path makes."""
-    counts = [0, 0]
+def _admit(part: LayerSlots, routed: list[int]) -> tuple[int, list[int]]:
+    """(hits, experts loaded) of one step's lookup, through the calls the store's copy path makes."""
+    hits, loaded = [0], []
 
     def hit(slot: int) -> None:
-        counts[0] += 1
+        hits[0] += 1
 
     def load(expert: int, exclude: set[int]) -> int:
-        counts[1] += 1
+        loaded.append(expert)
         return part.claim(expert, exclude, prefetched=False)
 
     for _ in part.admit(part.schedule(routed), hit, load):
         pass
-    return counts[0], counts[1]
+    return hits[0], loaded
+
+
+class HostLru:
+    """The host cache as the simulation keeps it: (layer, expert) keys in LRU order over all layers;
+    capacity None holds everything."""
+
+    def __init__(self, capacity: int | None):
+        self.capacity, self.keys = capacity, OrderedDict()
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return self.capacity is None or (layer, expert) in self.keys
+
+    def fetch(self, layer: int, experts: list[int]) -> int:
+        """One layer step's experts brought to the host (the held ones touched first, as the engine's
+        read-ahead does, then the rest read); returns the reads from disk."""
+        if self.capacity is None:
+            return 0
+        wanted = [(layer, e) for e in dict.fromkeys(experts)]
+        for key in wanted:
+            if key in self.keys:
+                self.keys.move_to_end(key)
+        missing = [key for key in wanted if key not in self.keys]
+        for key in missing:
+            if len(self.keys) >= self.capacity:
+                self.keys.popitem(last=False)
+            self.keys[key] = None
+        return len(missing)
 
 
 def _in_place(steps, parts: dict[int, LayerSlots], num_experts: int, costs: Costs) -> Traffic:
@@ -189,8 +230,8 @@ def _in_place(steps, parts: dict[int, LayerSlots], num_experts: int, costs: Cost
         if step_admissions[0].prefill:
             for adm in step_admissions:
                 part = parts[adm.layer]
-                hits, loads = _admit(part, adm.routed)
-                traffic.lookups += hits + loads
+                hits, loaded = _admit(part, adm.routed)
+                traffic.lookups += hits + len(loaded)
                 traffic.all_hits += hits
                 resident[adm.layer] = set(part.slot_of)
                 pending = [p for p in pending if p[0] != adm.layer]
@@ -234,18 +275,24 @@ def _in_place(steps, parts: dict[int, LayerSlots], num_experts: int, costs: Cost
     return traffic
 
 
-def predict(trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs) -> Prediction:
-    return Prediction(
-        layout, sum(quotas.values()) / len(quotas), simulate(trace, quotas, layout, costs), costs
-    )
+def predict(
+    trace: Trace, quotas: dict[int, int], layout: Layout, costs: Costs, host_slots: int | None = None
+) -> Prediction:
+    traffic = simulate(trace, quotas, layout, costs, host_slots)
+    return Prediction(layout, sum(quotas.values()) / len(quotas), traffic, costs)
 
 
 def calibrate(
-    costs: Costs, trace: Trace, quotas: dict[int, int], layout: Layout, measured_step_s: float
+    costs: Costs,
+    trace: Trace,
+    quotas: dict[int, int],
+    layout: Layout,
+    measured_step_s: float,
+    host_slots: int | None = None,
 ) -> Costs:
     """costs with step_s fitted so that `layout` on `trace` (the calibration run's own routing, recorded)
     predicts the step time the engine measured on it."""
-    traffic = simulate(trace, quotas, layout, costs)
+    traffic = simulate(trace, quotas, layout, costs, host_slots)
     step_s = measured_step_s - traffic.seconds / max(traffic.steps, 1)
     return replace(costs, step_s=max(step_s, 0.0), calibrated=True)
 

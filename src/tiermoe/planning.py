@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout
     kv_choices = sorted({default_kv, max(default_kv // 2, 256), max(default_kv // 4, 256)}, reverse=True)
     out = []
     for kv in kv_choices:
-        plan = plan_from_config(hf_config, _with(base, kv_reserve_tokens=kv))
+        plan = plan_from_config(hf_config, replace(base, kv_reserve_tokens=kv))
         if plan.all_resident:  # nothing moves: the store's settings change nothing
             out.append((Layout(kv_reserve_tokens=kv), plan))
             continue
@@ -64,12 +65,6 @@ def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout
             if plan.host_slots >= plan.total_experts and base.torch_device.type == "cuda":
                 out.append((Layout(eviction, "in-place", False, kv), plan))
     return out
-
-
-def _with(config: EngineConfig, **changes) -> EngineConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Costs:
@@ -99,6 +94,32 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
         layer_s=round_trip_s(device, args.top_k),
         step_s=plan.dense_bytes / hbm if hbm else 0.0,
     )
+
+
+def disk_read_s(model_dir: str | Path, config: EngineConfig, reads: int = 3) -> float:
+    """One expert read from the checkpoint as the host cache reads it (O_DIRECT, through the format's
+    parts), the median of a few of the last layer's; 0 where the experts are not on disk (synthetic)."""
+    from .offload.sources import SyntheticExperts, open_expert_source
+    from .weights.loader import open_source
+
+    source = open_source(model_dir, torch.device("cpu"), config.torch_dtype, config.experts_per_token)
+    experts = open_expert_source(source)
+    if isinstance(experts, SyntheticExperts):
+        return 0.0
+    buffer = source.format.empty(1)[0]
+    layer, last = source.args.moe_layers[-1], source.args.num_experts - 1
+    times = []
+    for e in range(min(reads, last + 1)):
+        start = time.perf_counter()
+        experts.read_into(layer, last - e, buffer)
+        times.append(time.perf_counter() - start)
+    experts.close()
+    return sorted(times)[len(times) // 2]
+
+
+def host_slots_of(plan: MemoryPlan) -> int | None:
+    """The host cache's experts for the simulation: None when it holds them all."""
+    return None if plan.host_slots >= plan.total_experts else plan.host_slots
 
 
 def round_trip_s(device: torch.device, top_k: int) -> float:
@@ -157,12 +178,16 @@ def make_plan(model_dir: str | Path, kwargs: dict, preset: str, progress=print) 
     progress(f"plan: measuring this machine's costs ({len(grid)} candidate layouts)")
     costs = measure_costs(hf_config, config, default_plan)
     _release_gpu_memory()  # the bandwidth probes' buffers: the calibration's default budget must not miss them
+    if host_slots_of(default_plan) is not None:  # the disk tier takes part: its reads are measured too
+        costs = replace(costs, disk_s=disk_read_s(model_dir, config))
     progress(
         f"plan: {costs.cpu.describe() if costs.cpu else 'no CPU compute'}; calibrating at {default.name}"
     )
     measured_step_s, trace = calibration_run(model_dir, kwargs, default)
-    costs = calibrate(costs, trace, default_plan.quotas, default, measured_step_s)
-    predictions = [predict(trace, plan.quotas, lay, costs) for lay, plan in grid]
+    costs = calibrate(
+        costs, trace, default_plan.quotas, default, measured_step_s, host_slots_of(default_plan)
+    )
+    predictions = [predict(trace, plan.quotas, lay, costs, host_slots_of(plan)) for lay, plan in grid]
     predictions.sort(key=lambda p: -p.tok_s)
     chosen = choose(predictions, preset)
     return {
