@@ -1,4 +1,6 @@
-"""`tiermoe routing-report FILE`: how a routing trace would cache, offline.
+"""`tiermoe routing-report FILE`: how a routing trace would cache, offline. With `--synthetic` instead of
+a file, the trace comes from a routing model (uniform, szd) for `--sequences` documents decoded as one
+batch: the union of experts a batch routes per step, before any engine runs it.
 
 Per MoE layer and overall: consecutive-token overlap and reuse within 8 tokens (decode tokens), and the
 hit rates of token-batched LRU, LFU and Belady at per-layer caches of rho x k slots, the figures of
@@ -12,9 +14,13 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
+
 from ..errors import InvalidRequestError
 from ..provenance import run_metadata, write_json
 from .replay import admissions, locality, replay_admissions
+from .spec import parse_routing, routing_model
+from .synthetic import synthetic_trace
 from .trace import Trace, load_trace
 
 DEFAULT_RHOS = "0.5,1,1.5,2,3,4,6"
@@ -150,7 +156,18 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     rhos = parse_rhos(args.slots)  # before the trace, so a typo fails at once
-    trace = load_trace(args.trace)
+    if (args.trace is None) == (args.synthetic is None):
+        raise InvalidRequestError("give a trace file or --synthetic ROUTING, not both", "trace")
+    if args.synthetic:
+        spec = parse_routing(args.synthetic, args.model_type)
+        model = routing_model(spec, args.layers, args.experts, args.top_k, args.seed, torch.device("cpu"))
+        if model is None:
+            raise InvalidRequestError("--synthetic takes uniform, szd or szd:params", "synthetic")
+        layers = list(range(args.layers))
+        trace = synthetic_trace(model, layers, args.sequences, args.prompt_len, args.gen_len)
+        name = f"{args.synthetic} ({args.model_type}), {args.sequences} sequences decoded together"
+    else:
+        trace, name = load_trace(args.trace), Path(args.trace).name
     if args.as_decode:
         trace = trace.as_decode()
     console = Console()
@@ -158,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
     with console.status(f"replaying {len(trace):,} rows at {len(rhos)} cache sizes"):
         report = routing_report(trace, rhos)
     title = (
-        f"{Path(args.trace).name}: {report['sequences']} sequences, "
+        f"{name}: {report['sequences']} sequences, "
         f"{len(trace.layers)} MoE layers, E {trace.num_experts}, k {trace.top_k}"
     )
     console.print(title, style="bold", soft_wrap=True)
@@ -169,14 +186,29 @@ def main(args: argparse.Namespace) -> int:
             f"saved {plot_hit_rates(report, args.png, title)}", soft_wrap=True
         )  # whole paths, to copy
     if args.json:
-        payload = {**run_metadata(), "trace": str(args.trace), "as_decode": args.as_decode, **report}
+        source = (
+            {"trace": str(args.trace)}
+            if args.trace
+            else {"synthetic": args.synthetic, "model_type": args.model_type}
+        )
+        payload = {**run_metadata(), **source, "as_decode": args.as_decode, **report}
         console.print(f"saved {write_json(args.json, payload)}", soft_wrap=True)
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("routing-report")
-    p.add_argument("trace", help="routing trace (.npz, .txt or .gz)")
+    p.add_argument("trace", nargs="?", help="routing trace (.npz, .txt or .gz)")
+    g = p.add_argument_group("a synthetic trace instead of a file (no model needed)")
+    g.add_argument("--synthetic", metavar="ROUTING", help="uniform, szd or szd:params")
+    g.add_argument("--model-type", default="qwen3_moe", help="szd's calibration (default qwen3_moe)")
+    g.add_argument("--layers", type=int, default=48, help="MoE layers (default 48, Qwen3-30B-A3B)")
+    g.add_argument("--experts", type=int, default=128, help="experts a layer (default 128)")
+    g.add_argument("--top-k", type=int, default=8, help="experts a token (default 8)")
+    g.add_argument("--sequences", type=int, default=1, help="documents decoded as one batch (default 1)")
+    g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--gen-len", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--slots",
         default=DEFAULT_RHOS,

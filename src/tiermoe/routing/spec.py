@@ -22,7 +22,7 @@ from ..weights.checkpoint import SYNTH_INFO_FILE, SYNTHETIC_KEY
 from .hook import Routing
 from .playback import TracePlayback
 from .recorder import TraceRecorder
-from .synthetic import SZDParams, SZDRouting, UniformRouting, calibrated
+from .synthetic import RoutingModel, SZDParams, SZDRouting, UniformRouting, calibrated
 from .trace import load_trace
 
 MODES = ("natural", "uniform", "szd", "trace")
@@ -83,6 +83,18 @@ def is_synthetic(path: Path) -> bool:
     return config.exists() and SYNTHETIC_KEY in json.loads(config.read_text())
 
 
+def routing_model(
+    spec: RoutingSpec, num_layers: int, num_experts: int, top_k: int, seed: int, device: torch.device
+) -> RoutingModel | None:
+    """The routing model of a uniform or szd spec; None for the others (natural, trace)."""
+    dims = (num_layers, num_experts, top_k, seed, device)
+    if spec.mode == "uniform":
+        return UniformRouting(*dims)
+    if spec.mode == "szd":
+        return SZDRouting(*dims, spec.szd)
+    return None
+
+
 def build_routing(
     text: str | None,
     path: Path,
@@ -99,17 +111,11 @@ def build_routing(
     if text is None:
         text = "szd" if is_synthetic(path) else "natural"
     spec = parse_routing(text, model_type)
-    dims = (len(moe_layers), num_experts, top_k, seed, device)
-    if spec.mode == "uniform":
-        model = UniformRouting(*dims)
-    elif spec.mode == "szd":
-        model = SZDRouting(*dims, spec.szd)
-    elif spec.mode == "trace":
+    model = routing_model(spec, len(moe_layers), num_experts, top_k, seed, device)
+    if spec.mode == "trace":
         model = TracePlayback(
             load_trace(spec.trace_path), spec.trace_path, moe_layers, num_experts, top_k, device
         )
-    else:
-        model = None
     recorder = TraceRecorder(record, moe_layers, num_experts, top_k, device) if record else None
     if model is None and recorder is None:
         return None

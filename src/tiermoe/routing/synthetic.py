@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import rng
+from .trace import Trace
 
 # Purposes of the draws, mixed into the hash so each is independent of the others.
 _EPS, _GUMBEL, _STICK, _DOC, _LOC0, _RANK = range(1, 7)
@@ -169,3 +170,29 @@ class SZDRouting(RoutingModel):
         s["prev"].copy_(prev)
         self.ids = torch.stack(ids, dim=2)  # [L, B, S, k]
         self.h = torch.stack(hs, dim=2)  # [L, B, S, E]
+
+
+def synthetic_trace(
+    model: RoutingModel, moe_layers: list[int], sequences: int, prompt_len: int, gen_len: int
+) -> Trace:
+    """The trace the engine records under `model` when `sequences` documents run as one batch: each
+    prompt routed in one step, then gen_len decode steps of one token each. No checkpoint needed: the
+    routing does not depend on the hidden states (issue 15's union of experts a step, offline)."""
+    docs = torch.arange(sequences, device=model.device)
+    model.begin_run(docs)
+    cols: dict[str, list] = {"seq": [], "token": [], "layer": [], "prefill": [], "step": [], "experts": []}
+    spans = [(0, prompt_len, True)] + [(prompt_len + t, 1, False) for t in range(gen_len)]
+    for step, (start, length, prefill) in enumerate(spans):
+        positions = torch.arange(start, start + length, device=model.device).expand(sequences, length)
+        model.step(docs, positions, torch.ones(sequences, length, dtype=torch.bool, device=model.device))
+        ids = model.ids.cpu()  # [L, B, S, k]
+        for row, layer in enumerate(moe_layers):
+            for b in range(sequences):
+                cols["experts"].append(ids[row, b])
+                cols["seq"] += [b] * length
+                cols["token"] += list(range(start, start + length))
+                cols["layer"] += [layer] * length
+                cols["prefill"] += [prefill] * length
+                cols["step"] += [step] * length
+    experts = torch.cat(cols.pop("experts")).numpy()
+    return Trace.build(**cols, experts=experts, num_experts=model.E)
