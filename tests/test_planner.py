@@ -177,3 +177,19 @@ def test_disk_reads_are_timed_on_a_real_checkpoint(model):
 
     path, _ = model
     assert 0 < disk_read_s(path, EngineConfig(device="cpu")) < 1.0
+
+
+def test_a_plan_without_calibration_loads_no_model(model, tmp_path, monkeypatch):
+    from tiermoe import planning
+    from tiermoe.cli import main
+
+    path, resident = model
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(planning, "calibration_run", lambda *a: pytest.fail("the model was loaded"))
+    budget = f"{budget_gib(resident.plan, 3 * 4):.9f}"
+    assert (
+        main(["plan", "--model", str(path), "--device", "cpu", "--gpu-budget", budget, "--no-calibrate"]) == 0
+    )
+    plan = json.loads(next((tmp_path / "tiermoe" / "plans").glob("*.json")).read_text())
+    assert not plan["costs"]["calibrated"] and plan["calibration"]["measured_step_s"] is None
+    assert len(plan["candidates"]) == 8 and all(c["gpu_hit_rate"] > 0 for c in plan["candidates"])

@@ -18,7 +18,7 @@ def main(args: argparse.Namespace) -> int:
 
     kwargs = {k: v for k, v in engine_kwargs(args).items() if k != "show_progress"}
     preset = concrete(args.preset, "plan")
-    plan = make_plan(args.model, kwargs, preset)
+    plan = make_plan(args.model, kwargs, preset, calibrated=args.calibrate)
     config = EngineConfig(**kwargs)
     path = plan_path(args.model, config)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +73,13 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("plan")
     add_engine_args(p)
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the step time on a short decode of the model (default); --no-calibrate plans without "
+        "loading it, from an szd trace and an estimated step: the order of the candidates, not their tok/s",
+    )
     p.add_argument(
         "--verify", action="store_true", help="measure every candidate too (bench/results/plan-*.json)"
     )

@@ -12,8 +12,9 @@ and in-place experts per step; this machine's measured costs turn those into sec
 `step_s` (dense layers, the experts' compute, sampling) and `layer_s` (the copy path's host round trip
 per layer) come from a calibration run: the engine decodes a short szd workload at the default layout
 with its routing recorded, and the measured step time less the simulated traffic of that very trace
-fixes step_s. Without one (`calibrate=False`) both are estimated from the profile's ceilings, and the
-prediction says so.
+fixes step_s. Without one (`tiermoe plan --no-calibrate`: no model load) the trace is the routing model's
+own (szd, `routing/synthetic.synthetic_trace`) and step_s an estimate (the dense weights read once at
+HBM speed), so only the candidates' order is to be trusted, not their tok/s; the prediction says so.
 
 Where the host cache holds fewer experts than the model has, the simulation keeps it too (LRU over all
 layers, a step's held experts touched before its misses are read, as the engine's read-ahead does) and

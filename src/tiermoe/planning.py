@@ -161,6 +161,17 @@ def calibration_run(model_dir: str | Path, kwargs: dict, layout: Layout) -> tupl
     return stats.decode_s / (stats.completion_tokens - stats.sequences), trace
 
 
+def szd_trace(hf_config: dict, seed: int) -> Trace:
+    """The calibration workload's routing as the szd model routes it for this model, without loading it."""
+    from .routing.spec import parse_routing, routing_model
+    from .routing.synthetic import synthetic_trace
+
+    args = from_config(hf_config)[2]
+    spec = parse_routing("szd", hf_config.get("model_type", ""))
+    model = routing_model(spec, len(args.moe_layers), args.num_experts, args.top_k, seed, torch.device("cpu"))
+    return synthetic_trace(model, args.moe_layers, 1, CALIBRATION_PROMPT, CALIBRATION_TOKENS)
+
+
 def last_run(trace: Trace) -> Trace:
     """The rows of the trace's last document (the timed run after the warm-up)."""
     keep = trace.seq == trace.seq.max()
@@ -168,9 +179,12 @@ def last_run(trace: Trace) -> Trace:
     return Trace.build(*(c[keep] for c in cols), num_experts=trace.num_experts)
 
 
-def make_plan(model_dir: str | Path, kwargs: dict, preset: str, progress=print) -> dict:
+def make_plan(
+    model_dir: str | Path, kwargs: dict, preset: str, progress=print, calibrated: bool = True
+) -> dict:
     """Measure, calibrate, simulate, choose (preset: latency, throughput or balanced); the saved plan's
-    content. The calibration runs the candidate grid's first layout: the default KV reserve, lfu, copy."""
+    content. The calibration runs the candidate grid's first layout: the default KV reserve, lfu, copy.
+    calibrated False: no model load; an szd trace from the routing model and an estimated step."""
     config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
     grid = layouts(hf_config, config, cpu=True)
@@ -180,13 +194,16 @@ def make_plan(model_dir: str | Path, kwargs: dict, preset: str, progress=print) 
     _release_gpu_memory()  # the bandwidth probes' buffers: the calibration's default budget must not miss them
     if host_slots_of(default_plan) is not None:  # the disk tier takes part: its reads are measured too
         costs = replace(costs, disk_s=disk_read_s(model_dir, config))
-    progress(
-        f"plan: {costs.cpu.describe() if costs.cpu else 'no CPU compute'}; calibrating at {default.name}"
-    )
-    measured_step_s, trace = calibration_run(model_dir, kwargs, default)
-    costs = calibrate(
-        costs, trace, default_plan.quotas, default, measured_step_s, host_slots_of(default_plan)
-    )
+    progress(f"plan: {costs.cpu.describe() if costs.cpu else 'no CPU compute'}")
+    measured_step_s = None
+    if calibrated:
+        progress(f"plan: calibrating at {default.name}")
+        measured_step_s, trace = calibration_run(model_dir, kwargs, default)
+        costs = calibrate(
+            costs, trace, default_plan.quotas, default, measured_step_s, host_slots_of(default_plan)
+        )
+    else:
+        trace = szd_trace(hf_config, config.routing_seed)
     predictions = [predict(trace, plan.quotas, lay, costs, host_slots_of(plan)) for lay, plan in grid]
     predictions.sort(key=lambda p: -p.tok_s)
     chosen = choose(predictions, preset)
@@ -216,7 +233,10 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(saved, indent=1))
     picked = pick(saved, preset)
-    progress(f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s")
+    estimate = "" if picked["calibrated"] else " (uncalibrated: the order, not the figure)"
+    progress(
+        f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s{estimate}"
+    )
     layout = {k: picked[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
     merged = {**layout, **kwargs}
     if merged["cpu_compute"] and merged["miss_path"] == "in-place":  # a given flag against the pick: it wins
