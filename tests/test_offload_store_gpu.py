@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tiermoe import LLM, SamplingParams
-from tiermoe.offload.budget import GIB
 
+from .conftest import budget_gib
 from .test_offload_store import PROMPT
 
 pytestmark = pytest.mark.gpu
@@ -17,8 +17,7 @@ def test_cuda_store_matches_resident_with_and_without_prefetch(tiny_checkpoint):
     path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     resident = LLM(path, device="cuda", dtype="bf16", workspace_gib=0)
-    plan = resident.plan
-    budget = (plan.dense_bytes + plan.kv_bytes + 4 * 3 * plan.expert_bytes) / GIB
+    budget = budget_gib(resident.plan, 4 * 3)
     expected = resident.generate(PROMPT, params)[0].token_ids
     runs = {}
     for prefetch in (True, False):
@@ -46,8 +45,7 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
     params = SamplingParams(max_tokens=96, ignore_eos=True)
     resident = LLM(path, device="cuda", dtype="bf16", workspace_gib=0)
-    plan = resident.plan
-    budget = (plan.dense_bytes + plan.kv_bytes + 4 * 2 * plan.expert_bytes) / GIB
+    budget = budget_gib(resident.plan, 4 * 2)
     prompts = [PROMPT, PROMPT[:4]]
     expected = [o.token_ids for o in resident.generate(prompts, params)]
     llm = LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, miss_path="in-place")
@@ -68,8 +66,7 @@ def test_misses_computed_on_the_cpu_beside_copies_match_resident(tiny_checkpoint
     path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     resident = LLM(path, device="cuda", dtype="fp32", workspace_gib=0)
-    plan = resident.plan
-    budget = (plan.dense_bytes + plan.kv_bytes + 4 * 3 * plan.expert_bytes) / GIB
+    budget = budget_gib(resident.plan, 4 * 3)
     expected = resident.generate(PROMPT, params)[0].token_ids
     llm = LLM(path, device="cuda", dtype="fp32", workspace_gib=0, gpu_budget_gib=budget, cpu_compute=True)
     assert llm.provider.cpu_costs.stream_s > 0  # measured at load on this machine

@@ -33,6 +33,18 @@ def model(tiny_checkpoint):
     return path, LLM(path, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def recorded(model, tmp_path_factory):
+    """(trace, per-layer slots) of one greedy run at the default layout, 3 slots a layer."""
+    path, resident = model
+    trace_file = tmp_path_factory.mktemp("planner") / "trace.npz"
+    llm = LLM(
+        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
+    )
+    llm.generate(PROMPT, GREEDY)
+    return load_trace(trace_file), llm.plan.quotas
+
+
 LAYOUTS = [
     Layout("lfu", "copy"),
     Layout("lru", "copy"),
@@ -66,14 +78,8 @@ def test_the_simulation_reproduces_the_engines_hit_rate(model, tmp_path, layout)
         assert traffic.in_place > 0 and traffic.streamed == 0
 
 
-def test_costs_pick_the_layout_and_calibration_fits_the_measured_step(model, tmp_path):
-    path, resident = model
-    trace_file = tmp_path / "trace.npz"
-    llm = LLM(
-        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
-    )
-    llm.generate(PROMPT, GREEDY)
-    trace, quotas = load_trace(trace_file), llm.plan.quotas
+def test_costs_pick_the_layout_and_calibration_fits_the_measured_step(recorded):
+    trace, quotas = recorded
     copy, cpu, in_place = Layout(), Layout(cpu_compute=True), Layout(miss_path="in-place")
     # Ten times the copy engine's speed: the CPU's share outweighs the hits its experts would have made.
     tenfold = costs(cpu=MissCosts(100e-6, 10e-6, 1e-6, 5e-6))
@@ -92,14 +98,8 @@ def test_costs_pick_the_layout_and_calibration_fits_the_measured_step(model, tmp
     assert fitted.calibrated and predict(trace, quotas, copy, fitted).step_s == pytest.approx(8e-3)
 
 
-def test_presets_trade_speed_for_kv_tokens(model, tmp_path):
-    path, resident = model
-    trace_file = tmp_path / "trace.npz"
-    llm = LLM(
-        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
-    )
-    llm.generate(PROMPT, GREEDY)
-    trace, quotas = load_trace(trace_file), llm.plan.quotas
+def test_presets_trade_speed_for_kv_tokens(recorded):
+    trace, quotas = recorded
     fewer = {layer: n - 1 for layer, n in quotas.items()}  # a larger KV reserve leaves fewer slots
     fast = predict(trace, quotas, Layout(kv_reserve_tokens=256), costs())
     roomy = predict(trace, fewer, Layout(kv_reserve_tokens=4096), costs())
@@ -149,14 +149,8 @@ def test_plan_command_calibrates_saves_and_presets_reuse_it(model, tmp_path, mon
     assert "plan (latency)" in capsys.readouterr().err
 
 
-def test_a_host_cache_below_the_experts_is_simulated_with_its_disk_reads(model, tmp_path):
-    path, resident = model
-    trace_file = tmp_path / "trace.npz"
-    llm = LLM(
-        path, device="cpu", gpu_budget_gib=budget_gib(resident.plan, 3 * 4), record_routing=str(trace_file)
-    )
-    llm.generate(PROMPT, GREEDY)
-    trace, quotas = load_trace(trace_file), llm.plan.quotas
+def test_a_host_cache_below_the_experts_is_simulated_with_its_disk_reads(recorded):
+    trace, quotas = recorded
     slow_disk = replace(costs(), disk_s=2e-3)
     held = predict(trace, quotas, Layout(), slow_disk)  # a host cache holding every expert: no reads
     small = predict(trace, quotas, Layout(), slow_disk, host_slots=6)

@@ -23,22 +23,12 @@ from pathlib import Path
 import torch
 
 from . import peers
+from .report import DECODE_TRAFFIC
 from .workload import Workload, median_figures, random_prompts
 
 ENGINES = ("tiermoe", *peers.PEERS)
 GB = 1e9
-# Expert traffic per decoded token of a timed run; like the timing figures, a run's value is the median.
-DECODE_TRAFFIC = (
-    "gpu_hit_rate",
-    "h2d_bytes_per_token",
-    "disk_bytes_per_token",
-    "h2d_gb_s",
-    "gpu_experts_per_token",
-    "pcie_experts_per_token",
-    "cpu_experts_per_token",
-    "disk_experts_per_token",
-    "cpu_ms_per_token",
-)
+# Like the timing figures, a run's traffic is the median of its timed runs.
 TRAFFIC = (*DECODE_TRAFFIC, "prefill_h2d_bytes")
 
 

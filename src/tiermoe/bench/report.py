@@ -5,6 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Expert traffic per decoded token of a timed run (measure.decode_traffic).
+DECODE_TRAFFIC = (
+    "gpu_hit_rate",
+    "h2d_bytes_per_token",
+    "disk_bytes_per_token",
+    "h2d_gb_s",
+    "gpu_experts_per_token",
+    "pcie_experts_per_token",
+    "cpu_experts_per_token",
+    "disk_experts_per_token",
+    "cpu_ms_per_token",
+)
+
 # Keys every run object in a bench result file has (null where a figure does not apply).
 RUN_KEYS = (
     "engine",
@@ -29,15 +42,7 @@ RUN_KEYS = (
     "routing_params",
     "routing_note",
     "routing_trace",
-    "gpu_hit_rate",
-    "h2d_bytes_per_token",
-    "disk_bytes_per_token",
-    "h2d_gb_s",
-    "gpu_experts_per_token",
-    "pcie_experts_per_token",
-    "cpu_experts_per_token",
-    "disk_experts_per_token",
-    "cpu_ms_per_token",
+    *DECODE_TRAFFIC,
     "floor_tok_s",
     "predicted_tok_s",
     "floor_serial_tok_s",
