@@ -44,7 +44,7 @@ def decode_traffic(stats: dict) -> dict:
     tokens = stats["completion_tokens"] - stats["sequences"]
     if "bytes_h2d" not in e or tokens <= 0:
         return dict.fromkeys(DECODE_TRAFFIC)
-    pcie = e["bytes_h2d"] + e.get("bytes_in_place", 0)
+    pcie = _pcie_bytes(e)
     return {
         "gpu_hit_rate": e.get("gpu_hit_rate"),
         "h2d_bytes_per_token": pcie / tokens,
@@ -65,8 +65,12 @@ def prefill_traffic(stats: dict) -> dict:
     e, d = stats.get("experts") or {}, stats.get("experts_decode") or {}
     if "bytes_h2d" not in e:
         return {"prefill_h2d_bytes": None}
-    pcie = lambda s: s.get("bytes_h2d", 0) + s.get("bytes_in_place", 0)  # noqa: E731
-    return {"prefill_h2d_bytes": pcie(e) - pcie(d)}
+    return {"prefill_h2d_bytes": _pcie_bytes(e) - _pcie_bytes(d)}
+
+
+def _pcie_bytes(stats: dict) -> int:
+    """Expert bytes over PCIe: copied into slots, and read in place by the kernels (miss_path in-place)."""
+    return stats.get("bytes_h2d", 0) + stats.get("bytes_in_place", 0)
 
 
 def median_traffic(samples: list[dict]) -> dict:

@@ -471,17 +471,25 @@ def save_tuned(entries: list[dict], path: Path | None = None) -> Path:
     return path
 
 
+@functools.cache
+def _gpu() -> tuple[str, int]:
+    """This GPU's name and SM count ("cpu" and 1 without one), asked once: launches are chosen per layer
+    and token on the copy path."""
+    if not torch.cuda.is_available():
+        return "cpu", 1
+    return torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count
+
+
 def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -> GemvConfig:
     """The launch of one grouped GEMV: a tuned one for this GPU and shape, else BLOCK_N outputs and the
     largest block of inputs that divides `quantum` (the format's group or scale block) per step, with K
     split until the grid holds PROGRAMS_PER_SM programs per SM (a batch-1 decode step alone has 8 pairs:
     too few programs to keep HBM busy)."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name, sms = _gpu()
     found = tuned().get((name, kernel, k, n, m, pairs))
     if found is not None:
         return found
     block_k = _divisor(quantum)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
     split = 1
     while (
         pairs * triton.cdiv(n, BLOCK_N) * m * split < PROGRAMS_PER_SM * sms and k % (2 * split * block_k) == 0

@@ -144,19 +144,16 @@ class InPlaceMisses:
             )
         after = store.copier.mark_used()  # the flips, and every kernel of the step, come before the copies
         for layer, e, slot in admitted:
-            entry, _ = store.host.get(layer, e)
-            event = store.copier.copy(store.pool.flat[slot], store.host.buffer(entry), after=after)
-            store.host.reading(entry, event)
-            store.stats_.bytes_h2d += store.expert_bytes
+            # Its ready event too: a later prefill on the copy path waits for it before reading the slot.
+            event = store.copy_in(store.host.get(layer, e)[0], slot, after=after)
             self.pending.append((layer, e, slot, event))
 
     def _claim(
         self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list
     ) -> int:
         """A slot for missed expert e: its victim's entry goes back to the host copy now."""
-        before = dict(part.expert_of)
+        victim = None if part.free else part.expert_of[part.policy.victim(exclude)]  # claim's own choice
         slot = part.claim(e, exclude, prefetched=False)
-        victim = before.get(slot)
         if victim is not None:
             self.resident[layer].discard(victim)
             flips[(self.row[layer], victim)] = int(self.host_addr[self.row[layer], victim])

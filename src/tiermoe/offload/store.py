@@ -295,14 +295,18 @@ class TieredExpertStore:
         slot = part.claim(expert, exclude, prefetched)
         if self.pool.prefetched[slot]:  # the victim was prefetched and never used
             s.prefetch_wasted += 1
-        event = self.copier.copy(
-            self.pool.flat[slot], self.host.buffer(entry), after=self.pool.released[slot]
-        )
+        self.copy_in(entry, slot, after=self.pool.released[slot])
+        self.pool.prefetched[slot] = prefetched
+        return slot
+
+    def copy_in(self, entry: int, slot: int, after) -> object:
+        """Copy host cache entry into GPU slot on the side stream once `after` (an event) has passed;
+        the slot's ready event, which any kernel reading the slot waits for, is the copy's."""
+        event = self.copier.copy(self.pool.flat[slot], self.host.buffer(entry), after=after)
         self.host.reading(entry, event)
         self.pool.ready[slot] = event
-        self.pool.prefetched[slot] = prefetched
-        s.bytes_h2d += self.expert_bytes
-        return slot
+        self.stats_.bytes_h2d += self.expert_bytes
+        return event
 
     def _prefetch(self, layer: int, predicted: list[int], routed: int) -> None:
         """Copy the predicted experts of `layer` that are not resident, at most as many as the layer has
