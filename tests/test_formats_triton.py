@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from tiermoe.bench.kernels import random_bank
 from tiermoe.formats import triton_kernels
 from tiermoe.formats.dense import DenseFormat
 from tiermoe.formats.fp4 import Nvfp4Format
@@ -41,14 +42,6 @@ def float32_weights(cls, shape, views, slots) -> tuple[torch.Tensor, torch.Tenso
     return views["gate_up"][slots].float(), views["down"][slots].float()
 
 
-def random_bank(fmt, slots: int) -> dict:
-    bank = fmt.empty(slots, DEVICE)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    for s in range(slots):
-        fmt.fill_random(bank[s], g, 0.05)
-    return fmt.views(bank)
-
-
 CASES = [
     (DenseFormat, (64, 40, None), triton_kernels.bank_mlp),
     (DenseFormat, (256, 128, None), triton_kernels.bank_mlp),
@@ -70,7 +63,7 @@ def gemv_error(cls, shape, kernel) -> tuple[torch.Tensor, float]:
     experts dequantized to float32 in torch."""
     hidden = shape[0]
     fmt = make(cls, shape, DTYPE)
-    views = random_bank(fmt, 5)
+    views = random_bank(fmt, DEVICE, 5, 0.05)
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
     slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
@@ -125,7 +118,7 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     """Prefill: 40 tokens x top-2 over 5 experts, so an expert's pairs span several blocks of 16."""
     hidden = shape[0]
     fmt = make(cls, shape, DTYPE)
-    views = random_bank(fmt, 5)
+    views = random_bank(fmt, DEVICE, 5, 0.05)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, hidden, generator=gen).to(DEVICE, DTYPE)
     tokens = torch.arange(40, device=DEVICE).repeat_interleave(2)

@@ -45,11 +45,7 @@ def _time_ms(fn, iters: int) -> float:
 def measure(fmt, top_k: int, device: str = "cuda", iters: int = 200) -> dict:
     """One format's decode step over top_k distinct experts of a bank of SLOTS random ones."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    bank = fmt.empty(SLOTS, device)
-    g = torch.Generator(device=device).manual_seed(0)
-    for s in range(SLOTS):
-        fmt.fill_random(bank[s], g, 0.02)
-    views = fmt.views(bank)
+    views = random_bank(fmt, device)
     x = torch.randn(1, fmt.hidden, device=device, dtype=dtype)
     slots = torch.randperm(SLOTS, device=device)[:top_k][None]
     weights = torch.full((1, top_k), 1.0 / top_k, device=device, dtype=dtype)
@@ -84,11 +80,7 @@ def sweep_projection(fmt, prefix: str, pairs: int, device: str = "cuda", iters: 
     tried must give the rule's outputs."""
     from ..formats import triton_kernels
 
-    bank = fmt.empty(SLOTS, device)
-    g = torch.Generator(device=device).manual_seed(0)
-    for s in range(SLOTS):
-        fmt.fill_random(bank[s], g, 0.02)
-    views = fmt.views(bank)
+    views = random_bank(fmt, device)
     h, i = fmt.hidden, fmt.inter
     k, n, m = (h, i, 2) if prefix == "gate_up" else (i, h, 1)
     table = triton_kernels.slot_table(fmt, views)
@@ -129,9 +121,21 @@ def sweep_projection(fmt, prefix: str, pairs: int, device: str = "cuda", iters: 
     }  # fmt: skip
 
 
-def quantized_formats(h: int, i: int) -> list:
-    """The quantized formats at one expert shape, bf16 compute, as the bench and the sweep run them."""
+def random_bank(fmt, device: str, slots: int | None = None, std: float = 0.02) -> dict:
+    """The views of `slots` (default SLOTS) random experts, seeded: the bench, the sweep and the kernel
+    tests see the same bytes."""
+    slots = slots or SLOTS
+    bank = fmt.empty(slots, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for s in range(slots):
+        fmt.fill_random(bank[s], g, std)
+    return fmt.views(bank)
+
+
+def bench_formats(h: int, i: int) -> list:
+    """Every expert format at one expert shape, bf16 compute, as the bench and the sweep run them."""
     return [
+        DenseFormat(h, i, torch.bfloat16),
         Fp8BlockFormat(h, i, torch.bfloat16),
         Int4Format(h, i, torch.bfloat16, 128),
         Nvfp4Format(h, i, torch.bfloat16),
@@ -142,7 +146,7 @@ def quantized_formats(h: int, i: int) -> list:
 def sweep(pairs: int) -> list[dict]:
     runs = []
     for shape, (h, i, _) in SHAPES.items():
-        for fmt in (DenseFormat(h, i, torch.bfloat16), *quantized_formats(h, i)):
+        for fmt in bench_formats(h, i):
             for prefix in ("gate_up", "down"):
                 r = {"shape": shape, **sweep_projection(fmt, prefix, pairs)}
                 runs.append(r)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = []
     for shape, (h, i, k) in SHAPES.items():
-        for fmt in (DenseFormat(h, i, torch.bfloat16), *quantized_formats(h, i)):
+        for fmt in bench_formats(h, i):
             r = {"shape": shape, **measure(fmt, k)}
             r["of_hbm"] = r["gb_s"] / hbm
             runs.append(r)
