@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from ..config import user_cache_dir
+from .fp4 import GROUP as NVFP4_GROUP
+from .mxfp4 import GROUP as MXFP4_GROUP
 
 
 @triton.jit
@@ -498,6 +500,14 @@ def gemv_config(kernel: str, k: int, n: int, m: int, pairs: int, quantum: int) -
     return GemvConfig(BLOCK_N, block_k, split, 4)
 
 
+# The fp4 kernels' constants per format: values per block scale, e8m0 (power-of-two) block scales or
+# e4m3 ones, and a per-matrix scale.
+_FP4 = {
+    "mxfp4": {"GS": MXFP4_GROUP, "E8M0": True, "GLOBAL": False},
+    "nvfp4": {"GS": NVFP4_GROUP, "E8M0": False, "GLOBAL": True},
+}
+
+
 def gemv_quantum(fmt, prefix: str, k: int) -> tuple[int, int]:
     """(quantum, floor) of a format's GEMV over `prefix`: its block of inputs per step divides quantum
     (a scale group it may not straddle) and is a multiple of floor (the inputs a packed unit or a scale
@@ -508,7 +518,7 @@ def gemv_quantum(fmt, prefix: str, k: int) -> tuple[int, int]:
         return fmt.block[1], 1
     if fmt.kernels == "dense":
         return k, 1
-    return k, 32 if fmt.kernels == "mxfp4" else 16
+    return k, _FP4[fmt.kernels]["GS"]
 
 
 def _launch(fmt, prefix: str, k: int, n: int, m: int, pairs: int, config) -> tuple[GemvConfig, int, int]:
@@ -560,13 +570,10 @@ def gemv_parts(fmt, prefix: str) -> dict:
             "FP8_NATIVE": native,
         }
     if fmt.kernels == "mxfp4":
-        return {
-            "W": at(prefix), "S": at(f"{prefix}_scales"), "G": 0, "GS": 32, "E8M0": True, "GLOBAL": False,
-            "FP8_NATIVE": native,
-        }  # fmt: skip
+        return {"W": at(prefix), "S": at(f"{prefix}_scales"), "G": 0, **_FP4["mxfp4"], "FP8_NATIVE": native}
     return {
-        "W": at(prefix), "S": at(f"{prefix}_scale"), "G": at(f"{prefix}_scale_2"), "GS": 16, "E8M0": False,
-        "GLOBAL": True, "FP8_NATIVE": native,
+        "W": at(prefix), "S": at(f"{prefix}_scale"), "G": at(f"{prefix}_scale_2"), **_FP4["nvfp4"],
+        "FP8_NATIVE": native,
     }  # fmt: skip
 
 
@@ -614,10 +621,10 @@ def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
     per-matrix scale: its scales' tensor stands in for the pointer, unread (GLOBAL off)."""
     if fmt.kernels == "mxfp4":
         scales = bank[f"{prefix}_scales"]
-        return (bank[prefix], scales, scales), {"GS": 32, "E8M0": True, "GLOBAL": False}
+        return (bank[prefix], scales, scales), _FP4["mxfp4"]
     return (
         (bank[prefix], bank[f"{prefix}_scale"].view(torch.uint8), bank[f"{prefix}_scale_2"]),
-        {"GS": 16, "E8M0": False, "GLOBAL": True},
+        _FP4["nvfp4"],
     )
 
 
