@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .config import EngineConfig
+from .planner import Layout
 from .planning import CALIBRATION_PROMPT, CALIBRATION_TOKENS, concrete, make_plan, pick, plan_path
 
 
@@ -52,7 +53,7 @@ def verify(model_dir: str | Path, kwargs: dict, plan: dict) -> Path:
     budgets = {k: kwargs.get(k) for k in ("gpu_budget_gib", "cpu_budget_gib")}
     rows = []
     for c in plan["candidates"]:
-        options = {k: c[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
+        options = Layout.options_of(c)
         figures = run_isolated(
             "tiermoe", model_dir, work, budgets["gpu_budget_gib"], budgets["cpu_budget_gib"],
             options={**options, **{k: v for k, v in kwargs.items() if k in ("routing", "dtype")}},

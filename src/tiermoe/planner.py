@@ -60,6 +60,11 @@ class Layout:
         measured it no better, bench/NOTES.md)."""
         return {**asdict(self), "prefetch": False}
 
+    @staticmethod
+    def options_of(candidate: dict) -> dict:
+        """The LLM keywords of a saved plan's candidate (Prediction.to_dict)."""
+        return {k: candidate[k] for k in Layout().options()}
+
 
 @dataclass(frozen=True)
 class Costs:

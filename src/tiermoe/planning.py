@@ -185,7 +185,7 @@ def make_plan(
     """Measure, calibrate, simulate, choose (preset: latency, throughput or balanced); the saved plan's
     content. The calibration runs the candidate grid's first layout: the default KV reserve, lfu, copy.
     calibrated False: no model load; an szd trace from the routing model and an estimated step."""
-    config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
+    config = engine_config(kwargs)
     hf_config = json.loads((Path(model_dir) / "config.json").read_text())
     grid = layouts(hf_config, config, cpu=True)
     default, default_plan = grid[0]
@@ -224,7 +224,7 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
     plan for these settings is saved. auto: throughput for the server, latency otherwise."""
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     preset = concrete(preset, command)
-    config = EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
+    config = engine_config(kwargs)
     path = plan_path(model_dir, config)
     saved = json.loads(path.read_text()) if path.exists() else None
     if saved is None:
@@ -237,13 +237,18 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
     progress(
         f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s{estimate}"
     )
-    layout = {k: picked[k] for k in ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens", "prefetch")}
-    merged = {**layout, **kwargs}
-    if merged["cpu_compute"] and merged["miss_path"] == "in-place":  # a given flag against the pick: it wins
-        merged["cpu_compute" if "miss_path" in kwargs else "miss_path"] = (
-            False if "miss_path" in kwargs else "copy"
-        )
+    merged = {**Layout.options_of(picked), **kwargs}  # the flags given win
+    if merged["cpu_compute"] and merged["miss_path"] == "in-place":  # a flag given against the pick
+        if "miss_path" in kwargs:
+            merged["cpu_compute"] = False
+        else:
+            merged["miss_path"] = "copy"
     return merged
+
+
+def engine_config(kwargs: dict) -> EngineConfig:
+    """The EngineConfig of LLM keywords (the command's progress display is no engine setting)."""
+    return EngineConfig(**{k: v for k, v in kwargs.items() if k != "show_progress"})
 
 
 def concrete(preset: str, command: str) -> str:
@@ -265,21 +270,19 @@ def _release_gpu_memory() -> None:
 def predicted(model_dir: str | Path, run: dict) -> float | None:
     """The predicted tok/s of a bench run's layout in a saved plan of the same model, budgets and routing
     (a plan made without --routing counts for any: the engine's default routing); None when none has it."""
-    layout_keys = ("eviction", "miss_path", "cpu_compute", "kv_reserve_tokens")
+    layout = {"prefetch": False, **run}  # a run that does not say had the engine's default, off
+    model = str(Path(model_dir).resolve())
     for path in sorted((user_cache_dir() / "plans").glob("*.json")):
         saved = json.loads(path.read_text())
-        s = saved.get("settings", {})
-        if saved.get("model") != str(Path(model_dir).resolve()) or s.get("routing") not in (
-            None,
-            run.get("routing"),
-        ):
-            continue
-        if s.get("gpu_budget_gib") != run.get("gpu_budget_gib") or s.get("cpu_budget_gib") != run.get(
-            "cpu_budget_gib"
+        settings = saved.get("settings", {})
+        if (
+            saved.get("model") != model
+            or settings.get("routing") not in (None, run.get("routing"))
+            or any(settings.get(k) != run.get(k) for k in ("gpu_budget_gib", "cpu_budget_gib"))
         ):
             continue
         for c in saved["candidates"]:
-            if all(c.get(k) == run.get(k) for k in layout_keys) and not run.get("prefetch"):
+            if all(c.get(k) == layout.get(k) for k in Layout().options()):
                 return c["predicted_tok_s"]
     return None
 
