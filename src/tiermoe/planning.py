@@ -71,7 +71,7 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
     """This machine's seconds per expert on each path (one expert of the model's format, random bytes),
     the host round trip per layer, and an estimate of the rest of a step (the dense weights read once at
     HBM speed) that calibration replaces."""
-    from .hardware import gpu_copy_bandwidth, h2d_bandwidth, zero_copy_bandwidth
+    from .hardware import gpu_copy_bandwidth, h2d_bandwidth, time_cpu, zero_copy_bandwidth
 
     args = from_config(hf_config)[2]
     device, dtype = config.torch_device, config.torch_dtype
@@ -85,7 +85,7 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
         hbm = gpu_copy_bandwidth(256 << 20) / 2 * GB  # read + write counted: half is the read rate
     else:
         scratch = fmt.empty(1)[0]
-        stream_s = cpu_compute._median_s(lambda: scratch.copy_(expert))
+        stream_s = time_cpu(lambda: scratch.copy_(expert), min_s=0.01)
         in_place_s, hbm = None, None
     return Costs(
         stream_s=stream_s,
