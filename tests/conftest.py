@@ -114,3 +114,61 @@ def pytest_collection_modifyitems(config, items):
 def budget_gib(plan, experts: int) -> float:
     """A GPU budget in GiB holding a plan's dense weights and KV cache and `experts` expert slots."""
     return (plan.dense_bytes + plan.kv_bytes + experts * plan.expert_bytes) / 2**30
+
+
+def runner_requests(llm, prompts: list[list[int]]):
+    """Requests placed by hand (KV blocks, state rows): the runner runs them as given, without the
+    scheduler or the engine's context checks. The caller releases them with release_requests."""
+    from tiermoe.engine.request import SamplingParams
+    from tiermoe.engine.scheduler import Request
+
+    routing = llm.engine.runner.routing
+    requests = []
+    for slot, prompt in enumerate(prompts):
+        r = Request(-1 - slot, list(prompt), SamplingParams(), slot=slot)
+        if routing:
+            r.doc = routing.begin_sequence(slot)
+        requests.append(r)
+    return requests
+
+
+def run_chunks(llm, requests, counts: list[int]) -> torch.Tensor:
+    """One runner step of `counts[i]` more tokens of each request (blocks grown to hold them)."""
+    from tiermoe.engine.scheduler import Chunk
+
+    chunks = []
+    for r, n in zip(requests, counts, strict=True):
+        assert llm.engine.pool.grow(r.blocks, r.num_computed + n), "test needs more KV blocks"
+        chunks.append(Chunk(r, r.num_computed, n))
+    logits = llm.engine.runner.execute(chunks)
+    for r, n in zip(requests, counts, strict=True):
+        r.num_computed += n
+    return logits
+
+
+def release_requests(llm, requests) -> None:
+    for r in requests:
+        llm.engine.pool.release(r.blocks)
+
+
+def prompt_logits(llm, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits [B, V] at each prompt's last token, the prompts run together as one step of the runner."""
+    requests = runner_requests(llm, prompts)
+    try:
+        return run_chunks(llm, requests, [len(p) for p in prompts])
+    finally:
+        release_requests(llm, requests)
+
+
+def runner_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens through the runner alone (no context check: past max_position_embeddings too)."""
+    (r,) = requests = runner_requests(llm, [prompt])
+    try:
+        logits = run_chunks(llm, requests, [len(prompt)])
+        while True:
+            r.output_ids.append(int(logits[0].argmax()))
+            if len(r.output_ids) == n:
+                return r.output_ids
+            logits = run_chunks(llm, requests, [1])
+    finally:
+        release_requests(llm, requests)

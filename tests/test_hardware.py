@@ -76,7 +76,8 @@ def test_plan_of_olmoe_at_4_gib_has_the_slots_the_engine_reported():
     engine = EngineConfig(gpu_budget_gib=4, workspace_gib=1.0, dtype="bf16", device="cpu")
     plan = plan_from_config(get_preset("olmoe-1b-7b").config, engine)
     assert (plan.gpu_slots, plan.total_experts, plan.expert_bytes) == (137, 1024, 3 * 2048 * 1024 * 2)
-    assert plan.kv_bytes == 4096 * 16 * 2 * 16 * 128 * 2 and plan.workspace_bytes == GIB
+    # 4096 tokens in whole blocks of 16, and the null block
+    assert plan.kv_bytes == (4096 + 16) * 16 * 2 * 16 * 128 * 2 and plan.workspace_bytes == GIB
     with pytest.raises(BudgetError, match="too small"):
         plan_from_config(get_preset("olmoe-1b-7b").config, EngineConfig(gpu_budget_gib=1, device="cpu"))
 

@@ -1,5 +1,5 @@
-"""The memory plan holds: made before any weight is allocated, its KV reserve bounds every cache the
-runner allocates, and an unset max_tokens resolves to what the context and the reserve allow."""
+"""The memory plan holds: made before any weight is allocated, its KV reserve is the one cache the runner
+allocates, and an unset max_tokens resolves to what the context and the reserve allow."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ PROMPT = [5, 9, 12, 7, 3, 88, 41]
 
 
 def _kv_bytes(llm: LLM) -> int:
-    """Bytes of every KV cache the runner holds now."""
-    caches = llm.engine.runner._caches.values()
-    return sum(t.numel() * t.element_size() for c in caches for t in (*c.k, *c.v))
+    """Bytes of the runner's KV cache."""
+    kv = llm.engine.runner.kv
+    return sum(t.numel() * t.element_size() for t in (*kv.k, *kv.v))
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +32,21 @@ def test_default_reserve_is_capped_and_counted_per_layer(long_context):
     llm = LLM(long_context, device="cpu")
     per_token = 3 * 2 * 2 * 16 * 4  # layers x K and V x kv heads x head_dim x fp32
     assert llm.max_model_len == 40960
-    assert (llm.plan.kv_tokens, llm.plan.kv_bytes) == (4096, 4096 * per_token)
+    # 4096 tokens in 256 blocks, and the null block
+    assert (llm.plan.kv_tokens, llm.plan.kv_bytes) == (4096, (4096 + 16) * per_token)
     assert llm.model.kv_bytes_per_token(4) == per_token
 
 
 def test_no_max_tokens_runs_to_the_reserve_and_never_past_it(long_context):
     llm = LLM(long_context, device="cpu", kv_reserve_tokens=48)
+    assert _kv_bytes(llm) == llm.plan.kv_bytes  # the whole cache, allocated once as the plan says
     out = llm.generate(PROMPT, SamplingParams(ignore_eos=True))[0]
     assert (len(out.token_ids), out.finish_reason) == (48 - len(PROMPT), "length")
-    assert _kv_bytes(llm) == llm.plan.kv_bytes  # 48 tokens exactly: no power-of-two rounding past the plan
-    # Two rows share the reserve: 24 slots each; the batch-1 cache is dropped to make room.
+    # Two sequences that each fill the reserve take turns (the second waits, or is preempted and
+    # recomputes): each still runs to the reserve's end, and the cache never grows.
     outs = llm.generate([PROMPT, PROMPT[:3]], SamplingParams(ignore_eos=True))
-    assert [len(o.token_ids) for o in outs] == [24 - len(PROMPT)] * 2
-    assert _kv_bytes(llm) <= llm.plan.kv_bytes and list(llm.engine.runner._caches) == [2]
+    assert [len(o.token_ids) for o in outs] == [48 - len(PROMPT), 48 - 3]
+    assert _kv_bytes(llm) == llm.plan.kv_bytes
 
 
 def test_a_request_beyond_the_reserve_names_the_limit(long_context):
@@ -52,7 +54,7 @@ def test_a_request_beyond_the_reserve_names_the_limit(long_context):
     with pytest.raises(InvalidRequestError, match="KV cache reserve holds 48 tokens") as info:
         llm.generate(PROMPT, SamplingParams(max_tokens=42))
     assert info.value.param == "max_tokens" and "--kv-reserve-tokens" in str(info.value)
-    assert _kv_bytes(llm) == 0  # refused before anything was allocated
+    assert not llm.engine.has_unfinished()  # refused before it was queued
     assert len(llm.generate(PROMPT, SamplingParams(max_tokens=41, ignore_eos=True))[0].token_ids) == 41
 
 

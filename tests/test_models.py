@@ -12,6 +12,8 @@ import torch
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import InvalidRequestError
 
+from .conftest import prompt_logits
+
 REL_TOL = 1e-4
 PROMPTS = [[5, 17, 42, 99, 7, 3 + 8, 120, 64], [9, 33, 200, 14]]
 
@@ -31,9 +33,7 @@ def hf_logits(model, prompts: list[list[int]]) -> torch.Tensor:
 
 
 def our_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    cache = llm.engine.runner.new_cache(len(prompts), max(len(p) for p in prompts))
-    logits, _ = llm.engine.runner.prefill(prompts, cache)
-    return logits
+    return prompt_logits(llm, prompts)
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:

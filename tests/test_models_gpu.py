@@ -18,6 +18,7 @@ import torch
 
 from tiermoe import LLM, SamplingParams
 
+from .conftest import prompt_logits
 from .test_models import CASES, PROMPTS, hf_logits, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -30,8 +31,7 @@ def test_bf16_cuda_parity(tiny_checkpoint, arch, layout, overrides):
     hf_bf16 = copy.deepcopy(hf).to("cuda", torch.bfloat16)
     theirs = hf_logits_cuda(hf_bf16, PROMPTS)
     llm = LLM(path, device="cuda", dtype="bf16")
-    cache = llm.engine.runner.new_cache(len(PROMPTS), 16)
-    ours = llm.engine.runner.prefill(PROMPTS, cache)[0].cpu()
+    ours = prompt_logits(llm, PROMPTS).cpu()
     their_err, our_err = rel_err(theirs, reference), rel_err(ours, reference)
     assert our_err < 3e-2 and our_err < 2 * their_err + 1e-3, (our_err, their_err)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tiermoe import LLM
+from tiermoe.models.kv_cache import BLOCK_TOKENS, KVBatch
 from tiermoe.models.moe import SparseMoeBlock
 
 
@@ -14,14 +15,13 @@ from tiermoe.models.moe import SparseMoeBlock
 def test_before_and_after_experts_equal_the_layer(tiny_checkpoint, arch):
     path, _ = tiny_checkpoint(arch)
     llm = LLM(path, device="cpu")
-    runner, model = llm.engine.runner, llm.model
+    cache, model = llm.engine.runner.kv, llm.model
     layer = next(m for m in model.model.layers if isinstance(m.mlp, SparseMoeBlock))
     ids = torch.tensor([[3, 17, 42, 7, 99]])
     positions = torch.arange(5)[None]
     outs = []
     for split in (False, True):
-        cache = runner.new_cache(1, 8)
-        cache.start(torch.ones(1, 5, dtype=torch.bool))
+        cache.bind(KVBatch(torch.tensor([[1]]), positions + BLOCK_TOKENS, positions, torch.tensor([5])))
         x, rope = model.embed(ids, positions)
         with torch.inference_mode():
             if split:

@@ -14,6 +14,8 @@ from tiermoe.offload.budget import GIB
 from tiermoe.offload.in_place import admits
 from tiermoe.offload.store import TieredExpertStore
 
+from .conftest import prompt_logits
+
 PROMPT = [5, 17, 42, 99, 7, 11, 120, 64, 3, 200, 31, 8]
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
@@ -46,9 +48,7 @@ def test_small_budget_gives_identical_tokens_and_logits(model):
     got = llm.generate(PROMPT, GREEDY)[0]
     assert got.token_ids == expected.token_ids
     # One token runs the same kernels on the same weights in both: its logits are bit-identical.
-    logits = [
-        x.engine.runner.prefill([PROMPT[:1]], x.engine.runner.new_cache(1, 1))[0] for x in (resident, llm)
-    ]
+    logits = [prompt_logits(x, [PROMPT[:1]]) for x in (resident, llm)]
     assert torch.equal(logits[0], logits[1])
 
 

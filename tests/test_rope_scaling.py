@@ -23,7 +23,7 @@ from tiermoe.errors import CheckpointError
 from tiermoe.models.base import build_rotary
 from tiermoe.models.qwen3_moe import Qwen3MoeArgs
 
-from .conftest import hf_config
+from .conftest import hf_config, runner_greedy
 from .test_models import PROMPTS, REL_TOL, hf_greedy, hf_logits, our_logits, rel_err
 
 HALF = 8  # head_dim / 2 of the tiny qwen3_moe: the length of longrope's factor lists
@@ -91,21 +91,6 @@ def assert_tables_match(llm: LLM, hf) -> None:
     assert ours.attention_scaling == theirs.attention_scaling
 
 
-def our_greedy_unbounded(llm: LLM, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens through the runner itself, which has no max_model_len check: past
-    max_position_embeddings too."""
-    runner = llm.engine.runner
-    cache = runner.new_cache(1, len(prompt) + n)
-    logits, positions = runner.prefill([prompt], cache)
-    tokens = [int(logits.argmax(-1))]
-    active = torch.ones(1, dtype=torch.bool)
-    while len(tokens) < n:
-        logits = runner.decode(torch.tensor([tokens[-1]]), positions, active, cache)
-        positions = positions + 1
-        tokens.append(int(logits.argmax(-1)))
-    return tokens
-
-
 CASES = [("qwen3_moe", rope, spelling) for rope in ROPES for spelling in SPELLINGS] + [
     ("olmoe", "yarn", "rope_parameters"),
     ("qwen2_moe", "longrope", "rope_scaling.type"),
@@ -140,10 +125,10 @@ def test_past_max_position_embeddings_matches_transformers(tiny_checkpoint, rope
             "original_max_position_embeddings": 8,
         }
     path, hf = tiny_checkpoint("qwen3_moe", **{**overrides(rope), **fields})
-    llm = LLM(path, device="cpu", dtype="fp32")
+    llm = LLM(path, device="cpu", dtype="fp32", kv_reserve_tokens=40)  # past the context: 24 + 16 tokens
     prompt = [(7 * i + 3) % 300 for i in range(24)]
     assert rel_err(our_logits(llm, [prompt]), hf_logits(hf, [prompt])) < REL_TOL
-    assert our_greedy_unbounded(llm, prompt, 16) == hf_greedy(hf, prompt, 16)
+    assert runner_greedy(llm, prompt, 16) == hf_greedy(hf, prompt, 16)
 
 
 def test_dynamic_rope_differs_from_plain_past_max_position_embeddings(tiny_checkpoint):
@@ -151,7 +136,7 @@ def test_dynamic_rope_differs_from_plain_past_max_position_embeddings(tiny_check
     prompt = [(7 * i + 3) % 300 for i in range(24)]
     dynamic, _ = tiny_checkpoint("qwen3_moe", **overrides("dynamic", max_position_embeddings=16))
     _, hf = tiny_checkpoint("qwen3_moe", max_position_embeddings=16)
-    ours = our_logits(LLM(dynamic, device="cpu", dtype="fp32"), [prompt])
+    ours = our_logits(LLM(dynamic, device="cpu", dtype="fp32", kv_reserve_tokens=24), [prompt])
     assert rel_err(ours, hf_logits(hf, [prompt])) > 100 * REL_TOL
 
 

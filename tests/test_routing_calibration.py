@@ -26,8 +26,10 @@ def decode_stream(family: str) -> tuple[Trace, np.ndarray]:
     experts, k = TARGETS[family][:2]
     model = SZDRouting(LAYERS, experts, k, 0, torch.device("cpu"), CALIBRATED[family])
     docs = torch.arange(DOCS)
-    model.begin_run(docs)
-    model.step(docs, torch.arange(TOKENS).expand(DOCS, TOKENS), torch.ones(DOCS, TOKENS, dtype=torch.bool))
+    rows = model.start(docs)
+    model.step(
+        docs, rows, torch.arange(TOKENS).expand(DOCS, TOKENS), torch.ones(DOCS, TOKENS, dtype=torch.bool)
+    )
     ids = model.ids.numpy()  # [L, B, T, k]
     layer, doc, token = np.meshgrid(np.arange(LAYERS), np.arange(DOCS), np.arange(TOKENS), indexing="ij")
     prefill = np.zeros(layer.size, dtype=bool)

@@ -15,10 +15,10 @@ from tiermoe.routing.synthetic import CALIBRATED, SZDParams, SZDRouting, Uniform
 def route(model, docs: list[int], tokens: int) -> torch.Tensor:
     """ids [L, B, tokens, k] of fresh documents, routed one token per step as in decode."""
     d = torch.tensor(docs)
-    model.begin_run(d)
+    rows = model.start(d)
     out = []
     for t in range(tokens):
-        model.step(d, torch.full((len(docs), 1), t), torch.ones(len(docs), 1, dtype=torch.bool))
+        model.step(d, rows, torch.full((len(docs), 1), t), torch.ones(len(docs), 1, dtype=torch.bool))
         out.append(model.ids)
     return torch.cat(out, dim=2)
 
@@ -38,8 +38,8 @@ def test_uniform_spreads_tokens_evenly():
     E, k, n = 16, 4, 4000
     model = UniformRouting(2, E, k, seed=0, device=torch.device("cpu"))
     d = torch.tensor([0])
-    model.begin_run(d)
-    model.step(d, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))  # one long step: n tokens
+    rows = model.start(d)
+    model.step(d, rows, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))  # one long step: n tokens
     ids = model.ids  # [2, 1, n, k]
     assert all(len(set(row.tolist())) == k for row in ids.reshape(-1, k))  # k distinct per token
     for layer in range(2):
@@ -72,9 +72,9 @@ def test_szd_is_sticky_seeded_and_per_row():
 def test_szd_padding_and_finished_rows_leave_state_alone():
     model = SZDRouting(2, 32, 4, 0, torch.device("cpu"), CALIBRATED["qwen3_moe"])
     d = torch.tensor([0])
-    model.begin_run(d)
+    rows = model.start(d)
     before = [t.clone() for t in model.state()]
-    model.step(d, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
+    model.step(d, rows, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
     assert all(torch.equal(x, y) for x, y in zip(before, model.state(), strict=True))
 
 

@@ -378,8 +378,7 @@ def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
         assert r.status_code == 200
         data = (line for line in r.iter_lines() if line.startswith("data: "))
         assert len(list(itertools.islice(data, 3))) == 3
-    # Leaving the block closed the connection mid-stream. The next request waits in the FIFO until
-    # the engine lets go of the aborted one.
+    # Leaving the block closed the connection mid-stream: the engine drops the request at the next step.
     nxt = client.completions.create(model=llm.model_name, prompt=PROMPT, max_tokens=4, extra_body=NO_EOS)
     assert nxt.usage.completion_tokens == 4
     assert metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted") == aborted + 1
@@ -396,7 +395,7 @@ def test_clients_leaving_a_whole_or_a_queued_request_cancel_it(url, client, llm)
         with pytest.raises(httpx2.TimeoutException):
             httpx2.post(url + COMPLETIONS, json=body, timeout=0.5)
 
-    # Two at once: one runs and one waits in the queue; both clients give up before the end.
+    # Two at once, running together; both clients give up before the end.
     leavers = [threading.Thread(target=give_up) for _ in range(2)]
     for t in leavers:
         t.start()
@@ -440,7 +439,13 @@ def test_sixteen_concurrent_streaming_clients(url, llm):
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(ref.prompt_token_ids), 8)
 
 
-def test_queued_requests_are_served_in_arrival_order(url, llm):
+def test_short_requests_finish_while_a_long_one_runs(url, llm):
+    """Requests run together: three short ones arriving after a long one finish first, in their order,
+    and the engine's steps held more than one sequence."""
+    batched = metric(url, "tiermoe_step_batch_size_count") - metric(
+        url, "tiermoe_step_batch_size_bucket", le="1.0"
+    )
+
     async def arrive_in_order() -> list[str]:
         finished: list[str] = []
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as aclient:
@@ -452,14 +457,18 @@ def test_queued_requests_are_served_in_arrival_order(url, llm):
                 finished.append(name)
 
             tasks = []
-            # A long one occupies the engine; three short ones queue behind it, 0.1 s apart.
             for name, max_tokens in [("long", 150), ("b", 2), ("c", 2), ("d", 2)]:
                 tasks.append(asyncio.create_task(request(name, max_tokens)))
                 await asyncio.sleep(0.1)
             await asyncio.gather(*tasks)
         return finished
 
-    assert asyncio.run(arrive_in_order()) == ["long", "b", "c", "d"]
+    assert asyncio.run(arrive_in_order()) == ["b", "c", "d", "long"]
+    after = metric(url, "tiermoe_step_batch_size_count") - metric(
+        url, "tiermoe_step_batch_size_bucket", le="1.0"
+    )
+    assert after - batched >= 3  # each short one ran beside the long one
+    assert metric(url, "tiermoe_kv_cache_usage") == 0  # every block back
 
 
 def test_metrics_count_requests_tokens_and_timings(url, client, llm):
@@ -636,7 +645,7 @@ def test_logprobs_are_the_engines_log_softmax_of_the_chosen_tokens(url, client, 
     wait_idle(url)
     prompt = llm.encode(llm.apply_chat_template(MESSAGES), add_special_tokens=False)
     tokens = llm.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
-    reference = llm.engine.runner.logprobs(prompt + tokens)[-6:].tolist()
+    reference = llm.engine.score(prompt + tokens)[-6:].tolist()
     for entries in (whole, streamed):
         assert [e.logprob for e in entries] == pytest.approx(reference, abs=1e-5)
         assert [e.token for e in entries] == [llm.tokenizer.decode([t]) for t in tokens]
@@ -674,7 +683,7 @@ def test_shutdown_ends_running_streams_with_an_error_event_and_done(llm, caplog)
             with httpx2.stream("POST", url + COMPLETIONS, json=body, timeout=30) as r:
                 lines.extend(filter(None, r.iter_lines()))
 
-        def wait_whole():  # queued behind the stream: it ends as a 503
+        def wait_whole():  # running beside the stream: it ends as a 503
             waiting.append(httpx2.post(url + COMPLETIONS, json={**body, "stream": False}, timeout=30))
 
         readers = [threading.Thread(target=read_stream), threading.Thread(target=wait_whole)]
@@ -684,7 +693,7 @@ def test_shutdown_ends_running_streams_with_an_error_event_and_done(llm, caplog)
             assert time.monotonic() < deadline
             time.sleep(0.01)
         readers[1].start()
-        while not metric(url, "tiermoe_requests_queued"):  # the whole request waits behind it
+        while metric(url, "tiermoe_requests_running") < 2:  # the whole request runs beside it
             assert time.monotonic() < deadline
             time.sleep(0.01)
     for t in readers:

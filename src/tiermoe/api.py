@@ -58,11 +58,18 @@ class LLM:
             provider=self.provider,
             routing=self.routing,
             kv_tokens=self.plan.kv_tokens,
+            max_num_seqs=c.max_num_seqs,
         )
         eos = eos_token_ids(self.path, self.source.checkpoint.config, self.tokenizer)
         self.sampling_defaults = sampling_defaults(self.path)
         self.engine = Engine(
-            runner, self.provider, self.tokenizer, eos, self.max_model_len, self.sampling_defaults
+            runner,
+            self.provider,
+            self.tokenizer,
+            eos,
+            self.max_model_len,
+            self.sampling_defaults,
+            c.max_num_seqs,
         )
 
     @property
@@ -116,7 +123,8 @@ class LLM:
     def generate(
         self, prompts: str | list[int] | list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a batch (text or token ids), all in one batch on the device."""
+        """Generate for one prompt or a batch (text or token ids), batched on the device as far as
+        max_num_seqs and the KV reserve allow (the rest wait their turn)."""
         params = params or SamplingParams()
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
@@ -149,8 +157,8 @@ class LLM:
         if len(ids) < 2:
             return []
         if not top:
-            return [(lp, []) for lp in self.engine.runner.logprobs(ids).tolist()]
-        chosen, top_ids, top_values = self.engine.runner.logprobs(ids, top=top)
+            return [(lp, []) for lp in self.engine.score(ids).tolist()]
+        chosen, top_ids, top_values = self.engine.score(ids, top=top)
         return [
             (lp, list(zip(i, v, strict=True)))
             for lp, i, v in zip(chosen.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)

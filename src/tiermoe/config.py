@@ -56,7 +56,10 @@ class EngineConfig:
     )
     kv_reserve_tokens: int | None = _setting(
         None,
-        "KV cache tokens reserved in the GPU budget, shared by a batch's rows (default: context, at most 4096)",
+        "KV cache tokens reserved in the GPU budget, shared by the running sequences (default: context, at most 4096)",
+    )
+    max_num_seqs: int = _setting(
+        16, "sequences decoding at once; more requests wait in the queue (the KV reserve may admit fewer)"
     )
     experts_per_token: int | None = _setting(
         None,
@@ -144,6 +147,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InvalidRequestError(f"{name} must be at least 1 token", name)
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_seqs must be at least 1", "max_num_seqs")
 
     @property
     def torch_device(self):

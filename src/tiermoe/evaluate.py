@@ -69,7 +69,7 @@ def perplexity(llm, ids: list[int], context: int | None = None, stride: int | No
         raise InvalidRequestError("the text has fewer than 2 tokens: nothing to predict", "text")
     start, nll, scored = time.perf_counter(), 0.0, 0
     for begin, end, count in windows(len(ids), context, stride):
-        logprobs = runner.logprobs(ids[begin:end])
+        logprobs = llm.engine.score(ids[begin:end])
         nll -= float(logprobs[-count:].double().sum())
         scored += count
     return Perplexity(

@@ -1,31 +1,32 @@
-"""The step loop: validate requests, prefill them as one batch, decode until every sequence stops,
-and report each new piece of text as a TokenEvent."""
+"""The step engine: requests are added, each `step` runs what the scheduler plans (new prompt chunks and
+every running sequence's next token, as few forwards as the runner needs), samples, and reports each new
+piece of text as a TokenEvent; `abort` drops a request at the next step boundary. `run` drives the engine
+alone for a batch of prompts (LLM.generate and LLM.stream); the server interleaves many requests."""
 
 from __future__ import annotations
 
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, TiermoeError
 from ..offload.provider import ExpertProvider
 from .detokenizer import TextStream
+from .kv_blocks import BlockPool
 from .request import GenerationStats, SamplingParams, TokenEvent
 from .runner import ModelRunner
 from .sampler import Sampler
+from .scheduler import Chunk, Request, Scheduler
 
 
-@dataclass
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    sampler: Sampler
-    text: TextStream
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+class KVCacheBusy(TiermoeError):
+    """Scoring a prompt needs KV blocks that running requests hold."""
+
+    http_status = 503
+    error_type = "server_error"
+    code = "kv_cache_busy"
 
 
 class Engine:
@@ -37,11 +38,18 @@ class Engine:
         eos_token_ids: set[int],
         max_model_len: int,
         sampling_defaults: dict | None = None,
+        max_num_seqs: int = 16,
     ):
         self.runner, self.provider, self.tokenizer = runner, provider, tokenizer
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         self.sampling_defaults = sampling_defaults or {}  # generation_config.json's, for unset fields
+        self.pool = BlockPool(runner.num_blocks)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, runner.prefill_chunk)
+        self._next_id = 0
+        self.steps = 0
+        self.last_batch = 0  # sequences in the last step (the server's metrics)
 
+    # --- requests
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
@@ -59,131 +67,184 @@ class Engine:
                 f"model's context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
-
-    def resolve(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SamplingParams]:
-        """Every field set, and the batch held to the KV cache reserve of the memory plan: the left-padded
-        batch needs rows x (longest prompt + max_tokens) slots. An unset max_tokens runs to the end of the
-        context or of the reserve; a set one that does not fit is an error naming the limit."""
-        for prompt, p in zip(prompts, params, strict=True):
-            self.validate(prompt, p)
-        width, rows = max(len(p) for p in prompts), len(prompts)
-        per_row = self.runner.kv_tokens // rows
-        room = min(self.max_model_len, per_row)
-        needed = width + max(p.max_tokens or 1 for p in params)
-        if needed > per_row:
+        kv = self.runner.kv_tokens
+        if len(prompt_ids) + (params.max_tokens or 1) > kv:
             raise InvalidRequestError(
-                f"the KV cache reserve holds {self.runner.kv_tokens} tokens (--kv-reserve-tokens, part of "
-                f"the GPU budget); {rows} sequence(s) of up to {width} prompt tokens plus max_tokens "
-                f"{max(p.max_tokens or 1 for p in params)} need {rows * needed}: lower max_tokens, send "
-                "fewer prompts at once, or raise --kv-reserve-tokens",
+                f"the KV cache reserve holds {kv} tokens (--kv-reserve-tokens, part of the GPU budget); the "
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) needs more: "
+                "lower max_tokens, shorten the prompt, or raise --kv-reserve-tokens",
                 param="max_tokens",
             )
-        return [p.resolved(self.sampling_defaults, room - width) for p in params]
 
-    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
-        """Generate for a batch; yields the events of each step. Closing the iterator aborts at once."""
-        params = self.resolve(prompts, params)
-        device = self.runner.device
-        seqs = [
-            Sequence(prompt, p, Sampler(p, device), TextStream(self.tokenizer, p.stop, p.skip_special_tokens))
-            for prompt, p in zip(prompts, params, strict=True)
-        ]
-        stats = GenerationStats(sequences=len(prompts), prompt_tokens=sum(len(p) for p in prompts))
-        self.provider.reset_stats()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        max_len = max(len(p) for p in prompts) + max(p.max_tokens for p in params)
-        cache = self.runner.cache_for(len(seqs), max_len)
-        try:
-            yield from self._generate(seqs, prompts, cache, stats)
-        finally:  # also when the caller closes the stream early
-            self.runner.end_run()
+    def resolve(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Every field set; an unset max_tokens runs to the end of the context or of the KV reserve."""
+        self.validate(prompt_ids, params)
+        room = min(self.max_model_len, self.runner.kv_tokens)
+        return params.resolved(self.sampling_defaults, room - len(prompt_ids))
 
-    def _generate(self, seqs, prompts, cache, stats: GenerationStats) -> Iterator[list[TokenEvent]]:
-        device = self.runner.device
-        start = time.perf_counter()
-        logits, positions = self.runner.prefill(prompts, cache)
-        tokens = self._sample(seqs, logits)
-        scores = self._logprobs(seqs, logits, tokens)
-        stats.ttft_s = stats.prefill_s = time.perf_counter() - start
-        after_prefill = self.provider.stats()
-        decode_start = time.perf_counter()
-        while True:
-            events = self._advance(seqs, tokens, scores)
-            stats.completion_tokens = sum(len(s.output_ids) for s in seqs)
-            done = all(s.finish_reason for s in seqs)
-            if done:
-                stats.decode_s = time.perf_counter() - decode_start
-                self._finish_stats(stats, device, after_prefill)
-                for e in events:
-                    if e.finish_reason:
-                        e.stats = stats
-            yield events
-            if done:
-                return
-            active = torch.tensor([s.finish_reason is None for s in seqs], device=device)
-            token_tensor = torch.tensor([t if t is not None else 0 for t in tokens], device=device)
-            logits = self.runner.decode(token_tensor, positions, active, cache)
-            positions = positions + 1
-            tokens = self._sample(seqs, logits)
-            self.provider.after_step(len(seqs))  # the step is done: its tokens are on the host
-            scores = self._logprobs(seqs, logits, tokens)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int = 0) -> Request:
+        """Queue a request (validated first: a bad one raises and nothing is queued)."""
+        params = self.resolve(prompt_ids, params)
+        request = Request(self._next_id, list(prompt_ids), params, index)
+        request.sampler = Sampler(params, self.runner.device)
+        request.text = TextStream(self.tokenizer, params.stop, params.skip_special_tokens)
+        request.experts_at_start = self.provider.stats()
+        self._next_id += 1
+        self.scheduler.add(request)
+        return request
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
-        if all(s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in seqs):
-            picked = logits.argmax(dim=-1).tolist()
-        else:
-            picked = []
-            for row, s in enumerate(seqs):
-                if s.finish_reason is not None:
-                    picked.append(0)
-                    continue
-                # The token history crosses to the device only for the one setting that reads it.
-                penalised = s.params.repetition_penalty != 1.0
-                seen = torch.tensor(s.prompt_ids + s.output_ids, device=logits.device) if penalised else None
-                picked.append(int(s.sampler(logits[row], seen)))
-        return [t if s.finish_reason is None else None for t, s in zip(picked, seqs, strict=True)]
+    def abort(self, request: Request) -> None:
+        """Drop a request now (between steps): its KV blocks are free for the next step."""
+        if not request.finished:
+            self._finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- one step
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        routing = self.runner.routing
+        for c in plan.chunks:
+            if c.start == 0 and routing:  # a sequence starts, or restarts after a preemption
+                c.request.doc = routing.begin_sequence(c.request.slot, c.request.doc)
+        completing = [c for c in plan.chunks if c.completes]
+        logits = self.runner.execute(plan.chunks)
+        for c in plan.chunks:
+            c.request.num_computed += c.count
+        self.steps += 1
+        self.last_batch = len(plan.chunks)
+        if len(completing) < len(plan.chunks):  # some prompts are still being read
+            logits = logits[[i for i, c in enumerate(plan.chunks) if c.completes]]
+        tokens = self._sample(completing, logits)
+        decoding = sum(1 for c in plan.chunks if c.count == 1)
+        if decoding:
+            self.provider.after_step(decoding)  # the step is done: its tokens are on the host
+        scores = self._logprobs(completing, logits, tokens)
+        return [self._advance(c.request, t, s) for c, t, s in zip(completing, tokens, scores, strict=True)]
+
+    def _sample(self, chunks: list[Chunk], logits: torch.Tensor) -> list[int]:
+        requests = [c.request for c in chunks]
+        if all(r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in requests):
+            return logits.argmax(dim=-1).tolist()
+        picked = []
+        for row, r in enumerate(requests):
+            # The token history crosses to the device only for the one setting that reads it.
+            penalised = r.params.repetition_penalty != 1.0
+            seen = torch.tensor(r.prompt_ids + r.output_ids, device=logits.device) if penalised else None
+            picked.append(int(r.sampler(logits[row], seen)))
+        return picked
 
     @staticmethod
-    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list[int | None]) -> list:
-        """Per sequence that asked for them: (the picked token's log-probability, [(id, log-probability)]
+    def _logprobs(chunks: list[Chunk], logits: torch.Tensor, tokens: list[int]) -> list:
+        """Per request that asked for them: (the picked token's log-probability, [(id, log-probability)]
         of the k likeliest), from the raw logits; None for the others."""
         out = []
-        for row, (s, token) in enumerate(zip(seqs, tokens, strict=True)):
-            if token is None or s.params.logprobs is None:
+        for row, (c, token) in enumerate(zip(chunks, tokens, strict=True)):
+            k = c.request.params.logprobs
+            if k is None:
                 out.append(None)
                 continue
             scored = torch.log_softmax(logits[row].float(), dim=-1)
-            top = torch.topk(scored, s.params.logprobs) if s.params.logprobs else None
+            top = torch.topk(scored, k) if k else None
             pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
             out.append((float(scored[token]), pairs))
         return out
 
-    def _advance(self, seqs: list[Sequence], tokens: list[int | None], scores: list) -> list[TokenEvent]:
-        events = []
-        for i, (s, token, score) in enumerate(zip(seqs, tokens, scores, strict=True)):
-            if token is None:
-                continue
-            s.output_ids.append(token)
-            is_stop_token = token in s.params.stop_token_ids or (
-                not s.params.ignore_eos and token in self.eos_token_ids
-            )
-            text = "" if is_stop_token else s.text.push(token)
-            if is_stop_token or s.text.stopped:
-                s.finish_reason = "stop"
-            elif len(s.output_ids) >= s.params.max_tokens:
-                s.finish_reason = "length"
-            if s.finish_reason:
-                text += s.text.flush()
-            event = TokenEvent(i, token, text, s.finish_reason)
-            if score is not None and not is_stop_token:
-                event.logprob, event.top_logprobs = score
-            events.append(event)
-        return events
+    def _advance(self, r: Request, token: int, score) -> TokenEvent:
+        if r.first_token_s is None:
+            r.first_token_s = time.perf_counter()
+            r.experts_at_first_token = self.provider.stats()
+        r.output_ids.append(token)
+        is_stop_token = token in r.params.stop_token_ids or (
+            not r.params.ignore_eos and token in self.eos_token_ids
+        )
+        text = "" if is_stop_token else r.text.push(token)
+        reason = None
+        if is_stop_token or r.text.stopped:
+            reason = "stop"
+        elif len(r.output_ids) >= r.params.max_tokens:
+            reason = "length"
+        if reason:
+            text += r.text.flush()
+        event = TokenEvent(r.index, token, text, reason, request_id=r.id)
+        if score is not None and not is_stop_token:
+            event.logprob, event.top_logprobs = score
+        if reason:
+            self._finish(r, reason)
+            event.stats = self.stats_of([r])
+        return event
 
-    def _finish_stats(self, stats: GenerationStats, device: torch.device, after_prefill: dict) -> None:
-        if device.type == "cuda":
-            stats.peak_gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30
-        stats.peak_host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        stats.experts = self.provider.stats()
-        stats.experts_decode = self.provider.stats(since=after_prefill) if after_prefill else {}
+    def _finish(self, r: Request, reason: str) -> None:
+        routing = self.runner.routing
+        if routing and r.doc is not None:  # its recorded routing, read from its blocks before they go
+            routing.end_sequence(r.doc, len(r.prompt_ids), self.runner.slots_of(r.blocks, r.num_computed))
+        self.scheduler.finish(r, reason)
+
+    def stats_of(self, requests: list[Request]) -> GenerationStats:
+        """Timing, memory and expert figures of requests, as one batch: from the first arrival to the
+        last first token (prefill), then to the last finish (decode)."""
+        start = min(r.arrival_s for r in requests)
+        first = max(r.first_token_s or start for r in requests)
+        end = max(r.finish_s or first for r in requests)
+        device = self.runner.device
+        stats = GenerationStats(
+            sequences=len(requests),
+            prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+            completion_tokens=sum(len(r.output_ids) for r in requests),
+            ttft_s=first - start,
+            prefill_s=first - start,
+            decode_s=end - first,
+            peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+            peak_host_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        )
+        earliest = min(requests, key=lambda r: r.arrival_s)
+        latest = max(requests, key=lambda r: r.first_token_s or start)
+        stats.experts = self.provider.stats(since=earliest.experts_at_start)
+        at_decode = latest.experts_at_first_token
+        stats.experts_decode = self.provider.stats(since=at_decode) if at_decode is not None else {}
+        return stats
+
+    # --- a batch, driving the engine alone
+    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        """Generate for a batch; yields each step's events (index: the prompt's). The last request to
+        finish carries the stats of the whole batch. Closing the iterator aborts the batch at once."""
+        for prompt, p in zip(prompts, params, strict=True):
+            self.validate(prompt, p)  # all of them before any is queued
+        # The store's figures are differences from snapshots (stats_of), so others' counters stay whole.
+        if not self.has_unfinished() and self.runner.device.type == "cuda":  # the peak of this batch alone
+            torch.cuda.reset_peak_memory_stats(self.runner.device)
+        requests = [
+            self.add_request(prompt, p, i) for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+        ]
+        try:
+            while not all(r.finished for r in requests):
+                events = self.step()
+                if all(r.finished for r in requests):
+                    batch = self.stats_of(requests)
+                    for e in events:
+                        if e.finish_reason:
+                            e.stats = batch
+                if events:
+                    yield events
+        finally:  # also when the caller closes the stream early
+            for r in requests:
+                self.abort(r)
+
+    def score(self, ids: list[int], top: int = 0):
+        """ModelRunner.logprobs of one sequence in KV blocks taken for it and given back."""
+        blocks: list[int] = []
+        if len(ids) > self.runner.kv_tokens:
+            raise InvalidRequestError(
+                f"{len(ids)} tokens do not fit the KV cache reserve of {self.runner.kv_tokens} tokens "
+                "(--kv-reserve-tokens)",
+                "prompt",
+            )
+        if not self.pool.grow(blocks, len(ids)):
+            raise KVCacheBusy("the KV cache is held by running requests; try again shortly")
+        try:
+            return self.runner.logprobs(ids, blocks, top=top)
+        finally:
+            self.pool.release(blocks)

@@ -176,3 +176,4 @@ class TokenEvent:
     stats: GenerationStats | None = None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    request_id: int = -1  # the engine's id of the request

@@ -1,24 +1,94 @@
 """Owns the model on its device: the KV cache, prefill and decode forwards, and CUDA graphs.
 
+A step runs the scheduler's chunks: the sequences decoding one token each as one batch, the prompt
+chunks as another (models/kv_cache.py: every row at its own length in its own blocks).
+
 A decode step launches about a thousand small kernels; from Python that costs more than the GPU work
 itself (measured: 25 ms of launch overhead against 5 ms of kernels per OLMoE step on an H100). When
 the expert provider never synchronises with the host, the whole step is captured once per batch size
-and cache size and replayed (DecodeGraph). When it does (the tiered store decides per layer which
+and block-table width and replayed (DecodeGraph). When it does (the tiered store decides per layer which
 experts to move), each layer's dense part (attention, norms, router, shared expert) is its own graph
 and only the routed experts run eagerly in between (LayeredDecodeGraph)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..models.base import MoEArgs
-from ..models.kv_cache import KVCache
+from ..models.kv_cache import BLOCK_TOKENS, KVBatch, KVCache, cache_slots
 from ..models.layers import CausalLM
 from ..models.moe import SparseMoeBlock
 from ..offload.provider import ExpertProvider
 from ..routing.hook import Routing
+from .scheduler import Chunk
 
-MIN_CACHE = 256  # cache sizes are rounded up to powers of two from here, so few graphs are captured
+MIN_BLOCKS = 16  # a decode graph's block tables round up to powers of two from here (256 tokens)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a forward: `tokens` of a sequence from position `start`, its KV blocks, its state row."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+    state_row: int
+
+    @classmethod
+    def of(cls, chunk: Chunk) -> Row:
+        r = chunk.request
+        return cls(
+            [r.token(i) for i in range(chunk.start, chunk.start + chunk.count)], chunk.start, r.blocks, r.slot
+        )
+
+
+@dataclass
+class StepInputs:
+    """A forward's inputs on the device, views of one packed tensor [B, 3T + NB + 3] (one copy a step):
+    token ids, positions, KV slots (T each), block table (NB), then length, token count and state row."""
+
+    ids: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    valid: torch.Tensor  # [B, T] bool: real tokens (rows are right-padded)
+    rows: torch.Tensor  # [B]: state rows (routing)
+    logits_at: torch.Tensor  # [B]: each row's last real token
+    kv: KVBatch
+
+    @staticmethod
+    def pack(rows: list[Row], batch: int, width: int, blocks: int, pad_row: int) -> torch.Tensor:
+        """The host tensor of `rows`, padded to `batch` rows of `width` tokens and `blocks` blocks."""
+        t = width
+        packed = torch.zeros(batch, 3 * t + blocks + 3, dtype=torch.long)
+        packed[:, -1] = pad_row
+        for b, row in enumerate(rows):
+            n = len(row.tokens)
+            positions = torch.arange(row.start, row.start + n)
+            table = torch.tensor(row.blocks, dtype=torch.long)
+            packed[b, :n] = torch.tensor(row.tokens)
+            packed[b, t : t + n] = positions
+            packed[b, 2 * t : 2 * t + n] = (
+                table[positions // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
+            )
+            packed[b, 3 * t : 3 * t + len(row.blocks)] = table
+            packed[b, -3:] = torch.tensor([row.start + n, n, row.state_row])
+        return packed
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor, width: int) -> StepInputs:
+        t = width
+        ids, positions, slots = packed[:, :t], packed[:, t : 2 * t], packed[:, 2 * t : 3 * t]
+        lengths, counts, rows = packed[:, -3], packed[:, -2], packed[:, -1]
+        valid = torch.arange(t, device=packed.device)[None, :] < counts[:, None]
+        kv = KVBatch(packed[:, 3 * t : -3], slots, positions, lengths)
+        return cls(ids, positions, valid, rows, (counts - 1).clamp(min=0), kv)
+
+
+def decode_rows(n: int) -> int:
+    """The batch a decode graph is captured for: 1, 2, 4, then multiples of 8 (few graphs, little padding;
+    a padding row still routes to experts)."""
+    return 1 << (n - 1).bit_length() if n <= 4 else -(-n // 8) * 8
 
 
 class ModelRunner:
@@ -34,170 +104,127 @@ class ModelRunner:
         provider: ExpertProvider,
         routing: Routing | None = None,
         kv_tokens: int | None = None,
+        max_num_seqs: int = 16,
     ):
         self.model, self.args, self.device, self.dtype = model, args, device, dtype
-        # The memory plan's KV reserve, in tokens summed over a batch's rows: all caches held at once
-        # stay within it. None: the context of one row.
+        # The memory plan's KV reserve, in tokens over every running sequence (whole blocks, and the null
+        # block, as the plan counts them).
         self.kv_tokens = kv_tokens or max_model_len
+        num_blocks = cache_slots(self.kv_tokens) // BLOCK_TOKENS
+        a = args
+        self.kv = KVCache(a.num_layers, num_blocks, a.num_kv_heads, a.head_dim, dtype, device)
         self.routing = routing
-        self.prefill_chunk, self.max_model_len = prefill_chunk, max_model_len
+        self.prefill_chunk, self.max_model_len, self.max_num_seqs = prefill_chunk, max_model_len, max_num_seqs
         self.graphs = graphs and device.type == "cuda"
         self.provider = provider
-        self.pad_id = 0
-        self._caches: dict[int, KVCache] = {}
-        self._graphs: dict[int, DecodeGraph] = {}
+        if routing:
+            routing.open(max_num_seqs, num_blocks * BLOCK_TOKENS)
+        self._graphs: dict[tuple[int, int], DecodeGraph] = {}
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        a = self.args
-        return KVCache(a.num_layers, batch, max_len, a.num_kv_heads, a.head_dim, self.dtype, self.device)
-
-    def cache_for(self, batch: int, max_len: int) -> KVCache:
-        """A reset cache of at least max_len slots for `batch` rows, reused across calls (with its graph).
-        Sizes round up to powers of two (fewer graphs to capture) but never past the plan's KV reserve:
-        caches of other batch sizes are dropped when the new one would not fit beside them."""
-        if batch * max_len > self.kv_tokens:
-            raise ValueError(f"{batch} x {max_len} KV slots exceed the plan's {self.kv_tokens} tokens")
-        cache = self._caches.get(batch)
-        if cache is None or cache.max_len < max_len:
-            self._graphs.pop(batch, None)
-            self._caches.pop(batch, None)
-            rounded = max(MIN_CACHE, 1 << (max_len - 1).bit_length())
-            size = max(min(rounded, self.max_model_len, self.kv_tokens // batch), max_len)
-            if batch * size + sum(c.batch * c.max_len for c in self._caches.values()) > self.kv_tokens:
-                self._caches.clear()
-                self._graphs.clear()
-            cache = self._caches[batch] = self.new_cache(batch, size)
-        cache.reset()
-        return cache
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad the prompts into one batch and run them in chunks. Returns (last logits [B, V] float32,
-        next positions [B])."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            valid[row, width - len(prompt) :] = True
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    def execute(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Run a step's chunks: the one-token ones (decode) as one batch, under a CUDA graph where the
+        provider allows, the longer ones (prompt chunks) as another. Returns the logits at each chunk's
+        last token, [len(chunks), V] float32 in chunk order."""
+        decode = [i for i, c in enumerate(chunks) if c.count == 1]
+        prefill = [i for i, c in enumerate(chunks) if c.count > 1]
+        if not prefill:  # the common step: no index tensors to build
+            return self._decode([Row.of(c) for c in chunks])[: len(chunks)]
+        out = torch.empty(len(chunks), self.args.vocab_size, device=self.device)
+        if prefill:
+            rows = [Row.of(chunks[i]) for i in prefill]
+            width = max(len(r.tokens) for r in rows)
+            blocks = max(len(r.blocks) for r in rows)
+            logits = self._eager(rows, len(rows), width, blocks, logits=True)
+            out[prefill] = logits
+        if decode:
+            rows = [Row.of(chunks[i]) for i in decode]
+            out[decode] = self._decode(rows)[: len(rows)]
+        return out
+
+    def _eager(self, rows: list[Row], batch: int, width: int, blocks: int, logits: bool) -> torch.Tensor:
+        packed = StepInputs.pack(rows, batch, width, blocks, self.max_num_seqs).to(self.device)
+        return self.forward(StepInputs.unpack(packed, width), logits_at_last=logits)
+
+    def forward(self, inputs: StepInputs, logits_at_last: bool = True) -> torch.Tensor:
+        self.kv.bind(inputs.kv)
         if self.routing:
-            self.routing.begin_run([len(p) for p in prompts], cache.max_len)
-        # Each chunk fills the cache; the last one's logits are the next token's.
-        *_, (_, logits) = self._chunks(ids, valid, positions, cache, self.prefill_chunk, last_only=True)
-        return logits, positions[:, -1] + 1
+            self.routing.begin_step(inputs.rows, inputs.positions, inputs.valid, inputs.kv.slots)
+        at = inputs.logits_at if logits_at_last else None
+        return self.model(inputs.ids, inputs.positions, self.kv, at)
+
+    def _decode(self, rows: list[Row]) -> torch.Tensor:
+        batch = decode_rows(len(rows))
+        blocks = max(MIN_BLOCKS, 1 << (max(len(r.blocks) for r in rows) - 1).bit_length())
+        blocks = min(blocks, self.num_blocks)
+        if not self.graphs:
+            return self._eager(rows, len(rows), 1, blocks, logits=True)
+        packed = StepInputs.pack(rows, batch, 1, blocks, self.max_num_seqs)
+        graph = self._graphs.get((batch, blocks))
+        if graph is None:
+            kind = DecodeGraph if self.provider.graph_safe(batch) else LayeredDecodeGraph
+            graph = self._graphs[(batch, blocks)] = kind(self, packed)
+        return graph.run(packed)
 
     @torch.inference_mode()
-    def logprobs(self, ids: list[int], chunk: int = 512, top: int = 0):
+    def logprobs(self, ids: list[int], blocks: list[int], chunk: int = 512, top: int = 0):
         """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 (float32 [len - 1]) and, with top > 0, the
         `top` likeliest next tokens at each of those positions (ids and log-probabilities, [len - 1, top]):
-        one sequence through a fresh cache, `chunk` tokens a forward (their logits, [chunk, vocab] float32,
-        are the peak memory)."""
-        cache = self.cache_for(1, len(ids))
-        x = torch.tensor([ids], device=self.device)
-        valid = torch.ones_like(x, dtype=torch.bool)
-        if self.routing:
-            self.routing.begin_run([len(ids)], cache.max_len)
+        one sequence in `blocks` (enough for all of ids), `chunk` tokens a forward (their logits,
+        [chunk, vocab] float32, are the peak memory). Its routing state is the padding row's."""
+        doc = self.routing.begin_sequence(self.max_num_seqs) if self.routing else 0
         chosen, top_ids, top_values = [], [], []
-        try:
-            positions = torch.arange(len(ids), device=self.device)[None]
-            for start, logits in self._chunks(x, valid, positions, cache, chunk, last_only=False):
-                targets = x[0, start + 1 : start + 1 + logits.shape[1]]  # the next token of each position
-                scored = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
-                chosen.append(scored.gather(-1, targets[:, None])[:, 0])
-                if top:
-                    best = torch.topk(scored, top, dim=-1)
-                    top_ids.append(best.indices)
-                    top_values.append(best.values)
-        finally:
-            self.end_run()
+        for start in range(0, len(ids), chunk):
+            piece = ids[start : start + chunk]
+            logits = self._eager(
+                [Row(piece, start, blocks, self.max_num_seqs)], 1, len(piece), len(blocks), False
+            )
+            targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)], device=self.device)  # next tokens
+            scored = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
+            chosen.append(scored.gather(-1, targets[:, None])[:, 0])
+            if top:
+                best = torch.topk(scored, top, dim=-1)
+                top_ids.append(best.indices)
+                top_values.append(best.values)
+        if self.routing:
+            self.routing.end_sequence(doc, len(ids), self.slots_of(blocks, len(ids)))
         if not top:
             return torch.cat(chosen)
         return torch.cat(chosen), torch.cat(top_ids), torch.cat(top_values)
 
-    def _chunks(self, ids, valid, positions, cache: KVCache, chunk: int, last_only: bool):
-        """Run ids [B, W] through the model `chunk` positions at a time, filling the cache; yields (start,
-        logits of the chunk: [B, V] of its last position if last_only, else [B, T, V])."""
-        width = ids.shape[1]
-        for start in range(0, width, chunk):
-            end = min(start + chunk, width)
-            cache.start(valid[:, start:end])
-            if self.routing:
-                self.routing.begin_step(positions[:, start:end], valid[:, start:end])
-            logits = self.model(ids[:, start:end], positions[:, start:end], cache, last_only=last_only)
-            cache.commit()
-            yield start, logits
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor, cache: KVCache):
-        """tokens, positions [B] on device; active [B] bool (finished rows stay in the batch, masked)."""
-        if self.graphs and self._caches.get(cache.batch) is cache:
-            graph = self._graphs.get(cache.batch)
-            if graph is None:
-                whole = self.provider.graph_safe(cache.batch)
-                kind = DecodeGraph if whole else LayeredDecodeGraph
-                graph = self._graphs[cache.batch] = kind(self.model, cache, self.provider, self.routing)
-                graph.prime(tokens, positions, active)
-            return graph.run(tokens, positions, active)
-        cache.start(active[:, None])
-        if self.routing:
-            self.routing.begin_step(positions[:, None], active[:, None])
-        logits = self.model(tokens[:, None], positions[:, None], cache)
-        cache.commit()
-        return logits
-
-    def end_run(self) -> None:
-        """The run's sequences are done (or abandoned): a recorder writes its trace."""
-        if self.routing:
-            self.routing.end_run()
+    @staticmethod
+    def slots_of(blocks: list[int], tokens: int) -> list[int]:
+        """The KV slots of a sequence's first `tokens` positions."""
+        return [blocks[p // BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS for p in range(tokens)]
 
 
 class DecodeGraph:
-    """One captured decode step over a fixed cache; inputs are copied into static buffers per replay."""
+    """One captured decode step for a batch size and block-table width; each replay's inputs are copied
+    into one static packed buffer."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider, routing: Routing | None):
-        self.model, self.cache, self.routing = model, cache, routing
-        b, device = cache.batch, cache.valid.device
-        self.tokens = torch.zeros(b, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)
-        self.active = torch.ones(b, dtype=torch.bool, device=device)
-
-    def prime(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
-        """Capture with the first step's inputs in place, so the capture's warm-up run writes (KV cache,
-        recorded routing) exactly where that step's replay will overwrite them. Routing state the warm-up
-        advances is put back, so the first replay routes exactly as an eager step would."""
-        self._load(tokens, positions, active)
+    def __init__(self, runner: ModelRunner, packed: torch.Tensor):
+        self.runner, self.model, self.routing = runner, runner.model, runner.routing
+        self.packed = packed.to(runner.device)
+        self.inputs = StepInputs.unpack(self.packed, 1)
+        # Captured with the first step's inputs in place, so the capture's warm-up run writes (KV cache,
+        # recorded routing) exactly where that step's replay will overwrite them. Routing state the warm-up
+        # advances is put back, so the first replay routes exactly as an eager step would.
         saved = [t.clone() for t in self.routing.state()] if self.routing else []
         self.capture()
         for t, value in zip(self.routing.state() if self.routing else [], saved, strict=True):
             t.copy_(value)
 
-    def _load(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.active.copy_(active)
-        self.cache.cursor.fill_(self.cache.length)
-
     def capture(self) -> None:
-        self.graph = capture(self._step)
+        self.graph = capture(lambda: self.runner.forward(self.inputs))
         self.logits = self.graph.outputs
 
-    def _step(self) -> torch.Tensor:
-        self.cache.start_static(self.active)
-        self._route_step()
-        return self.model(self.tokens[:, None], self.positions[:, None], self.cache)
-
-    def _route_step(self) -> None:
-        if self.routing:
-            self.routing.begin_step(self.positions[:, None], self.active[:, None])
-
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        if self.cache.length >= self.cache.max_len:
-            raise ValueError(f"KV cache full: {self.cache.length} slots")
-        self._load(tokens, positions, active)
+    def run(self, packed: torch.Tensor) -> torch.Tensor:
+        self.packed.copy_(packed)
         self.replay()
-        self.cache.length += 1
         return self.logits
 
     def replay(self) -> None:
@@ -207,25 +234,21 @@ class DecodeGraph:
 class LayeredDecodeGraph(DecodeGraph):
     """Per-layer graphs of the dense work; the provider runs the routed experts eagerly between them."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, provider: ExpertProvider, routing: Routing | None):
-        self.provider = provider
-        super().__init__(model, cache, provider, routing)
-
     def capture(self) -> None:
-        model, cache = self.model, self.cache
+        model, cache, inputs = self.model, self.runner.kv, self.inputs
         windows = {layer.self_attn.spec.sliding_window for layer in model.model.layers}
 
         def prologue():
-            cache.start_static(self.active)
-            self._route_step()
+            cache.bind(inputs.kv)
+            if self.routing:
+                self.routing.begin_step(inputs.rows, inputs.positions, inputs.valid, inputs.kv.slots)
             for window in windows:  # built once here, reused by every layer's graph
-                cache.mask(1, window)
-            return model.embed(self.tokens[:, None], self.positions[:, None])
+                cache.mask(window)
+            return model.embed(inputs.ids, inputs.positions)
 
         self.prologue = capture(prologue)
-        # The tensors the prologue allocates inside its graph (where the recorder writes, the masks, the
-        # emulated ids) hold nothing until it runs, and each piece's warm-up reads them: a warm-up would
-        # write recorded ids at position 0 over the prompt's.
+        # The tensors the prologue allocates inside its graph (the gather index, the masks, the routed
+        # ids) hold nothing until it runs, and each piece's warm-up reads them.
         self.prologue.graph.replay()
         x, rope = self.prologue.outputs
         self.pieces = []
@@ -247,11 +270,12 @@ class LayeredDecodeGraph(DecodeGraph):
         if self.routing:
             self.routing.resume(self.routing_view)
         self.prologue.graph.replay()
+        provider = self.runner.provider
         for piece, layer, out in self.pieces:
             piece.graph.replay()
             if layer is not None:
                 x1, xn, weights, ids, shared = piece.outputs
-                routed = self.provider.forward(layer.mlp.layer_idx, xn, ids, weights)
+                routed = provider.forward(layer.mlp.layer_idx, xn, ids, weights)
                 layer.after_experts(x1, routed, shared, out=out)
         self.epilogue.graph.replay()
 

@@ -1,92 +1,97 @@
-"""Static KV cache for a batch of left-padded sequences that advance together.
+"""Paged KV cache: every sequence's keys and values in blocks of BLOCK_TOKENS slots from one pool.
 
-Every row writes at the same slot cursor; `valid` marks which slots hold real tokens (left padding and
-finished rows are invalid), so a row's real tokens stay contiguous and slot distance equals position
-distance, which is what sliding-window masks need.
+The pool is allocated once (the memory plan's KV reserve); which blocks a sequence owns is the engine's
+business (engine/kv_blocks.py). A forward runs rows of different sequences at different lengths: the
+runner describes it in a `KVBatch` (per row: its block table, its tokens' flat slots, its length after the
+forward), binds it, and every attention layer writes its new keys and values at those slots and attends
+to its row's blocks gathered in order, so a key's index in the gathered row is its position.
 
-Two ways to run a step: `start` / `commit` with the cursor as a Python int (prefill and eager decode:
-attention sees only the slots written so far), or `start_static` with the cursor in a device tensor
-(decode under a CUDA graph: every shape is fixed, attention spans the whole cache under a mask).
+Block 0 is never handed out: padding tokens write there and padding rows read it, so every shape can stay
+fixed under a CUDA graph (the batch's tensors are then static buffers the runner refills per replay).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+BLOCK_TOKENS = 16  # slots per block: small enough that a sequence wastes little, large enough to gather fast
+NULL_BLOCK = 0
+
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK_TOKENS)
+
+
+def cache_slots(kv_tokens: int) -> int:
+    """The slots a cache holding `kv_tokens` tokens allocates: whole blocks, and the null block."""
+    return (blocks_for(kv_tokens) + 1) * BLOCK_TOKENS
+
+
+@dataclass
+class KVBatch:
+    """One forward's rows, all device tensors. B rows of T tokens (right-padded), NB blocks a row."""
+
+    tables: torch.Tensor  # [B, NB] long: each row's blocks in order; NULL_BLOCK past its end
+    slots: torch.Tensor  # [B, T] long: the flat slot each token writes (block * BLOCK_TOKENS + offset)
+    positions: torch.Tensor  # [B, T] long: each token's position in its sequence (padding: 0)
+    lengths: torch.Tensor  # [B] long: each row's tokens in the cache once this forward has written
+
+    @property
+    def width(self) -> int:
+        """Key slots a row attends over: NB blocks."""
+        return self.tables.shape[1] * BLOCK_TOKENS
 
 
 class KVCache:
     def __init__(
         self,
         num_layers: int,
-        batch: int,
-        max_len: int,
+        num_blocks: int,
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (batch, num_kv_heads, max_len, head_dim)
+        shape = (num_blocks * BLOCK_TOKENS, num_kv_heads, head_dim)  # flat slots
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.batch, self.max_len = batch, max_len
-        self.length = 0  # slots committed
-        self._new = 0  # slots being written by the forward in flight
+        self.num_blocks = num_blocks
+        self.batch: KVBatch | None = None
+        self._gather: torch.Tensor | None = None
         self._masks: dict[int | None, torch.Tensor] = {}
-        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the slot a static step writes
-        self._static = False
-        self._slots = torch.arange(max_len, device=device)
 
-    def reset(self) -> None:
-        """Forget every sequence; the memory (and any graph captured over it) is kept."""
-        self.valid.zero_()
-        self.length = 0
-
-    def start(self, valid_new: torch.Tensor) -> None:
-        """Open a step that writes valid_new.shape[1] slots at the cursor; valid_new: [B, T] bool."""
-        t = valid_new.shape[1]
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length} + {t} > {self.max_len} slots")
-        self.valid[:, self.length : self.length + t] = valid_new
-        self._new, self._static = t, False
-        self._masks.clear()
-
-    def start_static(self, active: torch.Tensor) -> None:
-        """Open a one-slot step at the device-side cursor; active: [B] bool. Capturable in a graph."""
-        self.valid.index_copy_(1, self.cursor, active[:, None])
-        self._new, self._static = 1, True
-        self._masks.clear()
-
-    def commit(self) -> None:
-        self.length += self._new
-        self._new = 0
+    def bind(self, batch: KVBatch) -> None:
+        """The forward about to run. Derived tensors are built here (once, not per layer); inside a graph
+        capture they are built from the static buffers, so every replay recomputes them."""
+        self.batch = batch
+        offsets = torch.arange(BLOCK_TOKENS, device=batch.tables.device)
+        # [B, NB, BLOCK] -> [B, NB * BLOCK]: the flat slot of each key position of each row
+        self._gather = (batch.tables[:, :, None] * BLOCK_TOKENS + offsets).flatten(1)
+        self._masks = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, kv_heads, T, D] at the cursor; return the keys and values attention may see."""
-        if self._static:
-            self.k[layer].index_copy_(2, self.cursor, k)
-            self.v[layer].index_copy_(2, self.cursor, v)
-            return self.k[layer], self.v[layer]
-        end = self.length + self._new
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Write k, v [B, kv_heads, T, D] at the batch's slots; return each row's keys and values
+        [B, kv_heads, NB * BLOCK, D], in position order."""
+        b, h, t, d = k.shape
+        slots = self.batch.slots.reshape(-1)
+        self.k[layer].index_copy_(0, slots, k.transpose(1, 2).reshape(b * t, h, d))
+        self.v[layer].index_copy_(0, slots, v.transpose(1, 2).reshape(b * t, h, d))
+        keys = self.k[layer][self._gather].transpose(1, 2)  # [B, NB * BLOCK, h, d] -> [B, h, L, d]
+        values = self.v[layer][self._gather].transpose(1, 2)
+        return keys, values
 
-    def mask(self, t: int, window: int | None) -> torch.Tensor:
-        """[B, 1, T, L] bool: query slot sees key slot if valid, not in the future, inside the window.
-
-        A query always sees itself, so padding rows attend to something and never produce NaN."""
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, T, L] bool: a query sees the keys of its row at or before its position, written by now,
+        inside the window. A query always sees its own position, so padding attends to something and
+        never produces NaN."""
         if window not in self._masks:
-            if self._static:
-                q, kpos = self.cursor[:, None], self._slots[None, :]
-            else:
-                end = self.length + self._new
-                q = torch.arange(self.length, end, device=self.valid.device)[:, None]
-                kpos = self._slots[None, :end]
-            allowed = kpos <= q
+            batch = self.batch
+            q = batch.positions[:, :, None]  # [B, T, 1]
+            kpos = torch.arange(batch.width, device=q.device)[None, None, :]  # [1, 1, L]
+            allowed = (kpos <= q) & (kpos < batch.lengths[:, None, None])
             if window:
                 allowed &= q - kpos < window
-            mask = allowed[None] & self.valid[:, None, : kpos.shape[1]]
-            mask |= (kpos == q)[None]
-            self._masks[window] = mask[:, None]
+            self._masks[window] = (allowed | (kpos == q))[:, None]
         return self._masks[window]

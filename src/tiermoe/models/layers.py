@@ -151,7 +151,7 @@ class Attention(nn.Module):
         cos, sin = (r[:, None] for r in rope)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k, v = cache.update(self.layer_idx, k, v)  # [B, kv_heads, L, D] over the whole cache so far
-        mask = cache.mask(t, s.sliding_window)  # [B, 1, T, L] bool
+        mask = cache.mask(s.sliding_window)  # [B, 1, T, L] bool
         # cuDNN's SDPA rebuilds its execution plan for every new key length (4 ms of CPU per decode step
         # measured on an H100); the memory-efficient kernel takes our mask at no such cost.
         with sdpa_kernel(MASKED_SDPA_BACKENDS):
@@ -231,13 +231,20 @@ class CausalLM(nn.Module):
         self.lm_head = None if tie_word_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = True
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [B, T]. Returns logits [B, V] of the last position, or [B, T, V]."""
+        """input_ids, positions: [B, T]; logits_at [B]: the index in each row (rows are right-padded)
+        whose logits are returned, [B, V]; None: every position's, [B, T, V]."""
         x, rope = self.embed(input_ids, positions)
         for layer in self.model.layers:
             x = layer(x, rope, cache)
-        return self.head(x[:, -1] if last_only else x)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
+        return self.head(x)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
         """Token embeddings [B, T, H] and the rotary (cos, sin) tables of the positions."""

@@ -28,7 +28,7 @@ class MemoryPlan:
     gpu_slots: int  # expert slots in the GPU pool; total_experts means everything is resident
     quotas: dict[int, int]  # MoE layer -> its slots
     host_slots: int  # experts the host cache holds
-    kv_tokens: int = 0  # KV cache tokens kv_bytes holds, summed over the rows of a batch
+    kv_tokens: int = 0  # KV cache tokens kv_bytes holds over every running sequence (in whole blocks)
     budget_bytes: int | None = None  # the GPU budget the plan was fitted to; None: uncapped (CPU)
 
     @property

@@ -15,6 +15,7 @@ from ..errors import InvalidRequestError
 from ..formats.base import ExpertFormat
 from ..formats.registry import format_for
 from ..models.base import MoEArgs
+from ..models.kv_cache import cache_slots
 from ..models.layers import CausalLM
 from ..models.registry import from_config
 from .budget import GIB, MemoryPlan, plan_memory
@@ -57,7 +58,7 @@ def plan_for_model(
         top_k=args.top_k,
         expert_bytes=fmt.nbytes,
         dense_bytes=model.dense_bytes(),
-        kv_bytes=kv_tokens * model.kv_bytes_per_token(dtype.itemsize),
+        kv_bytes=cache_slots(kv_tokens) * model.kv_bytes_per_token(dtype.itemsize),
         workspace_bytes=int(workspace * GIB),
         device=device,
         gpu_budget_gib=config.gpu_budget_gib,

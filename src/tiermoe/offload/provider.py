@@ -26,10 +26,8 @@ class ExpertProvider(Experts, Protocol):
         ...
 
     def stats(self, since: dict | None = None) -> dict:
-        """Statistics since the last reset_stats(), or since `since` (an earlier stats() of this run)."""
+        """Statistics since the provider was built, or since `since` (an earlier stats())."""
         ...
-
-    def reset_stats(self) -> None: ...
 
     def attach(self, predictor: Predictor) -> None:
         """Receive the next-layer expert predictor once the model is built (for prefetch)."""
@@ -56,9 +54,6 @@ class ResidentExperts:
 
     def stats(self, since: dict | None = None) -> dict:
         return {}
-
-    def reset_stats(self) -> None:
-        pass
 
     def attach(self, predictor: Predictor) -> None:
         pass

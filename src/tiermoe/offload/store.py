@@ -155,10 +155,6 @@ class TieredExpertStore:
         )
         return d
 
-    def reset_stats(self) -> None:
-        self.stats_ = StoreStats()
-        self._host_counts = (self.host.source_reads, self.host.wait_s)
-
     def _count_reads(self) -> None:
         """The host cache's reads from the source since the last count (read-aheads included)."""
         reads, wait_s = self.host.source_reads, self.host.wait_s

@@ -1,8 +1,8 @@
 """`Routing`: what the MoE blocks ask for expert ids when routing is overridden, recorded, or both.
 
-The runner announces each run (`begin_run`: new documents in the batch rows) and each step
-(`begin_step`: the positions and validity of the tokens about to run, inside captured graphs too); each
-MoE block then calls `route(layer, probs)`. Without an override the router's own top-k stands, and a
+The engine announces each sequence (`begin_sequence`: a new document in a state row, `end_sequence`) and
+the runner each step (`begin_step`: the state rows, positions, validity and KV slots of the tokens about
+to run, inside captured graphs too); each MoE block then calls `route(layer, probs)`. Without an override the router's own top-k stands, and a
 recorder, if any, writes it down.
 """
 
@@ -35,9 +35,9 @@ class Routing:
         self.index = {layer: i for i, layer in enumerate(moe_layers)}
         self.model, self.recorder = model, recorder
         self.prefetch_accuracy, self.seed = prefetch_accuracy, seed
-        self.next_doc = 0  # documents are numbered in the order runs start them
-        self._docs: dict[int, torch.Tensor] = {}
-        self.docs: torch.Tensor | None = None
+        self.next_doc = 0  # documents are numbered in the order sequences start
+        self.seq_docs: torch.Tensor | None = None  # [slots + 1]: each state row's document
+        self.docs: torch.Tensor | None = None  # [B]: the current step's rows' documents
         self.positions: torch.Tensor | None = None
 
     @property
@@ -52,27 +52,41 @@ class Routing:
     def overrides(self) -> bool:
         return self.model is not None
 
-    def begin_run(self, prompt_lens: list[int], max_len: int) -> None:
-        """New documents in every batch row; max_len: the KV cache's length for this batch."""
-        b = len(prompt_lens)
-        docs = list(range(self.next_doc, self.next_doc + b))
-        self.next_doc += b
-        if b not in self._docs:  # kept per batch size: a captured graph reads this very tensor
-            self._docs[b] = torch.zeros(b, dtype=torch.long, device=self.device)
-        self.docs = self._docs[b]
-        self.docs.copy_(torch.tensor(docs))
+    def open(self, slots: int, kv_slots: int) -> None:
+        """State for `slots` running sequences (row `slots` is where padding rows point) and a recorder
+        buffer for every KV cache slot; the runner calls this once, before any graph is captured."""
+        self.seq_docs = torch.zeros(slots + 1, dtype=torch.long, device=self.device)
         if self.model:
-            self.model.begin_run(self.docs)
+            self.model.open(slots + 1)
         if self.recorder:
-            self.recorder.begin_run(docs, prompt_lens, max_len)
+            self.recorder.open(kv_slots)
 
-    def begin_step(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """positions, valid: [B, S] of the tokens this step runs (device tensors)."""
-        self.positions = positions
+    def begin_sequence(self, slot: int, doc: int | None = None) -> int:
+        """A sequence starts in state row `slot`: a new document, or `doc` again when a preempted
+        sequence recomputes (its routing then repeats exactly). Returns its document."""
+        if doc is None:
+            doc, self.next_doc = self.next_doc, self.next_doc + 1
+        self.seq_docs[slot] = doc
         if self.model:
-            self.model.step(self.docs, positions, valid)
+            self.model.begin_sequence(slot, doc)
+        return doc
+
+    def end_sequence(self, doc: int, prompt_len: int, kv_slots: list[int]) -> None:
+        """A sequence ended; kv_slots: its computed tokens' KV cache slots by position (the recorder's)."""
         if self.recorder:
-            self.recorder.step(positions, valid)
+            self.recorder.end_sequence(doc, prompt_len, kv_slots)
+
+    def begin_step(
+        self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, kv_slots: torch.Tensor
+    ) -> None:
+        """rows [B]: the state row of each batch row; positions, valid, kv_slots [B, S] of the tokens this
+        step runs (device tensors)."""
+        self.positions = positions
+        self.docs = self.seq_docs[rows]
+        if self.model:
+            self.model.step(self.docs, rows, positions, valid)
+        if self.recorder:
+            self.recorder.step(kv_slots)
 
     def route(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         """Expert ids [T, k] for the router probabilities probs [T, E] of MoE layer `layer`."""
@@ -88,18 +102,15 @@ class Routing:
         return ids
 
     def view(self) -> tuple:
-        """The current step's tensors (positions, routed ids, scores)."""
-        return self.positions, self.model.ids if self.model else None, self.model.h if self.model else None
+        """The current step's tensors (documents, positions, routed ids, scores)."""
+        model = self.model
+        return self.docs, self.positions, model.ids if model else None, model.h if model else None
 
     def resume(self, view: tuple) -> None:
         """Point at tensors a captured graph rewrites on each replay, for eager readers between its pieces."""
-        self.positions, ids, h = view
+        self.docs, self.positions, ids, h = view
         if self.model:
             self.model.ids, self.model.h = ids, h
-
-    def end_run(self) -> None:
-        if self.recorder:
-            self.recorder.end_run()
 
     def state(self) -> list[torch.Tensor]:
         """Tensors a step changes in place: saved and restored around a graph's warm-up run."""

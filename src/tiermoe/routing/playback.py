@@ -41,22 +41,15 @@ class TracePlayback(RoutingModel):
             table[i, : t.shape[0]] = t.to(torch.int32)
         self.table = table.to(device)
         self.width = width
-        self._seqs: dict[int, torch.Tensor] = {}
-        self._rows: torch.Tensor | None = None
 
     @property
     def params(self) -> dict:
         return {"file": self.path, "sequences": self.table.shape[0]}
 
-    def begin_run(self, docs: torch.Tensor) -> None:
-        b = docs.shape[0]
-        if b not in self._seqs:  # kept per batch size: a captured graph reads this very tensor
-            self._seqs[b] = torch.zeros(b, dtype=torch.long, device=self.device)
-        self._rows = self._seqs[b]
-        self._rows.copy_(docs % self.table.shape[0])
-
-    def step(self, docs: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+    def step(
+        self, docs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+    ) -> None:
         pos = positions.clamp(max=self.width)  # past the recording: the all -1 row
-        ids = self.table[self._rows[:, None], pos]  # [B, S, L, k]
+        ids = self.table[(docs % self.table.shape[0])[:, None], pos]  # [B, S, L, k]
         self.ids = ids.permute(2, 0, 1, 3).long()  # [L, B, S, k], -1 where the trace has no row
         self.h = None

@@ -1,10 +1,9 @@
 """Record every routed token's expert ids per MoE layer: `--record-routing FILE`.
 
-Decode runs inside CUDA graphs, where nothing may reach the host, so ids are written on the device into
-buffers indexed by (layer, batch row, position) and brought to the host once, when the run ends. The
-buffers are kept per (batch size, cache length) like the KV cache, since a captured graph writes into
-the very tensors it saw at capture. The file is rewritten after every run, so it is complete whenever a
-request has finished.
+Decode runs inside CUDA graphs, where nothing may reach the host, so ids are written on the device, at
+the token's KV cache slot (each computed token of a running sequence owns one), and brought to the host
+when its sequence ends, from the slots of its blocks. The file is rewritten after every sequence, so it
+is complete whenever a request has finished.
 """
 
 from __future__ import annotations
@@ -21,65 +20,44 @@ class TraceRecorder:
     def __init__(self, path: str | Path, moe_layers: list[int], num_experts: int, top_k: int, device):
         self.path, self.moe_layers, self.num_experts, self.k = Path(path), moe_layers, num_experts, top_k
         self.device = device
-        self._buffers: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self._run: dict | None = None
-        self._columns: list[tuple] = []  # one (seq, token, layer, prefill, step, experts) per finished run
-        self._steps_before = 0  # step numbers continue across runs
+        self._buf: dict[str, torch.Tensor] = {}
+        self._columns: list[
+            tuple
+        ] = []  # one (seq, token, layer, prefill, step, experts) per finished sequence
 
-    def begin_run(self, docs: list[int], prompt_lens: list[int], max_len: int) -> None:
-        b = len(docs)
-        key = (b, max_len)
-        if key not in self._buffers:
-            self._buffers[key] = {
-                # position max_len is where padding and finished rows write: never read back
-                "ids": torch.empty(
-                    len(self.moe_layers), b, max_len + 1, self.k, dtype=torch.int32, device=self.device
-                ),
-                "step": torch.empty(b, max_len + 1, dtype=torch.long, device=self.device),
-                "seen": torch.empty(b, max_len + 1, dtype=torch.bool, device=self.device),
-                "counter": torch.zeros((), dtype=torch.long, device=self.device),
-                "rows": torch.arange(b, device=self.device)[:, None],
-                # written by index: a Python True would be copied from the host, which a graph cannot do
-                "true": torch.ones((), dtype=torch.bool, device=self.device),
-            }
-        buf = self._buffers[key]
-        buf["seen"].zero_()
-        buf["counter"].zero_()
-        self._run = {"buf": buf, "docs": docs, "prompt_lens": prompt_lens, "max_len": max_len}
+    def open(self, kv_slots: int) -> None:
+        """Buffers for every slot of the KV cache (a captured graph writes into these very tensors)."""
+        self._buf = {
+            "ids": torch.zeros(len(self.moe_layers), kv_slots, self.k, dtype=torch.int32, device=self.device),
+            "step": torch.zeros(kv_slots, dtype=torch.long, device=self.device),
+            "counter": torch.zeros((), dtype=torch.long, device=self.device),
+        }
 
     def state(self) -> list[torch.Tensor]:
-        return [self._run["buf"]["counter"]] if self._run else []
+        return [self._buf["counter"]] if self._buf else []
 
-    def step(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        buf = self._run["buf"]
-        self._where = torch.where(valid, positions, self._run["max_len"])  # [B, S]
-        buf["counter"].add_(1)
-        buf["step"][buf["rows"], self._where] = buf["counter"]
-        buf["seen"][buf["rows"], self._where] = buf["true"]
+    def step(self, kv_slots: torch.Tensor) -> None:
+        """kv_slots [B, S]: where this step's tokens live (padding writes the cache's null block)."""
+        self._slots = kv_slots
+        self._buf["counter"].add_(1)
+        self._buf["step"][kv_slots] = self._buf["counter"]
 
     def observe(self, index: int, ids: torch.Tensor) -> None:
         """ids [B, S, k] of the MoE layer moe_layers[index] in the current step."""
-        buf = self._run["buf"]
-        buf["ids"][index][buf["rows"], self._where] = ids.to(torch.int32)
+        self._buf["ids"][index][self._slots] = ids.to(torch.int32)
 
-    def end_run(self) -> None:
-        if self._run is None:
+    def end_sequence(self, doc: int, prompt_len: int, kv_slots: list[int]) -> None:
+        """A sequence ended; kv_slots: the slots of its computed tokens, by position."""
+        if not kv_slots:
             return
-        run, self._run = self._run, None
-        buf, max_len = run["buf"], run["max_len"]
-        seen = buf["seen"][:, :max_len].cpu().numpy()  # [B, P]
-        rows, pos = np.nonzero(seen)
-        if len(rows) == 0:
-            return
-        ids = buf["ids"][:, :, :max_len].cpu().numpy()[:, rows, pos]  # [L, N, k]
-        steps = buf["step"][:, :max_len].cpu().numpy()[rows, pos] + self._steps_before
-        self._steps_before = int(steps.max())
-        docs = np.asarray(run["docs"])[rows]
-        prefill = pos < np.asarray(run["prompt_lens"])[rows]
-        n, L = len(rows), len(self.moe_layers)
+        where = torch.tensor(kv_slots, device=self.device)
+        ids = self._buf["ids"][:, where].cpu().numpy()  # [L, N, k]
+        steps = self._buf["step"][where].cpu().numpy()
+        pos = np.arange(len(kv_slots))
+        n, L = len(kv_slots), len(self.moe_layers)
         self._columns.append(
             (
-                np.tile(docs, L), np.tile(pos, L), np.repeat(self.moe_layers, n), np.tile(prefill, L),
+                np.full(n * L, doc), np.tile(pos, L), np.repeat(self.moe_layers, n), np.tile(pos < prompt_len, L),
                 np.tile(steps, L), ids.reshape(L * n, self.k),
             )
         )  # fmt: skip

@@ -82,8 +82,19 @@ class RoutingModel:
     def params(self) -> dict | None:
         return None
 
-    def begin_run(self, docs: torch.Tensor) -> None:
-        """New documents in the batch rows; docs: [B] long on the device."""
+    def open(self, slots: int) -> None:
+        """Room for the state of `slots` sequences at once (rows of running requests; one more for padding)."""
+
+    def begin_sequence(self, slot: int, doc: int) -> None:
+        """Document `doc` starts (or restarts, after a preemption) in state row `slot`."""
+
+    def start(self, docs: torch.Tensor) -> torch.Tensor:
+        """Documents `docs` [B] starting together in state rows 0 .. B-1 (a synthetic batch); returns the
+        rows for `step`."""
+        self.open(len(docs))
+        for row, doc in enumerate(docs.tolist()):
+            self.begin_sequence(row, doc)
+        return torch.arange(len(docs), device=self.device)
 
     def state(self) -> list[torch.Tensor]:
         """Tensors a step changes in place (saved around graph warm-ups, which must not advance them)."""
@@ -95,15 +106,20 @@ class RoutingModel:
             self.seed, self.layer_keys, docs[None, :, None, None], positions[None, :, :, None]
         )
 
-    def step(self, docs: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Route every MoE layer of one step at once (into self.ids); each routing model defines it."""
+    def step(
+        self, docs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """Route every MoE layer of one step at once (into self.ids); each routing model defines it.
+        docs, rows [B]: each batch row's document and state row; positions, valid [B, S]."""
         raise NotImplementedError(f"{type(self).__name__} must define step()")
 
 
 class UniformRouting(RoutingModel):
     mode = "uniform"
 
-    def step(self, docs: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+    def step(
+        self, docs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+    ) -> None:
         keys = self._step_keys(docs, positions)
         g = rng.gumbel(rng.hash_keys(keys, _GUMBEL, self.expert_keys))  # [L, B, S, E]
         self.ids = g.topk(self.k, dim=-1).indices  # Gumbel-top-k of equal scores: uniform, distinct
@@ -122,43 +138,46 @@ class SZDRouting(RoutingModel):
         )
         rank = torch.empty_like(order).scatter_(-1, order, self.expert_keys.expand(num_layers, -1).clone())
         self.g = -params.s_g * torch.log((rank + 1).float())  # [L, E]
-        self._batches: dict[int, dict[str, torch.Tensor]] = {}
-        self._run: dict[str, torch.Tensor] = {}
+        self._state: dict[str, torch.Tensor] = {}
 
     @property
     def params(self) -> dict:
         return self.p.to_dict()
 
-    def begin_run(self, docs: torch.Tensor) -> None:
-        b = docs.shape[0]
-        if b not in self._batches:  # kept per batch size: a captured graph reads these very tensors
-            self._batches[b] = {
-                "base": torch.zeros(self.L, b, self.E, device=self.device),
-                "z": torch.zeros(self.L, b, self.E, device=self.device),
-                "prev": torch.full((self.L, b, self.k), -1, dtype=torch.long, device=self.device),
-            }
-        s = self._run = self._batches[b]
-        keys = rng.hash_keys(self.seed, self.layer_keys[..., 0], docs[None, :, None])  # [L, B, 1]
-        z_doc = rng.normal(rng.hash_keys(keys, _DOC, self.expert_keys))  # [L, B, E]
-        s["base"].copy_(self.g[:, None] + self.p.sigma_doc * z_doc)
-        s["z"].copy_(rng.normal(rng.hash_keys(keys, _LOC0, self.expert_keys)))  # the stationary law
-        s["prev"].fill_(-1)
+    def open(self, slots: int) -> None:
+        # One row per running sequence: a captured graph gathers and scatters its rows of these very tensors.
+        self._state = {
+            "base": torch.zeros(self.L, slots, self.E, device=self.device),
+            "z": torch.zeros(self.L, slots, self.E, device=self.device),
+            "prev": torch.full((self.L, slots, self.k), -1, dtype=torch.long, device=self.device),
+        }
+
+    def begin_sequence(self, slot: int, doc: int) -> None:
+        s = self._state
+        docs = torch.tensor([doc], device=self.device)
+        keys = rng.hash_keys(self.seed, self.layer_keys[..., 0], docs[None, :, None])  # [L, 1, 1]
+        z_doc = rng.normal(rng.hash_keys(keys, _DOC, self.expert_keys))  # [L, 1, E]
+        s["base"][:, slot] = (self.g[:, None] + self.p.sigma_doc * z_doc)[:, 0]
+        s["z"][:, slot] = rng.normal(rng.hash_keys(keys, _LOC0, self.expert_keys))[:, 0]  # the stationary law
+        s["prev"][:, slot] = -1
 
     def state(self) -> list[torch.Tensor]:
-        return [self._run["z"], self._run["prev"]] if self._run else []
+        return [self._state["z"], self._state["prev"]] if self._state else []
 
-    def step(self, docs: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        p, s = self.p, self._run
+    def step(
+        self, docs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        p, s = self.p, self._state
         keys = self._step_keys(docs, positions)  # [L, B, S, 1]
         eps = rng.normal(rng.hash_keys(keys, _EPS, self.expert_keys))  # [L, B, S, E]
         noise = rng.gumbel(rng.hash_keys(keys, _GUMBEL, self.expert_keys))
         stick = rng.uniform(rng.hash_keys(keys, _STICK, self.expert_keys[: self.k]))  # [L, B, S, k]
-        z, prev = s["z"], s["prev"]
+        base, z, prev = s["base"][:, rows], s["z"][:, rows], s["prev"][:, rows]  # [L, B, E | k]
         ids, hs = [], []
         for t in range(positions.shape[1]):  # each token depends on the one before: stickiness, drift
-            v = valid[None, :, t, None]  # [1, B, 1]; padding and finished rows leave the state alone
+            v = valid[None, :, t, None]  # [1, B, 1]; padding rows leave the state alone
             z = torch.where(v, p.phi * z + math.sqrt(1 - p.phi**2) * eps[:, :, t], z)
-            h = s["base"] + p.sigma_loc * z  # [L, B, E]
+            h = base + p.sigma_loc * z  # [L, B, E]
             keep = (prev >= 0) & (stick[:, :, t] < p.p_stick)
             # Kept experts outrank every fresh draw, so top-k takes them and fills the rest by Gumbel.
             score = (h + noise[:, :, t]).scatter_add(-1, prev.clamp(min=0), keep.float() * 1e9)
@@ -166,8 +185,9 @@ class SZDRouting(RoutingModel):
             prev = torch.where(v, chosen, prev)
             ids.append(chosen)
             hs.append(h)
-        s["z"].copy_(z)
-        s["prev"].copy_(prev)
+        # Padding rows share one state row: what they write there is never read for a sequence.
+        s["z"].index_copy_(1, rows, z)
+        s["prev"].index_copy_(1, rows, prev)
         self.ids = torch.stack(ids, dim=2)  # [L, B, S, k]
         self.h = torch.stack(hs, dim=2)  # [L, B, S, E]
 
@@ -179,12 +199,13 @@ def synthetic_trace(
     prompt routed in one step, then gen_len decode steps of one token each. No checkpoint needed: the
     routing does not depend on the hidden states (issue 15's union of experts a step, offline)."""
     docs = torch.arange(sequences, device=model.device)
-    model.begin_run(docs)
+    rows = model.start(docs)
     cols: dict[str, list] = {"seq": [], "token": [], "layer": [], "prefill": [], "step": [], "experts": []}
     spans = [(0, prompt_len, True)] + [(prompt_len + t, 1, False) for t in range(gen_len)]
     for step, (start, length, prefill) in enumerate(spans):
         positions = torch.arange(start, start + length, device=model.device).expand(sequences, length)
-        model.step(docs, positions, torch.ones(sequences, length, dtype=torch.bool, device=model.device))
+        valid = torch.ones(sequences, length, dtype=torch.bool, device=model.device)
+        model.step(docs, rows, positions, valid)
         ids = model.ids.cpu()  # [L, B, S, k]
         for row, layer in enumerate(moe_layers):
             for b in range(sequences):

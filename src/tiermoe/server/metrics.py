@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ..engine.request import GenerationStats
 from ..offload.store import StoreStats
 
-# The store's per-run counts (hits, misses, bytes, seconds): each request's are added up here.
+# The store's counts (hits, misses, bytes, seconds): each engine step's are added up here.
 _STORE_COUNTS = tuple(f.name for f in fields(StoreStats))
 
 # Seconds to the first token: from a small model on a GPU (ms) to a cold-cache prefill on disk (minutes).
@@ -52,11 +52,25 @@ class ServerMetrics:
         self.decode_speed = Histogram(
             "tiermoe_decode_tokens_per_second", "Decode speed per request", buckets=_SPEED_BUCKETS, registry=r
         )
-        self.queued = Gauge("tiermoe_requests_queued", "Requests waiting for the engine", registry=r)
+        self.queued = Gauge(
+            "tiermoe_requests_queued", "Requests received and not yet handed to the engine", registry=r
+        )
+        self.waiting = Gauge(
+            "tiermoe_requests_waiting",
+            "Requests the engine holds back: no free sequence or KV blocks yet, or preempted",
+            registry=r,
+        )
         self.running = Gauge("tiermoe_requests_running", "Requests the engine is generating", registry=r)
+        self.kv_usage = Gauge("tiermoe_kv_cache_usage", "Share of the KV cache's blocks in use", registry=r)
+        self.step_batch = Histogram(
+            "tiermoe_step_batch_size",
+            "Sequences in each engine step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.expert_counts = Counter(
             "tiermoe_expert_store",
-            "Expert-store counts summed over requests: hits and misses per tier, prefetches, bytes, seconds",
+            "Expert-store counts summed over engine steps: hits and misses per tier, prefetches, bytes, seconds",
             ["stat"],
             registry=r,
         )
@@ -76,8 +90,8 @@ class ServerMetrics:
             self.decode_speed.observe(stats.decode_tok_s)
 
     def add_store_stats(self, stats: dict) -> None:
-        """Add one request's expert-store statistics (LLM.store_stats() right after it ran; empty when
-        the model runs without the tiered store)."""
+        """Add the expert store's statistics of one engine step (empty when the model runs without the
+        tiered store)."""
         for name in _STORE_COUNTS:
             if name in stats:
                 self.expert_counts.labels(name).inc(stats[name])

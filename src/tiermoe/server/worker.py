@@ -1,14 +1,16 @@
 """The one thread that drives the engine. The LLM object is not thread-safe, so every call into it
-(chat template included) runs here, one request at a time, in arrival order.
+(chat template included) runs here. Requests run concurrently: each job becomes an engine request, and
+the thread steps the engine while any is unfinished (engine/scheduler.py decides who runs each step).
 
 Handlers on the event loop submit a Job and await its events; the worker hands events back through
-loop.call_soon_threadsafe. A cancelled job (its client left) is skipped if still queued, and its token
-iterator is closed at the next token if running, which aborts generation and frees the engine.
+loop.call_soon_threadsafe. A cancelled job (its client left) is dropped if not yet added, and aborted at
+the next step boundary if running, which frees its KV blocks for that step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from ..engine.request import SamplingParams, TokenEvent
 from ..errors import TiermoeError
 from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class JobAborted(Exception):
@@ -66,12 +70,18 @@ class Job:
 
 
 class EngineWorker:
+    """The engine thread: takes new jobs between steps, adds them to the engine, aborts the ones whose
+    client left, runs one engine step and hands each event to its job."""
+
     def __init__(self, llm, metrics: ServerMetrics):
         self._llm = llm
+        self._engine = llm.engine
         self._metrics = metrics
         self._jobs: queue.Queue[Job | None] = queue.Queue()  # None asks the thread to stop
         self._live: set[Job] = set()  # queued or running
+        self._running: dict[int, tuple[Job, object]] = {}  # request id -> (job, request)
         self._lock = threading.Lock()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tiermoe-engine", daemon=True)
 
     def start(self) -> None:
@@ -93,7 +103,7 @@ class EngineWorker:
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        return self._jobs.qsize() + len(self._engine.scheduler.waiting)
 
     def submit(
         self, prompt: Callable[[], list[int]], params: SamplingParams, echo_scores: int | None = None
@@ -107,49 +117,91 @@ class EngineWorker:
         return job
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._metrics.queued.dec()
+        store = self._llm.provider
+        self._seen = store.stats()
+        # The engine is stepped only while this thread has requests in it: an idle worker never touches
+        # the LLM, so a caller that waited for idle may use it directly (tests, notebooks).
+        while not self._stopping:
+            self._take_jobs(block=not self._running)
+            self._abort_cancelled()
+            if not self._running:
+                continue
             try:
-                if job.cancelled:
-                    job.put(JobAborted())
-                    continue
-                self._metrics.running.inc()
-                try:
-                    if self._serve(job):
-                        # The engine resets the store's statistics when a run starts: these are this job's.
-                        self._metrics.add_store_stats(self._llm.store_stats())
-                finally:
-                    self._metrics.running.dec()
-            finally:
-                with self._lock:
-                    self._live.discard(job)
+                self._step(store)
+            except Exception as exc:  # a failed step fails the requests in it, never the server
+                log.exception("engine step failed; its requests end with the error")
+                for job, request in list(self._running.values()):
+                    self._engine.abort(request)
+                    self._end(job, request, exc)
 
-    def _serve(self, job: Job) -> bool:
-        """Run the job; True once the engine started generating for it."""
-        stream = None
-        started = False
+    def _step(self, store) -> None:
+        for event in self._engine.step():
+            job, request = self._running[event.request_id]  # every request in the engine is a job's
+            if event.token_id is not None:
+                self._metrics.completion_tokens.inc()
+            job.put(event)
+            if event.finish_reason is not None:
+                self._end(job, request)
+        self._step_metrics(store)
+
+    def _take_jobs(self, block: bool) -> None:
+        """New jobs into the engine: all that wait now, or, when the engine is idle, the next to come."""
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                self._stopping = True
+                return
+            self._metrics.queued.dec()
+            self._add(job)
+
+    def _add(self, job: Job) -> None:
+        if job.cancelled:
+            job.put(JobAborted())
+            self._forget(job)
+            return
         try:
             ids = job.prompt_ids = job.prompt()
             if job.echo_scores is not None:
                 job.prompt_scores = self._llm.prompt_logprobs(ids, job.echo_scores)
-            stream = self._llm.stream(ids, job.params)
-            for event in stream:
-                if not started:  # the first event comes out of prefill
-                    started = True
-                    self._metrics.prompt_tokens.inc(len(ids))
-                if event.token_id is not None:
-                    self._metrics.completion_tokens.inc()
-                job.put(event)
-                if event.finish_reason is not None:
-                    return True
-                if job.cancelled:
-                    job.put(JobAborted())
-                    return True
-            # Without a final event the handler would wait forever: fail the request instead.
-            raise RuntimeError("the engine's token stream ended without a finish_reason")
+            request = self._engine.add_request(ids, job.params)
         except Exception as exc:  # handed to the request's handler, which maps it to an HTTP error
             job.put(exc)
-            return started
-        finally:
-            if stream is not None:
-                stream.close()  # aborts generation at once if the client left mid-stream
+            self._forget(job)
+            return
+        self._running[request.id] = (job, request)
+        self._metrics.prompt_tokens.inc(len(ids))
+
+    def _abort_cancelled(self) -> None:
+        """Requests whose client left: dropped before the next step, so their KV blocks are free for it."""
+        for job, request in [v for v in self._running.values() if v[0].cancelled]:
+            self._engine.abort(request)
+            self._end(job, request, JobAborted())
+        self._gauges()
+
+    def _end(self, job: Job, request, error: BaseException | None = None) -> None:
+        if error is not None:
+            job.put(error)
+        del self._running[request.id]
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            self._live.discard(job)
+
+    def _gauges(self) -> None:
+        engine, m = self._engine, self._metrics
+        m.running.set(len(engine.scheduler.running))
+        m.waiting.set(len(engine.scheduler.waiting))
+        m.kv_usage.set(engine.pool.used / max(engine.pool.capacity, 1))
+
+    def _step_metrics(self, store) -> None:
+        self._gauges()
+        self._metrics.step_batch.observe(self._engine.last_batch)
+        # The store's counts of this step: an expert loaded once for several requests counts once.
+        now = store.stats()
+        self._metrics.add_store_stats(store.stats(since=self._seen))
+        self._seen = now
