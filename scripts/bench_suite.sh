@@ -11,6 +11,8 @@
 #                                     with the profile's O_DIRECT ceiling beside it
 #   scripts/bench_suite.sh olmoe-plan tiermoe plan --verify at OLMoE 4 GiB, szd: every candidate layout
 #                                     predicted and measured (issue 14's planner figure)
+#   scripts/bench_suite.sh qwen3-load the server at 8 GiB (olmoe-load: OLMoE at 4 GiB) under 64 streaming
+#                                     clients for LOAD_S seconds (default 120; issue 15's load test)
 #
 # Results land in bench/results/ (and are copied to $OUT when the device tool sets it).
 # Environment: SYNTH_DIR (where checkpoints are written, default ~/.cache/tiermoe/synth),
@@ -118,8 +120,21 @@ olmoe-plan)
     model=$(synth olmoe-1b-7b)
     $TIERMOE plan --model "$model" --gpu-budget 4 --routing szd --verify
     ;;
+qwen3-load | olmoe-load)
+    # Issue 15's load test: the real server at the suite's cap, 64 streaming clients for 2 minutes.
+    if [[ $1 == qwen3-* ]]; then model=$(synth qwen3-30b-a3b --experts-in-memory) budget=8; else model=$(synth olmoe-1b-7b) budget=4; fi
+    $TIERMOE serve --model "$model" --gpu-budget "$budget" --max-num-seqs 64 --port 8123 > "$RESULTS/serve.log" 2>&1 &
+    server=$!
+    trap 'kill $server 2>/dev/null; collect' EXIT
+    until curl -sf http://127.0.0.1:8123/health > /dev/null; do
+        kill -0 $server 2>/dev/null || { tail -n 20 "$RESULTS/serve.log"; exit 1; }
+        sleep 2
+    done
+    python3 -m tiermoe.bench.load --url http://127.0.0.1:8123 --model "$(basename "$model")" --clients 64 \
+        --duration-s "${LOAD_S:-120}" --max-tokens 64 --out-dir "$RESULTS"
+    ;;
 *)
-    echo "usage: $0 [olmoe|qwen3|{qwen3,olmoe}-{int4,fp8,nvfp4,mxfp4}|olmoe-disk|olmoe-plan]" >&2
+    echo "usage: $0 [olmoe|qwen3|{qwen3,olmoe}-{int4,fp8,nvfp4,mxfp4}|olmoe-disk|olmoe-plan|{qwen3,olmoe}-load]" >&2
     exit 2
     ;;
 esac

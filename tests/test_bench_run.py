@@ -389,3 +389,25 @@ def test_git_revision_given_by_the_caller_wins(monkeypatch):
     assert git_revision() == "abc1234"
     monkeypatch.setenv("TIERMOE_GIT_REV", "")
     assert git_revision() != "abc1234"
+
+
+@pytest.mark.slow  # about 10 s on CI's 2 cores
+def test_bench_runs_every_setting_at_each_number_of_sequences(tmp_path):
+    """`--batch 1,3`: one results file, each setting at 1 and then 3 concurrent sequences; the store's
+    traffic a token falls when three sequences share each step's experts (the union, loaded once)."""
+    model = tmp_path / "tiny"
+    synth_checkpoint("tiny-olmoe", model, progress=False)
+    argv = [
+        "bench", "--model", str(model), "--gpu-budget", repr(_capped_budget_gib(model)), "--routing", "uniform",
+        "--prompt-len", "8", "--gen-len", "8", "--batch", "1,3", "--repeat", "1", "--h2d-gb-s", str(H2D_GB_S),
+        "--out-dir", str(tmp_path / "results"), "--name", "t",
+    ]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    run.add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    runs = json.loads((tmp_path / "results" / "t.json").read_text())["runs"]
+    assert [r["batch"] for r in runs] == [1, 3] and all(r["error"] is None for r in runs)
+    assert runs[1]["h2d_bytes_per_token"] < runs[0]["h2d_bytes_per_token"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv[:-2], "--batch", "1,0"])

@@ -99,12 +99,9 @@ def measure_tiermoe(
     budgets = {"gpu_budget_gib": gpu_budget_gib, "cpu_budget_gib": cpu_budget_gib}
     start = time.perf_counter()
     budgets = {k: v for k, v in budgets.items() if v is not None}
-    # Every sequence of the batch decodes at once: room for all of them in the engine and in the KV cache
-    # (which the plan takes out of the GPU budget), unless the options say otherwise.
-    tokens = workload.batch * (workload.prompt_len + workload.gen_len)
+    # Every sequence of the batch decodes at once (the KV reserve for them comes with the options:
+    # run.kv_reserve_for).
     options = {"max_num_seqs": max(workload.batch, 16), **(options or {})}
-    if workload.batch > 1 and options.get("kv_reserve_tokens") is None:
-        options["kv_reserve_tokens"] = max(tokens, 4096)
     llm = LLM(model_dir, device=device, dtype=dtype, **budgets, **options)
     load_s = time.perf_counter() - start
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]

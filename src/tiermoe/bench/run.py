@@ -451,17 +451,53 @@ def _summary_table(runs: list[dict]):
     return table
 
 
+def _batches(value: str) -> str:
+    if not all(b.strip().isdigit() and int(b) >= 1 for b in value.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"--batch takes counts of sequences >= 1, comma-separated; got {value!r}"
+        )
+    return value
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs keep the table's columns whole
-    workload = Workload(args.prompt_len, args.gen_len, args.batch, args.repeat, args.seed)
+    batches = [int(b) for b in str(args.batch).split(",")]
     preset = read_synth_info(Path(args.model)).get("preset", Path(args.model).name)
-    stem = args.name or f"bench-{preset}-b{workload.batch}-{timestamp()}"
+    stem = args.name or f"bench-{preset}-b{'-'.join(map(str, batches))}-{timestamp()}"
     out_dir = Path(args.out_dir)
     # The runs so far, rewritten after each setting and removed once the whole result is written.
     partial = out_dir / f"{stem}.partial.json"
-    payload = bench(
+    # Each number of concurrent sequences runs every setting; one results file holds them all.
+    payload, done = {}, []
+    for batch in batches:
+        workload = Workload(args.prompt_len, args.gen_len, batch, args.repeat, args.seed)
+        payload = _bench_one(
+            args,
+            workload,
+            console,
+            lambda runs, before=list(done): write_json(partial, {"runs": before + runs, "partial": True}),
+        )
+        done += payload["runs"]
+    payload["runs"] = runs = done
+    json_path = write_json(out_dir / f"{stem}.json", payload)
+    partial.unlink(missing_ok=True)
+    title = f"{runs[0]['model_preset']} ({runs[0]['experts_dtype']}), batch {args.batch}, {runs[0]['device']}"
+    png_path = plot_runs(runs, out_dir / f"{stem}.png", title)
+    console.print(_summary_table(runs))
+    for r in runs:
+        if r["experts"]:
+            cap = "uncapped" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g} GiB"
+            console.print(
+                f"expert store, {r['engine']} at {cap}, {r['routing']} routing: {json.dumps(r['experts'])}"
+            )
+    console.print(f"saved {json_path} and {png_path}")
+    return 0
+
+
+def _bench_one(args: argparse.Namespace, workload: Workload, console, measured) -> dict:
+    return bench(
         args.model,
         workload,
         parse_budgets(args.gpu_budget),
@@ -479,25 +515,9 @@ def main(args: argparse.Namespace) -> int:
         also_models=args.also_model or [],
         record_routing=args.record_routing,
         llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_formats, args.llama_cpp_source),
-        measured=lambda runs: write_json(partial, {"runs": runs, "partial": True}),
+        measured=measured,
         kv_reserve_tokens=args.kv_reserve_tokens,
     )
-    runs = payload["runs"]
-    json_path = write_json(out_dir / f"{stem}.json", payload)
-    partial.unlink(missing_ok=True)
-    title = (
-        f"{runs[0]['model_preset']} ({runs[0]['experts_dtype']}), batch {workload.batch}, {runs[0]['device']}"
-    )
-    png_path = plot_runs(runs, out_dir / f"{stem}.png", title)
-    console.print(_summary_table(runs))
-    for r in runs:
-        if r["experts"]:
-            cap = "uncapped" if r["gpu_budget_gib"] is None else f"{r['gpu_budget_gib']:g} GiB"
-            console.print(
-                f"expert store, {r['engine']} at {cap}, {r['routing']} routing: {json.dumps(r['experts'])}"
-            )
-    console.print(f"saved {json_path} and {png_path}")
-    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -509,7 +529,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--cpu-budget", type=float, default=None, help="pinned host cache, GiB")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--batch",
+        default="1",
+        type=_batches,
+        help="concurrent sequences; a comma-separated list (1,4,16,64) runs every setting at each",
+    )
     p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up; figures are medians")
     p.add_argument(
         "--also-model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from ..engine.request import GenerationStats
 from ..offload.store import StoreStats
@@ -26,6 +26,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the like: a load test watches it
         self.requests = Counter(
             "tiermoe_requests",
             "Requests by endpoint and outcome (success, error, aborted: the client left)",
