@@ -384,6 +384,8 @@ def test_client_disconnect_mid_stream_frees_the_engine(url, client, llm):
     assert metric(url, "tiermoe_requests_total", endpoint=COMPLETIONS, outcome="aborted") == aborted + 1
     # The engine stopped within a few tokens of the disconnect, not after max_tokens.
     assert metric(url, "tiermoe_completion_tokens_total") - generated - 4 < 100
+    wait_idle(url)
+    assert metric(url, "tiermoe_kv_cache_usage") == 0 and llm.engine.pool.free == llm.engine.pool.capacity
 
 
 def test_clients_leaving_a_whole_or_a_queued_request_cancel_it(url, client, llm):

@@ -37,9 +37,9 @@ def test_generation_config_supplies_unset_sampling_fields(tiny_checkpoint, tmp_p
         repetition_penalty=1.1,
     )
     engine = LLM(path, device="cpu").engine
-    (p,) = engine.resolve([PROMPT], [SamplingParams()])
+    p = engine.resolve(PROMPT, SamplingParams())
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.6, 0.95, 20, 1.1)
-    (p,) = engine.resolve([PROMPT], [SamplingParams(temperature=0.0, top_k=0, max_tokens=5)])
+    p = engine.resolve(PROMPT, SamplingParams(temperature=0.0, top_k=0, max_tokens=5))
     assert (p.temperature, p.top_k, p.top_p, p.max_tokens) == (0.0, 0, 0.95, 5)  # the request's own win
 
 
