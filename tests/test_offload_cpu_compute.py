@@ -73,13 +73,21 @@ def test_cpu_computed_experts_match_the_resident_ones_in_every_format(fmt):
     assert (got.float() - expected.float()).abs().max() <= tol * expected.float().abs().max()
 
 
-def test_costs_are_measured_with_a_real_expert():
+def test_costs_are_measured_with_real_experts_per_expert():
     fmt = DenseFormat(256, 128, torch.float32)
-    expert = fmt.empty(1)[0].zero_()
-    measured = cpu_compute.measure(fmt, expert, fmt.empty(1)[0], torch.float32)
-    assert 0 < measured.stream_s < 0.1 and 0 < measured.cpu_s < 0.1 and measured.cpu_layer_s > 0
-    assert measured.cpu_token_s >= 0
-    assert "stream" in measured.describe()
+    experts = list(fmt.empty(16).zero_())
+    one = cpu_compute.measure(fmt, experts[:1], fmt.empty(1)[0], torch.float32)
+    many = cpu_compute.measure(fmt, experts, fmt.empty(1)[0], torch.float32)
+    assert 0 < one.stream_s < 0.1 and 0 < one.cpu_s < 0.1 and one.cpu_layer_s > 0 and one.cpu_token_s >= 0
+    # Per expert over 16 (these small ones sit in the cache either way): not 16 experts' time.
+    assert many.cpu_s < 4 * one.cpu_s
+    assert "stream" in one.describe()
+
+
+def test_the_cpu_is_timed_over_more_experts_than_a_cache_holds():
+    qwen3 = 3 * 2048 * 768 * 2  # bytes of one Qwen3-30B-A3B bf16 expert
+    assert cpu_compute.timing_experts(qwen3, 6144) * qwen3 >= cpu_compute.COLD_BYTES
+    assert cpu_compute.timing_experts(qwen3, 10) == 10 and cpu_compute.timing_experts(2**40, 10) == 1
 
 
 PROMPT = [5, 17, 42, 99, 7, 11, 120, 64, 3, 200, 31, 8]

@@ -68,7 +68,7 @@ def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout
 
 
 def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Costs:
-    """This machine's seconds per expert on each path (one expert of the model's format, random bytes),
+    """This machine's seconds per expert on each path (experts of the model's format, random bytes),
     the host round trip per layer, and an estimate of the rest of a step (the dense weights read once at
     HBM speed) that calibration replaces."""
     from .hardware import gpu_copy_bandwidth, h2d_bandwidth, time_cpu, zero_copy_bandwidth
@@ -77,8 +77,11 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
     device, dtype = config.torch_device, config.torch_dtype
     fmt = format_for(hf_config, *args.expert_shape, dtype)
     cuda = device.type == "cuda"
-    expert = fmt.empty(1, pin_memory=cuda)[0]
-    fmt.fill_random(expert, torch.Generator().manual_seed(0), 0.02)
+    # Enough experts that the CPU's cost is timed from DRAM (cpu_compute.COLD_BYTES), copies of one random one.
+    bank = fmt.empty(cpu_compute.timing_experts(fmt.nbytes, 256), pin_memory=cuda)
+    fmt.fill_random(bank[0], torch.Generator().manual_seed(0), 0.02)
+    bank[1:] = bank[0]
+    expert = bank[0]
     if cuda:
         stream_s = fmt.nbytes / (h2d_bandwidth(fmt.nbytes, pinned=True, total_bytes=1 << 30) * GB)
         in_place_s = fmt.nbytes / (zero_copy_bandwidth(64 << 20) * GB)
@@ -90,7 +93,7 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
     return Costs(
         stream_s=stream_s,
         in_place_s=in_place_s,
-        cpu=cpu_compute.measure(fmt, expert, fmt.empty(1, device)[0], dtype),
+        cpu=cpu_compute.measure(fmt, list(bank), fmt.empty(1, device)[0], dtype),
         layer_s=round_trip_s(device, args.top_k),
         step_s=plan.dense_bytes / hbm if hbm else 0.0,
     )

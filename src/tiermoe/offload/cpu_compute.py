@@ -27,6 +27,10 @@ from ..formats.base import ExpertFormat
 from ..formats.quantized import DequantizingFormat
 
 TIMING_REPEATS = 5  # medians of this many runs measure each cost
+# The CPU's cost is timed over distinct experts of at least this many bytes in all, more than any
+# last-level cache, so each comes from DRAM as in decode. One expert timed again and again sits in the
+# cache: measured on the H100 machine, it predicted 39 GB/s where decode got 20 (bench/NOTES.md s. 22).
+COLD_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,17 @@ def _median_s(fn, repeats: int = TIMING_REPEATS) -> float:
     return statistics.median(times)
 
 
-def measure(fmt: ExpertFormat, expert: torch.Tensor, slot: torch.Tensor, dtype: torch.dtype) -> MissCosts:
-    """MissCosts timed with one real expert: expert its host bytes (pinned on a GPU machine), slot a GPU
-    slot it may be copied into (overwritten), dtype the compute dtype of the hidden states."""
+def timing_experts(nbytes: int, available: int) -> int:
+    """How many distinct experts of `nbytes` each the CPU's cost is timed over (COLD_BYTES' worth)."""
+    return max(1, min(available, -(-COLD_BYTES // nbytes)))
+
+
+def measure(
+    fmt: ExpertFormat, experts: list[torch.Tensor], slot: torch.Tensor, dtype: torch.dtype
+) -> MissCosts:
+    """MissCosts timed with real experts: experts their host bytes (pinned on a GPU machine; the CPU's
+    costs are per expert over all of them, see COLD_BYTES), slot a GPU slot the first may be copied into
+    (overwritten), dtype the compute dtype of the hidden states."""
     cuda = slot.is_cuda
 
     def sync():
@@ -130,13 +142,13 @@ def measure(fmt: ExpertFormat, expert: torch.Tensor, slot: torch.Tensor, dtype: 
             torch.cuda.synchronize(slot.device)
 
     def stream():
-        slot.copy_(expert, non_blocking=True)
+        slot.copy_(experts[0], non_blocking=True)
         sync()
 
     def on_cpu(tokens: int):
         x = torch.randn(tokens, fmt.hidden, dtype=dtype)
         pairs = {0: (list(range(tokens)), [1.0] * tokens)}
-        return lambda: compute(fmt, x, pairs, {0: expert})
+        return lambda: [compute(fmt, x, pairs, {0: expert}) for expert in experts]
 
     x_gpu = torch.zeros(1, fmt.hidden, dtype=dtype, device=slot.device)
     x_host = torch.zeros(1, fmt.hidden, dtype=dtype, pin_memory=cuda)
@@ -147,7 +159,7 @@ def measure(fmt: ExpertFormat, expert: torch.Tensor, slot: torch.Tensor, dtype: 
         x_gpu.add_(x_host.to(slot.device, non_blocking=True))
         sync()
 
-    one, eight = _median_s(on_cpu(1)), _median_s(on_cpu(8))
+    one, eight = (_median_s(on_cpu(n)) / len(experts) for n in (1, 8))
     return MissCosts(
         stream_s=_median_s(stream),
         cpu_s=one,

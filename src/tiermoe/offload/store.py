@@ -108,11 +108,12 @@ class TieredExpertStore:
         self.recent = RoutedCounts(list(plan.quotas), num_experts)  # the CPU split's ranking
 
     def measure_cpu_costs(self, dtype: torch.dtype) -> MissCosts:
-        """This machine's MissCosts for this store's experts, timed with the first expert of the host cache
-        and a scratch slot (hidden states in dtype)."""
-        entry = next(iter(self.host.entry_of.values()))
+        """This machine's MissCosts for this store's experts, timed with the host cache's first experts
+        (enough of them to come from DRAM, as in decode) and a scratch slot (hidden states in dtype)."""
+        entries = list(self.host.entry_of.values())
+        entries = entries[: cpu_compute.timing_experts(self.expert_bytes, len(entries))]
         return cpu_compute.measure(
-            self.format, self.host.buffer(entry), self.format.empty(1, self.device)[0], dtype
+            self.format, [self.host.buffer(e) for e in entries], self.format.empty(1, self.device)[0], dtype
         )
 
     def _preload(self, layers: list[int], progress) -> None:
