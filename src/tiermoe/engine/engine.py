@@ -104,6 +104,7 @@ class Engine:
     # --- one step
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.schedule()
+        self.last_batch = len(plan.chunks)
         if not plan.chunks:
             return []
         routing = self.runner.routing
@@ -115,15 +116,20 @@ class Engine:
         for c in plan.chunks:
             c.request.num_computed += c.count
         self.steps += 1
-        self.last_batch = len(plan.chunks)
         if len(completing) < len(plan.chunks):  # some prompts are still being read
             logits = logits[[i for i, c in enumerate(plan.chunks) if c.completes]]
         tokens = self._sample(completing, logits)
-        decoding = sum(1 for c in plan.chunks if c.count == 1)
-        if decoding:
-            self.provider.after_step(decoding)  # the step is done: its tokens are on the host
+        if any(c.count == 1 for c in plan.chunks):  # the step is done: its tokens are on the host
+            self.provider.after_step(self.runner.decoded_rows)
         scores = self._logprobs(completing, logits, tokens)
-        return [self._advance(c.request, t, s) for c, t, s in zip(completing, tokens, scores, strict=True)]
+        events = [self._advance(c.request, t, s) for c, t, s in zip(completing, tokens, scores, strict=True)]
+        self._flush_if_idle()
+        return events
+
+    def _flush_if_idle(self) -> None:
+        """Nothing left to run: a routing recorder writes its trace (it holds back while busy)."""
+        if self.runner.routing and not self.scheduler.has_work():
+            self.runner.routing.flush()
 
     def _sample(self, chunks: list[Chunk], logits: torch.Tensor) -> list[int]:
         requests = [c.request for c in chunks]
@@ -232,6 +238,7 @@ class Engine:
         finally:  # also when the caller closes the stream early
             for r in requests:
                 self.abort(r)
+            self._flush_if_idle()
 
     def score(self, ids: list[int], top: int = 0):
         """ModelRunner.logprobs of one sequence in KV blocks taken for it and given back."""
@@ -248,3 +255,4 @@ class Engine:
             return self.runner.logprobs(ids, blocks, top=top)
         finally:
             self.pool.release(blocks)
+            self._flush_if_idle()

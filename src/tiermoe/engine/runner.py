@@ -51,10 +51,19 @@ class StepInputs:
 
     ids: torch.Tensor  # [B, T]
     positions: torch.Tensor  # [B, T]
-    valid: torch.Tensor  # [B, T] bool: real tokens (rows are right-padded)
+    counts: torch.Tensor  # [B]: real tokens of each row (rows are right-padded; padding rows 0)
     rows: torch.Tensor  # [B]: state rows (routing)
-    logits_at: torch.Tensor  # [B]: each row's last real token
     kv: KVBatch
+
+    # Derived in the forward, not when unpacking: inside a graph capture they must be recomputed from
+    # the static buffer on every replay.
+    def valid(self) -> torch.Tensor:
+        """[B, T] bool: the real tokens."""
+        return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.counts[:, None]
+
+    def logits_at(self) -> torch.Tensor:
+        """[B]: each row's last real token."""
+        return (self.counts - 1).clamp(min=0)
 
     @staticmethod
     def pack(rows: list[Row], batch: int, width: int, blocks: int, pad_row: int) -> torch.Tensor:
@@ -80,9 +89,7 @@ class StepInputs:
         t = width
         ids, positions, slots = packed[:, :t], packed[:, t : 2 * t], packed[:, 2 * t : 3 * t]
         lengths, counts, rows = packed[:, -3], packed[:, -2], packed[:, -1]
-        valid = torch.arange(t, device=packed.device)[None, :] < counts[:, None]
-        kv = KVBatch(packed[:, 3 * t : -3], slots, positions, lengths)
-        return cls(ids, positions, valid, rows, (counts - 1).clamp(min=0), kv)
+        return cls(ids, positions, counts, rows, KVBatch(packed[:, 3 * t : -3], slots, positions, lengths))
 
 
 def decode_rows(n: int) -> int:
@@ -120,6 +127,9 @@ class ModelRunner:
         if routing:
             routing.open(max_num_seqs, num_blocks * BLOCK_TOKENS)
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+        # Rows of the last decode forward, padding included: the provider's after_step counts what they
+        # routed (a padding row's experts are read too).
+        self.decoded_rows = 0
 
     @property
     def num_blocks(self) -> int:
@@ -151,24 +161,30 @@ class ModelRunner:
         return self.forward(StepInputs.unpack(packed, width), logits_at_last=logits)
 
     def forward(self, inputs: StepInputs, logits_at_last: bool = True) -> torch.Tensor:
+        self.begin(inputs)
+        at = inputs.logits_at() if logits_at_last else None
+        return self.model(inputs.ids, inputs.positions, self.kv, at)
+
+    def begin(self, inputs: StepInputs) -> None:
+        """Bind the forward's rows to the KV cache and announce its step to the routing."""
         self.kv.bind(inputs.kv)
         if self.routing:
-            self.routing.begin_step(inputs.rows, inputs.positions, inputs.valid, inputs.kv.slots)
-        at = inputs.logits_at if logits_at_last else None
-        return self.model(inputs.ids, inputs.positions, self.kv, at)
+            self.routing.begin_step(inputs.rows, inputs.positions, inputs.valid(), inputs.kv.slots)
 
     def _decode(self, rows: list[Row]) -> torch.Tensor:
         batch = decode_rows(len(rows))
         blocks = max(MIN_BLOCKS, 1 << (max(len(r.blocks) for r in rows) - 1).bit_length())
         blocks = min(blocks, self.num_blocks)
         if not self.graphs:
+            self.decoded_rows = len(rows)
             return self._eager(rows, len(rows), 1, blocks, logits=True)
         packed = StepInputs.pack(rows, batch, 1, blocks, self.max_num_seqs)
         graph = self._graphs.get((batch, blocks))
         if graph is None:
             kind = DecodeGraph if self.provider.graph_safe(batch) else LayeredDecodeGraph
             graph = self._graphs[(batch, blocks)] = kind(self, packed)
-        return graph.run(packed)
+        self.decoded_rows = batch
+        return graph.run(packed, len(rows))
 
     @torch.inference_mode()
     def logprobs(self, ids: list[int], blocks: list[int], chunk: int = 512, top: int = 0):
@@ -222,12 +238,13 @@ class DecodeGraph:
         self.graph = capture(lambda: self.runner.forward(self.inputs))
         self.logits = self.graph.outputs
 
-    def run(self, packed: torch.Tensor) -> torch.Tensor:
+    def run(self, packed: torch.Tensor, rows: int) -> torch.Tensor:
+        """Replay with `packed` in place; rows: the real ones (the rest are padding)."""
         self.packed.copy_(packed)
-        self.replay()
+        self.replay(rows)
         return self.logits
 
-    def replay(self) -> None:
+    def replay(self, rows: int) -> None:
         self.graph.graph.replay()
 
 
@@ -237,16 +254,21 @@ class LayeredDecodeGraph(DecodeGraph):
     def capture(self) -> None:
         model, cache, inputs = self.model, self.runner.kv, self.inputs
         windows = {layer.self_attn.spec.sliding_window for layer in model.model.layers}
+        # One memory pool for all the pieces, replayed in the order they are captured: what a layer's
+        # piece frees (its gathered keys and values) serves the next, instead of each piece's own pool
+        # keeping a copy of the whole KV gather.
+        pool = torch.cuda.graph_pool_handle()
 
         def prologue():
-            cache.bind(inputs.kv)
-            if self.routing:
-                self.routing.begin_step(inputs.rows, inputs.positions, inputs.valid, inputs.kv.slots)
+            self.runner.begin(inputs)
             for window in windows:  # built once here, reused by every layer's graph
                 cache.mask(window)
             return model.embed(inputs.ids, inputs.positions)
 
-        self.prologue = capture(prologue)
+        self.prologue = capture(prologue, pool)
+        # Held here: an eager forward rebinds the cache's gather index and masks, and the pool must not
+        # hand their memory to anything else while these graphs read it.
+        self.held = (cache._gather, dict(cache._masks))
         # The tensors the prologue allocates inside its graph (the gather index, the masks, the routed
         # ids) hold nothing until it runs, and each piece's warm-up reads them.
         self.prologue.graph.replay()
@@ -254,19 +276,19 @@ class LayeredDecodeGraph(DecodeGraph):
         self.pieces = []
         for layer in model.model.layers:
             if isinstance(layer.mlp, SparseMoeBlock):
-                piece = capture(lambda layer=layer, x=x: layer.before_experts(x, rope, cache))
+                piece = capture(lambda layer=layer, x=x: layer.before_experts(x, rope, cache), pool)
                 x = torch.empty_like(x)  # the eager part writes the layer's output here
                 self.pieces.append((piece, layer, x))
             else:
-                piece = capture(lambda layer=layer, x=x: layer(x, rope, cache))
+                piece = capture(lambda layer=layer, x=x: layer(x, rope, cache), pool)
                 x = piece.outputs
                 self.pieces.append((piece, None, None))
-        self.epilogue = capture(lambda: model.head(x[:, -1]))
+        self.epilogue = capture(lambda: model.head(x[:, -1]), pool)
         self.logits = self.epilogue.outputs
         # The step's routing tensors as captured: the eager expert part (the predictor) reads these.
         self.routing_view = self.routing.view() if self.routing else None
 
-    def replay(self) -> None:
+    def replay(self, rows: int) -> None:
         if self.routing:
             self.routing.resume(self.routing_view)
         self.prologue.graph.replay()
@@ -274,8 +296,11 @@ class LayeredDecodeGraph(DecodeGraph):
         for piece, layer, out in self.pieces:
             piece.graph.replay()
             if layer is not None:
-                x1, xn, weights, ids, shared = piece.outputs
-                routed = provider.forward(layer.mlp.layer_idx, xn, ids, weights)
+                x1, xn, weights, ids, shared = piece.outputs  # [B, 1, H], [B, H], [B, k], [B, k], ...
+                # Only the real rows reach the store: a padding row's experts would be fetched and counted.
+                routed = provider.forward(layer.mlp.layer_idx, xn[:rows], ids[:rows], weights[:rows])
+                if rows < xn.shape[0]:
+                    routed = torch.cat([routed, routed.new_zeros(xn.shape[0] - rows, routed.shape[1])])
                 layer.after_experts(x1, routed, shared, out=out)
         self.epilogue.graph.replay()
 
@@ -285,15 +310,16 @@ class Captured:
         self.graph, self.outputs = graph, outputs
 
 
-def capture(fn) -> Captured:
+def capture(fn, pool=None) -> Captured:
     """Capture fn() as a CUDA graph after one warm-up run on a side stream (lazy initialisation of
-    libraries must not happen inside a capture). The warm-up's writes are redone by every replay."""
+    libraries must not happen inside a capture). The warm-up's writes are redone by every replay.
+    pool: a memory pool shared with other graphs replayed in capture order (None: its own)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     return Captured(graph, outputs)

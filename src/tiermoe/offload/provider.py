@@ -34,8 +34,8 @@ class ExpertProvider(Experts, Protocol):
         ...
 
     def after_step(self, tokens: int) -> None:
-        """A decode step of `tokens` rows has finished (the engine holds its sampled tokens): bookkeeping
-        the step's graph could not do."""
+        """A decode step of `tokens` rows (padding rows of its graph included) has finished (the engine
+        holds its sampled tokens): bookkeeping the step's graph could not do."""
         ...
 
 

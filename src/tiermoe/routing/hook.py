@@ -76,6 +76,11 @@ class Routing:
         if self.recorder:
             self.recorder.end_sequence(doc, prompt_len, kv_slots)
 
+    def flush(self) -> None:
+        """The engine is idle: the recorder writes what it holds."""
+        if self.recorder:
+            self.recorder.flush()
+
     def begin_step(
         self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, kv_slots: torch.Tensor
     ) -> None:

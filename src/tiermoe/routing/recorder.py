@@ -2,12 +2,14 @@
 
 Decode runs inside CUDA graphs, where nothing may reach the host, so ids are written on the device, at
 the token's KV cache slot (each computed token of a running sequence owns one), and brought to the host
-when its sequence ends, from the slots of its blocks. The file is rewritten after every sequence, so it
-is complete whenever a request has finished.
+when its sequence ends, from the slots of its blocks. The file is rewritten whenever the engine goes
+idle (so it is complete when a generate call returns) and, while requests keep coming, at most every
+SAVE_EVERY_S seconds: rewriting it after every sequence would cost a server time quadratic in its trace.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +17,18 @@ import torch
 
 from .trace import Trace
 
+SAVE_EVERY_S = 10.0
+
 
 class TraceRecorder:
     def __init__(self, path: str | Path, moe_layers: list[int], num_experts: int, top_k: int, device):
         self.path, self.moe_layers, self.num_experts, self.k = Path(path), moe_layers, num_experts, top_k
         self.device = device
         self._buf: dict[str, torch.Tensor] = {}
-        self._columns: list[
-            tuple
-        ] = []  # one (seq, token, layer, prefill, step, experts) per finished sequence
+        # one (seq, token, layer, prefill, step, experts) per finished sequence
+        self._columns: list[tuple] = []
+        self._unsaved = False
+        self._saved_at = time.monotonic()
 
     def open(self, kv_slots: int) -> None:
         """Buffers for every slot of the KV cache (a captured graph writes into these very tensors)."""
@@ -61,7 +66,15 @@ class TraceRecorder:
                 np.tile(steps, L), ids.reshape(L * n, self.k),
             )
         )  # fmt: skip
-        self.save()
+        self._unsaved = True
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Rewrite the file if a sequence ended since it was last written."""
+        if self._unsaved:
+            self.save()
+            self._unsaved, self._saved_at = False, time.monotonic()
 
     def trace(self) -> Trace:
         cols = [np.concatenate(c) for c in zip(*self._columns, strict=True)]

@@ -90,13 +90,13 @@ class ServerMetrics:
         if stats.completion_tokens > 1:  # one token has no decode step, so no speed
             self.decode_speed.observe(stats.decode_tok_s)
 
-    def add_store_stats(self, stats: dict) -> None:
-        """Add the expert store's statistics of one engine step (empty when the model runs without the
-        tiered store)."""
-        for name in _STORE_COUNTS:
-            if name in stats:
-                self.expert_counts.labels(name).inc(stats[name])
-                setattr(self._store_totals, name, getattr(self._store_totals, name) + stats[name])
+    def add_store_stats(self, now: dict, before: dict) -> None:
+        """Add the expert store's counts between two of its stats() (one engine step); both empty when the
+        model runs without the tiered store."""
+        stats = {name: now[name] - before.get(name, 0) for name in _STORE_COUNTS if name in now}
+        for name, value in stats.items():
+            self.expert_counts.labels(name).inc(value)
+            setattr(self._store_totals, name, getattr(self._store_totals, name) + value)
         if not stats:
             return
         for name, value in self._store_totals.to_dict().items():

@@ -128,11 +128,21 @@ class EngineWorker:
                 continue
             try:
                 self._step(store)
-            except Exception as exc:  # a failed step fails the requests in it, never the server
-                log.exception("engine step failed; its requests end with the error")
-                for job, request in list(self._running.values()):
-                    self._engine.abort(request)
-                    self._end(job, request, exc)
+            except Exception as exc:  # a failed step fails the requests in the engine, never the server
+                log.exception("engine step failed; the requests in the engine end with the error")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Every job in the engine gets the error first (so none waits forever), then its request is
+        dropped; an engine that cannot even abort (a broken device) does not stop the thread."""
+        running = list(self._running.values())
+        for job, request in running:
+            self._end(job, request, exc)
+        for _, request in running:
+            try:
+                self._engine.abort(request)
+            except Exception:
+                log.exception("aborting a failed request failed")
 
     def _step(self, store) -> None:
         for event in self._engine.step():
@@ -200,8 +210,9 @@ class EngineWorker:
 
     def _step_metrics(self, store) -> None:
         self._gauges()
-        self._metrics.step_batch.observe(self._engine.last_batch)
+        if self._engine.last_batch:
+            self._metrics.step_batch.observe(self._engine.last_batch)
         # The store's counts of this step: an expert loaded once for several requests counts once.
         now = store.stats()
-        self._metrics.add_store_stats(store.stats(since=self._seen))
+        self._metrics.add_store_stats(now, self._seen)
         self._seen = now
