@@ -23,6 +23,7 @@
 # converter's bf16, and base,q4_k_m for Qwen3, q8_0 and Q4_K_M), GPU_BUDGETS (tiermoe's caps, default the
 # suite's cap and none; e.g. 8 alone where a lease is short), VARIANTS (tiermoe's store settings when
 # capped, bench --variants; e.g. lfu+noprefetch,lfu+noprefetch+in-place to compare the miss paths).
+# BATCHES: concurrent sequences, bench --batch (default 1; e.g. 1,4,16,64 for issue 15's concurrency figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -69,7 +70,7 @@ olmoe)
     # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe at 4 GiB and uncapped, 3 routings
     #    each (~35-50 s a run); HF offload at the same cap (~0.6 tok/s: 8 tokens, timed once).
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 128 --batch 1 --repeat 3 \
+        --prompt-len 128 --gen-len 128 --batch "${BATCHES:-1}" --repeat 3 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
 qwen3)
@@ -80,7 +81,7 @@ qwen3)
     # HF offload (0.1 tok/s, ~3 minutes for 3 tokens) takes the rest.
     model=$(synth qwen3-30b-a3b --experts-in-memory)
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 \
+        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qwen3-mxfp4 | olmoe-mxfp4)
@@ -103,7 +104,7 @@ qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qw
         [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts "$fmt" "${scales[@]}" --out "$model"
     fi
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len "$gen" --batch 1 --repeat "$repeat" --also-model "$bf16" \
+        --prompt-len 128 --gen-len "$gen" --batch "${BATCHES:-1}" --repeat "$repeat" --also-model "$bf16" \
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300
     ;;
@@ -114,7 +115,7 @@ olmoe-disk)
     $TIERMOE profile --model "$model" --gpu-budget 4 --disk-dir "$model" \
         --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
     $TIERMOE bench --model "$model" --gpu-budget 4 --cpu-budget 4 --routing "${ROUTINGS:-szd}" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 64 --batch 1 --repeat 2 --timeout 400
+        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 --timeout 400
     ;;
 olmoe-plan)
     model=$(synth olmoe-1b-7b)
