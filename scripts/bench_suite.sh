@@ -127,7 +127,7 @@ qwen3-load | olmoe-load)
     $TIERMOE serve --model "$model" --gpu-budget "$budget" --max-num-seqs 64 --port 8123 > "$RESULTS/serve.log" 2>&1 &
     server=$!
     trap 'kill $server 2>/dev/null; collect' EXIT
-    until curl -sf http://127.0.0.1:8123/health > /dev/null; do
+    until python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:8123/health", timeout=5)' 2> /dev/null; do
         kill -0 $server 2>/dev/null || { tail -n 20 "$RESULTS/serve.log"; exit 1; }
         sleep 2
     done
