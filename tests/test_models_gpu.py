@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tiermoe import LLM, SamplingParams
+from tiermoe.engine.runner import MIN_BLOCKS
 
 from .conftest import prompt_logits
 from .test_models import CASES, PROMPTS, hf_logits, rel_err
@@ -70,4 +71,4 @@ def test_cuda_graph_decode_equals_eager(tiny_checkpoint):
     assert graphed.engine.runner.graphs and not eager.engine.runner.graphs
     for prompt in (PROMPTS[0], PROMPTS[1]):  # the second call reuses the captured graph
         assert graphed.generate(prompt, params)[0].token_ids == eager.generate(prompt, params)[0].token_ids
-    assert list(graphed.engine.runner._graphs) == [1]
+    assert list(graphed.engine.runner._graphs) == [(1, MIN_BLOCKS)]  # (batch, block-table width)

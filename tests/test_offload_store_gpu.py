@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tiermoe import LLM, SamplingParams
+from tiermoe.engine.runner import MIN_BLOCKS
 
 from .conftest import budget_gib
 from .test_offload_store import PROMPT
@@ -33,7 +34,7 @@ def test_cuda_store_matches_resident_with_and_without_prefetch(tiny_checkpoint):
     assert [o.token_ids for o in eager.generate([PROMPT, PROMPT[:4]], params)] == [
         o.token_ids for o in runs[True]
     ]
-    assert type(llm.engine.runner._graphs[2]).__name__ == "LayeredDecodeGraph"
+    assert type(llm.engine.runner._graphs[(2, MIN_BLOCKS)]).__name__ == "LayeredDecodeGraph"
     stats = runs[True][0].stats.experts
     assert stats["prefetch_issued"] > 0 and stats["prefetch_hits"] > 0
 
@@ -51,7 +52,7 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     llm = LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, miss_path="in-place")
     out = llm.generate(prompts, params)
     assert [o.token_ids for o in out] == expected
-    assert type(llm.engine.runner._graphs[2]).__name__ == "DecodeGraph"
+    assert type(llm.engine.runner._graphs[(2, MIN_BLOCKS)]).__name__ == "DecodeGraph"
     d = out[0].stats.experts_decode
     assert d["gpu_hits"] > 0 and d["gpu_misses"] > 0 and d["bytes_in_place"] > 0 and d["bytes_h2d"] > 0
     assert [o.token_ids for o in llm.generate(prompts[:1], params)] == expected[:1]  # batch 1 after batch 2
