@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import InvalidRequestError, TiermoeError
+from ..models.kv_cache import slots_of
 from ..offload.provider import ExpertProvider
 from .detokenizer import TextStream
 from .kv_blocks import BlockPool
@@ -111,13 +112,14 @@ class Engine:
         for c in plan.chunks:
             if c.start == 0 and routing:  # a sequence starts, or restarts after a preemption
                 c.request.doc = routing.begin_sequence(c.request.slot, c.request.doc)
-        completing = [c for c in plan.chunks if c.completes]
+        rows = [i for i, c in enumerate(plan.chunks) if c.completes]  # before the requests advance
+        completing = [plan.chunks[i] for i in rows]
         logits = self.runner.execute(plan.chunks)
         for c in plan.chunks:
             c.request.num_computed += c.count
         self.steps += 1
-        if len(completing) < len(plan.chunks):  # some prompts are still being read
-            logits = logits[[i for i, c in enumerate(plan.chunks) if c.completes]]
+        if len(rows) < len(plan.chunks):  # some prompts are still being read
+            logits = logits[rows]
         tokens = self._sample(completing, logits)
         if any(c.count == 1 for c in plan.chunks):  # the step is done: its tokens are on the host
             self.provider.after_step(self.runner.decoded_rows)
@@ -186,7 +188,7 @@ class Engine:
     def _finish(self, r: Request, reason: str) -> None:
         routing = self.runner.routing
         if routing and r.doc is not None:  # its recorded routing, read from its blocks before they go
-            routing.end_sequence(r.doc, len(r.prompt_ids), self.runner.slots_of(r.blocks, r.num_computed))
+            routing.end_sequence(r.doc, len(r.prompt_ids), slots_of(r.blocks, r.num_computed))
         self.scheduler.finish(r, reason)
 
     def stats_of(self, requests: list[Request]) -> GenerationStats:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.base import MoEArgs
-from ..models.kv_cache import BLOCK_TOKENS, KVBatch, KVCache, cache_slots
+from ..models.kv_cache import BLOCK_TOKENS, KVBatch, KVCache, cache_slots, slots, slots_of
 from ..models.layers import CausalLM
 from ..models.moe import SparseMoeBlock
 from ..offload.provider import ExpertProvider
@@ -77,9 +77,7 @@ class StepInputs:
             table = torch.tensor(row.blocks, dtype=torch.long)
             packed[b, :n] = torch.tensor(row.tokens)
             packed[b, t : t + n] = positions
-            packed[b, 2 * t : 2 * t + n] = (
-                table[positions // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
-            )
+            packed[b, 2 * t : 2 * t + n] = slots(table, positions)
             packed[b, 3 * t : 3 * t + len(row.blocks)] = table
             packed[b, -3:] = torch.tensor([row.start + n, n, row.state_row])
         return packed
@@ -125,7 +123,7 @@ class ModelRunner:
         self.graphs = graphs and device.type == "cuda"
         self.provider = provider
         if routing:
-            routing.open(max_num_seqs, num_blocks * BLOCK_TOKENS)
+            routing.open(max_num_seqs, cache_slots(self.kv_tokens))
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
         # Rows of the last decode forward, padding included: the provider's after_step counts what they
         # routed (a padding row's experts are read too).
@@ -145,12 +143,9 @@ class ModelRunner:
         if not prefill:  # the common step: no index tensors to build
             return self._decode([Row.of(c) for c in chunks])[: len(chunks)]
         out = torch.empty(len(chunks), self.args.vocab_size, device=self.device)
-        if prefill:
-            rows = [Row.of(chunks[i]) for i in prefill]
-            width = max(len(r.tokens) for r in rows)
-            blocks = max(len(r.blocks) for r in rows)
-            logits = self._eager(rows, len(rows), width, blocks, logits=True)
-            out[prefill] = logits
+        rows = [Row.of(chunks[i]) for i in prefill]
+        width, blocks = max(len(r.tokens) for r in rows), max(len(r.blocks) for r in rows)
+        out[prefill] = self._eager(rows, len(rows), width, blocks, logits=True)
         if decode:
             rows = [Row.of(chunks[i]) for i in decode]
             out[decode] = self._decode(rows)[: len(rows)]
@@ -207,15 +202,10 @@ class ModelRunner:
                 top_ids.append(best.indices)
                 top_values.append(best.values)
         if self.routing:
-            self.routing.end_sequence(doc, len(ids), self.slots_of(blocks, len(ids)))
+            self.routing.end_sequence(doc, len(ids), slots_of(blocks, len(ids)))
         if not top:
             return torch.cat(chosen)
         return torch.cat(chosen), torch.cat(top_ids), torch.cat(top_values)
-
-    @staticmethod
-    def slots_of(blocks: list[int], tokens: int) -> list[int]:
-        """The KV slots of a sequence's first `tokens` positions."""
-        return [blocks[p // BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS for p in range(tokens)]
 
 
 class DecodeGraph:

@@ -24,6 +24,16 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK_TOKENS)
 
 
+def slots(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The flat slots of `positions` of a sequence whose blocks are `table` (long tensors)."""
+    return table[positions // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
+
+
+def slots_of(blocks: list[int], tokens: int) -> list[int]:
+    """The flat slots of a sequence's first `tokens` positions."""
+    return slots(torch.tensor(blocks, dtype=torch.long), torch.arange(tokens)).tolist()
+
+
 def cache_slots(kv_tokens: int) -> int:
     """The slots a cache holding `kv_tokens` tokens allocates: whole blocks, and the null block."""
     return (blocks_for(kv_tokens) + 1) * BLOCK_TOKENS
