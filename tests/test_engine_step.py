@@ -132,3 +132,24 @@ def test_concurrent_sequences_load_each_expert_once_a_step(path, tmp_path):
     e = outs[-1].stats.experts_decode
     assert e["gpu_hits"] + e["gpu_misses"] == len(union) < per_token
     assert np.unique(trace.step[decode]).size == 5  # three sequences decode together, 5 steps
+
+
+def test_each_request_gets_its_share_of_the_steps_expert_counts(path):
+    """A step's store counts are split among its sequences by tokens: the shares of requests that ran
+    together add up to the store's whole count, and none of them holds all of it."""
+    probe = LLM(path, device="cpu", dtype="fp32")
+    llm = LLM(path, device="cpu", dtype="fp32", gpu_budget_gib=budget_gib(probe.plan, 8))
+    engine, finals = llm.engine, []
+    requests = [
+        engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True), i)
+        for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS, strict=True))
+    ]
+    while engine.has_unfinished():
+        finals += [e.stats for e in engine.step() if e.finish_reason]
+    whole = llm.provider.stats()
+    lookups = lambda e: e["gpu_hits"] + e["prefetch_hits"] + e["gpu_misses"]  # noqa: E731
+    shares = [lookups(s.experts) for s in finals]
+    assert len(finals) == len(requests) and lookups(whole) > 0
+    assert sum(shares) == pytest.approx(lookups(whole), abs=1e-4)
+    assert all(0 < share < lookups(whole) for share in shares)
+    assert sum(s.experts["bytes_h2d"] for s in finals) == pytest.approx(whole["bytes_h2d"], abs=1e-4)

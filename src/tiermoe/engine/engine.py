@@ -14,6 +14,7 @@ import torch
 from ..errors import InvalidRequestError, TiermoeError
 from ..models.kv_cache import slots_of
 from ..offload.provider import ExpertProvider
+from ..offload.store import StoreStats
 from .detokenizer import TextStream
 from .kv_blocks import BlockPool
 from .request import GenerationStats, SamplingParams, TokenEvent
@@ -49,6 +50,7 @@ class Engine:
         self._next_id = 0
         self.steps = 0
         self.last_batch = 0  # sequences in the last step (the server's metrics)
+        self.last_step_experts = StoreStats()  # the expert store's counts of the last step
 
     # --- requests
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -89,7 +91,6 @@ class Engine:
         request = Request(self._next_id, list(prompt_ids), params, index)
         request.sampler = Sampler(params, self.runner.device)
         request.text = TextStream(self.tokenizer, params.stop, params.skip_special_tokens)
-        request.experts_at_start = self.provider.stats()
         self._next_id += 1
         self.scheduler.add(request)
         return request
@@ -105,7 +106,7 @@ class Engine:
     # --- one step
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.schedule()
-        self.last_batch = len(plan.chunks)
+        self.last_batch, self.last_step_experts = len(plan.chunks), StoreStats()
         if not plan.chunks:
             return []
         routing = self.runner.routing
@@ -114,6 +115,7 @@ class Engine:
                 c.request.doc = routing.begin_sequence(c.request.slot, c.request.doc)
         rows = [i for i, c in enumerate(plan.chunks) if c.completes]  # before the requests advance
         completing = [plan.chunks[i] for i in rows]
+        before = self.provider.stats()
         logits = self.runner.execute(plan.chunks)
         for c in plan.chunks:
             c.request.num_computed += c.count
@@ -123,10 +125,22 @@ class Engine:
         tokens = self._sample(completing, logits)
         if any(c.count == 1 for c in plan.chunks):  # the step is done: its tokens are on the host
             self.provider.after_step(self.runner.decoded_rows)
+        self._attribute(plan.chunks, before)
         scores = self._logprobs(completing, logits, tokens)
         events = [self._advance(c.request, t, s) for c, t, s in zip(completing, tokens, scores, strict=True)]
         self._flush_if_idle()
         return events
+
+    def _attribute(self, chunks: list[Chunk], before: dict) -> None:
+        """The step's expert-store counts (last_step_experts), shared among its requests in proportion to
+        the tokens each ran: an expert loaded once for four decoding sequences counts a quarter to each."""
+        self.last_step_experts = step = StoreStats.of(self.provider.stats(since=before))
+        total = sum(c.count for c in chunks)
+        for c in chunks:
+            r = c.request
+            r.experts = r.experts.plus(step, c.count / total)
+            if r.first_token_s is not None:  # a decode step of r (or a recompute after its preemption)
+                r.experts_decode = r.experts_decode.plus(step, c.count / total)
 
     def _flush_if_idle(self) -> None:
         """Nothing left to run: a routing recorder writes its trace (it holds back while busy)."""
@@ -164,7 +178,6 @@ class Engine:
     def _advance(self, r: Request, token: int, score) -> TokenEvent:
         if r.first_token_s is None:
             r.first_token_s = time.perf_counter()
-            r.experts_at_first_token = self.provider.stats()
         r.output_ids.append(token)
         is_stop_token = token in r.params.stop_token_ids or (
             not r.params.ignore_eos and token in self.eos_token_ids
@@ -208,11 +221,13 @@ class Engine:
             peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
             peak_host_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         )
-        earliest = min(requests, key=lambda r: r.arrival_s)
-        latest = max(requests, key=lambda r: r.first_token_s or start)
-        stats.experts = self.provider.stats(since=earliest.experts_at_start)
-        at_decode = latest.experts_at_first_token
-        stats.experts_decode = self.provider.stats(since=at_decode) if at_decode is not None else {}
+        # The requests' shares of the steps they ran in: the whole store's counts when they ran alone.
+        setup = self.provider.stats()
+        if setup:  # a provider without a store has no counts
+            whole, decode = StoreStats(), StoreStats()
+            for r in requests:
+                whole, decode = whole.plus(r.experts), decode.plus(r.experts_decode)
+            stats.experts, stats.experts_decode = {**setup, **whole.to_dict()}, {**setup, **decode.to_dict()}
         return stats
 
     # --- a batch, driving the engine alone
@@ -221,7 +236,6 @@ class Engine:
         finish carries the stats of the whole batch. Closing the iterator aborts the batch at once."""
         for prompt, p in zip(prompts, params, strict=True):
             self.validate(prompt, p)  # all of them before any is queued
-        # The store's figures are differences from snapshots (stats_of), so others' counters stay whole.
         if not self.has_unfinished() and self.runner.device.type == "cuda":  # the peak of this batch alone
             torch.cuda.reset_peak_memory_stats(self.runner.device)
         requests = [

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..offload.store import StoreStats
 from .detokenizer import TextStream
 from .kv_blocks import BlockPool
 from .request import SamplingParams
@@ -48,12 +49,12 @@ class Request:
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     finish_s: float | None = None
-    # The engine's: how it samples, its text so far, the expert store's figures when it arrived and when
-    # its first token came (its statistics are differences from these).
+    # The engine's: how it samples, its text so far, and its share of the expert store's counts of the
+    # steps it ran in, over all of them and over those after its first token.
     sampler: Sampler | None = None
     text: TextStream | None = None
-    experts_at_start: dict | None = None
-    experts_at_first_token: dict | None = None
+    experts: StoreStats = field(default_factory=StoreStats)
+    experts_decode: StoreStats = field(default_factory=StoreStats)
 
     @property
     def num_tokens(self) -> int:

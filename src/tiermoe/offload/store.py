@@ -56,8 +56,23 @@ class StoreStats:
         """The counts since `earlier` (an earlier to_dict() of these statistics)."""
         return StoreStats(**{f.name: getattr(self, f.name) - earlier[f.name] for f in fields(self)})
 
+    @classmethod
+    def of(cls, stats: dict) -> StoreStats:
+        """The counts of a provider's stats() (all zero for one without a store: an empty dict)."""
+        return cls(**{f.name: stats.get(f.name, 0) for f in fields(cls)})
+
+    def plus(self, other: StoreStats, share: float = 1.0) -> StoreStats:
+        """These counts and `share` of other's (a step's counts, split among the sequences it ran)."""
+        return StoreStats(
+            **{f.name: getattr(self, f.name) + share * getattr(other, f.name) for f in fields(self)}
+        )
+
     def to_dict(self) -> dict:
-        d = asdict(self)
+        # Shares of steps make counts fractional; a whole one reads as an integer.
+        d = {
+            k: int(v) if float(v).is_integer() and k not in _SECONDS else round(v, 6)
+            for k, v in asdict(self).items()
+        }
         served = self.gpu_hits + self.prefetch_hits + self.gpu_misses + self.cpu_computed
         d["gpu_hit_rate"] = round((self.gpu_hits + self.prefetch_hits) / served, 4) if served else None
         d["prefetch_precision"] = (
@@ -67,6 +82,9 @@ class StoreStats:
         host = self.host_hits + self.host_misses
         d["host_hit_rate"] = round(self.host_hits / host, 4) if host else None
         return d
+
+
+_SECONDS = {"wait_s", "disk_s", "cpu_s"}
 
 
 class TieredExpertStore:

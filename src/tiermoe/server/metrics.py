@@ -90,15 +90,11 @@ class ServerMetrics:
         if stats.completion_tokens > 1:  # one token has no decode step, so no speed
             self.decode_speed.observe(stats.decode_tok_s)
 
-    def add_store_stats(self, now: dict, before: dict) -> None:
-        """Add the expert store's counts between two of its stats() (one engine step); both empty when the
-        model runs without the tiered store."""
-        stats = {name: now[name] - before.get(name, 0) for name in _STORE_COUNTS if name in now}
-        for name, value in stats.items():
-            self.expert_counts.labels(name).inc(value)
-            setattr(self._store_totals, name, getattr(self._store_totals, name) + value)
-        if not stats:
-            return
+    def add_store_stats(self, step: StoreStats) -> None:
+        """Add the expert store's counts of one engine step (all zero without the tiered store)."""
+        self._store_totals = self._store_totals.plus(step)
+        for name in _STORE_COUNTS:
+            self.expert_counts.labels(name).inc(getattr(step, name))
         for name, value in self._store_totals.to_dict().items():
             if name not in _STORE_COUNTS and value is not None:  # the derived rates
                 self.expert_rates.labels(name).set(value)

@@ -117,8 +117,6 @@ class EngineWorker:
         return job
 
     def _run(self) -> None:
-        store = self._llm.provider
-        self._seen = store.stats()
         # The engine is stepped only while this thread has requests in it: an idle worker never touches
         # the LLM, so a caller that waited for idle may use it directly (tests, notebooks).
         while not self._stopping:
@@ -127,7 +125,7 @@ class EngineWorker:
             if not self._running:
                 continue
             try:
-                self._step(store)
+                self._step()
             except Exception as exc:  # a failed step fails the requests in the engine, never the server
                 log.exception("engine step failed; the requests in the engine end with the error")
                 self._fail_all(exc)
@@ -144,7 +142,7 @@ class EngineWorker:
             except Exception:
                 log.exception("aborting a failed request failed")
 
-    def _step(self, store) -> None:
+    def _step(self) -> None:
         for event in self._engine.step():
             job, request = self._running[event.request_id]  # every request in the engine is a job's
             if event.token_id is not None:
@@ -152,7 +150,7 @@ class EngineWorker:
             job.put(event)
             if event.finish_reason is not None:
                 self._end(job, request)
-        self._step_metrics(store)
+        self._step_metrics()
 
     def _take_jobs(self, block: bool) -> None:
         """New jobs into the engine: all that wait now, or, when the engine is idle, the next to come."""
@@ -208,11 +206,9 @@ class EngineWorker:
         m.waiting.set(len(engine.scheduler.waiting))
         m.kv_usage.set(engine.pool.used / max(engine.pool.capacity, 1))
 
-    def _step_metrics(self, store) -> None:
+    def _step_metrics(self) -> None:
         self._gauges()
         if self._engine.last_batch:
             self._metrics.step_batch.observe(self._engine.last_batch)
         # The store's counts of this step: an expert loaded once for several requests counts once.
-        now = store.stats()
-        self._metrics.add_store_stats(now, self._seen)
-        self._seen = now
+        self._metrics.add_store_stats(self._engine.last_step_experts)
