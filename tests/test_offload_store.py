@@ -64,7 +64,6 @@ def test_every_tier_is_used_and_counted(model):
     assert s["gpu_hits"] + s["prefetch_hits"] > 0 and s["gpu_misses"] > 0
     assert s["host_hits"] > 0 and s["host_misses"] > 0
     assert s["bytes_disk"] == s["host_misses"] * expert_bytes and s["disk_s"] > 0
-    assert s["wait_s"] == 0  # copies are synchronous on the CPU: nothing is ever in flight
     assert s["bytes_h2d"] == (s["gpu_misses"] + s["prefetch_issued"]) * expert_bytes
     assert 0 < s["gpu_hit_rate"] < 1
     assert s["host_slots"] == 12 and s["gpu_slots"] == 8

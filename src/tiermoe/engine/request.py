@@ -139,8 +139,7 @@ class GenerationStats:
             text += (
                 f" | experts: GPU hits {pct(e['gpu_hit_rate'])}, prefetch precision "
                 f"{pct(e['prefetch_precision'])} recall {pct(e['prefetch_recall'])}, "
-                f"H2D {e['bytes_h2d'] / 1e9:.2f} GB, disk {e['bytes_disk'] / 1e9:.2f} GB, "
-                f"waited {e['wait_s'] * 1000:.0f} ms"
+                f"H2D {e['bytes_h2d'] / 1e9:.2f} GB, disk {e['bytes_disk'] / 1e9:.2f} GB"
             )
             if e.get("bytes_in_place"):
                 text += f", read in place {e['bytes_in_place'] / 1e9:.2f} GB"

@@ -3,10 +3,11 @@
 Per MoE layer and step (the copy path; miss_path in-place decodes as offload/in_place.py says): route
 (done by the block), pull the routed expert ids to the host together with the next layer's predicted
 ids (one synchronisation), load missing experts into this layer's GPU slots from the host cache (which
-reads the disk on its own misses), wait for those copies, launch the expert kernels, then start copying
-the next layer's predicted experts on the side stream while the kernels run. With CPU compute on, part
-of a decode layer's misses are computed on the CPU from the host cache while the others' copies are in
-flight (offload/cpu_compute.py), and only the tokens' hidden states cross the bus. A layer that hits more
+reads the disk on its own misses), launch the expert kernels behind those copies (the compute stream
+waits for their events; the host never does), then start copying the next layer's predicted experts on
+the side stream while the kernels run. With CPU compute on, part of a decode layer's misses are computed
+on the CPU from the host cache while the copies and the kernels run (offload/cpu_compute.py), and only
+the tokens' hidden states cross the bus. A layer that hits more
 experts than it has slots (long prefills) runs in waves of half its slots, each wave's copies issued
 while the one before computes.
 """
@@ -48,7 +49,6 @@ class StoreStats:
     bytes_h2d: int = 0  # copied into slots
     bytes_in_place: int = 0  # read by kernels from pinned host memory (miss_path in-place), also over PCIe
     bytes_disk: int = 0
-    wait_s: float = 0.0  # host time blocked on copies the next kernels need
     disk_s: float = 0.0
     cpu_s: float = 0.0  # host time computing experts on the CPU
 
@@ -84,7 +84,7 @@ class StoreStats:
         return d
 
 
-_SECONDS = {"wait_s", "disk_s", "cpu_s"}
+_SECONDS = {"disk_s", "cpu_s"}
 
 
 class TieredExpertStore:
@@ -220,12 +220,12 @@ class TieredExpertStore:
             self._look_ahead(prediction[0], predicted, len(needed), decode)
         admitted = part.admit(waves, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
         for i, slot_of in enumerate(admitted):
-            if i == 0 and on_cpu:  # while this wave's copies are in flight
-                cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
+            # The kernels wait for this wave's copies on the GPU; the host goes on (and computes the CPU's
+            # share below while the copies and the kernels run).
             self._wait(slot_of.values())
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
-            slots = lut.to(self.device)[ids]  # [T, k]; -1 where the expert is in another wave or on the CPU
+            slots = self.copier.to_device(lut, self.device)[ids]  # [T, k]; -1: another wave's, or the CPU's
             if len(waves) == 1:
                 if on_cpu:  # the CPU's pairs also run here, on a slot of this wave, with weight 0
                     weights = weights.masked_fill(slots < 0, 0)
@@ -240,8 +240,10 @@ class TieredExpertStore:
                 self.pool.released[slot] = used
             if i == 0 and prediction is not None:
                 self._look_ahead(prediction[0], predicted, len(needed), decode)
+            if i == 0 and on_cpu:
+                cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
         if cpu_out is not None:
-            cpu_out = cpu_out.to(self.device)
+            cpu_out = self.copier.to_device(cpu_out, self.device)
             out = cpu_out if out is None else out.add_(cpu_out)
         return out
 
@@ -343,11 +345,5 @@ class TieredExpertStore:
 
     def _wait(self, slots) -> None:
         for slot in slots:
-            event = self.pool.ready[slot]
-            if event is None:
-                continue
-            if not event.query():
-                start = time.perf_counter()
-                event.synchronize()
-                self.stats_.wait_s += time.perf_counter() - start
+            self.copier.wait(self.pool.ready[slot])
             self.pool.ready[slot] = None

@@ -27,6 +27,17 @@ class CopyStream:
             event.record(self.stream)
         return event
 
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        """Order the compute stream's next work after `event` (a copy), on the GPU: the host goes on."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A host tensor on `device` without blocking the host: staged in pinned memory, which the
+        caching allocator keeps until the copy has read it (a pageable copy would wait for the stream,
+        and so for every copy it waits on)."""
+        return t.pin_memory().to(device, non_blocking=True) if self.cuda else t
+
     def mark_used(self) -> torch.cuda.Event | None:
         """An event on the compute stream after the work enqueued so far (None on the CPU)."""
         if not self.cuda:
