@@ -219,3 +219,31 @@ def test_in_place_admits_a_miss_only_over_a_less_routed_victim(model):
     assert not admits(in_place.recent.freq[0], newcomer, part, set())
     in_place.recent.freq[0, newcomer] = 9.0
     assert not admits(in_place.recent.freq[0], newcomer, part, set(part.slots))  # every slot in use this step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA test_offload_store_gpu.py runs it compiled")
+def test_in_place_misses_staged_into_the_gpu_give_the_same_tokens(model):
+    """The in-place path's other way to read a miss: a copy kernel stages the step's missed experts into
+    a GPU buffer and the expert kernels read every pair from the GPU. Same tokens as all-resident, and the
+    staged rows hold exactly the missed experts' host bytes."""
+    pytest.importorskip("triton")
+    path, resident = model
+    llm = tiered(path, resident, slots=2, miss_path="in-place")
+    in_place = llm.provider.in_place
+    assert not in_place.staged  # timed on a GPU only
+    in_place.staged = True
+    assert llm.generate(PROMPT, GREEDY)[0].token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
+    from tiermoe.formats import triton_kernels
+
+    row, store = in_place.table[0], llm.provider
+    part = store.pool.layers[0]
+    missing = [e for e in range(resident.args.num_experts) if e not in in_place.resident[0]][:2]
+    ids = torch.tensor([[missing[0], missing[1]], [missing[1], next(iter(in_place.resident[0]))]])
+    in_place.staging.zero_()
+    addresses = triton_kernels.stage(row, ids, store.pool.flat, in_place.staging).tolist()
+    staging = in_place.staging.data_ptr() + torch.arange(4) * in_place.staging.shape[1]
+    assert addresses[:3] == staging[:3].tolist()  # the misses: their staged rows
+    assert addresses[3] == in_place.slot_addr[part.slot_of[ids[1, 1].item()]]  # a hit: its slot
+    for p, e in enumerate([missing[0], missing[1], missing[1]]):
+        assert torch.equal(in_place.staging[p], store.host.buffer(store.host.get(0, e)[0]))
+    assert not in_place.staging[3].any()  # a hit's row is not written

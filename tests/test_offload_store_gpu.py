@@ -39,10 +39,12 @@ def test_cuda_store_matches_resident_with_and_without_prefetch(tiny_checkpoint):
     assert stats["prefetch_issued"] > 0 and stats["prefetch_hits"] > 0
 
 
-def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(tiny_checkpoint):
+@pytest.mark.parametrize("staged", [False, True])
+def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(tiny_checkpoint, staged):
     """miss_path in-place: the whole decode step is one CUDA graph; missed experts are read from pinned
-    host memory while admissions copy others into the two slots a layer has, on the side stream, as
-    fast as the steps come: a copy that overwrote a slot a step still read would change the tokens."""
+    host memory (by the expert kernels, or staged into HBM by a copy kernel first) while admissions copy
+    others into the two slots a layer has, on the side stream, as fast as the steps come: a copy that
+    overwrote a slot a step still read would change the tokens."""
     path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
     params = SamplingParams(max_tokens=96, ignore_eos=True)
     resident = LLM(path, device="cuda", dtype="bf16", workspace_gib=0)
@@ -50,6 +52,7 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     prompts = [PROMPT, PROMPT[:4]]
     expected = [o.token_ids for o in resident.generate(prompts, params)]
     llm = LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, miss_path="in-place")
+    llm.provider.in_place.staged = staged
     out = llm.generate(prompts, params)
     assert [o.token_ids for o in out] == expected
     assert type(llm.engine.runner._graphs[(2, MIN_BLOCKS)]).__name__ == "DecodeGraph"

@@ -408,6 +408,45 @@ def read_in_place(address: torch.Tensor, out: torch.Tensor, block: int = 1024) -
     return out
 
 
+@triton.jit
+def _stage(table_ptr, id_ptr, lo, hi, staging_ptr, pairs_ptr, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (p, b): pair p's expert at table[ids[p]]; outside [lo, hi) (not a GPU slot: pinned host
+    memory), its words [b * BLOCK, (b + 1) * BLOCK) into row p of staging; program b = 0 writes where pair
+    p's kernels read it: its slot, or its staged row."""
+    p, b = tl.program_id(0), tl.program_id(1)
+    address = tl.load(table_ptr + tl.load(id_ptr + p).to(tl.int64))
+    host = (address < lo) | (address >= hi)
+    row = staging_ptr + p.to(tl.int64) * WORDS
+    if b == 0:
+        tl.store(pairs_ptr + p, tl.where(host, row.to(tl.int64), address))
+    if host:
+        offs = b * BLOCK + tl.arange(0, BLOCK)
+        live = offs < WORDS
+        tl.store(row + offs, tl.load(address.to(tl.pointer_type(tl.int32)) + offs, mask=live), mask=live)
+
+
+STAGE_BLOCK = 4096  # words a staging program moves (16 KiB: a few hundred programs an expert)
+
+
+def stage(table: torch.Tensor, ids: torch.Tensor, pool: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
+    """The addresses (int64 [P]) each (token, expert) pair's kernels read its expert at, after copying
+    every expert of ids ([T, k], flattened into P pairs) that lies outside the GPU slots `pool` (uint8
+    [S, nbytes]) from host memory into its row of staging (uint8 [at least P, nbytes]), by kernel reads of
+    pinned memory in one wide launch, with no host synchronisation (CUDA-graph safe)."""
+    flat = ids.reshape(-1).contiguous()
+    words = staging.shape[1] // 4
+    if staging.shape[1] % 4 or staging.shape[0] < flat.numel():
+        raise ValueError(
+            f"staging {tuple(staging.shape)} does not hold {flat.numel()} experts of whole words"
+        )
+    pairs = torch.empty(flat.numel(), dtype=torch.int64, device=ids.device)
+    lo = pool.data_ptr()
+    _stage[(flat.numel(), triton.cdiv(words, STAGE_BLOCK))](
+        table, flat, lo, lo + pool.numel(), staging.view(torch.int32), pairs, WORDS=words, BLOCK=STAGE_BLOCK
+    )
+    return pairs
+
+
 def _divisor(n: int) -> int:
     return next(b for b in (128, 64, 32, 16, 8) if n % b == 0)
 

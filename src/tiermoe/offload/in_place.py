@@ -13,6 +13,11 @@ evict (TinyLFU's admission test): admitting every miss would move each missed ex
 once read in place and once copied, for experts that may not come back. A victim's entry goes back to
 its host copy before the copy into its slot starts; an admitted expert's entry points at its slot only
 once its copy has landed, seen at a later step: admission lags the routing by at least one step.
+
+Two ways to read a miss, the faster kept (timed once on this GPU): the expert kernels read it over PCIe
+themselves, or a wide copy kernel first stages the layer's missed experts into an HBM buffer (the same
+zero-copy reads, but as many of them in flight as the bus takes) and the kernels read every pair from
+HBM. The GEMV's own reads of host memory were measured at 16 GB/s against the bus's 50.
 """
 
 from __future__ import annotations
@@ -77,16 +82,47 @@ class InPlaceMisses:
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
         self.recent = RoutedCounts(layers, store.num_experts)  # the admission test's counts
+        # A graph-safe step's missed experts, staged for its kernels (from the workspace share of the budget).
+        self.staging = fmt.empty(GATHER_MAX_PAIRS, store.device)
+        self.pair_ids = torch.arange(GATHER_MAX_PAIRS, device=store.device)  # pair p reads address p
+        self.staged = store.device.type == "cuda" and self._staging_is_faster()
 
     def graph_safe(self, tokens: int) -> bool:
         return self.store.format.graph_safe(tokens * self.top_k)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from ..formats import triton_kernels  # triton decides compiled or interpreted at first import
-
         row = self.row[layer]
         self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
-        return triton_kernels.mlp_at(self.store.format, x, ids, weights, self.table[row])
+        return self._mlp(x, ids, weights, self.table[row], self.staged)
+
+    def _mlp(self, x, ids, weights, table, staged: bool) -> torch.Tensor:
+        from ..formats import triton_kernels  # triton decides compiled or interpreted at first import
+
+        if staged:
+            table = triton_kernels.stage(table, ids, self.store.pool.flat, self.staging)  # [P] addresses
+            ids = self.pair_ids[: ids.numel()].view(ids.shape)
+        return triton_kernels.mlp_at(self.store.format, x, ids, weights, table)
+
+    def _staging_is_faster(self, layers: int = 8) -> bool:
+        """Time a decode layer of top_k pairs whose experts all miss, read in place and staged, over
+        `layers` layers' distinct experts (after one warm-up layer), so that no read comes from a cache."""
+        fmt, device = self.store.format, self.store.device
+        rows = self.host_addr[: layers + 1].to(device)
+        n = min(self.top_k, self.store.num_experts)
+        x = torch.randn(1, fmt.hidden, dtype=torch.bfloat16, device=device)
+        ids = torch.arange(n, device=device).view(1, n)
+        weights = torch.full((1, n), 1.0 / n, device=device)
+        seconds = []
+        for staged in (False, True):
+            self._mlp(x, ids, weights, rows[0], staged)  # compiles
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for table in rows[1:]:
+                self._mlp(x, ids, weights, table, staged)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end))
+        return seconds[1] < seconds[0]
 
     def sync_layer(self, layer: int) -> None:
         """After the copy path ran `layer` (a prefill): its slots hold what the policy put there, every
