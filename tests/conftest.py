@@ -47,6 +47,14 @@ def hf_config(arch: str, **overrides):
         cfg = transformers.MixtralConfig(**common, num_local_experts=8)
     elif arch == "olmoe":
         cfg = transformers.OlmoeConfig(**common, num_experts=8)
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        mla = dict(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+        moe = dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1)
+        common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: one latent for all heads
+        if arch == "deepseek_v3":
+            moe.update(n_group=1, topk_group=1)  # its defaults (8 groups, 4 kept) need 16 experts or more
+        config = transformers.DeepseekV2Config if arch == "deepseek_v2" else transformers.DeepseekV3Config
+        cfg = config(**common, **mla, **moe)
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
@@ -59,6 +67,8 @@ MODEL_CLASSES = {
     "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     "mixtral": transformers.MixtralForCausalLM,
     "olmoe": transformers.OlmoeForCausalLM,
+    "deepseek_v2": transformers.DeepseekV2ForCausalLM,
+    "deepseek_v3": transformers.DeepseekV3ForCausalLM,
 }
 
 
@@ -73,6 +83,9 @@ def build_hf_model(arch: str, seed: int = 0, **overrides):
                 p.normal_(0.0 if "gate" in name else 1.0, 0.5 if "gate" in name else 0.1)
             elif p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's bias on the choice alone
+                b.uniform_(0.0, 0.5)
     model.generation_config.eos_token_id = EOS
     return model
 

@@ -18,8 +18,7 @@ PROMPT = [5, 9, 12, 7, 3, 88, 41]
 
 def _kv_bytes(llm: LLM) -> int:
     """Bytes of the runner's KV cache."""
-    kv = llm.engine.runner.kv
-    return sum(t.numel() * t.element_size() for t in (*kv.k, *kv.v))
+    return llm.engine.runner.kv.nbytes()
 
 
 @pytest.fixture(scope="module")

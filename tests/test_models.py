@@ -54,6 +54,16 @@ CASES = [
     ("mixtral", "fused", {}),
     ("olmoe", "per_expert", {}),
     ("olmoe", "fused", {"norm_topk_prob": True}),
+    ("deepseek_v2", "per_expert", {}),
+    ("deepseek_v2", "fused", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}),
+    (
+        "deepseek_v2",
+        "per_expert",
+        {"q_lora_rank": None, "routed_scaling_factor": 2.0},
+    ),  # V2-Lite's plain q_proj
+    ("deepseek_v3", "per_expert", {}),  # sigmoid, correction bias, 8 experts in 1 group
+    ("deepseek_v3", "fused", {"n_group": 4, "topk_group": 2, "norm_topk_prob": False}),
+    ("deepseek_v3", "per_expert", {"rope_interleave": False}),
 ]
 
 

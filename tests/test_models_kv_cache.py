@@ -6,9 +6,7 @@ B = BLOCK_TOKENS
 
 
 def cache(blocks=4):
-    return KVCache(
-        num_layers=1, num_blocks=blocks, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu"
-    )
+    return KVCache([((1, 2), (1, 2))], num_blocks=blocks, dtype=torch.float32, device="cpu")
 
 
 def batch(tables, positions, lengths):
@@ -26,7 +24,10 @@ def test_rows_write_their_own_blocks_and_read_them_back_in_position_order():
     assert keys.shape == (2, 1, 2 * B, 2)
     assert keys[0, 0, 15:18].tolist() == k[0, 0].tolist()  # positions 15 (block 3) and 16, 17 (block 1)
     assert keys[1, 0, :3].tolist() == k[1, 0].tolist()
-    assert c.k[0][3 * B + 15, 0].tolist() == [0.0, 1.0] and c.k[0][1 * B, 0].tolist() == [2.0, 3.0]
+    assert c.parts[0][0][3 * B + 15, 0].tolist() == [0.0, 1.0] and c.parts[0][0][1 * B, 0].tolist() == [
+        2.0,
+        3.0,
+    ]
 
 
 def test_mask_is_causal_per_row_within_its_length_and_window():

@@ -116,8 +116,7 @@ class ModelRunner:
         # block, as the plan counts them).
         self.kv_tokens = kv_tokens or max_model_len
         num_blocks = cache_slots(self.kv_tokens) // BLOCK_TOKENS
-        a = args
-        self.kv = KVCache(a.num_layers, num_blocks, a.num_kv_heads, a.head_dim, dtype, device)
+        self.kv = KVCache(model.cache_shapes(), num_blocks, dtype, device)
         self.routing = routing
         self.prefill_chunk, self.max_model_len, self.max_num_seqs = prefill_chunk, max_model_len, max_num_seqs
         self.graphs = graphs and device.type == "cuda"

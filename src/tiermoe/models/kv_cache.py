@@ -55,22 +55,28 @@ class KVBatch:
 
 
 class KVCache:
+    """Per layer, the tensors it caches per token (GQA: keys and values; MLA: one compressed latent), each
+    a flat [slots, heads, dim] pool."""
+
     def __init__(
         self,
-        num_layers: int,
+        layers: list[tuple[tuple[int, int], ...]],
         num_blocks: int,
-        num_kv_heads: int,
-        head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_blocks * BLOCK_TOKENS, num_kv_heads, head_dim)  # flat slots
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        """layers: per layer, the (heads, dim) of each tensor it caches (AttentionSpec.cache_shapes)."""
+        slots = num_blocks * BLOCK_TOKENS
+        self.parts = [
+            [torch.zeros((slots, h, d), dtype=dtype, device=device) for h, d in shapes] for shapes in layers
+        ]
         self.num_blocks = num_blocks
         self.batch: KVBatch | None = None
         self._gather: torch.Tensor | None = None
         self._masks: dict[int | None, torch.Tensor] = {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.parts for t in layer)
 
     def bind(self, batch: KVBatch) -> None:
         """The forward about to run. Derived tensors are built here (once, not per layer); inside a graph
@@ -81,16 +87,16 @@ class KVCache:
         self._gather = (batch.tables[:, :, None] * BLOCK_TOKENS + offsets).flatten(1)
         self._masks = {}
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, kv_heads, T, D] at the batch's slots; return each row's keys and values
-        [B, kv_heads, NB * BLOCK, D], in position order."""
-        b, h, t, d = k.shape
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write each of the layer's tensors [B, heads, T, D] at the batch's slots; return each over
+        every row's keys so far, [B, heads, NB * BLOCK, D], in position order."""
         slots = self.batch.slots.reshape(-1)
-        self.k[layer].index_copy_(0, slots, k.transpose(1, 2).reshape(b * t, h, d))
-        self.v[layer].index_copy_(0, slots, v.transpose(1, 2).reshape(b * t, h, d))
-        keys = self.k[layer][self._gather].transpose(1, 2)  # [B, NB * BLOCK, h, d] -> [B, h, L, d]
-        values = self.v[layer][self._gather].transpose(1, 2)
-        return keys, values
+        out = []
+        for pool, x in zip(self.parts[layer], new, strict=True):
+            b, h, t, d = x.shape
+            pool.index_copy_(0, slots, x.transpose(1, 2).reshape(b * t, h, d))
+            out.append(pool[self._gather].transpose(1, 2))  # [B, NB * BLOCK, h, d] -> [B, h, L, d]
+        return tuple(out)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, T, L] bool: a query sees the keys of its row at or before its position, written by now,

@@ -112,9 +112,9 @@ class AttentionSpec:
     clip_qkv: float | None = None
     sliding_window: int | None = None
 
-    def kv_bytes_per_token(self, itemsize: int) -> int:
-        """The KV cache bytes one token needs in this layer: K and V, num_kv_heads x head_dim each."""
-        return 2 * self.num_kv_heads * self.head_dim * itemsize
+    def cache_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(heads, dim) of each tensor the layer caches per token: K and V."""
+        return ((self.num_kv_heads, self.head_dim),) * 2
 
 
 class Attention(nn.Module):
@@ -256,9 +256,13 @@ class CausalLM(nn.Module):
         meta device too, so the plan is made before any weight is allocated."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    def cache_shapes(self) -> list[tuple[tuple[int, int], ...]]:
+        """Per layer, (heads, dim) of each tensor its attention caches per token."""
+        return [layer.self_attn.spec.cache_shapes() for layer in self.model.layers]
+
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """KV cache bytes per token over all layers, as each attention layer declares them."""
-        return sum(layer.self_attn.spec.kv_bytes_per_token(itemsize) for layer in self.model.layers)
+        return sum(h * d * itemsize for shapes in self.cache_shapes() for h, d in shapes)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: float32 logits."""

@@ -59,7 +59,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(
         self,
         layer_idx: int,
-        gate: SoftmaxTopKRouter,
+        gate: nn.Module,  # a router: (x [T, H], routing override, layer) -> (weights, ids) [T, k]
         shared_expert: MLP | None = None,
         shared_expert_gate: nn.Linear | None = None,
     ):

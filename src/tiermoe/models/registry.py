@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..errors import CheckpointError, UnsupportedArchitectureError
-from . import mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Architecture
 
-ARCHITECTURES: dict[str, Architecture] = {m.ARCH.name: m.ARCH for m in (qwen3_moe, qwen2_moe, mixtral, olmoe)}
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a for a in (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3)
+}
 
 
 def architecture_for(config: dict, where: str = "config.json") -> Architecture:

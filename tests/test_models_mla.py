@@ -1,0 +1,35 @@
+"""DeepSeek's multi-head latent attention: the cache holds latents, and the model runs through the
+tiered expert store like the others. (Parity with transformers: test_models.py's DeepSeek cases.)"""
+
+from __future__ import annotations
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.models.kv_cache import cache_slots
+
+from .conftest import budget_gib
+
+PROMPT = [5, 17, 42, 99, 7, 11, 120, 64]
+RANK, ROPE, LAYERS = 16, 8, 3  # conftest's tiny DeepSeek
+
+
+def test_the_cache_stores_latents_not_expanded_keys_and_values(tiny_checkpoint):
+    path, hf = tiny_checkpoint("deepseek_v3")
+    llm = LLM(path, device="cpu", dtype="fp32")
+    per_token = (RANK + ROPE) * LAYERS * 4  # (kv_lora_rank + qk_rope_head_dim) x layers x fp32
+    assert llm.model.kv_bytes_per_token(4) == per_token
+    expanded = 2 * hf.config.num_attention_heads * (8 + ROPE) * LAYERS * 4  # K and V of 4 heads
+    assert per_token < expanded / 5
+    assert llm.engine.runner.kv.nbytes() == cache_slots(llm.plan.kv_tokens) * per_token == llm.plan.kv_bytes
+
+
+def test_deepseek_through_the_tiered_store_gives_the_resident_tokens(tiny_checkpoint):
+    """Two of a layer's eight experts on the 'GPU', the rest streamed: the same greedy tokens, with the
+    shared expert and the dense first layer resident."""
+    path, _ = tiny_checkpoint("deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    resident = LLM(path, device="cpu", dtype="fp32")
+    llm = LLM(path, device="cpu", dtype="fp32", gpu_budget_gib=budget_gib(resident.plan, 2 * 2))
+    out = llm.generate(PROMPT, params)[0]
+    assert out.token_ids == resident.generate(PROMPT, params)[0].token_ids
+    e = out.stats.experts
+    assert e["gpu_slots"] == 4 and e["gpu_misses"] > 0  # two MoE layers, two slots each
