@@ -42,6 +42,17 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+# DeepSeek-V3's YaRN settings (its factor is 40) over a tiny original context
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
 CASES = [
     ("qwen3_moe", "per_expert", {}),
     ("qwen3_moe", "fused", {}),
@@ -64,6 +75,8 @@ CASES = [
     ("deepseek_v3", "per_expert", {}),  # sigmoid, correction bias, 8 experts in 1 group
     ("deepseek_v3", "fused", {"n_group": 4, "topk_group": 2, "norm_topk_prob": False}),
     ("deepseek_v3", "per_expert", {"rope_interleave": False}),
+    ("deepseek_v3", "per_expert", {"rope_parameters": YARN}),  # rotary and softmax scaled (mscale_all_dim)
+    ("deepseek_v2", "per_expert", {"rope_parameters": {**YARN, "mscale": 0.707}}),  # an attention factor too
 ]
 
 
