@@ -3,6 +3,8 @@ tiered expert store like the others. (Parity with transformers: test_models.py's
 
 from __future__ import annotations
 
+import torch
+
 from tiermoe import LLM, SamplingParams
 from tiermoe.models.kv_cache import cache_slots
 
@@ -33,3 +35,31 @@ def test_deepseek_through_the_tiered_store_gives_the_resident_tokens(tiny_checkp
     assert out.token_ids == resident.generate(PROMPT, params)[0].token_ids
     e = out.stats.experts
     assert e["gpu_slots"] == 4 and e["gpu_misses"] > 0  # two MoE layers, two slots each
+
+
+def test_multi_token_prediction_layers_are_recognised_not_rejected(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3 checkpoints store num_nextn_predict_layers MTP layers after the decoder's: they load
+    (the weights stay on disk); a tensor of a layer beyond those is still an error."""
+    import json
+    import shutil
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from tiermoe.errors import CheckpointError
+
+    path, _ = tiny_checkpoint("deepseek_v3")
+    for extra, ok in ((LAYERS, True), (LAYERS + 1, False)):
+        out = tmp_path / f"mtp-{extra}"
+        shutil.copytree(path, out)
+        tensors = load_file(out / "model.safetensors")
+        tensors[f"model.layers.{extra}.eh_proj.weight"] = torch.zeros(64, 128)
+        tensors[f"model.layers.{extra}.mlp.experts.0.gate_proj.weight"] = torch.zeros(32, 64)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+        if ok:
+            llm = LLM(out, device="cpu", dtype="fp32")
+            assert llm.generate(PROMPT, SamplingParams(max_tokens=2))[0].token_ids
+        else:
+            with pytest.raises(CheckpointError, match=f"model.layers.{extra}.eh_proj.weight"):
+                LLM(out, device="cpu", dtype="fp32")

@@ -45,6 +45,9 @@ class MoEArgs:
     norm_topk_prob: bool
     rope_parameters: dict = field(default_factory=dict)
     moe_layers: list[int] = field(default_factory=list)
+    # Multi-token prediction layers stored after the decoder's (DeepSeek-V3: num_nextn_predict_layers):
+    # their tensors are recognised, not loaded (they serve speculative decoding only).
+    mtp_layers: int = 0
 
     @staticmethod
     def common(hf, num_experts: int, moe_intermediate_size: int, norm_topk_prob: bool) -> dict:

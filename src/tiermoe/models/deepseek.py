@@ -115,6 +115,7 @@ class DeepseekArgs(MoEArgs):
             interleaved_rope=bool(getattr(hf, "rope_interleave", True)),
         )
         args.head_dim = hf.qk_rope_head_dim  # the rotary's dimensions
+        args.mtp_layers = getattr(hf, "num_nextn_predict_layers", 0) or 0
         args.moe_layers = [i for i in range(hf.num_hidden_layers) if i >= hf.first_k_dense_replace]
         return args
 

@@ -27,6 +27,7 @@ from ..models.registry import architecture_for
 from .checkpoint import SYNTHETIC_KEY, Checkpoint, expect_shape, read_config
 
 # Tensors some writers add that carry nothing we need (rotary tables are recomputed; alignment padding).
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$|^tiermoe\.padding\.\d+$")  # padding: weights/writer.py
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ def load_model(
     return model.requires_grad_(False).eval()
 
 
+def _layer(name: str) -> int | None:
+    m = LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
 def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) -> None:
     ckpt, args = source.checkpoint, source.args
     params = dict(model.named_parameters())
@@ -132,6 +138,15 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
         for n in ckpt.keys() - set(disk.values()) - expert_names - companions
         if not IGNORED.match(n) and not _tied_head(n, model) and not fmt.ignored(n)
     )
+    mtp = [n for n in leftover if _layer(n) in range(args.num_layers, args.num_layers + args.mtp_layers)]
+    if mtp:
+        leftover = sorted(set(leftover) - set(mtp))
+        log.info(
+            "%d tensors of %d multi-token prediction layer(s) recognised and left on disk (speculative decoding "
+            "would read them)",
+            len(mtp),
+            args.mtp_layers,
+        )
     if leftover:
         raise CheckpointError(
             f"{ckpt.path} holds tensors this {source.arch.name} config does not use, e.g. {leftover[:3]} "
