@@ -47,6 +47,15 @@ MISTRAL_TEMPLATE = (
     "{% else %}{{ m['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
+# DeepSeek-V2/V3-Chat's format: "User: ...\n\nAssistant: ...<eos>".
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 # The published Qwen2/Qwen3 tokenizer: 151,643 BPE ranks, then these added tokens from id 151643 on.
 QWEN_FIRST_ADDED_ID = 151643
@@ -118,6 +127,12 @@ STYLES = {
             "mistral",
             {"unk": "<unk>", "bos": "<s>", "eos": "</s>"},
             chat_template=MISTRAL_TEMPLATE,
+            add_bos=True,
+        ),
+        TokenizerStyle(
+            "deepseek",
+            {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>"},
+            chat_template=DEEPSEEK_TEMPLATE,
             add_bos=True,
         ),
     ]
