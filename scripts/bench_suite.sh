@@ -11,6 +11,8 @@
 #                                     with the profile's O_DIRECT ceiling beside it
 #   scripts/bench_suite.sh olmoe-plan tiermoe plan --verify at OLMoE 4 GiB, szd: every candidate layout
 #                                     predicted and measured (issue 14's planner figure)
+#   scripts/bench_suite.sh deepseek-v2-lite  DeepSeek-V2-Lite bf16 at 6 GiB (issue 16); deepseek-v3-7l: V3's first
+#                                     7 layers, FP8 experts, at 24 GiB (per-layer costs of the real V3)
 #   scripts/bench_suite.sh qwen3-load the server at 8 GiB (olmoe-load: OLMoE at 4 GiB) under 64 streaming
 #                                     clients for LOAD_S seconds (default 120; issue 15's load test)
 #
@@ -72,6 +74,23 @@ olmoe)
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len 128 --batch "${BATCHES:-1}" --repeat 3 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 8 --peer-repeat 1 --timeout 240
+    ;;
+deepseek-v2-lite)
+    # DeepSeek-V2-Lite (15.7B params, 29 GB of bf16 experts) at 6 GiB, issue 16's figure: MLA's latent cache,
+    # 64 experts of 1408 a layer, top-6 and two shared experts; ROUTING.md's uncalibrated szd until a trace.
+    model=$(synth deepseek-v2-lite)
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-6}" --routing "$ROUTING" "${variant_flags[@]}" \
+        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
+        "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 300
+    ;;
+deepseek-v3-7l)
+    # DeepSeek-V3's first 7 layers (3 dense, 4 MoE of 256 FP8 experts: 45 GB in host memory) at 24 GiB:
+    # decode time per MoE layer, from which the full 58-MoE-layer model's tok/s follows (NOTES shows how).
+    model="$SYNTH_DIR/deepseek-v3-7l-fp8"
+    [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset deepseek-v3-7l --out "$model" --dtype bf16 \
+        --experts-in-memory --experts fp8 >&2
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-24}" --routing "$ROUTING" "${variant_flags[@]}" \
+        --prompt-len 128 --gen-len 32 --batch "${BATCHES:-1}" --repeat 2 --timeout 300
     ;;
 qwen3)
     # Qwen3-30B-A3B (30.5B params): its 57 GiB of bf16 experts do not fit the 64 GiB disk beside the OS, so
