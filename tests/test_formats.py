@@ -95,9 +95,12 @@ def test_format_for_reads_quantization_config():
 # ---------------------------------------------------------------------------------------- checkpoints
 
 FP8_QUANTIZED = re.compile(r".*\.(self_attn\.[qkvo]_proj|mlp\.experts\.\d+\.(gate|up|down)_proj)\.weight$")
+# DeepSeek-V3's FP8 release: every linear layer of attention (MLA's too), dense MLP, shared and routed
+# experts; not the embeddings, norms, router or lm_head.
+DEEPSEEK_FP8_QUANTIZED = re.compile(r".*\.(self_attn\.\w+_proj\w*|mlp\.(\w+\.)*(gate|up|down)_proj)\.weight$")
 
 
-def write_fp8_checkpoint(src: Path, out: Path, block: tuple[int, int]) -> Path:
+def write_fp8_checkpoint(src: Path, out: Path, block: tuple[int, int], quantized_names=FP8_QUANTIZED) -> Path:
     """`src` as Qwen3-*-FP8 is published: every attention and expert projection's weight e4m3 with its
     float32 `weight_scale_inv` per block, the rest (embeddings, norms, routers, lm_head) as they were.
     Also writes `out`-dequantized, the same weights dequantized, as the reference's checkpoint."""
@@ -108,7 +111,7 @@ def write_fp8_checkpoint(src: Path, out: Path, block: tuple[int, int]) -> Path:
     tensors = load_file(file)
     quantized, dequantized = {}, {}
     for name, t in tensors.items():
-        if FP8_QUANTIZED.match(name):
+        if quantized_names.match(name):
             q, s = quantize_blocks(t, block)
             quantized[name], quantized[name + "_scale_inv"] = q, s
             dequantized[name] = dequantize_blocks(q, s, block, t.dtype)
@@ -141,6 +144,22 @@ def test_fp8_checkpoint_matches_transformers_on_its_dequantized_weights(tiny_che
     assert out.token_ids == llm.generate(PROMPTS[0], params)[0].token_ids
     assert out.stats.experts["format"].startswith("fp8") and out.stats.experts["gpu_misses"] > 0
     assert plan.expert_bytes == llm.source.format.nbytes < 3 * 64 * 40 * 4 / 3
+
+
+def test_deepseek_v3_fp8_checkpoint_loads_with_its_block_scales(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3 as published in FP8: MLA's projections, the dense layer, the shared and routed experts
+    all e4m3 with block scales; dense weights dequantized at load, experts kept in FP8."""
+    src, _ = tiny_checkpoint("deepseek_v3", "per_expert")
+    ref = write_fp8_checkpoint(src, tmp_path / "fp8", (16, 16), DEEPSEEK_FP8_QUANTIZED)
+    (file,) = (tmp_path / "fp8").glob("*.safetensors")
+    scaled = {n.removesuffix("_scale_inv") for n in load_file(file) if n.endswith("_scale_inv")}
+    for name in ("self_attn.kv_b_proj", "self_attn.kv_a_proj_with_mqa", "mlp.shared_experts.down_proj"):
+        assert f"model.layers.1.{name}.weight" in scaled
+    assert "model.layers.0.mlp.gate_proj.weight" in scaled and "model.layers.1.mlp.gate.weight" not in scaled
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    llm = LLM(tmp_path / "fp8", device="cpu", dtype="fp32")
+    assert llm.source.format.name.startswith("fp8")
+    assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4
 
 
 def test_fp8_checkpoint_with_a_wrong_scale_names_the_tensor(tiny_checkpoint, tmp_path):
