@@ -374,6 +374,7 @@ PRESETS: dict[str, Preset] = {
                 n_group=4,
                 topk_group=2,
                 rope_scaling={**_DEEPSEEK_V2_LITE["rope_scaling"], "original_max_position_embeddings": 128},
+                max_position_embeddings=128 * 40,  # YaRN's factor 40 over the original context, as published
                 pad_token_id=None,
             ),
             tokenizer="deepseek",
@@ -398,6 +399,7 @@ PRESETS: dict[str, Preset] = {
                 n_group=4,
                 topk_group=2,
                 rope_scaling={**_DEEPSEEK_V3["rope_scaling"], "original_max_position_embeddings": 128},
+                max_position_embeddings=128 * 40,  # YaRN's factor 40 over the original context, as published
                 pad_token_id=None,
             ),
             tokenizer="deepseek",
