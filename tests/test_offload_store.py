@@ -230,8 +230,8 @@ def test_in_place_misses_staged_into_the_gpu_give_the_same_tokens(model):
     path, resident = model
     llm = tiered(path, resident, slots=2, miss_path="in-place")
     in_place = llm.provider.in_place
-    assert not in_place.staged  # timed on a GPU only
-    in_place.staged = True
+    assert not in_place.staged and in_place.staging is None  # no workspace reserve for it (and no GPU)
+    in_place.use_staging(True)
     assert llm.generate(PROMPT, GREEDY)[0].token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
     from tiermoe.formats import triton_kernels
 

@@ -52,7 +52,7 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     prompts = [PROMPT, PROMPT[:4]]
     expected = [o.token_ids for o in resident.generate(prompts, params)]
     llm = LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, miss_path="in-place")
-    llm.provider.in_place.staged = staged
+    llm.provider.in_place.use_staging(staged)  # workspace_gib=0 leaves no reserve: the test decides
     out = llm.generate(prompts, params)
     assert [o.token_ids for o in out] == expected
     assert type(llm.engine.runner._graphs[(2, MIN_BLOCKS)]).__name__ == "DecodeGraph"

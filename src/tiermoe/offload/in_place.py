@@ -82,10 +82,20 @@ class InPlaceMisses:
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
         self.recent = RoutedCounts(layers, store.num_experts)  # the admission test's counts
-        # A graph-safe step's missed experts, staged for its kernels (from the workspace share of the budget).
-        self.staging = fmt.empty(GATHER_MAX_PAIRS, store.device)
+        # A graph-safe step's missed experts, staged for its kernels: out of the plan's workspace reserve,
+        # and only where staging is the faster way (or the reserve has no room: then read in place).
         self.pair_ids = torch.arange(GATHER_MAX_PAIRS, device=store.device)  # pair p reads address p
-        self.staged = store.device.type == "cuda" and self._staging_is_faster()
+        fits = GATHER_MAX_PAIRS * fmt.nbytes <= plan.workspace_bytes
+        self.use_staging(fits and store.device.type == "cuda")
+        if self.staged:
+            self.use_staging(self._staging_is_faster())
+
+    def use_staging(self, on: bool) -> None:
+        """Stage misses into HBM (its buffer allocated) or read them in place (freed). Set before the
+        first decode graph is captured: a graph keeps the path it was captured with."""
+        fmt, device = self.store.format, self.store.device
+        self.staging = fmt.empty(GATHER_MAX_PAIRS, device) if on else None
+        self.staged = on
 
     def graph_safe(self, tokens: int) -> bool:
         return self.store.format.graph_safe(tokens * self.top_k)
@@ -117,7 +127,7 @@ class InPlaceMisses:
             self._mlp(x, ids, weights, rows[0], staged)  # compiles
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for table in rows[1:]:
+            for table in rows[1:] or rows:  # one MoE layer: its own experts again
                 self._mlp(x, ids, weights, table, staged)
             end.record()
             end.synchronize()
@@ -125,15 +135,19 @@ class InPlaceMisses:
         return seconds[1] < seconds[0]
 
     def sync_layer(self, layer: int) -> None:
-        """After the copy path ran `layer` (a prefill): its slots hold what the policy put there, every
-        copy landed (the copy path waited), so each resident expert's entry points at its slot."""
-        part = self.store.pool.layers[layer]
+        """After the copy path ran `layer` (a prefill): its slots hold what the policy put there, so each
+        resident expert's entry points at its slot, read once its copy has landed."""
+        store = self.store
+        part = store.pool.layers[layer]
+        # Every slot's copy (the prefill's, a prefetch's, an admission still pending) lands before any
+        # later kernel reads the table.
+        store._wait(part.slot_of.values())
         self.pending = [p for p in self.pending if p[0] != layer]
         self.resident[layer] = set(part.slot_of)
         row = self.host_addr[self.row[layer]].clone()
         for e, slot in part.slot_of.items():
             row[e] = self.slot_addr[slot]
-        self.table[self.row[layer]].copy_(row)
+        self.table[self.row[layer]].copy_(store.copier.to_device(row, store.device))
 
     def after_step(self, tokens: int) -> None:
         """Count the step's hits and misses, flip the entries of admissions that landed, admit the step's

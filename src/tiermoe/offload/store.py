@@ -68,11 +68,12 @@ class StoreStats:
         )
 
     def to_dict(self) -> dict:
-        # Shares of steps make counts fractional; a whole one reads as an integer.
-        d = {
-            k: int(v) if float(v).is_integer() and k not in _SECONDS else round(v, 6)
-            for k, v in asdict(self).items()
-        }
+        # Shares of steps make counts fractional; a whole one reads as an integer (after rounding, so a sum
+        # of shares such as 2.9999999999999996 does too).
+        d = {}
+        for k, v in asdict(self).items():
+            r = round(v, 6) + 0.0  # + 0.0: no -0.0
+            d[k] = int(r) if r.is_integer() and k not in _SECONDS else r
         served = self.gpu_hits + self.prefetch_hits + self.gpu_misses + self.cpu_computed
         d["gpu_hit_rate"] = round((self.gpu_hits + self.prefetch_hits) / served, 4) if served else None
         d["prefetch_precision"] = (
@@ -240,10 +241,12 @@ class TieredExpertStore:
             used = self.copier.mark_used()
             for slot in slot_of.values():
                 self.pool.released[slot] = used
-            if i == 0 and prediction is not None:
-                self._look_ahead(prediction[0], predicted, len(needed), decode)
+            # The CPU share before the look-ahead: a prefetch may read the disk, or evict the host-cache
+            # entries the CPU share reads.
             if i == 0 and on_cpu:
                 cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
+            if i == 0 and prediction is not None:
+                self._look_ahead(prediction[0], predicted, len(needed), decode)
         if cpu_out is not None:
             cpu_out = self.copier.to_device(cpu_out, self.device)
             out = cpu_out if out is None else out.add_(cpu_out)
