@@ -95,6 +95,17 @@ def test_a_host_cache_smaller_than_the_experts_reads_the_source_on_its_misses():
     assert st["bytes_disk"] == 5 * BYTES and st["host_hits"] == 1
 
 
+def test_a_decode_step_wider_than_the_slots_never_syncs_to_pick_its_pairs(monkeypatch):
+    """Decode over more experts than a layer's slots: each wave runs every pair, the other waves' with
+    weight 0, so no nonzero() picks pairs out on the host (the prefill's accumulate is not called)."""
+    s, _ = store(slots_per_layer=2, host_experts=E * len(LAYERS))
+    monkeypatch.setattr(s.format, "accumulate", lambda *a: pytest.fail("decode took the prefill path"))
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[0, 1], [2, 3]])
+    w = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lru-protect"])
 def test_a_batch_wider_than_the_slots_runs_in_waves(policy):
     s, _ = store(slots_per_layer=2, host_experts=E * len(LAYERS), policy=policy)
@@ -118,9 +129,10 @@ def test_waves_are_double_buffered_the_next_copies_issued_before_this_wave_compu
         return accumulate(x, tokens, slots, weights, bank, out)
 
     monkeypatch.setattr(s.format, "accumulate", computed)
-    x = torch.randn(3, H, generator=torch.Generator().manual_seed(2))
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])  # 6 distinct experts, 4 slots: waves of 2
-    w = torch.full((3, 2), 0.5)
+    # A prefill (more pairs than a decode step's 16): 6 distinct experts, 4 slots: waves of 2
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]] * 3)
+    w = torch.full((9, 2), 0.5)
     torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
     assert events == ["copy"] * 4 + ["compute 2", "copy", "copy", "compute 2", "compute 2"]
 

@@ -229,11 +229,16 @@ class TieredExpertStore:
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
             slots = self.copier.to_device(lut, self.device)[ids]  # [T, k]; -1: another wave's, or the CPU's
-            if len(waves) == 1:
-                if on_cpu:  # the CPU's pairs also run here, on a slot of this wave, with weight 0
-                    weights = weights.masked_fill(slots < 0, 0)
+            if len(waves) == 1 or decode:
+                # Pairs of other waves and the CPU's also run here, on a slot of this wave, with weight 0:
+                # a decode step never syncs the host to pick its pairs out.
+                if len(waves) > 1 or on_cpu:
+                    wave_weights = weights.masked_fill(slots < 0, 0)
                     slots = slots.masked_fill(slots < 0, next(iter(slot_of.values())))
-                out = self.format.mlp(x, slots, weights, self.pool.bank)
+                else:
+                    wave_weights = weights
+                y = self.format.mlp(x, slots, wave_weights, self.pool.bank)
+                out = y if out is None else out.add_(y)
             else:
                 out = torch.zeros_like(x) if out is None else out
                 tok, k = (slots >= 0).nonzero(as_tuple=True)
