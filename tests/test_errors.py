@@ -69,7 +69,8 @@ def test_unknown_architecture_lists_supported(ckpt):
     config["architectures"] = ["LlamaForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        UnsupportedArchitectureError, match=r"LlamaForCausalLM.*supported: MixtralForCausalLM"
+        UnsupportedArchitectureError,
+        match=r"LlamaForCausalLM.*supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, MixtralForCausalLM",
     ):
         LLM(ckpt, device="cpu")
 
