@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
+
 from tiermoe import LLM
 from tiermoe.bench import load
 from tiermoe.demo import write_random_checkpoint

@@ -12,6 +12,7 @@ norm_topk_prob, x routed_scaling_factor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,15 @@ from .layers import MLP, CausalLM, DecoderLayer
 from .mla import MLASpec, MLAttention
 from .moe import RoutingOverride, SparseMoeBlock
 from .qwen3_moe import EXPERT_NAMES
+
+
+def yarn_mscale(rope: dict) -> float:
+    """DeepSeek's YaRN factor on the attention logits' scale (its square multiplies the softmax scale):
+    0.1 x mscale_all_dim x ln(factor) + 1 for a scaled rope, 1 otherwise (transformers' yarn_get_mscale)."""
+    factor, m = rope.get("factor", 1.0), rope.get("mscale_all_dim", 0)
+    if rope.get("rope_type", "default") == "default" or not m or factor <= 1:
+        return 1.0
+    return 0.1 * m * math.log(factor) + 1.0
 
 
 class GroupLimitedRouter(nn.Module):
@@ -120,11 +130,9 @@ class DeepseekArgs(MoEArgs):
         return args
 
     def mla(self) -> MLASpec:
-        from transformers.modeling_rope_utils import yarn_apply_mscale
-
         # YaRN scales the softmax as well (mscale_all_dim), not only the rotary dimensions
-        scale = yarn_apply_mscale(
-            self.rope_parameters, (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        scale = (
+            yarn_mscale(self.rope_parameters) ** 2 * (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
         )
         return MLASpec(
             self.hidden_size, self.num_heads, self.q_lora_rank, self.kv_lora_rank, self.qk_nope_head_dim,
