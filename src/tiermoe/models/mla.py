@@ -5,8 +5,9 @@ A token's cache entry is kv_lora_rank + qk_rope_head_dim values for all heads to
 576, against 2 x 128 heads x 192 = 49,152 for the expanded keys and values). A prompt chunk expands the
 cached latents into per-head keys and values (kv_b_proj) and attends as usual. A decode step instead
 folds kv_b_proj into the query and the output ("weight absorption"): the query moves into latent space,
-attends over the cached entries directly as one shared key-value head, and the attended latent goes
-back through the value half of kv_b_proj. Expanding every cached latent at every decode step would cost
+attends over the cached entries directly as one key-value head shared by all heads (one matmul per
+sequence with the heads as its rows, the cache read once), and the attended latent goes back through
+the value half of kv_b_proj. Expanding every cached latent at every decode step would cost
 as much as the cache saves.
 """
 
@@ -85,13 +86,13 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(s.num_heads, -1, s.kv_lora_rank)
         w_k, w_v = w[:, : s.qk_nope_head_dim], w[:, s.qk_nope_head_dim :]
         with sdpa_kernel(MASKED_SDPA_BACKENDS):
-            if t == 1:  # decode: attend in latent space (weight absorption)
+            if t == 1:  # decode: attend in latent space (weight absorption), every head over the one cache
                 query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rot), dim=-1)
-                keys = cached.expand(b, s.num_heads, -1, -1)
-                values = keys[..., : s.kv_lora_rank]
-                out = F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=mask, scale=s.softmax_scale
-                )
+                # [B, h, D] x [B, D, L] -> [B, h, L]: the heads are the rows of one matmul per sequence,
+                # so the cache is read once and never copied per head
+                scores = torch.matmul(query[:, :, 0], cached[:, 0].transpose(1, 2)).float() * s.softmax_scale
+                probs = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(dim=-1).to(cached.dtype)
+                out = torch.matmul(probs, cached[:, 0, :, : s.kv_lora_rank])[:, :, None]  # [B, h, 1, rank]
                 out = torch.einsum("bhtr,hvr->bhtv", out, w_v)  # [B, h, T, v]
             else:  # a prompt chunk: expand the cached latents into per-head keys and values
                 latents, k_rots = cached.split([s.kv_lora_rank, s.qk_rope_head_dim], dim=-1)
