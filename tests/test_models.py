@@ -77,6 +77,7 @@ CASES = [
     ("deepseek_v3", "per_expert", {"rope_interleave": False}),
     ("deepseek_v3", "per_expert", {"rope_parameters": YARN}),  # rotary and softmax scaled (mscale_all_dim)
     ("deepseek_v2", "per_expert", {"rope_parameters": {**YARN, "mscale": 0.707}}),  # an attention factor too
+    ("deepseek_v3", "per_expert", {"rms_norm_eps": 0.05}),  # not the low-rank norms' epsilon
 ]
 
 

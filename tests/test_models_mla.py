@@ -49,11 +49,13 @@ def test_multi_token_prediction_layers_are_recognised_not_rejected(tiny_checkpoi
     from tiermoe.errors import CheckpointError
 
     path, _ = tiny_checkpoint("deepseek_v3")
-    for extra, ok in ((LAYERS, True), (LAYERS + 1, False)):
-        out = tmp_path / f"mtp-{extra}"
+    # (layer, with its eh_proj): an MTP layer; one beyond num_nextn_predict_layers; a decoder layer too many
+    for extra, eh_proj, ok in ((LAYERS, True, True), (LAYERS + 1, True, False), (LAYERS, False, False)):
+        out = tmp_path / f"mtp-{extra}-{eh_proj}"
         shutil.copytree(path, out)
         tensors = load_file(out / "model.safetensors")
-        tensors[f"model.layers.{extra}.eh_proj.weight"] = torch.zeros(64, 128)
+        if eh_proj:
+            tensors[f"model.layers.{extra}.eh_proj.weight"] = torch.zeros(64, 128)
         tensors[f"model.layers.{extra}.mlp.experts.0.gate_proj.weight"] = torch.zeros(32, 64)
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
@@ -61,5 +63,18 @@ def test_multi_token_prediction_layers_are_recognised_not_rejected(tiny_checkpoi
             llm = LLM(out, device="cpu", dtype="fp32")
             assert llm.generate(PROMPT, SamplingParams(max_tokens=2))[0].token_ids
         else:
-            with pytest.raises(CheckpointError, match=f"model.layers.{extra}.eh_proj.weight"):
+            with pytest.raises(CheckpointError, match=f"model.layers.{extra}.(eh_proj|mlp)"):
                 LLM(out, device="cpu", dtype="fp32")
+
+
+def test_the_router_stays_float32_in_a_bf16_model(tiny_checkpoint):
+    """As transformers keeps it: a correction bias rounded to bf16 changes which experts are chosen."""
+    from safetensors.torch import load_file
+
+    path, _ = tiny_checkpoint("deepseek_v3")
+    llm = LLM(path, device="cpu", dtype="bf16")
+    gate = llm.model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    stored = load_file(path / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert torch.equal(gate.e_score_correction_bias, stored.float())
+    assert llm.model.model.layers[1].self_attn.kv_b_proj.weight.dtype == torch.bfloat16

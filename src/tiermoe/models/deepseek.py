@@ -38,6 +38,9 @@ def yarn_mscale(rope: dict) -> float:
 class GroupLimitedRouter(nn.Module):
     """DeepSeek's router: scores in float32, an optional bias and group limit on the choice only."""
 
+    # As transformers keeps them: in bf16 a correction bias moves enough to change the chosen experts.
+    FLOAT32_PARAMETERS = ("weight", "e_score_correction_bias")
+
     def __init__(
         self,
         hidden_size: int,
@@ -136,7 +139,7 @@ class DeepseekArgs(MoEArgs):
         )
         return MLASpec(
             self.hidden_size, self.num_heads, self.q_lora_rank, self.kv_lora_rank, self.qk_nope_head_dim,
-            self.qk_rope_head_dim, self.v_head_dim, self.rms_norm_eps, scale, self.attention_bias,
+            self.qk_rope_head_dim, self.v_head_dim, scale, self.attention_bias,
             self.interleaved_rope,
         )  # fmt: skip
 

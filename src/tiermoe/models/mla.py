@@ -23,6 +23,9 @@ from torch.nn.attention import sdpa_kernel
 from .kv_cache import KVCache
 from .layers import MASKED_SDPA_BACKENDS, RMSNorm, rotate
 
+# The low-rank projections' norms use this whatever rms_norm_eps says, as DeepSeek's code and transformers'.
+LORA_NORM_EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class MLASpec:
@@ -33,7 +36,6 @@ class MLASpec:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
-    eps: float
     softmax_scale: float
     bias: bool = False  # on q_a_proj, kv_a_proj_with_mqa and o_proj
     interleaved_rope: bool = True  # rotary pairs are adjacent dimensions (x0, x1), (x2, x3), ...
@@ -54,10 +56,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(s.hidden_size, s.num_heads * qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(s.hidden_size, s.q_lora_rank, bias=s.bias)
-            self.q_a_layernorm = RMSNorm(s.q_lora_rank, s.eps)
+            self.q_a_layernorm = RMSNorm(s.q_lora_rank, LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(s.q_lora_rank, s.num_heads * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(s.hidden_size, s.kv_lora_rank + s.qk_rope_head_dim, bias=s.bias)
-        self.kv_a_layernorm = RMSNorm(s.kv_lora_rank, s.eps)
+        self.kv_a_layernorm = RMSNorm(s.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(
             s.kv_lora_rank, s.num_heads * (s.qk_nope_head_dim + s.v_head_dim), bias=False
         )
@@ -90,7 +92,10 @@ class MLAttention(nn.Module):
                 query = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rot), dim=-1)
                 # [B, h, D] x [B, D, L] -> [B, h, L]: the heads are the rows of one matmul per sequence,
                 # so the cache is read once and never copied per head
-                scores = torch.matmul(query[:, :, 0], cached[:, 0].transpose(1, 2)).float() * s.softmax_scale
+                scores = (
+                    torch.matmul(query[:, :, 0].float(), cached[:, 0].transpose(1, 2).float())
+                    * s.softmax_scale
+                )
                 probs = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(dim=-1).to(cached.dtype)
                 out = torch.matmul(probs, cached[:, 0, :, : s.kv_lora_rank])[:, :, None]  # [B, h, 1, rank]
                 out = torch.einsum("bhtr,hvr->bhtv", out, w_v)  # [B, h, T, v]

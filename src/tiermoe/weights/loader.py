@@ -87,6 +87,10 @@ def build_meta(source: ModelSource) -> CausalLM:
     with torch.device("meta"):
         model = source.arch.build(source.args, source.hf_config)
     model = model.to(dtype=source.dtype)
+    for module in model.modules():  # what a module keeps in float32 whatever the compute dtype
+        for name in getattr(module, "FLOAT32_PARAMETERS", ()):
+            if (param := getattr(module, name)) is not None:
+                param.data = param.data.float()
     untie_head(model, source, torch.device("meta"))
     return model
 
@@ -138,7 +142,14 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
         for n in ckpt.keys() - set(disk.values()) - expert_names - companions
         if not IGNORED.match(n) and not _tied_head(n, model) and not fmt.ignored(n)
     )
-    mtp = [n for n in leftover if _layer(n) in range(args.num_layers, args.num_layers + args.mtp_layers)]
+    # An MTP layer is one with its own eh_proj: a checkpoint one decoder layer longer than its config
+    # says must still fail.
+    mtp_layers = [
+        i
+        for i in range(args.num_layers, args.num_layers + args.mtp_layers)
+        if f"model.layers.{i}.eh_proj.weight" in ckpt
+    ]
+    mtp = [n for n in leftover if _layer(n) in mtp_layers]
     if mtp:
         leftover = sorted(set(leftover) - set(mtp))
         log.info(
@@ -156,7 +167,7 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     for name, param in params.items():
         stored = disk[name]
         tensors = {n: ckpt.get(n) for n in (stored, *fmt.companions(stored)) if n in ckpt}
-        value = fmt.dense_weight(stored, tensors, source.dtype)  # dequantized where the format stores it so
+        value = fmt.dense_weight(stored, tensors, param.dtype)  # dequantized where the format stores it so
         expect_shape(stored, tuple(value.shape), tuple(param.shape), ckpt.file_of(stored))
         param.data.copy_(value)
         if progress:
