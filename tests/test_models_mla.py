@@ -78,3 +78,16 @@ def test_the_router_stays_float32_in_a_bf16_model(tiny_checkpoint):
     stored = load_file(path / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert torch.equal(gate.e_score_correction_bias, stored.float())
     assert llm.model.model.layers[1].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_prompt_chunk_expands_the_cache_a_group_of_heads_at_a_time(tiny_checkpoint, monkeypatch):
+    """The expansion bounded to one head at a time gives the logits of all heads at once."""
+    from tiermoe.models import mla
+
+    from .conftest import prompt_logits
+
+    path, _ = tiny_checkpoint("deepseek_v2")
+    llm = LLM(path, device="cpu", dtype="fp32")
+    whole = prompt_logits(llm, [PROMPT])
+    monkeypatch.setattr(mla, "EXPAND_BYTES", 1)  # one head a group
+    assert torch.allclose(prompt_logits(llm, [PROMPT]), whole, rtol=1e-5, atol=1e-6)
