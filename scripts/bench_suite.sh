@@ -78,8 +78,10 @@ olmoe)
 deepseek-v2-lite)
     # DeepSeek-V2-Lite (15.7B params, 29 GB of bf16 experts) at 6 GiB, issue 16's figure: MLA's latent cache,
     # 64 experts of 1408 a layer, top-6 and two shared experts; ROUTING.md's uncalibrated szd until a trace.
+    # Its dense weights (2.44 GiB) and top-6 x 26 layers of 17.3 MB experts leave no room for the default
+    # 1 GiB workspace at 6 GiB: half of it leaves 7 slots a layer of 64.
     model=$(synth deepseek-v2-lite)
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-6}" --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-6}" --workspace 0.5 --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;

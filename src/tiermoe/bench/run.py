@@ -243,11 +243,13 @@ def bench(
     measured: Callable[[list[dict]], None] | None = None,
     kv_reserve_tokens: int | None = None,
     also_models: list[str | Path] = (),
+    workspace_gib: float | None = None,
 ) -> dict:
     """Measure every setting and return {"runs": [...], ...}; writes nothing but the routing traces
     asked for (record_routing: a path each tiermoe run's trace is named after). `measured` is given the
     runs so far after each setting, so that a bench stopped from outside keeps what it measured.
     kv_reserve_tokens: every tiermoe run's KV reserve (default: kv_reserve_for the workload).
+    workspace_gib: every tiermoe run's workspace reserve (default: the engine's).
     also_models: checkpoints of the same shape (e.g. its bf16 original beside a quantized model) that
     tiermoe runs at the same settings, in the same results; the peers run once, on model_dir."""
     model_dir = Path(model_dir)
@@ -265,8 +267,10 @@ def bench(
         "dtype": dtype,
         "cpu_budget_gib": cpu_budget_gib,
         "kv_reserve_tokens": kv_reserve_tokens or kv_reserve_for(config, workload),
+        "workspace_gib": workspace_gib,
     }
     EngineConfig(**engine_config)
+    workspace = {"workspace_gib": workspace_gib} if workspace_gib is not None else {}
     metadata = run_metadata(argv)
 
     def common_of(mdir: Path, cfg: dict) -> dict:
@@ -331,7 +335,7 @@ def bench(
             timeout_s,
             device if engine == "tiermoe" else None,
             dtype if engine == "tiermoe" else None,
-            {**options, "kv_reserve_tokens": engine_config["kv_reserve_tokens"]}
+            {**options, "kv_reserve_tokens": engine_config["kv_reserve_tokens"], **workspace}
             if engine == "tiermoe"
             else options,
         )
@@ -343,7 +347,11 @@ def bench(
             "gpu_budget_gib": budget,
             **{k: v for k, v in (options or {}).items() if k in STORE_OPTIONS},
             **({"plan": "manual"} if engine == "tiermoe" else {}),
-            **({"kv_reserve_tokens": engine_config["kv_reserve_tokens"]} if engine == "tiermoe" else {}),
+            **(
+                {"kv_reserve_tokens": engine_config["kv_reserve_tokens"], **workspace}
+                if engine == "tiermoe"
+                else {}
+            ),
             "gen_len": w.gen_len,
             "repeat": w.repeat,
             **figures,
@@ -517,6 +525,7 @@ def _bench_one(args: argparse.Namespace, workload: Workload, console, measured) 
         llama_cpp=llamacpp.options(args.llama_cpp, args.llama_cpp_formats, args.llama_cpp_source),
         measured=measured,
         kv_reserve_tokens=args.kv_reserve_tokens,
+        workspace_gib=args.workspace,
     )
 
 
@@ -587,6 +596,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         default=None,
         help="tiermoe's KV cache reserve, tokens (default: the engine's, or batch x (prompt + gen) if larger)",
+    )
+    p.add_argument(
+        "--workspace",
+        type=float,
+        default=None,
+        help="tiermoe's GiB for activations and library workspace (default: the engine's, 1 on cuda)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per engine and setting")
     p.add_argument("--device", default=None, help="tiermoe device: cuda or cpu (default: cuda if present)")
