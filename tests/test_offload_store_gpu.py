@@ -61,6 +61,28 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     assert [o.token_ids for o in llm.generate(prompts[:1], params)] == expected[:1]  # batch 1 after batch 2
 
 
+def test_in_place_times_staging_against_reading_in_place_when_the_workspace_holds_it(tiny_checkpoint):
+    """With a workspace reserve for the staging buffer, the store times both ways at start and keeps one;
+    the tokens are the resident ones either way."""
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    resident = LLM(path, device="cuda", dtype="bf16", workspace_gib=0)
+    workspace = 16 * resident.plan.expert_bytes / 2**30  # GATHER_MAX_PAIRS experts
+    budget = budget_gib(resident.plan, 4 * 2) + workspace
+    llm = LLM(
+        path,
+        device="cuda",
+        dtype="bf16",
+        workspace_gib=workspace,
+        gpu_budget_gib=budget,
+        miss_path="in-place",
+    )
+    in_place = llm.provider.in_place
+    assert (in_place.staging is not None) == in_place.staged  # the buffer kept only when staging won
+    assert llm.generate(PROMPT, params)[0].token_ids == resident.generate(PROMPT, params)[0].token_ids
+    assert llm.provider.stats()["staged"] == in_place.staged
+
+
 def test_misses_computed_on_the_cpu_beside_copies_match_resident(tiny_checkpoint):
     """cpu_compute on CUDA: the hidden states reach the host with the routed ids, the CPU's share runs
     while the copies fly, its sum is added to the GPU's. fp32, so the two devices' sums agree closely

@@ -127,7 +127,7 @@ class InPlaceMisses:
             self._mlp(x, ids, weights, rows[0], staged)  # compiles
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for table in rows[1:] or rows:  # one MoE layer: its own experts again
+            for table in rows[1:] if len(rows) > 1 else rows:  # one MoE layer: its own experts again
                 self._mlp(x, ids, weights, table, staged)
             end.record()
             end.synchronize()
