@@ -48,9 +48,9 @@ class Engine:
         self.pool = BlockPool(runner.num_blocks)
         self.scheduler = Scheduler(self.pool, max_num_seqs, runner.prefill_chunk)
         self._next_id = 0
-        self.steps = 0
         self.last_batch = 0  # sequences in the last step (the server's metrics)
         self.last_step_experts = StoreStats()  # the expert store's counts of the last step
+        self._store_info: dict = {}  # the store's last stats(): its settings beside the counts
 
     # --- requests
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -119,7 +119,6 @@ class Engine:
         logits = self.runner.execute(plan.chunks)
         for c in plan.chunks:
             c.request.num_computed += c.count
-        self.steps += 1
         if len(rows) < len(plan.chunks):  # some prompts are still being read
             logits = logits[rows]
         tokens = self._sample(completing, logits)
@@ -134,7 +133,11 @@ class Engine:
     def _attribute(self, chunks: list[Chunk], before: dict) -> None:
         """The step's expert-store counts (last_step_experts), shared among its requests in proportion to
         the tokens each ran: an expert loaded once for four decoding sequences counts a quarter to each."""
-        self.last_step_experts = step = StoreStats.of(self.provider.stats(since=before))
+        delta = self.provider.stats(since=before)
+        if not delta:  # no expert store: nothing to count
+            return
+        self._store_info = delta  # its descriptive fields (format, policy, ...) for stats_of
+        self.last_step_experts = step = StoreStats.of(delta)
         total = sum(c.count for c in chunks)
         for c in chunks:
             r = c.request
@@ -222,7 +225,7 @@ class Engine:
             peak_host_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         )
         # The requests' shares of the steps they ran in: the whole store's counts when they ran alone.
-        setup = self.provider.stats()
+        setup = self._store_info
         if setup:  # a provider without a store has no counts
             whole, decode = StoreStats(), StoreStats()
             for r in requests:
@@ -242,9 +245,10 @@ class Engine:
             self.add_request(prompt, p, i) for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
         ]
         try:
-            while not all(r.finished for r in requests):
+            done = False
+            while not done:
                 events = self.step()
-                if all(r.finished for r in requests):
+                if done := all(r.finished for r in requests):
                     batch = self.stats_of(requests)
                     for e in events:
                         if e.finish_reason:

@@ -118,7 +118,7 @@ class ModelRunner:
         num_blocks = cache_slots(self.kv_tokens) // BLOCK_TOKENS
         self.kv = KVCache(model.cache_shapes(), num_blocks, dtype, device)
         self.routing = routing
-        self.prefill_chunk, self.max_model_len, self.max_num_seqs = prefill_chunk, max_model_len, max_num_seqs
+        self.prefill_chunk, self.max_num_seqs = prefill_chunk, max_num_seqs
         self.graphs = graphs and device.type == "cuda"
         self.provider = provider
         if routing:

@@ -88,10 +88,6 @@ class StepPlan:
     chunks: list[Chunk]
     preempted: list[Request]
 
-    @property
-    def tokens(self) -> int:
-        return sum(c.count for c in self.chunks)
-
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, prefill_tokens: int):

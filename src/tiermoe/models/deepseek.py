@@ -46,19 +46,18 @@ class GroupLimitedRouter(nn.Module):
         hidden_size: int,
         num_experts: int,
         top_k: int,
-        scoring: str,  # "softmax" (V2) or "sigmoid" (V3)
+        scoring: str,  # "softmax" (V2) or "sigmoid" (V3, with the correction bias and top-2 group scores)
         groups: int,  # 1: no group limit
         topk_group: int,
-        group_score: str,  # a group's score: its best expert's ("max", V2) or its two best summed ("top2", V3)
         norm_topk_prob: bool,
         scaling: float,
-        correction_bias: bool,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts)) if correction_bias else None
+        v3 = scoring == "sigmoid"
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts)) if v3 else None
         self.top_k, self.scoring, self.groups, self.topk_group = top_k, scoring, groups, topk_group
-        self.group_score, self.norm_topk_prob, self.scaling = group_score, norm_topk_prob, scaling
+        self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
 
     def forward(
         self, x: torch.Tensor, routing: RoutingOverride | None = None, layer: int = -1
@@ -72,10 +71,13 @@ class GroupLimitedRouter(nn.Module):
             choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
             if self.groups > 1:
                 grouped = choice.view(choice.shape[0], self.groups, -1)  # [T, groups, E / groups]
-                best = grouped.max(-1).values if self.group_score == "max" else grouped.topk(2, -1)[0].sum(-1)
+                # A group's score: its best expert's (V2) or its two best summed (V3). The dropped groups
+                # are filled with 0 (V2: scores are positive) or -inf (V3: biased ones may not be).
+                if self.scoring == "softmax":
+                    best, fill = grouped.max(-1).values, 0.0
+                else:
+                    best, fill = grouped.topk(2, -1)[0].sum(-1), float("-inf")
                 kept = torch.zeros_like(best).scatter_(1, best.topk(self.topk_group, dim=-1)[1], 1.0).bool()
-                # V2 fills the dropped groups with 0 (scores are positive), V3 with -inf (biased ones may not be)
-                fill = 0.0 if self.scoring == "softmax" else float("-inf")
                 choice = grouped.masked_fill(~kept[..., None], fill).flatten(1)
             ids = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(-1, ids)
@@ -97,7 +99,6 @@ class DeepseekArgs(MoEArgs):
     scoring: str = "softmax"
     groups: int = 1
     topk_group: int = 1
-    group_score: str = "max"
     routed_scaling_factor: float = 1.0
     attention_bias: bool = False
     interleaved_rope: bool = True
@@ -122,7 +123,6 @@ class DeepseekArgs(MoEArgs):
             scoring="sigmoid" if v3 else "softmax",
             groups=(hf.n_group or 1) if limited else 1,
             topk_group=(hf.topk_group or 1) if limited else 1,
-            group_score="top2" if v3 else "max",
             routed_scaling_factor=hf.routed_scaling_factor,
             attention_bias=bool(hf.attention_bias),
             interleaved_rope=bool(getattr(hf, "rope_interleave", True)),
@@ -146,7 +146,7 @@ class DeepseekArgs(MoEArgs):
     def router(self) -> GroupLimitedRouter:
         return GroupLimitedRouter(
             self.hidden_size, self.num_experts, self.top_k, self.scoring, self.groups, self.topk_group,
-            self.group_score, self.norm_topk_prob, self.routed_scaling_factor, self.scoring == "sigmoid",
+            self.norm_topk_prob, self.routed_scaling_factor,
         )  # fmt: skip
 
 

@@ -85,17 +85,20 @@ class InPlaceMisses:
         # A graph-safe step's missed experts, staged for its kernels: out of the plan's workspace reserve,
         # and only where staging is the faster way (or the reserve has no room: then read in place).
         self.pair_ids = torch.arange(GATHER_MAX_PAIRS, device=store.device)  # pair p reads address p
-        fits = GATHER_MAX_PAIRS * fmt.nbytes <= plan.workspace_bytes
-        self.use_staging(fits and store.device.type == "cuda")
-        if self.staged:
+        self.staging: torch.Tensor | None = None
+        if store.device.type == "cuda" and GATHER_MAX_PAIRS * fmt.nbytes <= plan.workspace_bytes:
+            self.use_staging(True)
             self.use_staging(self._staging_is_faster())
+
+    @property
+    def staged(self) -> bool:
+        return self.staging is not None
 
     def use_staging(self, on: bool) -> None:
         """Stage misses into HBM (its buffer allocated) or read them in place (freed). Set before the
         first decode graph is captured: a graph keeps the path it was captured with."""
-        fmt, device = self.store.format, self.store.device
-        self.staging = fmt.empty(GATHER_MAX_PAIRS, device) if on else None
-        self.staged = on
+        if on != self.staged:
+            self.staging = self.store.format.empty(GATHER_MAX_PAIRS, self.store.device) if on else None
 
     def graph_safe(self, tokens: int) -> bool:
         return self.store.format.graph_safe(tokens * self.top_k)

@@ -168,8 +168,7 @@ class TieredExpertStore:
             policy=self.policy,
             prefetch=self.prefetch,
             miss_path=self.miss_path,
-            staged=self.in_place is not None
-            and self.in_place.staged,  # in place: misses staged into HBM first
+            staged=bool(self.in_place and self.in_place.staged),  # in place: misses staged into HBM first
             cpu_compute=self.cpu_costs is not None,
             gpu_slots=len(self.pool),
             host_slots=self.host.capacity,

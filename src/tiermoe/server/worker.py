@@ -122,13 +122,13 @@ class EngineWorker:
         while not self._stopping:
             self._take_jobs(block=not self._running)
             self._abort_cancelled()
-            if not self._running:
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # a failed step fails the requests in the engine, never the server
-                log.exception("engine step failed; the requests in the engine end with the error")
-                self._fail_all(exc)
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed step fails the requests in the engine, never the server
+                    log.exception("engine step failed; the requests in the engine end with the error")
+                    self._fail_all(exc)
+            self._gauges()
 
     def _fail_all(self, exc: Exception) -> None:
         """Every job in the engine gets the error first (so none waits forever), then its request is
@@ -188,7 +188,6 @@ class EngineWorker:
         for job, request in [v for v in self._running.values() if v[0].cancelled]:
             self._engine.abort(request)
             self._end(job, request, JobAborted())
-        self._gauges()
 
     def _end(self, job: Job, request, error: BaseException | None = None) -> None:
         if error is not None:
@@ -207,7 +206,6 @@ class EngineWorker:
         m.kv_usage.set(engine.pool.used / max(engine.pool.capacity, 1))
 
     def _step_metrics(self) -> None:
-        self._gauges()
         if self._engine.last_batch:
             self._metrics.step_batch.observe(self._engine.last_batch)
         # The store's counts of this step: an expert loaded once for several requests counts once.

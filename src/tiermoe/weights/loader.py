@@ -27,7 +27,6 @@ from ..models.registry import architecture_for
 from .checkpoint import SYNTHETIC_KEY, Checkpoint, expect_shape, read_config
 
 # Tensors some writers add that carry nothing we need (rotary tables are recomputed; alignment padding).
-LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$|^tiermoe\.padding\.\d+$")  # padding: weights/writer.py
 
 log = logging.getLogger(__name__)
@@ -115,11 +114,6 @@ def load_model(
     return model.requires_grad_(False).eval()
 
 
-def _layer(name: str) -> int | None:
-    m = LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
 def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) -> None:
     ckpt, args = source.checkpoint, source.args
     params = dict(model.named_parameters())
@@ -144,20 +138,20 @@ def load_dense(model: CausalLM, source: ModelSource, progress: Progress | None) 
     )
     # An MTP layer is one with its own eh_proj: a checkpoint one decoder layer longer than its config
     # says must still fail.
-    mtp_layers = [
-        i
+    mtp = tuple(
+        f"model.layers.{i}."
         for i in range(args.num_layers, args.num_layers + args.mtp_layers)
         if f"model.layers.{i}.eh_proj.weight" in ckpt
-    ]
-    mtp = [n for n in leftover if _layer(n) in mtp_layers]
+    )
     if mtp:
-        leftover = sorted(set(leftover) - set(mtp))
+        kept = [n for n in leftover if not n.startswith(mtp)]
         log.info(
-            "%d tensors of %d multi-token prediction layer(s) recognised and left on disk (speculative decoding "
-            "would read them)",
+            "%d tensors of %d multi-token prediction layer(s) recognised and left on disk (speculative "
+            "decoding would read them)",
+            len(leftover) - len(kept),
             len(mtp),
-            args.mtp_layers,
         )
+        leftover = kept
     if leftover:
         raise CheckpointError(
             f"{ckpt.path} holds tensors this {source.arch.name} config does not use, e.g. {leftover[:3]} "
