@@ -55,6 +55,12 @@ def hf_config(arch: str, **overrides):
             moe.update(n_group=1, topk_group=1)  # its defaults (8 groups, 4 kept) need 16 experts or more
         config = transformers.DeepseekV2Config if arch == "deepseek_v2" else transformers.DeepseekV3Config
         cfg = config(**common, **mla, **moe)
+    elif arch == "gpt_oss":
+        # Two layers of each kind, a window shorter than the prompts; head_dim as published (64 of 2880)
+        cfg = transformers.GptOssConfig(
+            **{**common, "num_hidden_layers": 4}, num_local_experts=8, head_dim=16, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )  # fmt: skip
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
@@ -69,6 +75,7 @@ MODEL_CLASSES = {
     "olmoe": transformers.OlmoeForCausalLM,
     "deepseek_v2": transformers.DeepseekV2ForCausalLM,
     "deepseek_v3": transformers.DeepseekV3ForCausalLM,
+    "gpt_oss": transformers.GptOssForCausalLM,
 }
 
 
@@ -79,10 +86,12 @@ def build_hf_model(arch: str, seed: int = 0, **overrides):
     # norms actually matter, so a wrong expert or a skipped norm changes the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") or "norm" in name:
-                p.normal_(0.0 if "gate" in name else 1.0, 0.5 if "gate" in name else 0.1)
+            if name.endswith(("gate.weight", "router.weight", "router.bias")) or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.5)
             elif p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+            elif name.endswith(("bias", "sinks")):  # biases (transformers: zeros) and gpt-oss's sink logits
+                p.normal_(0.0, 0.5 if name.endswith("sinks") else 0.1)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's bias on the choice alone
                 b.uniform_(0.0, 0.5)

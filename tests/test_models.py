@@ -78,6 +78,9 @@ CASES = [
     ("deepseek_v3", "per_expert", {"rope_parameters": YARN}),  # rotary and softmax scaled (mscale_all_dim)
     ("deepseek_v2", "per_expert", {"rope_parameters": {**YARN, "mscale": 0.707}}),  # an attention factor too
     ("deepseek_v3", "per_expert", {"rms_norm_eps": 0.05}),  # not the low-rank norms' epsilon
+    ("gpt_oss", "fused", {}),  # [E, in, out] experts, gate and up interleaved, biases, sinks, windows
+    ("gpt_oss", "fused", {"rope_parameters": {**YARN, "truncate": False}}),  # as published (factor 32)
+    ("gpt_oss", "fused", {"swiglu_limit": 0.5}),  # a limit the activations cross
 ]
 
 

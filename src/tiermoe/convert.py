@@ -79,7 +79,9 @@ def convert(
     for layer in args.moe_layers:
         fused = ckpt.expert_layout(fmt, names, layer) == "fused"
         for e in range(args.num_experts):
-            planned += _expert(ckpt, arch, writer, names, layer, e, fused, hidden, inter, device)
+            planned += _expert(
+                ckpt, arch, writer, names, layer, e, fused, hidden, inter, device, args.expert_kind.bias
+            )
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir(parents=True)
@@ -122,10 +124,20 @@ def _copied(ckpt, name: str) -> Planned:
 
 
 def _expert(
-    ckpt, arch, writer, names, layer: int, expert: int, fused: bool, hidden: int, inter: int, device
+    ckpt,
+    arch,
+    writer,
+    names,
+    layer: int,
+    expert: int,
+    fused: bool,
+    hidden: int,
+    inter: int,
+    device,
+    biased: bool,
 ) -> list[Planned]:
     """The planned tensors of one expert: its three projections quantized, made together when the first
-    is written (one expert in memory at a time)."""
+    is written (one expert in memory at a time), and its biases where it has them."""
     bases = [
         arch.hub_name(n.format(layer=layer, expert=expert)).removesuffix(".weight") for n in names.per_expert
     ]
@@ -133,8 +145,10 @@ def _expert(
 
     def weights() -> list[torch.Tensor]:  # gate, up [I, H] and down [H, I]
         if fused:
-            gate_up, down = (ckpt.get(n.format(layer=layer))[expert].to(device) for n in names.fused)
-            return [*gate_up.float().split(inter), down.float()]
+            gate_up, down = (ckpt.get(n.format(layer=layer))[expert].to(device).float() for n in names.fused)
+            if names.fused_in_out:
+                gate_up, down = gate_up.mT, down.mT
+            return [*split_gate_up(gate_up, names.interleaved), down]
         return [ckpt.get(n.format(layer=layer, expert=expert)).to(device).float() for n in names.per_expert]
 
     def make(name: str) -> torch.Tensor:
@@ -145,9 +159,31 @@ def _expert(
 
     shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
     specs = [s for base, (n, k) in zip(bases, shapes, strict=True) for s in writer.specs(base, n, k)]
-    return [
+    planned = [
         Planned(name, dtype, shape, lambda name=name: make(name), aligned=i == 0)
         for i, (name, dtype, shape) in enumerate(specs)
+    ]
+    return planned + (_biases(ckpt, names, layer, expert, fused, bases) if biased else [])
+
+
+def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) rows of an expert's gate_up [2I, ...]: its halves, or its even and odd rows."""
+    return (gate_up[0::2], gate_up[1::2]) if interleaved else gate_up.chunk(2)
+
+
+def _biases(ckpt, names, layer: int, expert: int, fused: bool, bases: list[str]) -> list[Planned]:
+    """One expert's biases, kept unquantized beside its weights: `<projection>.bias` [I], [I] and [H]."""
+    if fused:
+        gate_up, down = (ckpt.get(n.format(layer=layer))[expert] for n in names.fused_bias)
+        values = [*split_gate_up(gate_up, names.interleaved), down]
+    else:
+        values = [
+            ckpt.get(f"{n.format(layer=layer, expert=expert).removesuffix('.weight')}.bias")
+            for n in names.per_expert
+        ]
+    return [
+        Planned(f"{base}.bias", v.dtype, tuple(v.shape), lambda v=v: v.contiguous())
+        for base, v in zip(bases, values, strict=True)
     ]
 
 

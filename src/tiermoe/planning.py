@@ -75,7 +75,7 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
 
     args = from_config(hf_config)[2]
     device, dtype = config.torch_device, config.torch_dtype
-    fmt = format_for(hf_config, *args.expert_shape, dtype)
+    fmt = format_for(hf_config, *args.expert_shape, dtype, args.expert_kind)
     cuda = device.type == "cuda"
     # Enough experts that the CPU's cost is timed from DRAM (cpu_compute.COLD_BYTES), copies of one random one.
     bank = fmt.empty(cpu_compute.timing_experts(fmt.nbytes, 256), pin_memory=cuda)

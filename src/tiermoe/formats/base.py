@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import CheckpointError
+from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
 
 ALIGN_BYTES = 256  # every part starts at a multiple of this: aligned loads in kernels, views of any dtype
@@ -58,6 +60,8 @@ class Piece:
     index: int | None = None
     dtypes: tuple[torch.dtype, ...] | None = None  # the dtypes the checkpoint may store; None: any float
     tag: str | None = None  # how the format's put() turns the stored values into the part's (repacking)
+    transposed: bool = False  # stored [in, out] (ExpertNames.fused_in_out): put() transposes it
+    interleaved: bool = False  # rows alternate gate and up (ExpertNames.interleaved): put() separates them
 
 
 class ExpertFormat(ABC):
@@ -66,11 +70,31 @@ class ExpertFormat(ABC):
     name: str
     hidden: int
     inter: int
+    dtype: torch.dtype  # the compute dtype (and the biases')
+    kind: ExpertKind = SWIGLU
     parts: tuple[Part, ...]
     nbytes: int  # one expert, alignment included
     # On CUDA: triton_kernels' GEMV for decode (its constants named `kernels`) and, where it has one,
     # <kernels>_accumulate for prefill.
     kernels: str | None = None
+
+    def lay_out(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], kind: ExpertKind) -> None:
+        """Set parts and nbytes: the format's weight parts, then the biases where `kind` has them. The
+        kernels compute SwiGLU without biases; any other kind runs the torch reference."""
+        self.kind = kind
+        if kind.bias:
+            specs = [
+                *specs,
+                ("gate_up_bias", self.dtype, (2 * self.inter,)),
+                ("down_bias", self.dtype, (self.hidden,)),
+            ]
+        if kind != SWIGLU:
+            self.kernels = None
+        self.parts, self.nbytes = layout(specs)
+
+    def biases(self, bank: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up [S, 2I], down [S, H]) biases of a bank's views, None where the experts have none."""
+        return (bank["gate_up_bias"], bank["down_bias"]) if self.kind.bias else None
 
     def _kernel(self, x: torch.Tensor, what: str):
         if not (x.is_cuda and self.kernels):
@@ -97,6 +121,10 @@ class ExpertFormat(ABC):
 
     def put(self, views: dict[str, torch.Tensor], piece: Piece, values: torch.Tensor) -> None:
         """Write one checkpoint tensor's values where `piece` says, in an expert's views (of a bank of one)."""
+        if piece.transposed:
+            values = values.mT
+        if piece.interleaved:  # [2I, ...] rows gate 0, up 0, gate 1, ... -> [2, I, ...]: gate rows, up rows
+            values = values.unflatten(0, (-1, 2)).transpose(0, 1)
         views[piece.part].view(-1)[piece.start : piece.start + values.numel()].copy_(values.reshape(-1))
 
     def ignored(self, name: str) -> bool:
@@ -107,18 +135,55 @@ class ExpertFormat(ABC):
         """An uninitialised bank of `count` experts: uint8 [count, nbytes]."""
         return torch.empty(count, self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
 
-    @abstractmethod
     def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         """The checkpoint tensors that make up one expert, in the per-expert or the fused layout."""
+        return self.weight_pieces(names, layer, expert, fused) + self._bias_pieces(
+            names, layer, expert, fused
+        )
+
+    @abstractmethod
+    def weight_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+        """The checkpoint tensors of one expert's weights (and their scales), without its biases."""
+
+    def _bias_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+        if not self.kind.bias:
+            return []
+        h, i = self.hidden, self.inter
+        if fused:
+            if names.fused_bias is None:
+                raise CheckpointError(
+                    f"{names.fused[0].format(layer=layer)}: no names for these experts' biases"
+                )
+            gate_up, down = (n.format(layer=layer) for n in names.fused_bias)
+            return [
+                Piece("gate_up_bias", 0, gate_up, (2 * i,), expert, interleaved=names.interleaved),
+                Piece("down_bias", 0, down, (h,), expert),
+            ]
+        gate, up, down = (
+            n.format(layer=layer, expert=expert).removesuffix(".weight") + ".bias" for n in names.per_expert
+        )
+        return [
+            Piece("gate_up_bias", 0, gate, (i,)),
+            Piece("gate_up_bias", i, up, (i,)),
+            Piece("down_bias", 0, down, (h,)),
+        ]
 
     def fused_name(self, names: ExpertNames, layer: int) -> str:
         """The tensor that marks a checkpoint whose `layer` stores its experts fused (in this format)."""
         return names.fused[0].format(layer=layer)
 
-    @abstractmethod
     def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
-        """Write a random expert (weights about normal(0, std)) into its bytes, uint8 [nbytes]: synthetic
-        checkpoints whose experts are generated rather than read."""
+        """Write a random expert (weights about normal(0, std), biases zero as synth writes them) into
+        its bytes, uint8 [nbytes]: synthetic checkpoints whose experts are generated rather than read."""
+        self.fill_weights(expert, generator, std)
+        if self.kind.bias:
+            views = self.views(expert[None])
+            views["gate_up_bias"].zero_()
+            views["down_bias"].zero_()
+
+    @abstractmethod
+    def fill_weights(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+        """fill_random's weights (and their scales)."""
 
     @abstractmethod
     def mlp(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, bank: dict) -> torch.Tensor:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
-from .base import ExpertFormat, Piece, layout
+from .base import ExpertFormat, Piece
 from .swiglu import GATHER_MAX_PAIRS, accumulate_pairs, expert_mlp
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -16,18 +17,28 @@ class DenseFormat(ExpertFormat):
 
     kernels = "dense"  # decode on CUDA: triton_kernels' GEMV reads the slots in place
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, kind: ExpertKind = SWIGLU):
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.name = DTYPE_NAMES[dtype]
-        self.parts, self.nbytes = layout(
-            [("gate_up", dtype, (2 * inter, hidden)), ("down", dtype, (hidden, inter))]
-        )
+        self.lay_out([("gate_up", dtype, (2 * inter, hidden)), ("down", dtype, (hidden, inter))], kind)
 
-    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+    def weight_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         h, i = self.hidden, self.inter
         if fused:
             gate_up, down = (n.format(layer=layer) for n in names.fused)
-            return [Piece("gate_up", 0, gate_up, (2 * i, h), expert), Piece("down", 0, down, (h, i), expert)]
+            t = names.fused_in_out
+            return [
+                Piece(
+                    "gate_up",
+                    0,
+                    gate_up,
+                    (h, 2 * i) if t else (2 * i, h),
+                    expert,
+                    transposed=t,
+                    interleaved=names.interleaved,
+                ),
+                Piece("down", 0, down, (i, h) if t else (h, i), expert, transposed=t),
+            ]
         gate, up, down = (n.format(layer=layer, expert=expert) for n in names.per_expert)
         return [
             Piece("gate_up", 0, gate, (i, h)),
@@ -35,13 +46,14 @@ class DenseFormat(ExpertFormat):
             Piece("down", 0, down, (h, i)),
         ]
 
-    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+    def fill_weights(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         views = self.views(expert[None])
-        numel = sum(p.numel for p in self.parts)
+        weights = [p for p in self.parts if p.name in ("gate_up", "down")]
+        numel = sum(p.numel for p in weights)
         # Drawn where the generator lives (the GPU), copied into the expert wherever it is (pinned host memory)
         values = torch.randn(numel, generator=generator, device=generator.device, dtype=torch.float32) * std
         start = 0
-        for p in self.parts:
+        for p in weights:
             views[p.name].view(-1).copy_(values[start : start + p.numel])
             start += p.numel
 
@@ -49,10 +61,12 @@ class DenseFormat(ExpertFormat):
         kernel = self._kernel(x, "mlp")
         if kernel and self.graph_safe(slots.numel()):
             return kernel(self, x, slots, weights, bank)
-        return expert_mlp(x, slots, weights, bank["gate_up"], bank["down"])
+        return expert_mlp(x, slots, weights, bank["gate_up"], bank["down"], self.kind, self.biases(bank))
 
     def accumulate(self, x, tokens, slots, weights, bank, out):
-        return accumulate_pairs(x, tokens, slots, weights, bank["gate_up"], bank["down"], out)
+        return accumulate_pairs(
+            x, tokens, slots, weights, bank["gate_up"], bank["down"], out, self.kind, self.biases(bank)
+        )
 
     def graph_safe(self, pairs: int) -> bool:
         # The gathered path (few token-expert pairs) never synchronises; the per-expert loop does.

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
+from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
-from .base import Piece, layout
+from .base import Piece
 from .fp8 import E4M3, E4M3_MAX
 from .quantized import DequantizingFormat, per_expert_names
 
@@ -82,21 +83,21 @@ class Nvfp4Format(DequantizingFormat):
 
     kernels = "nvfp4"  # triton_kernels' GEMV and nvfp4_accumulate on CUDA
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, kind: ExpertKind = SWIGLU):
         check_blocks(hidden, inter, GROUP, "NVFP4")
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.name = "nvfp4 (e2m1, e4m3 scales per 16)"
         h, i = hidden, inter
-        self.parts, self.nbytes = layout([
+        self.lay_out([
             ("gate_up", torch.uint8, (2 * i, h // 2)),
             ("gate_up_scale", E4M3, (2 * i, h // GROUP)),
             ("gate_up_scale_2", torch.float32, (2,)),
             ("down", torch.uint8, (h, i // 2)),
             ("down_scale", E4M3, (h, i // GROUP)),
             ("down_scale_2", torch.float32, (1,)),
-        ])  # fmt: skip
+        ], kind)  # fmt: skip
 
-    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+    def weight_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         h, i = self.hidden, self.inter
         gate, up, down = per_expert_names(names, layer, expert, fused, "nvfp4")
         u8, f8, f32 = (torch.uint8,), (E4M3,), (torch.float32,)
@@ -134,7 +135,7 @@ class Nvfp4Format(DequantizingFormat):
             )
         return dequantize_nvfp4(w, scale, scale_2, dtype)
 
-    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+    def fill_weights(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         h, i, dev = self.hidden, self.inter, generator.device
         views = self.views(expert[None])
         for prefix, ws in (

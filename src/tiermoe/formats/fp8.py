@@ -13,8 +13,9 @@ import math
 import torch
 
 from ..errors import CheckpointError
+from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
-from .base import Piece, layout
+from .base import Piece
 from .quantized import DequantizingFormat, per_expert_names
 
 E4M3 = torch.float8_e4m3fn
@@ -63,18 +64,25 @@ class Fp8BlockFormat(DequantizingFormat):
 
     kernels = "fp8"  # triton_kernels' GEMV and fp8_accumulate on CUDA
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, block: tuple[int, int] = (128, 128)):
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        block: tuple[int, int] = (128, 128),
+        kind: ExpertKind = SWIGLU,
+    ):
         self.hidden, self.inter, self.dtype, self.block = hidden, inter, dtype, tuple(block)
         self.name = f"fp8 (e4m3, {block[0]}x{block[1]} block scales)"
         self.gate_blocks, self.down_blocks = blocks(inter, hidden, block), blocks(hidden, inter, block)
-        self.parts, self.nbytes = layout([
+        self.lay_out([
             ("gate_up", E4M3, (2 * inter, hidden)),
             ("gate_up_scale", torch.float32, (2, *self.gate_blocks)),
             ("down", E4M3, (hidden, inter)),
             ("down_scale", torch.float32, self.down_blocks),
-        ])  # fmt: skip
+        ], kind)  # fmt: skip
 
-    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+    def weight_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         h, i = self.hidden, self.inter
         gate, up, down = per_expert_names(names, layer, expert, fused, "fp8")
         n = math.prod(self.gate_blocks)
@@ -88,7 +96,7 @@ class Fp8BlockFormat(DequantizingFormat):
             Piece("down_scale", 0, f"{down}.weight{SCALE_SUFFIX}", self.down_blocks, dtypes=s),
         ]
 
-    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+    def fill_weights(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         h, i, dev = self.hidden, self.inter, generator.device
         views = self.views(expert[None])
         gate_up = torch.randn(2, i, h, generator=generator, device=dev) * std

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
+from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
-from .base import Piece, layout
+from .base import Piece
 from .quantized import DequantizingFormat, per_expert_names
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds output 8 c + AWQ_ORDER[j]
@@ -84,7 +85,15 @@ class Int4Format(DequantizingFormat):
 
     kernels = "int4"  # triton_kernels' GEMV and int4_accumulate on CUDA
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, group: int, source: str = "gptq"):
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        group: int,
+        source: str = "gptq",
+        kind: ExpertKind = SWIGLU,
+    ):
         """group: inputs per group, -1 for one group per output (all K inputs); source: the checkpoint's
         layout, gptq (zeros minus one), gptq_v2 or awq."""
         self.hidden, self.inter, self.dtype, self.source, self.group = hidden, inter, dtype, source, group
@@ -100,16 +109,16 @@ class Int4Format(DequantizingFormat):
                 )
         gh, gi = h // self.groups["gate_up"], i // self.groups["down"]  # groups along K
         self.name = f"int4 ({source}, group {group})"
-        self.parts, self.nbytes = layout([
+        self.lay_out([
             ("gate_up_qweight", torch.int32, (2, h // 8, i)),
             ("gate_up_qzeros", torch.int32, (2, gh, i // 8)),
             ("gate_up_scales", torch.float16, (2, gh, i)),
             ("down_qweight", torch.int32, (i // 8, h)),
             ("down_qzeros", torch.int32, (gi, h // 8)),
             ("down_scales", torch.float16, (gi, h)),
-        ])  # fmt: skip
+        ], kind)  # fmt: skip
 
-    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+    def weight_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         h, i = self.hidden, self.inter
         gate, up, down = per_expert_names(names, layer, expert, fused, self.source)
         awq = self.source == "awq"
@@ -145,7 +154,7 @@ class Int4Format(DequantizingFormat):
             values = pack_cols(unpack_cols(values, AWQ_ORDER))
         super().put(views, piece, values)
 
-    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+    def fill_weights(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         h, i, dev = self.hidden, self.inter, generator.device
         views = self.views(expert[None])
         gate_up = torch.randn(2, i, h, generator=generator, device=dev) * std

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
-from .base import Piece, layout
+from .base import Piece
 from .fp4 import E2M1_MAX, check_blocks, e2m1_table, pack_nibbles, to_e2m1, unpack_nibbles
 from .quantized import DequantizingFormat
 
@@ -47,26 +48,37 @@ class Mxfp4Format(DequantizingFormat):
 
     kernels = "mxfp4"  # triton_kernels' GEMV and mxfp4_accumulate on CUDA
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, kind: ExpertKind = SWIGLU):
         check_blocks(hidden, inter, GROUP, "MXFP4")
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.name = "mxfp4 (e2m1, e8m0 scales per 32)"
         h, i = hidden, inter
-        self.parts, self.nbytes = layout([
+        self.lay_out([
             ("gate_up", torch.uint8, (2 * i, h // GROUP, GROUP // 2)),
             ("gate_up_scales", torch.uint8, (2 * i, h // GROUP)),
             ("down", torch.uint8, (h, i // GROUP, GROUP // 2)),
             ("down_scales", torch.uint8, (h, i // GROUP)),
-        ])  # fmt: skip
+        ], kind)  # fmt: skip
 
-    def pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
+    def weight_pieces(self, names: ExpertNames, layer: int, expert: int, fused: bool) -> list[Piece]:
         h, i = self.hidden, self.inter
         u8 = (torch.uint8,)
         if fused:  # gpt-oss: every expert of a layer in one tensor per projection, sliced by expert
             gate_up, down = (n.format(layer=layer) for n in names.fused)
+            mixed = names.interleaved
             return [
-                Piece("gate_up", 0, gate_up + BLOCKS, (2 * i, h // GROUP, GROUP // 2), expert, u8),
-                Piece("gate_up_scales", 0, gate_up + SCALES, (2 * i, h // GROUP), expert, u8),
+                Piece(
+                    "gate_up",
+                    0,
+                    gate_up + BLOCKS,
+                    (2 * i, h // GROUP, GROUP // 2),
+                    expert,
+                    u8,
+                    interleaved=mixed,
+                ),
+                Piece(
+                    "gate_up_scales", 0, gate_up + SCALES, (2 * i, h // GROUP), expert, u8, interleaved=mixed
+                ),
                 Piece("down", 0, down + BLOCKS, (h, i // GROUP, GROUP // 2), expert, u8),
                 Piece("down_scales", 0, down + SCALES, (h, i // GROUP), expert, u8),
             ]
@@ -83,7 +95,7 @@ class Mxfp4Format(DequantizingFormat):
     def fused_name(self, names: ExpertNames, layer: int) -> str:
         return names.fused[0].format(layer=layer) + BLOCKS
 
-    def fill_random(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
+    def fill_weights(self, expert: torch.Tensor, generator: torch.Generator, std: float) -> None:
         h, i, dev = self.hidden, self.inter, generator.device
         views = self.views(expert[None])
         for prefix, w in (

@@ -31,9 +31,12 @@ class DequantizingFormat(ExpertFormat):
                 x, tokens, slots.reshape(-1), weights.reshape(-1), bank, torch.zeros_like(x)
             )
         # Few pairs (decode): dequantize each pair's expert, duplicates and all, with no host sync.
-        gate_up, down = self.dequantize(bank, slots.reshape(-1))
+        flat = slots.reshape(-1)
+        gate_up, down = self.dequantize(bank, flat)
         pairs = torch.arange(t * k, device=x.device).view(t, k)
-        return expert_mlp(x, pairs, weights, gate_up, down)
+        biases = self.biases(bank)
+        biases = None if biases is None else (biases[0][flat], biases[1][flat])
+        return expert_mlp(x, pairs, weights, gate_up, down, self.kind, biases)
 
     def accumulate(self, x, tokens, slots, weights, bank, out):
         kernel = self._kernel(x, "accumulate")
@@ -41,7 +44,9 @@ class DequantizingFormat(ExpertFormat):
             return kernel(self, x, tokens, slots, weights, bank, out)
         used, inverse = torch.unique(slots, return_inverse=True)
         gate_up, down = self.dequantize(bank, used)
-        return accumulate_pairs(x, tokens, inverse, weights, gate_up, down, out)
+        biases = self.biases(bank)
+        biases = None if biases is None else (biases[0][used], biases[1][used])
+        return accumulate_pairs(x, tokens, inverse, weights, gate_up, down, out, self.kind, biases)
 
     def graph_safe(self, pairs: int) -> bool:
         return pairs <= GATHER_MAX_PAIRS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
+from ..models.experts import SWIGLU, ExpertKind
 from .base import ExpertFormat
 from .dense import DenseFormat
 from .fp4 import GROUP as NVFP4_GROUP
@@ -26,11 +27,14 @@ def quantization(config: dict) -> dict | None:
     return qc
 
 
-def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> ExpertFormat:
-    """The format a checkpoint's experts are kept in: its quantization_config's, else the compute dtype."""
+def format_for(
+    config: dict, hidden: int, inter: int, dtype: torch.dtype, kind: ExpertKind = SWIGLU
+) -> ExpertFormat:
+    """The format a checkpoint's experts are kept in: its quantization_config's, else the compute dtype.
+    kind: what the architecture's experts compute (biases, GLU), which every format carries."""
     qc = quantization(config)
     if qc is None:
-        return DenseFormat(hidden, inter, dtype)
+        return DenseFormat(hidden, inter, dtype, kind)
     method = qc["quant_method"]
     if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":
@@ -43,7 +47,7 @@ def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> Exp
                 "config.json: fp8 without weight_block_size (one scale per tensor or per channel) is not "
                 f"supported; tiermoe reads block-scaled fp8 as Qwen3-*-FP8 and DeepSeek-V3 publish it (got {block!r})"
             )
-        return Fp8BlockFormat(hidden, inter, dtype, tuple(block))
+        return Fp8BlockFormat(hidden, inter, dtype, tuple(block), kind)
     if method in ("gptq", "awq"):
         bits = qc.get("bits", qc.get("w_bit"))
         group = qc.get("group_size", qc.get("q_group_size", 128))
@@ -69,7 +73,7 @@ def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> Exp
                 f"config.json: {method} group_size {group!r} is not a positive integer or -1"
             )
         v2 = qc.get("checkpoint_format") == "gptq_v2"
-        return Int4Format(hidden, inter, dtype, group, "gptq_v2" if v2 else method)
+        return Int4Format(hidden, inter, dtype, group, "gptq_v2" if v2 else method, kind)
     if method == "modelopt":
         algo, group = qc.get("quant_algo"), qc.get("group_size", NVFP4_GROUP)
         if algo != "NVFP4" or group != NVFP4_GROUP:
@@ -77,7 +81,7 @@ def format_for(config: dict, hidden: int, inter: int, dtype: torch.dtype) -> Exp
                 f"config.json: modelopt quant_algo {algo!r} with group_size {group!r} is not supported; tiermoe "
                 f"reads NVFP4 with groups of {NVFP4_GROUP}"
             )
-        return Nvfp4Format(hidden, inter, dtype)
+        return Nvfp4Format(hidden, inter, dtype, kind)
     if method == "mxfp4":
-        return Mxfp4Format(hidden, inter, dtype)
+        return Mxfp4Format(hidden, inter, dtype, kind)
     raise CheckpointError(f"config.json: quant_method {method!r} is not supported; tiermoe reads {SUPPORTED}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InvalidRequestError
+from .experts import SWIGLU, ExpertKind
 from .layers import (
     Attention,
     AttentionSpec,
@@ -20,6 +21,7 @@ from .layers import (
     DecoderLayer,
     DynamicNTKRotary,
     LongRopeRotary,
+    RMSNorm,
     Rotary,
 )
 from .moe import SoftmaxTopKRouter, SparseMoeBlock
@@ -48,6 +50,7 @@ class MoEArgs:
     # Multi-token prediction layers stored after the decoder's (DeepSeek-V3: num_nextn_predict_layers):
     # their tensors are recognised, not loaded (they serve speculative decoding only).
     mtp_layers: int = 0
+    expert_kind: ExpertKind = SWIGLU  # what a routed expert computes: biases, the GLU
 
     @staticmethod
     def common(hf, num_experts: int, moe_intermediate_size: int, norm_topk_prob: bool) -> dict:
@@ -81,9 +84,14 @@ class MoEArgs:
         router = SoftmaxTopKRouter(self.hidden_size, self.num_experts, self.top_k, self.norm_topk_prob)
         return SparseMoeBlock(layer, router, **shared)
 
-    def assemble(self, hf, layers: list[DecoderLayer]) -> CausalLM:
+    def assemble(self, hf, layers: list[DecoderLayer], norm: type[RMSNorm] = RMSNorm) -> CausalLM:
         body = DecoderBody(
-            self.vocab_size, self.hidden_size, layers, self.rms_norm_eps, build_rotary(hf, self.head_dim)
+            self.vocab_size,
+            self.hidden_size,
+            layers,
+            self.rms_norm_eps,
+            build_rotary(hf, self.head_dim),
+            norm,
         )
         return CausalLM(body, self.vocab_size, self.hidden_size, self.tie_word_embeddings)
 

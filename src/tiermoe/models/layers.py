@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .kv_cache import KVCache
 
 MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+SINK_CHUNK_BYTES = 256 << 20  # float32 scores computed at once for the sinks' log-sum-exp
 
 
 class RMSNorm(nn.Module):
@@ -27,6 +28,17 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class Float32ScaleRMSNorm(RMSNorm):
+    """RMSNorm whose weight multiplies in float32, before the cast back (gpt-oss; transformers keeps these
+    norms' weights in float32 where it can)."""
+
+    FLOAT32_PARAMETERS = ("weight",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -111,6 +123,7 @@ class AttentionSpec:
     qk_norm: str | None = None  # None, "head" (Qwen3: per head) or "full" (OLMoE: over all heads)
     clip_qkv: float | None = None
     sliding_window: int | None = None
+    sinks: bool = False  # gpt-oss: a learned logit per head that takes its share of the softmax, no value
 
     def cache_shapes(self) -> tuple[tuple[int, int], ...]:
         """(heads, dim) of each tensor the layer caches per token: K and V."""
@@ -126,6 +139,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
         self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.o_bias)
+        self.sinks = nn.Parameter(torch.zeros(s.num_heads)) if s.sinks else None
         if s.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.eps), RMSNorm(s.head_dim, s.eps)
         elif s.qk_norm == "full":
@@ -152,13 +166,36 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k, v = cache.update(self.layer_idx, k, v)  # [B, kv_heads, L, D] over the whole cache so far
         mask = cache.mask(s.sliding_window)  # [B, 1, T, L] bool
+        out = self._with_sinks(q, k, v, mask) if s.sinks else self._sdpa(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
         # cuDNN's SDPA rebuilds its execution plan for every new key length (4 ms of CPU per decode step
         # measured on an H100); the memory-efficient kernel takes our mask at no such cost.
         with sdpa_kernel(MASKED_SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.spec.num_heads != self.spec.num_kv_heads
             )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _with_sinks(self, q, k, v, mask) -> torch.Tensor:
+        """Attention whose softmax has one more logit per head, its sink, with no value: p_i = exp(s_i) /
+        (sum_j exp(s_j) + exp(sink)). SDPA has no such term; its output times the share the keys keep,
+        sigmoid(logsumexp(s) - sink), is the same, with the log-sum-exp computed here in float32 over
+        query chunks of at most SINK_CHUNK_BYTES of scores. q [B, H, T, D]; k, v [B, KV, L, D]."""
+        b, h, t, d = q.shape
+        kv = k.shape[1]
+        out = self._sdpa(q, k, v, mask)
+        grouped = q.view(b, kv, h // kv, t, d)  # query heads sharing a key head, as enable_gqa pairs them
+        rows = max(1, SINK_CHUNK_BYTES // (4 * h * k.shape[2] * b))
+        lse = torch.cat([
+            (
+                torch.einsum("bgqtd,bgld->bgqtl", grouped[:, :, :, i : i + rows].float(), k.float())
+                * d**-0.5
+            ).masked_fill(~mask[:, :, None, i : i + rows], float("-inf")).logsumexp(-1)
+            for i in range(0, t, rows)
+        ], dim=-1).view(b, h, t)  # fmt: skip
+        keep = torch.sigmoid(lse - self.sinks.float()[:, None])  # [B, H, T]
+        return (out.float() * keep[..., None]).to(out.dtype)
 
 
 class MLP(nn.Module):
@@ -175,11 +212,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, attn: Attention, mlp: nn.Module, hidden_size: int, eps: float):
+    def __init__(
+        self, attn: Attention, mlp: nn.Module, hidden_size: int, eps: float, norm: type[RMSNorm] = RMSNorm
+    ):
         super().__init__()
         self.self_attn, self.mlp = attn, mlp
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.input_layernorm = norm(hidden_size, eps)
+        self.post_attention_layernorm = norm(hidden_size, eps)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
@@ -213,12 +252,18 @@ class DecoderBody(nn.Module):
     """Embedding, decoder layers and final norm; the `model.` prefix of Hugging Face names."""
 
     def __init__(
-        self, vocab_size: int, hidden_size: int, layers: list[DecoderLayer], eps: float, rotary: Rotary
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        layers: list[DecoderLayer],
+        eps: float,
+        rotary: Rotary,
+        norm: type[RMSNorm] = RMSNorm,
     ):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(hidden_size, eps)
+        self.norm = norm(hidden_size, eps)
         self.rotary = rotary
 
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from ..errors import CheckpointError, UnsupportedArchitectureError
-from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import Architecture
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (qwen3_moe.ARCH, qwen2_moe.ARCH, mixtral.ARCH, olmoe.ARCH, deepseek.V2, deepseek.V3)
+    a.name: a
+    for a in (
+        qwen3_moe.ARCH,
+        qwen2_moe.ARCH,
+        mixtral.ARCH,
+        olmoe.ARCH,
+        deepseek.V2,
+        deepseek.V3,
+        gpt_oss.ARCH,
+    )
 }
 
 

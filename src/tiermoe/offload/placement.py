@@ -33,7 +33,7 @@ def plan_from_config(hf_config: dict, config: EngineConfig) -> MemoryPlan:
     with torch.device("meta"):
         model = arch.build(args, hf)
     model.to(dtype=config.torch_dtype)
-    fmt = format_for(hf_config, *args.expert_shape, config.torch_dtype)
+    fmt = format_for(hf_config, *args.expert_shape, config.torch_dtype, args.expert_kind)
     return plan_for_model(model, args, fmt, config, args.context_len(config.max_model_len))
 
 

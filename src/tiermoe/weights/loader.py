@@ -67,7 +67,7 @@ def open_source(
                 "experts_per_token",
             )
         args = dataclasses.replace(args, top_k=experts_per_token)
-    fmt = format_for(config, *args.expert_shape, dtype)
+    fmt = format_for(config, *args.expert_shape, dtype, args.expert_kind)
     return ModelSource(path, arch, args, hf, Checkpoint(path, arch.renames), device, dtype, fmt)
 
 
