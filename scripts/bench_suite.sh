@@ -13,6 +13,7 @@
 #                                     predicted and measured (issue 14's planner figure)
 #   scripts/bench_suite.sh deepseek-v2-lite  DeepSeek-V2-Lite bf16 at 6 GiB (issue 16); deepseek-v3-7l: V3's first
 #                                     7 layers, FP8 experts, at 24 GiB (per-layer costs of the real V3)
+#   scripts/bench_suite.sh gpt-oss-20b gpt-oss-20b with MXFP4 experts at 8 GiB (issue 16)
 #   scripts/bench_suite.sh qwen3-load the server at 8 GiB (olmoe-load: OLMoE at 4 GiB) under 64 streaming
 #                                     clients for LOAD_S seconds (default 120; issue 15's load test)
 #
@@ -84,6 +85,16 @@ deepseek-v2-lite)
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-6}" --workspace 0.5 --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 300
+    ;;
+gpt-oss-20b)
+    # gpt-oss-20b as published: MXFP4 experts (768 of 12.7 MB, 9.8 GB, generated into the host cache), bf16
+    # dense weights (3.6 GB, a third of it the untied 201k-token embeddings), at 8 GiB (issue 16's figure).
+    model="$SYNTH_DIR/gpt-oss-20b-mxfp4"
+    [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset gpt-oss-20b --out "$model" --dtype bf16 \
+        --experts-in-memory --experts mxfp4 >&2
+    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8}" --routing "$ROUTING" "${variant_flags[@]}" \
+        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
+        "${peer_flags[@]}" --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 deepseek-v3-7l)
     # DeepSeek-V3's first 7 layers (3 dense, 4 MoE of 256 FP8 experts: 45 GB in host memory) at 24 GiB:

@@ -15,7 +15,13 @@ from tiermoe.bench import synth, synth_tokenizer
 from tiermoe.bench.presets import PRESETS, get_preset
 from tiermoe.bench.shapes import checkpoint_size, expert_bytes_per_token, tensor_specs
 from tiermoe.bench.synth import INIT_STD, read_synth_info, synth_checkpoint
-from tiermoe.bench.synth_tokenizer import get_style, prepare_tokenizer, special_ids, train_bpe
+from tiermoe.bench.synth_tokenizer import (
+    get_style,
+    prepare_tokenizer,
+    special_ids,
+    train_bpe,
+    with_generation_ids,
+)
 from tiermoe.errors import InvalidRequestError, UnsupportedArchitectureError
 from tiermoe.models.registry import from_config
 
@@ -205,7 +211,8 @@ def _ids_named(config: dict, generation_config: dict, key: str) -> set:
 def test_every_preset_has_a_tokenizer_whose_special_ids_match_its_config(preset):
     p = get_preset(preset)
     style = get_style(p.tokenizer)
-    ids = special_ids(style, p.config)  # no build: ids come from the config or the published vocabulary
+    # no build: ids come from the configs or the published vocabulary
+    ids = special_ids(style, with_generation_ids(p.config, p.generation_config))
     token_id = {t: i for i, t in ids.items()}
     assert max(ids) < p.config["vocab_size"]
     gen = synth._generation_config(p.config, p.generation_config)

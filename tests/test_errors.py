@@ -70,7 +70,7 @@ def test_unknown_architecture_lists_supported(ckpt):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         UnsupportedArchitectureError,
-        match=r"LlamaForCausalLM.*supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, MixtralForCausalLM",
+        match=r"LlamaForCausalLM.*supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GptOssForCausalLM, MixtralForCausalLM",
     ):
         LLM(ckpt, device="cpu")
 

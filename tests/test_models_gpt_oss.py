@@ -13,48 +13,50 @@ from safetensors.torch import load_file, save_file
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert, writer_for
-from tiermoe.formats.mxfp4 import Mxfp4Format, dequantize_mxfp4, quantize_mxfp4
+from tiermoe.formats.mxfp4 import Mxfp4Format, quantize_mxfp4
 from tiermoe.models.experts import ExpertKind
 
 from .conftest import budget_gib
-from .test_models import PROMPTS, hf_logits, our_logits, rel_err
+from .test_models import PROMPTS, hf_greedy, hf_logits, our_logits, rel_err
 
 # What the published checkpoints leave unquantized (their config.json's modules_to_not_convert)
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
 
-def published_mxfp4(src, out, ref):
+def published_mxfp4(src, out):
     """`src` (transformers' bf16 layout: [E, in, out], gate and up interleaved) rewritten as gpt-oss is
     published: `<fused>_blocks` uint8 [E, out, in / 32, 16] and `_scales` [E, out, in / 32], rows as
-    interleaved as they were; `ref` the same checkpoint with those weights dequantized, for transformers."""
+    interleaved as they were, quant_method mxfp4."""
     shutil.copytree(src, out)
-    shutil.copytree(src, ref)
     (file,) = out.glob("*.safetensors")
-    tensors, dequantized = load_file(file), load_file(file)
+    tensors = load_file(file)
     for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
         blocks, scales = quantize_mxfp4(tensors.pop(name).mT.contiguous())  # [E, out, in]
         tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
-        dequantized[name] = (
-            dequantize_mxfp4(blocks, scales, torch.float32).mT.contiguous().to(dequantized[name].dtype)
-        )
     save_file(tensors, file, metadata={"format": "pt"})
-    save_file(dequantized, next(ref.glob("*.safetensors")), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}
     (out / "config.json").write_text(json.dumps(config))
 
 
-def test_published_mxfp4_layout_matches_transformers_on_its_dequantized_weights(tiny_checkpoint, tmp_path):
+def test_published_mxfp4_matches_transformers_own_dequantization(tiny_checkpoint, tmp_path):
+    """The reference is transformers loading the same MXFP4 checkpoint (Mxfp4Config(dequantize=True):
+    its own unpacking, scales and de-interleaving), so a wrong nibble order, scale bias or row order
+    shows."""
     src, _ = tiny_checkpoint("gpt_oss", "fused")
-    published_mxfp4(src, tmp_path / "mxfp4", tmp_path / "ref")
+    published_mxfp4(src, tmp_path / "mxfp4")
     llm = LLM(tmp_path / "mxfp4", device="cpu", dtype="fp32")
     fmt = llm.source.format
     assert isinstance(fmt, Mxfp4Format) and fmt.kind == ExpertKind(bias=True, limit=7.0, alpha=1.702)
     # 4-bit values 2 x 96 x 64 / 2 and 64 x 96 / 2 bytes, 192 x 2 and 64 x 3 scales, the biases in fp32
     # (192 + 64 values), each part padded to 256 bytes
     assert llm.plan.expert_bytes == 6144 + 512 + 3072 + 256 + 768 + 256
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "mxfp4", dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)
+    ).eval()
     assert rel_err(our_logits(llm, PROMPTS), hf_logits(hf, PROMPTS)) < 1e-4
+    ours = llm.generate(PROMPTS[0], SamplingParams(max_tokens=32, ignore_eos=True))[0].token_ids
+    assert ours == hf_greedy(hf, PROMPTS[0], 32)
 
 
 def test_biased_experts_generate_the_same_from_every_tier(tiny_checkpoint):

@@ -19,7 +19,9 @@ class Preset:
     source: str  # Hub repository the config comes from, or "tiermoe" for made-up test shapes
     config: dict
     generation_config: dict = field(default_factory=dict)
-    tokenizer: str | None = None  # style in bench/synth_tokenizer.py: qwen, chatml, olmo or mistral
+    tokenizer: str | None = (
+        None  # style in bench/synth_tokenizer.py: qwen, chatml, olmo, mistral, deepseek, harmony
+    )
 
 
 _OLMOE_1B_7B = {
@@ -224,6 +226,55 @@ _DEEPSEEK_V3 = {
     "v_head_dim": 128,
     "vocab_size": 129280,
 }
+# openai/gpt-oss-20b without its quantization_config: the published experts are MXFP4, which
+# `tiermoe synth --experts mxfp4 --experts-in-memory` recreates (written to disk, synth's experts are bf16).
+_GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": 200002,
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "initial_context_length": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 8,
+    "num_local_experts": 32,
+    "output_router_logits": False,
+    "pad_token_id": 199999,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "transformers_version": "4.55.0.dev0",
+    "use_cache": True,
+    "vocab_size": 201088,
+}
+_GPT_OSS_GENERATION = {
+    "bos_token_id": 199998,
+    "do_sample": True,
+    "eos_token_id": [200002, 199999, 200012],
+    "pad_token_id": 199999,
+}
+
 # Layers of the truncated V3 preset: its 3 dense layers and 4 MoE layers, 45 GB of FP8 experts, which the
 # GPU machine's 128 GB of RAM holds; per-layer costs of the 58 MoE layers of the real model scale from it.
 DEEPSEEK_V3_LAYERS = 7
@@ -354,6 +405,36 @@ PRESETS: dict[str, Preset] = {
             {**_DEEPSEEK_V3, "num_hidden_layers": DEEPSEEK_V3_LAYERS},
             {"bos_token_id": 0, "eos_token_id": 1},
             tokenizer="deepseek",
+        ),
+        Preset("gpt-oss-20b", "openai/gpt-oss-20b", _GPT_OSS_20B, _GPT_OSS_GENERATION, tokenizer="harmony"),
+        Preset(
+            "gpt-oss-120b",
+            "openai/gpt-oss-120b",
+            {
+                **_GPT_OSS_20B,
+                "num_hidden_layers": 36,
+                "num_local_experts": 128,
+                "layer_types": ["sliding_attention", "full_attention"] * 18,
+            },
+            _GPT_OSS_GENERATION,
+            tokenizer="harmony",
+        ),
+        Preset(
+            "tiny-gpt-oss",
+            "tiermoe",
+            _tiny(
+                _GPT_OSS_20B,
+                num_hidden_layers=4,
+                layer_types=["sliding_attention", "full_attention"] * 2,
+                head_dim=16,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                experts_per_token=2,
+                intermediate_size=64,
+                sliding_window=8,
+                rope_scaling={**_GPT_OSS_20B["rope_scaling"], "original_max_position_embeddings": 16},
+            ),
+            tokenizer="harmony",
         ),
         Preset(
             "tiny-deepseek-v2",

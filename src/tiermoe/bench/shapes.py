@@ -53,10 +53,23 @@ def tensor_specs(config: dict) -> list[TensorSpec]:
     expert_shapes = ((inter, hidden), (inter, hidden), (hidden, inter))  # gate, up, down
 
     def experts(layer: int) -> list[TensorSpec]:
+        names = arch.expert_names
+        if names.fused_in_out:  # gpt-oss: transformers reads only its fused [E, in, out] layout, with biases
+            e = args.num_experts
+            (gate_up, down), (gate_up_bias, down_bias) = names.fused, names.fused_bias
+            return [
+                TensorSpec(arch.hub_name(name.format(layer=layer)), shape, init, is_expert=True)
+                for name, shape, init in (
+                    (gate_up, (e, hidden, 2 * inter), "normal"),
+                    (gate_up_bias, (e, 2 * inter), "zeros"),
+                    (down, (e, inter, hidden), "normal"),
+                    (down_bias, (e, hidden), "zeros"),
+                )
+            ]
         return [
             TensorSpec(arch.hub_name(name.format(layer=layer, expert=e)), shape, "normal", is_expert=True)
             for e in range(args.num_experts)
-            for name, shape in zip(arch.expert_names.per_expert, expert_shapes, strict=True)
+            for name, shape in zip(names.per_expert, expert_shapes, strict=True)
         ]
 
     specs, current = [], None

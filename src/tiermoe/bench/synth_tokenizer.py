@@ -56,6 +56,20 @@ DEEPSEEK_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# gpt-oss's harmony format as its published template renders a conversation without tools: the system
+# header, a request's system message as the developer's instructions, past replies on the final channel.
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\n\nReasoning: {{ reasoning_effort | default('medium') }}\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ '<|start|>developer<|message|># Instructions\n\n' + m['content'] + '\n\n<|end|>' }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|start|>assistant<|channel|>final<|message|>' + m['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + m['role'] + '<|message|>' + m['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|constrain|>")
 
 # The published Qwen2/Qwen3 tokenizer: 151,643 BPE ranks, then these added tokens from id 151643 on.
 QWEN_FIRST_ADDED_ID = 151643
@@ -134,6 +148,12 @@ STYLES = {
             {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>"},
             chat_template=DEEPSEEK_TEMPLATE,
             add_bos=True,
+        ),
+        TokenizerStyle(
+            "harmony",
+            {"bos": "<|startoftext|>", "pad": "<|endoftext|>", "eos": "<|return|>"},
+            HARMONY_TOKENS,
+            chat_template=HARMONY_TEMPLATE,
         ),
     ]
 }
@@ -420,11 +440,17 @@ def cached_tokenizer_dir(style: TokenizerStyle, config: dict, root: Path | None 
     return path
 
 
+def with_generation_ids(config: dict, generation_config: dict) -> dict:
+    """config.json with the special-token ids only generation_config.json names (gpt-oss's bos)."""
+    return {**{k: v for k, v in generation_config.items() if k.endswith("_token_id")}, **config}
+
+
 def prepare_tokenizer(
     style_name: str, config: dict, generation_config: dict, root: Path | None = None
 ) -> Path:
     """Check the style's special-token ids against the config and return its cached folder."""
     style = get_style(style_name)
+    config = with_generation_ids(config, generation_config)
     check_ids(style, special_ids(style, config), config, generation_config)
     return cached_tokenizer_dir(style, config, root)
 
