@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert, writer_for
-from tiermoe.errors import CheckpointError
+from tiermoe.errors import CheckpointError, InvalidRequestError
 from tiermoe.formats.base import ALIGN_BYTES
 from tiermoe.formats.dense import DenseFormat
 from tiermoe.formats.fp4 import (
@@ -404,3 +404,41 @@ def test_mxfp4_converted_checkpoint_loads_tiered_and_generates(tiny_checkpoint, 
     a, b = (m.generate([1, 2, 3, 4], params)[0] for m in (resident, tiered))
     assert a.token_ids == b.token_ids and b.stats.experts["gpu_misses"] > 0
     assert b.stats.experts["format"].startswith("mxfp4")
+
+
+def test_fp8_dense_linears_stay_fp8_and_match_the_dequantized_ones(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3 in FP8 with its linear layers kept FP8 (dense_weights fp8): the same logits as
+    dequantized at load (the same values, dequantized at each forward), fewer dense bytes, kv_b_proj
+    (read by MLA's absorbed decode) left dequantized; auto keeps them FP8 only where a budget needs it."""
+    src, _ = tiny_checkpoint("deepseek_v3", "per_expert")
+    write_fp8_checkpoint(src, tmp_path / "fp8", (16, 16), DEEPSEEK_FP8_QUANTIZED)
+    dequantized = LLM(tmp_path / "fp8", device="cpu", dtype="fp32")
+    kept = LLM(tmp_path / "fp8", device="cpu", dtype="fp32", dense_weights="fp8")
+    linears = {n: type(m).__name__ for n, m in kept.model.named_modules() if n.startswith("model.layers.1.")}
+    assert linears["model.layers.1.self_attn.q_a_proj"] == "Fp8Linear"
+    assert linears["model.layers.1.mlp.shared_expert.down_proj"] == "Fp8Linear"
+    assert linears["model.layers.1.self_attn.kv_b_proj"] == "Linear"
+    assert kept.model.model.layers[0].mlp.gate_proj.weight.dtype == E4M3
+    assert rel_err(our_logits(kept, PROMPTS), our_logits(dequantized, PROMPTS)) < 1e-6
+    # fp32 weights of 4 bytes become 1 byte and a scale per 16 x 16 block
+    saved = dequantized.plan.dense_bytes - kept.plan.dense_bytes
+    assert saved > 0.5 * (
+        dequantized.plan.dense_bytes - 4 * 320 * 64 * 2
+    )  # most bytes outside the embeddings
+    # auto: dequantized where they fit, FP8 where only FP8 fits
+    plan = dequantized.plan
+    roomy = (plan.dense_bytes + plan.kv_bytes + 2 * 2 * plan.expert_bytes) / 2**30
+    tight = (kept.plan.dense_bytes + plan.kv_bytes + 2 * 2 * plan.expert_bytes) / 2**30
+    assert (
+        LLM(tmp_path / "fp8", device="cpu", dtype="fp32", gpu_budget_gib=roomy).plan.dense_bytes
+        == plan.dense_bytes
+    )
+    auto = LLM(tmp_path / "fp8", device="cpu", dtype="fp32", gpu_budget_gib=tight)
+    assert auto.plan.dense_bytes == kept.plan.dense_bytes
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert (
+        auto.generate(PROMPTS[0], params)[0].token_ids
+        == dequantized.generate(PROMPTS[0], params)[0].token_ids
+    )
+    with pytest.raises(InvalidRequestError, match="dense_weights fp8 keeps an FP8 checkpoint's"):
+        LLM(src, device="cpu", dense_weights="fp8")

@@ -12,7 +12,7 @@ from .engine.request import RequestOutput, SamplingParams, TokenEvent
 from .engine.runner import ModelRunner
 from .errors import InvalidRequestError
 from .models.moe import SparseMoeBlock
-from .offload.placement import build_provider, plan_for_model
+from .offload.placement import build_provider, plan_dense
 from .offload.predictor import RouterLookahead
 from .routing.spec import build_routing
 from .weights.loader import build_meta, load_model, open_source, progress_bar
@@ -35,8 +35,9 @@ class LLM:
             c.routing, self.path, self.source.checkpoint.config.get("model_type", ""), a.moe_layers,
             a.num_experts, a.top_k, self.source.device, c.routing_seed, c.record_routing, c.prefetch_accuracy,
         )  # fmt: skip
-        model = build_meta(self.source)
-        self.plan = plan_for_model(model, a, self.source.format, c, self.max_model_len)
+        model, self.plan = plan_dense(
+            lambda fp8: build_meta(self.source, fp8), a, self.source.format, c, self.max_model_len
+        )
         if c.show_progress:
             print(self.plan.describe(), file=sys.stderr, flush=True)
         with progress_bar(c.show_progress) as progress:

@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import InvalidRequestError
 
 MISS_PATHS = ("copy", "in-place")  # EngineConfig.miss_path
+DENSE_WEIGHTS = ("auto", "dequantized", "fp8")  # EngineConfig.dense_weights
 PRESETS = ("latency", "throughput", "balanced", "auto")  # --preset: the planner's picks (planner.py)
 
 
@@ -78,6 +79,12 @@ class EngineConfig:
     workspace_gib: float | None = _setting(
         None, "GiB for activations and library workspace (default: 1 on cuda, 0 on cpu)", "--workspace"
     )
+    dense_weights: str = _setting(
+        "auto",
+        "an FP8 checkpoint's dense linear layers: dequantized (to the compute dtype at load), fp8 (kept in "
+        "FP8, one byte a weight, dequantized at each forward) or auto (fp8 only where dequantized ones "
+        "would not fit the GPU budget)",
+    )
     # LFU and no prefetch measured best with random routers (bench/NOTES.md); under trained-like (szd)
     # routing at about k slots per layer the policies are within 2 points of each other.
     eviction: str = _setting("lfu", "GPU expert slot eviction policy")
@@ -136,6 +143,11 @@ class EngineConfig:
         if self.miss_path not in MISS_PATHS:
             raise InvalidRequestError(
                 f"miss_path {self.miss_path!r} unknown; choose one of {', '.join(MISS_PATHS)}", "miss_path"
+            )
+        if self.dense_weights not in DENSE_WEIGHTS:
+            raise InvalidRequestError(
+                f"dense_weights {self.dense_weights!r} unknown; choose one of {', '.join(DENSE_WEIGHTS)}",
+                "dense_weights",
             )
         if self.cpu_compute and self.miss_path != "copy":
             raise InvalidRequestError("cpu_compute works with miss_path copy only", "cpu_compute")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from .config import MISS_PATHS, PRESETS, EngineConfig
+from .config import DENSE_WEIGHTS, MISS_PATHS, PRESETS, EngineConfig
 from .engine.request import SamplingParams
 from .offload.policy import POLICIES  # the policy registry: plain Python, no torch
 
 # Choices of a setting, from the registry that implements it.
-CHOICES = {"eviction": list(POLICIES), "miss_path": list(MISS_PATHS)}
+CHOICES = {"eviction": list(POLICIES), "miss_path": list(MISS_PATHS), "dense_weights": list(DENSE_WEIGHTS)}
 
 
 def _flag(f) -> str:

@@ -3,14 +3,18 @@
 config.json: `quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
 ...}`. Each projection `P` stores `P.weight`, float8 e4m3 [out, in], and `P.weight_scale_inv`, float32
 [ceil(out / bo), ceil(in / bi)]: the weight is w[r, c] * weight_scale_inv[r // bo, c // bi] (the name is
-DeepSeek's: the inverse of the scale that quantized it). Experts stay FP8 in every tier, one byte a weight.
+DeepSeek's: the inverse of the scale that quantized it). Experts stay FP8 in every tier, one byte a weight;
+the dense linear layers are dequantized at load, or kept in FP8 too (`Fp8Linear`) where bf16 would not fit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..errors import CheckpointError
 from ..models.experts import SWIGLU, ExpertKind
@@ -123,7 +127,26 @@ class Fp8BlockFormat(DequantizingFormat):
                 f"{self.block[0]}x{self.block[1]} blocks; got {w.dtype} {list(w.shape)} with {scale.dtype} "
                 f"{list(scale.shape)}"
             )
-        return dequantize_blocks(w, scale, self.block, dtype)
+        return w if dtype == E4M3 else dequantize_blocks(w, scale, self.block, dtype)  # E4M3: an Fp8Linear's
+
+    def keep_linears(self, model: nn.Module, quantized: Callable[[str], bool]) -> int:
+        """Make every linear layer of the decoder layers whose weight the checkpoint stores quantized (the
+        names `quantized` accepts) an Fp8Linear, as the module tree is built on the meta device; modules
+        whose weight a caller reads itself (READ_WEIGHTS) stay. Returns how many were replaced."""
+        swapped = 0
+        for parent_name, parent in list(model.named_modules()):
+            kept = getattr(parent, "READ_WEIGHTS", ())
+            for child_name, child in list(parent.named_children()):
+                name = f"{parent_name}.{child_name}"
+                if (
+                    type(child) is nn.Linear
+                    and name.startswith("model.layers.")
+                    and child_name not in kept
+                    and quantized(name)
+                ):
+                    setattr(parent, child_name, Fp8Linear(child, self.block))
+                    swapped += 1
+        return swapped
 
     def dequantize(self, bank: dict, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, h, i = slots.numel(), self.hidden, self.inter
@@ -131,6 +154,28 @@ class Fp8BlockFormat(DequantizingFormat):
         gate_up = dequantize_blocks(gate_up, bank["gate_up_scale"][slots], self.block, self.dtype)
         down = dequantize_blocks(bank["down"][slots], bank["down_scale"][slots], self.block, self.dtype)
         return gate_up.view(n, 2 * i, h), down
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer whose weight stays as an FP8 checkpoint stores it, e4m3 with a float32 scale per
+    block: one byte a weight on the GPU instead of two. Each forward dequantizes the weight into the
+    activations' dtype (a transient of two bytes a weight, inside the workspace) and runs F.linear."""
+
+    FLOAT32_PARAMETERS = ("weight_scale_inv",)
+
+    def __init__(self, linear: nn.Linear, block: tuple[int, int]):
+        super().__init__()
+        out, inp, device = linear.out_features, linear.in_features, linear.weight.device
+        self.block = block
+        self.weight = nn.Parameter(torch.empty(out, inp, dtype=E4M3, device=device), requires_grad=False)
+        scale = torch.empty(blocks(out, inp, block), dtype=torch.float32, device=device)
+        self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(
+            x, dequantize_blocks(self.weight, self.weight_scale_inv, self.block, x.dtype), self.bias
+        )
 
 
 class Fp8Writer:

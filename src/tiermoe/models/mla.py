@@ -49,6 +49,8 @@ class MLASpec:
 
 
 class MLAttention(nn.Module):
+    READ_WEIGHTS = ("kv_b_proj",)  # decode absorbs its weight into the query and output: kept a plain Linear
+
     def __init__(self, spec: MLASpec, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx

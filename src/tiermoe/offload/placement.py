@@ -8,33 +8,73 @@ engine will have."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
 from ..formats.base import ExpertFormat
+from ..formats.fp8 import Fp8BlockFormat
 from ..formats.registry import format_for
 from ..models.base import MoEArgs
 from ..models.kv_cache import cache_slots
 from ..models.layers import CausalLM
 from ..models.registry import from_config
-from .budget import GIB, MemoryPlan, plan_memory
+from .budget import GIB, BudgetError, MemoryPlan, plan_memory
 from .policy import POLICIES
 from .provider import ExpertProvider, load_resident
 from .sources import open_expert_source
 from .store import TieredExpertStore
 
+log = logging.getLogger(__name__)
+
 DEFAULT_KV_TOKENS = 4096  # KV cache reserve when --kv-reserve-tokens is not given (capped by the context)
 
 
 def plan_from_config(hf_config: dict, config: EngineConfig) -> MemoryPlan:
-    """The plan `LLM(path, **config)` makes, from the checkpoint's config.json alone (no weights read)."""
+    """The plan `LLM(path, **config)` makes, from the checkpoint's config.json alone (no weights read;
+    an FP8 checkpoint's dense linears kept in FP8 are taken to be all the decoder layers')."""
     arch, hf, args = from_config(hf_config)
-    with torch.device("meta"):
-        model = arch.build(args, hf)
-    model.to(dtype=config.torch_dtype)
     fmt = format_for(hf_config, *args.expert_shape, config.torch_dtype, args.expert_kind)
-    return plan_for_model(model, args, fmt, config, args.context_len(config.max_model_len))
+
+    def build(fp8_dense: bool) -> CausalLM:
+        with torch.device("meta"):
+            model = arch.build(args, hf).to(dtype=config.torch_dtype)
+        if fp8_dense:
+            fmt.keep_linears(model, lambda name: True)
+        return model
+
+    return plan_dense(build, args, fmt, config, args.context_len(config.max_model_len))[1]
+
+
+def plan_dense(
+    build: Callable[[bool], CausalLM],
+    args: MoEArgs,
+    fmt: ExpertFormat,
+    config: EngineConfig,
+    max_model_len: int,
+) -> tuple[CausalLM, MemoryPlan]:
+    """The meta model that `build(fp8_dense)` makes and its plan. An FP8 checkpoint's dense linear layers
+    stay FP8 where config.dense_weights says so: always (fp8), or only where dequantized ones would not
+    fit the budget (auto: they are half the bytes, and each forward dequantizes them again)."""
+    fp8 = isinstance(fmt, Fp8BlockFormat)
+    if config.dense_weights == "fp8" and not fp8:
+        raise InvalidRequestError(
+            f"dense_weights fp8 keeps an FP8 checkpoint's linear layers in FP8; this one's experts are {fmt.name}",
+            "dense_weights",
+        )
+    model = build(config.dense_weights == "fp8")
+    try:
+        return model, plan_for_model(model, args, fmt, config, max_model_len)
+    except BudgetError:
+        if config.dense_weights != "auto" or not fp8:
+            raise
+    model = build(True)
+    plan = plan_for_model(model, args, fmt, config, max_model_len)
+    log.info("dense linear layers kept in FP8: dequantized, they would not fit the GPU budget")
+    return model, plan
 
 
 def plan_for_model(

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import CheckpointError, InvalidRequestError
 from ..formats.base import ExpertFormat
+from ..formats.fp8 import SCALE_SUFFIX
 from ..formats.registry import format_for
 from ..models.base import Architecture, MoEArgs
 from ..models.layers import CausalLM, Rotary
@@ -80,12 +81,16 @@ def hf_config(path: Path):
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
 
 
-def build_meta(source: ModelSource) -> CausalLM:
+def build_meta(source: ModelSource, fp8_dense: bool = False) -> CausalLM:
     """The module tree on the meta device in the compute dtype: sizes known, nothing allocated. A tied
-    head the checkpoint unties gets its own lm_head here, so that the memory plan counts it."""
+    head the checkpoint unties gets its own lm_head here, so that the memory plan counts it. fp8_dense:
+    the linear layers an FP8 checkpoint stores with block scales stay FP8 (formats/fp8.py Fp8Linear)."""
     with torch.device("meta"):
         model = source.arch.build(source.args, source.hf_config)
     model = model.to(dtype=source.dtype)
+    if fp8_dense:
+        ckpt = source.checkpoint
+        source.format.keep_linears(model, lambda name: f"{name}.weight{SCALE_SUFFIX}" in ckpt)
     for module in model.modules():  # what a module keeps in float32 whatever the compute dtype
         for name in getattr(module, "FLOAT32_PARAMETERS", ()):
             if (param := getattr(module, name)) is not None:
