@@ -112,6 +112,24 @@ def test_prefetch_and_policies_do_not_change_tokens(model, policy):
     assert off.stats.experts["prefetch_issued"] == 0 and off.stats.experts["prefetch_precision"] is None
 
 
+@pytest.mark.parametrize("miss_path", ["copy", "in-place"])
+def test_fewer_slots_than_top_k_decode_in_waves(tiny_checkpoint, miss_path):
+    """Top-4 routing over 2 slots a layer (what DeepSeek-V3 gets at 24 GB): every decode step runs its
+    layer in waves of one expert (copy path), or reads what misses in place; the tokens stay the
+    resident ones."""
+    if miss_path == "in-place":
+        pytest.importorskip("triton")
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4, num_experts_per_tok=4)
+    resident = LLM(path, device="cpu")
+    llm = tiered(path, resident, slots=2, miss_path=miss_path)
+    assert all(len(part.slots) == 2 for part in llm.provider.pool.layers.values())
+    out = llm.generate(PROMPT, GREEDY)[0]
+    assert out.token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
+    d = out.stats.experts_decode
+    assert d["gpu_hits"] + d["gpu_misses"] == (len(out.token_ids) - 1) * 4 * 4  # top-4 a layer, 4 layers
+    assert d["gpu_misses"] >= (len(out.token_ids) - 1) * 4 * 2  # at least 2 of the 4 miss in every layer
+
+
 def test_budget_too_small_names_the_minimum(model):
     path, resident = model
     with pytest.raises(BudgetError, match=r"need at least [0-9.e-]+ GiB; raise --gpu-budget"):

@@ -83,7 +83,7 @@ class EngineConfig:
         "auto",
         "an FP8 checkpoint's dense linear layers: dequantized (to the compute dtype at load), fp8 (kept in "
         "FP8, one byte a weight, dequantized at each forward) or auto (fp8 only where dequantized ones "
-        "would not fit the GPU budget)",
+        "would leave fewer than top-k expert slots a layer in the GPU budget)",
     )
     # LFU and no prefetch measured best with random routers (bench/NOTES.md); under trained-like (szd)
     # routing at about k slots per layer the policies are within 2 points of each other.

@@ -52,6 +52,13 @@ class MemoryPlan:
         )
 
 
+# The fewest GPU slots a MoE layer can run with: a step whose experts outnumber a layer's slots runs in
+# waves (offload/gpu_pool.py), one wave computing while the next one's copies land. Fewer slots than
+# top-k are slow (every token misses most of its experts) but let a model whose dense weights nearly fill
+# the GPU run at all (DeepSeek-V3 at 24 GB: bench/NOTES.md section 27).
+MIN_LAYER_SLOTS = 2
+
+
 def plan_memory(
     *,
     moe_layers: list[int],
@@ -72,12 +79,13 @@ def plan_memory(
     fixed = dense_bytes + kv_bytes + workspace_bytes
     budget = default_gpu_budget(device) if gpu_budget_gib is None else int(gpu_budget_gib * GIB)
     slots = total if budget is None else max(0, (budget - fixed) // expert_bytes)
-    minimum = fixed + len(moe_layers) * top_k * expert_bytes
-    if budget is not None and slots < len(moe_layers) * top_k:
+    least = min(top_k, MIN_LAYER_SLOTS)
+    minimum = fixed + len(moe_layers) * least * expert_bytes
+    if budget is not None and slots < len(moe_layers) * least:
         raise BudgetError(
             f"GPU budget {size(budget)} is too small: dense weights {size(dense_bytes)} + KV cache "
-            f"{size(kv_bytes)} + workspace {size(workspace_bytes)} + {top_k} experts for each of "
-            f"{len(moe_layers)} MoE layers ({size(len(moe_layers) * top_k * expert_bytes)}) need at least "
+            f"{size(kv_bytes)} + workspace {size(workspace_bytes)} + {least} experts for each of "
+            f"{len(moe_layers)} MoE layers ({size(len(moe_layers) * least * expert_bytes)}) need at least "
             f"{minimum / GIB:.6g} GiB; raise --gpu-budget to that or more"
         )
     slots = min(slots, total)

@@ -57,8 +57,9 @@ def plan_dense(
     max_model_len: int,
 ) -> tuple[CausalLM, MemoryPlan]:
     """The meta model that `build(fp8_dense)` makes and its plan. An FP8 checkpoint's dense linear layers
-    stay FP8 where config.dense_weights says so: always (fp8), or only where dequantized ones would not
-    fit the budget (auto: they are half the bytes, and each forward dequantizes them again)."""
+    stay FP8 where config.dense_weights says so: always (fp8), or only where dequantized ones would leave
+    fewer than top-k expert slots a layer (auto: FP8 is half the bytes, but each forward dequantizes
+    them again)."""
     fp8 = isinstance(fmt, Fp8BlockFormat)
     if config.dense_weights == "fp8" and not fp8:
         raise InvalidRequestError(
@@ -66,14 +67,17 @@ def plan_dense(
             "dense_weights",
         )
     model = build(config.dense_weights == "fp8")
+    auto = config.dense_weights == "auto" and fp8
     try:
-        return model, plan_for_model(model, args, fmt, config, max_model_len)
+        plan = plan_for_model(model, args, fmt, config, max_model_len)
+        if not auto or min(plan.quotas.values(), default=args.top_k) >= args.top_k:
+            return model, plan
     except BudgetError:
-        if config.dense_weights != "auto" or not fp8:
+        if not auto:
             raise
     model = build(True)
     plan = plan_for_model(model, args, fmt, config, max_model_len)
-    log.info("dense linear layers kept in FP8: dequantized, they would not fit the GPU budget")
+    log.info("dense linear layers kept in FP8: dequantized, they leave no top-k experts a layer on the GPU")
     return model, plan
 
 
