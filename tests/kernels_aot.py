@@ -29,6 +29,8 @@ def kernels(arch: int):
     native = arch >= 89
     gemv = {"x_ptr": "*bf16", "id_ptr": "*i64", "table_ptr": "*i64", "w_ptr": "*bf16", "out_ptr": "*fp32"}
     sizes = {"K": 2048, "N": 768, "M": 2, "SPLIT": 4, "TOPK": 8, "BLOCK_K": 128, "BLOCK_N": 64}
+    swiglu = {"BIAS": None, "BIAS_DT": tl.bfloat16, "LIMIT": None, "ALPHA": 1.0}
+    gpt_oss = {"BIAS": 16384, "BIAS_DT": tl.bfloat16, "LIMIT": 7.0, "ALPHA": 1.702}  # biases, clamped GLU
     formats = {
         "dense": (tk._dense_gemv, {"W": 0, "W_DT": tl.bfloat16}),
         "int4": (tk._int4_gemv, {"QW": 0, "QZ": 1024, "SC": 2048, "SC_DT": tl.float16, "G": 128}),
@@ -37,29 +39,27 @@ def kernels(arch: int):
         "mxfp4": (tk._fp4_gemv, {"W": 0, "S": 4096, "G": 0, "GS": 32, "E8M0": True, "GLOBAL": False, "FP8_NATIVE": native}),
     }  # fmt: skip
     for name, (fn, consts) in formats.items():
-        yield f"{name} gemv gate_up", fn, gemv, {**sizes, **consts, "ACT_SPLIT": 0, "WEIGHTED": False}
-        yield (
-            f"{name} gemv down",
-            fn,
-            {**gemv, "x_ptr": "*fp32"},
-            {**sizes, **consts, "ACT_SPLIT": 4, "WEIGHTED": True},
-        )
+        gate_up = {**sizes, **consts, **swiglu, "ACT_SPLIT": 0, "WEIGHTED": False}
+        down = {**sizes, **consts, "ACT_SPLIT": 4, "WEIGHTED": True}
+        yield f"{name} gemv gate_up", fn, gemv, gate_up
+        yield f"{name} gemv down", fn, {**gemv, "x_ptr": "*fp32"}, {**down, **swiglu}
+        yield f"{name} gemv down gpt-oss", fn, {**gemv, "x_ptr": "*fp32"}, {**down, **gpt_oss}
     gemm = {
         "x_ptr": "*bf16", "tok_ptr": "*i64", "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_end_ptr": "*i32",
         "out_ptr": "*fp32", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp32",
-        "g_ptr": "*fp32",
+        "g_ptr": "*fp32", "b_ptr": "*bf16",
     }  # fmt: skip
     blocks = {"K": 2048, "N": 768, "M": 2, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_FP32": False}
-    yield "int4 gemm", tk._int4_gemm, gemm, {**blocks, "G": 128, "BLOCK_K": 128}
-    yield (
-        "fp8 gemm",
-        tk._fp8_gemm,
-        gemm,
-        {**blocks, "BO": 128, "BI": 128, "BLOCK_K": 128, "FP8_NATIVE": native},
-    )
     fp4 = {**gemm, "s_ptr": "*u8"}
-    yield "nvfp4 gemm", tk._fp4_gemm, fp4, {**blocks, "GS": 16, "E8M0": False, "GLOBAL": True, "BLOCK_K": 128, "FP8_NATIVE": native}  # fmt: skip
-    yield "mxfp4 gemm", tk._fp4_gemm, fp4, {**blocks, "GS": 32, "E8M0": True, "GLOBAL": False, "BLOCK_K": 128, "FP8_NATIVE": native}  # fmt: skip
+    gemms = {
+        "int4": (tk._int4_gemm, gemm, {**blocks, "G": 128, "BLOCK_K": 128}),
+        "fp8": (tk._fp8_gemm, gemm, {**blocks, "BO": 128, "BI": 128, "BLOCK_K": 128, "FP8_NATIVE": native}),
+        "nvfp4": (tk._fp4_gemm, fp4, {**blocks, "GS": 16, "E8M0": False, "GLOBAL": True, "BLOCK_K": 128, "FP8_NATIVE": native}),
+        "mxfp4": (tk._fp4_gemm, fp4, {**blocks, "GS": 32, "E8M0": True, "GLOBAL": False, "BLOCK_K": 128, "FP8_NATIVE": native}),
+    }  # fmt: skip
+    for name, (fn, types, consts) in gemms.items():
+        yield f"{name} gemm", fn, types, {**consts, "BIAS": False}
+        yield f"{name} gemm gpt-oss", fn, types, {**consts, "BIAS": True}
     yield "read in place", tk._read_in_place, {"src_ptr": "*i64", "out_ptr": "*i32"}, {"BLOCK": 1024}
 
 

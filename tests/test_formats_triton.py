@@ -20,6 +20,7 @@ from tiermoe.formats.int4 import Int4Format
 from tiermoe.formats.mxfp4 import Mxfp4Format
 from tiermoe.formats.quantized import DequantizingFormat
 from tiermoe.formats.swiglu import accumulate_pairs, expert_mlp
+from tiermoe.models.experts import SWIGLU, ExpertKind
 
 from .conftest import budget_gib
 
@@ -28,10 +29,12 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 
-def make(cls, shape, dtype):
+def make(cls, shape, dtype, kind=SWIGLU):
     """The format of (hidden, inter, block): block None for the formats without one (dense, fp4)."""
     hidden, inter, block = shape
-    return cls(hidden, inter, dtype) if block is None else cls(hidden, inter, dtype, block)
+    return (
+        cls(hidden, inter, dtype, kind=kind) if block is None else cls(hidden, inter, dtype, block, kind=kind)
+    )
 
 
 def float32_weights(cls, shape, views, slots) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,16 +169,7 @@ def test_experts_read_in_place_from_two_memories_through_one_address_table(cls):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     for e in range(6):
         fmt.fill_random(bank[e], g, 0.05)
-    gpu, host = (
-        fmt.empty(2, DEVICE),
-        fmt.empty(4, DEVICE),
-    )  # experts 4 and 1 in slots, the rest in host memory
-    placement = {4: (gpu, 0), 1: (gpu, 1), 0: (host, 3), 2: (host, 0), 3: (host, 2), 5: (host, 1)}
-    for e, (memory, index) in placement.items():
-        memory[index].copy_(bank[e])
-    table = torch.tensor(
-        [memory[index].data_ptr() for _, (memory, index) in sorted(placement.items())], device=DEVICE
-    )
+    table, _memories = two_memories(fmt, bank)
     x = torch.randn(3, shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
     ids = torch.tensor([[0, 4], [2, 5], [1, 3]], device=DEVICE)
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
@@ -184,18 +178,168 @@ def test_experts_read_in_place_from_two_memories_through_one_address_table(cls):
     assert torch.equal(got, expected)
 
 
+def two_memories(fmt, bank: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A bank's 6 experts copied apart, experts 4 and 1 into a bank of GPU slots, the rest into host
+    memory (both host memory without a GPU, as in the interpreter): the address table, and the two
+    memories (kept while the table is read)."""
+    gpu, host = fmt.empty(2, DEVICE), fmt.empty(4, DEVICE)
+    placement = {4: (gpu, 0), 1: (gpu, 1), 0: (host, 3), 2: (host, 0), 3: (host, 2), 5: (host, 1)}
+    for e, (memory, index) in placement.items():
+        memory[index].copy_(bank[e])
+    table = torch.tensor(
+        [memory[index].data_ptr() for _, (memory, index) in sorted(placement.items())], device=DEVICE
+    )
+    return table, (gpu, host)
+
+
+# gpt-oss's kind with a limit the activations cross (the biases below put about 20% of the gates and 40% of
+# the ups past it), so the clamp acts; its alpha, gpt-oss's own.
+KIND = ExpertKind(bias=True, limit=0.5, alpha=1.702)
+UNCLAMPED = ExpertKind(bias=True, limit=float("inf"), alpha=1.702)
+
+KIND_CASES = [
+    (DenseFormat, None),
+    (Int4Format, 16),
+    (Fp8BlockFormat, (16, 16)),
+    (Nvfp4Format, None),
+    (Mxfp4Format, None),
+]
+
+
+def biased_bank(fmt, slots: int = 5) -> torch.Tensor:
+    """A bank (uint8 [slots, nbytes]) of random experts with random nonzero biases (fill_random writes
+    zeros, as synthetic checkpoints have): gate_up's about normal(0, 0.5), down's normal(0, 0.1), each
+    about the size of its projection's output."""
+    bank = fmt.empty(slots, DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for s in range(slots):
+        fmt.fill_random(bank[s], g, 0.05)
+    views, g = fmt.views(bank), torch.Generator().manual_seed(3)
+    for name, std in (("gate_up_bias", 0.5), ("down_bias", 0.1)):
+        views[name].copy_(torch.randn(views[name].shape, generator=g) * std)
+    return bank
+
+
+def check_kind(got, reference, biases, tol: float) -> None:
+    """got matches reference(KIND, biases) (the torch reference in float32) within tol, and the data make
+    every piece of the kind count: without the gate_up bias, the down bias or the clamp it is far off."""
+    gate_up, down = (b.float() for b in biases)
+
+    def rel(kind, gate_up, down):
+        ref = reference(kind, (gate_up, down))
+        return ((got.float() - ref).norm() / ref.norm()).item()
+
+    assert rel(KIND, gate_up, down) < tol
+    for name, wrong in {
+        "no gate_up bias": (KIND, 0 * gate_up, down),
+        "no down bias": (KIND, gate_up, 0 * down),
+        "no clamp": (UNCLAMPED, gate_up, down),
+    }.items():
+        assert rel(*wrong) > 0.1, name
+
+
+def decode_step(hidden: int):
+    """A decode step's inputs: 3 tokens, top-2 of 5 experts (one token routed twice to expert 2)."""
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+    slots = torch.tensor([[0, 4], [2, 2], [1, 3]], device=DEVICE)
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]], device=DEVICE, dtype=DTYPE)
+    return x, slots, weights
+
+
+def decode_reference(cls, shape, views, x, slots, weights):
+    """reference(kind, biases [S, 2I] and [S, H]): the step by swiglu.expert_mlp in float32."""
+    flat = slots.reshape(-1)
+    gate_up, down = float32_weights(cls, shape, views, flat)
+    pairs = torch.arange(flat.numel(), device=DEVICE).view(slots.shape)
+    return lambda kind, biases: expert_mlp(
+        x.float(), pairs, weights.float(), gate_up, down, kind, (biases[0][flat], biases[1][flat])
+    )
+
+
+@pytest.mark.parametrize(("cls", "block"), KIND_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_the_gemv_computes_biases_and_the_clamped_glu(monkeypatch, cls, block):
+    """gpt-oss's experts in the decode GEMV, K split in two (the down projection sums gate and up's splits
+    before its GLU; one split alone adds each bias), against the torch reference."""
+    shape = (64, 64, block)
+    fmt = make(cls, shape, DTYPE, KIND)
+    assert fmt._kernel(_Cuda(), "mlp") is triton_kernels.bank_mlp  # on CUDA the format runs the kernel
+    views = fmt.views(biased_bank(fmt))
+    x, slots, weights = decode_step(shape[0])
+    config = triton_kernels.GemvConfig(block_n=32, block_k=32 if cls is Mxfp4Format else 16, split=2, warps=2)
+    monkeypatch.setattr(triton_kernels, "gemv_config", lambda *args: config)
+    got = triton_kernels.bank_mlp(fmt, x, slots, weights, views)
+    if CUDA:
+        assert torch.equal(fmt.mlp(x, slots, weights, views), got)
+    biases = (views["gate_up_bias"], views["down_bias"])
+    check_kind(
+        got, decode_reference(cls, shape, views, x, slots, weights), biases, 1e-5 if not CUDA else 1e-2
+    )
+
+
+@pytest.mark.parametrize(("cls", "block"), KIND_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_the_address_table_path_computes_biases_and_the_clamped_glu(cls, block):
+    """mlp_at over a table of addresses in two memories (as the in-place miss path reads them): the bias
+    parts are found by their offset in each expert as the weights are. 96 intermediate outputs: gate_up's
+    second block of 64 is partial, its biases' loads masked."""
+    shape = (64, 96, block)
+    fmt = make(cls, shape, DTYPE, KIND)
+    bank = biased_bank(fmt, 6)
+    (table, _memories), views = two_memories(fmt, bank), fmt.views(bank)
+    x, slots, weights = decode_step(shape[0])
+    ids = slots.clone()
+    ids[1, 1] = 5  # a sixth expert, in host memory
+    got = triton_kernels.mlp_at(fmt, x, ids, weights, table)
+    biases = (views["gate_up_bias"], views["down_bias"])
+    check_kind(got, decode_reference(cls, shape, views, x, ids, weights), biases, 1e-5 if not CUDA else 1e-2)
+
+
+@pytest.mark.parametrize(("cls", "block"), KIND_CASES[1:], ids=lambda c: getattr(c, "__name__", str(c)))
+def test_the_gemm_computes_biases_and_the_clamped_glu(cls, block):
+    """Prefill's grouped GEMM (40 tokens x top-2 over 5 experts, blocks of 16 pairs) with gpt-oss's experts,
+    against swiglu.accumulate_pairs."""
+    shape = (64, 96, block)
+    fmt = make(cls, shape, DTYPE, KIND)
+    kernel = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
+    assert fmt._kernel(_Cuda(), "accumulate") is kernel
+    views = fmt.views(biased_bank(fmt))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, shape[0], generator=gen).to(DEVICE, DTYPE)
+    tokens = torch.arange(40, device=DEVICE).repeat_interleave(2)
+    slots = torch.randint(0, 5, (80,), generator=gen).to(DEVICE)
+    weights = torch.rand(80, generator=gen).to(DEVICE, DTYPE)
+    got = kernel(fmt, x, tokens, slots, weights, views, torch.zeros_like(x))
+    gate_up, down = float32_weights(cls, shape, views, torch.arange(5, device=DEVICE))
+    out = torch.zeros_like(x, dtype=torch.float32)
+
+    def reference(kind, biases):
+        return accumulate_pairs(
+            x.float(), tokens, slots, weights.float(), gate_up, down, out.clone(), kind, biases
+        )
+
+    biases = (views["gate_up_bias"], views["down_bias"])
+    check_kind(got, reference, biases, 1e-5 if not CUDA else 2e-2)
+
+
 @pytest.mark.skipif(CUDA, reason="on CUDA every engine test decodes through the compiled kernels")
-@pytest.mark.parametrize("experts", ["bf16", "int4"])
+# gpt-oss resident only: tiered takes 45 s more in the interpreter, to read its slots as the bank is read
+@pytest.mark.parametrize(("experts", "tiered"), [("bf16", True), ("int4", True), ("gpt-oss mxfp4", False)])
 def test_the_engine_decodes_through_the_kernels_as_through_torch(
-    monkeypatch, tiny_checkpoint, tmp_path, experts
+    monkeypatch, tiny_checkpoint, tmp_path, experts, tiered
 ):
     """The whole engine with the formats' decode kernels forced on the CPU (Triton's interpreter):
-    resident and tiered, the tokens of the torch path."""
+    resident and tiered, the tokens of the torch path. gpt-oss: its experts' biases and clamped GLU, as
+    its checkpoints lay them out (fused, gate and up interleaved), in MXFP4."""
     from tiermoe import LLM, SamplingParams
     from tiermoe.convert import convert, writer_for
     from tiermoe.formats.base import ExpertFormat
 
-    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=2)
+    if experts == "gpt-oss mxfp4":
+        two_layers = {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
+        path = convert(
+            tiny_checkpoint("gpt_oss", "fused", **two_layers)[0], tmp_path / "mxfp4", writer_for("mxfp4")
+        )
+    else:
+        path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=2)
     if experts == "int4":
         path = convert(path, tmp_path / "int4", writer_for("int4", group_size=32, scales="rtn"))
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -205,14 +349,15 @@ def test_the_engine_decodes_through_the_kernels_as_through_torch(
     monkeypatch.setattr(ExpertFormat, "_kernel", lambda self, x, what: kernel(self, _Cuda(), what))
     resident = LLM(path, device="cpu", dtype="fp32")
     assert resident.generate(prompt, params)[0].token_ids == torch_path
-    plan = resident.plan
-    tiered = LLM(
-        path,
-        device="cpu",
-        dtype="fp32",
-        gpu_budget_gib=budget_gib(plan, 5),
-    )
-    assert tiered.generate(prompt, params)[0].token_ids == torch_path
+    if tiered:
+        plan = resident.plan
+        llm = LLM(
+            path,
+            device="cpu",
+            dtype="fp32",
+            gpu_budget_gib=budget_gib(plan, 5),
+        )
+        assert llm.generate(prompt, params)[0].token_ids == torch_path
 
 
 class _Cuda:

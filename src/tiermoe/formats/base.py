@@ -3,7 +3,7 @@
 Everything that stores or moves experts (GPU slots, the pinned host cache, the disk reader, the memory
 plan) holds each expert as `nbytes` raw bytes; only the format knows what they are: the named parts
 (packed weights, scales, zero points) at aligned offsets, which checkpoint tensors fill them, how to
-view a bank of experts as tensors, and how to run the SwiGLU experts over such a bank.
+view a bank of experts as tensors, and how to run the experts over such a bank.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class ExpertFormat(ABC):
     kernels: str | None = None
 
     def lay_out(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], kind: ExpertKind) -> None:
-        """Set parts and nbytes: the format's weight parts, then the biases where `kind` has them. The
-        kernels compute SwiGLU without biases; any other kind runs the torch reference."""
+        """Set parts and nbytes: the format's weight parts, then the biases where `kind` has them (named
+        <projection>_bias, as the kernels find them)."""
         self.kind = kind
         if kind.bias:
             specs = [
@@ -88,8 +88,6 @@ class ExpertFormat(ABC):
                 ("gate_up_bias", self.dtype, (2 * self.inter,)),
                 ("down_bias", self.dtype, (self.hidden,)),
             ]
-        if kind != SWIGLU:
-            self.kernels = None
         self.parts, self.nbytes = layout(specs)
 
     def biases(self, bank: dict) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -4,9 +4,10 @@ never writing them out.
 
 Decode: a grouped GEMV over a step's (token, expert) pairs (one program per pair, block of outputs and
 split of K; no host synchronisation), in three launches per MoE layer: gate and up; down, which reads
-SiLU(gate) x up from the first one's partial sums and scales by the routing weight; the sum over each
-token's pairs. A graph replays each launch in a few microseconds, so at batch 1 the launches, not the
-bytes, set the time of a layer unless there are few of them.
+the GLU of gate and up (SiLU(gate) x up, or gpt-oss's clamped one) from the first one's partial sums
+and scales by the routing weight; the sum over each token's pairs. Biases (gpt-oss) are added where each
+projection's outputs are stored. A graph replays each launch in a few microseconds, so at batch 1 the
+launches, not the bytes, set the time of a layer unless there are few of them.
 Prefill and large batches: a grouped GEMM over the pairs sorted by expert (one program per block of an
 expert's tokens and block of outputs, each weight tile read once for up to BLOCK_M tokens).
 
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -44,10 +44,14 @@ def _load(ptr, mask):
 
 
 @triton.jit
-def _gemv_input(x_ptr, p, offs, mask, K: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr):
+def _gemv_input(
+    x_ptr, p, offs, mask, K: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr,
+    LIMIT: tl.constexpr, ALPHA: tl.constexpr,
+):  # fmt: skip
     """Pair p's inputs at offsets `offs` (any shape) as float32: its token's row of x [T, K] (pair p
-    belongs to token p // TOPK), or, when ACT_SPLIT > 0, SiLU(gate) x up from the gate_up GEMV's output
-    [P, 2, ACT_SPLIT, K] (its K splits summed here, so neither the sum nor the activation is a launch)."""
+    belongs to token p // TOPK), or, when ACT_SPLIT > 0, the GLU of gate and up from the gate_up GEMV's
+    output [P, 2, ACT_SPLIT, K] (its K splits summed here, so neither the sum nor the activation is a
+    launch): SiLU(gate) x up, or with LIMIT gpt-oss's clamped gate x sigmoid(ALPHA x gate) x (up + 1)."""
     if ACT_SPLIT == 0:
         value = _load(x_ptr + (p // TOPK) * K + offs, mask).to(tl.float32)
     else:
@@ -57,26 +61,29 @@ def _gemv_input(x_ptr, p, offs, mask, K: tl.constexpr, TOPK: tl.constexpr, ACT_S
         for s in tl.static_range(1, ACT_SPLIT):
             gate += _load(base + s * K, mask)
             up += _load(base + (ACT_SPLIT + s) * K, mask)
-        value = gate / (1.0 + tl.exp(-gate)) * up
+        if LIMIT is None:  # SwiGLU: the plain kernels compile as they did before kinds
+            value = gate / (1.0 + tl.exp(-gate)) * up
+        else:
+            gate = tl.minimum(gate, LIMIT)
+            up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+            value = gate / (1.0 + tl.exp(-ALPHA * gate)) * (up + 1.0)
     return value
 
 
 @triton.jit
 def _gemv_store(
-    out_ptr,
-    w_ptr,
-    p,
-    m,
-    sp,
-    cols,
-    live,
-    acc,
-    N: tl.constexpr,
-    M: tl.constexpr,
-    SPLIT: tl.constexpr,
-    WEIGHTED: tl.constexpr,
-):
-    """out[p, m, sp, cols] = acc, times pair p's routing weight when WEIGHTED (the down projection)."""
+    out_ptr, w_ptr, base, p, m, sp, cols, live, acc,
+    N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_DT: tl.constexpr,
+):  # fmt: skip
+    """out[p, m, sp, cols] = acc, plus the projection's bias when it has one (at byte offset BIAS of the
+    expert, [M, N] of type BIAS_DT), times pair p's routing weight when WEIGHTED (the down projection).
+    Split 0 alone adds the bias, so the splits' sum holds it once: each bias value is read once a pair
+    here, where the gate_up output's reader would read it again for every block of its outputs."""
+    # The compile-time test apart from the run-time one: without a bias no branch is compiled at all.
+    if BIAS is not None:  # noqa: SIM102
+        if sp == 0:
+            acc += tl.load(_part(base, BIAS, BIAS_DT) + m * N + cols, mask=live, other=0.0).to(tl.float32)
     if WEIGHTED:
         acc *= tl.load(w_ptr + p).to(tl.float32)
     tl.store(out_ptr + ((p * M + m) * SPLIT + sp) * N + cols, acc, mask=live)
@@ -101,6 +108,7 @@ def _int4_gemv(
     QW: tl.constexpr, QZ: tl.constexpr, SC: tl.constexpr, SC_DT: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr,
     TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_DT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
 ):  # fmt: skip
     """out[p, m, sp, n] = sum_k x_p[k] * w_m[k, n] over split sp's K / SPLIT inputs, for pair p's expert,
     w = s * (q - z): one program per (pair, block of N outputs, stacked matrix m and split sp). QW, QZ, SC:
@@ -123,7 +131,7 @@ def _int4_gemv(
     acc = tl.zeros((BLOCK_K // 8, 8, BLOCK_N), dtype=tl.float32)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         x = _gemv_input(
-            x_ptr, p, k0 + r8[:, None] * 8 + j[None, :], None, K, TOPK, ACT_SPLIT
+            x_ptr, p, k0 + r8[:, None] * 8 + j[None, :], None, K, TOPK, ACT_SPLIT, LIMIT, ALPHA
         )  # [BLOCK_K / 8, 8]
         words = tl.load(qw + (k0 // 8 + r8)[:, None] * N + cols[None, :], mask=live[None, :], other=0)
         q = ((words[:, None, :] >> shifts[None, :, None]) & 15).to(tl.float32)  # [BLOCK_K / 8, 8, BLOCK_N]
@@ -134,7 +142,7 @@ def _int4_gemv(
         )
         acc += x[:, :, None] * ((q - z[None, None, :]) * s[None, None, :])
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
-    _gemv_store(out_ptr, w_ptr, p, m, sp, cols, live, out, N, M, SPLIT, WEIGHTED)
+    _gemv_store(out_ptr, w_ptr, base, p, m, sp, cols, live, out, N, M, SPLIT, WEIGHTED, BIAS, BIAS_DT)
 
 
 @triton.jit
@@ -144,6 +152,7 @@ def _fp8_gemv(
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     SPLIT: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_DT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
 ):  # fmt: skip
     """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] * s_m[n // BO, k // BI] over split sp's inputs, for the
     pair's expert (w e4m3 [N, K], out x in, row-major, at byte offset W; float32 scales at S; BLOCK_K
@@ -158,12 +167,14 @@ def _fp8_gemv(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once after the loop (as in _int4_gemv)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
+        x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT, LIMIT, ALPHA)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0)
         tile = _e4m3(tile, FP8_NATIVE)  # [BLOCK_N, BLOCK_K]
         scale = tl.load(s + (rows // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live, other=0.0)
         acc += tile * (x[None, :] * scale[:, None])
-    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, tl.sum(acc, axis=1), N, M, SPLIT, WEIGHTED)
+    _gemv_store(
+        out_ptr, w_ptr, base, p, m, sp, rows, live, tl.sum(acc, axis=1), N, M, SPLIT, WEIGHTED, BIAS, BIAS_DT
+    )
 
 
 @triton.jit
@@ -172,6 +183,7 @@ def _dense_gemv(
     W: tl.constexpr, W_DT: tl.constexpr,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, TOPK: tl.constexpr,
     ACT_SPLIT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_DT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
 ):  # fmt: skip
     """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for pair p's expert, w of type
     W_DT [N, K] (out x in, row-major) at byte offset W: the unquantized experts read in place, where torch
@@ -185,10 +197,12 @@ def _dense_gemv(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once after the loop (as in _int4_gemv)
     for k0 in range(sp * (K // SPLIT), (sp + 1) * (K // SPLIT), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT)
+        x = _gemv_input(x_ptr, p, ks, ks < K, K, TOPK, ACT_SPLIT, LIMIT, ALPHA)
         tile = tl.load(w + rows[:, None] * K + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
         acc += tile.to(tl.float32) * x[None, :]
-    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, tl.sum(acc, axis=1), N, M, SPLIT, WEIGHTED)
+    _gemv_store(
+        out_ptr, w_ptr, base, p, m, sp, rows, live, tl.sum(acc, axis=1), N, M, SPLIT, WEIGHTED, BIAS, BIAS_DT
+    )
 
 
 @triton.jit
@@ -233,6 +247,7 @@ def _fp4_gemv(
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr, GS: tl.constexpr,
     E8M0: tl.constexpr, GLOBAL: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr,
     WEIGHTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_DT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
 ):  # fmt: skip
     """out[p, m, sp, n] = sum_k x_p[k] * w_m[n, k] over split sp's inputs for pair p's expert: w e2m1
     [N, K / 2] bytes at byte offset W (input 2 j in the low nibble of byte j) times a one-byte scale per GS
@@ -253,15 +268,15 @@ def _fp4_gemv(
             tl.int32
         )  # [BLOCK_N, blocks, GS/2]
         xs = k0 + b[:, None] * GS + 2 * t[None, :]
-        even = _gemv_input(x_ptr, p, xs, None, K, TOPK, ACT_SPLIT)  # [blocks, GS / 2]
-        odd = _gemv_input(x_ptr, p, xs + 1, None, K, TOPK, ACT_SPLIT)
+        even = _gemv_input(x_ptr, p, xs, None, K, TOPK, ACT_SPLIT, LIMIT, ALPHA)  # [blocks, GS / 2]
+        odd = _gemv_input(x_ptr, p, xs + 1, None, K, TOPK, ACT_SPLIT, LIMIT, ALPHA)
         sc = tl.load(s + rows[:, None] * (K // GS) + k0 // GS + b[None, :], mask=live[:, None], other=0)
         scale = _fp4_scale(sc, E8M0, FP8_NATIVE)[:, :, None]  # [BLOCK_N, blocks, 1]
         acc += (_e2m1(codes & 15) * even[None] + _e2m1(codes >> 4) * odd[None]) * scale
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if GLOBAL:
         out *= tl.load(_part(base, G, tl.float32) + m)
-    _gemv_store(out_ptr, w_ptr, p, m, sp, rows, live, out, N, M, SPLIT, WEIGHTED)
+    _gemv_store(out_ptr, w_ptr, base, p, m, sp, rows, live, out, N, M, SPLIT, WEIGHTED, BIAS, BIAS_DT)
 
 
 @triton.jit
@@ -280,11 +295,26 @@ def _gemm_block(
 
 
 @triton.jit
+def _gemm_store(
+    out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc,
+    N: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr,
+):  # fmt: skip
+    """out[rows, m, cols] = acc, plus the block's expert's bias (b [S, M * N], slot `slot`) when BIAS."""
+    if BIAS:
+        bias = tl.load(b_ptr + slot * slot_stride_b + m * N + cols, mask=live_c, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
+    )
+
+
+@triton.jit
 def _int4_gemm(
-    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr,
-    slot_stride_qw, slot_stride_qz, slot_stride_sc,
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, b_ptr,
+    slot_stride_qw, slot_stride_qz, slot_stride_sc, slot_stride_b,
     K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    BIAS: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m of the block's expert, for the sorted pairs r of block b."""
     slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
@@ -315,18 +345,16 @@ def _int4_gemm(
             acc += tl.dot(a.to(tl.float32), w)
         else:
             acc += tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
-    tl.store(
-        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
-    )
+    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
 
 
 @triton.jit
 def _fp8_gemm(
-    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, out_ptr,
-    slot_stride_w, slot_stride_s,
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, out_ptr, b_ptr,
+    slot_stride_w, slot_stride_s, slot_stride_b,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    FP8_NATIVE: tl.constexpr,
+    FP8_NATIVE: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
     slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
         blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
@@ -346,18 +374,16 @@ def _fp8_gemm(
             acc += tl.dot(a.to(tl.float32), wt)
         else:
             acc += tl.dot(a.to(tl.bfloat16), wt.to(tl.bfloat16))
-    tl.store(
-        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
-    )
+    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
 
 
 @triton.jit
 def _fp4_gemm(
-    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
-    slot_stride_w, slot_stride_s, slot_stride_g,
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, g_ptr, out_ptr, b_ptr,
+    slot_stride_w, slot_stride_s, slot_stride_g, slot_stride_b,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, GS: tl.constexpr, E8M0: tl.constexpr,
     GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, FP8_NATIVE: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP8_NATIVE: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert: the even inputs' dot with the low nibbles
     plus the odd inputs' with the high ones, each [BLOCK_K / 2, BLOCK_N] tile scaled per input."""
@@ -387,9 +413,7 @@ def _fp4_gemm(
             )
     if GLOBAL:
         acc *= tl.load(g_ptr + slot * slot_stride_g + m)
-    tl.store(
-        out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
-    )
+    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
 
 
 @triton.jit
@@ -616,13 +640,29 @@ def gemv_parts(fmt, prefix: str) -> dict:
     }  # fmt: skip
 
 
+def kind_constants(fmt, prefix: str) -> dict:
+    """The GEMV kernel's constants of the experts' kind: the `prefix` projection's bias (its byte offset in
+    the expert and its type; None: none) and the GLU's clamp (LIMIT None: SwiGLU, the kernels as compiled
+    before kinds). Both are constexprs, so each kind compiles its own kernels with nothing to test at run
+    time."""
+    kind = fmt.kind
+    bias = fmt.part(f"{prefix}_bias") if kind.bias else None
+    return {
+        "BIAS": None if bias is None else bias.offset,
+        "BIAS_DT": _TL_DTYPES[fmt.dtype if bias is None else bias.dtype],
+        "LIMIT": kind.limit,
+        "ALPHA": kind.alpha,
+    }
+
+
 def project(fmt, x, ids, table, prefix, k, n, m, config=None, top_k=1, act_split=0, routing=None):
     """One grouped GEMV over the `prefix` projection (K inputs, N outputs, m stacked matrices) of pair p's
     expert, the one at address table[ids[p]]: float32 [P, m, split, N], the K splits' partial sums
-    (added by whoever reads them). Fusions: top_k pairs a token (x [T, K]); act_split > 0: x is a gate_up
-    output, read through SiLU-and-multiply; routing [P]: each pair's output scaled by its weight. A
-    launch's block of inputs must divide the format's quantum (a scale group a step may not straddle) and
-    be a multiple of its floor (the inputs of a packed unit): ValueError otherwise."""
+    (added by whoever reads them; the first holds the projection's bias, where the kind has one). Fusions:
+    top_k pairs a token (x [T, K]); act_split > 0: x is a gate_up output, read through the kind's GLU;
+    routing [P]: each pair's output (bias included) scaled by its weight. A launch's block of inputs must
+    divide the format's quantum (a scale group a step may not straddle) and be a multiple of its floor
+    (the inputs of a packed unit): ValueError otherwise."""
     config, quantum, floor = _launch(fmt, prefix, k, n, m, ids.numel(), config)
     if quantum % config.block_k or config.block_k % floor:
         raise ValueError(f"{config}: block_k must divide {quantum} and be a multiple of {floor}")
@@ -633,6 +673,7 @@ def project(fmt, x, ids, table, prefix, k, n, m, config=None, top_k=1, act_split
         x, ids, table, x if routing is None else routing, out, K=k, N=n, M=m, SPLIT=config.split,
         TOPK=top_k, ACT_SPLIT=act_split, WEIGHTED=routing is not None, BLOCK_K=config.block_k,
         BLOCK_N=config.block_n, num_warps=config.warps, **gemv_parts(fmt, prefix),
+        **kind_constants(fmt, prefix),
     )  # fmt: skip
     return out
 
@@ -670,8 +711,8 @@ def _fp4_parts(fmt, bank, prefix: str) -> tuple[tuple, dict]:
 def mlp_at(fmt, x, ids, weights, table) -> torch.Tensor:
     """sum_k weights[t, k] * expert(x[t]) for the experts at addresses table[ids[t, k]] (GPU slots, or
     pinned host memory read in place), in three launches and no host synchronisation: gate and up of
-    every pair; down of every pair, reading SiLU(gate) x up and scaling by its routing weight as it goes;
-    the sum over each token's pairs (and the K splits)."""
+    every pair (and their biases); down of every pair, reading the GLU of gate and up and adding its bias,
+    then scaling by its routing weight as it goes; the sum over each token's pairs (and the K splits)."""
     t, k = ids.shape
     h, i = fmt.hidden, fmt.inter
     flat = ids.reshape(-1).contiguous()
@@ -703,14 +744,24 @@ def _blocks(slots_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     )
 
 
+def _gemm_bias(fmt, bank, prefix: str, out: torch.Tensor) -> tuple[tuple, bool]:
+    """The GEMM's bias operands: the `prefix` projection's biases [S, N] and their slot stride, and
+    whether there are any; without, out stands in for the pointer, unread (BIAS off)."""
+    if not fmt.kind.bias:
+        return (out, 0), False
+    bias = bank[f"{prefix}_bias"]
+    return (bias, bias.stride(0)), True
+
+
 def _int4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
     qw, qz, sc = (bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
     group = fmt.groups[prefix]
     out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     _int4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
-        x.contiguous(), tok, *blocks, qw, qz, sc, out, qw.stride(0), qz.stride(0), sc.stride(0),
+        x.contiguous(), tok, *blocks, qw, qz, sc, out, b, qw.stride(0), qz.stride(0), sc.stride(0), b_stride,
         K=k, N=n, G=group, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, _divisor(group)), BLOCK_N=BLOCK_N,
-        DOT_FP32=_INTERPRETED,
+        DOT_FP32=_INTERPRETED, BIAS=bias,
     )  # fmt: skip
     return out
 
@@ -718,11 +769,12 @@ def _int4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m
 def _fp8_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
     w, s = bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"]
     out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     bo, bi = fmt.block
     _fp8_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
-        x.contiguous(), tok, *blocks, w, s, out, w.stride(0), s.stride(0),
+        x.contiguous(), tok, *blocks, w, s, out, b, w.stride(0), s.stride(0), b_stride,
         K=k, N=n, BO=bo, BI=bi, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, min(_divisor(bi), 128)), BLOCK_N=BLOCK_N,
-        DOT_FP32=_INTERPRETED, FP8_NATIVE=fp8_native(),
+        DOT_FP32=_INTERPRETED, FP8_NATIVE=fp8_native(), BIAS=bias,
     )  # fmt: skip
     return out
 
@@ -730,22 +782,24 @@ def _fp8_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m:
 def _fp4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
     weights, sizes = _fp4_parts(fmt, bank, prefix)
     out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     _fp4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
-        x.contiguous(), tok, *blocks, *weights, out, *(w.stride(0) for w in weights), K=k, N=n, M=m,
-        BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED,
-        FP8_NATIVE=fp8_native(), **sizes,
+        x.contiguous(), tok, *blocks, *weights, out, b, *(w.stride(0) for w in weights), b_stride, K=k, N=n,
+        M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED,
+        FP8_NATIVE=fp8_native(), BIAS=bias, **sizes,
     )  # fmt: skip
     return out
 
 
 def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
     """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) by grouped GEMMs over the pairs
-    sorted by expert: gate and up, SiLU-and-multiply, down, then one scatter-add."""
+    sorted by expert: gate and up plus their biases (added as the GEMM stores them), the kind's GLU, down
+    plus its bias, then one scatter-add of the outputs times their routing weights."""
     order = torch.argsort(slots)
     tok, s_sorted = tokens[order].contiguous(), slots[order]
     blocks = _blocks(s_sorted)
     gate_up = project(fmt, x, tok, blocks, bank, "gate_up", fmt.hidden, fmt.inter, 2)  # [P, 2, I]
-    act = F.silu(gate_up[:, 0]) * gate_up[:, 1]  # [P, I], in sorted order
+    act = fmt.kind.glu(gate_up[:, 0], gate_up[:, 1])  # [P, I], in sorted order
     rows = torch.arange(tok.numel(), device=x.device)
     down = project(fmt, act, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1)[:, 0]  # [P, H]
     return out.index_add_(0, tok, (down * weights[order][:, None].float()).to(out.dtype))
