@@ -128,7 +128,9 @@ for suite in $SUITES; do
     fi
     free -g | tee -a "$W/phases.log"
     case $suite in qwen3) budgets=${QWEN3_BUDGETS:-} ;; olmoe) budgets=${OLMOE_BUDGETS:-} ;; *) budgets= ;; esac
-    GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
+    # VARIANTS_<suite> (dashes as underscores, e.g. VARIANTS_gpt_oss_20b): that suite's miss paths.
+    key=VARIANTS_${suite//-/_}
+    VARIANTS=${!key:-${VARIANTS:-}} GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
 done
 [[ ${AB_AFTER:-0} == 1 ]] && ab_runs
