@@ -411,3 +411,14 @@ def test_bench_runs_every_setting_at_each_number_of_sequences(tmp_path):
     assert runs[1]["h2d_bytes_per_token"] < runs[0]["h2d_bytes_per_token"]
     with pytest.raises(SystemExit):
         parser.parse_args([*argv[:-2], "--batch", "1,0"])
+
+
+def test_link_ceiling_is_never_below_what_a_run_moved():
+    runs = [
+        {"engine": "tiermoe", "h2d_gb_s": 36.8},
+        {"engine": "tiermoe", "h2d_gb_s": None},
+        {"engine": "hf-offload", "h2d_gb_s": 90.0},  # peers' figures are not ours to trust
+    ]
+    assert run.link_ceiling(13.2, runs) == (36.8, "a run's achieved 36.8 GB/s (the measurement read 13.2)")
+    assert run.link_ceiling(52.9, runs) == (52.9, "measured")
+    assert run.link_ceiling(None, runs) == (None, "measured")

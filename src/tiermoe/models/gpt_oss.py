@@ -22,6 +22,7 @@ from .moe import RoutingOverride, SparseMoeBlock
 from .names import ExpertNames
 
 SWIGLU_ALPHA = 1.702  # transformers' default where config.json has no swiglu_alpha (the published ones don't)
+SWIGLU_LIMIT = 7.0  # the published value; older transformers (5.17) have no swiglu_limit and clamp at 7
 
 
 class BiasedTopKRouter(nn.Module):
@@ -62,7 +63,7 @@ class GptOssArgs(MoEArgs):
         )
         args.moe_layers = list(range(hf.num_hidden_layers))
         alpha = getattr(hf, "swiglu_alpha", None) or SWIGLU_ALPHA
-        args.expert_kind = ExpertKind(bias=True, limit=float(hf.swiglu_limit), alpha=float(alpha))
+        args.expert_kind = ExpertKind(bias=True, limit=float(getattr(hf, "swiglu_limit", None) or SWIGLU_LIMIT), alpha=float(alpha))
         return args
 
 
