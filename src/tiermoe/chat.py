@@ -15,6 +15,8 @@ from rich.console import Console
 from .engine.request import SamplingParams
 from .errors import TiermoeError
 from .flags import add_engine_args, engine_kwargs
+from .server.answer import AnswerStream
+from .server.reasoning import reasoning_of
 
 HELP = """Commands:
   /think [on|off]  switch the model's thinking (chat templates that have the switch); bare: toggle
@@ -56,15 +58,17 @@ def stats_line(stats: dict) -> str:
 
 
 class LocalBackend:
-    """Generation in this process, on an LLM object."""
+    """Generation in this process, on an LLM object; its reasoning split off as the server does."""
 
     def __init__(self, llm):
         self.llm = llm
         self.name = llm.model_name
         self.errors: tuple[type[Exception], ...] = (TiermoeError,)
         self.last_stats: dict | None = None
+        self.reasoning = reasoning_of(llm.tokenizer)
 
-    def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[str]:
+    def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[tuple[str, str]]:
+        """(reasoning, content) pieces of the reply."""
         text = self.llm.apply_chat_template(messages, enable_thinking=options.thinking)
         prompt = self.llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
         params = SamplingParams(
@@ -72,12 +76,17 @@ class LocalBackend:
             temperature=options.temperature,
             top_p=options.top_p,
             seed=options.seed,
+            skip_special_tokens=not (self.reasoning and self.reasoning.keeps_special_tokens()),
         )
+        answer = AnswerStream(reasoning=self.reasoning)
+        answer.begin(prompt)
         with closing(self.llm.stream(prompt, params)) as events:  # closing aborts generation on Ctrl+C
             for event in events:
                 if event.stats is not None:
                     self.last_stats = event.stats.to_dict()
-                yield event.text
+                yield answer.push(event.text)
+        reasoning, content, _ = answer.finish()
+        yield reasoning, content
 
 
 class RemoteBackend:
@@ -107,7 +116,8 @@ class RemoteBackend:
         self.errors = (openai.APIError,)
         self.last_stats = None
 
-    def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[str]:
+    def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[tuple[str, str]]:
+        """(reasoning, content) pieces of the reply."""
         extra = (
             {}
             if options.thinking is None
@@ -137,8 +147,14 @@ class RemoteBackend:
                     self.last_stats = stats
                 elif chunk.usage is not None and self.last_stats is None:
                     self.last_stats = chunk.usage.model_dump()
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+                if chunk.choices:
+                    delta = chunk.choices[0].delta
+                    # reasoning_content: tiermoe's and llama.cpp's name; newer vLLM's is reasoning.
+                    fields = delta.model_extra or {}
+                    yield (
+                        fields.get("reasoning_content") or fields.get("reasoning") or "",
+                        delta.content or "",
+                    )
 
 
 class ChatSession:
@@ -152,9 +168,9 @@ class ChatSession:
         self.system = system
         self.history: list[dict[str, str]] = []
 
-    def say(self, text: str = "", end: str = "\n") -> None:
+    def say(self, text: str = "", end: str = "\n", style: str | None = None) -> None:
         # Model text and our help contain [brackets]: print them as they are, never as rich markup.
-        self.console.print(text, end=end, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(text, end=end, style=style, markup=False, highlight=False, soft_wrap=True)
 
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -221,12 +237,19 @@ class ChatSession:
 
     def _ask(self, text: str) -> None:
         self.history.append({"role": "user", "content": text})
-        pieces: list[str] = []
+        pieces: list[str] = []  # the reply's content: what the conversation keeps
+        thought = False
         try:
             with closing(self.backend.stream(self.messages(), self.options)) as stream:
-                for piece in stream:
-                    pieces.append(piece)
-                    self.say(piece, end="")
+                for reasoning, content in stream:
+                    if reasoning:
+                        self.say(reasoning, end="", style="dim")
+                        thought = True
+                    if content:
+                        if thought and not pieces:
+                            self.say()  # the answer starts on a line of its own below the thinking
+                        pieces.append(content)
+                        self.say(content, end="")
         except KeyboardInterrupt:
             self.say(" [interrupted]", end="")
         except self.backend.errors as exc:

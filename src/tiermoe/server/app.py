@@ -34,6 +34,7 @@ from .protocol import (
     ErrorBody,
     ErrorResponse,
 )
+from .reasoning import reasoning_of
 from .tool_calls import format_for
 from .worker import EngineWorker, Job, JobAborted, ServerShuttingDown
 
@@ -173,6 +174,7 @@ def create_app(
         name = check_model(body.model)
         messages, template_kwargs = body.template_messages(), body.template_kwargs()
         tools = format_for(body.tools, body.tool_choice, getattr(llm.tokenizer, "chat_template", None))
+        reasoning = reasoning_of(llm.tokenizer)
 
         def prompt() -> list[int]:
             text = llm.apply_chat_template(
@@ -180,9 +182,11 @@ def create_app(
             )
             return llm.encode(text, add_special_tokens=False)  # the template wrote the special tokens
 
-        # With tools in play the text keeps special tokens: some formats' markers are ([TOOL_CALLS]).
-        job = submit(prompt, body, skip_special_tokens=tools is None)
-        shape = ChatShape(name, token_text(body), tools)
+        # The text keeps special tokens where markers are: some tool-call formats' ([TOOL_CALLS]), gpt-oss's
+        # channels.
+        keep = tools is not None or (reasoning is not None and reasoning.keeps_special_tokens())
+        job = submit(prompt, body, skip_special_tokens=not keep)
+        shape = ChatShape(name, token_text(body), tools, reasoning)
         return await _respond(request, job, shape, body.stream, body.include_usage, metrics)
 
     @app.post(CompletionShape.endpoint, responses=GENERATION_RESPONSES)

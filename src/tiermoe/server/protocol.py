@@ -18,7 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine.request import MAX_TOP_LOGPROBS, GenerationStats, SamplingParams, TokenEvent
-from .tool_calls import ToolCall, ToolFormat, ToolStream, split_answer
+from .answer import AnswerStream
+from .reasoning import Reasoning
+from .tool_calls import ToolCall, ToolFormat
 
 
 class _Lenient(BaseModel):
@@ -306,39 +308,47 @@ class _Shape:
 
 
 class ChatShape(_Shape):
-    """tools: the tool-call format to find in the answer (None: plain text)."""
+    """tools: the tool-call format to find in the answer (None: plain text). reasoning: the model's
+    reasoning format (None: all content)."""
 
     endpoint = "/v1/chat/completions"
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
     def __init__(
-        self, model: str, token_text: Callable[[int], str] | None = None, tools: ToolFormat | None = None
+        self,
+        model: str,
+        token_text: Callable[[int], str] | None = None,
+        tools: ToolFormat | None = None,
+        reasoning: Reasoning | None = None,
     ):
         super().__init__(model, token_text)
-        self.tools = tools
-        self.tool_stream = ToolStream(tools) if tools else None
+        self.reasoning = reasoning
+        self.answer = AnswerStream(tools, reasoning)
         self.calls: list[ToolCall] = []
 
     def opening(self, prompt_ids: list[int], prompt_scores: list | None) -> list[dict]:
+        self.answer.begin(prompt_ids)
         return [self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
 
     def delta(self, event: TokenEvent) -> dict | None:
         """The chunk of one event; None when it carries neither text nor a log-probability."""
         scored = self._scored([event])
-        text = self.tool_stream.push(event.text) if self.tool_stream else event.text
-        if not text and not scored:
+        reasoning, text = self.answer.push(event.text)
+        if not reasoning and not text and not scored:
             return None
-        choice = {"delta": {"content": text}, "finish_reason": None}
+        choice = {"delta": _delta(reasoning, text), "finish_reason": None}
         return self._chunk({**choice, **({"logprobs": self._logprobs(scored)} if scored else {})})
 
     def closing(self) -> list[dict]:
-        """Once the answer ended: the content held back, then the tool calls, one delta each."""
-        if not self.tool_stream:
-            return []
-        rest, self.calls = self.tool_stream.finish()
-        chunks = [self._chunk({"delta": {"content": rest}, "finish_reason": None})] if rest else []
-        return chunks + [
+        """Once the answer ended: the text held back, then the tool calls, one delta each."""
+        reasoning, rest, self.calls = self.answer.finish()
+        held = (
+            [self._chunk({"delta": _delta(reasoning, rest), "finish_reason": None})]
+            if reasoning or rest
+            else []
+        )
+        return held + [
             self._chunk({"delta": {"tool_calls": [call.to_openai(i)]}, "finish_reason": None})
             for i, call in enumerate(self.calls)
         ]
@@ -349,10 +359,12 @@ class ChatShape(_Shape):
 
     def whole(self, events: list[TokenEvent], prompt_ids: list[int], prompt_scores: list | None) -> dict:
         last = events[-1]
-        text, calls = "".join(e.text for e in events), []
-        if self.tools:
-            text, calls = split_answer(self.tools, text)
+        self.answer.begin(prompt_ids)
+        (r1, c1), (r2, c2, calls) = self.answer.push("".join(e.text for e in events)), self.answer.finish()
+        text = c1 + c2
         message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        if self.reasoning:  # null when the model did not think
+            message["reasoning_content"] = (r1 + r2) or None
         if calls:  # as OpenAI: no content beside the calls unless the model wrote some
             message.update(content=text.strip() or None, tool_calls=[c.to_openai() for c in calls])
         logprobs = self._logprobs(self._scored(events)) if self.token_text else None
@@ -383,6 +395,13 @@ class ChatShape(_Shape):
             for e in events
         ]
         return {"content": content, "refusal": None}
+
+
+def _delta(reasoning: str, content: str) -> dict:
+    """A chat delta: reasoning_content only when there is some, as vLLM sends it; content otherwise."""
+    return ({"reasoning_content": reasoning} if reasoning else {}) | (
+        {"content": content} if content or not reasoning else {}
+    )
 
 
 class CompletionShape(_Shape):
