@@ -63,7 +63,9 @@ class GptOssArgs(MoEArgs):
         )
         args.moe_layers = list(range(hf.num_hidden_layers))
         alpha = getattr(hf, "swiglu_alpha", None) or SWIGLU_ALPHA
-        args.expert_kind = ExpertKind(bias=True, limit=float(getattr(hf, "swiglu_limit", None) or SWIGLU_LIMIT), alpha=float(alpha))
+        args.expert_kind = ExpertKind(
+            bias=True, limit=float(getattr(hf, "swiglu_limit", None) or SWIGLU_LIMIT), alpha=float(alpha)
+        )
         return args
 
 
