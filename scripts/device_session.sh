@@ -66,9 +66,14 @@ qwen3_gguf() {
         python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
     fi
 ) > "$W/p1-olmoe.log" 2>&1 &
-# DeepSeek-V2-Lite's 29 GB of bf16 experts are written to disk beside the GPU tests.
+# DeepSeek-V2-Lite's 29 GB of bf16 experts are written to disk beside the GPU tests; its bf16 GGUF (31 GB)
+# goes to /dev/shm, as the disk cannot hold both.
 [[ " $SUITES " == *" deepseek-v2-lite "* ]] && (
     $T synth --preset deepseek-v2-lite --out "$SYNTH/deepseek-v2-lite" --dtype bf16 && mark "deepseek-v2-lite synth done"
+    if [[ ${LLAMA:-1} != 0 ]]; then
+        python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/deepseek-v2-lite" --work-dir /dev/shm/gguf &&
+            mkdir -p "$GGUF" && for f in /dev/shm/gguf/*.gguf; do ln -sf "$f" "$GGUF/"; done && mark "deepseek-v2-lite gguf done"
+    fi
 ) > "$W/p1-deepseek.log" 2>&1 &
 if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     (
