@@ -17,19 +17,12 @@ whole (one push and the finish) gives.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 PROMPT_TAIL = 8  # prompt tokens decoded to see where the template left the answer (an open <think>)
-
-
-class ReasoningStream(Protocol):
-    def push(self, piece: str) -> tuple[str, str]:
-        """Add model text; return the (reasoning, content) that can be handed out now."""
-
-    def finish(self) -> tuple[str, str]:
-        """At the end of the answer: the (reasoning, content) still held back."""
 
 
 def _held(text: str, markers: tuple[str, ...]) -> int:
@@ -40,11 +33,31 @@ def _held(text: str, markers: tuple[str, ...]) -> int:
     )
 
 
+class ReasoningStream(ABC):
+    """One answer's parse: all the text held is parsed at each push, the rest at the finish."""
+
+    def __init__(self):
+        self.text = ""  # pushed, not yet handed out
+
+    def push(self, piece: str) -> tuple[str, str]:
+        """Add model text; return the (reasoning, content) that can be handed out now."""
+        self.text += piece
+        return self._parse(end=False)
+
+    def finish(self) -> tuple[str, str]:
+        """At the end of the answer: the (reasoning, content) still held back."""
+        return self._parse(end=True)
+
+    @abstractmethod
+    def _parse(self, end: bool) -> tuple[str, str]:
+        """(reasoning, content) of the text held that can go out; end: all of it."""
+
+
 THINK, END_THINK = "<think>", "</think>"
 _START, _REASONING, _CONTENT = "start", "reasoning", "content"
 
 
-class ThinkStream:
+class ThinkStream(ReasoningStream):
     """`<think>reasoning</think>content`. Reasoning starts the answer when the prompt ends inside an open
     <think> (Qwen3-Thinking-2507's and DeepSeek-R1's templates write it) or when the answer itself starts
     with <think> (Qwen3's first templates leave it to the model); otherwise the answer is content as
@@ -57,17 +70,10 @@ class ThinkStream:
     reasoning and before the content that follows it is dropped (the newlines around the tags)."""
 
     def __init__(self, opened: bool):
+        super().__init__()
         self.opened = opened
         self.state = _START
-        self.text = ""  # pushed, not yet handed out
         self.trim = False  # drop the whitespace that opens the current part
-
-    def push(self, piece: str) -> tuple[str, str]:
-        self.text += piece
-        return self._parse(end=False)
-
-    def finish(self) -> tuple[str, str]:
-        return self._parse(end=True)
 
     def _parse(self, end: bool) -> tuple[str, str]:
         reasoning = ""
@@ -117,22 +123,15 @@ def _route(header: str) -> str:
     return _REASONING if channel and channel.group(1) == "analysis" else _CONTENT
 
 
-class HarmonyStream:
+class HarmonyStream(ReasoningStream):
     """gpt-oss's messages: each a header up to <|message|>, then a body up to <|end|> (or a stop token, or
     the next <|start|>). The prompt ends with `<|start|>assistant`, so the first header is the channel.
     Text where a header should be that cannot begin one is content as written (a model that does not
     speak harmony); a header the answer ends inside is dropped (markup, no message yet)."""
 
     def __init__(self):
-        self.text = ""  # pushed, not yet handed out
+        super().__init__()
         self.route: str | None = None  # where the current body goes; None: in a header
-
-    def push(self, piece: str) -> tuple[str, str]:
-        self.text += piece
-        return self._parse(end=False)
-
-    def finish(self) -> tuple[str, str]:
-        return self._parse(end=True)
 
     def _parse(self, end: bool) -> tuple[str, str]:
         out = {_REASONING: "", _CONTENT: ""}
