@@ -17,6 +17,16 @@ MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SINK_CHUNK_BYTES = 256 << 20  # float32 scores computed at once for the sinks' log-sum-exp
 
 
+def _fused(x: torch.Tensor):
+    """models.fused where x takes its kernels (CUDA, no autograd), imported on first use: triton comes with
+    torch's CUDA builds, not with every CPU install. None elsewhere: the torch ops."""
+    if not x.is_cuda or x.requires_grad:
+        return None
+    from . import fused
+
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -24,6 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused := _fused(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -37,6 +49,8 @@ class Float32ScaleRMSNorm(RMSNorm):
     FLOAT32_PARAMETERS = ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused := _fused(x):
+            return fused.rms_norm(x, self.weight, self.eps, float32_scale=True)
         h = x.float()
         return (self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
@@ -106,6 +120,8 @@ class LongRopeRotary(Rotary):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if (fused := _fused(x)) and (out := fused.rotate(x, cos, sin)) is not None:
+        return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

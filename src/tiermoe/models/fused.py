@@ -1,0 +1,113 @@
+"""Triton kernels for the decoder's small ops on CUDA: RMSNorm and the rotary embedding, one launch each
+where torch's eager ops make eight and five. At batch 1 a decode step is thousands of such launches, and a
+CUDA graph replays each in a few microseconds whatever its size, so their number sets much of the step's
+time (Qwen3-30B-A3B: about 64 launches a layer, 48 layers).
+
+Each kernel rounds where torch's ops do (to the tensor's dtype after each product), so the rotary gives
+torch's values exactly and RMSNorm gives them up to the order of its sum of squares. Imported only where
+used (CUDA, or the tests with TRITON_INTERPRET=1 set before the import), since triton decides at
+decoration whether a kernel is compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(v, dt: tl.constexpr):
+    """float32 v rounded to dt and back, to nearest even: for bf16 by its bits, since Triton's interpreter
+    (the CPU tests) truncates where a compiled cast rounds; then storing it as dt is exact either way."""
+    if dt == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    else:
+        v = v.to(dt).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _rms_norm(
+    x_ptr, w_ptr, out_ptr, n, x_stride, out_stride, eps, BLOCK: tl.constexpr, FLOAT32_SCALE: tl.constexpr
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if not FLOAT32_SCALE:  # torch: weight * normed.to(dtype), the product in the promoted dtype
+        normed = _round(normed, x_ptr.dtype.element_ty)
+    out = _round(w * normed, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: bool = False) -> torch.Tensor:
+    """x [..., n] -> RMSNorm(x) * weight [n]. float32_scale: the weight multiplies in float32 before the
+    cast to x's dtype (gpt-oss); else the normalised x is cast first and the product takes the promoted
+    dtype of weight and x, as `weight * normed.to(x.dtype)` does."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    dtype = x.dtype if float32_scale else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if rows.shape[0]:
+        _rms_norm[(rows.shape[0],)](
+            rows, weight, out, n, rows.stride(0), n, eps,
+            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _rotate(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length,
+    sxb, sxh, sxt, scb, sch, sct, sob, soh, sot,
+    HALF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # one (batch, head, position) row of the head dimension
+    t = row % length
+    h = (row // length) % heads
+    b = row // (length * heads)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HALF
+    x = x_ptr + b * sxb + h * sxh + t * sxt
+    at = b * scb + h * sch + t * sct
+    x1 = tl.load(x + cols, mask=mask).to(tl.float32)
+    x2 = tl.load(x + HALF + cols, mask=mask).to(tl.float32)
+    cos1 = tl.load(cos_ptr + at + cols, mask=mask).to(tl.float32)
+    cos2 = tl.load(cos_ptr + at + HALF + cols, mask=mask).to(tl.float32)
+    sin1 = tl.load(sin_ptr + at + cols, mask=mask).to(tl.float32)
+    sin2 = tl.load(sin_ptr + at + HALF + cols, mask=mask).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    # x * cos + cat(-x2, x1) * sin, each product rounded to the dtype before the sum, as torch's ops round
+    lo = _round(_round(x1 * cos1, dt) + _round(-x2 * sin1, dt), dt)
+    hi = _round(_round(x2 * cos2, dt) + _round(x1 * sin2, dt), dt)
+    out = out_ptr + b * sob + h * soh + t * sot
+    tl.store(out + cols, lo.to(dt), mask=mask)
+    tl.store(out + HALF + cols, hi.to(dt), mask=mask)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """The rotate-half rotary embedding of x [B, H, T, D] (any strides, the last 1) by cos and sin
+    broadcast to it (e.g. [B, 1, T, D]); None where these shapes or dtypes are not the kernel's."""
+    if x.dim() != 4 or x.stride(-1) != 1 or x.shape[-1] % 2 or not (x.dtype == cos.dtype == sin.dtype):
+        return None
+    try:
+        cos, sin = cos.expand(x.shape), sin.expand(x.shape)
+    except RuntimeError:
+        return None
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        return None
+    b, h, t, d = x.shape
+    out = torch.empty_like(x)  # x's layout, as torch's elementwise ops keep it
+    if out.numel():
+        _rotate[(b * h * t,)](
+            x, cos, sin, out, h, t, *x.stride()[:3], *cos.stride()[:3], *out.stride()[:3],
+            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+        )  # fmt: skip
+    return out

@@ -1,0 +1,100 @@
+"""The decoder's fused Triton kernels (RMSNorm, rotary) against the torch ops they replace on CUDA: compiled
+on a GPU, and without one in Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tiermoe.models import fused
+from tiermoe.models.layers import Float32ScaleRMSNorm, RMSNorm, rotate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 96), (2, 4, 3, 128), (1, 1, 2048)])
+@pytest.mark.parametrize("norm", [RMSNorm, Float32ScaleRMSNorm])
+def test_rms_norm_matches_torch(dtype, shape, norm):
+    torch.manual_seed(0)
+    module = norm(shape[-1], 1e-6).to(DEVICE)
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.3)
+    if norm is RMSNorm:
+        module.to(dtype)  # the float32-scale norm keeps its weight in float32, as the loader does
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    expected = RMSNorm.forward(module, x) if norm is RMSNorm else Float32ScaleRMSNorm.forward(module, x)
+    got = fused.rms_norm(x, module.weight, module.eps, float32_scale=norm is Float32ScaleRMSNorm)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        # The sum of squares in another order moves the float32 value by an ulp or so; after the cast to
+        # bf16 that is the same bf16 value, or (rarely) the neighbouring one.
+        ulps = (got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1e-30) * 128
+        assert ulps.max() <= 1.01 and (ulps > 0).float().mean() < 0.02, (
+            ulps.max(),
+            (ulps > 0).float().mean(),
+        )
+
+
+def test_rms_norm_of_a_strided_view_and_no_rows():
+    x = torch.randn(4, 3, 64, device=DEVICE)[:, 1]  # rows 192 elements apart
+    w = torch.rand(64, device=DEVICE)
+    torch.testing.assert_close(
+        fused.rms_norm(x, w, 1e-5), RMSNorm.forward(_norm(w, 1e-5), x), rtol=1e-6, atol=1e-6
+    )
+    assert fused.rms_norm(torch.empty(0, 64, device=DEVICE), w, 1e-5).shape == (0, 64)
+
+
+def _norm(weight, eps):
+    module = RMSNorm(weight.numel(), eps).to(weight.device)
+    module.weight.data = weight
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotate_equals_torch_exactly_on_transposed_heads(dtype):
+    torch.manual_seed(1)
+    b, t, h, d = 2, 5, 4, 64
+    x = torch.randn(b, t, h, d, device=DEVICE).to(dtype).transpose(1, 2)  # [B, H, T, D], as attention has it
+    angles = torch.rand(b, t, d // 2, device=DEVICE) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype)[:, None]  # [B, 1, T, D]
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(dtype)[:, None]
+    got = fused.rotate(x, cos, sin)
+    assert torch.equal(got, torch_rotate(x, cos, sin))
+    assert got.stride() == x.stride()  # the layout torch's elementwise ops give
+
+
+def test_rotate_of_a_split_view_and_what_it_declines():
+    torch.manual_seed(2)
+    qk = torch.randn(1, 3, 7, 48, device=DEVICE)
+    rot = qk.split([32, 16], dim=-1)[1]  # MLA's rotary part: a view with the head dimension's rows apart
+    cos, sin = torch.rand(1, 1, 7, 16, device=DEVICE), torch.rand(1, 1, 7, 16, device=DEVICE)
+    assert torch.equal(fused.rotate(rot, cos, sin), torch_rotate(rot, cos, sin))
+    assert fused.rotate(rot.to(torch.bfloat16), cos, sin) is None  # mixed dtypes: torch's promotion
+    assert fused.rotate(rot[0], cos[0], sin[0]) is None  # not [B, H, T, D]
+    assert fused.rotate(rot, cos[..., :8], sin[..., :8]) is None  # does not broadcast
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the layers take the kernels on CUDA only")
+def test_layers_take_the_kernels_on_cuda(monkeypatch):
+    calls = []
+
+    def counted(name):
+        kernel = getattr(fused, name)
+        return lambda *a, **k: calls.append(name) or kernel(*a, **k)
+
+    for name in ("rms_norm", "rotate"):
+        monkeypatch.setattr(fused, name, counted(name))
+    x = torch.randn(1, 2, 3, 64, device="cuda")
+    RMSNorm(64, 1e-6).cuda()(x)
+    rotate(x, torch.ones(1, 1, 3, 64, device="cuda"), torch.zeros(1, 1, 3, 64, device="cuda"))
+    assert calls == ["rms_norm", "rotate"]
