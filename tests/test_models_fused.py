@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from tiermoe.models import fused
 from tiermoe.models.layers import Float32ScaleRMSNorm, RMSNorm, rotate
+from tiermoe.models.moe import SoftmaxTopKRouter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,9 +93,50 @@ def test_layers_take_the_kernels_on_cuda(monkeypatch):
         kernel = getattr(fused, name)
         return lambda *a, **k: calls.append(name) or kernel(*a, **k)
 
-    for name in ("rms_norm", "rotate"):
+    for name in ("rms_norm", "rotate", "softmax_topk"):
         monkeypatch.setattr(fused, name, counted(name))
     x = torch.randn(1, 2, 3, 64, device="cuda")
     RMSNorm(64, 1e-6).cuda()(x)
     rotate(x, torch.ones(1, 1, 3, 64, device="cuda"), torch.zeros(1, 1, 3, 64, device="cuda"))
-    assert calls == ["rms_norm", "rotate"]
+    router = SoftmaxTopKRouter(64, 8, 2, True).cuda()
+    router(x[0, 0])
+    router(x[0, 0], _TopK(2), 0)  # an override takes the torch ops: it chooses from the probabilities
+    assert calls == ["rms_norm", "rotate", "softmax_topk"]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(("experts", "k"), [(128, 8), (60, 4), (8, 2)])
+def test_softmax_topk_matches_the_router(normalize, experts, k):
+    torch.manual_seed(3)
+    router = SoftmaxTopKRouter(32, experts, k, normalize).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+    x = torch.randn(9, 32, device=DEVICE).to(torch.bfloat16)
+    expected_weights, expected_ids = SoftmaxTopKRouter.forward(router, x, _TopK(k), 0)  # the torch ops
+    weights, ids = fused.softmax_topk(torch.nn.functional.linear(x, router.weight), k, normalize, x.dtype)
+    # The same experts with the same weights; among equal probabilities (bf16 logits tie now and then)
+    # torch.topk's order is its own, so each row is compared in id order.
+    ids, order = ids.sort(-1)
+    expected_ids, expected_order = expected_ids.sort(-1)
+    assert torch.equal(ids, expected_ids)
+    assert weights.dtype == torch.bfloat16
+    torch.testing.assert_close(  # within a bf16 ulp
+        weights.gather(-1, order), expected_weights.gather(-1, expected_order), rtol=8e-3, atol=0
+    )
+
+
+def test_softmax_topk_takes_the_lower_id_among_equals():
+    logits = torch.tensor([[0.0, 1.0, 1.0, 0.5, 1.0]], device=DEVICE)
+    weights, ids = fused.softmax_topk(logits, 3, True, torch.float32)
+    assert ids.tolist() == [[1, 2, 4]]
+    torch.testing.assert_close(weights, torch.full((1, 3), 1 / 3, device=DEVICE))
+
+
+class _TopK:
+    """A routing override that chooses as the router does, so the router's forward runs its torch ops."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def route(self, layer, probs):
+        return probs.topk(self.k, dim=-1).indices

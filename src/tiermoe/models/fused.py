@@ -111,3 +111,54 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _softmax_topk(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    experts,
+    stride,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    row = tl.program_id(0)  # one token
+    cols = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * stride + cols, mask=cols < experts, other=float("-inf")).to(
+        tl.float32
+    )
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    probs = e / tl.sum(e, axis=0)
+    # The k largest, twice: first for their sum (the normalisation), then to store them, largest first.
+    total = 0.0
+    left = probs
+    for _ in tl.static_range(K):
+        best = tl.max(left, axis=0)
+        total += best
+        left = tl.where(cols == tl.min(tl.where(left == best, cols, BLOCK), axis=0), -1.0, left)
+    if not NORM:
+        total = 1.0
+    left = probs
+    for i in tl.static_range(K):
+        best = tl.max(left, axis=0)
+        at = tl.min(tl.where(left == best, cols, BLOCK), axis=0)  # the lowest id among equal ones
+        tl.store(ids_ptr + row * K + i, at.to(tl.int64))
+        w = _round(best / total, weights_ptr.dtype.element_ty)
+        tl.store(weights_ptr + row * K + i, w.to(weights_ptr.dtype.element_ty))
+        left = tl.where(cols == at, -1.0, left)
+
+
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype):
+    """A softmax router's choice from its logits [T, E]: (weights [T, k] in dtype, ids [T, k] int64), as
+    `topk(softmax(logits, float32), k)` (the k largest, largest first; among equal ones the lower id)
+    then, with normalize, the weights divided by their sum, all in float32 until the cast."""
+    t, e = logits.shape
+    weights = torch.empty(t, k, dtype=dtype, device=logits.device)
+    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
+    if t:
+        _softmax_topk[(t,)](
+            logits, weights, ids, e, logits.stride(0), K=k, BLOCK=triton.next_power_of_2(e), NORM=normalize
+        )
+    return weights, ids

@@ -17,7 +17,7 @@ MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SINK_CHUNK_BYTES = 256 << 20  # float32 scores computed at once for the sinks' log-sum-exp
 
 
-def _fused(x: torch.Tensor):
+def fused_kernels(x: torch.Tensor):
     """models.fused where x takes its kernels (CUDA, no autograd), imported on first use: triton comes with
     torch's CUDA builds, not with every CPU install. None elsewhere: the torch ops."""
     if not x.is_cuda or x.requires_grad:
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused := _fused(x):
+        if fused := fused_kernels(x):
             return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -49,7 +49,7 @@ class Float32ScaleRMSNorm(RMSNorm):
     FLOAT32_PARAMETERS = ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused := _fused(x):
+        if fused := fused_kernels(x):
             return fused.rms_norm(x, self.weight, self.eps, float32_scale=True)
         h = x.float()
         return (self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
@@ -120,7 +120,7 @@ class LongRopeRotary(Rotary):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if (fused := _fused(x)) and (out := fused.rotate(x, cos, sin)) is not None:
+    if (fused := fused_kernels(x)) and (out := fused.rotate(x, cos, sin)) is not None:
         return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

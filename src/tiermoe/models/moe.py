@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP
+from .layers import MLP, fused_kernels
 
 
 class Experts(Protocol):
@@ -42,7 +42,10 @@ class SoftmaxTopKRouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k]). With an override the ids are its
         choice and the weights the router's probabilities of those experts, normalised as the model does."""
-        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        logits = F.linear(x, self.weight)
+        if routing is None and (fused := fused_kernels(x)):
+            return fused.softmax_topk(logits, self.top_k, self.norm_topk_prob, x.dtype)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         if routing is None:
             weights, ids = torch.topk(probs, self.top_k, dim=-1)
         else:
