@@ -31,8 +31,8 @@ def test_rms_norm_matches_torch(dtype, shape, norm):
     if norm is RMSNorm:
         module.to(dtype)  # the float32-scale norm keeps its weight in float32, as the loader does
     x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
-    expected = RMSNorm.forward(module, x) if norm is RMSNorm else Float32ScaleRMSNorm.forward(module, x)
-    got = fused.rms_norm(x, module.weight, module.eps, float32_scale=norm is Float32ScaleRMSNorm)
+    expected = norm.forward(module.cpu(), x.cpu()).to(DEVICE)  # the torch ops: on CUDA it takes the kernel
+    got = fused.rms_norm(x, module.weight.to(DEVICE), module.eps, float32_scale=norm is Float32ScaleRMSNorm)
     assert got.dtype == expected.dtype and got.shape == expected.shape
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -49,10 +49,26 @@ def test_rms_norm_matches_torch(dtype, shape, norm):
 def test_rms_norm_of_a_strided_view_and_no_rows():
     x = torch.randn(4, 3, 64, device=DEVICE)[:, 1]  # rows 192 elements apart
     w = torch.rand(64, device=DEVICE)
-    torch.testing.assert_close(
-        fused.rms_norm(x, w, 1e-5), RMSNorm.forward(_norm(w, 1e-5), x), rtol=1e-6, atol=1e-6
-    )
+    expected = _norm(w.cpu(), 1e-5)(x.cpu()).to(DEVICE)  # the torch ops, on the CPU
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), expected, rtol=1e-6, atol=1e-6)
     assert fused.rms_norm(torch.empty(0, 64, device=DEVICE), w, 1e-5).shape == (0, 64)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over the NaN row
+def test_nan_stays_nan_and_a_nan_router_row_picks_ids_in_range():
+    x = torch.randn(2, 64, device=DEVICE).to(torch.bfloat16)
+    x[0, 3] = float("nan")
+    out = fused.rms_norm(x, torch.ones(64, device=DEVICE, dtype=torch.bfloat16), 1e-6)
+    assert out[0].isnan().all() and not out[1].isnan().any()  # as torch: the row's sum of squares is NaN
+    # A NaN whose bits are all ones past the sign (the GPU's own) survives the rounding to bf16.
+    weight = torch.ones(64, device=DEVICE)
+    weight.view(torch.int32)[5] = 0x7FFFFFFF
+    out = fused.rms_norm(x[1:], weight, 1e-6, float32_scale=True)
+    assert out[0, 5].isnan() and not out[0, :5].isnan().any()
+    logits = torch.zeros(1, 60, device=DEVICE)
+    logits[0, 7] = float("nan")
+    _, ids = fused.softmax_topk(logits, 4, True, torch.float32)
+    assert ((ids >= 0) & (ids < 60)).all()
 
 
 def _norm(weight, eps):

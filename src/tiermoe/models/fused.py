@@ -3,8 +3,9 @@ where torch's eager ops make eight and five. At batch 1 a decode step is thousan
 CUDA graph replays each in a few microseconds whatever its size, so their number sets much of the step's
 time (Qwen3-30B-A3B: about 64 launches a layer, 48 layers).
 
-Each kernel rounds where torch's ops do (to the tensor's dtype after each product), so the rotary gives
-torch's values exactly and RMSNorm gives them up to the order of its sum of squares. Imported only where
+Each kernel rounds where torch's ops do (to the tensor's dtype after each product, and no fused
+multiply-adds: `enable_fp_fusion=False`), so the rotary gives torch's values exactly and RMSNorm gives them
+up to the order of its sum of squares. Imported only where
 used (CUDA, or the tests with TRITON_INTERPRET=1 set before the import), since triton decides at
 decoration whether a kernel is compiled or interpreted.
 """
@@ -23,7 +24,7 @@ def _round(v, dt: tl.constexpr):
     if dt == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # a NaN's bits would carry into -0.0
     else:
         v = v.to(dt).to(tl.float32)
     return v
@@ -33,7 +34,7 @@ def _round(v, dt: tl.constexpr):
 def _rms_norm(
     x_ptr, w_ptr, out_ptr, n, x_stride, out_stride, eps, BLOCK: tl.constexpr, FLOAT32_SCALE: tl.constexpr
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in long prompts
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -58,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: b
     if rows.shape[0]:
         _rms_norm[(rows.shape[0],)](
             rows, weight, out, n, rows.stride(0), n, eps,
-            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale,
+            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 
@@ -69,7 +70,7 @@ def _rotate(
     sxb, sxh, sxt, scb, sch, sct, sob, soh, sot,
     HALF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # one (batch, head, position) row of the head dimension
+    row = tl.program_id(0).to(tl.int64)  # one (batch, head, position) row; offsets past 2**31 elements
     t = row % length
     h = (row // length) % heads
     b = row // (length * heads)
@@ -108,7 +109,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if out.numel():
         _rotate[(b * h * t,)](
             x, cos, sin, out, h, t, *x.stride()[:3], *cos.stride()[:3], *out.stride()[:3],
-            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), enable_fp_fusion=False,
         )  # fmt: skip
     return out
 
@@ -124,7 +125,7 @@ def _softmax_topk(
     BLOCK: tl.constexpr,
     NORM: tl.constexpr,
 ):
-    row = tl.program_id(0)  # one token
+    row = tl.program_id(0).to(tl.int64)  # one token
     cols = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + row * stride + cols, mask=cols < experts, other=float("-inf")).to(
         tl.float32
@@ -143,7 +144,8 @@ def _softmax_topk(
     left = probs
     for i in tl.static_range(K):
         best = tl.max(left, axis=0)
-        at = tl.min(tl.where(left == best, cols, BLOCK), axis=0)  # the lowest id among equal ones
+        # The lowest id among equal ones; a NaN row (no probability equals its max) stays in range.
+        at = tl.minimum(tl.min(tl.where(left == best, cols, BLOCK), axis=0), experts - 1)
         tl.store(ids_ptr + row * K + i, at.to(tl.int64))
         w = _round(best / total, weights_ptr.dtype.element_ty)
         tl.store(weights_ptr + row * K + i, w.to(weights_ptr.dtype.element_ty))
@@ -159,6 +161,14 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dty
     ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
     if t:
         _softmax_topk[(t,)](
-            logits, weights, ids, e, logits.stride(0), K=k, BLOCK=triton.next_power_of_2(e), NORM=normalize
+            logits,
+            weights,
+            ids,
+            e,
+            logits.stride(0),
+            K=k,
+            BLOCK=triton.next_power_of_2(e),
+            NORM=normalize,
+            enable_fp_fusion=False,
         )
     return weights, ids

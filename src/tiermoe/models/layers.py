@@ -17,10 +17,11 @@ MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SINK_CHUNK_BYTES = 256 << 20  # float32 scores computed at once for the sinks' log-sum-exp
 
 
-def fused_kernels(x: torch.Tensor):
-    """models.fused where x takes its kernels (CUDA, no autograd), imported on first use: triton comes with
-    torch's CUDA builds, not with every CPU install. None elsewhere: the torch ops."""
-    if not x.is_cuda or x.requires_grad:
+def fused_kernels(x: torch.Tensor, *weights: torch.Tensor):
+    """models.fused where x takes its kernels (CUDA, nothing to differentiate: they have no backward),
+    imported on first use: triton comes with torch's CUDA builds, not with every CPU install. None
+    elsewhere: the torch ops."""
+    if not x.is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))):
         return None
     from . import fused
 
@@ -34,7 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused := fused_kernels(x):
+        if fused := fused_kernels(x, self.weight):
             return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -49,7 +50,7 @@ class Float32ScaleRMSNorm(RMSNorm):
     FLOAT32_PARAMETERS = ("weight",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused := fused_kernels(x):
+        if fused := fused_kernels(x, self.weight):
             return fused.rms_norm(x, self.weight, self.eps, float32_scale=True)
         h = x.float()
         return (self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)

@@ -43,7 +43,7 @@ class SoftmaxTopKRouter(nn.Module):
         """x: [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k]). With an override the ids are its
         choice and the weights the router's probabilities of those experts, normalised as the model does."""
         logits = F.linear(x, self.weight)
-        if routing is None and (fused := fused_kernels(x)):
+        if routing is None and (fused := fused_kernels(x, self.weight)):
             return fused.softmax_topk(logits, self.top_k, self.norm_topk_prob, x.dtype)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         if routing is None:
