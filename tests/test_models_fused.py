@@ -109,15 +109,17 @@ def test_layers_take_the_kernels_on_cuda(monkeypatch):
         kernel = getattr(fused, name)
         return lambda *a, **k: calls.append(name) or kernel(*a, **k)
 
-    for name in ("rms_norm", "rotate", "softmax_topk"):
+    for name in ("rms_norm", "rotate", "softmax_topk", "softmax_pick"):
         monkeypatch.setattr(fused, name, counted(name))
     x = torch.randn(1, 2, 3, 64, device="cuda")
     RMSNorm(64, 1e-6).cuda()(x)
     rotate(x, torch.ones(1, 1, 3, 64, device="cuda"), torch.zeros(1, 1, 3, 64, device="cuda"))
     router = SoftmaxTopKRouter(64, 8, 2, True).cuda()
     router(x[0, 0])
-    router(x[0, 0], _TopK(2), 0)  # an override takes the torch ops: it chooses from the probabilities
-    assert calls == ["rms_norm", "rotate", "softmax_topk"]
+    router(x[0, 0], _TopK(2), 0)  # an override that reads the probabilities takes the torch ops
+    ids = torch.tensor([[1, 5]] * 3, device="cuda")
+    assert torch.equal(router(x[0, 0], _Fixed(ids), 0)[1], ids)
+    assert calls == ["rms_norm", "rotate", "softmax_topk", "softmax_pick"]
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -156,3 +158,30 @@ class _TopK:
 
     def route(self, layer, probs):
         return probs.topk(self.k, dim=-1).indices
+
+    def needs_probs(self):
+        return True
+
+
+class _Fixed:
+    """A routing override that chooses alone (as the routing models do): the ids it was given."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def route(self, layer, probs):
+        return self.ids
+
+    def needs_probs(self):
+        return False
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_pick_matches_the_routers_gather(normalize):
+    torch.manual_seed(4)
+    logits = torch.randn(7, 60, device=DEVICE).to(torch.bfloat16)
+    ids = torch.randint(0, 60, (7, 4), device=DEVICE)
+    probs = torch.softmax(logits.cpu(), -1, dtype=torch.float32).gather(-1, ids.cpu())
+    expected = (probs / probs.sum(-1, keepdim=True) if normalize else probs).to(torch.bfloat16).to(DEVICE)
+    got = fused.softmax_pick(logits, ids, normalize, torch.bfloat16)
+    torch.testing.assert_close(got, expected, rtol=8e-3, atol=0)  # within a bf16 ulp

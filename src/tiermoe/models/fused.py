@@ -172,3 +172,50 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dty
             enable_fp_fusion=False,
         )
     return weights, ids
+
+
+@triton.jit
+def _softmax_pick(
+    logits_ptr,
+    ids_ptr,
+    weights_ptr,
+    experts,
+    stride,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one token
+    cols = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * stride + cols, mask=cols < experts, other=float("-inf")).to(
+        tl.float32
+    )
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    probs = e / tl.sum(e, axis=0)
+    total = 0.0
+    if NORM:
+        for i in tl.static_range(K):
+            total += tl.sum(tl.where(cols == tl.load(ids_ptr + row * K + i), probs, 0.0), axis=0)
+    else:
+        total = 1.0
+    for i in tl.static_range(K):
+        w = tl.sum(tl.where(cols == tl.load(ids_ptr + row * K + i), probs, 0.0), axis=0)
+        w = _round(w / total, weights_ptr.dtype.element_ty)
+        tl.store(weights_ptr + row * K + i, w.to(weights_ptr.dtype.element_ty))
+
+
+def softmax_pick(
+    logits: torch.Tensor, ids: torch.Tensor, normalize: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """The router's weights [T, k] in dtype of experts chosen elsewhere (ids [T, k]): their probabilities
+    under softmax(logits [T, E], float32), with normalize divided by their sum, as
+    `softmax(logits).gather(-1, ids)` then the normalisation does."""
+    t, e = logits.shape
+    ids = ids.contiguous()
+    weights = torch.empty(ids.shape, dtype=dtype, device=logits.device)
+    if t:
+        _softmax_pick[(t,)](
+            logits, ids, weights, e, logits.stride(0), K=ids.shape[1], BLOCK=triton.next_power_of_2(e),
+            NORM=normalize, enable_fp_fusion=False,
+        )  # fmt: skip
+    return weights

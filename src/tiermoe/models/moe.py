@@ -24,8 +24,13 @@ class Experts(Protocol):
 class RoutingOverride(Protocol):
     """Decides expert ids in place of the routers' top-k (routing emulation, trace replay, recording)."""
 
-    def route(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        """Expert ids [T, k] for MoE layer `layer` given the router probabilities probs [T, E]."""
+    def route(self, layer: int, probs: torch.Tensor | None) -> torch.Tensor:
+        """Expert ids [T, k] for MoE layer `layer` given the router probabilities probs [T, E] (None where
+        needs_probs says they are not read)."""
+        ...
+
+    def needs_probs(self) -> bool:
+        """Whether route reads the probabilities; if not, a router may skip computing them all."""
         ...
 
 
@@ -43,8 +48,12 @@ class SoftmaxTopKRouter(nn.Module):
         """x: [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k]). With an override the ids are its
         choice and the weights the router's probabilities of those experts, normalised as the model does."""
         logits = F.linear(x, self.weight)
-        if routing is None and (fused := fused_kernels(x, self.weight)):
-            return fused.softmax_topk(logits, self.top_k, self.norm_topk_prob, x.dtype)
+        if fused := fused_kernels(x, self.weight):
+            if routing is None:
+                return fused.softmax_topk(logits, self.top_k, self.norm_topk_prob, x.dtype)
+            if not routing.needs_probs():  # emulated routing: only the chosen experts' weights
+                ids = routing.route(layer, None)
+                return fused.softmax_pick(logits, ids, self.norm_topk_prob, x.dtype), ids
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         if routing is None:
             weights, ids = torch.topk(probs, self.top_k, dim=-1)

@@ -93,7 +93,12 @@ class Routing:
         if self.recorder:
             self.recorder.step(kv_slots)
 
-    def route(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+    def needs_probs(self) -> bool:
+        """Recording alone routes by the router's top-k, and a trace's playback takes it past the
+        recording; the routing models choose alone."""
+        return self.model is None or isinstance(self.model, TracePlayback)
+
+    def route(self, layer: int, probs: torch.Tensor | None) -> torch.Tensor:
         """Expert ids [T, k] for the router probabilities probs [T, E] of MoE layer `layer`."""
         i = self.index[layer]
         if self.model is None:
