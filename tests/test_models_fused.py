@@ -111,14 +111,15 @@ def test_layers_take_the_kernels_on_cuda(monkeypatch):
 
     for name in ("rms_norm", "rotate", "softmax_topk", "softmax_pick"):
         monkeypatch.setattr(fused, name, counted(name))
-    x = torch.randn(1, 2, 3, 64, device="cuda")
-    RMSNorm(64, 1e-6).cuda()(x)
-    rotate(x, torch.ones(1, 1, 3, 64, device="cuda"), torch.zeros(1, 1, 3, 64, device="cuda"))
-    router = SoftmaxTopKRouter(64, 8, 2, True).cuda()
-    router(x[0, 0])
-    router(x[0, 0], _TopK(2), 0)  # an override that reads the probabilities takes the torch ops
-    ids = torch.tensor([[1, 5]] * 3, device="cuda")
-    assert torch.equal(router(x[0, 0], _Fixed(ids), 0)[1], ids)
+    with torch.no_grad():  # as the engine runs: the kernels have no backward
+        x = torch.randn(1, 2, 3, 64, device="cuda")
+        RMSNorm(64, 1e-6).cuda()(x)
+        rotate(x, torch.ones(1, 1, 3, 64, device="cuda"), torch.zeros(1, 1, 3, 64, device="cuda"))
+        router = SoftmaxTopKRouter(64, 8, 2, True).cuda()
+        router(x[0, 0])
+        router(x[0, 0], _TopK(2), 0)  # an override that reads the probabilities takes the torch ops
+        ids = torch.tensor([[1, 5]] * 3, device="cuda")
+        assert torch.equal(router(x[0, 0], _Fixed(ids), 0)[1], ids)
     assert calls == ["rms_norm", "rotate", "softmax_topk", "softmax_pick"]
 
 
