@@ -186,3 +186,19 @@ def test_softmax_pick_matches_the_routers_gather(normalize):
     expected = (probs / probs.sum(-1, keepdim=True) if normalize else probs).to(torch.bfloat16).to(DEVICE)
     got = fused.softmax_pick(logits, ids, normalize, torch.bfloat16)
     torch.testing.assert_close(got, expected, rtol=8e-3, atol=0)  # within a bf16 ulp
+
+
+def test_rms_norm_and_rotate_of_heads_inside_a_fused_projection():
+    """q and k as views into one q/k/v projection [B, T, width]: per-head rows two strides apart."""
+    torch.manual_seed(5)
+    b, t, heads, d = 2, 3, 4, 32
+    qkv = torch.randn(b, t, heads * d + 2 * 2 * d, device=DEVICE)
+    q = qkv[..., : heads * d].view(b, t, heads, d)
+    w = torch.rand(d, device=DEVICE)
+    expected = _norm(w.cpu(), 1e-6)(q.cpu()).to(DEVICE)
+    torch.testing.assert_close(fused.rms_norm(q, w, 1e-6), expected, rtol=1e-6, atol=1e-6)
+    k = qkv[..., heads * d : heads * d + 2 * d].view(b, t, 2, d).transpose(1, 2)  # [B, kv heads, T, D]
+    cos, sin = torch.rand(b, 1, t, d, device=DEVICE), torch.rand(b, 1, t, d, device=DEVICE)
+    out = fused.rotate(k, cos, sin)
+    assert torch.equal(out, torch_rotate(k, cos, sin))
+    assert out.transpose(1, 2).is_contiguous()  # [B, T, heads, D] in memory: the cache writes it as a view

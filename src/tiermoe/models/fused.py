@@ -32,18 +32,20 @@ def _round(v, dt: tl.constexpr):
 
 @triton.jit
 def _rms_norm(
-    x_ptr, w_ptr, out_ptr, n, x_stride, out_stride, eps, BLOCK: tl.constexpr, FLOAT32_SCALE: tl.constexpr
+    x_ptr, w_ptr, out_ptr, n, inner, x_outer, x_inner, eps, BLOCK: tl.constexpr, FLOAT32_SCALE: tl.constexpr
 ):
     row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in long prompts
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row // inner * x_outer + row % inner * x_inner + cols, mask=mask, other=0.0).to(
+        tl.float32
+    )
     normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if not FLOAT32_SCALE:  # torch: weight * normed.to(dtype), the product in the promoted dtype
         normed = _round(normed, x_ptr.dtype.element_ty)
     out = _round(w * normed, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * n + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: bool = False) -> torch.Tensor:
@@ -51,14 +53,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: b
     cast to x's dtype (gpt-oss); else the normalised x is cast first and the product takes the promoted
     dtype of weight and x, as `weight * normed.to(x.dtype)` does."""
     n = x.shape[-1]
-    rows = x.reshape(-1, n)
+    # [outer, inner, n] rows two strides apart: per-head rows of a q or k that is a view into a fused
+    # q/k/v projection ([B, T, heads, D], heads D apart, tokens the projection's width apart) stay views.
+    rows = x.reshape(-1, x.shape[-2] if x.dim() > 2 else 1, n)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     dtype = x.dtype if float32_scale else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    if rows.shape[0]:
-        _rms_norm[(rows.shape[0],)](
-            rows, weight, out, n, rows.stride(0), n, eps,
+    if out.numel():
+        _rms_norm[(rows.shape[0] * rows.shape[1],)](
+            rows, weight, out, n, rows.shape[1], rows.stride(0), rows.stride(1), eps,
             BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, enable_fp_fusion=False,
         )  # fmt: skip
     return out
@@ -105,7 +109,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         return None
     b, h, t, d = x.shape
-    out = torch.empty_like(x)  # x's layout, as torch's elementwise ops keep it
+    # [B, T, H, D] in memory: the layout attention's K and V writes take as a view (tokens, heads, D).
+    out = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
     if out.numel():
         _rotate[(b * h * t,)](
             x, cos, sin, out, h, t, *x.stride()[:3], *cos.stride()[:3], *out.stride()[:3],
@@ -115,23 +120,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
-def _softmax_topk(
-    logits_ptr,
-    weights_ptr,
-    ids_ptr,
-    experts,
-    stride,
-    K: tl.constexpr,
-    BLOCK: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # one token
+def _router_row(logits_ptr, stride, experts, BLOCK: tl.constexpr):
+    """This program's token (row), the expert ids it spans (cols), and the float32 softmax of its router
+    logits (probs, 0 past the experts)."""
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + row * stride + cols, mask=cols < experts, other=float("-inf")).to(
         tl.float32
     )
     e = tl.exp(logits - tl.max(logits, axis=0))
-    probs = e / tl.sum(e, axis=0)
+    return row, cols, e / tl.sum(e, axis=0)
+
+
+@triton.jit
+def _softmax_topk(logits_ptr, weights_ptr, ids_ptr, experts, stride, K: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    row, cols, probs = _router_row(logits_ptr, stride, experts, BLOCK)
     # The k largest, twice: first for their sum (the normalisation), then to store them, largest first.
     total = 0.0
     left = probs
@@ -175,23 +178,8 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dty
 
 
 @triton.jit
-def _softmax_pick(
-    logits_ptr,
-    ids_ptr,
-    weights_ptr,
-    experts,
-    stride,
-    K: tl.constexpr,
-    BLOCK: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # one token
-    cols = tl.arange(0, BLOCK)
-    logits = tl.load(logits_ptr + row * stride + cols, mask=cols < experts, other=float("-inf")).to(
-        tl.float32
-    )
-    e = tl.exp(logits - tl.max(logits, axis=0))
-    probs = e / tl.sum(e, axis=0)
+def _softmax_pick(logits_ptr, ids_ptr, weights_ptr, experts, stride, K: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    row, cols, probs = _router_row(logits_ptr, stride, experts, BLOCK)
     total = 0.0
     if NORM:
         for i in tl.static_range(K):

@@ -162,13 +162,39 @@ class Attention(nn.Module):
         elif s.qk_norm == "full":
             self.q_norm = RMSNorm(s.num_heads * s.head_dim, s.eps)
             self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.eps)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fuse_qkv's (weight, bias)
+
+    def fuse_qkv(self) -> None:
+        """Once the weights are loaded: q, k and v as one projection, a launch where there were three,
+        with q_proj, k_proj and v_proj's weights left as views into it (no memory added). Linear layers of
+        another kind (FP8) stay apart."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(p) is not nn.Linear for p in projections):
+            return
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if self.spec.qkv_bias else None
+        at = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight.data = weight[at : at + rows]
+            if bias is not None:
+                p.bias.data = bias[at : at + rows]
+            at += rows
+        self.qkv = (weight, bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, T, heads x D] of x [B, T, H]: views into one projection once fused."""
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        sizes = [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)]
+        return F.linear(x, *self.qkv).split(sizes, dim=-1)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
     ) -> torch.Tensor:
         s = self.spec
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:

@@ -22,7 +22,7 @@ from ..formats.base import ExpertFormat
 from ..formats.fp8 import SCALE_SUFFIX
 from ..formats.registry import format_for
 from ..models.base import Architecture, MoEArgs
-from ..models.layers import CausalLM, Rotary
+from ..models.layers import Attention, CausalLM, Rotary
 from ..models.moe import Experts, SparseMoeBlock
 from ..models.registry import architecture_for
 from .checkpoint import SYNTHETIC_KEY, Checkpoint, expect_shape, read_config
@@ -113,9 +113,11 @@ def load_model(
         if isinstance(module, Rotary):
             module.reset()
     load_dense(model, source, progress)
-    for block in model.modules():
-        if isinstance(block, SparseMoeBlock):
-            block.experts, block.routing = experts, routing
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.experts, module.routing = experts, routing
+        elif isinstance(module, Attention):
+            module.fuse_qkv()
     return model.requires_grad_(False).eval()
 
 
