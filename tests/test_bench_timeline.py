@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiermoe.bench.timeline import overlap_summary
+from tiermoe.bench.timeline import kernel_census, overlap_summary
 
 
 def event(cat: str, ts: float, dur: float, name: str = "k") -> dict:
@@ -27,3 +27,21 @@ def test_overlap_counts_copy_time_under_any_kernel_once():
     assert s["kernel_us"] == 20 and s["h2d_copy_us"] == 20 and s["h2d_overlapped_us"] == 8
     assert s["h2d_overlap_share"] == pytest.approx(0.4)
     assert overlap_summary({"traceEvents": []})["h2d_overlap_share"] is None
+
+
+def test_census_counts_launches_a_step_and_ranks_kernels_by_time():
+    trace = {
+        "traceEvents": [
+            event("kernel", 0, 2, "rms_norm"),
+            event("kernel", 3, 2, "rms_norm"),
+            event("kernel", 6, 9, "gemv"),
+            event("kernel", 20, 1, "rms_norm"),
+            event("gpu_memcpy", 0, 50, "Memcpy HtoD (Pinned -> Device)"),  # a copy, not a kernel
+        ]
+    }
+    census = kernel_census(trace, steps=2)
+    assert census["kernels_per_step"] == 2
+    assert census["top_kernels"] == [
+        {"name": "gemv", "launches": 1, "us": 9.0},
+        {"name": "rms_norm", "launches": 3, "us": 5.0},
+    ]

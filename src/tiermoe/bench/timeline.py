@@ -1,11 +1,13 @@
-"""`python -m tiermoe.bench.timeline`: a torch-profiler timeline of a few capped decode steps, and how
-much of the copy stream's time overlaps the compute stream's.
+"""`python -m tiermoe.bench.timeline`: a torch-profiler timeline of a few decode steps, how much of the
+copy stream's time overlaps the compute stream's, and the kernels a step launches.
 
-    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8 [--miss-path in-place] [--tokens 4]
+    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8|none [--miss-path in-place] [--tokens 4]
 
 Writes the Chrome trace (open it in chrome://tracing or Perfetto) to bench/results/timeline-<date>.json
 beside a summary: the decode steps' wall time, the time kernels ran, the time host-to-device copies ran
-and the share of copy time during which a kernel ran too. One stream is serial if that share is 0.
+and the share of copy time during which a kernel ran too (one stream is serial if that share is 0), the
+kernels launched a step and the ones that took the most time. Uncapped, the step's wall time less its
+kernel time is what launches and the host cost.
 """
 
 from __future__ import annotations
@@ -52,10 +54,29 @@ def overlap_summary(trace: dict) -> dict:
     }
 
 
+TOP_KERNELS = 15
+
+
+def kernel_census(trace: dict, steps: int) -> dict:
+    """Kernels a decode step launches (all the trace's kernels over its steps) and the kernels that took
+    the most time: name, launches and microseconds in all, the most first."""
+    by_name: dict[str, list[float]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") == "kernel" and "dur" in e:
+            by_name.setdefault(e.get("name", "?"), []).append(float(e["dur"]))
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:TOP_KERNELS]
+    return {
+        "kernels_per_step": sum(len(v) for v in by_name.values()) / steps if steps else None,
+        "top_kernels": [{"name": n, "launches": len(v), "us": sum(v)} for n, v in top],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tiermoe.bench.timeline", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--gpu-budget", type=float, required=True, help="GiB: a capped run moves experts")
+    p.add_argument(
+        "--gpu-budget", required=True, help="GiB (a capped run moves experts), or none: every expert resident"
+    )
     p.add_argument("--miss-path", default="copy", choices=("copy", "in-place"))
     p.add_argument("--routing", default=None, help="as tiermoe bench (default: szd on synthetic checkpoints)")
     p.add_argument("--tokens", type=int, default=4, help="decode steps to profile (after a warm-up)")
@@ -70,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .. import LLM, SamplingParams
 
-    llm = LLM(args.model, gpu_budget_gib=args.gpu_budget, miss_path=args.miss_path, routing=args.routing)
+    budget = None if args.gpu_budget == "none" else float(args.gpu_budget)
+    llm = LLM(args.model, gpu_budget_gib=budget, miss_path=args.miss_path, routing=args.routing)
     prompt = list(range(100, 164))
     llm.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))  # graphs captured, caches warm
     params = SamplingParams(max_tokens=args.tokens + 1, ignore_eos=True)  # the first token is prefill's
@@ -87,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall_s,
         "decode_steps": args.tokens,
         "miss_path": args.miss_path,
-        "gpu_budget_gib": args.gpu_budget,
+        "gpu_budget_gib": budget,
         "experts_decode": result.stats.experts_decode,
-        **overlap_summary(json.loads(out.read_text())),
+        **overlap_summary(trace := json.loads(out.read_text())),
+        **kernel_census(trace, args.tokens),
         **run_metadata(argv),
     }
     path = write_json(out.with_name(out.stem + "-summary.json"), summary)
@@ -97,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.tokens} decode steps in {summary['decode_s'] * 1000:.1f} ms: kernels {summary['kernel_us'] / 1000:.1f} ms, "
         f"H2D copies {summary['h2d_copy_us'] / 1000:.1f} ms, {'-' if share is None else f'{share:.0%}'} of it "
-        f"overlapped by kernels; trace {out}, summary {path}"
+        f"overlapped by kernels; {summary['kernels_per_step']:.0f} kernels a step; trace {out}, summary {path}"
     )
     return 0
 
