@@ -109,18 +109,19 @@ def test_layers_take_the_kernels_on_cuda(monkeypatch):
         kernel = getattr(fused, name)
         return lambda *a, **k: calls.append(name) or kernel(*a, **k)
 
-    for name in ("rms_norm", "rotate", "softmax_topk", "softmax_pick"):
+    for name in ("rms_norm", "add_rms_norm", "rotate", "softmax_topk", "softmax_pick"):
         monkeypatch.setattr(fused, name, counted(name))
     with torch.no_grad():  # as the engine runs: the kernels have no backward
         x = torch.randn(1, 2, 3, 64, device="cuda")
         RMSNorm(64, 1e-6).cuda()(x)
+        RMSNorm(64, 1e-6).cuda().add(x, x)
         rotate(x, torch.ones(1, 1, 3, 64, device="cuda"), torch.zeros(1, 1, 3, 64, device="cuda"))
         router = SoftmaxTopKRouter(64, 8, 2, True).cuda()
         router(x[0, 0])
         router(x[0, 0], _TopK(2), 0)  # an override that reads the probabilities takes the torch ops
         ids = torch.tensor([[1, 5]] * 3, device="cuda")
         assert torch.equal(router(x[0, 0], _Fixed(ids), 0)[1], ids)
-    assert calls == ["rms_norm", "rotate", "softmax_topk", "softmax_pick"]
+    assert calls == ["rms_norm", "add_rms_norm", "rotate", "softmax_topk", "softmax_pick"]
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -202,3 +203,26 @@ def test_rms_norm_and_rotate_of_heads_inside_a_fused_projection():
     out = fused.rotate(k, cos, sin)
     assert torch.equal(out, torch_rotate(k, cos, sin))
     assert out.transpose(1, 2).is_contiguous()  # [B, T, heads, D] in memory: the cache writes it as a view
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm", [RMSNorm, Float32ScaleRMSNorm])
+def test_add_rms_norm_is_the_residual_add_then_the_norm(dtype, norm):
+    torch.manual_seed(6)
+    module = norm(96, 1e-6)
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.3)
+    if norm is RMSNorm:
+        module.to(dtype)
+    x, delta = (torch.randn(2, 3, 96) * 2).to(dtype), torch.randn(2, 3, 96).to(dtype)
+    total, normed = module.add(x, delta)  # the torch ops, on the CPU
+    got_total, got = fused.add_rms_norm(
+        x.to(DEVICE), delta.to(DEVICE), module.weight.to(DEVICE), 1e-6, norm.float32_scale
+    )
+    assert torch.equal(got_total.cpu(), total)  # one rounding of the sum, as torch's add
+    assert got.dtype == normed.dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.cpu(), normed, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.cpu().float(), normed.float(), rtol=8e-3, atol=0)  # a bf16 ulp
+    assert fused.add_rms_norm(x.to(DEVICE).mT, delta.to(DEVICE).mT, module.weight, 1e-6) is None

@@ -1,5 +1,6 @@
-"""Triton kernels for the decoder's small ops on CUDA: RMSNorm and the rotary embedding, one launch each
-where torch's eager ops make eight and five. At batch 1 a decode step is thousands of such launches, and a
+"""Triton kernels for the decoder's small ops on CUDA: RMSNorm (with the residual add before it, where it
+follows a sublayer), the rotary embedding and the softmax router, one launch each where torch's eager ops
+make eight (nine), five and six. At batch 1 a decode step is thousands of such launches, and a
 CUDA graph replays each in a few microseconds whatever its size, so their number sets much of the step's
 time (Qwen3-30B-A3B: about 64 launches a layer, 48 layers).
 
@@ -32,14 +33,21 @@ def _round(v, dt: tl.constexpr):
 
 @triton.jit
 def _rms_norm(
-    x_ptr, w_ptr, out_ptr, n, inner, x_outer, x_inner, eps, BLOCK: tl.constexpr, FLOAT32_SCALE: tl.constexpr
-):
+    x_ptr, w_ptr, out_ptr, n, inner, x_outer, x_inner, eps, delta_ptr, sum_ptr,
+    BLOCK: tl.constexpr, FLOAT32_SCALE: tl.constexpr, ADD: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in long prompts
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row // inner * x_outer + row % inner * x_inner + cols, mask=mask, other=0.0).to(
         tl.float32
     )
+    if ADD:  # the residual stream: x + delta in x's dtype, stored, then normalised (contiguous rows)
+        x = _round(
+            x + tl.load(delta_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32),
+            x_ptr.dtype.element_ty,
+        )
+        tl.store(sum_ptr + row * n + cols, x.to(sum_ptr.dtype.element_ty), mask=mask)
     normed = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if not FLOAT32_SCALE:  # torch: weight * normed.to(dtype), the product in the promoted dtype
@@ -62,10 +70,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: b
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if out.numel():
         _rms_norm[(rows.shape[0] * rows.shape[1],)](
-            rows, weight, out, n, rows.shape[1], rows.stride(0), rows.stride(1), eps,
-            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, enable_fp_fusion=False,
+            rows, weight, out, n, rows.shape[1], rows.stride(0), rows.stride(1), eps, out, out,
+            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, ADD=False, enable_fp_fusion=False,
         )  # fmt: skip
     return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta) * weight) in one launch: the residual stream after a sublayer and
+    the next sublayer's input. x and delta [..., n] contiguous, of one dtype (else None: the torch ops)."""
+    if not (
+        x.is_contiguous() and delta.is_contiguous() and x.dtype == delta.dtype and x.shape == delta.shape
+    ):
+        return None
+    n = x.shape[-1]
+    total = torch.empty_like(x)
+    dtype = x.dtype if float32_scale else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if out.numel():
+        _rms_norm[(x.numel() // n,)](
+            x, weight, out, n, 1, n, 0, eps, delta, total,
+            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, ADD=True, enable_fp_fusion=False,
+        )  # fmt: skip
+    return total, out
 
 
 @triton.jit

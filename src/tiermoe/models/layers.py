@@ -29,14 +29,26 @@ def fused_kernels(x: torch.Tensor, *weights: torch.Tensor):
 
 
 class RMSNorm(nn.Module):
+    float32_scale = False  # the weight multiplies after the cast back to x's dtype
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): the residual stream after a sublayer and the next one's input,
+        in one launch on CUDA."""
+        if (fused := fused_kernels(x, delta, self.weight)) and (
+            both := fused.add_rms_norm(x, delta, self.weight, self.eps, self.float32_scale)
+        ) is not None:
+            return both
+        total = x + delta
+        return total, self(total)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused := fused_kernels(x, self.weight):
-            return fused.rms_norm(x, self.weight, self.eps)
+            return fused.rms_norm(x, self.weight, self.eps, self.float32_scale)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -48,10 +60,11 @@ class Float32ScaleRMSNorm(RMSNorm):
     norms' weights in float32 where it can)."""
 
     FLOAT32_PARAMETERS = ("weight",)
+    float32_scale = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused := fused_kernels(x, self.weight):
-            return fused.rms_norm(x, self.weight, self.eps, float32_scale=True)
+            return fused.rms_norm(x, self.weight, self.eps, self.float32_scale)
         h = x.float()
         return (self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
@@ -266,22 +279,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
     ) -> torch.Tensor:
-        x = self.attend(x, rope, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = self.attend(x, rope, cache)
+        return x + self.mlp(normed)
 
     def attend(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
-    ) -> torch.Tensor:
-        """The residual stream after this layer's attention."""
-        return x + self.self_attn(self.input_layernorm(x), rope, cache)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after this layer's attention, and its post-attention norm (the MLP's input)."""
+        return self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), rope, cache))
 
     # A MoE layer in two parts, for callers that run the routed experts themselves (the runner's
     # layered CUDA graphs): forward(x) == after_experts(r, experts(xn, ids, w), s) of before_experts(x).
     def before_experts(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache):
         """(residual after attention [B, T, H], expert input [T, H], routing weights and expert ids
         [T, k], shared expert output [T, H] or None)."""
-        x1 = self.attend(x, rope, cache)
-        xn = self.post_attention_layernorm(x1).reshape(-1, x1.shape[-1])
+        x1, xn = self.attend(x, rope, cache)
+        xn = xn.reshape(-1, x1.shape[-1])
         return (x1, xn, *self.mlp.dense_part(xn))
 
     def after_experts(
