@@ -21,7 +21,7 @@ def test_qkv_fused_after_loading_gives_the_same_logits(tiny_checkpoint, monkeypa
     attn = [m for m in fused.model.modules() if isinstance(m, Attention)]
     assert attn and all(a.qkv is not None for a in attn)
     for a in attn:  # the three weights (and biases) are views into the fused ones: no memory added
-        weight, bias = a.qkv
+        weight, bias, _ = a.qkv
         assert a.q_proj.weight.data_ptr() == weight.data_ptr()
         assert a.v_proj.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
         assert (bias is not None) == (arch == "gpt_oss")

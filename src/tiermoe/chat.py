@@ -66,6 +66,7 @@ class LocalBackend:
         self.errors: tuple[type[Exception], ...] = (TiermoeError,)
         self.last_stats: dict | None = None
         self.reasoning = reasoning_of(llm.tokenizer)
+        self.keep_markers = self.reasoning is not None and self.reasoning.keeps_special_tokens()
 
     def stream(self, messages: list[dict], options: ChatOptions) -> Iterator[tuple[str, str]]:
         """(reasoning, content) pieces of the reply."""
@@ -76,7 +77,7 @@ class LocalBackend:
             temperature=options.temperature,
             top_p=options.top_p,
             seed=options.seed,
-            skip_special_tokens=not (self.reasoning and self.reasoning.keeps_special_tokens()),
+            skip_special_tokens=not self.keep_markers,
         )
         answer = AnswerStream(reasoning=self.reasoning)
         answer.begin(prompt)

@@ -66,14 +66,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float32_scale: b
     rows = x.reshape(-1, x.shape[-2] if x.dim() > 2 else 1, n)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    dtype = x.dtype if float32_scale else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    if out.numel():
-        _rms_norm[(rows.shape[0] * rows.shape[1],)](
-            rows, weight, out, n, rows.shape[1], rows.stride(0), rows.stride(1), eps, out, out,
-            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, ADD=False, enable_fp_fusion=False,
-        )  # fmt: skip
-    return out
+    return _normed(rows, x.shape, weight, eps, float32_scale)
 
 
 def add_rms_norm(
@@ -85,16 +78,25 @@ def add_rms_norm(
         x.is_contiguous() and delta.is_contiguous() and x.dtype == delta.dtype and x.shape == delta.shape
     ):
         return None
-    n = x.shape[-1]
     total = torch.empty_like(x)
-    dtype = x.dtype if float32_scale else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    rows = x.view(-1, 1, x.shape[-1])
+    return total, _normed(rows, x.shape, weight, eps, float32_scale, delta, total)
+
+
+def _normed(rows, shape, weight, eps, float32_scale, delta=None, total=None) -> torch.Tensor:
+    """The norm of rows [outer, inner, n] (last stride 1), shaped `shape`; with delta, of rows + delta,
+    their sum written to total (both contiguous like rows)."""
+    n = rows.shape[-1]
+    dtype = rows.dtype if float32_scale else torch.promote_types(weight.dtype, rows.dtype)
+    out = torch.empty(shape, dtype=dtype, device=rows.device)
     if out.numel():
-        _rms_norm[(x.numel() // n,)](
-            x, weight, out, n, 1, n, 0, eps, delta, total,
-            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, ADD=True, enable_fp_fusion=False,
+        add = delta is not None
+        _rms_norm[(rows.shape[0] * rows.shape[1],)](
+            rows, weight, out, n, rows.shape[1], rows.stride(0), rows.stride(1), eps,
+            delta if add else out, total if add else out,
+            BLOCK=triton.next_power_of_2(n), FLOAT32_SCALE=float32_scale, ADD=add, enable_fp_fusion=False,
         )  # fmt: skip
-    return total, out
+    return out
 
 
 @triton.jit

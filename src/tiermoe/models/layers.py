@@ -175,7 +175,9 @@ class Attention(nn.Module):
         elif s.qk_norm == "full":
             self.q_norm = RMSNorm(s.num_heads * s.head_dim, s.eps)
             self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.eps)
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fuse_qkv's (weight, bias)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = (
+            None  # fuse_qkv's (weight, bias, rows)
+        )
 
     def fuse_qkv(self) -> None:
         """Once the weights are loaded: q, k and v as one projection, a launch where there were three,
@@ -193,14 +195,14 @@ class Attention(nn.Module):
             if bias is not None:
                 p.bias.data = bias[at : at + rows]
             at += rows
-        self.qkv = (weight, bias)
+        self.qkv = (weight, bias, [p.weight.shape[0] for p in projections])
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, T, heads x D] of x [B, T, H]: views into one projection once fused."""
         if self.qkv is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        sizes = [p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)]
-        return F.linear(x, *self.qkv).split(sizes, dim=-1)
+        weight, bias, rows = self.qkv
+        return F.linear(x, weight, bias).split(rows, dim=-1)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache

@@ -105,6 +105,8 @@ def create_app(
     model_name = names[0]
     metrics = ServerMetrics()
     worker = EngineWorker(llm, metrics)
+    reasoning = reasoning_of(llm.tokenizer)  # the model's: found once, not per request
+    keep_reasoning_markers = reasoning is not None and reasoning.keeps_special_tokens()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -174,7 +176,6 @@ def create_app(
         name = check_model(body.model)
         messages, template_kwargs = body.template_messages(), body.template_kwargs()
         tools = format_for(body.tools, body.tool_choice, getattr(llm.tokenizer, "chat_template", None))
-        reasoning = reasoning_of(llm.tokenizer)
 
         def prompt() -> list[int]:
             text = llm.apply_chat_template(
@@ -184,7 +185,7 @@ def create_app(
 
         # The text keeps special tokens where markers are: some tool-call formats' ([TOOL_CALLS]), gpt-oss's
         # channels.
-        keep = tools is not None or (reasoning is not None and reasoning.keeps_special_tokens())
+        keep = tools is not None or keep_reasoning_markers
         job = submit(prompt, body, skip_special_tokens=not keep)
         shape = ChatShape(name, token_text(body), tools, reasoning)
         return await _respond(request, job, shape, body.stream, body.include_usage, metrics)
