@@ -20,7 +20,7 @@
 # Results land in bench/results/ (and are copied to $OUT when the device tool sets it).
 # Environment: SYNTH_DIR (where checkpoints are written, default ~/.cache/tiermoe/synth),
 # TIERMOE (the command, default "python3 -m tiermoe.cli" from this checkout), PEERS (HF peers,
-# default hf-offload; e.g. hf,hf-offload), LLAMA_CPP (a llama.cpp installation: adds the llama.cpp
+# default hf-offload; e.g. hf,hf-offload; none: no peer at all), LLAMA_CPP (a llama.cpp installation: adds the llama.cpp
 # peer, which converts the checkpoint to GGUF first and does not fit the 10 minutes the first time;
 # TIERMOE_LLAMA_CPP, the tests' name, works too), LLAMA_FORMATS (its GGUFs: default base for OLMoE, the
 # converter's bf16, and base,q4_k_m for Qwen3, q8_0 and Q4_K_M), GPU_BUDGETS (tiermoe's caps, default the
@@ -61,6 +61,8 @@ ROUTING=${ROUTINGS:-natural,uniform,szd}  # ROUTINGS=szd,uniform leaves out the 
 LLAMA_CPP=${LLAMA_CPP:-${TIERMOE_LLAMA_CPP:-}}  # the tests' name for the same folder
 variant_flags=(${VARIANTS:+--variants "$VARIANTS"})
 peer_flags=(--peers "${PEERS:-hf-offload}${LLAMA_CPP:+,llama.cpp}" ${LLAMA_CPP:+--llama-cpp "$LLAMA_CPP"})
+# PEERS=none: tiermoe alone, llama.cpp included (a concurrency sweep, where the peers ran at batch 1 before)
+if [[ ${PEERS:-} == none ]]; then LLAMA_CPP= peer_flags=(); fi
 llama_formats() { [[ -n $LLAMA_CPP ]] && echo --llama-cpp-formats "${LLAMA_FORMATS:-$1}"; }
 
 case "${1:-olmoe}" in

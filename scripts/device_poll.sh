@@ -13,5 +13,7 @@ echo "--- train"; tail -n 3 "$W/train.log" 2>/dev/null
 cat "$W/phases.log" 2>/dev/null | tail -n 30
 echo ---; tail -n 5 "$W/pytest.log" 2>/dev/null
 echo "--- drive"; tail -n 5 "$W/drive.log" 2>/dev/null; echo "--- p1-deepseek"; tail -n 4 "$W/p1-deepseek.log" 2>/dev/null
-for f in olmoe qwen3 qwen3-int4 olmoe-int4 gpt-oss-20b deepseek-v2-lite deepseek-v3-7l ab-olmoe ab-qwen3; do echo "--- $f"; grep -E "bench: |saved|Error|error" "$W/$f.log" 2>/dev/null | tail -n 12; done
+for log in "$W"/{olmoe,qwen3,qwen3-int4,olmoe-int4,gpt-oss-20b,deepseek-v2-lite,deepseek-v3-7l,census}.log "$W"/ab-*.log; do
+    [[ -e $log ]] && { echo "--- $(basename "$log" .log)"; grep -E "bench: |saved|Error|error|kernels" "$log" | tail -n 12; }
+done
 [[ -e $W/done ]] && echo DONE || echo RUNNING

@@ -114,11 +114,14 @@ df -h / /dev/shm | tee -a "$W/phases.log"
 ab_runs() {
     if [[ -n ${AB_REV:-} && -d .carry/ab/src ]]; then
         for suite in ${AB_SUITES:-$SUITES}; do
-            if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budget=8; else model=$SYNTH/olmoe-1b-7b budget=4; fi
+            # AB_BUDGETS: the caps compared (default the suite's: Qwen3 8 GiB, OLMoE 4; "none" uncapped)
+            if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budgets=${AB_BUDGETS:-8}; else model=$SYNTH/olmoe-1b-7b budgets=${AB_BUDGETS:-4}; fi
             [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
-            OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
-                > "$W/ab-$suite.log" 2>&1
-            mark "ab $suite done ($?): $(grep -h 'ab_decode' "$W/ab-$suite.log" | tail -1)"
+            for budget in ${budgets//,/ }; do
+                OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
+                    > "$W/ab-$suite-$budget.log" 2>&1
+                mark "ab $suite $budget done ($?): $(grep -h 'ab_decode' "$W/ab-$suite-$budget.log" | tail -1)"
+            done
         done
     fi
 }
@@ -133,11 +136,27 @@ for suite in $SUITES; do
     fi
     free -g | tee -a "$W/phases.log"
     case $suite in qwen3) budgets=${QWEN3_BUDGETS:-} ;; olmoe) budgets=${OLMOE_BUDGETS:-} ;; *) budgets= ;; esac
-    # VARIANTS_<suite> (dashes as underscores, e.g. VARIANTS_gpt_oss_20b): that suite's miss paths.
-    key=VARIANTS_${suite//-/_}
-    VARIANTS=${!key:-${VARIANTS:-}} GPU_BUDGETS=$budgets bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
+    # VARIANTS_<suite>, BATCHES_<suite>, PEERS_<suite>, ROUTINGS_<suite> (dashes as underscores, e.g.
+    # BATCHES_olmoe=1,4,16,64): that suite's own setting in place of the session's.
+    own=()
+    for var in VARIANTS BATCHES PEERS ROUTINGS; do
+        key=${var}_${suite//-/_}
+        [[ -n ${!key:-} ]] && own+=("$var=${!key}")
+    done
+    env "${own[@]}" GPU_BUDGETS="$budgets" bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
+    # V2-Lite's GGUF (31 GB) leaves /dev/shm once its suite is done: the later suites' host caches need it.
+    [[ $suite == deepseek-v2-lite ]] && rm -f /dev/shm/gguf/deepseek-v2-lite*
 done
+# CENSUS=1: the kernels of an uncapped OLMoE decode step, counted and ranked by time (what the step holds
+# besides launches and bytes).
+if [[ ${CENSUS:-0} == 1 && -f $SYNTH/olmoe-1b-7b/tiermoe_synth.json ]]; then
+    stem=timeline-olmoe-none-$(date -u +%Y%m%dT%H%M%SZ)  # the trace stays in $W, its summary is a result
+    python3 -m tiermoe.bench.timeline --model "$SYNTH/olmoe-1b-7b" --gpu-budget none --tokens 4 \
+        --out "$W/$stem.json" > "$W/census.log" 2>&1
+    mark "census done ($?)"
+    cp "$W/$stem-summary.json" bench/results/ 2>/dev/null
+fi
 [[ ${AB_AFTER:-0} == 1 ]] && ab_runs
 # TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure).
 if [[ ${TIMELINE:-0} == 1 && -f $SYNTH/qwen3-30b-a3b/tiermoe_synth.json ]]; then
