@@ -27,6 +27,8 @@
 # suite's cap and none; e.g. 8 alone where a lease is short), VARIANTS (tiermoe's store settings when
 # capped, bench --variants; e.g. lfu+noprefetch,lfu+noprefetch+in-place to compare the miss paths).
 # BATCHES: concurrent sequences, bench --batch (default 1; e.g. 1,4,16,64 for issue 15's concurrency figures).
+# PROMPT_LEN / GEN_LEN: each sequence's tokens in and out (defaults: the suite's; 64 sequences of 128 + 128
+# need 2 GiB of OLMoE's KV cache, more than a 4 GiB cap leaves, so a sweep to 64 takes 64 + 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -75,7 +77,7 @@ olmoe)
     # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe at 4 GiB and uncapped, 3 routings
     #    each (~35-50 s a run); HF offload at the same cap (~0.6 tok/s: 8 tokens, timed once).
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 128 --batch "${BATCHES:-1}" --repeat 3 \
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-128}" --batch "${BATCHES:-1}" --repeat 3 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
 deepseek-v2-lite)
@@ -85,7 +87,7 @@ deepseek-v2-lite)
     # 1 GiB workspace at 6 GiB: half of it leaves 7 slots a layer of 64.
     model=$(synth deepseek-v2-lite)
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-6}" --workspace 0.5 --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 gpt-oss-20b)
@@ -95,7 +97,7 @@ gpt-oss-20b)
     [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset gpt-oss-20b --out "$model" --dtype bf16 \
         --experts-in-memory --experts mxfp4 >&2
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 deepseek-v3-7l)
@@ -105,7 +107,7 @@ deepseek-v3-7l)
     [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset deepseek-v3-7l --out "$model" --dtype bf16 \
         --experts-in-memory --experts fp8 >&2
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-24}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 32 --batch "${BATCHES:-1}" --repeat 2 --timeout 300
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-32}" --batch "${BATCHES:-1}" --repeat 2 --timeout 300
     ;;
 qwen3)
     # Qwen3-30B-A3B (30.5B params): its 57 GiB of bf16 experts do not fit the 64 GiB disk beside the OS, so
@@ -115,7 +117,7 @@ qwen3)
     # HF offload (0.1 tok/s, ~3 minutes for 3 tokens) takes the rest.
     model=$(synth qwen3-30b-a3b --experts-in-memory)
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 \
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
 qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qwen3-mxfp4 | olmoe-mxfp4)
@@ -138,7 +140,7 @@ qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qw
         [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts "$fmt" "${scales[@]}" --out "$model"
     fi
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len "$gen" --batch "${BATCHES:-1}" --repeat "$repeat" --also-model "$bf16" \
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-$gen}" --batch "${BATCHES:-1}" --repeat "$repeat" --also-model "$bf16" \
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300
     ;;
@@ -149,7 +151,7 @@ olmoe-disk)
     $TIERMOE profile --model "$model" --gpu-budget 4 --disk-dir "$model" \
         --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
     $TIERMOE bench --model "$model" --gpu-budget 4 --cpu-budget 4 --routing "${ROUTINGS:-szd}" "${variant_flags[@]}" \
-        --prompt-len 128 --gen-len 64 --batch "${BATCHES:-1}" --repeat 2 --timeout 400
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 --timeout 400
     ;;
 olmoe-plan)
     model=$(synth olmoe-1b-7b)

@@ -136,17 +136,18 @@ for suite in $SUITES; do
     fi
     free -g | tee -a "$W/phases.log"
     case $suite in qwen3) budgets=${QWEN3_BUDGETS:-} ;; olmoe) budgets=${OLMOE_BUDGETS:-} ;; *) budgets= ;; esac
-    # VARIANTS_<suite>, BATCHES_<suite>, PEERS_<suite>, ROUTINGS_<suite> (dashes as underscores, e.g.
-    # BATCHES_olmoe=1,4,16,64): that suite's own setting in place of the session's.
+    # VARIANTS_<suite>, BATCHES_<suite>, PEERS_<suite>, ROUTINGS_<suite>, PROMPT_LEN_<suite>, GEN_LEN_<suite>
+    # (dashes as underscores, e.g. BATCHES_olmoe=1,4,16,64): that suite's own setting in place of the session's.
     own=()
-    for var in VARIANTS BATCHES PEERS ROUTINGS; do
+    for var in VARIANTS BATCHES PEERS ROUTINGS PROMPT_LEN GEN_LEN; do
         key=${var}_${suite//-/_}
         [[ -n ${!key:-} ]] && own+=("$var=${!key}")
     done
     env "${own[@]}" GPU_BUDGETS="$budgets" bash scripts/bench_suite.sh "$suite" > "$W/$suite.log" 2>&1
     mark "$suite suite done ($?)"
-    # V2-Lite's GGUF (31 GB) leaves /dev/shm once its suite is done: the later suites' host caches need it.
-    [[ $suite == deepseek-v2-lite ]] && rm -f /dev/shm/gguf/deepseek-v2-lite*
+    # V2-Lite's GGUF (31 GB) leaves /dev/shm once its suite is done (the later suites' host caches need it),
+    # and its checkpoint (29 GB) the disk (gpt-oss's q8_0 GGUF, 21 GB, found 5 GB free beside it).
+    [[ $suite == deepseek-v2-lite ]] && rm -rf /dev/shm/gguf/deepseek-v2-lite* "$SYNTH/deepseek-v2-lite"
 done
 # CENSUS=1: the kernels of an uncapped OLMoE decode step, counted and ranked by time (what the step holds
 # besides launches and bytes).
@@ -156,6 +157,14 @@ if [[ ${CENSUS:-0} == 1 && -f $SYNTH/olmoe-1b-7b/tiermoe_synth.json ]]; then
         --out "$W/$stem.json" > "$W/census.log" 2>&1
     mark "census done ($?)"
     cp "$W/$stem-summary.json" bench/results/ 2>/dev/null
+    # CENSUS_BATCH=N: the same of a capped (4 GiB) step of N sequences, where the copy path runs in waves.
+    if [[ -n ${CENSUS_BATCH:-} ]]; then
+        stem=timeline-olmoe-4g-b$CENSUS_BATCH-$(date -u +%Y%m%dT%H%M%SZ)
+        python3 -m tiermoe.bench.timeline --model "$SYNTH/olmoe-1b-7b" --gpu-budget 4 --tokens 3 \
+            --batch "$CENSUS_BATCH" --out "$W/$stem.json" >> "$W/census.log" 2>&1
+        mark "census batch $CENSUS_BATCH done ($?)"
+        cp "$W/$stem-summary.json" bench/results/ 2>/dev/null
+    fi
 fi
 [[ ${AB_AFTER:-0} == 1 ]] && ab_runs
 # TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure).

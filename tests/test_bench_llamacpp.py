@@ -566,3 +566,29 @@ def test_llama_bench_runs_every_setting_on_the_gpu(tmp_path):
         assert r["error"] is None, r["error"]
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["llama_cpp_version"]
         assert 0 < r["peak_gpu_gib"] < 4
+
+
+class _Sampler:
+    """Stands in for `nvidia-smi -lms`: the samples it printed."""
+
+    def __init__(self, samples: str):
+        self.samples = samples
+
+    def terminate(self):
+        pass
+
+    def communicate(self, timeout=None):
+        return self.samples, ""
+
+
+@pytest.mark.parametrize(
+    ("samples", "peak"), [("1000\n1512\n1200\n", 512.0), ("1000\n1000\n", None), ("", None)]
+)
+def test_gpu_used_is_the_peak_above_the_base_or_nothing(monkeypatch, samples, peak):
+    # A run shorter than the 250 ms sampling period (a tiny model) leaves only samples at the base:
+    # that is no reading (the plan's figure stands in), not a peak of 0 GiB.
+    monkeypatch.setattr(llamacpp, "_nvidia_smi", lambda query: [1000.0])
+    monkeypatch.setattr(llamacpp.subprocess, "Popen", lambda *a, **k: _Sampler(samples))
+    with llamacpp._gpu_used_mib() as used:
+        pass
+    assert used.get("peak_mib") == peak

@@ -45,3 +45,21 @@ def test_census_counts_launches_a_step_and_ranks_kernels_by_time():
         {"name": "gemv", "launches": 1, "us": 9.0},
         {"name": "rms_norm", "launches": 3, "us": 5.0},
     ]
+
+
+def test_start_decoding_leaves_only_decode_steps(tiny_checkpoint):
+    from tiermoe import LLM
+    from tiermoe.bench.timeline import start_decoding
+
+    llm = LLM(tiny_checkpoint("qwen3_moe")[0], device="cpu", dtype="fp32", prefill_chunk=8)
+    # Prompts longer than a prefill chunk: the first token of each comes after several steps.
+    prompts = [list(range(5, 25)), list(range(30, 42)), [7, 8, 9]]
+    requests = start_decoding(llm.engine, prompts, tokens=3)
+    assert all(r.output_ids for r in requests)
+    assert min(len(r.output_ids) for r in requests) == 1  # the last one to start: no step more than needed
+    for _ in range(3):  # each step now decodes one token of every request
+        assert sorted(e.request_id for e in llm.engine.step()) == sorted(r.id for r in requests)
+    assert all(not r.finished for r in requests)
+    for r in requests:
+        llm.engine.abort(r)
+    assert not llm.engine.has_unfinished()

@@ -544,7 +544,8 @@ def _gpu_used_mib() -> Iterator[dict]:
             sampler.kill()
             out, _ = sampler.communicate()
         values = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
-        if values:
+        # No sample above the base: a run shorter than the sampling period (a tiny model), read nothing.
+        if values and max(values) > base[0]:
             found["peak_mib"] = max(values) - base[0]
 
 

@@ -1,7 +1,7 @@
 """`python -m tiermoe.bench.timeline`: a torch-profiler timeline of a few decode steps, how much of the
 copy stream's time overlaps the compute stream's, and the kernels a step launches.
 
-    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8|none [--miss-path in-place] [--tokens 4]
+    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8|none [--miss-path in-place] [--tokens 4] [--batch 16]
 
 Writes the Chrome trace (open it in chrome://tracing or Perfetto) to bench/results/timeline-<date>.json
 beside a summary: the decode steps' wall time, the time kernels ran, the time host-to-device copies ran
@@ -71,6 +71,23 @@ def kernel_census(trace: dict, steps: int) -> dict:
     }
 
 
+def start_decoding(engine, prompts: list[list[int]], tokens: int) -> list:
+    """Queue one request per prompt and step the engine until every one has its first token (a prompt
+    that ends its prefill early decodes meanwhile), each with room for `tokens` decode steps after the
+    last one starts and never stopped early: the next `tokens` steps decode every request. Returns the
+    requests (abort them after)."""
+    from ..engine.request import SamplingParams
+
+    # A step prefills at least one prompt token, so no request decodes more steps than the prompts' tokens
+    # before the last one starts.
+    params = SamplingParams(max_tokens=tokens + 1 + sum(map(len, prompts)), ignore_eos=True)
+    requests = [engine.add_request(p, params, i) for i, p in enumerate(prompts)]
+    started: set[int] = set()
+    while len(started) < len(requests):
+        started |= {e.request_id for e in engine.step() if e.token_id is not None}
+    return requests
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tiermoe.bench.timeline", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -80,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--miss-path", default="copy", choices=("copy", "in-place"))
     p.add_argument("--routing", default=None, help="as tiermoe bench (default: szd on synthetic checkpoints)")
     p.add_argument("--tokens", type=int, default=4, help="decode steps to profile (after a warm-up)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -92,25 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     from .. import LLM, SamplingParams
 
     budget = None if args.gpu_budget == "none" else float(args.gpu_budget)
-    llm = LLM(args.model, gpu_budget_gib=budget, miss_path=args.miss_path, routing=args.routing)
-    prompt = list(range(100, 164))
-    llm.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))  # graphs captured, caches warm
-    params = SamplingParams(max_tokens=args.tokens + 1, ignore_eos=True)  # the first token is prefill's
+    llm = LLM(args.model, gpu_budget_gib=budget, miss_path=args.miss_path, routing=args.routing,
+              max_num_seqs=max(args.batch, 16))  # fmt: skip
+    prompts = [[100 + (7 * i + j) % 900 for j in range(64)] for i in range(args.batch)]
+    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # graphs captured, caches warm
     out = Path(args.out or RESULTS_DIR / f"timeline-{timestamp()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    engine = llm.engine
+    requests = start_decoding(engine, prompts, args.tokens)
+    before = engine.provider.stats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        result = llm.generate(prompt, params)[0]
+        for _ in range(args.tokens):
+            engine.step()
         torch.cuda.synchronize()
-        wall_s = time.perf_counter() - start
+        decode_s = time.perf_counter() - start
+    for r in requests:
+        engine.abort(r)
     prof.export_chrome_trace(str(out))
     summary = {
-        "decode_s": result.stats.decode_s,
-        "wall_s": wall_s,
+        "decode_s": decode_s,
         "decode_steps": args.tokens,
+        "batch": args.batch,
         "miss_path": args.miss_path,
         "gpu_budget_gib": budget,
-        "experts_decode": result.stats.experts_decode,
+        "experts_decode": engine.provider.stats(since=before),
         **overlap_summary(trace := json.loads(out.read_text())),
         **kernel_census(trace, args.tokens),
         **run_metadata(argv),
