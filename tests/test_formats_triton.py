@@ -108,6 +108,8 @@ def test_split_k_and_other_tiles_give_the_same_outputs(monkeypatch, config, cls,
 
 
 GEMM_CASES = [
+    (DenseFormat, (64, 40, None), triton_kernels.dense_accumulate),  # 40 outputs: a partial block of 64
+    (DenseFormat, (256, 128, None), triton_kernels.dense_accumulate),
     (Int4Format, (64, 32, 16), triton_kernels.int4_accumulate),
     (Int4Format, (128, 96, -1), triton_kernels.int4_accumulate),
     (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_accumulate),
@@ -134,6 +136,51 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     )
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if not CUDA else 2e-2), rel
+
+
+def test_gemm_blocks_cover_each_live_pair_once_with_no_host_sync():
+    """The GEMM's blocks, found by tensor ops alone: each pair with a slot >= 0 in exactly one block of its
+    own slot, at most BLOCK_M a block, the blocks past the last empty; pairs with a negative slot in none."""
+    gen = torch.Generator().manual_seed(3)
+    for pairs, num_slots, served in [(80, 5, 0), (40, 64, 7), (3, 9, 0), (37, 3, 37 - 1)]:
+        slots = torch.randint(0, num_slots, (pairs,), generator=gen)
+        slots[:served] = -1
+        s_sorted = slots.sort().values
+        slot, start, end = (t.long() for t in triton_kernels._blocks(s_sorted, num_slots))
+        assert len(slot) == -(-pairs // triton_kernels.BLOCK_M) + min(pairs, num_slots)
+        covered = torch.zeros(pairs, dtype=torch.long)
+        for b in range(len(slot)):
+            assert 0 <= end[b] - start[b] <= triton_kernels.BLOCK_M
+            covered[start[b] : end[b]] += 1
+            assert (s_sorted[start[b] : end[b]] == slot[b]).all()
+        assert torch.equal(covered, (s_sorted >= 0).long())
+        real = end > start
+        assert real.sum() == sum(
+            -(-int((s_sorted == e).sum()) // triton_kernels.BLOCK_M) for e in range(num_slots)
+        )
+        assert not real[int(real.sum()) :].any()  # the empty blocks come last
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape", "kernel"), GEMM_CASES[::2], ids=lambda c: getattr(c, "__name__", str(c))
+)
+def test_the_grouped_gemm_skips_pairs_served_elsewhere(cls, shape, kernel):
+    """Pairs with slot -1 (another wave's, the CPU's) add nothing, even where the slot the GEMM would read
+    for them holds NaN: the result is that of the other pairs alone."""
+    fmt = make(cls, shape, DTYPE)
+    views = random_bank(fmt, DEVICE, 5, 0.05)
+    views[fmt.parts[0].name][4].view(torch.uint8).fill_(0xFF)  # slot 4: NaN (bf16) or garbage, never routed
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, shape[0], generator=gen).to(DEVICE, DTYPE)
+    tokens = torch.arange(20, device=DEVICE).repeat_interleave(2)
+    slots = torch.randint(0, 4, (40,), generator=gen).to(DEVICE)
+    weights = torch.rand(40, generator=gen).to(DEVICE, DTYPE)
+    served = torch.rand(40, generator=gen).to(DEVICE) < 0.4
+    got = kernel(fmt, x, tokens, slots.masked_fill(served, -1), weights, views, torch.zeros_like(x))
+    keep = ~served
+    want = kernel(fmt, x, tokens[keep], slots[keep], weights[keep], views, torch.zeros_like(x))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_tuned_launches_are_saved_merged_and_used(monkeypatch, tmp_path):
@@ -293,7 +340,7 @@ def test_the_address_table_path_computes_biases_and_the_clamped_glu(cls, block):
     check_kind(got, decode_reference(cls, shape, views, x, ids, weights), biases, 1e-5 if not CUDA else 1e-2)
 
 
-@pytest.mark.parametrize(("cls", "block"), KIND_CASES[1:], ids=lambda c: getattr(c, "__name__", str(c)))
+@pytest.mark.parametrize(("cls", "block"), KIND_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
 def test_the_gemm_computes_biases_and_the_clamped_glu(cls, block):
     """Prefill's grouped GEMM (40 tokens x top-2 over 5 experts, blocks of 16 pairs) with gpt-oss's experts,
     against swiglu.accumulate_pairs."""
@@ -403,3 +450,33 @@ def test_e4m3_decoded_from_its_bits_where_the_gpu_cannot_convert_it(monkeypatch,
         out = triton_kernels.project(fmt, x, ids[:1], table, "gate_up", 16, 16, 2).sum(2)[0, 0]
         expected = torch.where(finite, values, torch.zeros_like(values)).view(16, 16)[:, col]
         assert torch.equal(out.cpu(), expected), col
+
+
+@pytest.mark.parametrize("cls", [DenseFormat, Int4Format], ids=lambda c: c.__name__)
+def test_a_batched_decode_step_runs_the_grouped_gemm_with_no_host_sync(monkeypatch, cls):
+    """Above GATHER_MAX_PAIRS pairs (5 tokens x top-4) a format's mlp on CUDA is the grouped GEMM, whose
+    blocks are found on the GPU: graph-safe up to GROUPED_MAX_PAIRS, where it was the per-expert loop
+    (a host sync a layer) before. Same result as torch's."""
+    from tiermoe.formats.swiglu import GROUPED_MAX_PAIRS
+
+    fmt = make(cls, (64, 32, 16 if cls is Int4Format else None), DTYPE)
+    assert fmt.graph_safe(20, "cuda") and fmt.graph_safe(GROUPED_MAX_PAIRS, "cuda")
+    assert not fmt.graph_safe(20, "cpu") and not fmt.graph_safe(GROUPED_MAX_PAIRS + 1, "cuda")
+    assert fmt.graph_safe(16, "cpu")
+    views = random_bank(fmt, DEVICE, 6, 0.05)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 64, generator=gen).to(DEVICE, DTYPE)
+    slots = torch.randint(0, 6, (5, 4), generator=gen).to(DEVICE)
+    weights = torch.rand(5, 4, generator=gen).to(DEVICE, DTYPE)
+    want = fmt.mlp(x, slots, weights, views)  # on the CPU: torch
+    grouped = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return grouped(*args)
+
+    monkeypatch.setattr(type(fmt), "_kernel", lambda self, x, what: spy if what == "accumulate" else None)
+    got = fmt.mlp(x, slots, weights, views)
+    assert len(calls) == 1
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
+from .swiglu import GATHER_MAX_PAIRS, GROUPED_MAX_PAIRS
 
 ALIGN_BYTES = 256  # every part starts at a multiple of this: aligned loads in kernels, views of any dtype
 
@@ -186,15 +187,21 @@ class ExpertFormat(ABC):
     @abstractmethod
     def mlp(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, bank: dict) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]): x [T, H], slots and weights [T, k], bank the
-        views of the experts' bank. Never synchronises with the host when graph_safe(T * k)."""
+        views of the experts' bank. Above GATHER_MAX_PAIRS pairs, one whose slot is negative (served
+        elsewhere) adds nothing; fewer must hold none (swiglu.skip_served points them at a held slot).
+        Never synchronises with the host when graph_safe(T * k, x.device)."""
 
     @abstractmethod
     def accumulate(self, x, tokens, slots, weights, bank: dict, out: torch.Tensor) -> torch.Tensor:
         """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) for every pair i (1-d tensors)."""
 
-    @abstractmethod
-    def graph_safe(self, pairs: int) -> bool:
-        """Whether mlp over this many (token, expert) pairs runs without a host synchronisation."""
+    def graph_safe(self, pairs: int, device: torch.device | str) -> bool:
+        """Whether mlp over this many (token, expert) pairs on `device` runs without a host synchronisation:
+        few pairs anywhere (torch's gathered matmul, the GEMV kernels), up to GROUPED_MAX_PAIRS where the
+        format's grouped GEMM runs (CUDA)."""
+        if pairs <= GATHER_MAX_PAIRS:
+            return True
+        return self.kernels is not None and torch.device(device).type == "cuda" and pairs <= GROUPED_MAX_PAIRS
 
     def describe(self) -> str:
         return self.name

@@ -7,7 +7,7 @@ import torch
 from ..models.experts import SWIGLU, ExpertKind
 from ..models.names import ExpertNames
 from .base import ExpertFormat, Piece
-from .swiglu import GATHER_MAX_PAIRS, accumulate_pairs, expert_mlp
+from .swiglu import GATHER_MAX_PAIRS, GROUPED_MAX_PAIRS, accumulate_pairs, expert_mlp
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -58,16 +58,20 @@ class DenseFormat(ExpertFormat):
             start += p.numel
 
     def mlp(self, x, slots, weights, bank):
+        pairs = slots.numel()
+        grouped = self._kernel(x, "accumulate")
+        if grouped and GATHER_MAX_PAIRS < pairs <= GROUPED_MAX_PAIRS:
+            # A batched decode step: the grouped GEMM, blocks found on the GPU (no sync; skips served pairs).
+            t, k = slots.shape
+            tokens = torch.arange(t, device=x.device).repeat_interleave(k)
+            return grouped(self, x, tokens, slots.reshape(-1), weights.reshape(-1), bank, torch.zeros_like(x))
         kernel = self._kernel(x, "mlp")
-        if kernel and self.graph_safe(slots.numel()):
+        if kernel and pairs <= GATHER_MAX_PAIRS:
             return kernel(self, x, slots, weights, bank)
         return expert_mlp(x, slots, weights, bank["gate_up"], bank["down"], self.kind, self.biases(bank))
 
     def accumulate(self, x, tokens, slots, weights, bank, out):
+        # Prefill: torch's per-expert loop, whose cuBLAS GEMMs beat the grouped GEMM at many tokens an expert.
         return accumulate_pairs(
             x, tokens, slots, weights, bank["gate_up"], bank["down"], out, self.kind, self.biases(bank)
         )
-
-    def graph_safe(self, pairs: int) -> bool:
-        # The gathered path (few token-expert pairs) never synchronises; the per-expert loop does.
-        return pairs <= GATHER_MAX_PAIRS

@@ -22,14 +22,14 @@ class DequantizingFormat(ExpertFormat):
 
     def mlp(self, x, slots, weights, bank):
         t, k = slots.shape
-        kernel = self._kernel(x, "mlp")
-        if kernel and self.graph_safe(t * k):  # decode: the fused grouped GEMV
-            return kernel(self, x, slots, weights, bank)
-        if not self.graph_safe(t * k):
+        if t * k > GATHER_MAX_PAIRS:  # the grouped GEMM on CUDA (no host sync), torch's loop elsewhere
             tokens = torch.arange(t, device=x.device).repeat_interleave(k)
             return self.accumulate(
                 x, tokens, slots.reshape(-1), weights.reshape(-1), bank, torch.zeros_like(x)
             )
+        kernel = self._kernel(x, "mlp")
+        if kernel:  # decode: the fused grouped GEMV
+            return kernel(self, x, slots, weights, bank)
         # Few pairs (decode): dequantize each pair's expert, duplicates and all, with no host sync.
         flat = slots.reshape(-1)
         gate_up, down = self.dequantize(bank, flat)
@@ -42,14 +42,13 @@ class DequantizingFormat(ExpertFormat):
         kernel = self._kernel(x, "accumulate")
         if kernel:  # prefill and large batches: the grouped GEMM
             return kernel(self, x, tokens, slots, weights, bank, out)
+        served = slots < 0  # another wave's or the CPU's pairs: nothing from here
+        tokens, slots, weights = tokens[~served], slots[~served], weights[~served]
         used, inverse = torch.unique(slots, return_inverse=True)
         gate_up, down = self.dequantize(bank, used)
         biases = self.biases(bank)
         biases = None if biases is None else (biases[0][used], biases[1][used])
         return accumulate_pairs(x, tokens, inverse, weights, gate_up, down, out, self.kind, biases)
-
-    def graph_safe(self, pairs: int) -> bool:
-        return pairs <= GATHER_MAX_PAIRS
 
 
 def per_expert_names(

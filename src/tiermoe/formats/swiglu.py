@@ -17,6 +17,17 @@ Biases = tuple[torch.Tensor, torch.Tensor] | None  # (gate_up [S, 2I], down [S, 
 
 # Above this many (token, expert) pairs the gathered copy of weights costs more than a per-expert loop.
 GATHER_MAX_PAIRS = 16
+# Up to this many pairs a format with a grouped GEMM (CUDA) runs mlp without a host synchronisation, so a
+# decode step of up to GROUPED_MAX_PAIRS / top_k sequences is one CUDA graph; prefills above it keep
+# torch's per-expert loop (cuBLAS, for unquantized experts).
+GROUPED_MAX_PAIRS = 4096
+
+
+def skip_served(slots: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs with a negative slot (served elsewhere: another wave, the CPU) pointed at a slot this call
+    holds, with weight 0, for the paths that read every pair's slot; no host synchronisation."""
+    served = slots < 0
+    return torch.where(served, slots.max(), slots), weights.masked_fill(served, 0)
 
 
 def expert_mlp(
@@ -63,12 +74,16 @@ def accumulate_pairs(
     kind: ExpertKind = SWIGLU,
     biases: Biases = None,
 ) -> torch.Tensor:
-    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) for every pair i, expert by expert."""
+    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) for every pair i, expert by expert
+    (pairs with a negative slot, served elsewhere, skipped)."""
     order = torch.argsort(slots)
     used, counts = torch.unique_consecutive(slots[order], return_counts=True)
     tokens, weights = tokens[order], weights[order]
     start = 0
     for slot, n in zip(used.tolist(), counts.tolist(), strict=True):
+        if slot < 0:
+            start += n
+            continue
         tok = tokens[start : start + n]
         b1, b2 = (None, None) if biases is None else (biases[0][slot], biases[1][slot])
         gate, up = F.linear(x[tok], gate_up[slot], b1).chunk(2, dim=-1)

@@ -284,14 +284,15 @@ def _gemm_block(
     blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """This GEMM program's expert slot, sorted pair rows (and which are live), their tokens, its output
-    columns (and which are live) and stacked matrix m."""
+    columns (and which are live: none in an empty block, so that it reads no weights) and stacked matrix m."""
     b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(blk_slot_ptr + b).to(tl.int64)
-    rows = tl.load(blk_start_ptr + b) + tl.arange(0, BLOCK_M)
-    live_r = rows < tl.load(blk_end_ptr + b)
+    start, end = tl.load(blk_start_ptr + b), tl.load(blk_end_ptr + b)
+    rows = start + tl.arange(0, BLOCK_M)
+    live_r = rows < end
     tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    return slot, rows, live_r, tok, cols, cols < N, m
+    return slot, rows, live_r, tok, cols, cols < N * (start < end).to(tl.int32), m
 
 
 @triton.jit
@@ -306,6 +307,34 @@ def _gemm_store(
     tl.store(
         out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
     )
+
+
+@triton.jit
+def _dense_gemm(
+    x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, out_ptr, b_ptr, slot_stride_w, slot_stride_b,
+    K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, EXACT: tl.constexpr, BIAS: tl.constexpr,
+):  # fmt: skip
+    """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert, w_m [N, K] row-major (unquantized experts).
+    EXACT: float32 products (fp32 experts, and Triton's interpreter, whose bf16 dot is broken)."""
+    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    )
+    w = w_ptr + slot * slot_stride_w + m * (N * K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            x_ptr + tok[:, None] * K + ks[None, :], mask=live_r[:, None] & (ks < K)[None, :], other=0.0
+        )
+        tile = tl.load(
+            w + cols[None, :] * K + ks[:, None], mask=live_c[None, :] & (ks < K)[:, None], other=0.0
+        )
+        if EXACT:
+            acc += tl.dot(a.to(tl.float32), tile.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(tile.dtype), tile)
+    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
 
 
 @triton.jit
@@ -732,16 +761,30 @@ BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
 _INTERPRETED = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
 
 
-def _blocks(slots_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slot, start, end) of each block of at most BLOCK_M consecutive pairs of one expert (host sync)."""
-    used, counts = torch.unique_consecutive(slots_sorted, return_counts=True)
-    blocks, offset = [], 0
-    for e, n in zip(used.tolist(), counts.tolist(), strict=True):
-        blocks += [(e, lo, min(lo + BLOCK_M, offset + n)) for lo in range(offset, offset + n, BLOCK_M)]
-        offset += n
-    return tuple(
-        torch.tensor(v, dtype=torch.int32, device=slots_sorted.device) for v in zip(*blocks, strict=True)
-    )
+def _blocks(slots_sorted: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot, start, end) of each block of at most BLOCK_M consecutive sorted pairs of one slot, int32, on
+    the pairs' device with no host synchronisation (so a decode step of many pairs is graph-safe): as many
+    blocks as any routing of these pairs can need, those past the last one empty (start == end, where
+    the GEMM reads nothing). slots_sorted: the pairs' slots in ascending order, in [0, num_slots), after
+    any negative ones (pairs served elsewhere), which no block holds.
+    Shapes: counts, first pair and blocks per slot [S]; blocks [B]."""
+    pairs, device = slots_sorted.numel(), slots_sorted.device
+    live = slots_sorted >= 0
+    counts = torch.zeros(num_slots, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, slots_sorted.clamp(min=0).long(), live.long())
+    first = (pairs - live.sum()) + counts.cumsum(0) - counts  # each slot's first sorted pair
+    per_slot = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = per_slot.cumsum(0)  # one past each slot's last block
+    # Each slot's blocks are ceil(count / BLOCK_M) <= count / BLOCK_M + 1, and at most min(pairs, S) slots
+    # hold pairs.
+    b = torch.arange(triton.cdiv(pairs, BLOCK_M) + min(pairs, num_slots), device=device)
+    slot = torch.searchsorted(ends, b, right=True)
+    real = slot < num_slots
+    slot = slot.clamp(max=num_slots - 1)
+    start = first[slot] + (b - (ends[slot] - per_slot[slot])) * BLOCK_M
+    end = torch.minimum(start + BLOCK_M, first[slot] + counts[slot])
+    zero = torch.zeros_like(start)
+    return slot.int(), torch.where(real, start, zero).int(), torch.where(real, end, zero).int()
 
 
 def _gemm_bias(fmt, bank, prefix: str, out: torch.Tensor) -> tuple[tuple, bool]:
@@ -751,6 +794,18 @@ def _gemm_bias(fmt, bank, prefix: str, out: torch.Tensor) -> tuple[tuple, bool]:
         return (out, 0), False
     bias = bank[f"{prefix}_bias"]
     return (bias, bias.stride(0)), True
+
+
+def _dense_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+    w = bank[prefix]
+    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
+    _dense_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
+        x.contiguous(), tok, *blocks, w, out, b, w.stride(0), b_stride, K=k, N=n, M=m, BLOCK_M=BLOCK_M,
+        BLOCK_K=min(64, triton.next_power_of_2(k)), BLOCK_N=BLOCK_N,
+        EXACT=_INTERPRETED or w.dtype == torch.float32, BIAS=bias,
+    )  # fmt: skip
+    return out
 
 
 def _int4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
@@ -794,15 +849,22 @@ def _fp4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m:
 def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
     """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) by grouped GEMMs over the pairs
     sorted by expert: gate and up plus their biases (added as the GEMM stores them), the kind's GLU, down
-    plus its bias, then one scatter-add of the outputs times their routing weights."""
+    plus its bias, then one scatter-add of the outputs times their routing weights. A pair whose slot is
+    negative (served elsewhere: another wave, the CPU) adds nothing. No host synchronisation."""
     order = torch.argsort(slots)
     tok, s_sorted = tokens[order].contiguous(), slots[order]
-    blocks = _blocks(s_sorted)
+    blocks = _blocks(s_sorted, bank[fmt.parts[0].name].shape[0])
     gate_up = project(fmt, x, tok, blocks, bank, "gate_up", fmt.hidden, fmt.inter, 2)  # [P, 2, I]
     act = fmt.kind.glu(gate_up[:, 0], gate_up[:, 1])  # [P, I], in sorted order
     rows = torch.arange(tok.numel(), device=x.device)
     down = project(fmt, act, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1)[:, 0]  # [P, H]
-    return out.index_add_(0, tok, (down * weights[order][:, None].float()).to(out.dtype))
+    # The rows of skipped pairs were never written: select, since a product with 0 keeps a NaN.
+    y = torch.where((s_sorted >= 0)[:, None], down * weights[order][:, None].float(), 0.0)
+    return out.index_add_(0, tok, y.to(out.dtype))
+
+
+def dense_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    return _accumulate(_dense_gemm_project, fmt, x, tokens, slots, weights, bank, out)
 
 
 def int4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:

@@ -45,9 +45,10 @@ class ResidentExperts:
 
     def __init__(self, banks: dict[int, dict[str, torch.Tensor]], fmt: ExpertFormat, top_k: int):
         self.banks, self.format, self.top_k = banks, fmt, top_k
+        self.device = next(iter(next(iter(banks.values())).values())).device if banks else torch.device("cpu")
 
     def graph_safe(self, tokens: int) -> bool:
-        return self.format.graph_safe(tokens * self.top_k)
+        return self.format.graph_safe(tokens * self.top_k, self.device)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.format.mlp(x, ids, weights, self.banks[layer])

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..formats.base import ExpertFormat
+from ..formats.swiglu import GATHER_MAX_PAIRS, skip_served
 from . import cpu_compute
 from .budget import MemoryPlan
 from .cpu_compute import MissCosts
@@ -199,7 +200,11 @@ class TieredExpertStore:
     ) -> torch.Tensor:
         prediction = self.predictor.predict(layer, x) if self.predictor else None
         flat = ids.reshape(-1)
-        decode = self.format.graph_safe(flat.numel())  # few pairs: a decode step (prefills run more)
+        # No host sync in the waves (each runs every pair, the others' skipped) where the format's mlp has
+        # none at this many pairs; the CPU share and the look-ahead only for a step of few pairs (one or two
+        # sequences' decode: a prefill's predictions name most experts).
+        no_sync = self.format.graph_safe(flat.numel(), self.device)
+        decode = flat.numel() <= GATHER_MAX_PAIRS
         cpu = self.cpu_costs is not None and decode
         if cpu:  # the hidden states and routing weights land on the host with the ids' sync below
             x_host, w_host = (t.to("cpu", non_blocking=True) for t in (x, weights))
@@ -228,15 +233,13 @@ class TieredExpertStore:
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
             slots = self.copier.to_device(lut, self.device)[ids]  # [T, k]; -1: another wave's, or the CPU's
-            if len(waves) == 1 or decode:
-                # Pairs of other waves and the CPU's also run here, on a slot of this wave, with weight 0:
-                # a decode step never syncs the host to pick its pairs out.
-                if len(waves) > 1 or on_cpu:
-                    wave_weights = weights.masked_fill(slots < 0, 0)
-                    slots = slots.masked_fill(slots < 0, next(iter(slot_of.values())))
-                else:
-                    wave_weights = weights
-                y = self.format.mlp(x, slots, wave_weights, self.pool.bank)
+            if len(waves) == 1 or no_sync:
+                # The pairs of other waves and the CPU's go in too, skipped: no host sync to pick this wave's
+                # pairs out (a few pairs' paths read every pair's slot: a slot of this wave, weight 0).
+                wave_slots, wave_weights = slots, weights
+                if (len(waves) > 1 or on_cpu) and flat.numel() <= GATHER_MAX_PAIRS:
+                    wave_slots, wave_weights = skip_served(slots, weights)
+                y = self.format.mlp(x, wave_slots, wave_weights, self.pool.bank)
                 out = y if out is None else out.add_(y)
             else:
                 out = torch.zeros_like(x) if out is None else out
