@@ -85,3 +85,21 @@ def test_cuda_graph_decode_equals_eager(tiny_checkpoint):
     for prompt in (PROMPTS[0], PROMPTS[1]):  # the second call reuses the captured graph
         assert graphed.generate(prompt, params)[0].token_ids == eager.generate(prompt, params)[0].token_ids
     assert list(graphed.engine.runner._graphs) == [(1, MIN_BLOCKS)]  # (batch, block-table width)
+
+
+def test_a_batched_decode_step_is_one_graph_and_equals_eager(tiny_checkpoint):
+    """Six sequences at top-4 (a graph of 8 rows: 32 pairs a layer, above the GEMV's 16) run the grouped GEMM
+    with its blocks found on the GPU, so the whole step is one DecodeGraph (it was per-layer graphs with the
+    experts eager between them); the same tokens as the eager forward."""
+    from tiermoe.engine.runner import DecodeGraph, LayeredDecodeGraph
+
+    path, _ = tiny_checkpoint("olmoe", num_experts_per_tok=4)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0][:5], PROMPTS[1][2:], PROMPTS[0][3:], PROMPTS[1][:4]]
+    graphed = LLM(path, device="cuda", dtype="bf16")
+    eager = LLM(path, device="cuda", dtype="bf16", cuda_graphs=False)
+    assert [o.token_ids for o in graphed.generate(prompts, params)] == [
+        o.token_ids for o in eager.generate(prompts, params)
+    ]
+    kinds = {type(g) for g in graphed.engine.runner._graphs.values()}
+    assert DecodeGraph in kinds and LayeredDecodeGraph not in kinds
