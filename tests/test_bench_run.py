@@ -392,9 +392,18 @@ def test_git_revision_given_by_the_caller_wins(monkeypatch):
 
 
 @pytest.mark.slow  # about 10 s on CI's 2 cores
-def test_bench_runs_every_setting_at_each_number_of_sequences(tmp_path):
-    """`--batch 1,3`: one results file, each setting at 1 and then 3 concurrent sequences; the store's
-    traffic a token falls when three sequences share each step's experts (the union, loaded once)."""
+def test_bench_runs_every_setting_at_each_number_of_sequences(tmp_path, monkeypatch):
+    """`--batch 1,3`: one results file, each setting at 1 and then 3 concurrent sequences, on one load
+    (one child process, the KV reserve of the larger batch at both); the store's traffic a token falls
+    when three sequences share each step's experts (the union, loaded once)."""
+    children = []
+    measure = run.run_isolated
+
+    def counted(*args):
+        children.append(args[-1])  # the sweep's batches
+        return measure(*args)
+
+    monkeypatch.setattr(run, "run_isolated", counted)
     model = tmp_path / "tiny"
     synth_checkpoint("tiny-olmoe", model, progress=False)
     argv = [
@@ -408,6 +417,11 @@ def test_bench_runs_every_setting_at_each_number_of_sequences(tmp_path):
     assert args.func(args) == 0
     runs = json.loads((tmp_path / "results" / "t.json").read_text())["runs"]
     assert [r["batch"] for r in runs] == [1, 3] and all(r["error"] is None for r in runs)
+    assert children == [[1, 3]]
+    assert (
+        runs[0]["load_s"] == runs[1]["load_s"]
+        and runs[0]["kv_reserve_tokens"] == runs[1]["kv_reserve_tokens"]
+    )
     assert runs[1]["h2d_bytes_per_token"] < runs[0]["h2d_bytes_per_token"]
     with pytest.raises(SystemExit):
         parser.parse_args([*argv[:-2], "--batch", "1,0"])

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -89,11 +90,15 @@ def measure_tiermoe(
     device: str | None = None,
     dtype: str | None = None,
     options: dict | None = None,
+    batches: list[int] | None = None,
 ) -> dict:
     """Load tiermoe, warm up, time workload.repeat generate calls; figures are medians, expert-store
     statistics those of the last timed run. options: further LLM keywords (eviction, prefetch, routing,
-    record_routing). The routing in force is read back from the LLM, so a default is recorded by name."""
-    from .. import LLM, SamplingParams
+    record_routing). The routing in force is read back from the LLM, so a default is recorded by name.
+    batches: a concurrency sweep on one load (a Qwen3 load is 40-75 s): the workload at each number of
+    sequences in turn, {"sweep": [figures of each]}, every one with the same engine (its max_num_seqs and
+    KV reserve those of the largest)."""
+    from .. import LLM
 
     # Budgets are passed only when set, so an uncapped run needs nothing beyond the basic LLM(...).
     budgets = {"gpu_budget_gib": gpu_budget_gib, "cpu_budget_gib": cpu_budget_gib}
@@ -101,9 +106,21 @@ def measure_tiermoe(
     budgets = {k: v for k, v in budgets.items() if v is not None}
     # Every sequence of the batch decodes at once (the KV reserve for them comes with the options:
     # run.kv_reserve_for).
-    options = {"max_num_seqs": max(workload.batch, 16), **(options or {})}
+    options = {"max_num_seqs": max(max(batches or [workload.batch]), 16), **(options or {})}
     llm = LLM(model_dir, device=device, dtype=dtype, **budgets, **options)
     load_s = time.perf_counter() - start
+    if batches is None:
+        return _timed(llm, model_dir, workload, load_s)
+    return {
+        "sweep": [_timed(llm, model_dir, replace(workload, batch=b), load_s) for b in batches],
+        "error": None,
+    }
+
+
+def _timed(llm, model_dir: str, workload: Workload, load_s: float) -> dict:
+    """measure_tiermoe's figures of one workload on a loaded LLM."""
+    from .. import SamplingParams
+
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     llm.generate([p[: min(8, workload.prompt_len)] for p in random_prompts(vocab, workload)], warm)
@@ -153,9 +170,11 @@ def run_isolated(
     device: str | None = None,
     dtype: str | None = None,
     options: dict | None = None,
+    batches: list[int] | None = None,
 ) -> dict:
     """Measure one engine in a child process; returns its figures, or {"error": ...} when it was
-    skipped, crashed, was killed (OOM) or ran past timeout_s."""
+    skipped, crashed, was killed (OOM) or ran past timeout_s. batches (tiermoe): a sweep on one load,
+    {"sweep": [...]} (measure_tiermoe)."""
     if engine in peers.PEERS and (reason := peers.skip_reason(engine, str(model_dir), gpu_budget_gib)):
         return {"error": f"skipped: {reason}"}
     with tempfile.TemporaryDirectory(prefix="tiermoe-measure-") as tmp:
@@ -172,6 +191,7 @@ def run_isolated(
             ("--device", device),
             ("--dtype", dtype),
             ("--options", json.dumps(options) if options else None),
+            ("--sweep", ",".join(map(str, batches)) if batches else None),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -206,14 +226,18 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--options", default=None, help="JSON object of further LLM keywords")
+    p.add_argument(
+        "--sweep", default=None, help="tiermoe: batch sizes timed in turn on one load, e.g. 1,4,16"
+    )
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     workload = Workload(a.prompt_len, a.gen_len, a.batch, a.repeat, a.seed)
     try:
         if a.engine == "tiermoe":
             options = json.loads(a.options) if a.options else None
+            sweep = [int(b) for b in a.sweep.split(",")] if a.sweep else None
             result = measure_tiermoe(
-                a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype, options
+                a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype, options, sweep
             )
         else:
             result = peers.measure(a.engine, a.model, workload, a.gpu_budget, a.cpu_budget)

@@ -257,6 +257,7 @@ def bench(
     kv_reserve_tokens: int | None = None,
     also_models: list[str | Path] = (),
     workspace_gib: float | None = None,
+    sweep: dict | None = None,
 ) -> dict:
     """Measure every setting and return {"runs": [...], ...}; writes nothing but the routing traces
     asked for (record_routing: a path each tiermoe run's trace is named after). `measured` is given the
@@ -264,7 +265,9 @@ def bench(
     kv_reserve_tokens: every tiermoe run's KV reserve (default: kv_reserve_for the workload).
     workspace_gib: every tiermoe run's workspace reserve (default: the engine's).
     also_models: checkpoints of the same shape (e.g. its bf16 original beside a quantized model) that
-    tiermoe runs at the same settings, in the same results; the peers run once, on model_dir."""
+    tiermoe runs at the same settings, in the same results; the peers run once, on model_dir.
+    sweep: a concurrency sweep's shared state, {"batches": [...]} (main makes it): each tiermoe setting
+    is loaded once for all of them, its figures at the other batches kept here for their bench calls."""
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
     extra = [(Path(m), _read_config(Path(m))) for m in also_models]
@@ -339,19 +342,31 @@ def bench(
         progress(
             f"bench: {engine}{variant} at GPU {budget_text}, batch {w.batch}, {w.prompt_len}+{w.gen_len} tokens, {w.repeat} runs"
         )
-        figures = run_isolated(
-            engine,
-            mdir,
-            w,
-            budget,
-            cpu_budget_gib,
-            timeout_s,
-            device if engine == "tiermoe" else None,
-            dtype if engine == "tiermoe" else None,
-            {**options, "kv_reserve_tokens": engine_config["kv_reserve_tokens"], **workspace}
-            if engine == "tiermoe"
-            else options,
-        )
+
+        def measure(
+            batches: list[int] | None = None, engine=engine, mdir=mdir, w=w, budget=budget, options=options
+        ):
+            return run_isolated(
+                engine,
+                mdir,
+                w,
+                budget,
+                cpu_budget_gib,
+                timeout_s * len(batches or [w.batch]),  # the limit is each batch's
+                device if engine == "tiermoe" else None,
+                dtype if engine == "tiermoe" else None,
+                {**options, "kv_reserve_tokens": engine_config["kv_reserve_tokens"], **workspace}
+                if engine == "tiermoe"
+                else options,
+                batches,
+            )
+
+        if engine == "tiermoe" and sweep is not None and not record_routing:
+            figures = _swept(
+                sweep, (str(mdir), budget, json.dumps(options, sort_keys=True)), w.batch, measure
+            )
+        else:
+            figures = measure()
         if figures.get("error"):
             progress(f"bench: {engine}: {figures['error']}")
         run = {
@@ -398,6 +413,17 @@ def bench(
         "h2d_source": source,
         "seed": workload.seed,
     }
+
+
+def _swept(sweep: dict, key: tuple, batch: int, measure: Callable[..., dict]) -> dict:
+    """This batch's figures of a tiermoe setting in a concurrency sweep: its first bench call measures every
+    batch on one load (a time limit per batch), the later ones take theirs from `sweep`."""
+    if key not in sweep:
+        batches = sweep["batches"]
+        result = measure(batches=batches)
+        figures = result.get("sweep") or [result] * len(batches)  # a failed load fails every batch
+        sweep[key] = dict(zip(batches, figures, strict=True))
+    return sweep[key][batch]
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -498,13 +524,20 @@ def main(args: argparse.Namespace) -> int:
     partial = out_dir / f"{stem}.partial.json"
     # Each number of concurrent sequences runs every setting; one results file holds them all.
     payload, done = {}, []
-    for batch in batches:
-        workload = Workload(args.prompt_len, args.gen_len, batch, args.repeat, args.seed)
+    workloads = [Workload(args.prompt_len, args.gen_len, b, args.repeat, args.seed) for b in batches]
+    # A sweep loads each tiermoe setting once, with the KV reserve of its largest batch: the layout a
+    # server with that many sequences has, at every batch of the sweep.
+    sweep = {"batches": batches} if len(batches) > 1 else None
+    if sweep and args.kv_reserve_tokens is None:
+        config = _read_config(Path(args.model))
+        args.kv_reserve_tokens = max(kv_reserve_for(config, w) for w in workloads)
+    for workload in workloads:
         payload = _bench_one(
             args,
             workload,
             console,
             lambda runs, before=list(done): write_json(partial, {"runs": before + runs, "partial": True}),
+            sweep,
         )
         done += payload["runs"]
     payload["runs"] = runs = done
@@ -523,7 +556,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_one(args: argparse.Namespace, workload: Workload, console, measured) -> dict:
+def _bench_one(args: argparse.Namespace, workload: Workload, console, measured, sweep: dict | None) -> dict:
     return bench(
         args.model,
         workload,
@@ -545,6 +578,7 @@ def _bench_one(args: argparse.Namespace, workload: Workload, console, measured) 
         measured=measured,
         kv_reserve_tokens=args.kv_reserve_tokens,
         workspace_gib=args.workspace,
+        sweep=sweep,
     )
 
 
