@@ -103,11 +103,14 @@ gpt-oss-20b)
 deepseek-v3-7l)
     # DeepSeek-V3's first 7 layers (3 dense, 4 MoE of 256 FP8 experts: 45 GB in host memory) at 24 GiB:
     # decode time per MoE layer, from which the full 58-MoE-layer model's tok/s follows (NOTES shows how).
+    # The peers build it with random weights: HF offload in bf16 (about 95 GB, 71 of them in host memory),
+    # llama.cpp as a q8_0 GGUF (about 48 GB; the session puts its work dir in /dev/shm: the disk is too small).
     model="$SYNTH_DIR/deepseek-v3-7l-fp8"
     [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset deepseek-v3-7l --out "$model" --dtype bf16 \
         --experts-in-memory --experts fp8 >&2
     $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-24}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-32}" --batch "${BATCHES:-1}" --repeat 2 --timeout 300
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-32}" --batch "${BATCHES:-1}" --repeat 2 \
+        "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 900
     ;;
 qwen3)
     # Qwen3-30B-A3B (30.5B params): its 57 GiB of bf16 experts do not fit the 64 GiB disk beside the OS, so

@@ -134,6 +134,11 @@ for suite in $SUITES; do
         qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1 && touch "$GGUF/.qwen3-ready"
         mark "qwen3 gguf (disk) done"
     fi
+    # V3's q8_0 GGUF (48 GB) fits neither the disk nor /dev/shm beside other GGUFs: the GGUF work dir becomes
+    # an emptied /dev/shm/gguf (run this suite last: the other suites' GGUFs are gone after it).
+    if [[ $suite == deepseek-v3-7l && ${LLAMA:-1} != 0 ]]; then
+        rm -rf "$GGUF" /dev/shm/gguf && mkdir -p /dev/shm/gguf "$(dirname "$GGUF")" && ln -sfn /dev/shm/gguf "$GGUF"
+    fi
     free -g | tee -a "$W/phases.log"
     case $suite in qwen3) budgets=${QWEN3_BUDGETS:-} ;; olmoe) budgets=${OLMOE_BUDGETS:-} ;; *) budgets= ;; esac
     # VARIANTS_<suite>, BATCHES_<suite>, PEERS_<suite>, ROUTINGS_<suite>, PROMPT_LEN_<suite>, GEN_LEN_<suite>
