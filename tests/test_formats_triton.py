@@ -138,11 +138,15 @@ def test_grouped_gemm_matches_the_torch_reference(cls, shape, kernel):
     assert rel < (1e-5 if not CUDA else 2e-2), rel
 
 
-def test_gemm_blocks_cover_each_live_pair_once_with_no_host_sync():
-    """The GEMM's blocks, found by tensor ops alone: each pair with a slot >= 0 in exactly one block of its
-    own slot, at most BLOCK_M a block, the blocks past the last empty; pairs with a negative slot in none."""
+@pytest.mark.parametrize("one_launch", [True, False], ids=["kernel", "tensor-ops"])
+def test_gemm_blocks_cover_each_live_pair_once_with_no_host_sync(monkeypatch, one_launch):
+    """The GEMM's blocks, found on the device (one Triton program for a decode step's pairs, tensor ops for
+    more): each pair with a slot >= 0 in exactly one block of its own slot, at most BLOCK_M a block, the
+    blocks past the last empty; pairs with a negative slot in none."""
+    if not one_launch:
+        monkeypatch.setattr(triton_kernels, "FIND_BLOCKS_MAX_PAIRS", 0)
     gen = torch.Generator().manual_seed(3)
-    for pairs, num_slots, served in [(80, 5, 0), (40, 64, 7), (3, 9, 0), (37, 3, 37 - 1)]:
+    for pairs, num_slots, served in [(80, 5, 0), (40, 64, 7), (3, 9, 0), (37, 3, 37 - 1), (200, 300, 50), (1, 4, 0), (5, 3, 5)]:
         slots = torch.randint(0, num_slots, (pairs,), generator=gen)
         slots[:served] = -1
         s_sorted = slots.sort().values

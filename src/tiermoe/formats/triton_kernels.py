@@ -761,14 +761,64 @@ BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
 _INTERPRETED = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
 
 
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _find_blocks(
+    s_ptr, slot_ptr, start_ptr, end_ptr, P, B, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr
+):  # fmt: skip
+    """_blocks in one program: over the P sorted slots (negative ones first, in no block), a block starts
+    at each slot's first pair and every BLOCK_M pairs after it; its end is BLOCK_M on or the slot's last
+    pair. Blocks [count, B) are written empty (slot 0, start = end = 0)."""
+    i = tl.arange(0, BLOCK)
+    inside = i < P
+    s = tl.load(s_ptr + i, mask=inside, other=-1)
+    prev = tl.load(s_ptr + i - 1, mask=inside & (i > 0), other=-1)
+    after = tl.load(s_ptr + i + 1, mask=i + 1 < P, other=-1)
+    live = s >= 0
+    first = tl.associative_scan(tl.where(live & (s != prev), i, 0), 0, _max)  # the slot's first pair
+    last = tl.associative_scan(tl.where(live & (s != after), i, P), 0, _min, reverse=True)  # and its last
+    starts = live & ((i - first) % BLOCK_M == 0)
+    b = tl.cumsum(starts.to(tl.int32), 0) - 1
+    tl.store(slot_ptr + b, s.to(tl.int32), mask=starts)
+    tl.store(start_ptr + b, i, mask=starts)
+    tl.store(end_ptr + b, tl.minimum(i + BLOCK_M, last + 1), mask=starts)
+    rest = tl.arange(0, BLOCK_B)
+    empty = (rest >= tl.sum(starts.to(tl.int32), 0)) & (rest < B)
+    zero = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    tl.store(slot_ptr + rest, zero, mask=empty)
+    tl.store(start_ptr + rest, zero, mask=empty)
+    tl.store(end_ptr + rest, zero, mask=empty)
+
+
+FIND_BLOCKS_MAX_PAIRS = 4096  # one program holds every pair: a decode step's, not a long prefill's
+
+
 def _blocks(slots_sorted: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(slot, start, end) of each block of at most BLOCK_M consecutive sorted pairs of one slot, int32, on
     the pairs' device with no host synchronisation (so a decode step of many pairs is graph-safe): as many
     blocks as any routing of these pairs can need, those past the last one empty (start == end, where
     the GEMM reads nothing). slots_sorted: the pairs' slots in ascending order, in [0, num_slots), after
     any negative ones (pairs served elsewhere), which no block holds.
-    Shapes: counts, first pair and blocks per slot [S]; blocks [B]."""
+    Shapes: counts, first pair and blocks per slot [S]; blocks [B]. Up to FIND_BLOCKS_MAX_PAIRS pairs in
+    one launch (a decode step), by tensor ops above (about 20 launches)."""
     pairs, device = slots_sorted.numel(), slots_sorted.device
+    count = triton.cdiv(pairs, BLOCK_M) + min(pairs, num_slots)
+    if pairs <= FIND_BLOCKS_MAX_PAIRS:
+        blocks = torch.empty(3, count, dtype=torch.int32, device=device)
+        _find_blocks[(1,)](
+            slots_sorted.contiguous(), blocks[0], blocks[1], blocks[2], pairs, count,
+            BLOCK=triton.next_power_of_2(pairs), BLOCK_B=triton.next_power_of_2(count), BLOCK_M=BLOCK_M,
+        )  # fmt: skip
+        return blocks[0], blocks[1], blocks[2]
     live = slots_sorted >= 0
     counts = torch.zeros(num_slots, dtype=torch.int64, device=device)
     counts.scatter_add_(0, slots_sorted.clamp(min=0).long(), live.long())
@@ -777,7 +827,7 @@ def _blocks(slots_sorted: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, t
     ends = per_slot.cumsum(0)  # one past each slot's last block
     # Each slot's blocks are ceil(count / BLOCK_M) <= count / BLOCK_M + 1, and at most min(pairs, S) slots
     # hold pairs.
-    b = torch.arange(triton.cdiv(pairs, BLOCK_M) + min(pairs, num_slots), device=device)
+    b = torch.arange(count, device=device)
     slot = torch.searchsorted(ends, b, right=True)
     real = slot < num_slots
     slot = slot.clamp(max=num_slots - 1)
