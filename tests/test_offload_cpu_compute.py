@@ -12,6 +12,7 @@ from tiermoe.formats.fp4 import Nvfp4Format
 from tiermoe.formats.fp8 import Fp8BlockFormat
 from tiermoe.formats.int4 import Int4Format
 from tiermoe.formats.mxfp4 import Mxfp4Format
+from tiermoe.models.experts import ExpertKind
 from tiermoe.offload import cpu_compute
 from tiermoe.offload.cpu_compute import MissCosts
 
@@ -40,6 +41,7 @@ def test_the_split_follows_the_costs():
     assert cpu_compute.split({1: 1}, costs(stream_us=100, cpu_us=150), stream_busy_s=100 * US) == {1}
 
 
+GPT_OSS = ExpertKind(bias=True, limit=0.5, alpha=1.702)  # a low limit, so that the clamp bites
 FORMATS = [
     DenseFormat(64, 40, torch.float32),
     DenseFormat(64, 40, torch.bfloat16),
@@ -47,10 +49,14 @@ FORMATS = [
     Fp8BlockFormat(64, 40, torch.float32, (16, 16)),
     Nvfp4Format(64, 32, torch.float32),
     Mxfp4Format(64, 32, torch.float32),
+    DenseFormat(64, 40, torch.float32, kind=GPT_OSS),  # gpt-oss's experts: biases and the clamped GLU
+    Mxfp4Format(64, 32, torch.float32, kind=GPT_OSS),
 ]
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.dtype}")
+@pytest.mark.parametrize(
+    "fmt", FORMATS, ids=lambda f: f"{f.name}-{f.dtype}{'-gpt-oss' if f.kind.bias else ''}"
+)
 def test_cpu_computed_experts_match_the_resident_ones_in_every_format(fmt):
     """Three tokens, top-2 of four experts, half the pairs' experts given to the CPU one by one from
     their own bytes: the sum matches the format's mlp over the whole bank."""
@@ -58,6 +64,10 @@ def test_cpu_computed_experts_match_the_resident_ones_in_every_format(fmt):
     g = torch.Generator().manual_seed(0)
     for s in range(4):
         fmt.fill_random(bank[s], g, 0.05)
+    if fmt.kind.bias:  # fill_random leaves them 0
+        for name in ("gate_up_bias", "down_bias"):
+            v = fmt.views(bank)[name]
+            v.copy_(torch.randn(v.shape, generator=g))
     x = torch.randn(3, fmt.hidden, generator=g).to(fmt.dtype)
     ids = torch.tensor([[0, 2], [2, 3], [1, 0]])
     weights = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]], dtype=fmt.dtype)

@@ -95,10 +95,12 @@ def compute(
     expert (measured 5x on a small one)."""
     out = torch.zeros_like(x)
     for expert, (tokens, weights) in pairs.items():
-        gate_up, down = _weights(fmt, fmt.views(experts[expert][None]))
+        bank = fmt.views(experts[expert][None])
+        gate_up, down = _weights(fmt, bank)
+        b1, b2 = (None, None) if (biases := fmt.biases(bank)) is None else (biases[0][0], biases[1][0])
         xs = x[tokens]  # [n, H]
-        gate, up = F.linear(xs, gate_up).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down)  # [n, H]
+        gate, up = F.linear(xs, gate_up, b1).chunk(2, dim=-1)
+        y = F.linear(fmt.kind.glu(gate, up), down, b2)  # [n, H], the expert's kind (gpt-oss: clamped GLU)
         if len(tokens) == 1:
             out[tokens[0]].add_(y[0], alpha=weights[0])
         else:
