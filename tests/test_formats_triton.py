@@ -146,7 +146,15 @@ def test_gemm_blocks_cover_each_live_pair_once_with_no_host_sync(monkeypatch, on
     if not one_launch:
         monkeypatch.setattr(triton_kernels, "FIND_BLOCKS_MAX_PAIRS", 0)
     gen = torch.Generator().manual_seed(3)
-    for pairs, num_slots, served in [(80, 5, 0), (40, 64, 7), (3, 9, 0), (37, 3, 37 - 1), (200, 300, 50), (1, 4, 0), (5, 3, 5)]:
+    for pairs, num_slots, served in [
+        (80, 5, 0),
+        (40, 64, 7),
+        (3, 9, 0),
+        (37, 3, 37 - 1),
+        (200, 300, 50),
+        (1, 4, 0),
+        (5, 3, 5),
+    ]:
         slots = torch.randint(0, num_slots, (pairs,), generator=gen)
         slots[:served] = -1
         s_sorted = slots.sort().values

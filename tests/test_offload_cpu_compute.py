@@ -136,3 +136,26 @@ def test_cpu_compute_needs_the_copy_path():
 
     with pytest.raises(InvalidRequestError, match="miss_path copy"):
         EngineConfig(cpu_compute=True, miss_path="in-place")
+
+
+@pytest.mark.parametrize(("hidden", "inter"), [(64, 40), (72, 37), (40, 16)])
+def test_the_compiled_kernel_computes_what_torch_does(monkeypatch, hidden, inter):
+    """The CPU share's compiled kernel (bf16 SwiGLU experts) against torch's path: rows in fours and the
+    rest one by one (72 inputs: not a multiple of 16; 37: an odd intermediate size), experts of one token
+    and of several, every pair's routing weight. Built here: CI has a compiler, so a broken build fails."""
+    from tiermoe.offload import cpu_kernels
+
+    assert cpu_kernels.status() == "compiled"
+    fmt = DenseFormat(hidden, inter, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    experts = {}
+    for e in range(5):
+        experts[e] = fmt.empty(1)[0]
+        fmt.fill_random(experts[e], g, 0.05)
+    x = torch.randn(4, hidden, generator=g).to(torch.bfloat16)
+    pairs = {0: ([2], [0.7]), 3: ([0, 1, 3], [0.2, 0.5, 0.9]), 4: ([1, 2], [0.3, 0.3])}
+    got = cpu_compute.compute(fmt, x, pairs, experts)
+    monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
+    want = cpu_compute.compute(fmt, x, pairs, experts)  # torch, in bf16
+    assert got.dtype == torch.bfloat16 and want.abs().max() > 0
+    assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()

@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.base import ExpertFormat
+from ..formats.dense import DenseFormat
 from ..formats.quantized import DequantizingFormat
+from ..models.experts import SWIGLU
+from . import cpu_kernels
 
 TIMING_REPEATS = 5  # medians of this many runs measure each cost
 # The CPU's cost is timed over distinct experts of at least this many bytes in all, more than any
@@ -93,6 +96,8 @@ def compute(
     Straight matmuls on each expert's views (quantized ones dequantized first): a decode step's CPU share
     is a few experts of one token each, where the generic per-pair path's sorting costs more than the
     expert (measured 5x on a small one)."""
+    if _compiled_kind(fmt) and (k := cpu_kernels.kernel()) is not None:
+        return _compute_compiled(k, fmt, x, pairs, experts)
     out = torch.zeros_like(x)
     for expert, (tokens, weights) in pairs.items():
         bank = fmt.views(experts[expert][None])
@@ -106,6 +111,30 @@ def compute(
         else:
             out.index_add_(0, torch.tensor(tokens), y * torch.tensor(weights, dtype=y.dtype)[:, None])
     return out
+
+
+def _compiled_kind(fmt: ExpertFormat) -> bool:
+    """Whether the compiled kernel computes these experts: bf16 SwiGLU without biases."""
+    return isinstance(fmt, DenseFormat) and fmt.dtype == torch.bfloat16 and fmt.kind == SWIGLU
+
+
+def _compute_compiled(kernel, fmt: DenseFormat, x: torch.Tensor, pairs: dict, experts: dict) -> torch.Tensor:
+    """compute's sum by the compiled kernel: every expert of the share in one call, in float32."""
+    banks = [fmt.views(experts[e][None]) for e in pairs]
+    offsets, tokens, weights = [0], [], []
+    for toks, ws in pairs.values():
+        tokens += toks
+        weights += ws
+        offsets.append(len(tokens))
+    out = kernel.swiglu_bf16(
+        x.float().contiguous(),
+        [b["gate_up"][0] for b in banks],
+        [b["down"][0] for b in banks],
+        torch.tensor(offsets),
+        torch.tensor(tokens),
+        torch.tensor(weights, dtype=torch.float32),
+    )
+    return out.to(x.dtype)
 
 
 def _weights(fmt: ExpertFormat, bank: dict) -> tuple[torch.Tensor, torch.Tensor]:

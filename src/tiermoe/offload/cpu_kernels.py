@@ -1,0 +1,43 @@
+"""The CPU share's compiled kernel (csrc/cpu_experts.cpp): a layer's bf16 SwiGLU experts in three parallel
+loops, built on first use by torch's C++ extension loader (a C++ compiler and ninja; about 30 s once,
+cached in torch's extensions folder). Where it cannot be built, or with TIERMOE_CPU_KERNELS=0, the CPU share
+runs in torch (offload/cpu_compute.py); `status()` says which and why."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_experts.cpp"
+
+
+@functools.cache
+def _load() -> tuple[object | None, str]:
+    if os.environ.get("TIERMOE_CPU_KERNELS", "1") == "0":
+        return None, "off (TIERMOE_CPU_KERNELS=0)"
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -march=native: the machine that builds it runs it (the build is cached per user, not shipped).
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        return load(
+            "tiermoe_cpu_experts",
+            [str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        ), "compiled"
+    except Exception as e:  # no compiler, no ninja, no Python headers: torch's path instead
+        reason = str(e).strip().splitlines()
+        return None, f"not built ({type(e).__name__}: {reason[0] if reason else 'no message'})"
+
+
+def kernel():
+    """The compiled module (swiglu_bf16), or None."""
+    return _load()[0]
+
+
+def status() -> str:
+    """'compiled', or why the CPU share runs in torch."""
+    return _load()[1]
