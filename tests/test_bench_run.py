@@ -7,6 +7,7 @@ import shlex
 import sys
 
 import pytest
+import torch
 
 from tiermoe import cli
 from tiermoe.bench import run
@@ -436,3 +437,44 @@ def test_link_ceiling_is_never_below_what_a_run_moved():
     assert run.link_ceiling(13.2, runs) == (36.8, "a run's achieved 36.8 GB/s (the measurement read 13.2)")
     assert run.link_ceiling(52.9, runs) == (52.9, "measured")
     assert run.link_ceiling(None, runs) == (None, "measured")
+
+
+def test_a_sweep_keeps_each_batch_its_own_figures_or_error(tmp_path, monkeypatch):
+    """One load, three batches: an error at one (an OOM at 64 sequences, say) is that batch's alone, each
+    batch's prompts are runs no earlier batch used, and `measured` sees the sweep after every batch."""
+    from tiermoe.bench import measure
+
+    model = tmp_path / "tiny"
+    synth_checkpoint("tiny-olmoe", model, progress=False)
+    runs_seen = []
+
+    def timed(llm, model_dir, workload, load_s, first_run=0):
+        runs_seen.append((workload.batch, first_run))
+        if workload.batch == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return {"decode_tok_s": float(workload.batch), "error": None}
+
+    monkeypatch.setattr(measure, "_timed", timed)
+    seen = []
+    result = measure.measure_tiermoe(
+        str(model), Workload(8, 4, 1, 2), None, None, "cpu", "fp32", None, [1, 4, 16], seen.append
+    )
+    assert [f.get("decode_tok_s") for f in result["sweep"]] == [1.0, None, 16.0]
+    assert result["sweep"][1]["error"].startswith("out of GPU memory")
+    assert runs_seen == [(1, 0), (4, 3), (16, 6)]  # runs 0-2, 3-5, 6-8: warm-up and two timed each
+    assert [len(s["sweep"]) for s in seen] == [3, 3, 3]  # the same dict, grown after each batch
+
+
+def test_a_sweep_stopped_midway_keeps_what_it_measured(tmp_path):
+    """A child timed out or killed after its first batch: that batch's figures stand (read back from the
+    file the child rewrites after each batch), the batches it never ran carry the error."""
+    from tiermoe.bench import measure
+
+    out = tmp_path / "result.json"
+    out.write_text(json.dumps({"sweep": [{"decode_tok_s": 9.0, "error": None}], "error": None}))
+    partial = measure._partial(out, "timed out after 600 s")
+    sweep = {"batches": [1, 4, 16]}
+    got = [run._swept(sweep, ("m", 4.0, "{}"), b, lambda batches: partial) for b in (1, 4, 16)]
+    assert got[0]["decode_tok_s"] == 9.0
+    assert got[1] == got[2] == {"error": "timed out after 600 s"}
+    assert measure._partial(tmp_path / "none.json", "killed") == {"error": "killed"}

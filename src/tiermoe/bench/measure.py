@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,13 +92,16 @@ def measure_tiermoe(
     dtype: str | None = None,
     options: dict | None = None,
     batches: list[int] | None = None,
+    measured: Callable[[dict], None] | None = None,
 ) -> dict:
     """Load tiermoe, warm up, time workload.repeat generate calls; figures are medians, expert-store
     statistics those of the last timed run. options: further LLM keywords (eviction, prefetch, routing,
     record_routing). The routing in force is read back from the LLM, so a default is recorded by name.
     batches: a concurrency sweep on one load (a Qwen3 load is 40-75 s): the workload at each number of
     sequences in turn, {"sweep": [figures of each]}, every one with the same engine (its max_num_seqs and
-    KV reserve those of the largest)."""
+    KV reserve those of the largest), its own prompts (none a batch before ran), its own error (an OOM at
+    64 sequences leaves the others' figures), and `measured` given the sweep so far after each batch.
+    peak_host_gib is the process's high-water mark, so in a sweep it is the largest so far."""
     from .. import LLM
 
     # Budgets are passed only when set, so an uncapped run needs nothing beyond the basic LLM(...).
@@ -111,22 +115,35 @@ def measure_tiermoe(
     load_s = time.perf_counter() - start
     if batches is None:
         return _timed(llm, model_dir, workload, load_s)
-    return {
-        "sweep": [_timed(llm, model_dir, replace(workload, batch=b), load_s) for b in batches],
-        "error": None,
-    }
+    result = {"sweep": [], "error": None}
+    for i, batch in enumerate(batches):
+        try:
+            figures = _timed(
+                llm, model_dir, replace(workload, batch=batch), load_s, i * (workload.repeat + 1)
+            )
+        except torch.OutOfMemoryError as e:
+            figures = {"error": f"out of GPU memory: {str(e).splitlines()[0]}"}
+        except Exception as e:  # this batch's error; the next may still run
+            traceback.print_exc()
+            figures = {"error": f"{type(e).__name__}: {e}"}
+        result["sweep"].append(figures)
+        if measured:
+            measured(result)
+    return result
 
 
-def _timed(llm, model_dir: str, workload: Workload, load_s: float) -> dict:
-    """measure_tiermoe's figures of one workload on a loaded LLM."""
+def _timed(llm, model_dir: str, workload: Workload, load_s: float, first_run: int = 0) -> dict:
+    """measure_tiermoe's figures of one workload on a loaded LLM; its prompts are random_prompts' runs
+    first_run (the warm-up) to first_run + repeat."""
     from .. import SamplingParams
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    llm.generate([p[: min(8, workload.prompt_len)] for p in random_prompts(vocab, workload)], warm)
+    warm_prompts = random_prompts(vocab, workload, first_run)
+    llm.generate([p[: min(8, workload.prompt_len)] for p in warm_prompts], warm)
     params = SamplingParams(max_tokens=workload.gen_len, temperature=0.0, ignore_eos=True)
     samples = []
-    for run in range(1, workload.repeat + 1):
+    for run in range(first_run + 1, first_run + workload.repeat + 1):
         outs = llm.generate(random_prompts(vocab, workload, run), params)
         lengths = {len(o.token_ids) for o in outs}
         if lengths != {workload.gen_len}:
@@ -201,13 +218,24 @@ def run_isolated(
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout_s:g} s"}
-        if out.exists():
+            # A sweep keeps the batches it finished (the child rewrites its file after each).
+            return _partial(out, f"timed out after {timeout_s:g} s")
+        if out.exists() and proc.returncode >= 0:
             return json.loads(out.read_text())
         if proc.returncode < 0:
-            return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
+            return _partial(out, f"killed by signal {-proc.returncode} (out of memory?)")
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": f"exit code {proc.returncode}: {lines[-1] if lines else 'no output'}"}
+
+
+def _partial(out: Path, error: str) -> dict:
+    """What a child that did not finish left: a sweep's finished batches with `error` as the result of
+    the rest (measure's sweep file), else the error alone."""
+    if out.exists():
+        done = json.loads(out.read_text())
+        if "sweep" in done:
+            return {**done, "error": error}
+    return {"error": error}
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -237,8 +265,9 @@ def _main(argv: list[str] | None = None) -> int:
             options = json.loads(a.options) if a.options else None
             sweep = [int(b) for b in a.sweep.split(",")] if a.sweep else None
             result = measure_tiermoe(
-                a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype, options, sweep
-            )
+                a.model, workload, a.gpu_budget, a.cpu_budget, a.device, a.dtype, options, sweep,
+                lambda so_far: Path(a.out).write_text(json.dumps(so_far, indent=2) + "\n"),
+            )  # fmt: skip
         else:
             result = peers.measure(a.engine, a.model, workload, a.gpu_budget, a.cpu_budget)
     except torch.OutOfMemoryError as e:

@@ -352,7 +352,7 @@ def bench(
                 w,
                 budget,
                 cpu_budget_gib,
-                timeout_s * len(batches or [w.batch]),  # the limit is each batch's
+                timeout_s * len(batches or [w.batch]),  # a sweep's limit: timeout_s a batch
                 device if engine == "tiermoe" else None,
                 dtype if engine == "tiermoe" else None,
                 {**options, "kv_reserve_tokens": engine_config["kv_reserve_tokens"], **workspace}
@@ -361,7 +361,7 @@ def bench(
                 batches,
             )
 
-        if engine == "tiermoe" and sweep is not None and not record_routing:
+        if engine == "tiermoe" and sweep is not None:  # (main makes none where routing is recorded)
             figures = _swept(
                 sweep, (str(mdir), budget, json.dumps(options, sort_keys=True)), w.batch, measure
             )
@@ -421,8 +421,10 @@ def _swept(sweep: dict, key: tuple, batch: int, measure: Callable[..., dict]) ->
     if key not in sweep:
         batches = sweep["batches"]
         result = measure(batches=batches)
-        figures = result.get("sweep") or [result] * len(batches)  # a failed load fails every batch
-        sweep[key] = dict(zip(batches, figures, strict=True))
+        figures = result.get("sweep") or []  # none: the load failed
+        # A child stopped mid-sweep (timed out, killed) leaves its error to the batches it never ran.
+        missing = [{"error": result["error"]}] * (len(batches) - len(figures))
+        sweep[key] = dict(zip(batches, figures + missing, strict=True))
     return sweep[key][batch]
 
 
@@ -527,7 +529,7 @@ def main(args: argparse.Namespace) -> int:
     workloads = [Workload(args.prompt_len, args.gen_len, b, args.repeat, args.seed) for b in batches]
     # A sweep loads each tiermoe setting once, with the KV reserve of its largest batch: the layout a
     # server with that many sequences has, at every batch of the sweep.
-    sweep = {"batches": batches} if len(batches) > 1 else None
+    sweep = {"batches": batches} if len(batches) > 1 and not args.record_routing else None
     if sweep and args.kv_reserve_tokens is None:
         config = _read_config(Path(args.model))
         args.kv_reserve_tokens = max(kv_reserve_for(config, w) for w in workloads)
