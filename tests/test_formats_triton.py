@@ -481,14 +481,18 @@ def test_a_batched_decode_step_runs_the_grouped_gemm_with_no_host_sync(monkeypat
     slots = torch.randint(0, 6, (5, 4), generator=gen).to(DEVICE)
     weights = torch.rand(5, 4, generator=gen).to(DEVICE, DTYPE)
     want = fmt.mlp(x, slots, weights, views)  # on the CPU: torch
-    grouped = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
     calls = []
 
     def spy(*args):
         calls.append(args)
-        return grouped(*args)
+        return triton_kernels.grouped_mlp(*args)
 
-    monkeypatch.setattr(type(fmt), "_kernel", lambda self, x, what: spy if what == "accumulate" else None)
+    monkeypatch.setattr(type(fmt), "_kernel", lambda self, x, what: spy if what == "grouped" else None)
     got = fmt.mlp(x, slots, weights, views)
     assert len(calls) == 1
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
+    # The same as the scatter-add of the prefill path, each token's pairs summed in place instead.
+    tokens = torch.arange(5, device=DEVICE).repeat_interleave(4)
+    grouped = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
+    scattered = grouped(fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), views, torch.zeros_like(x))
+    torch.testing.assert_close(got.float(), scattered.float(), rtol=1e-4, atol=1e-4)

@@ -100,12 +100,10 @@ class ExpertFormat(ABC):
             return None
         from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
 
-        # decode: one GEMV entry for every format; prefill: the format's GEMM, where it has one
-        return (
-            triton_kernels.bank_mlp
-            if what == "mlp"
-            else getattr(triton_kernels, f"{self.kernels}_{what}", None)
-        )
+        # decode: one GEMV entry for every format ("mlp"), and the grouped GEMM for many pairs
+        # ("grouped"); prefill: the format's GEMM, where it has one
+        entries = {"mlp": triton_kernels.bank_mlp, "grouped": triton_kernels.grouped_mlp}
+        return entries.get(what) or getattr(triton_kernels, f"{self.kernels}_{what}", None)
 
     def views(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each part of a bank of experts, bank: uint8 [S, nbytes] -> {name: [S, *part.shape]}."""

@@ -59,12 +59,10 @@ class DenseFormat(ExpertFormat):
 
     def mlp(self, x, slots, weights, bank):
         pairs = slots.numel()
-        grouped = self._kernel(x, "accumulate")
+        grouped = self._kernel(x, "grouped")
         if grouped and GATHER_MAX_PAIRS < pairs <= GROUPED_MAX_PAIRS:
             # A batched decode step: the grouped GEMM, blocks found on the GPU (no sync; skips served pairs).
-            t, k = slots.shape
-            tokens = torch.arange(t, device=x.device).repeat_interleave(k)
-            return grouped(self, x, tokens, slots.reshape(-1), weights.reshape(-1), bank, torch.zeros_like(x))
+            return grouped(self, x, slots, weights, bank)
         kernel = self._kernel(x, "mlp")
         if kernel and pairs <= GATHER_MAX_PAIRS:
             return kernel(self, x, slots, weights, bank)

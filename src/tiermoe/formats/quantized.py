@@ -23,6 +23,8 @@ class DequantizingFormat(ExpertFormat):
     def mlp(self, x, slots, weights, bank):
         t, k = slots.shape
         if t * k > GATHER_MAX_PAIRS:  # the grouped GEMM on CUDA (no host sync), torch's loop elsewhere
+            if grouped := self._kernel(x, "grouped"):
+                return grouped(self, x, slots, weights, bank)
             tokens = torch.arange(t, device=x.device).repeat_interleave(k)
             return self.accumulate(
                 x, tokens, slots.reshape(-1), weights.reshape(-1), bank, torch.zeros_like(x)

@@ -25,7 +25,8 @@ GROUPED_MAX_PAIRS = 4096
 
 def skip_served(slots: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs with a negative slot (served elsewhere: another wave, the CPU) pointed at a slot this call
-    holds, with weight 0, for the paths that read every pair's slot; no host synchronisation."""
+    holds (the largest: a call has at least one pair its own), with weight 0, for the paths that read every
+    pair's slot; no host synchronisation."""
     served = slots < 0
     return torch.where(served, slots.max(), slots), weights.masked_fill(served, 0)
 

@@ -281,10 +281,11 @@ def _fp4_gemv(
 
 @triton.jit
 def _gemm_block(
-    blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """This GEMM program's expert slot, sorted pair rows (and which are live), their tokens, its output
-    columns (and which are live: none in an empty block, so that it reads no weights) and stacked matrix m."""
+    columns (and which are live: none in an empty block, so that it reads no weights), stacked matrix m
+    and where its loop over the K inputs stops (0 in an empty block: it computes nothing)."""
     b, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(blk_slot_ptr + b).to(tl.int64)
     start, end = tl.load(blk_start_ptr + b), tl.load(blk_end_ptr + b)
@@ -292,7 +293,8 @@ def _gemm_block(
     live_r = rows < end
     tok = tl.load(tok_ptr + rows, mask=live_r, other=0).to(tl.int64)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    return slot, rows, live_r, tok, cols, cols < N * (start < end).to(tl.int32), m
+    live = (start < end).to(tl.int32)
+    return slot, rows, live_r, tok, cols, cols < N * live, m, K * live
 
 
 @triton.jit
@@ -317,12 +319,12 @@ def _dense_gemm(
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert, w_m [N, K] row-major (unquantized experts).
     EXACT: float32 products (fp32 experts, and Triton's interpreter, whose bf16 dot is broken)."""
-    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
-        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    slot, rows, live_r, tok, cols, live_c, m, k_stop = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, K, BLOCK_M, BLOCK_N
     )
     w = w_ptr + slot * slot_stride_w + m * (N * K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
             x_ptr + tok[:, None] * K + ks[None, :], mask=live_r[:, None] & (ks < K)[None, :], other=0.0
@@ -346,15 +348,15 @@ def _int4_gemm(
     BIAS: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m of the block's expert, for the sorted pairs r of block b."""
-    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
-        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    slot, rows, live_r, tok, cols, live_c, m, k_stop = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, K, BLOCK_M, BLOCK_N
     )
     qw = qw_ptr + slot * slot_stride_qw + m * (K // 8 * N)
     qz = qz_ptr + slot * slot_stride_qz + m * (K // G * (N // 8))
     sc = sc_ptr + slot * slot_stride_sc + m * (K // G * N)
     shifts = tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_stop, BLOCK_K):
         a = tl.load(
             x_ptr + tok[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :], mask=live_r[:, None], other=0.0
         )
@@ -385,13 +387,13 @@ def _fp8_gemm(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_NATIVE: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
-    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
-        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    slot, rows, live_r, tok, cols, live_c, m, k_stop = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, K, BLOCK_M, BLOCK_N
     )
     w = w_ptr + slot * slot_stride_w + m * (N * K)
     s = s_ptr + slot * slot_stride_s + m * (tl.cdiv(N, BO) * tl.cdiv(K, BI))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
             x_ptr + tok[:, None] * K + ks[None, :], mask=live_r[:, None] & (ks < K)[None, :], other=0.0
@@ -416,14 +418,14 @@ def _fp4_gemm(
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert: the even inputs' dot with the low nibbles
     plus the odd inputs' with the high ones, each [BLOCK_K / 2, BLOCK_N] tile scaled per input."""
-    slot, rows, live_r, tok, cols, live_c, m = _gemm_block(
-        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, BLOCK_M, BLOCK_N
+    slot, rows, live_r, tok, cols, live_c, m, k_stop = _gemm_block(
+        blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, K, BLOCK_M, BLOCK_N
     )
     w = w_ptr + slot * slot_stride_w + m * (N * (K // 2))
     s = s_ptr + slot * slot_stride_s + m * (N * (K // GS))
     t = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_stop, BLOCK_K):
         xs = x_ptr + tok[:, None] * K + k0 + 2 * t[None, :]
         even = tl.load(xs, mask=live_r[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 2]
         odd = tl.load(xs + 1, mask=live_r[:, None], other=0.0)
@@ -785,7 +787,9 @@ def _find_blocks(
     after = tl.load(s_ptr + i + 1, mask=i + 1 < P, other=-1)
     live = s >= 0
     first = tl.associative_scan(tl.where(live & (s != prev), i, 0), 0, _max)  # the slot's first pair
-    last = tl.associative_scan(tl.where(live & (s != after), i, P), 0, _min, reverse=True)  # and its last
+    # and its last: a min scan from the right, as a forward scan over the flipped order (compiled Triton's
+    # reverse=True scans have had wrong results reported; tl.flip needs 2 or more, so BLOCK >= 2)
+    last = tl.flip(tl.associative_scan(tl.flip(tl.where(live & (s != after), i, P), 0), 0, _min), 0)
     starts = live & ((i - first) % BLOCK_M == 0)
     b = tl.cumsum(starts.to(tl.int32), 0) - 1
     tl.store(slot_ptr + b, s.to(tl.int32), mask=starts)
@@ -816,7 +820,7 @@ def _blocks(slots_sorted: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, t
         blocks = torch.empty(3, count, dtype=torch.int32, device=device)
         _find_blocks[(1,)](
             slots_sorted.contiguous(), blocks[0], blocks[1], blocks[2], pairs, count,
-            BLOCK=triton.next_power_of_2(pairs), BLOCK_B=triton.next_power_of_2(count), BLOCK_M=BLOCK_M,
+            BLOCK=max(2, triton.next_power_of_2(pairs)), BLOCK_B=triton.next_power_of_2(count), BLOCK_M=BLOCK_M,
         )  # fmt: skip
         return blocks[0], blocks[1], blocks[2]
     live = slots_sorted >= 0
@@ -896,11 +900,14 @@ def _fp4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m:
     return out
 
 
-def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
-    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) by grouped GEMMs over the pairs
-    sorted by expert: gate and up plus their biases (added as the GEMM stores them), the kind's GLU, down
-    plus its bias, then one scatter-add of the outputs times their routing weights. A pair whose slot is
-    negative (served elsewhere: another wave, the CPU) adds nothing. No host synchronisation."""
+def _grouped(
+    project, fmt, x, tokens, slots, weights, bank
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weights[i] * expert_{slots[i]}(x[tokens[i]]) of every pair by grouped GEMMs over the pairs sorted
+    by expert: gate and up plus their biases (added as the GEMM stores them), the kind's GLU, down plus
+    its bias, times the routing weight; float32 [P, H] in sorted order, with that order and the sorted
+    tokens. A pair whose slot is negative (served elsewhere: another wave, the CPU) gives 0. No host
+    synchronisation."""
     order = torch.argsort(slots)
     tok, s_sorted = tokens[order].contiguous(), slots[order]
     blocks = _blocks(s_sorted, bank[fmt.parts[0].name].shape[0])
@@ -909,8 +916,26 @@ def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Ten
     rows = torch.arange(tok.numel(), device=x.device)
     down = project(fmt, act, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1)[:, 0]  # [P, H]
     # The rows of skipped pairs were never written: select, since a product with 0 keeps a NaN.
-    y = torch.where((s_sorted >= 0)[:, None], down * weights[order][:, None].float(), 0.0)
+    return torch.where((s_sorted >= 0)[:, None], down * weights[order][:, None].float(), 0.0), order, tok
+
+
+def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]): _grouped, then one scatter-add."""
+    y, _, tok = _grouped(project, fmt, x, tokens, slots, weights, bank)
     return out.index_add_(0, tok, y.to(out.dtype))
+
+
+def grouped_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
+    """The format's mlp over many pairs (a batched decode step: x [T, H], slots and weights [T, k]) by
+    _grouped, each token's k outputs put back in place and summed in float32: no atomic adds, so a
+    replay gives the same bits (a scatter-add's order is not fixed)."""
+    t, k = slots.shape
+    tokens = torch.arange(t, device=x.device).repeat_interleave(k)
+    y, order, _ = _grouped(
+        _PROJECT[fmt.kernels], fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank
+    )
+    placed = torch.empty_like(y).index_copy_(0, order, y)  # [T * k, H], pair p of token p // k
+    return placed.view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
 def dense_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
@@ -930,3 +955,10 @@ def nvfp4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
 
 
 mxfp4_accumulate = nvfp4_accumulate
+_PROJECT = {
+    "dense": _dense_gemm_project,
+    "int4": _int4_gemm_project,
+    "fp8": _fp8_gemm_project,
+    "nvfp4": _fp4_gemm_project,
+    "mxfp4": _fp4_gemm_project,
+}
