@@ -159,3 +159,24 @@ def test_the_compiled_kernel_computes_what_torch_does(monkeypatch, hidden, inter
     want = cpu_compute.compute(fmt, x, pairs, experts)  # torch, in bf16
     assert got.dtype == torch.bfloat16 and want.abs().max() > 0
     assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+
+
+@pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 48, 16), (128, 32, -1)])
+def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, hidden, inter, group):
+    """The 4-bit kernel (GPTQ layout, zeros and fp16 scales per group; one group for all inputs too)
+    against torch's dequantize-then-matmul, experts of one token and of several."""
+    from tiermoe.offload import cpu_kernels
+
+    fmt = Int4Format(hidden, inter, torch.float32, group)
+    g = torch.Generator().manual_seed(2)
+    experts = {}
+    for e in range(4):
+        experts[e] = fmt.empty(1)[0]
+        fmt.fill_random(experts[e], g, 0.05)
+    x = torch.randn(3, hidden, generator=g)
+    pairs = {1: ([0, 2], [0.6, 0.4]), 3: ([1], [0.9]), 0: ([0, 1, 2], [0.1, 0.2, 0.3])}
+    got = cpu_compute.compute(fmt, x, pairs, experts)
+    monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
+    want = cpu_compute.compute(fmt, x, pairs, experts)  # torch, float32
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())

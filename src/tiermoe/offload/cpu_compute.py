@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..formats.base import ExpertFormat
 from ..formats.dense import DenseFormat
+from ..formats.int4 import Int4Format
 from ..formats.quantized import DequantizingFormat
 from ..models.experts import SWIGLU
 from . import cpu_kernels
@@ -98,6 +99,7 @@ def compute(
     expert (measured 5x on a small one)."""
     if _compiled_kind(fmt) and (k := cpu_kernels.kernel()) is not None:
         return _compute_compiled(k, fmt, x, pairs, experts)
+    # torch: per expert, its weights in the compute dtype (quantized ones dequantized first)
     out = torch.zeros_like(x)
     for expert, (tokens, weights) in pairs.items():
         bank = fmt.views(experts[expert][None])
@@ -114,11 +116,16 @@ def compute(
 
 
 def _compiled_kind(fmt: ExpertFormat) -> bool:
-    """Whether the compiled kernel computes these experts: bf16 SwiGLU without biases."""
-    return isinstance(fmt, DenseFormat) and fmt.dtype == torch.bfloat16 and fmt.kind == SWIGLU
+    """Whether the compiled kernel computes these experts: SwiGLU without biases, bf16 or 4-bit (sizes in
+    multiples of 16, the lanes it computes together)."""
+    if fmt.kind != SWIGLU:
+        return False
+    if isinstance(fmt, Int4Format):
+        return fmt.hidden % 16 == 0 and fmt.inter % 16 == 0
+    return isinstance(fmt, DenseFormat) and fmt.dtype == torch.bfloat16
 
 
-def _compute_compiled(kernel, fmt: DenseFormat, x: torch.Tensor, pairs: dict, experts: dict) -> torch.Tensor:
+def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, experts: dict) -> torch.Tensor:
     """compute's sum by the compiled kernel: every expert of the share in one call, in float32."""
     banks = [fmt.views(experts[e][None]) for e in pairs]
     offsets, tokens, weights = [0], [], []
@@ -126,14 +133,19 @@ def _compute_compiled(kernel, fmt: DenseFormat, x: torch.Tensor, pairs: dict, ex
         tokens += toks
         weights += ws
         offsets.append(len(tokens))
-    out = kernel.swiglu_bf16(
-        x.float().contiguous(),
-        [b["gate_up"][0] for b in banks],
-        [b["down"][0] for b in banks],
-        torch.tensor(offsets),
-        torch.tensor(tokens),
-        torch.tensor(weights, dtype=torch.float32),
-    )
+    routing = (torch.tensor(offsets), torch.tensor(tokens), torch.tensor(weights, dtype=torch.float32))
+    x32 = x.float().contiguous()
+    if isinstance(fmt, Int4Format):
+        parts = [
+            [b[f"{prefix}_{part}"][0] for b in banks]
+            for prefix in ("gate_up", "down")
+            for part in ("qweight", "qzeros", "scales")
+        ]
+        out = kernel.swiglu_int4(x32, *parts, *routing, fmt.groups["gate_up"], fmt.groups["down"])
+    else:
+        out = kernel.swiglu_bf16(
+            x32, [b["gate_up"][0] for b in banks], [b["down"][0] for b in banks], *routing
+        )
     return out.to(x.dtype)
 
 

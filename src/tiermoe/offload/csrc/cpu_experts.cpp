@@ -1,4 +1,4 @@
-// A layer's CPU share of bf16 SwiGLU experts in one call (offload/cpu_kernels.py builds it on first use).
+// A layer's CPU share of SwiGLU experts in one call, bf16 or 4-bit (offload/cpu_kernels.py builds it on first use).
 //
 // torch runs each expert as three GEMVs and two elementwise ops, each its own parallel region over 1-8
 // tokens: measured at 20-39 GB/s of weights on 16 cores where the memory reads 99 (bench/NOTES.md 22, 33).
@@ -150,4 +150,143 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, s
     return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("swiglu_bf16", &swiglu_bf16, "a layer's CPU share of bf16 SwiGLU experts"); }
+namespace {
+
+constexpr int64_t LANES = 16;  // outputs a task computes together: one cache line of a qweight row
+
+// Outputs n0 .. n0 + LANES of one 4-bit matrix in the GPTQ layout (qweight int32 [K / 8, N], input
+// 8 i + j in bits 4 j of row i; qzeros int32 [K / G, N / 8]; scales fp16 [K / G, N];
+// w[n, k] = scales[g, n] * (q[k, n] - zero[g, n])) against x [K]: per group, the sum of x times the
+// codes less the zero times the sum of x, scaled. The lane loops are what the compiler vectorises.
+void int4_lanes(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_t K, int64_t N, int64_t G,
+                int64_t n0, const float* x, float* y) {
+#if defined(__AVX512F__)
+    // One qweight row's 16 words in a register; code j of every lane by a shift and a mask, widened to
+    // float, times x broadcast; two accumulators (even and odd codes) to hide the FMA latency.
+    const __m512i nibble = _mm512_set1_epi32(15);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / G; g++) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        float xs = 0.f;
+        for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            const __m512i words = _mm512_loadu_si512(qw + i * N + n0);
+            for (int j = 0; j < 8; j += 2) {
+                const float x0 = x[i * 8 + j], x1 = x[i * 8 + j + 1];
+                xs += x0 + x1;
+                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words, _mm_cvtsi32_si128(4 * j)), nibble));
+                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words, _mm_cvtsi32_si128(4 * j + 4)), nibble));
+                acc0 = _mm512_fmadd_ps(q0, _mm512_set1_ps(x0), acc0);
+                acc1 = _mm512_fmadd_ps(q1, _mm512_set1_ps(x1), acc1);
+            }
+        }
+        float zeros[LANES];
+        for (int64_t l = 0; l < LANES; l++) {
+            const int64_t n = n0 + l;
+            zeros[l] = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
+        }
+        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * N + n0)));
+        const __m512 codes = _mm512_fnmadd_ps(_mm512_loadu_ps(zeros), _mm512_set1_ps(xs), _mm512_add_ps(acc0, acc1));
+        total = _mm512_fmadd_ps(scale, codes, total);
+    }
+    _mm512_storeu_ps(y, total);
+    return;
+#endif
+    float out[LANES] = {};
+    for (int64_t g = 0; g < K / G; g++) {
+        float acc[LANES] = {};
+        float xs = 0.f;
+        for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            const int32_t* row = qw + i * N + n0;
+            for (int j = 0; j < 8; j++) {
+                const float xv = x[i * 8 + j];
+                xs += xv;
+                for (int64_t l = 0; l < LANES; l++) acc[l] += xv * static_cast<float>((row[l] >> (4 * j)) & 15);
+            }
+        }
+        for (int64_t l = 0; l < LANES; l++) {
+            const int64_t n = n0 + l;
+            const float zero = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
+            out[l] += static_cast<float>(sc[g * N + n]) * (acc[l] - zero * xs);
+        }
+    }
+    for (int64_t l = 0; l < LANES; l++) y[l] = out[l];
+}
+
+struct Int4Matrix {
+    const int32_t* qw;
+    const int32_t* qz;
+    const at::Half* sc;
+};
+
+Int4Matrix matrix(const torch::Tensor& qw, const torch::Tensor& qz, const torch::Tensor& sc, int64_t m) {
+    TORCH_CHECK(qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous(), "int4 parts must be contiguous");
+    return {qw.data_ptr<int32_t>() + m * (qw.numel() / qw.size(0)), qz.data_ptr<int32_t>() + m * (qz.numel() / qz.size(0)),
+            sc.data_ptr<at::Half>() + m * (sc.numel() / sc.size(0))};
+}
+
+}  // namespace
+
+// As swiglu_bf16, for 4-bit experts in the GPTQ layout (formats/int4.py): per expert gate_up's qweight
+// [2, H / 8, I], qzeros [2, H / G, I / 8], scales [2, H / G, I] (gate, then up) and down's [I / 8, H],
+// [I / Gd, H / 8], [I / Gd, H]; group sizes G (gate and up) and Gd (down); I and H multiples of 16.
+torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std::vector<torch::Tensor> gu_qz,
+                          std::vector<torch::Tensor> gu_sc, std::vector<torch::Tensor> dn_qw,
+                          std::vector<torch::Tensor> dn_qz, std::vector<torch::Tensor> dn_sc, torch::Tensor offsets,
+                          torch::Tensor tokens, torch::Tensor weights, int64_t group, int64_t down_group) {
+    const int64_t experts = static_cast<int64_t>(gu_qw.size());
+    const int64_t hidden = x.size(1), pairs = tokens.size(0);
+    const int64_t inter = experts ? gu_qw[0].size(2) : 0;
+    TORCH_CHECK(inter % LANES == 0 && hidden % LANES == 0, "int4 experts need sizes in multiples of 16");
+    auto xs = x.index_select(0, tokens).contiguous();  // [P, H]
+    auto h = torch::empty({pairs, 2 * inter}, x.options());  // [P, 2I]
+    auto act = torch::empty({pairs, inter}, x.options());  // [P, I]
+    auto out = torch::zeros_like(x);
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const float* w = weights.data_ptr<float>();
+    const float* xp = xs.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    float* ap = act.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    std::vector<Int4Matrix> gu(2 * experts), dn(experts);
+    for (int64_t e = 0; e < experts; e++) {
+        for (int64_t m = 0; m < 2; m++) gu[2 * e + m] = matrix(gu_qw[e], gu_qz[e], gu_sc[e], m);
+        dn[e] = {dn_qw[e].data_ptr<int32_t>(), dn_qz[e].data_ptr<int32_t>(), dn_sc[e].data_ptr<at::Half>()};
+    }
+    const int64_t blocks = inter / LANES;
+    // gate and up: a task is LANES outputs of one of an expert's two matrices, for each of its pairs
+    at::parallel_for(0, experts * 2 * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; i++) {
+            const int64_t em = i / blocks, n0 = (i % blocks) * LANES, e = em / 2, m = em % 2;
+            for (int64_t p = off[e]; p < off[e + 1]; p++)
+                int4_lanes(gu[em].qw, gu[em].qz, gu[em].sc, hidden, inter, group, n0, xp + p * hidden,
+                           hp + p * 2 * inter + m * inter + n0);
+        }
+    });
+    at::parallel_for(0, pairs * inter, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; i++) {
+            const int64_t p = i / inter, j = i % inter;
+            const float g = hp[p * 2 * inter + j], u = hp[p * 2 * inter + inter + j];
+            ap[i] = g / (1.f + std::exp(-g)) * u;
+        }
+    });
+    // down: each thread owns LANES-wide blocks of outputs, summing every expert's pairs into them
+    at::parallel_for(0, hidden / LANES, 1, [&](int64_t begin, int64_t end) {
+        float y[LANES];
+        for (int64_t b = begin; b < end; b++) {
+            const int64_t n0 = b * LANES;
+            for (int64_t e = 0; e < experts; e++) {
+                for (int64_t p = off[e]; p < off[e + 1]; p++) {
+                    int4_lanes(dn[e].qw, dn[e].qz, dn[e].sc, inter, hidden, down_group, n0, ap + p * inter, y);
+                    for (int64_t l = 0; l < LANES; l++) op[tok[p] * hidden + n0 + l] += w[p] * y[l];
+                }
+            }
+        }
+    });
+    return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("swiglu_bf16", &swiglu_bf16, "a layer's CPU share of bf16 SwiGLU experts");
+    m.def("swiglu_int4", &swiglu_int4, "a layer's CPU share of 4-bit (GPTQ layout) SwiGLU experts");
+}
