@@ -448,7 +448,7 @@ def test_a_sweep_keeps_each_batch_its_own_figures_or_error(tmp_path, monkeypatch
     synth_checkpoint("tiny-olmoe", model, progress=False)
     runs_seen = []
 
-    def timed(llm, model_dir, workload, load_s, first_run=0):
+    def timed(llm, model_dir, workload, setup, first_run=0):
         runs_seen.append((workload.batch, first_run))
         if workload.batch == 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")

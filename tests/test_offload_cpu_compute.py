@@ -145,7 +145,7 @@ def test_the_compiled_kernel_computes_what_torch_does(monkeypatch, hidden, inter
     and of several, every pair's routing weight. Built here: CI has a compiler, so a broken build fails."""
     from tiermoe.offload import cpu_kernels
 
-    assert cpu_kernels.status() == "compiled"
+    assert cpu_kernels.status().startswith("compiled")
     fmt = DenseFormat(hidden, inter, torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     experts = {}

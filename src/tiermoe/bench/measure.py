@@ -112,15 +112,17 @@ def measure_tiermoe(
     # run.kv_reserve_for).
     options = {"max_num_seqs": max(max(batches or [workload.batch]), 16), **(options or {})}
     llm = LLM(model_dir, device=device, dtype=dtype, **budgets, **options)
-    load_s = time.perf_counter() - start
+    setup = {"load_s": time.perf_counter() - start}
+    if options.get("cpu_compute"):  # built by the load's cost measurement, so no build is timed here
+        from ..offload import cpu_kernels
+
+        setup["cpu_kernel"] = cpu_kernels.status()
     if batches is None:
-        return _timed(llm, model_dir, workload, load_s)
+        return _timed(llm, model_dir, workload, setup)
     result = {"sweep": [], "error": None}
     for i, batch in enumerate(batches):
         try:
-            figures = _timed(
-                llm, model_dir, replace(workload, batch=batch), load_s, i * (workload.repeat + 1)
-            )
+            figures = _timed(llm, model_dir, replace(workload, batch=batch), setup, i * (workload.repeat + 1))
         except torch.OutOfMemoryError as e:
             figures = {"error": f"out of GPU memory: {str(e).splitlines()[0]}"}
         except Exception as e:  # this batch's error; the next may still run
@@ -132,9 +134,9 @@ def measure_tiermoe(
     return result
 
 
-def _timed(llm, model_dir: str, workload: Workload, load_s: float, first_run: int = 0) -> dict:
-    """measure_tiermoe's figures of one workload on a loaded LLM; its prompts are random_prompts' runs
-    first_run (the warm-up) to first_run + repeat."""
+def _timed(llm, model_dir: str, workload: Workload, setup: dict, first_run: int = 0) -> dict:
+    """measure_tiermoe's figures of one workload on a loaded LLM (with `setup`'s: load_s, cpu_kernel); its
+    prompts are random_prompts' runs first_run (the warm-up) to first_run + repeat."""
     from .. import SamplingParams
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
@@ -172,7 +174,7 @@ def _timed(llm, model_dir: str, workload: Workload, load_s: float, first_run: in
         "routing": llm.routing_mode,
         "routing_params": llm.routing_params,
         "samples": samples,
-        "load_s": load_s,
+        **setup,
         "error": None,
     }
 

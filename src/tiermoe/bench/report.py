@@ -38,6 +38,7 @@ RUN_KEYS = (
     "pcie_floor_tok_s",
     "routing",
     "cpu_compute",
+    "cpu_kernel",  # with cpu_compute: which CPU kernel ran ("compiled (avx512)", or why torch's)
     "plan",
     "routing_params",
     "routing_note",

@@ -97,7 +97,7 @@ def compute(
     Straight matmuls on each expert's views (quantized ones dequantized first): a decode step's CPU share
     is a few experts of one token each, where the generic per-pair path's sorting costs more than the
     expert (measured 5x on a small one)."""
-    if _compiled_kind(fmt) and (k := cpu_kernels.kernel()) is not None:
+    if (k := cpu_kernels.kernel()) is not None and _compiled_kind(fmt, k.simd()):
         return _compute_compiled(k, fmt, x, pairs, experts)
     # torch: per expert, its weights in the compute dtype (quantized ones dequantized first)
     out = torch.zeros_like(x)
@@ -115,14 +115,15 @@ def compute(
     return out
 
 
-def _compiled_kind(fmt: ExpertFormat) -> bool:
-    """Whether the compiled kernel computes these experts: SwiGLU without biases, bf16 or 4-bit (sizes in
-    multiples of 16, the lanes it computes together)."""
+def _compiled_kind(fmt: ExpertFormat, simd: str) -> bool:
+    """Whether the compiled kernel computes these experts: SwiGLU without biases, 4-bit (sizes in
+    multiples of 16, the lanes it computes together; torch's dequantizing path is 30x slower even where
+    the build has no vector instructions) or bf16 where it has them (else torch's GEMV is as fast)."""
     if fmt.kind != SWIGLU:
         return False
     if isinstance(fmt, Int4Format):
         return fmt.hidden % 16 == 0 and fmt.inter % 16 == 0
-    return isinstance(fmt, DenseFormat) and fmt.dtype == torch.bfloat16
+    return isinstance(fmt, DenseFormat) and fmt.dtype == torch.bfloat16 and simd != "none"
 
 
 def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, experts: dict) -> torch.Tensor:

@@ -21,23 +21,24 @@ def _load() -> tuple[object | None, str]:
 
         # -march=native: the machine that builds it runs it (the build is cached per user, not shipped).
         flags = ["-O3", "-march=native", "-fopenmp"]
-        return load(
+        module = load(
             "tiermoe_cpu_experts",
             [str(SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
-        ), "compiled"
+        )
+        return module, f"compiled ({module.simd()})"
     except Exception as e:  # no compiler, no ninja, no Python headers: torch's path instead
         reason = str(e).strip().splitlines()
         return None, f"not built ({type(e).__name__}: {reason[0] if reason else 'no message'})"
 
 
 def kernel():
-    """The compiled module (swiglu_bf16), or None."""
+    """The compiled module (swiglu_bf16, swiglu_int4, simd), or None."""
     return _load()[0]
 
 
 def status() -> str:
-    """'compiled', or why the CPU share runs in torch."""
+    """'compiled (avx512|avx2|none)', or why the CPU share runs in torch."""
     return _load()[1]

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -286,7 +287,19 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std
     return out;
 }
 
+// The vector instructions this build uses: "avx512", "avx2" or "none" (plain loops).
+std::string simd() {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "none";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("simd", &simd, "the vector instructions of this build");
     m.def("swiglu_bf16", &swiglu_bf16, "a layer's CPU share of bf16 SwiGLU experts");
     m.def("swiglu_int4", &swiglu_int4, "a layer's CPU share of 4-bit (GPTQ layout) SwiGLU experts");
 }
