@@ -83,7 +83,7 @@ if [[ ${DEMO_MINUTES:-6} != 0 ]]; then
     ) > "$W/train.log" 2>&1 &
 fi
 (
-    kernel_tests=(tests/test_formats_triton.py tests/test_models_fused.py tests/test_bench_kernels.py tests/test_offload_sources.py tests/test_offload_store_gpu.py)
+    kernel_tests=(tests/test_formats_triton.py tests/test_models_fused.py tests/test_bench_kernels.py tests/test_offload_sources.py tests/test_offload_store_gpu.py tests/test_offload_cpu_compute.py)
     case ${GPU_TESTS:-all} in
     # Every failure's traceback kept whole in pytest-gpu.log (the poll brings $W back), the summary here.
     all) python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/ 2>&1 | tee -a "$W/pytest-gpu.log" | tail -n 40 ;;&
