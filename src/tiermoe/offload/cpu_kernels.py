@@ -6,16 +6,19 @@ runs in torch (offload/cpu_compute.py); `status()` says which and why."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_experts.cpp"
+log = logging.getLogger(__name__)
 
 
 @functools.cache
 def _load() -> tuple[object | None, str]:
     if os.environ.get("TIERMOE_CPU_KERNELS", "1") == "0":
         return None, "off (TIERMOE_CPU_KERNELS=0)"
+    log.info("loading the CPU kernel (built once for this machine: about 30 s)")
     try:
         from torch.utils.cpp_extension import load
 
@@ -31,7 +34,9 @@ def _load() -> tuple[object | None, str]:
         return module, f"compiled ({module.simd()})"
     except Exception as e:  # no compiler, no ninja, no Python headers: torch's path instead
         reason = str(e).strip().splitlines()
-        return None, f"not built ({type(e).__name__}: {reason[0] if reason else 'no message'})"
+        status = f"not built ({type(e).__name__}: {reason[0] if reason else 'no message'})"
+        log.warning("CPU kernel %s: the CPU share runs in torch", status)
+        return None, status
 
 
 def kernel():
