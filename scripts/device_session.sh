@@ -70,7 +70,7 @@ qwen3_gguf() {
 # goes to /dev/shm, as the disk cannot hold both.
 [[ " $SUITES " == *" deepseek-v2-lite "* ]] && (
     $T synth --preset deepseek-v2-lite --out "$SYNTH/deepseek-v2-lite" --dtype bf16 && mark "deepseek-v2-lite synth done"
-    if [[ ${LLAMA:-1} != 0 ]]; then
+    if [[ ${LLAMA:-1} != 0 && ${PEERS_deepseek_v2_lite:-} != none ]]; then
         python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/deepseek-v2-lite" --work-dir /dev/shm/gguf &&
             mkdir -p "$GGUF" && for f in /dev/shm/gguf/*.gguf; do ln -sf "$f" "$GGUF/"; done && mark "deepseek-v2-lite gguf done"
     fi
