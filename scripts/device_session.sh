@@ -42,6 +42,11 @@ if [[ ${LLAMA:-1} != 0 ]]; then
     mark "kit ready"
 fi
 
+# Whether suite $1 runs and runs llama.cpp (the kit on, PEERS_<suite> not none): its GGUF is built in phase 1.
+llama_for() {
+    local key=PEERS_${1//-/_}
+    [[ " $SUITES " == *" $1 "* && ${LLAMA:-1} != 0 && ${!key:-} != none ]]
+}
 # Qwen3's q8_0 and Q4_K_M GGUFs (32.5 + 18.6 GB) go to /dev/shm when it has room: the disk cannot hold them beside OLMoE's.
 SUITES=${SUITES-olmoe qwen3}  # set but empty: no suite (the GPU tests and kernels alone)
 shm_free=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
@@ -57,12 +62,14 @@ qwen3_gguf() {
 [[ " $SUITES " == *" qwen3 "* || " $SUITES " == *" qwen3-int4 "* ]] && (
     $T synth --preset qwen3-30b-a3b --out "$SYNTH/qwen3-30b-a3b" --dtype bf16 --experts-in-memory
     mark "qwen3 synth done"
-    if [[ $QWORK != "$GGUF" && ${LLAMA:-1} != 0 ]]; then qwen3_gguf "$QWORK" && mark "qwen3 gguf done"; fi
+    if [[ $QWORK != "$GGUF" ]] && { llama_for qwen3 || llama_for qwen3-int4; }; then
+        qwen3_gguf "$QWORK" && mark "qwen3 gguf done"
+    fi
 ) > "$W/p1-qwen3.log" 2>&1 &
 [[ " $SUITES ${AB_SUITES:-} " == *olmoe* ]] && (
     $T synth --preset olmoe-1b-7b --out "$SYNTH/olmoe-1b-7b" --dtype bf16 && mark "olmoe synth done"
     # Its GGUF only for its suite (an A/B alone needs the checkpoint, not llama.cpp's copy).
-    if [[ " $SUITES " == *" olmoe "* ]]; then
+    if llama_for olmoe; then
         python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/olmoe-1b-7b" && mark "olmoe gguf done"
     fi
 ) > "$W/p1-olmoe.log" 2>&1 &
@@ -70,7 +77,7 @@ qwen3_gguf() {
 # goes to /dev/shm, as the disk cannot hold both.
 [[ " $SUITES " == *" deepseek-v2-lite "* ]] && (
     $T synth --preset deepseek-v2-lite --out "$SYNTH/deepseek-v2-lite" --dtype bf16 && mark "deepseek-v2-lite synth done"
-    if [[ ${LLAMA:-1} != 0 && ${PEERS_deepseek_v2_lite:-} != none ]]; then
+    if llama_for deepseek-v2-lite; then
         python3 -m tiermoe.bench.llamacpp prepare --llama-cpp /tmp/llama --model "$SYNTH/deepseek-v2-lite" --work-dir /dev/shm/gguf &&
             mkdir -p "$GGUF" && for f in /dev/shm/gguf/*.gguf; do ln -sf "$f" "$GGUF/"; done && mark "deepseek-v2-lite gguf done"
     fi
@@ -129,7 +136,7 @@ ab_runs() {
 
 if [[ $QWORK == "$GGUF" && $SUITES == "qwen3 olmoe" ]]; then SUITES="olmoe qwen3"; fi
 for suite in $SUITES; do
-    if [[ $suite == qwen3* && $QWORK == "$GGUF" && ! -e $GGUF/.qwen3-ready && ${LLAMA:-1} != 0 ]]; then
+    if [[ $suite == qwen3* && $QWORK == "$GGUF" && ! -e $GGUF/.qwen3-ready ]] && llama_for "$suite"; then
         rm -rf "$SYNTH/olmoe-1b-7b" "$GGUF"/olmoe-1b-7b-*
         qwen3_gguf "$GGUF" > "$W/p3-gguf.log" 2>&1 && touch "$GGUF/.qwen3-ready"
         mark "qwen3 gguf (disk) done"
