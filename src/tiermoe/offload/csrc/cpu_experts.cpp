@@ -79,29 +79,60 @@ const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uin
 
 }  // namespace
 
+// What both kernels share: each pair's hidden state, the gate and up outputs, the GLU between the two
+// projections, the output; the pointers the parallel loops read and write.
+struct Share {
+    torch::Tensor xs, h, act, out;
+    const int64_t* off;
+    const int64_t* tok;
+    const float* w;
+    const float* xp;
+    float* hp;
+    float* ap;
+    float* op;
+    int64_t pairs, inter;
+
+    Share(const torch::Tensor& x, const torch::Tensor& offsets, const torch::Tensor& tokens,
+          const torch::Tensor& weights, int64_t inter_)
+        : xs(x.index_select(0, tokens).contiguous()),  // [P, H]: each pair's hidden state
+          h(torch::empty({tokens.size(0), 2 * inter_}, x.options())),  // [P, 2I]: gate, then up
+          act(torch::empty({tokens.size(0), inter_}, x.options())),  // [P, I]
+          out(torch::zeros_like(x)),
+          off(offsets.data_ptr<int64_t>()),
+          tok(tokens.data_ptr<int64_t>()),
+          w(weights.data_ptr<float>()),
+          xp(xs.data_ptr<float>()),
+          hp(h.data_ptr<float>()),
+          ap(act.data_ptr<float>()),
+          op(out.data_ptr<float>()),
+          pairs(tokens.size(0)),
+          inter(inter_) {}
+
+    // act = silu(gate) * up, every pair
+    void glu() {
+        at::parallel_for(0, pairs * inter, 4096, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; i++) {
+                const int64_t p = i / inter, j = i % inter;
+                const float g = hp[p * 2 * inter + j], u = hp[p * 2 * inter + inter + j];
+                ap[i] = g / (1.f + std::exp(-g)) * u;
+            }
+        });
+    }
+};
+
 // x: float32 [T, H]. gate_up: per expert bf16 [2I, H] (gate rows, then up rows); down: bf16 [H, I].
 // offsets: int64 [E + 1], expert e's pairs are offsets[e] .. offsets[e + 1] of tokens (int64 [P]) and
 // weights (float32 [P]). Returns float32 [T, H]: sum over pairs of weight * down(silu(gate) * up).
 torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
                           torch::Tensor offsets, torch::Tensor tokens, torch::Tensor weights) {
     const int64_t experts = static_cast<int64_t>(gate_up.size());
-    const int64_t hidden = x.size(1), inter = down.empty() ? 0 : down[0].size(1), pairs = tokens.size(0);
+    const int64_t hidden = x.size(1), inter = down.empty() ? 0 : down[0].size(1);
     for (int64_t e = 0; e < experts; e++) {
         TORCH_CHECK(gate_up[e].is_contiguous() && down[e].is_contiguous(), "expert weights must be contiguous");
         TORCH_CHECK(gate_up[e].size(0) == 2 * inter && gate_up[e].size(1) == hidden && down[e].size(0) == hidden,
                     "expert shapes differ");
     }
-    auto xs = x.index_select(0, tokens).contiguous();  // [P, H]: each pair's hidden state
-    auto h = torch::empty({pairs, 2 * inter}, x.options());  // [P, 2I]
-    auto act = torch::empty({pairs, inter}, x.options());  // [P, I]
-    auto out = torch::zeros_like(x);
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    const int64_t* tok = tokens.data_ptr<int64_t>();
-    const float* w = weights.data_ptr<float>();
-    const float* xp = xs.data_ptr<float>();
-    float* hp = h.data_ptr<float>();
-    float* ap = act.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+    Share s(x, offsets, tokens, weights, inter);
     std::vector<const uint16_t*> gu(experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) gu[e] = bits(gate_up[e]), dn[e] = bits(down[e]);
 
@@ -113,23 +144,17 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, s
         for (int64_t i = begin; i < end; i++) {
             const int64_t e = i / groups, r = (i % groups) * 4, rows = std::min<int64_t>(4, 2 * inter - r);
             const uint16_t* row = gu[e] + r * hidden;
-            for (int64_t p = off[e]; p < off[e + 1]; p++) {
+            for (int64_t p = s.off[e]; p < s.off[e + 1]; p++) {
                 if (rows == 4) {
-                    dot4(row, hidden, xp + p * hidden, hidden, four);
+                    dot4(row, hidden, s.xp + p * hidden, hidden, four);
                 } else {
-                    for (int64_t j = 0; j < rows; j++) four[j] = dot(row + j * hidden, xp + p * hidden, hidden);
+                    for (int64_t j = 0; j < rows; j++) four[j] = dot(row + j * hidden, s.xp + p * hidden, hidden);
                 }
-                for (int64_t j = 0; j < rows; j++) hp[p * 2 * inter + r + j] = four[j];
+                for (int64_t j = 0; j < rows; j++) s.hp[p * 2 * inter + r + j] = four[j];
             }
         }
     });
-    at::parallel_for(0, pairs * inter, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; i++) {
-            const int64_t p = i / inter, j = i % inter;
-            const float g = hp[p * 2 * inter + j], u = hp[p * 2 * inter + inter + j];
-            ap[i] = g / (1.f + std::exp(-g)) * u;
-        }
-    });
+    s.glu();
     // down: each thread owns output rows, summing every expert's pairs into them
     at::parallel_for(0, (hidden + 3) / 4, 4, [&](int64_t begin, int64_t end) {
         float four[4];
@@ -137,18 +162,18 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, s
             const int64_t r = g * 4, rows = std::min<int64_t>(4, hidden - r);
             for (int64_t e = 0; e < experts; e++) {
                 const uint16_t* row = dn[e] + r * inter;
-                for (int64_t p = off[e]; p < off[e + 1]; p++) {
+                for (int64_t p = s.off[e]; p < s.off[e + 1]; p++) {
                     if (rows == 4) {
-                        dot4(row, inter, ap + p * inter, inter, four);
+                        dot4(row, inter, s.ap + p * inter, inter, four);
                     } else {
-                        for (int64_t j = 0; j < rows; j++) four[j] = dot(row + j * inter, ap + p * inter, inter);
+                        for (int64_t j = 0; j < rows; j++) four[j] = dot(row + j * inter, s.ap + p * inter, inter);
                     }
-                    for (int64_t j = 0; j < rows; j++) op[tok[p] * hidden + r + j] += w[p] * four[j];
+                    for (int64_t j = 0; j < rows; j++) s.op[s.tok[p] * hidden + r + j] += s.w[p] * four[j];
                 }
             }
         }
     });
-    return out;
+    return s.out;
 }
 
 namespace {
@@ -235,20 +260,10 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std
                           std::vector<torch::Tensor> dn_qz, std::vector<torch::Tensor> dn_sc, torch::Tensor offsets,
                           torch::Tensor tokens, torch::Tensor weights, int64_t group, int64_t down_group) {
     const int64_t experts = static_cast<int64_t>(gu_qw.size());
-    const int64_t hidden = x.size(1), pairs = tokens.size(0);
+    const int64_t hidden = x.size(1);
     const int64_t inter = experts ? gu_qw[0].size(2) : 0;
     TORCH_CHECK(inter % LANES == 0 && hidden % LANES == 0, "int4 experts need sizes in multiples of 16");
-    auto xs = x.index_select(0, tokens).contiguous();  // [P, H]
-    auto h = torch::empty({pairs, 2 * inter}, x.options());  // [P, 2I]
-    auto act = torch::empty({pairs, inter}, x.options());  // [P, I]
-    auto out = torch::zeros_like(x);
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    const int64_t* tok = tokens.data_ptr<int64_t>();
-    const float* w = weights.data_ptr<float>();
-    const float* xp = xs.data_ptr<float>();
-    float* hp = h.data_ptr<float>();
-    float* ap = act.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+    Share s(x, offsets, tokens, weights, inter);
     std::vector<Int4Matrix> gu(2 * experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) {
         for (int64_t m = 0; m < 2; m++) gu[2 * e + m] = matrix(gu_qw[e], gu_qz[e], gu_sc[e], m);
@@ -259,32 +274,26 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std
     at::parallel_for(0, experts * 2 * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; i++) {
             const int64_t em = i / blocks, n0 = (i % blocks) * LANES, e = em / 2, m = em % 2;
-            for (int64_t p = off[e]; p < off[e + 1]; p++)
-                int4_lanes(gu[em].qw, gu[em].qz, gu[em].sc, hidden, inter, group, n0, xp + p * hidden,
-                           hp + p * 2 * inter + m * inter + n0);
+            for (int64_t p = s.off[e]; p < s.off[e + 1]; p++)
+                int4_lanes(gu[em].qw, gu[em].qz, gu[em].sc, hidden, inter, group, n0, s.xp + p * hidden,
+                           s.hp + p * 2 * inter + m * inter + n0);
         }
     });
-    at::parallel_for(0, pairs * inter, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; i++) {
-            const int64_t p = i / inter, j = i % inter;
-            const float g = hp[p * 2 * inter + j], u = hp[p * 2 * inter + inter + j];
-            ap[i] = g / (1.f + std::exp(-g)) * u;
-        }
-    });
+    s.glu();
     // down: each thread owns LANES-wide blocks of outputs, summing every expert's pairs into them
     at::parallel_for(0, hidden / LANES, 1, [&](int64_t begin, int64_t end) {
         float y[LANES];
         for (int64_t b = begin; b < end; b++) {
             const int64_t n0 = b * LANES;
             for (int64_t e = 0; e < experts; e++) {
-                for (int64_t p = off[e]; p < off[e + 1]; p++) {
-                    int4_lanes(dn[e].qw, dn[e].qz, dn[e].sc, inter, hidden, down_group, n0, ap + p * inter, y);
-                    for (int64_t l = 0; l < LANES; l++) op[tok[p] * hidden + n0 + l] += w[p] * y[l];
+                for (int64_t p = s.off[e]; p < s.off[e + 1]; p++) {
+                    int4_lanes(dn[e].qw, dn[e].qz, dn[e].sc, inter, hidden, down_group, n0, s.ap + p * inter, y);
+                    for (int64_t l = 0; l < LANES; l++) s.op[s.tok[p] * hidden + n0 + l] += s.w[p] * y[l];
                 }
             }
         }
     });
-    return out;
+    return s.out;
 }
 
 // The vector instructions this build uses: "avx512", "avx2" or "none" (plain loops).
