@@ -28,6 +28,15 @@ def test_quick_profile_on_cpu_measures_positive_ceilings(tmp_path):
     assert measured["disk read"].value < 1000 and measured["CPU copy (read+write)"].value < 10_000
     assert "O_DIRECT" in measured["disk read"].note
     assert not list(tmp_path.iterdir())  # the scratch file is removed
+    # The CPU share's speed, torch's path and tiermoe's kernel (built here: CI has a compiler), under
+    # RAM's copy rate (read and write counted: reads alone are at most twice that).
+    for name in (
+        "CPU experts bf16, torch",
+        "CPU experts bf16, tiermoe kernel",
+        "CPU experts int4, tiermoe kernel",
+    ):
+        assert 0 < measured[name].value < 2 * measured["CPU copy (read+write)"].value, name
+    assert "compiled" in measured["CPU experts int4, tiermoe kernel"].note
     if not torch.cuda.is_available():
         gpu = (
             "H2D pinned 2.5MB",

@@ -107,6 +107,41 @@ def cpu_copy_bandwidth(nbytes: int, min_s: float = 0.3) -> float:
     return 2 * nbytes / time_cpu(lambda: dst.copy_(src), min_s) / GB
 
 
+CPU_EXPERT_SHAPE = (2048, 768)  # Qwen3-30B-A3B's experts: hidden, intermediate
+
+
+def cpu_expert_bandwidth(experts: str, compiled: bool, nbytes: int, min_s: float = 0.3) -> float:
+    """GB/s of expert bytes the CPU share computes for one token (offload/cpu_compute.compute), 8 experts a
+    call as a top-8 layer's misses, over distinct experts of nbytes in all (from RAM, as decode reads
+    them): experts "bf16" or "int4" (group 128), with tiermoe's compiled kernel or torch's path."""
+    from .formats.dense import DenseFormat
+    from .formats.int4 import Int4Format
+    from .offload import cpu_compute
+
+    hidden, inter = CPU_EXPERT_SHAPE
+    fmt = (
+        DenseFormat(hidden, inter, torch.bfloat16)
+        if experts == "bf16"
+        else Int4Format(hidden, inter, torch.bfloat16, 128)
+    )
+    count = max(8, nbytes // fmt.nbytes // 8 * 8)
+    bank = torch.randint(
+        0, 256, (count, fmt.nbytes), dtype=torch.uint8
+    )  # the speed does not depend on values
+    views = fmt.views(bank)
+    for v in views.values():  # finite values where they are floats (bf16 weights, int4 scales)
+        if v.is_floating_point():
+            v.copy_(torch.randn(v.shape, dtype=torch.float32) * 0.02)
+    x = torch.randn(1, hidden, dtype=torch.bfloat16)
+    layers = [{e: ([0], [0.125]) for e in range(start, start + 8)} for start in range(0, count, 8)]
+
+    def run():
+        for pairs in layers:
+            cpu_compute.compute(fmt, x, pairs, {e: bank[e] for e in pairs}, compiled)
+
+    return count * fmt.nbytes / time_cpu(run, min_s) / GB
+
+
 def cpu_matmul_gflops(n: int, dtype: torch.dtype, min_s: float = 0.3) -> float:
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
@@ -162,6 +197,25 @@ def disk_bandwidth(directory: str | Path, file_bytes: int, chunk_bytes: int = 16
         path.unlink()
 
 
+def cpu_expert_measurements(nbytes: int) -> list[Measurement]:
+    """The CPU share's speed on Qwen3-30B-A3B's experts, one token, 8 a layer: bf16 through torch and
+    through tiermoe's kernel, int4 through the kernel (torch's dequantizing path is 30x slower)."""
+    from .offload import cpu_kernels
+
+    status = cpu_kernels.status()
+    shape = f"{CPU_EXPERT_SHAPE[0]} x {CPU_EXPERT_SHAPE[1]}, 8 a call, {nbytes >> 20} MiB of distinct experts"
+    m = [Measurement("CPU experts bf16, torch", cpu_expert_bandwidth("bf16", False, nbytes), "GB/s", shape)]
+    for experts in ("bf16", "int4"):
+        label = f"CPU experts {experts}, tiermoe kernel"
+        if cpu_kernels.kernel() is None:
+            m.append(Measurement(label, None, "GB/s", status))
+        else:
+            m.append(
+                Measurement(label, cpu_expert_bandwidth(experts, True, nbytes), "GB/s", f"{status}; {shape}")
+            )
+    return m
+
+
 def profile(quick: bool = False, disk_dir: str | Path = ".") -> list[Measurement]:
     """Every ceiling; GPU ones are skipped with a reason when there is no CUDA device. quick: small
     sizes, for tests and a first look (figures are then lower bounds)."""
@@ -181,6 +235,7 @@ def profile(quick: bool = False, disk_dir: str | Path = ".") -> list[Measurement
     n = 256 if quick else 2048
     m.append(Measurement("CPU matmul fp32", cpu_matmul_gflops(n, torch.float32), "GFLOP/s", f"{n}^3"))
     m.append(Measurement("CPU matmul bf16", cpu_matmul_gflops(n, torch.bfloat16), "GFLOP/s", f"{n}^3"))
+    m += cpu_expert_measurements((64 << 20) if quick else (512 << 20))
     if cuda:
         m.append(
             Measurement("GPU copy (read+write)", gpu_copy_bandwidth((64 << 20) if quick else GIB), "GB/s")

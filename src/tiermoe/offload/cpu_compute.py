@@ -90,14 +90,19 @@ def choose(
 
 
 def compute(
-    fmt: ExpertFormat, x: torch.Tensor, pairs: dict[int, tuple[list[int], list[float]]], experts: dict
+    fmt: ExpertFormat,
+    x: torch.Tensor,
+    pairs: dict[int, tuple[list[int], list[float]]],
+    experts: dict,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """sum over the pairs of weight * expert(x[token]) on the CPU: x [T, H] in host memory, pairs expert ->
     (tokens, routing weights), experts expert -> its bytes (uint8 [nbytes], the host cache's entry).
-    Straight matmuls on each expert's views (quantized ones dequantized first): a decode step's CPU share
+    The compiled kernel where it computes these experts (compiled False: torch's path, to compare), else
+    straight matmuls on each expert's views (quantized ones dequantized first): a decode step's CPU share
     is a few experts of one token each, where the generic per-pair path's sorting costs more than the
     expert (measured 5x on a small one)."""
-    if (k := cpu_kernels.kernel()) is not None and _compiled_kind(fmt, k.simd()):
+    if compiled and (k := cpu_kernels.kernel()) is not None and _compiled_kind(fmt, k.simd()):
         return _compute_compiled(k, fmt, x, pairs, experts)
     # torch: per expert, its weights in the compute dtype (quantized ones dequantized first)
     out = torch.zeros_like(x)
