@@ -167,6 +167,7 @@ def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, h
     against torch's dequantize-then-matmul, experts of one token and of several."""
     from tiermoe.offload import cpu_kernels
 
+    assert cpu_kernels.status().startswith("compiled")
     fmt = Int4Format(hidden, inter, torch.float32, group)
     g = torch.Generator().manual_seed(2)
     experts = {}
@@ -180,3 +181,24 @@ def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, h
     want = cpu_compute.compute(fmt, x, pairs, experts)  # torch, float32
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_the_compiled_kernel_takes_only_what_it_computes():
+    """No pairs at all, or an expert no token chose: zeros, as torch's path gives. 4-bit groups that are
+    not whole qweight rows (12 inputs) stay on torch's path; the kernel refuses routing it cannot read."""
+    from tiermoe.offload import cpu_kernels
+
+    fmt = DenseFormat(64, 48, torch.bfloat16)
+    expert = fmt.empty(1)[0]
+    fmt.fill_random(expert, torch.Generator().manual_seed(3), 0.05)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert not cpu_compute.compute(fmt, x, {}, {}).any()
+    assert not cpu_compute.compute(fmt, x, {0: ([], [])}, {0: expert}).any()
+    assert cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 16), "avx512")
+    assert not cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 12), "avx512")
+    views = fmt.views(expert[None])
+    with pytest.raises(RuntimeError, match="tokens out of range"):
+        cpu_kernels.kernel().swiglu_bf16(
+            x.float(), [views["gate_up"][0]], [views["down"][0]],
+            torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([1.0]),
+        )  # fmt: skip

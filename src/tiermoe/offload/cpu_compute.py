@@ -126,20 +126,27 @@ def _compiled_kind(fmt: ExpertFormat, simd: str) -> bool:
     the build has no vector instructions) or bf16 where it has them (else torch's GEMV is as fast)."""
     if fmt.kind != SWIGLU:
         return False
-    if isinstance(fmt, Int4Format):
-        return fmt.hidden % 16 == 0 and fmt.inter % 16 == 0
+    if isinstance(fmt, Int4Format):  # and groups of whole qweight rows (8 inputs a row)
+        return fmt.hidden % 16 == 0 and fmt.inter % 16 == 0 and all(g % 8 == 0 for g in fmt.groups.values())
     return isinstance(fmt, DenseFormat) and fmt.dtype == torch.bfloat16 and simd != "none"
 
 
 def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, experts: dict) -> torch.Tensor:
     """compute's sum by the compiled kernel: every expert of the share in one call, in float32."""
+    pairs = {e: p for e, p in pairs.items() if p[0]}  # an expert no token chose adds nothing
+    if not pairs:
+        return torch.zeros_like(x)
     banks = [fmt.views(experts[e][None]) for e in pairs]
     offsets, tokens, weights = [0], [], []
     for toks, ws in pairs.values():
         tokens += toks
         weights += ws
         offsets.append(len(tokens))
-    routing = (torch.tensor(offsets), torch.tensor(tokens), torch.tensor(weights, dtype=torch.float32))
+    routing = (
+        torch.tensor(offsets, dtype=torch.int64),
+        torch.tensor(tokens, dtype=torch.int64),
+        torch.tensor(weights, dtype=torch.float32),
+    )
     x32 = x.float().contiguous()
     if isinstance(fmt, Int4Format):
         parts = [

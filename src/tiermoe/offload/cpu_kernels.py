@@ -6,8 +6,10 @@ runs in torch (offload/cpu_compute.py); `status()` says which and why."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_experts.cpp"
@@ -22,21 +24,30 @@ def _load() -> tuple[object | None, str]:
     try:
         from torch.utils.cpp_extension import load
 
-        # -march=native: the machine that builds it runs it (the build is cached per user, not shipped).
+        # -march=native: the machine that builds it runs it. torch's build cache is keyed by the sources and
+        # flags, not the CPU, so the name carries the CPU's: a home folder shared with another CPU (NFS, a
+        # copied container) gets a build of its own instead of one that dies on an unknown instruction.
         flags = ["-O3", "-march=native", "-fopenmp"]
-        module = load(
-            "tiermoe_cpu_experts",
-            [str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        name = f"tiermoe_cpu_experts_{_cpu_key()}"
+        module = load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
         return module, f"compiled ({module.simd()})"
     except Exception as e:  # no compiler, no ninja, no Python headers: torch's path instead
         reason = str(e).strip().splitlines()
         status = f"not built ({type(e).__name__}: {reason[0] if reason else 'no message'})"
         log.warning("CPU kernel %s: the CPU share runs in torch", status)
         return None, status
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's model and instruction-set flags (/proc/cpuinfo; the platform elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text = "\n".join(
+            sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))})
+        )
+    except OSError:
+        text = platform.processor() or platform.machine()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def kernel():

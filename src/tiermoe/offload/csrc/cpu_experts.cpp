@@ -79,6 +79,21 @@ const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uin
 
 }  // namespace
 
+// The routing both kernels take: x float32 [T, H]; offsets int64 [E + 1] from 0 to P, rising; tokens int64
+// [P] in [0, T); weights float32 [P].
+void check_routing(const torch::Tensor& x, const torch::Tensor& offsets, const torch::Tensor& tokens,
+                   const torch::Tensor& weights, int64_t experts) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be float32 [T, H]");
+    TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == experts + 1, "offsets: int64 [E + 1]");
+    TORCH_CHECK(tokens.dtype() == torch::kInt64 && weights.dtype() == torch::kFloat32 &&
+                    weights.numel() == tokens.numel(), "tokens int64 and weights float32, one each a pair");
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    TORCH_CHECK(off[0] == 0 && off[experts] == tokens.numel(), "offsets must run from 0 to the pairs");
+    for (int64_t e = 0; e < experts; e++) TORCH_CHECK(off[e] <= off[e + 1], "offsets must rise");
+    if (tokens.numel())
+        TORCH_CHECK(tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < x.size(0), "tokens out of range");
+}
+
 // What both kernels share: each pair's hidden state, the gate and up outputs, the GLU between the two
 // projections, the output; the pointers the parallel loops read and write.
 struct Share {
@@ -127,6 +142,8 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, s
                           torch::Tensor offsets, torch::Tensor tokens, torch::Tensor weights) {
     const int64_t experts = static_cast<int64_t>(gate_up.size());
     const int64_t hidden = x.size(1), inter = down.empty() ? 0 : down[0].size(1);
+    check_routing(x, offsets, tokens, weights, experts);
+    TORCH_CHECK(static_cast<int64_t>(down.size()) == experts, "a down projection for every expert");
     for (int64_t e = 0; e < experts; e++) {
         TORCH_CHECK(gate_up[e].is_contiguous() && down[e].is_contiguous(), "expert weights must be contiguous");
         TORCH_CHECK(gate_up[e].size(0) == 2 * inter && gate_up[e].size(1) == hidden && down[e].size(0) == hidden,
@@ -262,7 +279,21 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std
     const int64_t experts = static_cast<int64_t>(gu_qw.size());
     const int64_t hidden = x.size(1);
     const int64_t inter = experts ? gu_qw[0].size(2) : 0;
+    check_routing(x, offsets, tokens, weights, experts);
     TORCH_CHECK(inter % LANES == 0 && hidden % LANES == 0, "int4 experts need sizes in multiples of 16");
+    TORCH_CHECK(group > 0 && group % 8 == 0 && hidden % group == 0 && down_group > 0 && down_group % 8 == 0 &&
+                    inter % down_group == 0,
+                "int4 groups must be whole qweight rows (multiples of 8) dividing the inputs");
+    const std::vector<std::vector<torch::Tensor>*> parts = {&gu_qw, &gu_qz, &gu_sc, &dn_qw, &dn_qz, &dn_sc};
+    const std::vector<std::vector<int64_t>> shapes = {
+        {2, hidden / 8, inter}, {2, hidden / group, inter / 8}, {2, hidden / group, inter},
+        {inter / 8, hidden}, {inter / down_group, hidden / 8}, {inter / down_group, hidden}};
+    for (size_t i = 0; i < parts.size(); i++) {
+        TORCH_CHECK(static_cast<int64_t>(parts[i]->size()) == experts, "every int4 part for every expert");
+        for (const auto& t : *parts[i])
+            TORCH_CHECK(t.is_contiguous() && t.sizes().vec() == shapes[i], "int4 part ", i, " has shape ", t.sizes(),
+                        ", expected ", at::IntArrayRef(shapes[i]));
+    }
     Share s(x, offsets, tokens, weights, inter);
     std::vector<Int4Matrix> gu(2 * experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) {
