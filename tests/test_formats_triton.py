@@ -496,3 +496,35 @@ def test_a_batched_decode_step_runs_the_grouped_gemm_with_no_host_sync(monkeypat
     grouped = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
     scattered = grouped(fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), views, torch.zeros_like(x))
     torch.testing.assert_close(got.float(), scattered.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA every engine test decodes through the compiled kernels")
+@pytest.mark.parametrize("experts", ["bf16", "int4"])
+def test_a_batched_engine_step_decodes_through_the_grouped_gemm_as_through_torch(
+    monkeypatch, tiny_checkpoint, tmp_path, experts
+):
+    """Nine sequences at top-2 (18 pairs a layer, above the GEMV's 16): the engine's prefill and decode
+    steps run the grouped GEMM (Triton's interpreter) and every sequence gets the tokens torch's path gives
+    it."""
+    from tiermoe import LLM, SamplingParams
+    from tiermoe.convert import convert, writer_for
+    from tiermoe.formats.base import ExpertFormat
+
+    path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=2)
+    if experts == "int4":
+        path = convert(path, tmp_path / "int4", writer_for("int4", group_size=32, scales="rtn"))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [[5 + i, 17, 42 + 3 * i, 99, 7, 11 - i] for i in range(9)]
+    torch_path = [o.token_ids for o in LLM(path, device="cpu", dtype="fp32").generate(prompts, params)]
+    kernel, grouped, calls = ExpertFormat._kernel, triton_kernels.grouped_mlp, []
+
+    def counted(fmt, x, slots, *rest):
+        calls.append(slots.numel())
+        return grouped(fmt, x, slots, *rest)
+
+    monkeypatch.setattr(ExpertFormat, "_kernel", lambda self, x, what: kernel(self, _Cuda(), what))
+    monkeypatch.setattr(triton_kernels, "grouped_mlp", counted)
+    got = [o.token_ids for o in LLM(path, device="cpu", dtype="fp32").generate(prompts, params)]
+    # the prefill's layers (9 prompts of 6 tokens x top-2) and every decode step's (9 sequences x top-2)
+    assert set(calls) == {108, 18}
+    assert got == torch_path
