@@ -298,14 +298,38 @@ def _gemm_block(
 
 
 @triton.jit
+def _gemm_input(x_ptr, tok, offs, mask, K, GLU: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr):
+    """The GEMM's input tile [BLOCK_M, len(offs)]: rows tok of x [*, K] at columns offs, or with GLU the
+    kind's GLU of gate and up read from the gate_up GEMM's output [P, 2, K] (float32), so the activation
+    is no launch of its own."""
+    if GLU:
+        base = x_ptr + tok[:, None] * (2 * K) + offs[None, :]
+        gate = tl.load(base, mask=mask, other=0.0)
+        up = tl.load(base + K, mask=mask, other=0.0)
+        if LIMIT is None:
+            value = gate / (1.0 + tl.exp(-gate)) * up
+        else:
+            gate = tl.minimum(gate, LIMIT)
+            up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+            value = gate / (1.0 + tl.exp(-ALPHA * gate)) * (up + 1.0)
+    else:
+        value = tl.load(x_ptr + tok[:, None] * K + offs[None, :], mask=mask, other=0.0)
+    return value
+
+
+@triton.jit
 def _gemm_store(
-    out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc,
-    N: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr,
+    out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, dst_ptr, rw_ptr,
+    N: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr, SCATTER: tl.constexpr,
 ):  # fmt: skip
-    """out[rows, m, cols] = acc, plus the block's expert's bias (b [S, M * N], slot `slot`) when BIAS."""
+    """out[rows, m, cols] = acc, plus the block's expert's bias (b [S, M * N], slot `slot`) when BIAS; with
+    SCATTER, at the pairs' own rows dst[rows] instead, times their routing weights rw[dst[rows]]."""
     if BIAS:
         bias = tl.load(b_ptr + slot * slot_stride_b + m * N + cols, mask=live_c, other=0.0)
         acc += bias.to(tl.float32)[None, :]
+    if SCATTER:
+        rows = tl.load(dst_ptr + rows, mask=live_r, other=0)
+        acc *= tl.load(rw_ptr + rows, mask=live_r, other=0.0).to(tl.float32)[:, None]
     tl.store(
         out_ptr + (rows[:, None] * M + m) * N + cols[None, :], acc, mask=live_r[:, None] & live_c[None, :]
     )
@@ -314,8 +338,9 @@ def _gemm_store(
 @triton.jit
 def _dense_gemm(
     x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, out_ptr, b_ptr, slot_stride_w, slot_stride_b,
-    K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    dst_ptr, rw_ptr, K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, EXACT: tl.constexpr, BIAS: tl.constexpr,
+    GLU: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, SCATTER: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert, w_m [N, K] row-major (unquantized experts).
     EXACT: float32 products (fp32 experts, and Triton's interpreter, whose bf16 dot is broken)."""
@@ -326,9 +351,7 @@ def _dense_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(
-            x_ptr + tok[:, None] * K + ks[None, :], mask=live_r[:, None] & (ks < K)[None, :], other=0.0
-        )
+        a = _gemm_input(x_ptr, tok, ks, live_r[:, None] & (ks < K)[None, :], K, GLU, LIMIT, ALPHA)
         tile = tl.load(
             w + cols[None, :] * K + ks[:, None], mask=live_c[None, :] & (ks < K)[:, None], other=0.0
         )
@@ -336,16 +359,34 @@ def _dense_gemm(
             acc += tl.dot(a.to(tl.float32), tile.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a.to(tile.dtype), tile)
-    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
+    _gemm_store(
+        out_ptr,
+        b_ptr,
+        slot,
+        slot_stride_b,
+        rows,
+        live_r,
+        cols,
+        live_c,
+        m,
+        acc,
+        dst_ptr,
+        rw_ptr,
+        N,
+        M,
+        BIAS,
+        SCATTER,
+    )
 
 
 @triton.jit
 def _int4_gemm(
     x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, b_ptr,
-    slot_stride_qw, slot_stride_qz, slot_stride_sc, slot_stride_b,
+    slot_stride_qw, slot_stride_qz, slot_stride_sc, slot_stride_b, dst_ptr, rw_ptr,
     K: tl.constexpr, N: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
     BIAS: tl.constexpr,
+    GLU: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, SCATTER: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m of the block's expert, for the sorted pairs r of block b."""
     slot, rows, live_r, tok, cols, live_c, m, k_stop = _gemm_block(
@@ -357,9 +398,7 @@ def _int4_gemm(
     shifts = tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_stop, BLOCK_K):
-        a = tl.load(
-            x_ptr + tok[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :], mask=live_r[:, None], other=0.0
-        )
+        a = _gemm_input(x_ptr, tok, k0 + tl.arange(0, BLOCK_K), live_r[:, None], K, GLU, LIMIT, ALPHA)
         words = tl.load(
             qw + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[:, None] * N + cols[None, :],
             mask=live_c[None, :],
@@ -376,16 +415,34 @@ def _int4_gemm(
             acc += tl.dot(a.to(tl.float32), w)
         else:
             acc += tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
-    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
+    _gemm_store(
+        out_ptr,
+        b_ptr,
+        slot,
+        slot_stride_b,
+        rows,
+        live_r,
+        cols,
+        live_c,
+        m,
+        acc,
+        dst_ptr,
+        rw_ptr,
+        N,
+        M,
+        BIAS,
+        SCATTER,
+    )
 
 
 @triton.jit
 def _fp8_gemm(
     x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, out_ptr, b_ptr,
-    slot_stride_w, slot_stride_s, slot_stride_b,
+    slot_stride_w, slot_stride_s, slot_stride_b, dst_ptr, rw_ptr,
     K: tl.constexpr, N: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_NATIVE: tl.constexpr, BIAS: tl.constexpr,
+    GLU: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, SCATTER: tl.constexpr,
 ):  # fmt: skip
     slot, rows, live_r, tok, cols, live_c, m, k_stop = _gemm_block(
         blk_slot_ptr, blk_start_ptr, blk_end_ptr, tok_ptr, N, K, BLOCK_M, BLOCK_N
@@ -395,9 +452,7 @@ def _fp8_gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(
-            x_ptr + tok[:, None] * K + ks[None, :], mask=live_r[:, None] & (ks < K)[None, :], other=0.0
-        )
+        a = _gemm_input(x_ptr, tok, ks, live_r[:, None] & (ks < K)[None, :], K, GLU, LIMIT, ALPHA)
         tile = tl.load(w + cols[None, :] * K + ks[:, None], mask=live_c[None, :] & (ks < K)[:, None], other=0)
         scale = tl.load(s + (cols // BO) * tl.cdiv(K, BI) + k0 // BI, mask=live_c, other=0.0)
         wt = _e4m3(tile, FP8_NATIVE) * scale[None, :]  # [BLOCK_K, BLOCK_N]
@@ -405,16 +460,34 @@ def _fp8_gemm(
             acc += tl.dot(a.to(tl.float32), wt)
         else:
             acc += tl.dot(a.to(tl.bfloat16), wt.to(tl.bfloat16))
-    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
+    _gemm_store(
+        out_ptr,
+        b_ptr,
+        slot,
+        slot_stride_b,
+        rows,
+        live_r,
+        cols,
+        live_c,
+        m,
+        acc,
+        dst_ptr,
+        rw_ptr,
+        N,
+        M,
+        BIAS,
+        SCATTER,
+    )
 
 
 @triton.jit
 def _fp4_gemm(
     x_ptr, tok_ptr, blk_slot_ptr, blk_start_ptr, blk_end_ptr, w_ptr, s_ptr, g_ptr, out_ptr, b_ptr,
-    slot_stride_w, slot_stride_s, slot_stride_g, slot_stride_b,
+    slot_stride_w, slot_stride_s, slot_stride_g, slot_stride_b, dst_ptr, rw_ptr,
     K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, GS: tl.constexpr, E8M0: tl.constexpr,
     GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, FP8_NATIVE: tl.constexpr, BIAS: tl.constexpr,
+    GLU: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, SCATTER: tl.constexpr,
 ):  # fmt: skip
     """out[r, m, :] = x[tok[r]] @ w_m^T of the block's expert: the even inputs' dot with the low nibbles
     plus the odd inputs' with the high ones, each [BLOCK_K / 2, BLOCK_N] tile scaled per input."""
@@ -426,9 +499,10 @@ def _fp4_gemm(
     t = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_stop, BLOCK_K):
-        xs = x_ptr + tok[:, None] * K + k0 + 2 * t[None, :]
-        even = tl.load(xs, mask=live_r[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 2]
-        odd = tl.load(xs + 1, mask=live_r[:, None], other=0.0)
+        even = _gemm_input(
+            x_ptr, tok, k0 + 2 * t, live_r[:, None], K, GLU, LIMIT, ALPHA
+        )  # [BLOCK_M, BLOCK_K / 2]
+        odd = _gemm_input(x_ptr, tok, k0 + 2 * t + 1, live_r[:, None], K, GLU, LIMIT, ALPHA)
         codes = tl.load(w + cols[None, :] * (K // 2) + k0 // 2 + t[:, None], mask=live_c[None, :], other=0)
         codes = codes.to(tl.int32)  # [BLOCK_K / 2, BLOCK_N]
         sc = tl.load(
@@ -444,7 +518,24 @@ def _fp4_gemm(
             )
     if GLOBAL:
         acc *= tl.load(g_ptr + slot * slot_stride_g + m)
-    _gemm_store(out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc, N, M, BIAS)
+    _gemm_store(
+        out_ptr,
+        b_ptr,
+        slot,
+        slot_stride_b,
+        rows,
+        live_r,
+        cols,
+        live_c,
+        m,
+        acc,
+        dst_ptr,
+        rw_ptr,
+        N,
+        M,
+        BIAS,
+        SCATTER,
+    )
 
 
 @triton.jit
@@ -841,6 +932,29 @@ def _blocks(slots_sorted: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, t
     return slot.int(), torch.where(real, start, zero).int(), torch.where(real, end, zero).int()
 
 
+def _fused(fmt, out: torch.Tensor, glu: bool, scatter: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """A GEMM launch's fusions: glu (its input the kind's GLU of a gate_up GEMM's output), scatter (dst,
+    routing weights: each row stored at its pair's own row, times its weight; out stands in for the
+    pointers where unused)."""
+    dst, rw = scatter if scatter is not None else (out, out)
+    kind = fmt.kind
+    return {
+        "dst_ptr": dst,
+        "rw_ptr": rw,
+        "GLU": glu,
+        "LIMIT": kind.limit,
+        "ALPHA": kind.alpha,
+        "SCATTER": scatter is not None,
+    }
+
+
+def _gemm_out(x: torch.Tensor, rows: int, m: int, n: int, scatter) -> torch.Tensor:
+    """A GEMM's float32 output [rows, m, n]: zeros where it scatters (the rows of skipped pairs stay 0)."""
+    return (torch.zeros if scatter is not None else torch.empty)(
+        rows, m, n, dtype=torch.float32, device=x.device
+    )
+
+
 def _gemm_bias(fmt, bank, prefix: str, out: torch.Tensor) -> tuple[tuple, bool]:
     """The GEMM's bias operands: the `prefix` projection's biases [S, N] and their slot stride, and
     whether there are any; without, out stands in for the pointer, unread (BIAS off)."""
@@ -850,92 +964,96 @@ def _gemm_bias(fmt, bank, prefix: str, out: torch.Tensor) -> tuple[tuple, bool]:
     return (bias, bias.stride(0)), True
 
 
-def _dense_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+def _dense_gemm_project(
+    fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int, glu: bool = False, scatter=None
+) -> torch.Tensor:
     w = bank[prefix]
-    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    out = _gemm_out(x, tok.numel(), m, n, scatter)
     (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     _dense_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, w, out, b, w.stride(0), b_stride, K=k, N=n, M=m, BLOCK_M=BLOCK_M,
         BLOCK_K=min(64, triton.next_power_of_2(k)), BLOCK_N=BLOCK_N,
         EXACT=_INTERPRETED or w.dtype == torch.float32, BIAS=bias,
+        **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
 
 
-def _int4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+def _int4_gemm_project(
+    fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int, glu: bool = False, scatter=None
+) -> torch.Tensor:
     qw, qz, sc = (bank[f"{prefix}_{part}"] for part in ("qweight", "qzeros", "scales"))
     group = fmt.groups[prefix]
-    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    out = _gemm_out(x, tok.numel(), m, n, scatter)
     (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     _int4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, qw, qz, sc, out, b, qw.stride(0), qz.stride(0), sc.stride(0), b_stride,
         K=k, N=n, G=group, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, _divisor(group)), BLOCK_N=BLOCK_N,
         DOT_FP32=_INTERPRETED, BIAS=bias,
+        **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
 
 
-def _fp8_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+def _fp8_gemm_project(
+    fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int, glu: bool = False, scatter=None
+) -> torch.Tensor:
     w, s = bank[prefix].view(torch.uint8), bank[f"{prefix}_scale"]
-    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    out = _gemm_out(x, tok.numel(), m, n, scatter)
     (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     bo, bi = fmt.block
     _fp8_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, w, s, out, b, w.stride(0), s.stride(0), b_stride,
         K=k, N=n, BO=bo, BI=bi, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, min(_divisor(bi), 128)), BLOCK_N=BLOCK_N,
         DOT_FP32=_INTERPRETED, FP8_NATIVE=fp8_native(), BIAS=bias,
+        **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
 
 
-def _fp4_gemm_project(fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int) -> torch.Tensor:
+def _fp4_gemm_project(
+    fmt, x, tok, blocks, bank, prefix: str, k: int, n: int, m: int, glu: bool = False, scatter=None
+) -> torch.Tensor:
     weights, sizes = _fp4_parts(fmt, bank, prefix)
-    out = torch.empty(tok.numel(), m, n, dtype=torch.float32, device=x.device)
+    out = _gemm_out(x, tok.numel(), m, n, scatter)
     (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     _fp4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, *weights, out, b, *(w.stride(0) for w in weights), b_stride, K=k, N=n,
         M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED,
         FP8_NATIVE=fp8_native(), BIAS=bias, **sizes,
+        **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
 
 
-def _grouped(
-    project, fmt, x, tokens, slots, weights, bank
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weights[i] * expert_{slots[i]}(x[tokens[i]]) of every pair by grouped GEMMs over the pairs sorted
-    by expert: gate and up plus their biases (added as the GEMM stores them), the kind's GLU, down plus
-    its bias, times the routing weight; float32 [P, H] in sorted order, with that order and the sorted
-    tokens. A pair whose slot is negative (served elsewhere: another wave, the CPU) gives 0. No host
-    synchronisation."""
+def _grouped(project, fmt, x, tokens, slots, weights, bank) -> torch.Tensor:
+    """weights[i] * expert_{slots[i]}(x[tokens[i]]) of every pair, float32 [P, H] in the pairs' own order,
+    by two grouped GEMMs over the pairs sorted by expert: gate and up plus their biases (added as the GEMM
+    stores them), then down reading the kind's GLU of those as its input, adding its bias and storing each
+    pair's row in its own place times its routing weight. A pair whose slot is negative (served elsewhere:
+    another wave, the CPU) is in no block and gives 0. No host synchronisation."""
     order = torch.argsort(slots)
     tok, s_sorted = tokens[order].contiguous(), slots[order]
     blocks = _blocks(s_sorted, bank[fmt.parts[0].name].shape[0])
-    gate_up = project(fmt, x, tok, blocks, bank, "gate_up", fmt.hidden, fmt.inter, 2)  # [P, 2, I]
-    act = fmt.kind.glu(gate_up[:, 0], gate_up[:, 1])  # [P, I], in sorted order
+    gate_up = project(fmt, x, tok, blocks, bank, "gate_up", fmt.hidden, fmt.inter, 2)  # [P, 2, I], sorted
     rows = torch.arange(tok.numel(), device=x.device)
-    down = project(fmt, act, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1)[:, 0]  # [P, H]
-    # The rows of skipped pairs were never written: select, since a product with 0 keeps a NaN.
-    return torch.where((s_sorted >= 0)[:, None], down * weights[order][:, None].float(), 0.0), order, tok
+    scatter = (order, weights.float().contiguous())
+    return project(fmt, gate_up, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1, True, scatter)[:, 0]
 
 
 def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
     """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]): _grouped, then one scatter-add."""
-    y, _, tok = _grouped(project, fmt, x, tokens, slots, weights, bank)
-    return out.index_add_(0, tok, y.to(out.dtype))
+    return out.index_add_(0, tokens, _grouped(project, fmt, x, tokens, slots, weights, bank).to(out.dtype))
 
 
 def grouped_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
     """The format's mlp over many pairs (a batched decode step: x [T, H], slots and weights [T, k]) by
-    _grouped, each token's k outputs put back in place and summed in float32: no atomic adds, so a
-    replay gives the same bits (a scatter-add's order is not fixed)."""
+    _grouped, each token's k outputs (in place: pair p is token p // k's) summed in float32: no atomic
+    adds, so a replay gives the same bits (a scatter-add's order is not fixed)."""
     t, k = slots.shape
     tokens = torch.arange(t, device=x.device).repeat_interleave(k)
-    y, order, _ = _grouped(
-        _PROJECT[fmt.kernels], fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank
-    )
-    placed = torch.empty_like(y).index_copy_(0, order, y)  # [T * k, H], pair p of token p // k
-    return placed.view(t, k, -1).sum(dim=1).to(x.dtype)
+    y = _grouped(_PROJECT[fmt.kernels], fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank)
+    return y.view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
 def dense_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
