@@ -360,23 +360,9 @@ def _dense_gemm(
         else:
             acc += tl.dot(a.to(tile.dtype), tile)
     _gemm_store(
-        out_ptr,
-        b_ptr,
-        slot,
-        slot_stride_b,
-        rows,
-        live_r,
-        cols,
-        live_c,
-        m,
-        acc,
-        dst_ptr,
-        rw_ptr,
-        N,
-        M,
-        BIAS,
-        SCATTER,
-    )
+        out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc,
+        dst_ptr, rw_ptr, N, M, BIAS, SCATTER,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -416,23 +402,9 @@ def _int4_gemm(
         else:
             acc += tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
     _gemm_store(
-        out_ptr,
-        b_ptr,
-        slot,
-        slot_stride_b,
-        rows,
-        live_r,
-        cols,
-        live_c,
-        m,
-        acc,
-        dst_ptr,
-        rw_ptr,
-        N,
-        M,
-        BIAS,
-        SCATTER,
-    )
+        out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc,
+        dst_ptr, rw_ptr, N, M, BIAS, SCATTER,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -461,23 +433,9 @@ def _fp8_gemm(
         else:
             acc += tl.dot(a.to(tl.bfloat16), wt.to(tl.bfloat16))
     _gemm_store(
-        out_ptr,
-        b_ptr,
-        slot,
-        slot_stride_b,
-        rows,
-        live_r,
-        cols,
-        live_c,
-        m,
-        acc,
-        dst_ptr,
-        rw_ptr,
-        N,
-        M,
-        BIAS,
-        SCATTER,
-    )
+        out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc,
+        dst_ptr, rw_ptr, N, M, BIAS, SCATTER,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -519,23 +477,9 @@ def _fp4_gemm(
     if GLOBAL:
         acc *= tl.load(g_ptr + slot * slot_stride_g + m)
     _gemm_store(
-        out_ptr,
-        b_ptr,
-        slot,
-        slot_stride_b,
-        rows,
-        live_r,
-        cols,
-        live_c,
-        m,
-        acc,
-        dst_ptr,
-        rw_ptr,
-        N,
-        M,
-        BIAS,
-        SCATTER,
-    )
+        out_ptr, b_ptr, slot, slot_stride_b, rows, live_r, cols, live_c, m, acc,
+        dst_ptr, rw_ptr, N, M, BIAS, SCATTER,
+    )  # fmt: skip
 
 
 @triton.jit
