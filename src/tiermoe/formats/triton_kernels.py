@@ -44,6 +44,18 @@ def _load(ptr, mask):
 
 
 @triton.jit
+def _glu(gate, up, LIMIT: tl.constexpr, ALPHA: tl.constexpr):
+    """SiLU(gate) x up, or with LIMIT gpt-oss's clamped gate x sigmoid(ALPHA x gate) x (up + 1)."""
+    if LIMIT is None:  # SwiGLU: the plain kernels compile as they did before kinds
+        value = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        value = gate / (1.0 + tl.exp(-ALPHA * gate)) * (up + 1.0)
+    return value
+
+
+@triton.jit
 def _gemv_input(
     x_ptr, p, offs, mask, K: tl.constexpr, TOPK: tl.constexpr, ACT_SPLIT: tl.constexpr,
     LIMIT: tl.constexpr, ALPHA: tl.constexpr,
@@ -61,12 +73,7 @@ def _gemv_input(
         for s in tl.static_range(1, ACT_SPLIT):
             gate += _load(base + s * K, mask)
             up += _load(base + (ACT_SPLIT + s) * K, mask)
-        if LIMIT is None:  # SwiGLU: the plain kernels compile as they did before kinds
-            value = gate / (1.0 + tl.exp(-gate)) * up
-        else:
-            gate = tl.minimum(gate, LIMIT)
-            up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
-            value = gate / (1.0 + tl.exp(-ALPHA * gate)) * (up + 1.0)
+        value = _glu(gate, up, LIMIT, ALPHA)
     return value
 
 
@@ -306,12 +313,7 @@ def _gemm_input(x_ptr, tok, offs, mask, K, GLU: tl.constexpr, LIMIT: tl.constexp
         base = x_ptr + tok[:, None] * (2 * K) + offs[None, :]
         gate = tl.load(base, mask=mask, other=0.0)
         up = tl.load(base + K, mask=mask, other=0.0)
-        if LIMIT is None:
-            value = gate / (1.0 + tl.exp(-gate)) * up
-        else:
-            gate = tl.minimum(gate, LIMIT)
-            up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
-            value = gate / (1.0 + tl.exp(-ALPHA * gate)) * (up + 1.0)
+        value = _glu(gate, up, LIMIT, ALPHA)
     else:
         value = tl.load(x_ptr + tok[:, None] * K + offs[None, :], mask=mask, other=0.0)
     return value
