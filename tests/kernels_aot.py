@@ -47,20 +47,57 @@ def kernels(arch: int):
     gemm = {
         "x_ptr": "*bf16", "tok_ptr": "*i64", "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_end_ptr": "*i32",
         "out_ptr": "*fp32", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp32",
-        "g_ptr": "*fp32", "b_ptr": "*bf16",
+        "g_ptr": "*fp32", "b_ptr": "*bf16", "dst_ptr": "*i64", "rw_ptr": "*fp32",
     }  # fmt: skip
     blocks = {"K": 2048, "N": 768, "M": 2, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_FP32": False}
     fp4 = {**gemm, "s_ptr": "*u8"}
     gemms = {
+        "dense": (tk._dense_gemm, {**gemm, "w_ptr": "*bf16"}, {**blocks, "BLOCK_K": 64, "EXACT": False}),
         "int4": (tk._int4_gemm, gemm, {**blocks, "G": 128, "BLOCK_K": 128}),
         "fp8": (tk._fp8_gemm, gemm, {**blocks, "BO": 128, "BI": 128, "BLOCK_K": 128, "FP8_NATIVE": native}),
         "nvfp4": (tk._fp4_gemm, fp4, {**blocks, "GS": 16, "E8M0": False, "GLOBAL": True, "BLOCK_K": 128, "FP8_NATIVE": native}),
         "mxfp4": (tk._fp4_gemm, fp4, {**blocks, "GS": 32, "E8M0": True, "GLOBAL": False, "BLOCK_K": 128, "FP8_NATIVE": native}),
     }  # fmt: skip
+    # gate_up: the hidden states in; down: the GLU of gate_up's float32 output in, each row scattered to its
+    # pair's place times its routing weight (as _grouped launches them)
+    gate_up = {"GLU": False, "SCATTER": False}
+    down = {"GLU": True, "SCATTER": True}
     for name, (fn, types, consts) in gemms.items():
-        yield f"{name} gemm", fn, types, {**consts, "BIAS": False}
-        yield f"{name} gemm gpt-oss", fn, types, {**consts, "BIAS": True}
+        dense = {k: v for k, v in consts.items() if name != "dense" or k != "DOT_FP32"}
+        yield (
+            f"{name} gemm gate_up",
+            fn,
+            types,
+            {**dense, **gate_up, "BIAS": False, "LIMIT": None, "ALPHA": 1.0},
+        )
+        yield (
+            f"{name} gemm down",
+            fn,
+            {**types, "x_ptr": "*fp32"},
+            {**dense, **down, "BIAS": False, "LIMIT": None, "ALPHA": 1.0},
+        )
+        yield (
+            f"{name} gemm down gpt-oss",
+            fn,
+            {**types, "x_ptr": "*fp32"},
+            {**dense, **down, "BIAS": True, "LIMIT": 7.0, "ALPHA": 1.702},
+        )
+    fp32 = {**gemm, "x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32"}  # fp32 experts: products in fp32
+    consts = {**blocks, "BLOCK_K": 64, "EXACT": True, **gate_up, "BIAS": False, "LIMIT": None, "ALPHA": 1.0}
+    yield "dense gemm fp32", tk._dense_gemm, fp32, {k: v for k, v in consts.items() if k != "DOT_FP32"}
     yield "read in place", tk._read_in_place, {"src_ptr": "*i64", "out_ptr": "*i32"}, {"BLOCK": 1024}
+    for pairs in (1, 128, 4096):  # the blocks of a decode step: one sequence at top-1 to 512 at top-8
+        count = -(-pairs // tk.BLOCK_M) + pairs
+        yield (
+            f"find blocks {pairs}",
+            tk._find_blocks,
+            {"s_ptr": "*i64", "slot_ptr": "*i32", "start_ptr": "*i32", "end_ptr": "*i32"},
+            {
+                "BLOCK": max(2, triton.next_power_of_2(pairs)),
+                "BLOCK_B": triton.next_power_of_2(count),
+                "BLOCK_M": tk.BLOCK_M,
+            },
+        )
 
 
 def main(arch: int) -> int:
