@@ -202,3 +202,25 @@ def test_the_compiled_kernel_takes_only_what_it_computes():
             x.float(), [views["gate_up"][0]], [views["down"][0]],
             torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([1.0]),
         )  # fmt: skip
+
+
+@pytest.mark.slow  # a second build of the kernel, about 25 s
+def test_the_avx2_build_computes_what_torch_does(tmp_path):
+    """The path of machines without AVX-512 (most desktop CPUs), built here with AVX2 alone: bf16 and 4-bit
+    experts against torch's path."""
+    from tiermoe.offload import cpu_kernels
+
+    avx2 = cpu_kernels.build(["-mavx2", "-mfma", "-mf16c"], "tiermoe_cpu_experts_avx2_test", tmp_path)
+    assert avx2.simd() == "avx2"
+    g = torch.Generator().manual_seed(4)
+    for fmt in (DenseFormat(72, 48, torch.bfloat16), Int4Format(64, 48, torch.float32, 16)):
+        experts = {}
+        for e in range(3):
+            experts[e] = fmt.empty(1)[0]
+            fmt.fill_random(experts[e], g, 0.05)
+        x = torch.randn(2, fmt.hidden, generator=g).to(fmt.dtype)
+        pairs = {0: ([0, 1], [0.6, 0.4]), 2: ([1], [0.9])}
+        got = cpu_compute._compute_compiled(avx2, fmt, x, pairs, experts).float()
+        want = cpu_compute.compute(fmt, x, pairs, experts, compiled=False).float()
+        assert want.abs().max() > 0
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), fmt.name

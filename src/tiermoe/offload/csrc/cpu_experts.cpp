@@ -233,6 +233,40 @@ void int4_lanes(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_
     }
     _mm512_storeu_ps(y, total);
     return;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    // The same in two halves of 8 lanes (AVX2 machines: most desktop CPUs without AVX-512).
+    const __m256i nibble = _mm256_set1_epi32(15);
+    __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < K / G; g++) {
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        float xs = 0.f;
+        for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            const __m256i words[2] = {_mm256_loadu_si256((const __m256i*)(qw + i * N + n0)),
+                                      _mm256_loadu_si256((const __m256i*)(qw + i * N + n0 + 8))};
+            for (int j = 0; j < 8; j++) {
+                const float xv = x[i * 8 + j];
+                xs += xv;
+                const __m128i shift = _mm_cvtsi32_si128(4 * j);
+                for (int h = 0; h < 2; h++) {
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(words[h], shift), nibble));
+                    acc[h] = _mm256_fmadd_ps(q, _mm256_set1_ps(xv), acc[h]);
+                }
+            }
+        }
+        float zeros[LANES];
+        for (int64_t l = 0; l < LANES; l++) {
+            const int64_t n = n0 + l;
+            zeros[l] = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * N + n0 + 8 * h)));
+            const __m256 codes = _mm256_fnmadd_ps(_mm256_loadu_ps(zeros + 8 * h), _mm256_set1_ps(xs), acc[h]);
+            total[h] = _mm256_fmadd_ps(scale, codes, total[h]);
+        }
+    }
+    _mm256_storeu_ps(y, total[0]);
+    _mm256_storeu_ps(y + 8, total[1]);
+    return;
 #endif
     float out[LANES] = {};
     for (int64_t g = 0; g < K / G; g++) {
