@@ -108,13 +108,13 @@ def test_split_k_and_other_tiles_give_the_same_outputs(monkeypatch, config, cls,
 
 
 GEMM_CASES = [
-    (DenseFormat, (64, 40, None), triton_kernels.dense_accumulate),  # 40 outputs: a partial block of 64
-    (DenseFormat, (256, 128, None), triton_kernels.dense_accumulate),
-    (Int4Format, (64, 32, 16), triton_kernels.int4_accumulate),
-    (Int4Format, (128, 96, -1), triton_kernels.int4_accumulate),
-    (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_accumulate),
-    (Nvfp4Format, (64, 96, None), triton_kernels.nvfp4_accumulate),
-    (Mxfp4Format, (64, 96, None), triton_kernels.mxfp4_accumulate),
+    (DenseFormat, (64, 40, None), triton_kernels.grouped_accumulate),  # 40 outputs: a partial block of 64
+    (DenseFormat, (256, 128, None), triton_kernels.grouped_accumulate),
+    (Int4Format, (64, 32, 16), triton_kernels.grouped_accumulate),
+    (Int4Format, (128, 96, -1), triton_kernels.grouped_accumulate),
+    (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.grouped_accumulate),
+    (Nvfp4Format, (64, 96, None), triton_kernels.grouped_accumulate),
+    (Mxfp4Format, (64, 96, None), triton_kernels.grouped_accumulate),
 ]
 
 
@@ -358,7 +358,7 @@ def test_the_gemm_computes_biases_and_the_clamped_glu(cls, block):
     against swiglu.accumulate_pairs."""
     shape = (64, 96, block)
     fmt = make(cls, shape, DTYPE, KIND)
-    kernel = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
+    kernel = triton_kernels.grouped_accumulate
     assert fmt._kernel(_Cuda(), "accumulate") is kernel
     views = fmt.views(biased_bank(fmt))
     gen = torch.Generator().manual_seed(2)
@@ -430,8 +430,8 @@ class _Cuda:
     [
         (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.bank_mlp),
         (Nvfp4Format, (64, 32, None), triton_kernels.bank_mlp),
-        (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.fp8_accumulate),
-        (Nvfp4Format, (64, 96, None), triton_kernels.nvfp4_accumulate),
+        (Fp8BlockFormat, (64, 40, (16, 16)), triton_kernels.grouped_accumulate),
+        (Nvfp4Format, (64, 96, None), triton_kernels.grouped_accumulate),
     ],
     ids=["fp8-gemv", "nvfp4-gemv", "fp8-gemm", "nvfp4-gemm"],
 )
@@ -493,7 +493,7 @@ def test_a_batched_decode_step_runs_the_grouped_gemm_with_no_host_sync(monkeypat
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
     # The same as the scatter-add of the prefill path, each token's pairs summed in place instead.
     tokens = torch.arange(5, device=DEVICE).repeat_interleave(4)
-    grouped = getattr(triton_kernels, f"{fmt.kernels}_accumulate")
+    grouped = triton_kernels.grouped_accumulate
     scattered = grouped(fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), views, torch.zeros_like(x))
     torch.testing.assert_close(got.float(), scattered.float(), rtol=1e-4, atol=1e-4)
 

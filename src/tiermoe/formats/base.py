@@ -75,8 +75,8 @@ class ExpertFormat(ABC):
     kind: ExpertKind = SWIGLU
     parts: tuple[Part, ...]
     nbytes: int  # one expert, alignment included
-    # On CUDA: triton_kernels' GEMV for decode (its constants named `kernels`) and, where it has one,
-    # <kernels>_accumulate for prefill.
+    # On CUDA: triton_kernels' GEMV for decode and grouped GEMM for many pairs, its constants and launch
+    # named by `kernels` (None: torch only).
     kernels: str | None = None
 
     def lay_out(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], kind: ExpertKind) -> None:
@@ -100,10 +100,14 @@ class ExpertFormat(ABC):
             return None
         from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
 
-        # decode: one GEMV entry for every format ("mlp"), and the grouped GEMM for many pairs
-        # ("grouped"); prefill: the format's GEMM, where it has one
-        entries = {"mlp": triton_kernels.bank_mlp, "grouped": triton_kernels.grouped_mlp}
-        return entries.get(what) or getattr(triton_kernels, f"{self.kernels}_{what}", None)
+        # decode: the GEMV ("mlp"), or the grouped GEMM for many pairs ("grouped"); prefill and the copy
+        # path's waves: the grouped GEMM's scatter-add ("accumulate")
+        entries = {
+            "mlp": triton_kernels.bank_mlp,
+            "grouped": triton_kernels.grouped_mlp,
+            "accumulate": triton_kernels.grouped_accumulate,
+        }
+        return entries[what]
 
     def views(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each part of a bank of experts, bank: uint8 [S, nbytes] -> {name: [S, *part.shape]}."""

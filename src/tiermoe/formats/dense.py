@@ -59,8 +59,7 @@ class DenseFormat(ExpertFormat):
 
     def mlp(self, x, slots, weights, bank):
         pairs = slots.numel()
-        grouped = self._kernel(x, "grouped")
-        if grouped and GATHER_MAX_PAIRS < pairs <= GROUPED_MAX_PAIRS:
+        if GATHER_MAX_PAIRS < pairs <= GROUPED_MAX_PAIRS and (grouped := self._kernel(x, "grouped")):
             # A batched decode step: the grouped GEMM, blocks found on the GPU (no sync; skips served pairs).
             return grouped(self, x, slots, weights, bank)
         kernel = self._kernel(x, "mlp")

@@ -81,7 +81,7 @@ class Nvfp4Format(DequantizingFormat):
     """gate_up [2I, H / 2] packed (gate rows, then up rows), its e4m3 scales [2I, H / 16] and its two
     global scales [2] (gate's, up's), then down [H, I / 2], [H, I / 16] and [1]."""
 
-    kernels = "nvfp4"  # triton_kernels' GEMV and nvfp4_accumulate on CUDA
+    kernels = "nvfp4"  # triton_kernels' GEMV and grouped GEMM on CUDA
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, kind: ExpertKind = SWIGLU):
         check_blocks(hidden, inter, GROUP, "NVFP4")

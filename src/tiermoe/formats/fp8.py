@@ -66,7 +66,7 @@ class Fp8BlockFormat(DequantizingFormat):
     """gate_up [2I, H] e4m3 (gate rows, then up rows) with scales [2, Ri, Ch] (gate's, then up's, so the
     blocks stay whole when I is no multiple of the block), down [H, I] e4m3 with scales [Rh, Ci]."""
 
-    kernels = "fp8"  # triton_kernels' GEMV and fp8_accumulate on CUDA
+    kernels = "fp8"  # triton_kernels' GEMV and grouped GEMM on CUDA
 
     def __init__(
         self,

@@ -83,7 +83,7 @@ class Int4Format(DequantizingFormat):
     """gate and up stacked ([2, ...] of each tensor below, gate first), then down; GPTQ layout, zeros
     kept as they are (not minus one)."""
 
-    kernels = "int4"  # triton_kernels' GEMV and int4_accumulate on CUDA
+    kernels = "int4"  # triton_kernels' GEMV and grouped GEMM on CUDA
 
     def __init__(
         self,

@@ -46,7 +46,7 @@ class Mxfp4Format(DequantizingFormat):
     """gate_up [2I, H / 32, 16] (gate rows, then up rows) and its scales [2I, H / 32], then down
     [H, I / 32, 16] and [H, I / 32]."""
 
-    kernels = "mxfp4"  # triton_kernels' GEMV and mxfp4_accumulate on CUDA
+    kernels = "mxfp4"  # triton_kernels' GEMV and grouped GEMM on CUDA
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, kind: ExpertKind = SWIGLU):
         check_blocks(hidden, inter, GROUP, "MXFP4")

@@ -972,12 +972,22 @@ def _fp4_gemm_project(
     return out
 
 
-def _grouped(project, fmt, x, tokens, slots, weights, bank) -> torch.Tensor:
+_PROJECT = {  # each format's grouped GEMM launch, by its `kernels` name
+    "dense": _dense_gemm_project,
+    "int4": _int4_gemm_project,
+    "fp8": _fp8_gemm_project,
+    "nvfp4": _fp4_gemm_project,
+    "mxfp4": _fp4_gemm_project,
+}
+
+
+def _grouped(fmt, x, tokens, slots, weights, bank) -> torch.Tensor:
     """weights[i] * expert_{slots[i]}(x[tokens[i]]) of every pair, float32 [P, H] in the pairs' own order,
     by two grouped GEMMs over the pairs sorted by expert: gate and up plus their biases (added as the GEMM
     stores them), then down reading the kind's GLU of those as its input, adding its bias and storing each
     pair's row in its own place times its routing weight. A pair whose slot is negative (served elsewhere:
     another wave, the CPU) is in no block and gives 0. No host synchronisation."""
+    project = _PROJECT[fmt.kernels]
     order = torch.argsort(slots)
     tok, s_sorted = tokens[order].contiguous(), slots[order]
     blocks = _blocks(s_sorted, bank[fmt.parts[0].name].shape[0])
@@ -987,9 +997,10 @@ def _grouped(project, fmt, x, tokens, slots, weights, bank) -> torch.Tensor:
     return project(fmt, gate_up, rows, blocks, bank, "down", fmt.inter, fmt.hidden, 1, True, scatter)[:, 0]
 
 
-def _accumulate(project, fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
-    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]): _grouped, then one scatter-add."""
-    return out.index_add_(0, tokens, _grouped(project, fmt, x, tokens, slots, weights, bank).to(out.dtype))
+def grouped_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
+    """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) (prefill, the copy path's waves):
+    _grouped, then one scatter-add."""
+    return out.index_add_(0, tokens, _grouped(fmt, x, tokens, slots, weights, bank).to(out.dtype))
 
 
 def grouped_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
@@ -998,31 +1009,5 @@ def grouped_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
     adds, so a replay gives the same bits (a scatter-add's order is not fixed)."""
     t, k = slots.shape
     tokens = torch.arange(t, device=x.device).repeat_interleave(k)
-    y = _grouped(_PROJECT[fmt.kernels], fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank)
+    y = _grouped(fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank)
     return y.view(t, k, -1).sum(dim=1).to(x.dtype)
-
-
-def dense_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
-    return _accumulate(_dense_gemm_project, fmt, x, tokens, slots, weights, bank, out)
-
-
-def int4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
-    return _accumulate(_int4_gemm_project, fmt, x, tokens, slots, weights, bank, out)
-
-
-def fp8_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
-    return _accumulate(_fp8_gemm_project, fmt, x, tokens, slots, weights, bank, out)
-
-
-def nvfp4_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tensor:
-    return _accumulate(_fp4_gemm_project, fmt, x, tokens, slots, weights, bank, out)
-
-
-mxfp4_accumulate = nvfp4_accumulate
-_PROJECT = {
-    "dense": _dense_gemm_project,
-    "int4": _int4_gemm_project,
-    "fp8": _fp8_gemm_project,
-    "nvfp4": _fp4_gemm_project,
-    "mxfp4": _fp4_gemm_project,
-}

@@ -43,9 +43,10 @@ class ResidentExperts:
     """Every expert of every layer on one device, a bank of the format's views per layer (expert id =
     index in the bank)."""
 
-    def __init__(self, banks: dict[int, dict[str, torch.Tensor]], fmt: ExpertFormat, top_k: int):
-        self.banks, self.format, self.top_k = banks, fmt, top_k
-        self.device = next(iter(next(iter(banks.values())).values())).device if banks else torch.device("cpu")
+    def __init__(
+        self, banks: dict[int, dict[str, torch.Tensor]], fmt: ExpertFormat, top_k: int, device: torch.device
+    ):
+        self.banks, self.format, self.top_k, self.device = banks, fmt, top_k, device
 
     def graph_safe(self, tokens: int) -> bool:
         return self.format.graph_safe(tokens * self.top_k, self.device)
@@ -76,4 +77,4 @@ def load_resident(source, progress=None) -> ResidentExperts:
         banks[layer] = fmt.views(flat)
         if progress:
             progress.advance(task)
-    return ResidentExperts(banks, fmt, args.top_k)
+    return ResidentExperts(banks, fmt, args.top_k, source.device)
