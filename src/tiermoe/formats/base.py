@@ -100,11 +100,12 @@ class ExpertFormat(ABC):
             return None
         from . import triton_kernels  # imported on first use: triton decides compiled or interpreted then
 
-        # decode: the GEMV ("mlp"), or the grouped GEMM for many pairs ("grouped"); prefill and the copy
-        # path's waves: the grouped GEMM's scatter-add ("accumulate")
+        # decode: the GEMV ("mlp"), or the grouped GEMM for many pairs ("grouped", its pairs' outputs apart:
+        # "pairs"); prefill and the copy path's waves: the grouped GEMM's scatter-add ("accumulate")
         entries = {
             "mlp": triton_kernels.bank_mlp,
             "grouped": triton_kernels.grouped_mlp,
+            "pairs": triton_kernels.grouped_pairs,
             "accumulate": triton_kernels.grouped_accumulate,
         }
         return entries[what]
@@ -196,6 +197,16 @@ class ExpertFormat(ABC):
     @abstractmethod
     def accumulate(self, x, tokens, slots, weights, bank: dict, out: torch.Tensor) -> torch.Tensor:
         """out[tokens[i]] += weights[i] * expert_{slots[i]}(x[tokens[i]]) for every pair i (1-d tensors)."""
+
+    def mlp_pairs(self, x, slots, weights, bank: dict) -> torch.Tensor | None:
+        """Each pair's weighted output apart, float32 [T, k, H], where mlp runs the grouped GEMM (CUDA, more
+        than GATHER_MAX_PAIRS pairs, up to GROUPED_MAX_PAIRS), else None. mlp is their sum over k in
+        float32, rounded once: a step split into waves that adds its waves' pairs (0 where another wave's)
+        gets the bits of one mlp over all of them."""
+        if not GATHER_MAX_PAIRS < slots.numel() <= GROUPED_MAX_PAIRS:
+            return None
+        kernel = self._kernel(x, "pairs")
+        return kernel(self, x, slots, weights, bank) if kernel else None
 
     def graph_safe(self, pairs: int, device: torch.device | str) -> bool:
         """Whether mlp over this many (token, expert) pairs on `device` runs without a host synchronisation:

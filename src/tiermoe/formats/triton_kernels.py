@@ -1003,11 +1003,16 @@ def grouped_accumulate(fmt, x, tokens, slots, weights, bank, out) -> torch.Tenso
     return out.index_add_(0, tokens, _grouped(fmt, x, tokens, slots, weights, bank).to(out.dtype))
 
 
-def grouped_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
-    """The format's mlp over many pairs (a batched decode step: x [T, H], slots and weights [T, k]) by
-    _grouped, each token's k outputs (in place: pair p is token p // k's) summed in float32: no atomic
-    adds, so a replay gives the same bits (a scatter-add's order is not fixed)."""
+def grouped_pairs(fmt, x, slots, weights, bank) -> torch.Tensor:
+    """Each pair's weighted output by _grouped, float32 [T, k, H] (x [T, H], slots and weights [T, k]; pair
+    p is token p // k's); 0 where the slot is negative."""
     t, k = slots.shape
     tokens = torch.arange(t, device=x.device).repeat_interleave(k)
-    y = _grouped(fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank)
-    return y.view(t, k, -1).sum(dim=1).to(x.dtype)
+    return _grouped(fmt, x, tokens, slots.reshape(-1), weights.reshape(-1), bank).view(t, k, -1)
+
+
+def grouped_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
+    """The format's mlp over many pairs (a batched decode step) by grouped_pairs, each token's k outputs
+    summed in float32: no atomic adds, so a replay gives the same bits (a scatter-add's order is not
+    fixed)."""
+    return grouped_pairs(fmt, x, slots, weights, bank).sum(dim=1).to(x.dtype)

@@ -220,7 +220,7 @@ class TieredExpertStore:
         self._score(layer, needed + list(on_cpu))
         # This layer's experts missing from the host cache read from disk at once, not one by one.
         self.host.read_ahead([(layer, e) for e in needed if e not in part.slot_of])
-        out = cpu_out = None
+        out = cpu_out = pairs = None
         if on_cpu and not waves:
             cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
         if prediction is not None and not waves:  # every expert on the CPU: no wave to follow
@@ -233,11 +233,15 @@ class TieredExpertStore:
             lut = torch.full((self.num_experts,), -1, dtype=torch.long)
             lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
             slots = self.copier.to_device(lut, self.device)[ids]  # [T, k]; -1: another wave's, or the CPU's
-            if len(waves) == 1 or no_sync:
+            split = len(waves) > 1 or bool(on_cpu)
+            if split and (y := self.format.mlp_pairs(x, slots, weights, self.pool.bank)) is not None:
+                # Each wave's pairs apart (the others' 0), summed once at the end: the bits of one mlp.
+                pairs = y if pairs is None else pairs.add_(y)
+            elif len(waves) == 1 or no_sync:
                 # The pairs of other waves and the CPU's go in too, skipped: no host sync to pick this wave's
                 # pairs out (a few pairs' paths read every pair's slot: a slot of this wave, weight 0).
                 wave_slots, wave_weights = slots, weights
-                if (len(waves) > 1 or on_cpu) and flat.numel() <= GATHER_MAX_PAIRS:
+                if split and flat.numel() <= GATHER_MAX_PAIRS:
                     wave_slots, wave_weights = skip_served(slots, weights)
                 y = self.format.mlp(x, wave_slots, wave_weights, self.pool.bank)
                 out = y if out is None else out.add_(y)
@@ -254,6 +258,8 @@ class TieredExpertStore:
                 cpu_out = self._compute_on_cpu(on_cpu, routed, x_host, w_host)
             if i == 0 and prediction is not None:
                 self._look_ahead(prediction[0], predicted, len(needed), decode)
+        if pairs is not None:
+            out = pairs.sum(dim=1).to(x.dtype)
         if cpu_out is not None:
             cpu_out = self.copier.to_device(cpu_out, self.device)
             out = cpu_out if out is None else out.add_(cpu_out)
