@@ -3,6 +3,8 @@ allocates, and an unset max_tokens resolves to what the context and the reserve 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from tiermoe.cli import main
 from tiermoe.errors import InvalidRequestError
 from tiermoe.offload import budget
 from tiermoe.offload.budget import GIB, plan_memory
+from tiermoe.offload.placement import warn_below_top_k
 from tiermoe.weights import loader
 
 PROMPT = [5, 9, 12, 7, 3, 88, 41]
@@ -121,3 +124,30 @@ def test_max_model_len_reaches_as_far_as_yarn_was_made_for(tiny_checkpoint):
     assert llm.max_model_len == 2048 and llm.plan.kv_tokens == 2048
     with pytest.raises(InvalidRequestError, match="its yarn rope scaling reaches 2048"):
         LLM(path, device="cpu", max_model_len=2049)
+
+
+def test_fewer_slots_than_top_k_a_layer_warns_with_what_would_give_top_k(caplog):
+    """A plan whose KV reserve leaves a layer fewer slots than top-k warns, naming the budget and the KV
+    reserve that would give every layer top-k slots; each of those, planned, gives them and warns no more."""
+    expert, per_token = 3 << 20, 64 << 10
+    kw = dict(moe_layers=list(range(16)), num_experts=64, top_k=8, expert_bytes=expert, dense_bytes=GIB,
+              workspace_bytes=GIB // 2, device=torch.device("cpu"), cpu_budget_gib=8)  # fmt: skip
+    plan = plan_memory(**kw, kv_bytes=8192 * per_token, kv_tokens=8192, gpu_budget_gib=2.25)
+    assert min(plan.quotas.values()) == 5  # 85 slots: (2.25 - 1 - 0.5 - 0.5) GiB of 3 MiB experts, 16 layers
+    with caplog.at_level("WARNING"):
+        warn_below_top_k(plan, 8)
+    (record,) = caplog.records
+    budget_gib, tokens = (
+        float(w)
+        for w in re.findall(r"--gpu-budget of ([\d.]+) GiB, or --kv-reserve-tokens (\d+)", record.message)[0]
+    )
+    assert "fewer than top-k 8" in record.message
+    for fixed in (
+        plan_memory(**kw, kv_bytes=8192 * per_token, kv_tokens=8192, gpu_budget_gib=budget_gib),
+        plan_memory(**kw, kv_bytes=int(tokens) * per_token, kv_tokens=int(tokens), gpu_budget_gib=2.25),
+    ):
+        assert min(fixed.quotas.values()) >= 8
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            warn_below_top_k(fixed, 8)
+        assert not caplog.records
