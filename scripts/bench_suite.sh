@@ -27,6 +27,7 @@
 # suite's cap and none; e.g. 8 alone where a lease is short), VARIANTS (tiermoe's store settings when
 # capped, bench --variants; e.g. lfu+noprefetch,lfu+noprefetch+in-place to compare the miss paths).
 # BATCHES: concurrent sequences, bench --batch (default 1; e.g. 1,4,16,64 for issue 15's concurrency figures).
+# BENCH_ARGS: more tiermoe bench flags for every run of the suite (e.g. --kv-reserve-tokens 4096).
 # PROMPT_LEN / GEN_LEN: each sequence's tokens in and out (defaults: the suite's; 64 sequences of 128 + 128
 # need 2 GiB of OLMoE's KV cache, more than a 4 GiB cap leaves, so a sweep to 64 takes 64 + 64).
 set -euo pipefail
@@ -76,7 +77,7 @@ olmoe)
         --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
     # 2. Batch 1, 128-token prompt, 128 new tokens, median of 3: tiermoe at 4 GiB and uncapped, 3 routings
     #    each (~35-50 s a run); HF offload at the same cap (~0.6 tok/s: 8 tokens, timed once).
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-4,none}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-128}" --batch "${BATCHES:-1}" --repeat 3 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 8 --peer-repeat 1 --timeout 240
     ;;
@@ -86,7 +87,7 @@ deepseek-v2-lite)
     # Its dense weights (2.44 GiB) and top-6 x 26 layers of 17.3 MB experts leave no room for the default
     # 1 GiB workspace at 6 GiB: half of it leaves 7 slots a layer of 64.
     model=$(synth deepseek-v2-lite)
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-6}" --workspace 0.5 --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-6}" --workspace 0.5 --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
@@ -96,7 +97,7 @@ gpt-oss-20b)
     model="$SYNTH_DIR/gpt-oss-20b-mxfp4"
     [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset gpt-oss-20b --out "$model" --dtype bf16 \
         --experts-in-memory --experts mxfp4 >&2
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8}" --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-8}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
@@ -108,7 +109,7 @@ deepseek-v3-7l)
     model="$SYNTH_DIR/deepseek-v3-7l-fp8"
     [[ -f "$model/tiermoe_synth.json" ]] || $TIERMOE synth --preset deepseek-v3-7l --out "$model" --dtype bf16 \
         --experts-in-memory --experts fp8 >&2
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-24}" --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-24}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-32}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base) --peer-gen-len 3 --peer-repeat 1 --timeout 900
     ;;
@@ -119,7 +120,7 @@ qwen3)
     # A capped run loads for 40-75 s, so 64 new tokens timed twice keep the six tiermoe runs near 5 minutes;
     # HF offload (0.1 tok/s, ~3 minutes for 3 tokens) takes the rest.
     model=$(synth qwen3-30b-a3b --experts-in-memory)
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-8,none}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 \
         "${peer_flags[@]}" $(llama_formats base,q4_k_m) --peer-gen-len 3 --peer-repeat 1 --timeout 300
     ;;
@@ -142,7 +143,7 @@ qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qw
         [[ $fmt == int4 ]] && scales=(--scales rtn)
         [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts "$fmt" "${scales[@]}" --out "$model"
     fi
-    $TIERMOE bench --model "$model" --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-$gen}" --batch "${BATCHES:-1}" --repeat "$repeat" --also-model "$bf16" \
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300
@@ -153,7 +154,7 @@ olmoe-disk)
     model=$(synth olmoe-1b-7b)
     $TIERMOE profile --model "$model" --gpu-budget 4 --disk-dir "$model" \
         --out "$RESULTS/profile-$(date -u +%Y%m%dT%H%M%SZ).json"
-    $TIERMOE bench --model "$model" --gpu-budget 4 --cpu-budget 4 --routing "${ROUTINGS:-szd}" "${variant_flags[@]}" \
+    $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget 4 --cpu-budget 4 --routing "${ROUTINGS:-szd}" "${variant_flags[@]}" \
         --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-64}" --batch "${BATCHES:-1}" --repeat 2 --timeout 400
     ;;
 olmoe-plan)

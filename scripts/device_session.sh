@@ -97,6 +97,9 @@ fi
     all | kernels) python3 -m pytest -q -p no:cacheprovider --tb=short "${kernel_tests[@]}" 2>&1 |
         tee -a "$W/pytest-gpu.log" | tail -n 15
         mark "gpu tests (${GPU_TESTS:-all}) done" ;;
+    # test files or node ids (GPU_TESTS="tests/a.py tests/b.py::test_c"): those alone, gpu-marked or not
+    tests/*) python3 -m pytest -q -p no:cacheprovider --tb=short $GPU_TESTS 2>&1 | tee -a "$W/pytest-gpu.log" | tail -n 15
+        mark "gpu tests (listed) done" ;;
     esac
     # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them);
     # KERNELS=0 keeps the shipped formats/gemv_tuned.json and skips the sweep and the kernel bench.
@@ -148,10 +151,10 @@ for suite in $SUITES; do
     fi
     free -g | tee -a "$W/phases.log"
     case $suite in qwen3) budgets=${QWEN3_BUDGETS:-} ;; olmoe) budgets=${OLMOE_BUDGETS:-} ;; *) budgets= ;; esac
-    # VARIANTS_<suite>, BATCHES_<suite>, PEERS_<suite>, ROUTINGS_<suite>, PROMPT_LEN_<suite>, GEN_LEN_<suite>
+    # VARIANTS_<suite>, BATCHES_<suite>, PEERS_<suite>, ROUTINGS_<suite>, PROMPT_LEN_<suite>, GEN_LEN_<suite>, BENCH_ARGS_<suite>
     # (dashes as underscores, e.g. BATCHES_olmoe=1,4,16,64): that suite's own setting in place of the session's.
     own=()
-    for var in VARIANTS BATCHES PEERS ROUTINGS PROMPT_LEN GEN_LEN; do
+    for var in VARIANTS BATCHES PEERS ROUTINGS PROMPT_LEN GEN_LEN BENCH_ARGS; do
         key=${var}_${suite//-/_}
         [[ -n ${!key:-} ]] && own+=("$var=${!key}")
     done
