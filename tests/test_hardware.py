@@ -21,6 +21,7 @@ from tiermoe.offload.store import TieredExpertStore
 
 
 def test_quick_profile_on_cpu_measures_positive_ceilings(tmp_path):
+    threads = torch.get_num_threads()
     measured = {m.name: m for m in hardware.profile(quick=True, disk_dir=tmp_path)}
     for name in ("disk read", "disk write", "CPU copy (read+write)", "CPU matmul fp32", "CPU matmul bf16"):
         assert measured[name].value > 0, name
@@ -37,6 +38,13 @@ def test_quick_profile_on_cpu_measures_positive_ceilings(tmp_path):
     ):
         assert 0 < measured[name].value < 2 * measured["CPU copy (read+write)"].value, name
     assert "compiled" in measured["CPU experts int4, tiermoe kernel"].note
+    # The scaling curve below torch's thread count (2 on CI: one thread), and the count restored.
+    for n in hardware.thread_counts(torch.get_num_threads()):
+        for name in (f"CPU experts bf16, tiermoe kernel, {n} threads", f"CPU copy (read+write), {n} threads"):
+            assert measured[name].value > 0, name
+    assert torch.get_num_threads() == threads
+    assert hardware.thread_counts(16) == [1, 2, 4, 8] and hardware.thread_counts(12) == [1, 2, 4, 8]
+    assert hardware.thread_counts(1) == []
     if not torch.cuda.is_available():
         gpu = (
             "H2D pinned 2.5MB",

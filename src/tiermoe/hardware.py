@@ -213,6 +213,37 @@ def cpu_expert_measurements(nbytes: int) -> list[Measurement]:
             m.append(
                 Measurement(label, cpu_expert_bandwidth(experts, True, nbytes), "GB/s", f"{status}; {shape}")
             )
+    if cpu_kernels.kernel() is not None:
+        m += cpu_thread_scaling(nbytes)
+    return m
+
+
+def thread_counts(most: int) -> list[int]:
+    """1, 2, 4, ... below `most`: the thread counts a scaling curve is measured at (`most` is the
+    profile's own figure)."""
+    return [1 << i for i in range(most.bit_length()) if 1 << i < most]
+
+
+def cpu_thread_scaling(nbytes: int) -> list[Measurement]:
+    """The bf16 kernel and a RAM copy at fewer threads than torch's: how the CPU share scales with cores
+    (16 cores read RAM at 99 GB/s, the kernel made 47: bench/NOTES.md section 37). Where each thread adds
+    as much as the first, the kernel is bound per core (its instructions); where the copy flattens too,
+    by memory."""
+    most = torch.get_num_threads()
+    m = []
+    try:
+        for n in thread_counts(most):
+            torch.set_num_threads(n)
+            m.append(
+                Measurement(
+                    f"CPU experts bf16, tiermoe kernel, {n} threads",
+                    cpu_expert_bandwidth("bf16", True, nbytes),
+                    "GB/s",
+                )
+            )
+            m.append(Measurement(f"CPU copy (read+write), {n} threads", cpu_copy_bandwidth(nbytes), "GB/s"))
+    finally:
+        torch.set_num_threads(most)
     return m
 
 
