@@ -478,3 +478,11 @@ def test_a_sweep_stopped_midway_keeps_what_it_measured(tmp_path):
     assert got[0]["decode_tok_s"] == 9.0
     assert got[1] == got[2] == {"error": "timed out after 600 s"}
     assert measure._partial(tmp_path / "none.json", "killed") == {"error": "killed"}
+
+
+def test_the_table_note_is_a_runs_error_else_its_fewest_slots_a_layer():
+    from tiermoe.bench.run import _note
+
+    assert _note({"error": None, "experts": {"layer_slots_min": 5}}) == "fewest slots a layer: 5"
+    assert _note({"error": "x" * 80, "experts": {"layer_slots_min": 5}}) == "x" * 60
+    assert _note({"error": None, "experts": {}}) == "" and _note({"error": None}) == ""

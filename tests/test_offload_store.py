@@ -66,7 +66,7 @@ def test_every_tier_is_used_and_counted(model):
     assert s["bytes_disk"] == s["host_misses"] * expert_bytes and s["disk_s"] > 0
     assert s["bytes_h2d"] == (s["gpu_misses"] + s["prefetch_issued"]) * expert_bytes
     assert 0 < s["gpu_hit_rate"] < 1
-    assert s["host_slots"] == 12 and s["gpu_slots"] == 8
+    assert s["host_slots"] == 12 and s["gpu_slots"] == 8 and s["layer_slots_min"] == 2  # 4 layers x 2
 
 
 def test_pool_stays_within_budget(model):

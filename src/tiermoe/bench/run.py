@@ -501,9 +501,17 @@ def _summary_table(runs: list[dict]):
             f"{r['engine']} {variant_name(r)}".strip(), r["experts_dtype"] or "-", cap, r["routing"] or "-", str(r["batch"]),
             fmt(r["prefill_tok_s"], ",.1f"), fmt(r["decode_tok_s"]), fmt(r["ttft_s"], ".3f"), fmt(r["peak_gpu_gib"]),
             fmt(r["gpu_hit_rate"], ".1%"), fmt(r["h2d_gb_s"], ".1f"), fmt(r["floor_tok_s"]),
-            fmt(r["floor_fraction"], ".0%"), fmt(r["pcie_floor_tok_s"]), (r["error"] or "")[:60],
+            fmt(r["floor_fraction"], ".0%"), fmt(r["pcie_floor_tok_s"]), _note(r),
         )  # fmt: skip
     return table
+
+
+def _note(run: dict) -> str:
+    """A run's error, else a capped tiermoe run's GPU slots a layer (fewer than top-k: waves a layer)."""
+    if run["error"]:
+        return run["error"][:60]
+    slots = (run.get("experts") or {}).get("layer_slots_min")
+    return "" if slots is None else f"fewest slots a layer: {slots}"
 
 
 def _batches(value: str) -> str:

@@ -172,6 +172,8 @@ class TieredExpertStore:
             staged=bool(self.in_place and self.in_place.staged),  # in place: misses staged into HBM first
             cpu_compute=self.cpu_costs is not None,
             gpu_slots=len(self.pool),
+            # fewer than top-k: a decode token's misses take several waves a layer (bench/NOTES.md 37)
+            layer_slots_min=min(len(part.slots) for part in self.pool.layers.values()),
             host_slots=self.host.capacity,
             source=self.host.source.description,
         )
