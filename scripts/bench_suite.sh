@@ -27,7 +27,8 @@
 # suite's cap and none; e.g. 8 alone where a lease is short), VARIANTS (tiermoe's store settings when
 # capped, bench --variants; e.g. lfu+noprefetch,lfu+noprefetch+in-place to compare the miss paths).
 # BATCHES: concurrent sequences, bench --batch (default 1; e.g. 1,4,16,64 for issue 15's concurrency figures).
-# BENCH_ARGS: more tiermoe bench flags for every run of the suite (e.g. --kv-reserve-tokens 4096).
+# BENCH_ARGS: more flags for the suite's tiermoe bench runs, not its profile, plan or load runs
+# (e.g. --kv-reserve-tokens 4096).
 # PROMPT_LEN / GEN_LEN: each sequence's tokens in and out (defaults: the suite's; 64 sequences of 128 + 128
 # need 2 GiB of OLMoE's KV cache, more than a 4 GiB cap leaves, so a sweep to 64 takes 64 + 64).
 set -euo pipefail

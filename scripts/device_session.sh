@@ -100,6 +100,8 @@ fi
     # test files or node ids (GPU_TESTS="tests/a.py tests/b.py::test_c"): those alone, gpu-marked or not
     tests/*) python3 -m pytest -q -p no:cacheprovider --tb=short $GPU_TESTS 2>&1 | tee -a "$W/pytest-gpu.log" | tail -n 15
         mark "gpu tests (listed) done" ;;
+    0) ;;
+    *) mark "GPU_TESTS=$GPU_TESTS: neither all, kernels, 0 nor test paths (tests/...): no GPU tests ran" ;;
     esac
     # The quantized GEMVs' launches measured first (--save: the rest of the session's runs use them);
     # KERNELS=0 keeps the shipped formats/gemv_tuned.json and skips the sweep and the kernel bench.

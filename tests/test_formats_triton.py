@@ -481,8 +481,11 @@ def test_a_batched_decode_step_runs_the_grouped_gemm_with_no_host_sync(monkeypat
     x = torch.randn(5, 64, generator=gen).to(DEVICE, DTYPE)
     slots = torch.randint(0, 6, (5, 4), generator=gen).to(DEVICE)
     weights = torch.rand(5, 4, generator=gen).to(DEVICE, DTYPE)
-    want = fmt.mlp(x, slots, weights, views)  # on the CPU: torch
-    # bf16 on CUDA: the scatter-add below rounds each pair to bf16 before adding, the decode sum once.
+    with monkeypatch.context() as torch_only:  # torch's path, also on CUDA
+        torch_only.setattr(type(fmt), "_kernel", lambda self, x, what: None)
+        want = fmt.mlp(x, slots, weights, views)
+    # bf16 on CUDA: torch's path and the scatter-add below round each pair to bf16 before adding, the
+    # decode sum once.
     tol = {"rtol": 1e-4, "atol": 1e-4} if not CUDA else {"rtol": 2e-2, "atol": 2e-3}
     calls = []
 
@@ -506,10 +509,12 @@ def test_waves_pairs_added_apart_give_the_bits_of_one_grouped_mlp(monkeypatch, c
     """The copy path's waves (each with the others' pairs at slot -1) add their pairs' outputs apart and
     sum them once at the end: exactly one mlp over all the pairs, as the resident path computes it (a
     skipped pair is exactly 0, and a pair's row does not depend on the other rows of its block)."""
+    from tiermoe.formats.base import ExpertFormat
+    from tiermoe.formats.swiglu import GROUPED_MAX_PAIRS
+
     fmt = make(cls, (64, 32, 16 if cls is Int4Format else None), DTYPE)
-    monkeypatch.setattr(
-        type(fmt), "_kernel", lambda self, x, what: getattr(triton_kernels, f"grouped_{what}")
-    )
+    kernel = ExpertFormat._kernel
+    monkeypatch.setattr(ExpertFormat, "_kernel", lambda self, x, what: kernel(self, _Cuda(), what))
     views = random_bank(fmt, DEVICE, 6, 0.05)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(5, 64, generator=gen).to(DEVICE, DTYPE)
@@ -519,8 +524,10 @@ def test_waves_pairs_added_apart_give_the_bits_of_one_grouped_mlp(monkeypatch, c
     waves = [fmt.mlp_pairs(x, slots.masked_fill(~w, -1), weights, views) for w in (first, ~first)]
     assert waves[0][~first].abs().max() == 0 and waves[1][first].abs().max() == 0
     summed = (waves[0] + waves[1]).sum(dim=1).to(DTYPE)
-    assert torch.equal(summed, triton_kernels.grouped_mlp(fmt, x, slots, weights, views))
+    assert torch.equal(summed, fmt.mlp(x, slots, weights, views))  # the format's own mlp: the grouped GEMM
     assert fmt.mlp_pairs(x[:4], slots[:4], weights[:4], views) is None  # 16 pairs: the GEMV's, not grouped
+    many = torch.zeros(GROUPED_MAX_PAIRS // 4 + 1, 4, dtype=torch.long, device=DEVICE)  # 4100 pairs
+    assert fmt.mlp_pairs(x[:1].expand(len(many), -1), many, many.to(DTYPE), views) is None
 
 
 @pytest.mark.skipif(CUDA, reason="on CUDA every engine test decodes through the compiled kernels")

@@ -11,6 +11,7 @@ import torch
 from tiermoe import LLM, SamplingParams
 from tiermoe.cli import main
 from tiermoe.errors import InvalidRequestError
+from tiermoe.models.kv_cache import cache_slots
 from tiermoe.offload import budget
 from tiermoe.offload.budget import GIB, plan_memory
 from tiermoe.offload.placement import warn_below_top_k
@@ -128,26 +129,53 @@ def test_max_model_len_reaches_as_far_as_yarn_was_made_for(tiny_checkpoint):
 
 def test_fewer_slots_than_top_k_a_layer_warns_with_what_would_give_top_k(caplog):
     """A plan whose KV reserve leaves a layer fewer slots than top-k warns, naming the budget and the KV
-    reserve that would give every layer top-k slots; each of those, planned, gives them and warns no more."""
+    reserve that would give every layer top-k slots; each of those, planned as the engine plans (the KV in
+    whole blocks and the null block), gives them and warns no more. Over a range of budgets."""
     expert, per_token = 3 << 20, 64 << 10
-    kw = dict(moe_layers=list(range(16)), num_experts=64, top_k=8, expert_bytes=expert, dense_bytes=GIB,
-              workspace_bytes=GIB // 2, device=torch.device("cpu"), cpu_budget_gib=8)  # fmt: skip
-    plan = plan_memory(**kw, kv_bytes=8192 * per_token, kv_tokens=8192, gpu_budget_gib=2.25)
-    assert min(plan.quotas.values()) == 5  # 85 slots: (2.25 - 1 - 0.5 - 0.5) GiB of 3 MiB experts, 16 layers
-    with caplog.at_level("WARNING"):
-        warn_below_top_k(plan, 8)
-    (record,) = caplog.records
-    budget_gib, tokens = (
-        float(w)
-        for w in re.findall(r"--gpu-budget of ([\d.]+) GiB, or --kv-reserve-tokens (\d+)", record.message)[0]
-    )
-    assert "fewer than top-k 8" in record.message
-    for fixed in (
-        plan_memory(**kw, kv_bytes=8192 * per_token, kv_tokens=8192, gpu_budget_gib=budget_gib),
-        plan_memory(**kw, kv_bytes=int(tokens) * per_token, kv_tokens=int(tokens), gpu_budget_gib=2.25),
-    ):
-        assert min(fixed.quotas.values()) >= 8
+
+    def plan(budget_gib: float, kv_tokens: int):
+        return plan_memory(
+            moe_layers=list(range(16)), num_experts=64, top_k=8, expert_bytes=expert, dense_bytes=GIB,
+            kv_bytes=cache_slots(kv_tokens) * per_token, kv_tokens=kv_tokens, workspace_bytes=GIB // 2,
+            device=torch.device("cpu"), gpu_budget_gib=budget_gib, cpu_budget_gib=8,
+        )  # fmt: skip
+
+    warned = 0
+    for cap in (2.25, 2.27, 2.3, 2.32, 2.35, 2.37, 2.4, 2.45):  # top-k from 2.38 GiB
+        low = plan(cap, 8192)
         caplog.clear()
         with caplog.at_level("WARNING"):
-            warn_below_top_k(fixed, 8)
-        assert not caplog.records
+            warn_below_top_k(low, 8)
+        if min(low.quotas.values()) >= 8:
+            assert not caplog.records
+            continue
+        warned += 1
+        (record,) = caplog.records
+        assert "fewer than top-k 8" in record.message
+        found = re.search(r"--gpu-budget of ([\d.]+) GiB(?:, or --kv-reserve-tokens (\d+))?", record.message)
+        fixes = [plan(float(found[1]), 8192)] + ([plan(cap, int(found[2]))] if found[2] else [])
+        assert found[2] or cap == 2.25  # the reserve suggested wherever some reserve fits
+        for fixed in fixes:
+            assert min(fixed.quotas.values()) >= 8, (cap, found.groups())
+            caplog.clear()
+            with caplog.at_level("WARNING"):
+                warn_below_top_k(fixed, 8)
+            assert not caplog.records
+    assert warned == 6
+
+
+def test_the_below_top_k_warning_comes_at_load_not_from_every_plan(tiny_checkpoint, caplog):
+    """LLM warns once when it loads a plan with fewer slots than top-k; planning alone (the planner's
+    candidates, the bench's floors) does not."""
+    from tiermoe.config import EngineConfig
+    from tiermoe.offload.placement import plan_from_config
+
+    path, model = tiny_checkpoint("qwen3_moe", num_experts_per_tok=4)
+    resident = LLM(path, device="cpu")
+    budget = (resident.plan.dense_bytes + resident.plan.kv_bytes + 3 * 3 * resident.plan.expert_bytes) / GIB
+    with caplog.at_level("WARNING"):
+        plan_from_config(model.config.to_dict(), EngineConfig(device="cpu", gpu_budget_gib=budget))
+        assert not [r for r in caplog.records if "top-k" in r.message]
+        llm = LLM(path, device="cpu", gpu_budget_gib=budget)
+    assert min(llm.plan.quotas.values()) == 3
+    assert len([r for r in caplog.records if "fewer than top-k 4" in r.message]) == 1

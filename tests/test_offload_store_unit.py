@@ -168,3 +168,62 @@ def test_a_step_loads_the_union_of_its_tokens_experts_once():
     torch.testing.assert_close(s.forward(1, x, ids, w), reference(1, x, ids, w), rtol=1e-5, atol=1e-6)
     st = s.stats()
     assert st["gpu_misses"] == 3 and st["bytes_h2d"] == 3 * BYTES
+
+
+class _Cuda:
+    """A stand-in input that says it is on CUDA, so a format picks its kernels (Triton's interpreter)."""
+
+    is_cuda = True
+
+
+class RandomSource:
+    """Seeded random experts of any format."""
+
+    description = "random"
+
+    def __init__(self, fmt):
+        self.fmt = fmt
+
+    def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
+        self.fmt.fill_random(out, torch.Generator().manual_seed(100 * layer + expert), 0.05)
+        return self.fmt.nbytes
+
+
+@pytest.mark.parametrize("slots", [2, 3, 4])
+@pytest.mark.parametrize("experts", ["bf16", "int4"])
+def test_a_step_split_into_waves_gives_the_bits_of_one_grouped_mlp(monkeypatch, slots, experts):
+    """18 pairs (9 tokens x top-2) over 2-4 slots: several waves, each through the grouped GEMM's pairs
+    (Triton's interpreter, as on CUDA), added apart and rounded once: bit for bit the one grouped mlp the
+    resident path runs over every pair."""
+    from tiermoe.formats import triton_kernels
+    from tiermoe.formats.base import ExpertFormat
+    from tiermoe.formats.int4 import Int4Format
+
+    hidden, inter = 64, 32
+    fmt = (
+        DenseFormat(hidden, inter, torch.bfloat16)
+        if experts == "bf16"
+        else Int4Format(hidden, inter, torch.bfloat16, 16)
+    )
+    kernel = ExpertFormat._kernel
+    monkeypatch.setattr(ExpertFormat, "_kernel", lambda self, x, what: kernel(self, _Cuda(), what))
+    plan = plan_memory(
+        moe_layers=[0], num_experts=E, top_k=K, expert_bytes=fmt.nbytes, dense_bytes=0, kv_bytes=0,
+        workspace_bytes=0, device=torch.device("cpu"), gpu_budget_gib=slots * fmt.nbytes / GIB,
+        cpu_budget_gib=E * fmt.nbytes / GIB,
+    )  # fmt: skip
+    source = RandomSource(fmt)
+    store = TieredExpertStore(source, plan, fmt, E, torch.device("cpu"), "lru", False)
+    bank = fmt.empty(E)
+    for e in range(E):
+        source.read_into(0, e, bank[e])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, hidden, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(9)])
+    weights = torch.rand(9, K, generator=gen).to(torch.bfloat16)
+    waves, pairs = [], triton_kernels.grouped_pairs
+    monkeypatch.setattr(triton_kernels, "grouped_pairs", lambda *a: waves.append(1) or pairs(*a))
+    got = store.forward(0, x, ids, weights)
+    assert len(waves) > 1  # a split step, every wave through the pairs
+    want = fmt.mlp(x, ids, weights, fmt.views(bank))  # resident: one grouped mlp over the 18 pairs
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -12,7 +12,7 @@ from .engine.request import RequestOutput, SamplingParams, TokenEvent
 from .engine.runner import ModelRunner
 from .errors import InvalidRequestError
 from .models.moe import SparseMoeBlock
-from .offload.placement import build_provider, plan_dense
+from .offload.placement import build_provider, plan_dense, warn_below_top_k
 from .offload.predictor import RouterLookahead
 from .routing.spec import build_routing
 from .weights.loader import build_meta, load_model, open_source, progress_bar
@@ -38,6 +38,7 @@ class LLM:
         model, self.plan = plan_dense(
             lambda fp8: build_meta(self.source, fp8), a, self.source.format, c, self.max_model_len
         )
+        warn_below_top_k(self.plan, a.top_k)
         if c.show_progress:
             print(self.plan.describe(), file=sys.stderr, flush=True)
         with progress_bar(c.show_progress) as progress:

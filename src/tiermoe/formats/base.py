@@ -202,7 +202,8 @@ class ExpertFormat(ABC):
         """Each pair's weighted output apart, float32 [T, k, H], where mlp runs the grouped GEMM (CUDA, more
         than GATHER_MAX_PAIRS pairs, up to GROUPED_MAX_PAIRS), else None. mlp is their sum over k in
         float32, rounded once: a step split into waves that adds its waves' pairs (0 where another wave's)
-        gets the bits of one mlp over all of them."""
+        gets the bits of one mlp over all of them. Above GROUPED_MAX_PAIRS (a long prompt's chunk) a split
+        step rounds each wave instead: the float32 buffer would be [pairs, H]."""
         if not GATHER_MAX_PAIRS < slots.numel() <= GROUPED_MAX_PAIRS:
             return None
         kernel = self._kernel(x, "pairs")

@@ -20,7 +20,7 @@ from ..formats.base import ExpertFormat
 from ..formats.fp8 import Fp8BlockFormat
 from ..formats.registry import format_for
 from ..models.base import MoEArgs
-from ..models.kv_cache import cache_slots
+from ..models.kv_cache import BLOCK_TOKENS, cache_slots
 from ..models.layers import CausalLM
 from ..models.registry import from_config
 from .budget import GIB, BudgetError, MemoryPlan, plan_memory
@@ -72,38 +72,43 @@ def plan_dense(
     try:
         plan = plan_for_model(model, args, fmt, config, max_model_len)
         if not auto or min(plan.quotas.values(), default=args.top_k) >= args.top_k:
-            return model, warn_below_top_k(plan, args.top_k)
+            return model, plan
     except BudgetError:
         if not auto:
             raise
     model = build(True)
     plan = plan_for_model(model, args, fmt, config, max_model_len)
     log.info("dense linear layers kept in FP8: dequantized, they leave no top-k experts a layer on the GPU")
-    return model, warn_below_top_k(plan, args.top_k)
+    return model, plan
 
 
-def warn_below_top_k(plan: MemoryPlan, top_k: int) -> MemoryPlan:
-    """Warn where the plan leaves a layer fewer GPU slots than top-k: a decode token's misses then come in
-    several waves a layer and no slot stays hot (OLMoE at 4 GiB with 64 sequences' KV: 5.9 slots a layer,
-    GPU hit 0.29 and half the tok/s of 8.6 slots; bench/NOTES.md section 37). Says what would give
-    each layer top-k slots: the budget, or the KV reserve at this budget."""
+def warn_below_top_k(plan: MemoryPlan, top_k: int) -> None:
+    """Warn (at load) where the plan leaves a layer fewer GPU slots than top-k: a decode token's misses then
+    come in several waves a layer and no slot stays hot (OLMoE at 4 GiB with 64 sequences' KV: 5.9 slots a
+    layer, GPU hit 0.29 and half the tok/s of 8.6 slots; bench/NOTES.md section 37). Says what would give
+    each layer top-k slots: the budget, or the KV reserve at this budget (whole blocks and the null block,
+    as the plan counts them)."""
     least = min(plan.quotas.values(), default=top_k)
     if plan.all_resident or least >= top_k or plan.budget_bytes is None:
-        return plan
+        return
     layers = len(plan.quotas)
     short = (layers * top_k - plan.gpu_slots) * plan.expert_bytes
     fix = (
         f"a --gpu-budget of {math.ceil((plan.budget_bytes + short) / GIB * 100) / 100:.2f} GiB"  # rounded up
     )
-    if plan.kv_tokens and plan.kv_bytes > short:
-        tokens = int(plan.kv_tokens * (plan.kv_bytes - short) / plan.kv_bytes)
-        fix += f", or --kv-reserve-tokens {tokens} (with fewer sequences at once)"
+    if plan.kv_tokens:
+        per_token = plan.kv_bytes // cache_slots(plan.kv_tokens)
+        room = (
+            plan.budget_bytes - plan.dense_bytes - plan.workspace_bytes - layers * top_k * plan.expert_bytes
+        )
+        tokens = (room // per_token // BLOCK_TOKENS - 1) * BLOCK_TOKENS  # the null block's room kept
+        if tokens >= 1:
+            fix += f", or --kv-reserve-tokens {tokens} (with fewer sequences at once)"
     log.warning(
         "the GPU budget leaves %d expert slots in some layers, fewer than top-k %d: a decode token's misses "
         "take several copy waves a layer and the hit rate falls; %s gives each layer top-k slots",
         least, top_k, fix,
     )  # fmt: skip
-    return plan
 
 
 def plan_for_model(
