@@ -196,6 +196,9 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, s
 namespace {
 
 constexpr int64_t LANES = 16;  // outputs a task computes together: one cache line of a qweight row
+// qweight rows read ahead (each a line N x 4 bytes past the last, where the hardware's prefetchers do
+// not follow): 1.3x one thread's speed and 1.5x two threads' on the CPU machine (8 beat 4, 16, 32, 64)
+constexpr int64_t PREFETCH_ROWS = 8;
 
 // Outputs n0 .. n0 + LANES of one 4-bit matrix in the GPTQ layout (qweight int32 [K / 8, N], input
 // 8 i + j in bits 4 j of row i; qzeros int32 [K / G, N / 8]; scales fp16 [K / G, N];
@@ -212,6 +215,7 @@ void int4_lanes(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0), _MM_HINT_T0);
             const __m512i words = _mm512_loadu_si512(qw + i * N + n0);
             for (int j = 0; j < 8; j += 2) {
                 const float x0 = x[i * 8 + j], x1 = x[i * 8 + j + 1];
@@ -241,6 +245,7 @@ void int4_lanes(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0), _MM_HINT_T0);
             const __m256i words[2] = {_mm256_loadu_si256((const __m256i*)(qw + i * N + n0)),
                                       _mm256_loadu_si256((const __m256i*)(qw + i * N + n0 + 8))};
             for (int j = 0; j < 8; j++) {
@@ -273,6 +278,7 @@ void int4_lanes(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_
         float acc[LANES] = {};
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            __builtin_prefetch(qw + (i + PREFETCH_ROWS) * N + n0);
             const int32_t* row = qw + i * N + n0;
             for (int j = 0; j < 8; j++) {
                 const float xv = x[i * 8 + j];
