@@ -161,10 +161,12 @@ def test_the_compiled_kernel_computes_what_torch_does(monkeypatch, hidden, inter
     assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
 
 
-@pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 48, 16), (128, 32, -1)])
+@pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 48, 16), (128, 32, -1), (96, 128, 32)])
 def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, hidden, inter, group):
     """The 4-bit kernel (GPTQ layout, zeros and fp16 scales per group; one group for all inputs too)
-    against torch's dequantize-then-matmul, experts of one token and of several."""
+    against torch's dequantize-then-matmul, experts of one token and of several; tasks of 4 blocks of 16
+    outputs where they divide a matrix's outputs (inter 128; hidden 64 and 128), of one elsewhere (inter
+    48 and 32, hidden 96)."""
     from tiermoe.offload import cpu_kernels
 
     assert cpu_kernels.status().startswith("compiled")
@@ -213,7 +215,11 @@ def test_the_avx2_build_computes_what_torch_does(tmp_path):
     avx2 = cpu_kernels.build(["-mavx2", "-mfma", "-mf16c"], "tiermoe_cpu_experts_avx2_test", tmp_path)
     assert avx2.simd() == "avx2"
     g = torch.Generator().manual_seed(4)
-    for fmt in (DenseFormat(72, 48, torch.bfloat16), Int4Format(64, 48, torch.float32, 16)):
+    for fmt in (
+        DenseFormat(72, 48, torch.bfloat16),
+        Int4Format(64, 48, torch.float32, 16),  # gate and up in tasks of one block, down of four
+        Int4Format(96, 64, torch.float32, 32),  # gate and up of four, down of one
+    ):
         experts = {}
         for e in range(3):
             experts[e] = fmt.empty(1)[0]

@@ -195,104 +195,136 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, s
 
 namespace {
 
-constexpr int64_t LANES = 16;  // outputs a task computes together: one cache line of a qweight row
+constexpr int64_t LANES = 16;  // outputs of one block: one cache line of a qweight row
 // qweight rows read ahead (each a line N x 4 bytes past the last, where the hardware's prefetchers do
 // not follow): 1.3x one thread's speed and 1.5x two threads' on the CPU machine (8 beat 4, 16, 32, 64)
 constexpr int64_t PREFETCH_ROWS = 8;
 
-// Outputs n0 .. n0 + LANES of one 4-bit matrix in the GPTQ layout (qweight int32 [K / 8, N], input
+constexpr int64_t SPAN = 4;  // lane blocks a task computes together where they divide the outputs
+
+// zero[g, n] of outputs n0 .. n0 + LANES (qzeros int32 [K / G, N / 8], output n in bits 4 (n % 8)), as floats
+inline void zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0, float* zeros) {
+    for (int64_t l = 0; l < LANES; l++) {
+        const int64_t n = n0 + l;
+        zeros[l] = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
+    }
+}
+
+// Outputs n0 .. n0 + B x LANES of one 4-bit matrix in the GPTQ layout (qweight int32 [K / 8, N], input
 // 8 i + j in bits 4 j of row i; qzeros int32 [K / G, N / 8]; scales fp16 [K / G, N];
 // w[n, k] = scales[g, n] * (q[k, n] - zero[g, n])) against x [K]: per group, the sum of x times the
-// codes less the zero times the sum of x, scaled. The lane loops are what the compiler vectorises.
-void int4_lanes(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_t K, int64_t N, int64_t G,
-                int64_t n0, const float* x, float* y) {
+// codes less the zero times the sum of x, scaled. B blocks of LANES outputs side by side: each qweight
+// row's B adjacent lines read together (B = SPAN: 1.4x one thread's speed, 1.5x two threads' on the CPU
+// machine, bench/NOTES.md section 39); each block's sums in the same order whatever B, so the same bits.
+template <int64_t B>
+void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_t K, int64_t N, int64_t G,
+                 int64_t n0, const float* x, float* y) {
 #if defined(__AVX512F__)
-    // One qweight row's 16 words in a register; code j of every lane by a shift and a mask, widened to
-    // float, times x broadcast; two accumulators (even and odd codes) to hide the FMA latency.
+    // A qweight row's 16 words a block in a register; code j of every lane by a shift and a mask, widened
+    // to float, times x broadcast; two accumulators a block (even and odd codes) to hide the FMA latency.
     const __m512i nibble = _mm512_set1_epi32(15);
-    __m512 total = _mm512_setzero_ps();
+    __m512 total[B];
+    for (int64_t b = 0; b < B; b++) total[b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < K / G; g++) {
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        __m512 acc0[B], acc1[B];
+        for (int64_t b = 0; b < B; b++) acc0[b] = acc1[b] = _mm512_setzero_ps();
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
-            _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0), _MM_HINT_T0);
-            const __m512i words = _mm512_loadu_si512(qw + i * N + n0);
+            __m512i words[B];
+            for (int64_t b = 0; b < B; b++) {
+                _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0 + b * LANES), _MM_HINT_T0);
+                words[b] = _mm512_loadu_si512(qw + i * N + n0 + b * LANES);
+            }
             for (int j = 0; j < 8; j += 2) {
                 const float x0 = x[i * 8 + j], x1 = x[i * 8 + j + 1];
                 xs += x0 + x1;
-                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words, _mm_cvtsi32_si128(4 * j)), nibble));
-                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words, _mm_cvtsi32_si128(4 * j + 4)), nibble));
-                acc0 = _mm512_fmadd_ps(q0, _mm512_set1_ps(x0), acc0);
-                acc1 = _mm512_fmadd_ps(q1, _mm512_set1_ps(x1), acc1);
-            }
-        }
-        float zeros[LANES];
-        for (int64_t l = 0; l < LANES; l++) {
-            const int64_t n = n0 + l;
-            zeros[l] = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
-        }
-        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * N + n0)));
-        const __m512 codes = _mm512_fnmadd_ps(_mm512_loadu_ps(zeros), _mm512_set1_ps(xs), _mm512_add_ps(acc0, acc1));
-        total = _mm512_fmadd_ps(scale, codes, total);
-    }
-    _mm512_storeu_ps(y, total);
-    return;
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    // The same in two halves of 8 lanes (AVX2 machines: most desktop CPUs without AVX-512).
-    const __m256i nibble = _mm256_set1_epi32(15);
-    __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < K / G; g++) {
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        float xs = 0.f;
-        for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
-            _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0), _MM_HINT_T0);
-            const __m256i words[2] = {_mm256_loadu_si256((const __m256i*)(qw + i * N + n0)),
-                                      _mm256_loadu_si256((const __m256i*)(qw + i * N + n0 + 8))};
-            for (int j = 0; j < 8; j++) {
-                const float xv = x[i * 8 + j];
-                xs += xv;
-                const __m128i shift = _mm_cvtsi32_si128(4 * j);
-                for (int h = 0; h < 2; h++) {
-                    const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(words[h], shift), nibble));
-                    acc[h] = _mm256_fmadd_ps(q, _mm256_set1_ps(xv), acc[h]);
+                const __m512 b0 = _mm512_set1_ps(x0), b1 = _mm512_set1_ps(x1);
+                const __m128i s0 = _mm_cvtsi32_si128(4 * j), s1 = _mm_cvtsi32_si128(4 * j + 4);
+                for (int64_t b = 0; b < B; b++) {
+                    acc0[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words[b], s0), nibble)), b0, acc0[b]);
+                    acc1[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words[b], s1), nibble)), b1, acc1[b]);
                 }
             }
         }
-        float zeros[LANES];
-        for (int64_t l = 0; l < LANES; l++) {
-            const int64_t n = n0 + l;
-            zeros[l] = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
-        }
-        for (int h = 0; h < 2; h++) {
-            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * N + n0 + 8 * h)));
-            const __m256 codes = _mm256_fnmadd_ps(_mm256_loadu_ps(zeros + 8 * h), _mm256_set1_ps(xs), acc[h]);
-            total[h] = _mm256_fmadd_ps(scale, codes, total[h]);
+        for (int64_t b = 0; b < B; b++) {
+            float zeros[LANES];
+            zeros_of(qz, N, g, n0 + b * LANES, zeros);
+            const __m512 scale =
+                _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * N + n0 + b * LANES)));
+            const __m512 codes =
+                _mm512_fnmadd_ps(_mm512_loadu_ps(zeros), _mm512_set1_ps(xs), _mm512_add_ps(acc0[b], acc1[b]));
+            total[b] = _mm512_fmadd_ps(scale, codes, total[b]);
         }
     }
-    _mm256_storeu_ps(y, total[0]);
-    _mm256_storeu_ps(y + 8, total[1]);
-    return;
-#endif
-    float out[LANES] = {};
+    for (int64_t b = 0; b < B; b++) _mm512_storeu_ps(y + b * LANES, total[b]);
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    // The same in two halves of 8 lanes a block (AVX2 machines: most desktop CPUs without AVX-512), the
+    // blocks of a row one after the other (sixteen registers hold the accumulators, not every block's words).
+    const __m256i nibble = _mm256_set1_epi32(15);
+    __m256 total[B][2];
+    for (int64_t b = 0; b < B; b++) total[b][0] = total[b][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / G; g++) {
-        float acc[LANES] = {};
+        __m256 acc[B][2];
+        for (int64_t b = 0; b < B; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
-            __builtin_prefetch(qw + (i + PREFETCH_ROWS) * N + n0);
-            const int32_t* row = qw + i * N + n0;
-            for (int j = 0; j < 8; j++) {
-                const float xv = x[i * 8 + j];
-                xs += xv;
-                for (int64_t l = 0; l < LANES; l++) acc[l] += xv * static_cast<float>((row[l] >> (4 * j)) & 15);
+            for (int64_t b = 0; b < B; b++)
+                _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0 + b * LANES), _MM_HINT_T0);
+            for (int j = 0; j < 8; j++) xs += x[i * 8 + j];
+            for (int64_t b = 0; b < B; b++) {
+                const int32_t* row = qw + i * N + n0 + b * LANES;
+                const __m256i words[2] = {_mm256_loadu_si256((const __m256i*)row),
+                                          _mm256_loadu_si256((const __m256i*)(row + 8))};
+                for (int j = 0; j < 8; j++) {
+                    const __m256 xv = _mm256_set1_ps(x[i * 8 + j]);
+                    const __m128i shift = _mm_cvtsi32_si128(4 * j);
+                    for (int h = 0; h < 2; h++) {
+                        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(words[h], shift), nibble));
+                        acc[b][h] = _mm256_fmadd_ps(q, xv, acc[b][h]);
+                    }
+                }
             }
         }
-        for (int64_t l = 0; l < LANES; l++) {
-            const int64_t n = n0 + l;
-            const float zero = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
-            out[l] += static_cast<float>(sc[g * N + n]) * (acc[l] - zero * xs);
+        for (int64_t b = 0; b < B; b++) {
+            float zeros[LANES];
+            zeros_of(qz, N, g, n0 + b * LANES, zeros);
+            for (int h = 0; h < 2; h++) {
+                const __m256 scale = _mm256_cvtph_ps(
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * N + n0 + b * LANES + 8 * h)));
+                const __m256 codes = _mm256_fnmadd_ps(_mm256_loadu_ps(zeros + 8 * h), _mm256_set1_ps(xs), acc[b][h]);
+                total[b][h] = _mm256_fmadd_ps(scale, codes, total[b][h]);
+            }
         }
     }
-    for (int64_t l = 0; l < LANES; l++) y[l] = out[l];
+    for (int64_t b = 0; b < B; b++) {
+        _mm256_storeu_ps(y + b * LANES, total[b][0]);
+        _mm256_storeu_ps(y + b * LANES + 8, total[b][1]);
+    }
+#else
+    // Plain loops, which the compiler vectorises, a block at a time.
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t m0 = n0 + b * LANES;
+        float out[LANES] = {};
+        for (int64_t g = 0; g < K / G; g++) {
+            float acc[LANES] = {};
+            float xs = 0.f;
+            for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+                __builtin_prefetch(qw + (i + PREFETCH_ROWS) * N + m0);
+                const int32_t* row = qw + i * N + m0;
+                for (int j = 0; j < 8; j++) {
+                    const float xv = x[i * 8 + j];
+                    xs += xv;
+                    for (int64_t l = 0; l < LANES; l++) acc[l] += xv * static_cast<float>((row[l] >> (4 * j)) & 15);
+                }
+            }
+            float zeros[LANES];
+            zeros_of(qz, N, g, m0, zeros);
+            for (int64_t l = 0; l < LANES; l++)
+                out[l] += static_cast<float>(sc[g * N + m0 + l]) * (acc[l] - zeros[l] * xs);
+        }
+        for (int64_t l = 0; l < LANES; l++) y[b * LANES + l] = out[l];
+    }
+#endif
 }
 
 struct Int4Matrix {
@@ -340,26 +372,34 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std
         for (int64_t m = 0; m < 2; m++) gu[2 * e + m] = matrix(gu_qw[e], gu_qz[e], gu_sc[e], m);
         dn[e] = {dn_qw[e].data_ptr<int32_t>(), dn_qz[e].data_ptr<int32_t>(), dn_sc[e].data_ptr<at::Half>()};
     }
-    const int64_t blocks = inter / LANES;
-    // gate and up: a task is LANES outputs of one of an expert's two matrices, for each of its pairs
-    at::parallel_for(0, experts * 2 * blocks, 1, [&](int64_t begin, int64_t end) {
+    // A task's outputs: SPAN blocks of LANES where they divide the matrix's, else one.
+    using Lanes = void (*)(const int32_t*, const int32_t*, const at::Half*, int64_t, int64_t, int64_t, int64_t,
+                           const float*, float*);
+    const auto width = [](int64_t n) { return n / LANES % SPAN == 0 ? SPAN * LANES : LANES; };
+    const auto lanes = [](int64_t w) -> Lanes { return w == LANES ? int4_blocks<1> : int4_blocks<SPAN>; };
+    // gate and up: a task is `wide` outputs of one of an expert's two matrices, for each of its pairs
+    const int64_t wide = width(inter), tasks = inter / wide;
+    const Lanes up_lanes = lanes(wide);
+    at::parallel_for(0, experts * 2 * tasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; i++) {
-            const int64_t em = i / blocks, n0 = (i % blocks) * LANES, e = em / 2, m = em % 2;
+            const int64_t em = i / tasks, n0 = (i % tasks) * wide, e = em / 2, m = em % 2;
             for (int64_t p = s.off[e]; p < s.off[e + 1]; p++)
-                int4_lanes(gu[em].qw, gu[em].qz, gu[em].sc, hidden, inter, group, n0, s.xp + p * hidden,
-                           s.hp + p * 2 * inter + m * inter + n0);
+                up_lanes(gu[em].qw, gu[em].qz, gu[em].sc, hidden, inter, group, n0, s.xp + p * hidden,
+                         s.hp + p * 2 * inter + m * inter + n0);
         }
     });
     s.glu();
-    // down: each thread owns LANES-wide blocks of outputs, summing every expert's pairs into them
-    at::parallel_for(0, hidden / LANES, 1, [&](int64_t begin, int64_t end) {
-        float y[LANES];
+    // down: each thread owns `down_wide`-wide blocks of outputs, summing every expert's pairs into them
+    const int64_t down_wide = width(hidden);
+    const Lanes down_lanes = lanes(down_wide);
+    at::parallel_for(0, hidden / down_wide, 1, [&](int64_t begin, int64_t end) {
+        float y[SPAN * LANES];
         for (int64_t b = begin; b < end; b++) {
-            const int64_t n0 = b * LANES;
+            const int64_t n0 = b * down_wide;
             for (int64_t e = 0; e < experts; e++) {
                 for (int64_t p = s.off[e]; p < s.off[e + 1]; p++) {
-                    int4_lanes(dn[e].qw, dn[e].qz, dn[e].sc, inter, hidden, down_group, n0, s.ap + p * inter, y);
-                    for (int64_t l = 0; l < LANES; l++) s.op[s.tok[p] * hidden + n0 + l] += s.w[p] * y[l];
+                    down_lanes(dn[e].qw, dn[e].qz, dn[e].sc, inter, hidden, down_group, n0, s.ap + p * inter, y);
+                    for (int64_t l = 0; l < down_wide; l++) s.op[s.tok[p] * hidden + n0 + l] += s.w[p] * y[l];
                 }
             }
         }
