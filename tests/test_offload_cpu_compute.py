@@ -198,12 +198,16 @@ def test_the_compiled_kernel_takes_only_what_it_computes():
     assert not cpu_compute.compute(fmt, x, {0: ([], [])}, {0: expert}).any()
     assert cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 16), "avx512")
     assert not cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 12), "avx512")
-    views = fmt.views(expert[None])
+    at = fmt.part("gate_up").offset, fmt.part("down").offset
+    routing = torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0])
     with pytest.raises(RuntimeError, match="tokens out of range"):
         cpu_kernels.kernel().swiglu_bf16(
-            x.float(), [views["gate_up"][0]], [views["down"][0]],
-            torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([1.0]),
-        )  # fmt: skip
+            x.float(), [expert], *at, 48, routing[0], torch.tensor([5]), routing[2]
+        )
+    with pytest.raises(RuntimeError, match="a part beyond its expert's bytes"):  # an expert cut short
+        cpu_kernels.kernel().swiglu_bf16(x.float(), [expert[: fmt.nbytes // 2]], *at, 48, *routing)
+    with pytest.raises(RuntimeError, match="contiguous uint8"):  # a part's view, not the expert
+        cpu_kernels.kernel().swiglu_bf16(x.float(), [fmt.views(expert[None])["down"][0]], *at, 48, *routing)
 
 
 @pytest.mark.slow  # a second build of the kernel, about 25 s

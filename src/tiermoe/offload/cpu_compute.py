@@ -136,7 +136,7 @@ def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, e
     pairs = {e: p for e, p in pairs.items() if p[0]}  # an expert no token chose adds nothing
     if not pairs:
         return torch.zeros_like(x)
-    banks = [fmt.views(experts[e][None]) for e in pairs]
+    bank = [experts[e] for e in pairs]  # whole experts: the kernel finds the parts at their offsets
     offsets, tokens, weights = [0], [], []
     for toks, ws in pairs.values():
         tokens += toks
@@ -149,15 +149,14 @@ def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, e
     )
     x32 = x.float().contiguous()
     if isinstance(fmt, Int4Format):
-        parts = [
-            [b[f"{prefix}_{part}"][0] for b in banks]
-            for prefix in ("gate_up", "down")
-            for part in ("qweight", "qzeros", "scales")
+        at = [
+            fmt.part(f"{m}_{p}").offset for m in ("gate_up", "down") for p in ("qweight", "qzeros", "scales")
         ]
-        out = kernel.swiglu_int4(x32, *parts, *routing, fmt.groups["gate_up"], fmt.groups["down"])
+        groups = fmt.groups["gate_up"], fmt.groups["down"]
+        out = kernel.swiglu_int4(x32, bank, at, fmt.inter, *groups, *routing)
     else:
         out = kernel.swiglu_bf16(
-            x32, [b["gate_up"][0] for b in banks], [b["down"][0] for b in banks], *routing
+            x32, bank, fmt.part("gate_up").offset, fmt.part("down").offset, fmt.inter, *routing
         )
     return out.to(x.dtype)
 

@@ -75,7 +75,18 @@ inline void dot4(const uint16_t* w, int64_t stride, const float* x, int64_t n, f
     for (int j = 0; j < 4; j++) out[j] = dot(w + j * stride, x, n);
 }
 
-const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+// A part of an expert's bytes (uint8 [nbytes], the host cache's entry) as T*: `bytes` from `offset`, checked to
+// lie inside and to be aligned for T. Python hands over each expert whole, not a view per part: the views
+// cost 20 us an expert (six parts of a 4-bit one), more than the kernel for a small share.
+template <typename T>
+const T* part(const torch::Tensor& expert, int64_t offset, int64_t bytes) {
+    TORCH_CHECK(expert.dtype() == torch::kUInt8 && expert.dim() == 1 && expert.is_contiguous(),
+                "an expert is its contiguous uint8 bytes");
+    TORCH_CHECK(offset >= 0 && offset + bytes <= expert.numel(), "a part beyond its expert's bytes");
+    const uint8_t* at = expert.data_ptr<uint8_t>() + offset;
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(at) % alignof(T) == 0, "a part not aligned for its type");
+    return reinterpret_cast<const T*>(at);
+}
 
 }  // namespace
 
@@ -135,23 +146,21 @@ struct Share {
     }
 };
 
-// x: float32 [T, H]. gate_up: per expert bf16 [2I, H] (gate rows, then up rows); down: bf16 [H, I].
-// offsets: int64 [E + 1], expert e's pairs are offsets[e] .. offsets[e + 1] of tokens (int64 [P]) and
+// x: float32 [T, H]. bank: each expert's bytes (uint8), holding at byte gate_up_at its bf16 gate_up [2I, H]
+// (gate rows, then up rows) and at down_at its down [H, I]. offsets: int64 [E + 1], expert e's pairs are offsets[e] .. offsets[e + 1] of tokens (int64 [P]) and
 // weights (float32 [P]). Returns float32 [T, H]: sum over pairs of weight * down(silu(gate) * up).
-torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
-                          torch::Tensor offsets, torch::Tensor tokens, torch::Tensor weights) {
-    const int64_t experts = static_cast<int64_t>(gate_up.size());
-    const int64_t hidden = x.size(1), inter = down.empty() ? 0 : down[0].size(1);
+torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> bank, int64_t gate_up_at, int64_t down_at,
+                          int64_t inter, torch::Tensor offsets, torch::Tensor tokens, torch::Tensor weights) {
+    const int64_t experts = static_cast<int64_t>(bank.size());
+    const int64_t hidden = x.size(1);
     check_routing(x, offsets, tokens, weights, experts);
-    TORCH_CHECK(static_cast<int64_t>(down.size()) == experts, "a down projection for every expert");
-    for (int64_t e = 0; e < experts; e++) {
-        TORCH_CHECK(gate_up[e].is_contiguous() && down[e].is_contiguous(), "expert weights must be contiguous");
-        TORCH_CHECK(gate_up[e].size(0) == 2 * inter && gate_up[e].size(1) == hidden && down[e].size(0) == hidden,
-                    "expert shapes differ");
-    }
+    TORCH_CHECK(inter > 0, "the intermediate size must be positive");
     Share s(x, offsets, tokens, weights, inter);
     std::vector<const uint16_t*> gu(experts), dn(experts);
-    for (int64_t e = 0; e < experts; e++) gu[e] = bits(gate_up[e]), dn[e] = bits(down[e]);
+    for (int64_t e = 0; e < experts; e++) {
+        gu[e] = part<uint16_t>(bank[e], gate_up_at, 2 * inter * hidden * 2);
+        dn[e] = part<uint16_t>(bank[e], down_at, hidden * inter * 2);
+    }
 
     // gate and up: rows r .. r + 3 of expert e against each of its pairs' hidden states (2I is even; a
     // group of four that would straddle two experts is cut at the first one's end)
@@ -333,44 +342,35 @@ struct Int4Matrix {
     const at::Half* sc;
 };
 
-Int4Matrix matrix(const torch::Tensor& qw, const torch::Tensor& qz, const torch::Tensor& sc, int64_t m) {
-    TORCH_CHECK(qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous(), "int4 parts must be contiguous");
-    return {qw.data_ptr<int32_t>() + m * (qw.numel() / qw.size(0)), qz.data_ptr<int32_t>() + m * (qz.numel() / qz.size(0)),
-            sc.data_ptr<at::Half>() + m * (sc.numel() / sc.size(0))};
-}
-
 }  // namespace
 
-// As swiglu_bf16, for 4-bit experts in the GPTQ layout (formats/int4.py): per expert gate_up's qweight
-// [2, H / 8, I], qzeros [2, H / G, I / 8], scales [2, H / G, I] (gate, then up) and down's [I / 8, H],
-// [I / Gd, H / 8], [I / Gd, H]; group sizes G (gate and up) and Gd (down); I and H multiples of 16.
-torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> gu_qw, std::vector<torch::Tensor> gu_qz,
-                          std::vector<torch::Tensor> gu_sc, std::vector<torch::Tensor> dn_qw,
-                          std::vector<torch::Tensor> dn_qz, std::vector<torch::Tensor> dn_sc, torch::Tensor offsets,
-                          torch::Tensor tokens, torch::Tensor weights, int64_t group, int64_t down_group) {
-    const int64_t experts = static_cast<int64_t>(gu_qw.size());
+// As swiglu_bf16, for 4-bit experts in the GPTQ layout (formats/int4.py): each expert's bytes hold, at the
+// byte offsets parts_at, gate_up's qweight int32 [2, H / 8, I], qzeros int32 [2, H / G, I / 8], scales fp16
+// [2, H / G, I] (gate, then up) and down's [I / 8, H], [I / Gd, H / 8], [I / Gd, H]; group sizes G (gate and
+// up) and Gd (down); I and H multiples of 16.
+torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std::vector<int64_t> parts_at,
+                          int64_t inter, int64_t group, int64_t down_group, torch::Tensor offsets,
+                          torch::Tensor tokens, torch::Tensor weights) {
+    const int64_t experts = static_cast<int64_t>(bank.size());
     const int64_t hidden = x.size(1);
-    const int64_t inter = experts ? gu_qw[0].size(2) : 0;
     check_routing(x, offsets, tokens, weights, experts);
-    TORCH_CHECK(inter % LANES == 0 && hidden % LANES == 0, "int4 experts need sizes in multiples of 16");
+    TORCH_CHECK(inter > 0 && inter % LANES == 0 && hidden % LANES == 0, "int4 experts need sizes in multiples of 16");
     TORCH_CHECK(group > 0 && group % 8 == 0 && hidden % group == 0 && down_group > 0 && down_group % 8 == 0 &&
                     inter % down_group == 0,
                 "int4 groups must be whole qweight rows (multiples of 8) dividing the inputs");
-    const std::vector<std::vector<torch::Tensor>*> parts = {&gu_qw, &gu_qz, &gu_sc, &dn_qw, &dn_qz, &dn_sc};
-    const std::vector<std::vector<int64_t>> shapes = {
-        {2, hidden / 8, inter}, {2, hidden / group, inter / 8}, {2, hidden / group, inter},
-        {inter / 8, hidden}, {inter / down_group, hidden / 8}, {inter / down_group, hidden}};
-    for (size_t i = 0; i < parts.size(); i++) {
-        TORCH_CHECK(static_cast<int64_t>(parts[i]->size()) == experts, "every int4 part for every expert");
-        for (const auto& t : *parts[i])
-            TORCH_CHECK(t.is_contiguous() && t.sizes().vec() == shapes[i], "int4 part ", i, " has shape ", t.sizes(),
-                        ", expected ", at::IntArrayRef(shapes[i]));
-    }
+    TORCH_CHECK(parts_at.size() == 6, "six int4 parts: gate_up's and down's qweight, qzeros and scales");
+    const int64_t gu_qw = 2 * (hidden / 8) * inter, gu_qz = 2 * (hidden / group) * (inter / 8),
+                  gu_sc = 2 * (hidden / group) * inter;  // elements of gate_up's parts (gate, then up)
     Share s(x, offsets, tokens, weights, inter);
     std::vector<Int4Matrix> gu(2 * experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) {
-        for (int64_t m = 0; m < 2; m++) gu[2 * e + m] = matrix(gu_qw[e], gu_qz[e], gu_sc[e], m);
-        dn[e] = {dn_qw[e].data_ptr<int32_t>(), dn_qz[e].data_ptr<int32_t>(), dn_sc[e].data_ptr<at::Half>()};
+        const int32_t* qw = part<int32_t>(bank[e], parts_at[0], gu_qw * 4);
+        const int32_t* qz = part<int32_t>(bank[e], parts_at[1], gu_qz * 4);
+        const at::Half* sc = part<at::Half>(bank[e], parts_at[2], gu_sc * 2);
+        for (int64_t m = 0; m < 2; m++) gu[2 * e + m] = {qw + m * gu_qw / 2, qz + m * gu_qz / 2, sc + m * gu_sc / 2};
+        dn[e] = {part<int32_t>(bank[e], parts_at[3], (inter / 8) * hidden * 4),
+                 part<int32_t>(bank[e], parts_at[4], (inter / down_group) * (hidden / 8) * 4),
+                 part<at::Half>(bank[e], parts_at[5], (inter / down_group) * hidden * 2)};
     }
     // A task's outputs: SPAN blocks of LANES where they divide the matrix's, else one.
     using Lanes = void (*)(const int32_t*, const int32_t*, const at::Half*, int64_t, int64_t, int64_t, int64_t,
