@@ -232,9 +232,17 @@ class TieredExpertStore:
             # The kernels wait for this wave's copies on the GPU; the host goes on (and computes the CPU's
             # share below while the copies and the kernels run).
             self._wait(slot_of.values())
-            lut = torch.full((self.num_experts,), -1, dtype=torch.long)
-            lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
-            slots = self.copier.to_device(lut, self.device)[ids]  # [T, k]; -1: another wave's, or the CPU's
+            # Each pair's slot in this wave, [T, k]; -1: another wave's, or the CPU's. A decode step's few
+            # pairs from the host's lists (a quarter off the store's host time a layer, and no gather
+            # launch); many pairs in many waves by a table over the experts, gathered on the device (the
+            # host's lists took 1.8x the time at 64 sequences' 512 pairs: bench/NOTES.md section 39).
+            if decode:
+                wave = torch.tensor([slot_of.get(e, -1) for e in routed], dtype=torch.long).view(ids.shape)
+                slots = self.copier.to_device(wave, self.device)
+            else:
+                lut = torch.full((self.num_experts,), -1, dtype=torch.long)
+                lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
+                slots = self.copier.to_device(lut, self.device)[ids]
             split = len(waves) > 1 or bool(on_cpu)
             if split and (y := self.format.mlp_pairs(x, slots, weights, self.pool.bank)) is not None:
                 # Each wave's pairs apart (the others' 0), summed once at the end: the bits of one mlp.
