@@ -77,6 +77,14 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch):
     _check_routing(tiermoe, tmp_path)
     for routing in ("uniform", "szd"):
         _check_capped_run(tiermoe[(cap, routing)], tiermoe[(None, routing)])
+    # Where the budget went: its parts within it, the experts a share of them (the rest on the host).
+    plan = tiermoe[(cap, "szd")]["plan_gib"]
+    assert (
+        plan["budget"] == pytest.approx(cap)
+        and 0 < plan["experts"] < tiermoe[(None, "szd")]["plan_gib"]["experts"]
+    )
+    assert plan["dense"] + plan["kv"] + plan["workspace"] + plan["experts"] <= cap
+    assert runs["hf"]["plan_gib"] is None
     # On CPU, without a GPU, hf-offload is recorded as skipped, with the reason.
     assert runs["hf-offload"]["error"].startswith("skipped: ") and runs["hf-offload"]["decode_tok_s"] is None
     assert "whatever the routing" in runs["hf-offload"]["routing_note"] and runs["hf"]["routing_note"]

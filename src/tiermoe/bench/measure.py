@@ -30,6 +30,7 @@ from .workload import Workload, median_figures, random_prompts
 
 ENGINES = ("tiermoe", *peers.PEERS)
 GB = 1e9
+GIB = 1 << 30
 # Like the timing figures, a run's traffic is the median of its timed runs.
 TRAFFIC = (*DECODE_TRAFFIC, "prefill_h2d_bytes")
 
@@ -112,7 +113,18 @@ def measure_tiermoe(
     # run.kv_reserve_for).
     options = {"max_num_seqs": max(max(batches or [workload.batch]), 16), **(options or {})}
     llm = LLM(model_dir, device=device, dtype=dtype, **budgets, **options)
-    setup = {"load_s": time.perf_counter() - start}
+    plan = llm.plan
+    setup = {
+        "load_s": time.perf_counter() - start,
+        # where the GPU budget went, GiB: the peak less dense, KV and experts is what the workspace held
+        "plan_gib": {
+            "budget": None if plan.budget_bytes is None else plan.budget_bytes / GIB,
+            "dense": plan.dense_bytes / GIB,
+            "kv": plan.kv_bytes / GIB,
+            "workspace": plan.workspace_bytes / GIB,
+            "experts": min(plan.gpu_slots, plan.total_experts) * plan.expert_bytes / GIB,
+        },
+    }
     if options.get("cpu_compute"):  # built by the load's cost measurement, so no build is timed here
         from ..offload import cpu_kernels
 

@@ -35,6 +35,7 @@ RUN_KEYS = (
     "ttft_s",
     "peak_gpu_gib",
     "peak_host_gib",
+    "plan_gib",  # tiermoe's memory plan: budget, dense, kv, workspace, experts (GiB)
     "pcie_floor_tok_s",
     "routing",
     "cpu_compute",
