@@ -161,12 +161,13 @@ def test_the_compiled_kernel_computes_what_torch_does(monkeypatch, hidden, inter
     assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
 
 
+@pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize(("hidden", "inter", "group"), [(64, 48, 16), (128, 32, -1), (96, 128, 32)])
-def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, hidden, inter, group):
+def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, hidden, inter, group, threads):
     """The 4-bit kernel (GPTQ layout, zeros and fp16 scales per group; one group for all inputs too)
-    against torch's dequantize-then-matmul, experts of one token and of several; tasks of 4 blocks of 16
-    outputs where they divide a matrix's outputs (inter 128; hidden 64 and 128), of one elsewhere (inter
-    48 and 32, hidden 96)."""
+    against torch's dequantize-then-matmul, experts of one token and of several. Tasks of 4 blocks of 16
+    outputs where they divide a matrix's outputs and leave each thread two tasks (one thread: inter 128,
+    hidden 128), of one block elsewhere (inter 48 and 32, hidden 64 and 96; every matrix at 8 threads)."""
     from tiermoe.offload import cpu_kernels
 
     assert cpu_kernels.status().startswith("compiled")
@@ -178,7 +179,12 @@ def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, h
         fmt.fill_random(experts[e], g, 0.05)
     x = torch.randn(3, hidden, generator=g)
     pairs = {1: ([0, 2], [0.6, 0.4]), 3: ([1], [0.9]), 0: ([0, 1, 2], [0.1, 0.2, 0.3])}
-    got = cpu_compute.compute(fmt, x, pairs, experts)
+    most = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_compute.compute(fmt, x, pairs, experts)
+    finally:
+        torch.set_num_threads(most)
     monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
     want = cpu_compute.compute(fmt, x, pairs, experts)  # torch, float32
     assert want.abs().max() > 0
@@ -198,39 +204,55 @@ def test_the_compiled_kernel_takes_only_what_it_computes():
     assert not cpu_compute.compute(fmt, x, {0: ([], [])}, {0: expert}).any()
     assert cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 16), "avx512")
     assert not cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 12), "avx512")
-    at = fmt.part("gate_up").offset, fmt.part("down").offset
+    parts = [n for name in ("gate_up", "down") for n in (fmt.part(name).offset, fmt.part(name).nbytes)]
     routing = torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0])
+    bf16 = cpu_kernels.kernel().swiglu_bf16
     with pytest.raises(RuntimeError, match="tokens out of range"):
-        cpu_kernels.kernel().swiglu_bf16(
-            x.float(), [expert], *at, 48, routing[0], torch.tensor([5]), routing[2]
-        )
+        bf16(x.float(), [expert], parts, 64, 48, routing[0], torch.tensor([5]), routing[2])
     with pytest.raises(RuntimeError, match="a part beyond its expert's bytes"):  # an expert cut short
-        cpu_kernels.kernel().swiglu_bf16(x.float(), [expert[: fmt.nbytes // 2]], *at, 48, *routing)
+        bf16(x.float(), [expert[: fmt.nbytes // 2]], parts, 64, 48, *routing)
     with pytest.raises(RuntimeError, match="contiguous uint8"):  # a part's view, not the expert
-        cpu_kernels.kernel().swiglu_bf16(x.float(), [fmt.views(expert[None])["down"][0]], *at, 48, *routing)
+        bf16(x.float(), [fmt.views(expert[None])["down"][0]], parts, 64, 48, *routing)
+    with pytest.raises(RuntimeError, match="part 0 is 12288 bytes in the format, 6144 by the shapes"):
+        bf16(x.float(), [expert], parts, 64, 24, *routing)  # an intermediate size the layout does not have
+    with pytest.raises(RuntimeError, match="hidden size"):  # hidden states of another model
+        bf16(x[:, :32].float().contiguous(), [expert], parts, 64, 48, *routing)
 
 
-@pytest.mark.slow  # a second build of the kernel, about 25 s
-def test_the_avx2_build_computes_what_torch_does(tmp_path):
-    """The path of machines without AVX-512 (most desktop CPUs), built here with AVX2 alone: bf16 and 4-bit
-    experts against torch's path."""
+@pytest.mark.slow  # another build of the kernel, about 25 s each
+@pytest.mark.parametrize(
+    ("simd", "flags"), [("avx2", ["-mavx2", "-mfma", "-mf16c"]), ("none", ["-mno-avx2", "-mno-avx512f"])]
+)
+def test_the_avx2_and_plain_builds_compute_what_torch_does(tmp_path, simd, flags):
+    """The paths of machines without AVX-512 (most desktop CPUs: AVX2) and without AVX2 (plain loops),
+    built here: bf16 (AVX2 only: plain builds leave bf16 to torch) and 4-bit experts against torch's path,
+    on one thread (4-block tasks where they divide the outputs) and on eight."""
     from tiermoe.offload import cpu_kernels
 
-    avx2 = cpu_kernels.build(["-mavx2", "-mfma", "-mf16c"], "tiermoe_cpu_experts_avx2_test", tmp_path)
-    assert avx2.simd() == "avx2"
+    build = cpu_kernels.build(flags, f"tiermoe_cpu_experts_{simd}_test", tmp_path)
+    assert build.simd() == simd
     g = torch.Generator().manual_seed(4)
-    for fmt in (
-        DenseFormat(72, 48, torch.bfloat16),
-        Int4Format(64, 48, torch.float32, 16),  # gate and up in tasks of one block, down of four
-        Int4Format(96, 64, torch.float32, 32),  # gate and up of four, down of one
-    ):
+    formats = [
+        Int4Format(128, 48, torch.float32, 16),  # gate and up in tasks of one block, down of four (1 thread)
+        Int4Format(96, 64, torch.float32, 32),  # gate and up of four (1 thread), down of one
+    ]
+    for fmt, threads in [
+        (f, t)
+        for f in ([DenseFormat(72, 48, torch.bfloat16)] if simd == "avx2" else []) + formats
+        for t in (1, 8)
+    ]:
         experts = {}
         for e in range(3):
             experts[e] = fmt.empty(1)[0]
             fmt.fill_random(experts[e], g, 0.05)
         x = torch.randn(2, fmt.hidden, generator=g).to(fmt.dtype)
         pairs = {0: ([0, 1], [0.6, 0.4]), 2: ([1], [0.9])}
-        got = cpu_compute._compute_compiled(avx2, fmt, x, pairs, experts).float()
+        most = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = cpu_compute._compute_compiled(build, fmt, x, pairs, experts).float()
+        finally:
+            torch.set_num_threads(most)
         want = cpu_compute.compute(fmt, x, pairs, experts, compiled=False).float()
         assert want.abs().max() > 0
         assert (got - want).abs().max() <= 2e-2 * want.abs().max(), fmt.name

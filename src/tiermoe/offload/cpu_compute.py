@@ -149,16 +149,17 @@ def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, e
         torch.tensor(weights, dtype=torch.float32),
     )
     x32 = x.float().contiguous()
+    names = (
+        [f"{m}_{p}" for m in ("gate_up", "down") for p in ("qweight", "qzeros", "scales")]
+        if isinstance(fmt, Int4Format)
+        else ["gate_up", "down"]
+    )
+    parts = [n for name in names for n in (fmt.part(name).offset, fmt.part(name).nbytes)]  # checked there
     if isinstance(fmt, Int4Format):
-        at = [
-            fmt.part(f"{m}_{p}").offset for m in ("gate_up", "down") for p in ("qweight", "qzeros", "scales")
-        ]
         groups = fmt.groups["gate_up"], fmt.groups["down"]
-        out = kernel.swiglu_int4(x32, bank, at, fmt.inter, *groups, *routing)
+        out = kernel.swiglu_int4(x32, bank, parts, fmt.hidden, fmt.inter, *groups, *routing)
     else:
-        out = kernel.swiglu_bf16(
-            x32, bank, fmt.part("gate_up").offset, fmt.part("down").offset, fmt.inter, *routing
-        )
+        out = kernel.swiglu_bf16(x32, bank, parts, fmt.hidden, fmt.inter, *routing)
     return out.to(x.dtype)
 
 

@@ -75,13 +75,18 @@ inline void dot4(const uint16_t* w, int64_t stride, const float* x, int64_t n, f
     for (int j = 0; j < 4; j++) out[j] = dot(w + j * stride, x, n);
 }
 
-// A part of an expert's bytes (uint8 [nbytes], the host cache's entry) as T*: `bytes` from `offset`, checked to
-// lie inside and to be aligned for T. Python hands over each expert whole, not a view per part: the views
-// cost 20 us an expert (six parts of a 4-bit one), more than the kernel for a small share.
+// Part i of an expert's bytes (uint8 [nbytes], the host cache's entry) as T*. parts holds each part's byte
+// offset and size as the format lays it out (Python); `bytes` is the size this kernel computes from the
+// shapes: the two must agree (a layout that drifted from the format's fails here, not in a wrong sum), and
+// the part must lie inside the expert, aligned for T. Python hands over each expert whole, not a view per
+// part: the views cost 20 us an expert (six parts of a 4-bit one), more than the kernel for a small share.
 template <typename T>
-const T* part(const torch::Tensor& expert, int64_t offset, int64_t bytes) {
+const T* part(const torch::Tensor& expert, const std::vector<int64_t>& parts, size_t i, int64_t bytes) {
     TORCH_CHECK(expert.dtype() == torch::kUInt8 && expert.dim() == 1 && expert.is_contiguous(),
                 "an expert is its contiguous uint8 bytes");
+    TORCH_CHECK(parts.size() >= 2 * i + 2, "a part's offset and size for every part");
+    const int64_t offset = parts[2 * i], size = parts[2 * i + 1];
+    TORCH_CHECK(size == bytes, "part ", i, " is ", size, " bytes in the format, ", bytes, " by the shapes");
     TORCH_CHECK(offset >= 0 && offset + bytes <= expert.numel(), "a part beyond its expert's bytes");
     const uint8_t* at = expert.data_ptr<uint8_t>() + offset;
     TORCH_CHECK(reinterpret_cast<uintptr_t>(at) % alignof(T) == 0, "a part not aligned for its type");
@@ -146,20 +151,21 @@ struct Share {
     }
 };
 
-// x: float32 [T, H]. bank: each expert's bytes (uint8), holding at byte gate_up_at its bf16 gate_up [2I, H]
-// (gate rows, then up rows) and at down_at its down [H, I]. offsets: int64 [E + 1], expert e's pairs are offsets[e] .. offsets[e + 1] of tokens (int64 [P]) and
+// x: float32 [T, H]. bank: each expert's bytes (uint8) holding its bf16 gate_up [2I, H] (gate rows, then up
+// rows) and down [H, I], at parts' byte offsets (with their sizes: offset, bytes, offset, bytes). offsets:
+// int64 [E + 1], expert e's pairs are offsets[e] .. offsets[e + 1] of tokens (int64 [P]) and
 // weights (float32 [P]). Returns float32 [T, H]: sum over pairs of weight * down(silu(gate) * up).
-torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> bank, int64_t gate_up_at, int64_t down_at,
-                          int64_t inter, torch::Tensor offsets, torch::Tensor tokens, torch::Tensor weights) {
+torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> bank, std::vector<int64_t> parts,
+                          int64_t hidden, int64_t inter, torch::Tensor offsets, torch::Tensor tokens,
+                          torch::Tensor weights) {
     const int64_t experts = static_cast<int64_t>(bank.size());
-    const int64_t hidden = x.size(1);
     check_routing(x, offsets, tokens, weights, experts);
-    TORCH_CHECK(inter > 0, "the intermediate size must be positive");
+    TORCH_CHECK(x.size(1) == hidden && inter > 0, "x's hidden size must be the experts'");
     Share s(x, offsets, tokens, weights, inter);
     std::vector<const uint16_t*> gu(experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) {
-        gu[e] = part<uint16_t>(bank[e], gate_up_at, 2 * inter * hidden * 2);
-        dn[e] = part<uint16_t>(bank[e], down_at, hidden * inter * 2);
+        gu[e] = part<uint16_t>(bank[e], parts, 0, 2 * inter * hidden * 2);
+        dn[e] = part<uint16_t>(bank[e], parts, 1, hidden * inter * 2);
     }
 
     // gate and up: rows r .. r + 3 of expert e against each of its pairs' hidden states (2I is even; a
@@ -239,9 +245,10 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         for (int64_t b = 0; b < B; b++) acc0[b] = acc1[b] = _mm512_setzero_ps();
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
+            const int32_t* ahead = qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + n0;  // the last row at the end
             __m512i words[B];
             for (int64_t b = 0; b < B; b++) {
-                _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0 + b * LANES), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
                 words[b] = _mm512_loadu_si512(qw + i * N + n0 + b * LANES);
             }
             for (int j = 0; j < 8; j += 2) {
@@ -268,7 +275,8 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
     for (int64_t b = 0; b < B; b++) _mm512_storeu_ps(y + b * LANES, total[b]);
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     // The same in two halves of 8 lanes a block (AVX2 machines: most desktop CPUs without AVX-512), the
-    // blocks of a row one after the other (sixteen registers hold the accumulators, not every block's words).
+    // blocks of a row one after the other, one block's words loaded at a time (at B = 4 the compiler still
+    // keeps some accumulators on the stack; measured 1.6x faster all the same).
     const __m256i nibble = _mm256_set1_epi32(15);
     __m256 total[B][2];
     for (int64_t b = 0; b < B; b++) total[b][0] = total[b][1] = _mm256_setzero_ps();
@@ -277,8 +285,8 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         for (int64_t b = 0; b < B; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
-            for (int64_t b = 0; b < B; b++)
-                _mm_prefetch(reinterpret_cast<const char*>(qw + (i + PREFETCH_ROWS) * N + n0 + b * LANES), _MM_HINT_T0);
+            const int32_t* ahead = qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + n0;  // the last row at the end
+            for (int64_t b = 0; b < B; b++) _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
             for (int j = 0; j < 8; j++) xs += x[i * 8 + j];
             for (int64_t b = 0; b < B; b++) {
                 const int32_t* row = qw + i * N + n0 + b * LANES;
@@ -318,7 +326,7 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
             float acc[LANES] = {};
             float xs = 0.f;
             for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
-                __builtin_prefetch(qw + (i + PREFETCH_ROWS) * N + m0);
+                __builtin_prefetch(qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + m0);  // the last row at the end
                 const int32_t* row = qw + i * N + m0;
                 for (int j = 0; j < 8; j++) {
                     const float xv = x[i * 8 + j];
@@ -344,41 +352,47 @@ struct Int4Matrix {
 
 }  // namespace
 
-// As swiglu_bf16, for 4-bit experts in the GPTQ layout (formats/int4.py): each expert's bytes hold, at the
-// byte offsets parts_at, gate_up's qweight int32 [2, H / 8, I], qzeros int32 [2, H / G, I / 8], scales fp16
+// As swiglu_bf16, for 4-bit experts in the GPTQ layout (formats/int4.py): each expert's bytes hold, at parts'
+// byte offsets (with their sizes), gate_up's qweight int32 [2, H / 8, I], qzeros int32 [2, H / G, I / 8], scales fp16
 // [2, H / G, I] (gate, then up) and down's [I / 8, H], [I / Gd, H / 8], [I / Gd, H]; group sizes G (gate and
 // up) and Gd (down); I and H multiples of 16.
-torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std::vector<int64_t> parts_at,
-                          int64_t inter, int64_t group, int64_t down_group, torch::Tensor offsets,
+torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std::vector<int64_t> parts,
+                          int64_t hidden, int64_t inter, int64_t group, int64_t down_group, torch::Tensor offsets,
                           torch::Tensor tokens, torch::Tensor weights) {
     const int64_t experts = static_cast<int64_t>(bank.size());
-    const int64_t hidden = x.size(1);
     check_routing(x, offsets, tokens, weights, experts);
+    TORCH_CHECK(x.size(1) == hidden, "x's hidden size must be the experts'");
     TORCH_CHECK(inter > 0 && inter % LANES == 0 && hidden % LANES == 0, "int4 experts need sizes in multiples of 16");
     TORCH_CHECK(group > 0 && group % 8 == 0 && hidden % group == 0 && down_group > 0 && down_group % 8 == 0 &&
                     inter % down_group == 0,
                 "int4 groups must be whole qweight rows (multiples of 8) dividing the inputs");
-    TORCH_CHECK(parts_at.size() == 6, "six int4 parts: gate_up's and down's qweight, qzeros and scales");
+    TORCH_CHECK(parts.size() == 12, "six int4 parts (offset, bytes): gate_up's and down's qweight, qzeros, scales");
     const int64_t gu_qw = 2 * (hidden / 8) * inter, gu_qz = 2 * (hidden / group) * (inter / 8),
                   gu_sc = 2 * (hidden / group) * inter;  // elements of gate_up's parts (gate, then up)
     Share s(x, offsets, tokens, weights, inter);
     std::vector<Int4Matrix> gu(2 * experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) {
-        const int32_t* qw = part<int32_t>(bank[e], parts_at[0], gu_qw * 4);
-        const int32_t* qz = part<int32_t>(bank[e], parts_at[1], gu_qz * 4);
-        const at::Half* sc = part<at::Half>(bank[e], parts_at[2], gu_sc * 2);
+        const int32_t* qw = part<int32_t>(bank[e], parts, 0, gu_qw * 4);
+        const int32_t* qz = part<int32_t>(bank[e], parts, 1, gu_qz * 4);
+        const at::Half* sc = part<at::Half>(bank[e], parts, 2, gu_sc * 2);
         for (int64_t m = 0; m < 2; m++) gu[2 * e + m] = {qw + m * gu_qw / 2, qz + m * gu_qz / 2, sc + m * gu_sc / 2};
-        dn[e] = {part<int32_t>(bank[e], parts_at[3], (inter / 8) * hidden * 4),
-                 part<int32_t>(bank[e], parts_at[4], (inter / down_group) * (hidden / 8) * 4),
-                 part<at::Half>(bank[e], parts_at[5], (inter / down_group) * hidden * 2)};
+        dn[e] = {part<int32_t>(bank[e], parts, 3, (inter / 8) * hidden * 4),
+                 part<int32_t>(bank[e], parts, 4, (inter / down_group) * (hidden / 8) * 4),
+                 part<at::Half>(bank[e], parts, 5, (inter / down_group) * hidden * 2)};
     }
-    // A task's outputs: SPAN blocks of LANES where they divide the matrix's, else one.
+    // A task's outputs: SPAN blocks of LANES where they divide the matrix's outputs and leave every thread two
+    // tasks or more (at::parallel_for hands each thread a run of whole tasks: fewer, larger tasks would idle
+    // threads of a many-core machine, where one expert's gate and up make 24), else one block.
     using Lanes = void (*)(const int32_t*, const int32_t*, const at::Half*, int64_t, int64_t, int64_t, int64_t,
                            const float*, float*);
-    const auto width = [](int64_t n) { return n / LANES % SPAN == 0 ? SPAN * LANES : LANES; };
+    const int64_t threads = at::get_num_threads();
+    const auto width = [threads](int64_t n, int64_t matrices) {
+        const bool span = n / LANES % SPAN == 0 && matrices * (n / (SPAN * LANES)) >= 2 * threads;
+        return span ? SPAN * LANES : LANES;
+    };
     const auto lanes = [](int64_t w) -> Lanes { return w == LANES ? int4_blocks<1> : int4_blocks<SPAN>; };
     // gate and up: a task is `wide` outputs of one of an expert's two matrices, for each of its pairs
-    const int64_t wide = width(inter), tasks = inter / wide;
+    const int64_t wide = width(inter, 2 * experts), tasks = inter / wide;
     const Lanes up_lanes = lanes(wide);
     at::parallel_for(0, experts * 2 * tasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; i++) {
@@ -390,7 +404,7 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std:
     });
     s.glu();
     // down: each thread owns `down_wide`-wide blocks of outputs, summing every expert's pairs into them
-    const int64_t down_wide = width(hidden);
+    const int64_t down_wide = width(hidden, 1);
     const Lanes down_lanes = lanes(down_wide);
     at::parallel_for(0, hidden / down_wide, 1, [&](int64_t begin, int64_t end) {
         float y[SPAN * LANES];
@@ -420,6 +434,9 @@ std::string simd() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("simd", &simd, "the vector instructions of this build");
-    m.def("swiglu_bf16", &swiglu_bf16, "a layer's CPU share of bf16 SwiGLU experts");
-    m.def("swiglu_int4", &swiglu_int4, "a layer's CPU share of 4-bit (GPTQ layout) SwiGLU experts");
+    // The GIL released while a share computes: the host cache's reader threads (disk) go on meanwhile.
+    m.def("swiglu_bf16", &swiglu_bf16, "a layer's CPU share of bf16 SwiGLU experts",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("swiglu_int4", &swiglu_int4, "a layer's CPU share of 4-bit (GPTQ layout) SwiGLU experts",
+          py::call_guard<py::gil_scoped_release>());
 }
