@@ -94,6 +94,23 @@ def test_costs_are_measured_with_real_experts_per_expert():
     assert "stream" in one.describe()
 
 
+def test_a_calls_fixed_cost_is_told_from_an_experts(monkeypatch):
+    """On a clock that a call advances by 1 ms and each expert of it by 0.2 ms plus 0.05 ms a token: 0.2 ms
+    an expert, 0.05 a further token, and the 1 ms once a layer (with the round trip, 0 on this clock)."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu_compute.time, "perf_counter", lambda: clock[0])
+
+    def fake(fmt, x, pairs, experts, compiled=True):
+        clock[0] += 1e-3 + sum(2e-4 + 5e-5 * (len(tokens) - 1) for tokens, _ in pairs.values())
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(cpu_compute, "compute", fake)
+    fmt = DenseFormat(64, 32, torch.float32)
+    costs = cpu_compute.measure(fmt, list(fmt.empty(8)), fmt.empty(1)[0], torch.float32)
+    assert costs.cpu_s == pytest.approx(2e-4) and costs.cpu_token_s == pytest.approx(5e-5)
+    assert costs.cpu_layer_s == pytest.approx(1e-3) and costs.stream_s == 0
+
+
 def test_the_cpu_is_timed_over_more_experts_than_a_cache_holds():
     qwen3 = 3 * 2048 * 768 * 2  # bytes of one Qwen3-30B-A3B bf16 expert
     assert cpu_compute.timing_experts(qwen3, 6144) * qwen3 >= cpu_compute.COLD_BYTES

@@ -35,7 +35,7 @@ TIMING_REPEATS = 5  # medians of this many runs measure each cost
 # last-level cache, so each comes from DRAM as in decode. One expert timed again and again sits in the
 # cache: measured on the H100 machine, it predicted 39 GB/s where decode got 20 (bench/NOTES.md s. 22).
 COLD_BYTES = 512 * 2**20
-SHARE_EXPERTS = 4  # experts a timed CPU call computes: a typical decode layer's share
+SHARE_EXPERTS = 4  # experts a CPU call computes when its fixed cost is told from an expert's
 
 
 @dataclass(frozen=True)
@@ -202,14 +202,11 @@ def measure(
         slot.copy_(experts[0], non_blocking=True)
         sync()
 
-    def on_cpu(tokens: int):
-        # SHARE_EXPERTS a call, as a decode layer's CPU share comes: a call's fixed cost (34 us measured
-        # here) shared by them, not paid by each (bench/NOTES.md section 39)
+    def on_cpu(tokens: int, share: int):
+        """Every expert computed for `tokens` tokens, `share` experts a call."""
         x = torch.randn(tokens, fmt.hidden, dtype=dtype)
         routed = (list(range(tokens)), [1.0] * tokens)
-        calls = [
-            dict(enumerate(experts[i : i + SHARE_EXPERTS])) for i in range(0, len(experts), SHARE_EXPERTS)
-        ]
+        calls = [dict(enumerate(experts[i : i + share])) for i in range(0, len(experts), share)]
         return lambda: [compute(fmt, x, dict.fromkeys(call, routed), call) for call in calls]
 
     x_gpu = torch.zeros(1, fmt.hidden, dtype=dtype, device=slot.device)
@@ -221,10 +218,15 @@ def measure(
         x_gpu.add_(x_host.to(slot.device, non_blocking=True))
         sync()
 
-    one, eight = (_median_s(on_cpu(n)) / len(experts) for n in (1, 8))
+    # A call's fixed cost f and an expert's own c, from calls of one expert (f + c each) and of SHARE_EXPERTS
+    # (f / SHARE_EXPERTS + c each): a decode layer's share pays f once (with the round trip), c an expert
+    # (34 us of f measured on the CPU machine, against 300-500 us of c for Qwen3's experts: section 39).
+    alone, shared = (_median_s(on_cpu(1, n)) / len(experts) for n in (1, SHARE_EXPERTS))
+    call = max(alone - shared, 0.0) * SHARE_EXPERTS / (SHARE_EXPERTS - 1)
+    eight = _median_s(on_cpu(8, SHARE_EXPERTS)) / len(experts)
     return MissCosts(
         stream_s=_median_s(stream),
-        cpu_s=one,
-        cpu_token_s=max(eight - one, 0.0) / 7,
-        cpu_layer_s=_median_s(round_trip),
+        cpu_s=alone - call,
+        cpu_token_s=max(eight - shared, 0.0) / 7,
+        cpu_layer_s=_median_s(round_trip) + call,
     )
