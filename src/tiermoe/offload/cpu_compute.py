@@ -149,18 +149,13 @@ def _compute_compiled(kernel, fmt: ExpertFormat, x: torch.Tensor, pairs: dict, e
         torch.tensor(weights, dtype=torch.float32),
     )
     x32 = x.float().contiguous()
-    names = (
-        [f"{m}_{p}" for m in ("gate_up", "down") for p in ("qweight", "qzeros", "scales")]
-        if isinstance(fmt, Int4Format)
-        else ["gate_up", "down"]
-    )
-    parts = [n for name in names for n in (fmt.part(name).offset, fmt.part(name).nbytes)]  # checked there
     if isinstance(fmt, Int4Format):
-        groups = fmt.groups["gate_up"], fmt.groups["down"]
-        out = kernel.swiglu_int4(x32, bank, parts, fmt.hidden, fmt.inter, *groups, *routing)
+        names = [f"{m}_{p}" for m in ("gate_up", "down") for p in ("qweight", "qzeros", "scales")]
+        swiglu, groups = kernel.swiglu_int4, (fmt.groups["gate_up"], fmt.groups["down"])
     else:
-        out = kernel.swiglu_bf16(x32, bank, parts, fmt.hidden, fmt.inter, *routing)
-    return out.to(x.dtype)
+        names, swiglu, groups = ["gate_up", "down"], kernel.swiglu_bf16, ()
+    parts = [n for name in names for n in (fmt.part(name).offset, fmt.part(name).nbytes)]  # checked there
+    return swiglu(x32, bank, parts, fmt.hidden, fmt.inter, *groups, *routing).to(x.dtype)
 
 
 def _weights(fmt: ExpertFormat, bank: dict) -> tuple[torch.Tensor, torch.Tensor]:

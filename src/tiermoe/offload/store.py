@@ -228,6 +228,7 @@ class TieredExpertStore:
         if prediction is not None and not waves:  # every expert on the CPU: no wave to follow
             self._look_ahead(prediction[0], predicted, len(needed), decode)
         admitted = part.admit(waves, self._hit, lambda e, exclude: self._demand(layer, e, part, exclude))
+        split = len(waves) > 1 or bool(on_cpu)  # a wave holds some of the step's pairs, not all
         for i, slot_of in enumerate(admitted):
             # The kernels wait for this wave's copies on the GPU; the host goes on (and computes the CPU's
             # share below while the copies and the kernels run).
@@ -243,7 +244,6 @@ class TieredExpertStore:
                 lut = torch.full((self.num_experts,), -1, dtype=torch.long)
                 lut[list(slot_of)] = torch.tensor(list(slot_of.values()))
                 slots = self.copier.to_device(lut, self.device)[ids]
-            split = len(waves) > 1 or bool(on_cpu)
             if split and (y := self.format.mlp_pairs(x, slots, weights, self.pool.bank)) is not None:
                 # Each wave's pairs apart (the others' 0), summed once at the end: the bits of one mlp.
                 pairs = y if pairs is None else pairs.add_(y)
@@ -251,7 +251,7 @@ class TieredExpertStore:
                 # The pairs of other waves and the CPU's go in too, skipped: no host sync to pick this wave's
                 # pairs out (a few pairs' paths read every pair's slot: a slot of this wave, weight 0).
                 wave_slots, wave_weights = slots, weights
-                if split and flat.numel() <= GATHER_MAX_PAIRS:
+                if split and decode:
                     wave_slots, wave_weights = skip_served(slots, weights)
                 y = self.format.mlp(x, wave_slots, wave_weights, self.pool.bank)
                 out = y if out is None else out.add_(y)
