@@ -186,7 +186,8 @@ fi
 [[ ${AB_AFTER:-0} == 1 ]] && ab_runs
 # TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure);
 # TIMELINE_EXPERTS=int4: of the int4 experts (issue 12's 80 tok/s), generated in memory first if missing.
-if [[ ${TIMELINE:-0} == 1 && -f $SYNTH/qwen3-30b-a3b/tiermoe_synth.json ]]; then
+# The checkpoint is made here when no Qwen3 suite made it (its dense weights, the experts in memory).
+if [[ ${TIMELINE:-0} == 1 ]]; then
     model=$SYNTH/qwen3-30b-a3b${TIMELINE_EXPERTS:+-$TIMELINE_EXPERTS}
     [[ -f $model/tiermoe_synth.json ]] || python3 -m tiermoe.cli synth --preset qwen3-30b-a3b --out "$model" --dtype bf16 \
         --experts-in-memory ${TIMELINE_EXPERTS:+--experts $TIMELINE_EXPERTS} > "$W/timeline-synth.log" 2>&1
