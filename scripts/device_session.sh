@@ -147,7 +147,7 @@ for suite in $SUITES; do
         mark "qwen3 gguf (disk) done"
     fi
     # V3's q8_0 GGUF (48 GB) fits neither the disk nor /dev/shm beside other GGUFs: the GGUF work dir becomes
-    # an emptied /dev/shm/gguf (run this suite last: the other suites' GGUFs are gone after it).
+    # an emptied /dev/shm/gguf (the other suites' GGUFs are gone after it: it goes first or last).
     if [[ $suite == deepseek-v3-7l && ${LLAMA:-1} != 0 ]]; then
         rm -rf "$GGUF" /dev/shm/gguf && mkdir -p /dev/shm/gguf "$(dirname "$GGUF")" && ln -sfn /dev/shm/gguf "$GGUF"
     fi
@@ -165,6 +165,8 @@ for suite in $SUITES; do
     # V2-Lite's GGUF (31 GB) leaves /dev/shm once its suite is done (the later suites' host caches need it),
     # and its checkpoint (29 GB) the disk (gpt-oss's q8_0 GGUF, 21 GB, found 5 GB free beside it).
     [[ $suite == deepseek-v2-lite ]] && rm -rf /dev/shm/gguf/deepseek-v2-lite* "$SYNTH/deepseek-v2-lite"
+    # V3's q8_0 GGUF (48 GB of /dev/shm) too, so that a suite after it converts its own into the same place.
+    [[ $suite == deepseek-v3-7l ]] && rm -rf /dev/shm/gguf/deepseek-v3*
 done
 # CENSUS=1: the kernels of an uncapped OLMoE decode step, counted and ranked by time (what the step holds
 # besides launches and bytes).
