@@ -180,6 +180,7 @@ def _timed(llm, model_dir: str, workload: Workload, setup: dict, first_run: int 
         samples.append({**sample, **decode_traffic(sample), **prefill_traffic(sample)})
     return {
         **median_figures(samples),
+        "held_gpu_gib": held_gpu_memory(llm.device),
         **median_traffic(samples),
         "experts": samples[-1]["experts"],
         "experts_decode": samples[-1]["experts_decode"],
@@ -188,6 +189,21 @@ def _timed(llm, model_dir: str, workload: Workload, setup: dict, first_run: int 
         "samples": samples,
         **setup,
         "error": None,
+    }
+
+
+def held_gpu_memory(device: torch.device) -> dict | None:
+    """GiB allocated on the GPU between steps, by pool: CUDA graphs' private pools (each captured
+    (batch, blocks) shape keeps its own until the engine drops it) apart from the caching allocator's
+    default pool (weights, KV, slots, and what a step frees back). None off the GPU."""
+    if device.type != "cuda":
+        return None
+    held = {"default": 0, "graphs": 0}
+    for segment in torch.cuda.memory_snapshot():
+        pool = "default" if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
+        held[pool] += segment["allocated_size"]
+    return {pool: size / GIB for pool, size in held.items()} | {
+        "reserved": torch.cuda.memory_reserved(device) / GIB
     }
 
 

@@ -36,6 +36,7 @@ RUN_KEYS = (
     "peak_gpu_gib",
     "peak_host_gib",
     "plan_gib",  # tiermoe's memory plan: budget, dense, kv, workspace, experts (GiB)
+    "held_gpu_gib",  # tiermoe's GPU memory held after the timed runs, by pool (CUDA graphs' apart)
     "pcie_floor_tok_s",
     "routing",
     "cpu_compute",
