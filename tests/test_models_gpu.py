@@ -103,3 +103,30 @@ def test_a_batched_decode_step_is_one_graph_and_equals_eager(tiny_checkpoint):
     ]
     kinds = {type(g) for g in graphed.engine.runner._graphs.values()}
     assert DecodeGraph in kinds and LayeredDecodeGraph not in kinds
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["whole-step", "layered"])
+def test_graphs_of_several_shapes_share_one_pool(tiny_checkpoint, capped):
+    """Decode graphs of three (batch, blocks) shapes, the largest captured first, replayed in turn and
+    interleaved (batches shrink as sequences end): the same tokens as eager, and the runner's one pool no
+    larger after the smaller shapes than after the largest alone (pools of their own added a segment each)."""
+    from tiermoe.bench.measure import held_gpu_memory
+    from tiermoe.offload.budget import GIB
+
+    path, _ = tiny_checkpoint("olmoe", num_experts_per_tok=4)
+    base = dict(device="cuda", dtype="bf16")
+    if capped:  # five slots for each of the 3 layers' eight experts: the store's layered graphs
+        plan = LLM(path, **base, workspace_gib=0).plan
+        budget = (plan.dense_bytes + plan.kv_bytes + 3 * 5 * plan.expert_bytes) / GIB
+        base |= dict(workspace_gib=0, gpu_budget_gib=budget)
+    graphed, eager = LLM(path, **base), LLM(path, **base, cuda_graphs=False)
+    six = [PROMPTS[0], PROMPTS[1], PROMPTS[0][:5], PROMPTS[1][2:], PROMPTS[0][3:], PROMPTS[1][:4]]
+    pools = []
+    for prompts in (six, [PROMPTS[1]], [PROMPTS[0][:3], PROMPTS[1]]):
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        assert [o.token_ids for o in graphed.generate(prompts, params)] == [
+            o.token_ids for o in eager.generate(prompts, params)
+        ]
+        pools.append(held_gpu_memory(graphed.device)["graphs"])
+    assert len({batch for batch, _ in graphed.engine.runner._graphs}) >= 3
+    assert pools[0] > 0 and max(pools) == pools[0], pools

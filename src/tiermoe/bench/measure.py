@@ -193,18 +193,19 @@ def _timed(llm, model_dir: str, workload: Workload, setup: dict, first_run: int 
 
 
 def held_gpu_memory(device: torch.device) -> dict | None:
-    """GiB allocated on the GPU between steps, by pool: CUDA graphs' private pools (each captured
-    (batch, blocks) shape keeps its own until the engine drops it) apart from the caching allocator's
-    default pool (weights, KV, slots, and what a step frees back). None off the GPU."""
+    """GiB the GPU holds between steps: the caching allocator's default pool, allocated (weights, KV,
+    slots; what a step freed is reusable) apart from the CUDA graphs' pools, whole (their replays write
+    every captured temporary there, allocated or not), and everything reserved. None off the GPU."""
     if device.type != "cuda":
         return None
     held = {"default": 0, "graphs": 0}
     for segment in torch.cuda.memory_snapshot():
-        pool = "default" if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
-        held[pool] += segment["allocated_size"]
-    return {pool: size / GIB for pool, size in held.items()} | {
-        "reserved": torch.cuda.memory_reserved(device) / GIB
-    }
+        if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0):
+            held["default"] += segment["allocated_size"]
+        else:
+            held["graphs"] += segment["total_size"]
+    reserved = torch.cuda.memory_reserved(device)
+    return {pool: size / GIB for pool, size in held.items()} | {"reserved": reserved / GIB}
 
 
 def run_isolated(

@@ -124,6 +124,13 @@ class ModelRunner:
         if routing:
             routing.open(max_num_seqs, cache_slots(self.kv_tokens))
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+        # One memory pool for every captured graph: each (batch, blocks) shape stays captured, and with a
+        # pool of its own each would keep its KV gather and activations, their sum growing past the
+        # plan's workspace as a sweep or a server meets new shapes. Shared, the pool is as large as the
+        # largest shape. Safe because replays never overlap and a step's outputs (its logits, a piece's
+        # routed ids) are consumed, in stream order, before another graph's replay can overwrite them;
+        # what a graph keeps across replays (its gather index, masks) its prologue rewrites each replay.
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # Rows of the last decode forward, padding included: the provider's after_step counts what they
         # routed (a padding row's experts are read too).
         self.decoded_rows = 0
@@ -224,7 +231,7 @@ class DecodeGraph:
             t.copy_(value)
 
     def capture(self) -> None:
-        self.graph = capture(lambda: self.runner.forward(self.inputs))
+        self.graph = capture(lambda: self.runner.forward(self.inputs), self.runner.graph_pool)
         self.logits = self.graph.outputs
 
     def run(self, packed: torch.Tensor, rows: int) -> torch.Tensor:
@@ -243,10 +250,10 @@ class LayeredDecodeGraph(DecodeGraph):
     def capture(self) -> None:
         model, cache, inputs = self.model, self.runner.kv, self.inputs
         windows = {layer.self_attn.spec.sliding_window for layer in model.model.layers}
-        # One memory pool for all the pieces, replayed in the order they are captured: what a layer's
+        # The runner's one pool for all the pieces, replayed in the order they are captured: what a layer's
         # piece frees (its gathered keys and values) serves the next, instead of each piece's own pool
         # keeping a copy of the whole KV gather.
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.runner.graph_pool
 
         def prologue():
             self.runner.begin(inputs)
