@@ -252,6 +252,91 @@ def two_memories(fmt, bank: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Ten
     return table, (gpu, host)
 
 
+def test_staging_copies_each_missed_expert_once_into_a_victim_slot_or_a_staging_row():
+    """The in-place path's staging of a layer's misses (one planning program, one wide copy): each missed
+    expert is copied once from host memory and every pair of it reads that copy; with admission, the misses
+    take the candidate slots in order, skipping a slot whose expert this step routes, and the table and
+    the slots' owners follow (the evicted expert back to its host copy); misses past the candidates go to
+    staging rows, as every miss does without admission. Hits read their slot, never copied."""
+    fmt = make(DenseFormat, (128, 64, None), DTYPE)
+    experts, slots = 12, 6
+    host = fmt.empty(experts, "cpu")
+    host = host.pin_memory() if CUDA else host  # the GPU reads it through its device-visible address
+    g = torch.Generator().manual_seed(0)
+    for e in range(experts):
+        fmt.fill_random(host[e], g, 0.05)
+    host_addr = torch.tensor([host[e].data_ptr() for e in range(experts)], device=DEVICE)
+    pool, staging = fmt.empty(slots, DEVICE), fmt.empty(16, DEVICE)
+
+    def state(resident: dict[int, int]):  # slot -> expert
+        table, owner = host_addr.clone(), torch.full((slots,), -1, dtype=torch.long, device=DEVICE)
+        for slot, e in resident.items():
+            pool[slot].copy_(host[e])
+            table[e], owner[slot] = pool[slot].data_ptr(), e
+        return table, owner
+
+    def where(address: int) -> tuple[str, int]:
+        for name, memory in (("slot", pool), ("staged", staging)):
+            if 0 <= address - memory.data_ptr() < memory.numel():
+                return name, (address - memory.data_ptr()) // memory.shape[1]
+        raise AssertionError(f"{address:#x} is neither a slot nor a staging row")
+
+    def read(address: int) -> torch.Tensor:
+        name, row = where(address)
+        return (pool if name == "slot" else staging)[row]
+
+    ids = torch.tensor([[3, 7], [9, 7], [3, 10]], device=DEVICE)  # 3 resident; 7 (twice), 9, 10 missed
+    # Admission: slot 0 holds 3 (routed: skipped), 2 and 3 are free, 1 holds 5 (evicted for the third miss).
+    table, owner = state({0: 3, 1: 5})
+    candidates = torch.tensor([0, 2, 1, 4] + [-1] * 12, device=DEVICE)
+    got = triton_kernels.stage(table, ids, pool, staging, (host_addr, candidates, owner)).tolist()
+    assert [where(a) for a in got] == [
+        ("slot", 0),
+        ("slot", 2),
+        ("slot", 1),
+        ("slot", 2),
+        ("slot", 0),
+        ("slot", 4),
+    ]
+    assert owner.tolist() == [3, 9, 7, -1, 10, -1]
+    placed = {3: 0, 7: 2, 9: 1, 10: 4}
+    assert table.tolist() == [
+        pool[placed[e]].data_ptr() if e in placed else host_addr[e].item() for e in range(experts)
+    ]  # 5 back to its host copy
+    for a, e in zip(got, ids.reshape(-1).tolist(), strict=True):
+        assert torch.equal(read(a).cpu(), host[e])
+    # Fewer free candidates than misses: the first miss takes slot 3, the others their first pair's row.
+    table, owner = state({0: 3})
+    staging.zero_()
+    candidates = torch.tensor([0, 3] + [-1] * 14, device=DEVICE)
+    got = triton_kernels.stage(table, ids, pool, staging, (host_addr, candidates, owner)).tolist()
+    assert [where(a) for a in got] == [
+        ("slot", 0),
+        ("slot", 3),
+        ("staged", 2),
+        ("slot", 3),
+        ("slot", 0),
+        ("staged", 5),
+    ]
+    assert owner.tolist() == [3, -1, -1, 7, -1, -1]
+    assert not staging[[0, 1, 3, 4]].any()  # copied once: no row for a hit or a repeated miss
+    # Without admission: the table and the slots stay, every miss in a staging row.
+    table, owner = state({0: 3})
+    before = table.clone()
+    got = triton_kernels.stage(table, ids, pool, staging).tolist()
+    assert [where(a) for a in got] == [
+        ("slot", 0),
+        ("staged", 1),
+        ("staged", 2),
+        ("staged", 1),
+        ("slot", 0),
+        ("staged", 5),
+    ]
+    assert torch.equal(table, before)
+    for a, e in zip(got, ids.reshape(-1).tolist(), strict=True):
+        assert torch.equal(read(a).cpu(), host[e])
+
+
 # gpt-oss's kind with a limit the activations cross (the biases below put about 20% of the gates and 40% of
 # the ups past it), so the clamp acts; its alpha, gpt-oss's own.
 KIND = ExpertKind(bias=True, limit=0.5, alpha=1.702)

@@ -501,42 +501,114 @@ def read_in_place(address: torch.Tensor, out: torch.Tensor, block: int = 1024) -
 
 
 @triton.jit
-def _stage(table_ptr, id_ptr, lo, hi, staging_ptr, pairs_ptr, WORDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (p, b): pair p's expert at table[ids[p]]; outside [lo, hi) (not a GPU slot: pinned host
-    memory), its words [b * BLOCK, (b + 1) * BLOCK) into row p of staging; program b = 0 writes where pair
-    p's kernels read it: its slot, or its staged row."""
+def _plan_stage(
+    table_ptr,
+    host_ptr,
+    id_ptr,
+    n_pairs,
+    cand_ptr,
+    owner_ptr,
+    lo,
+    hi,
+    row_bytes,
+    staging_ptr,
+    out_ptr,
+    PAIRS: tl.constexpr,
+    CANDS: tl.constexpr,
+    ADMIT: tl.constexpr,
+):
+    """One program over a layer's pairs (ids, n_pairs of them): where each reads its expert (out row 0),
+    and the copies that put the missed ones there (row 1 the host source, 0 for none; row 2 the target).
+    A missed expert is copied once, by its first pair, and its other pairs read the same copy. Its target
+    is a staging row (the pair's), or with ADMIT a GPU slot, which then holds it for later steps: the
+    candidates (slot indices, -1 padded, the policy's victims in order) that hold no expert routed here
+    go to the missed experts in order; the table entry of each flips to its slot, the evicted expert's
+    back to its host copy (host_ptr), and owner (expert of each slot, -1 free) follows."""
+    i = tl.arange(0, PAIRS)
+    live = i < n_pairs
+    e = tl.load(id_ptr + i, mask=live, other=-1)
+    address = tl.load(table_ptr + e, mask=live, other=0)
+    host = live & ((address < lo) | (address >= hi))
+    same = (e[:, None] == e[None, :]) & live[None, :]  # [pair, pair]
+    first = tl.min(tl.where(same, i[None, :], PAIRS), axis=1)  # each pair's first pair of its expert
+    new = host & (first == i)
+    target = staging_ptr + i.to(tl.int64) * row_bytes
+    if ADMIT:
+        c = tl.arange(0, CANDS)
+        slot = tl.load(cand_ptr + c)
+        owner = tl.load(owner_ptr + slot, mask=slot >= 0, other=-1)
+        routed = (
+            tl.sum(((owner[:, None] == e[None, :]) & live[None, :]).to(tl.int32), axis=1) > 0
+        )  # [candidate]
+        free = (slot >= 0) & ~routed
+        rank = tl.cumsum(new.to(tl.int32), axis=0) - new.to(tl.int32)
+        free_rank = tl.cumsum(free.to(tl.int32), axis=0) - free.to(tl.int32)
+        match = new[:, None] & free[None, :] & (free_rank[None, :] == rank[:, None])  # [pair, candidate]
+        admitted = tl.sum(match.to(tl.int32), axis=1) > 0
+        chosen = tl.sum(tl.where(match, slot[None, :], 0), axis=1)
+        evicted = tl.where(admitted, tl.sum(tl.where(match, owner[None, :], 0), axis=1), -1)
+        slot_address = lo + chosen.to(tl.int64) * row_bytes
+        target = tl.where(admitted, slot_address, target)
+        tl.store(table_ptr + e, slot_address, mask=admitted)
+        back = evicted >= 0
+        tl.store(table_ptr + evicted, tl.load(host_ptr + evicted, mask=back, other=0), mask=back)
+        tl.store(owner_ptr + chosen, e, mask=admitted)
+    read = tl.where(host, target, address)
+    read = tl.sum(tl.where(first[:, None] == i[None, :], read[None, :], 0), axis=1)  # its first pair's
+    tl.store(out_ptr + i, read, mask=live)
+    tl.store(out_ptr + PAIRS + i, tl.where(new, address, 0), mask=live)
+    tl.store(out_ptr + 2 * PAIRS + i, target, mask=live)
+
+
+@triton.jit
+def _copy_rows(src_ptr, dst_ptr, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (p, b): words [b * BLOCK, (b + 1) * BLOCK) of row p from src[p] to dst[p] (addresses;
+    src 0: nothing to copy), read through the device-visible address of pinned host memory."""
     p, b = tl.program_id(0), tl.program_id(1)
-    address = tl.load(table_ptr + tl.load(id_ptr + p).to(tl.int64))
-    host = (address < lo) | (address >= hi)
-    row = staging_ptr + p.to(tl.int64) * WORDS
-    if b == 0:
-        tl.store(pairs_ptr + p, tl.where(host, row.to(tl.int64), address))
-    if host:
+    src = tl.load(src_ptr + p)
+    if src != 0:
         offs = b * BLOCK + tl.arange(0, BLOCK)
         live = offs < WORDS
-        tl.store(row + offs, tl.load(address.to(tl.pointer_type(tl.int32)) + offs, mask=live), mask=live)
+        dst = tl.load(dst_ptr + p).to(tl.pointer_type(tl.int32))
+        tl.store(dst + offs, tl.load(src.to(tl.pointer_type(tl.int32)) + offs, mask=live), mask=live)
 
 
 STAGE_BLOCK = 4096  # words a staging program moves (16 KiB: a few hundred programs an expert)
 
 
-def stage(table: torch.Tensor, ids: torch.Tensor, pool: torch.Tensor, staging: torch.Tensor) -> torch.Tensor:
+def stage(
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    pool: torch.Tensor,
+    staging: torch.Tensor,
+    admit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The addresses (int64 [P]) each (token, expert) pair's kernels read its expert at, after copying
     every expert of ids ([T, k], flattened into P pairs) that lies outside the GPU slots `pool` (uint8
-    [S, nbytes]) from host memory into its row of staging (uint8 [at least P, nbytes]), by kernel reads of
-    pinned memory in one wide launch, with no host synchronisation (CUDA-graph safe)."""
+    [S, nbytes]) out of host memory by kernel reads of pinned memory, in one wide launch, with no host
+    synchronisation (CUDA-graph safe). Each missed expert is copied once: into the staging row (uint8
+    [at least P, nbytes]) of its first pair, or with admit = (host int64 [E], the layer's host addresses;
+    candidates int64 [C], C a power of two; owner int64 [S]) into a victim slot, the table and owner
+    updated in place (_plan_stage); staging takes what the candidates cannot."""
     flat = ids.reshape(-1).contiguous()
-    words = staging.shape[1] // 4
-    if staging.shape[1] % 4 or staging.shape[0] < flat.numel():
+    n, row_bytes = flat.numel(), staging.shape[1]
+    if row_bytes % 4 or staging.shape[0] < n or pool.shape[1] != row_bytes:
         raise ValueError(
-            f"staging {tuple(staging.shape)} does not hold {flat.numel()} experts of whole words"
+            f"staging {tuple(staging.shape)} does not hold {n} experts of whole words as the pool's "
+            f"{tuple(pool.shape)}"
         )
-    pairs = torch.empty(flat.numel(), dtype=torch.int64, device=ids.device)
+    pairs = max(16, triton.next_power_of_2(n))
+    out = torch.empty(3, pairs, dtype=torch.int64, device=ids.device)  # [read, copy from, copy to]
+    host, candidates, owner = admit if admit is not None else (table, table, table)
     lo = pool.data_ptr()
-    _stage[(flat.numel(), triton.cdiv(words, STAGE_BLOCK))](
-        table, flat, lo, lo + pool.numel(), staging.view(torch.int32), pairs, WORDS=words, BLOCK=STAGE_BLOCK
+    _plan_stage[(1,)](
+        table, host, flat, n, candidates, owner, lo, lo + pool.numel(), row_bytes, staging.data_ptr(), out,
+        PAIRS=pairs, CANDS=candidates.numel() if admit is not None else 16, ADMIT=admit is not None,
+    )  # fmt: skip
+    _copy_rows[(n, triton.cdiv(row_bytes // 4, STAGE_BLOCK))](
+        out[1], out[2], WORDS=row_bytes // 4, BLOCK=STAGE_BLOCK
     )
-    return pairs
+    return out[0, :n]
 
 
 def _divisor(n: int) -> int:
