@@ -200,16 +200,50 @@ def test_in_place_misses_give_the_resident_tokens_and_admit_after_the_step(model
     assert [o.token_ids for o in llm.generate(batch, GREEDY)] == [
         o.token_ids for o in resident.generate(batch, GREEDY)
     ]
-    # the table: each layer's resident experts point at their slots, every other expert at its host copy
+    assert_table_follows(store)
+
+
+def assert_table_follows(store) -> None:
+    """The in-place table: each layer's resident experts point at their slots, every other expert at its
+    host copy; staged, the GPU's slot owners are the host's."""
     in_place = store.in_place
     for layer, row in in_place.row.items():
         part = store.pool.layers[layer]
-        for e in range(resident.args.num_experts):
+        for e in range(store.num_experts):
             slot = part.slot_of.get(e)
             expected_addr = (
                 in_place.slot_addr[slot] if e in in_place.resident[layer] else in_place.host_addr[row, e]
             )
             assert int(in_place.table[row, e]) == int(expected_addr)
+        assert not in_place.staged or in_place.owner[part.slots.start : part.slots.stop].tolist() == [
+            part.expert_of.get(slot, -1) for slot in part.slots
+        ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA test_offload_store_gpu.py runs it compiled")
+def test_staged_misses_are_admitted_as_the_copy_path_admits_them(model):
+    """Staged in place, the copy into a victim slot is the admission, made on the GPU: one sequence's
+    decode then hits and misses exactly as the copy path's does (the same victims, in the same order), its
+    misses cross PCIe once each and nothing more is copied; the table, the owners and the host's view
+    agree after every step."""
+    pytest.importorskip("triton")
+    path, resident = model
+    copied = tiered(path, resident, slots=2, prefetch=False)
+    staged = tiered(path, resident, slots=2, miss_path="in-place")
+    staged.provider.in_place.use_staging(True)
+    expected = resident.generate(PROMPT, GREEDY)[0].token_ids
+    runs = {name: llm.generate(PROMPT, GREEDY)[0] for name, llm in (("copied", copied), ("staged", staged))}
+    assert runs["copied"].token_ids == runs["staged"].token_ids == expected
+    c, d = runs["copied"].stats.experts_decode, runs["staged"].stats.experts_decode
+    assert (d["gpu_hits"], d["gpu_misses"]) == (c["gpu_hits"], c["gpu_misses"]) and d["gpu_hits"] > 0
+    assert d["bytes_in_place"] == c["bytes_h2d"] == c["gpu_misses"] * resident.plan.expert_bytes
+    assert d["bytes_h2d"] == 0
+    assert_table_follows(staged.provider)
+    batch = [PROMPT, PROMPT[:4]]  # two rows: an expert both route is copied once
+    assert [o.token_ids for o in staged.generate(batch, GREEDY)] == [
+        o.token_ids for o in resident.generate(batch, GREEDY)
+    ]
+    assert_table_follows(staged.provider)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA test_offload_store_gpu.py runs it compiled")

@@ -80,15 +80,21 @@ class LayerSlots:
 
     def claim(self, expert: int, exclude: set[int], prefetched: bool) -> int:
         """A slot for `expert`, evicting the policy's victim (never one in `exclude`) when full."""
-        if self.free:
-            slot = self.free.pop()
+        slot = self.free[-1] if self.free else self.policy.victim(exclude)
+        self.put(expert, slot, prefetched)
+        return slot
+
+    def put(self, expert: int, slot: int, prefetched: bool = False) -> int | None:
+        """`expert` into `slot` (free, or its expert evicted: returned)."""
+        evicted = self.expert_of.pop(slot, None)
+        if evicted is None:
+            self.free.remove(slot)
         else:
-            slot = self.policy.victim(exclude)
-            del self.slot_of[self.expert_of.pop(slot)]
+            del self.slot_of[evicted]
         self.slot_of[expert] = slot
         self.expert_of[slot] = expert
         self.policy.insert(slot, prefetched)
-        return slot
+        return evicted
 
 
 class SlotPool:

@@ -4,20 +4,25 @@ A device table holds, per MoE layer and expert, the address the decode kernels r
 GPU slot once admitted there, else its copy in the pinned host cache, which the kernel reads over PCIe
 (zero-copy). A layer's step is then one kernel launch over the table, with no decision on the host, so
 the whole decode step is one CUDA graph. Each step writes its routed ids to a device buffer; after the
-step (the engine has its tokens, so the GPU is done) the host reads them, counts hits and misses, and
-admits missed experts into slots (token-batched, as the copy path does), copying them into their
-victims' slots on the side stream.
-
-A miss is admitted only when it was routed more often lately than the expert the slot policy would
-evict (TinyLFU's admission test): admitting every miss would move each missed expert over PCIe twice,
-once read in place and once copied, for experts that may not come back. A victim's entry goes back to
-its host copy before the copy into its slot starts; an admitted expert's entry points at its slot only
-once its copy has landed, seen at a later step: admission lags the routing by at least one step.
+step (the engine has its tokens, so the GPU is done) the host reads them and counts hits and misses.
 
 Two ways to read a miss, the faster kept (timed once on this GPU): the expert kernels read it over PCIe
-themselves, or a wide copy kernel first stages the layer's missed experts into an HBM buffer (the same
-zero-copy reads, but as many of them in flight as the bus takes) and the kernels read every pair from
-HBM. The GEMV's own reads of host memory were measured at 16 GB/s against the bus's 50.
+themselves, or a wide copy kernel first stages the layer's missed experts into HBM (the same zero-copy
+reads, but as many of them in flight as the bus takes) and the kernels read every pair from HBM. The
+GEMV's own reads of host memory were measured at 16 GB/s against the bus's 50.
+
+Staged, the copy is the admission: each missed expert is copied into a victim slot of its layer, chosen
+on the GPU from a list the host gives (the policy's next victims, a slot the step routes skipped), the
+table flipped in the same step; after the step the host reads the slots' owners back and follows.
+Every miss is admitted, as on the copy path, and crosses PCIe once (a list too short for the step's
+misses stages the rest into a buffer, for that step only).
+
+Read in place, a miss is admitted only when it was routed more often lately than the expert the slot
+policy would evict (TinyLFU's admission test): admitting every miss would move each missed expert over
+PCIe twice, once read in place and once copied, for experts that may not come back. A victim's entry goes
+back to its host copy before the copy into its slot starts; an admitted expert's entry points at its
+slot only once its copy has landed, seen at a later step: admission lags the routing by at least one
+step.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from ..errors import InvalidRequestError
 from ..formats.swiglu import GATHER_MAX_PAIRS
 from .gpu_pool import LayerSlots
 from .policy import RoutedCounts
+
+# Victims listed for a staged step, per layer: its distinct misses, plus as many listed slots its routed
+# experts hold (skipped), at most.
+CANDIDATES = 2 * GATHER_MAX_PAIRS
 
 
 def admits(freq: np.ndarray, e: int, part: LayerSlots, exclude: set[int]) -> bool:
@@ -78,6 +87,12 @@ class InPlaceMisses:
         self.table = self.host_addr.to(store.device, copy=True)  # a copy even on the CPU: entries change
         pool = store.pool
         self.slot_addr = [pool.flat[s].data_ptr() for s in range(len(pool))]
+        # Staged admission's state on the GPU: each expert's host address (an evicted entry's way back),
+        # the expert each slot holds (-1: free), each layer's next victims (the host's copy in `listed`).
+        self.host_table = self.host_addr.to(store.device)
+        self.owner = torch.full((len(pool),), -1, dtype=torch.long, device=store.device)
+        self.listed = np.full((len(layers), CANDIDATES), -1, dtype=np.int64)
+        self.candidates = torch.from_numpy(self.listed).to(store.device, copy=True)
         self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
@@ -99,6 +114,7 @@ class InPlaceMisses:
         first decode graph is captured: a graph keeps the path it was captured with."""
         if on != self.staged:
             self.staging = self.store.format.empty(GATHER_MAX_PAIRS, self.store.device) if on else None
+            self._follow_slots(self.row)
 
     def graph_safe(self, tokens: int) -> bool:
         # The GEMV over an address table (and the staging buffer) take a decode step's few pairs.
@@ -107,13 +123,14 @@ class InPlaceMisses:
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         row = self.row[layer]
         self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
-        return self._mlp(x, ids, weights, self.table[row], self.staged)
+        admit = (self.host_table[row], self.candidates[row], self.owner) if self.staged else None
+        return self._mlp(x, ids, weights, self.table[row], self.staged, admit)
 
-    def _mlp(self, x, ids, weights, table, staged: bool) -> torch.Tensor:
+    def _mlp(self, x, ids, weights, table, staged: bool, admit=None) -> torch.Tensor:
         from ..formats import triton_kernels  # triton decides compiled or interpreted at first import
 
-        if staged:
-            table = triton_kernels.stage(table, ids, self.store.pool.flat, self.staging)  # [P] addresses
+        if staged:  # [P] addresses; admitting, the table row and the owners change in place
+            table = triton_kernels.stage(table, ids, self.store.pool.flat, self.staging, admit)
             ids = self.pair_ids[: ids.numel()].view(ids.shape)
         return triton_kernels.mlp_at(self.store.format, x, ids, weights, table)
 
@@ -152,6 +169,32 @@ class InPlaceMisses:
         for e, slot in part.slot_of.items():
             row[e] = self.slot_addr[slot]
         self.table[self.row[layer]].copy_(store.copier.to_device(row, store.device))
+        self._follow_slots([layer])
+
+    def _follow_slots(self, layers) -> None:
+        """The GPU's slot owners and listed victims of `layers` from the host's view (staged admission
+        keeps them; the copy path and admission by copies do not)."""
+        owner = torch.full((len(self.owner),), -1, dtype=torch.long)
+        for layer in layers:
+            for slot, e in self.store.pool.layers[layer].expert_of.items():
+                owner[slot] = e
+        for layer in layers:
+            part = self.store.pool.layers[layer]
+            self.owner[part.slots.start : part.slots.stop].copy_(
+                self.store.copier.to_device(owner[part.slots.start : part.slots.stop], self.store.device)
+            )
+        self._list_victims(layers)
+
+    def _list_victims(self, layers) -> None:
+        """Each of `layers`' next victims for a staged step, in the order the layer would pick them: its
+        free slots as claim takes them, then the policy's."""
+        for layer in layers:
+            part, r = self.store.pool.layers[layer], self.row[layer]
+            listed = part.free[::-1][:CANDIDATES]
+            listed += part.policy.victims(CANDIDATES - len(listed))
+            self.listed[r] = -1
+            self.listed[r, : len(listed)] = listed
+        self.candidates.copy_(self.store.copier.to_device(torch.from_numpy(self.listed), self.store.device))
 
     def after_step(self, tokens: int) -> None:
         """Count the step's hits and misses, flip the entries of admissions that landed, admit the step's
@@ -169,7 +212,11 @@ class InPlaceMisses:
                     store.stats_.gpu_hits += 1
                 else:
                     store.stats_.gpu_misses += 1
-                    store.stats_.bytes_in_place += n * store.expert_bytes  # each pair's program reads it
+                    # staged: copied once; read in place: each pair's program reads it
+                    store.stats_.bytes_in_place += (1 if self.staged else n) * store.expert_bytes
+        if self.staged:
+            self._follow(routed)
+            return
         flips: dict[tuple[int, int], int] = {}
         waiting = []
         for layer, e, slot, event in self.pending:
@@ -201,6 +248,22 @@ class InPlaceMisses:
             # Its ready event too: a later prefill on the copy path waits for it before reading the slot.
             event = store.copy_in(store.host.get(layer, e)[0], slot, after=after)
             self.pending.append((layer, e, slot, event))
+
+    def _follow(self, routed: list[list[int]]) -> None:
+        """After a staged step: the slots its kernels filled, in the host's view (read back from the
+        owners; inserted into the policy in the order the GPU took them), and the next victims."""
+        owner = self.owner.cpu().tolist()
+        for layer, r in self.row.items():
+            part, resident = self.store.pool.layers[layer], self.resident[layer]
+            for e in dict.fromkeys(routed[r]):
+                if e in resident:
+                    part.policy.touch(part.slot_of[e])
+            for slot in self.listed[r].tolist():
+                if slot < 0 or owner[slot] == part.expert_of.get(slot, -1):
+                    continue
+                resident.discard(part.put(owner[slot], slot))
+                resident.add(owner[slot])
+        self._list_victims(self.row)
 
     def _claim(
         self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list

@@ -2,11 +2,14 @@
 admission decisions rank misses by.
 
 All policies see the same events: insert (a slot got a new expert, by demand or prefetch), touch (an
-expert was used), and victim (pick a slot to overwrite, never one in `exclude`)."""
+expert was used), and victim (pick a slot to overwrite, never one in `exclude`); victims(n) lists the
+first n slots victim would pick one after the other (the in-place path hands them to the GPU)."""
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
+from itertools import chain, islice
 
 import numpy as np
 
@@ -29,6 +32,9 @@ class LRU:
     def victim(self, exclude: set[int]) -> int:
         return next(s for s in self.order if s not in exclude)
 
+    def victims(self, n: int) -> list[int]:
+        return list(islice(self.order, n))
+
 
 class LFU:
     """Least frequently used, with counts halved every `decay_every` touches so old popularity fades."""
@@ -49,6 +55,9 @@ class LFU:
 
     def victim(self, exclude: set[int]) -> int:
         return min((c, s) for s, c in self.counts.items() if s not in exclude)[1]
+
+    def victims(self, n: int) -> list[int]:
+        return [s for _, s in heapq.nsmallest(n, ((c, s) for s, c in self.counts.items()))]
 
 
 class ProtectPrefetchLRU(LRU):
@@ -75,6 +84,10 @@ class ProtectPrefetchLRU(LRU):
             if s not in exclude and s not in self.unused_prefetch:
                 return s
         return super().victim(exclude)
+
+    def victims(self, n: int) -> list[int]:
+        spared = (s for s in self.order if s in self.unused_prefetch)
+        return list(islice(chain((s for s in self.order if s not in self.unused_prefetch), spared), n))
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "lru-protect": ProtectPrefetchLRU}
