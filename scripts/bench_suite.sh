@@ -130,7 +130,7 @@ qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qw
     # with the bf16 ones (--also-model) under the same cap, and llama.cpp's Q4_K_M made from the bf16
     # checkpoint of the same shape, in one results file. Qwen3's quantized experts are generated in
     # memory like its bf16 ones; OLMoE's are converted from its bf16 synth (int4 with round-to-nearest
-    # scales: the search changes quality, not speed).
+    # scales: the search changes quality, not speed). ALSO_BF16=0 leaves the bf16 runs out.
     fmt=${1#*-}
     if [[ $1 == qwen3-* ]]; then
         bf16=$(synth qwen3-30b-a3b --experts-in-memory) budget=8 gen=64 repeat=2
@@ -145,7 +145,8 @@ qwen3-int4 | olmoe-int4 | qwen3-fp8 | olmoe-fp8 | qwen3-nvfp4 | olmoe-nvfp4 | qw
         [[ -f "$model/config.json" ]] || $TIERMOE convert --model "$bf16" --experts "$fmt" "${scales[@]}" --out "$model"
     fi
     $TIERMOE bench --model "$model" ${BENCH_ARGS:-} --gpu-budget "${GPU_BUDGETS:-$budget}" --routing "$ROUTING" "${variant_flags[@]}" \
-        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-$gen}" --batch "${BATCHES:-1}" --repeat "$repeat" --also-model "$bf16" \
+        --prompt-len "${PROMPT_LEN:-128}" --gen-len "${GEN_LEN:-$gen}" --batch "${BATCHES:-1}" --repeat "$repeat" \
+        $([[ ${ALSO_BF16:-1} != 0 ]] && echo --also-model "$bf16") \
         ${LLAMA_CPP:+--peers llama.cpp --llama-cpp "$LLAMA_CPP" --llama-cpp-source "$bf16"} \
         $(llama_formats q4_k_m) --timeout 300
     ;;
