@@ -22,9 +22,15 @@ FAST_CPU = MissCosts(stream_s=100e-6, cpu_s=60e-6, cpu_token_s=10e-6, cpu_layer_
 
 
 def costs(
-    cpu: MissCosts | None = FAST_CPU, layer_s: float = 50e-6, step_s: float = 5e-3, in_place_s: float = 500e-6
+    cpu: MissCosts | None = FAST_CPU,
+    layer_s: float = 50e-6,
+    step_s: float = 5e-3,
+    in_place_s: float = 500e-6,
+    staged: bool = False,
 ) -> Costs:
-    return Costs(stream_s=100e-6, in_place_s=in_place_s, cpu=cpu, layer_s=layer_s, step_s=step_s)
+    return Costs(
+        stream_s=100e-6, in_place_s=in_place_s, cpu=cpu, layer_s=layer_s, step_s=step_s, staged=staged
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +60,13 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
-def test_the_simulation_reproduces_the_engines_hit_rate(model, tmp_path, layout):
+@pytest.mark.parametrize(
+    ("layout", "staged"),
+    [(layout, False) for layout in LAYOUTS]
+    + [(Layout("lfu", "in-place"), True), (Layout("lru", "in-place"), True)],
+    ids=lambda v: v.name if isinstance(v, Layout) else ("staged" if v else ""),
+)
+def test_the_simulation_reproduces_the_engines_hit_rate(model, tmp_path, layout, staged):
     path, resident = model
     trace_file = tmp_path / "trace.npz"
     llm = LLM(
@@ -67,8 +78,10 @@ def test_the_simulation_reproduces_the_engines_hit_rate(model, tmp_path, layout)
     )
     if layout.cpu_compute:
         llm.provider.cpu_costs = FAST_CPU
+    if staged:  # off the GPU the engine reads in place unless told (Triton's interpreter runs either)
+        llm.provider.in_place.use_staging(True)
     stats = llm.generate(PROMPT, GREEDY)[0].stats.experts
-    traffic = simulate(load_trace(trace_file), llm.plan.quotas, layout, costs())
+    traffic = simulate(load_trace(trace_file), llm.plan.quotas, layout, costs(staged=staged))
     assert 0 < stats["gpu_hit_rate"] < 1
     assert traffic.hit_rate == pytest.approx(stats["gpu_hit_rate"], abs=1e-4)
     assert traffic.steps == GREEDY.max_tokens - 1  # the first token comes out of the prefill

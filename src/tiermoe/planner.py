@@ -8,6 +8,7 @@ and in-place experts per step; this machine's measured costs turn those into sec
 
     step = step_s + per MoE layer: copy path   layer_s + max(streamed x stream_s, CPU share)
                                    in-place    pairs read in place x in_place_s (+ admissions x stream_s)
+                                     staged    misses x in_place_s (each admitted by its staging copy)
 
 `step_s` (dense layers, the experts' compute, sampling) and `layer_s` (the copy path's host round trip
 per layer) come from a calibration run: the engine decodes a short szd workload at the default layout
@@ -77,6 +78,7 @@ class Costs:
     step_s: float  # the rest of a step: dense layers, the experts' compute, sampling
     calibrated: bool = False  # step_s from a measured run of this model (else estimated)
     disk_s: float = 0.0  # one expert read from the checkpoint (O_DIRECT); 0: its experts are not on disk
+    staged: bool = False  # in-place stages misses into victim slots (the workspace holds the buffer)
 
 
 @dataclass
@@ -137,7 +139,10 @@ def simulate(
     hence its hit rate, and the seconds its traffic takes (batch-1 decode: one token a step).
     host_slots: the host cache's experts when it cannot hold them all (None: it holds them all)."""
     parts = {layer: LayerSlots(range(n), layout.eviction) for layer, n in quotas.items()}
-    if layout.miss_path == "in-place":  # a candidate only where the host cache holds every expert
+    # in-place: a candidate only where the host cache holds every expert; staged, a miss is admitted as
+    # on the copy path, by a kernel's copy with no host round trip
+    staged = layout.miss_path == "in-place" and costs.staged
+    if layout.miss_path == "in-place" and not staged:
         return _in_place(admissions(trace), parts, trace.num_experts, costs)
     traffic = Traffic()
     steps = set()
@@ -164,6 +169,10 @@ def simulate(
         traffic.disk += reads
         traffic.seconds += reads * costs.disk_s
         traffic.hits += hits
+        if staged:
+            traffic.in_place += streamed
+            traffic.seconds += streamed * costs.in_place_s
+            continue
         traffic.streamed += streamed
         traffic.cpu += len(on_cpu)
         cpu_s = (

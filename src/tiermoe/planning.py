@@ -19,6 +19,7 @@ import torch
 
 from .config import EngineConfig, user_cache_dir
 from .formats.registry import format_for
+from .formats.swiglu import GATHER_MAX_PAIRS
 from .models.registry import from_config
 from .offload import cpu_compute
 from .offload.budget import MemoryPlan
@@ -96,6 +97,8 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
         cpu=cpu_compute.measure(fmt, list(bank), fmt.empty(1, device)[0], dtype),
         layer_s=round_trip_s(device, args.top_k),
         step_s=plan.dense_bytes / hbm if hbm else 0.0,
+        # where offload/in_place.py has room to stage (it also times reading in place: staging won on the H100)
+        staged=cuda and GATHER_MAX_PAIRS * fmt.nbytes <= plan.workspace_bytes,
     )
 
 
