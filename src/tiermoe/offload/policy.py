@@ -7,7 +7,6 @@ first n slots victim would pick one after the other (the in-place path hands the
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from itertools import chain, islice
 
@@ -57,7 +56,7 @@ class LFU:
         return min((c, s) for s, c in self.counts.items() if s not in exclude)[1]
 
     def victims(self, n: int) -> list[int]:
-        return [s for _, s in heapq.nsmallest(n, ((c, s) for s, c in self.counts.items()))]
+        return [s for _, s in sorted(zip(self.counts.values(), self.counts, strict=True))[:n]]
 
 
 class ProtectPrefetchLRU(LRU):
