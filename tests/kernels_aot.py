@@ -86,6 +86,21 @@ def kernels(arch: int):
     consts = {**blocks, "BLOCK_K": 64, "EXACT": True, **gate_up, "BIAS": False, "LIMIT": None, "ALPHA": 1.0}
     yield "dense gemm fp32", tk._dense_gemm, fp32, {k: v for k, v in consts.items() if k != "DOT_FP32"}
     yield "read in place", tk._read_in_place, {"src_ptr": "*i64", "out_ptr": "*i32"}, {"BLOCK": 1024}
+    pointers = ("table_ptr", "host_ptr", "id_ptr", "cand_ptr", "owner_ptr", "out_ptr")
+    stage = {**{n: "*i64" for n in pointers}, "lo": "i64", "hi": "i64", "staging_ptr": "i64"}
+    for admit in (False, True):  # the in-place path's staging, and its admission into victim slots
+        yield (
+            f"plan stage{' admit' if admit else ''}",
+            tk._plan_stage,
+            stage,
+            {"PAIRS": 16, "CANDS": 32, "ADMIT": admit},
+        )
+    yield (
+        "copy rows",
+        tk._copy_rows,
+        {"src_ptr": "*i64", "dst_ptr": "*i64"},
+        {"WORDS": 1536, "BLOCK": tk.STAGE_BLOCK},
+    )
     for pairs in (1, 128, 4096):  # the blocks of a decode step: one sequence at top-1 to 512 at top-8
         count = -(-pairs // tk.BLOCK_M) + pairs
         yield (
