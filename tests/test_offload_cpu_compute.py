@@ -3,6 +3,8 @@ the outputs GPU-resident ones give in every format, and the engine's tokens do n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,6 +56,13 @@ FORMATS = [
 ]
 
 
+def vnni_build() -> bool:
+    """Whether the compiled kernel takes 4-bit experts' inputs in int8 (AVX-512 VNNI)."""
+    from tiermoe.offload import cpu_kernels
+
+    return cpu_kernels.status() == "compiled (avx512-vnni)"
+
+
 @pytest.mark.parametrize(
     "fmt", FORMATS, ids=lambda f: f"{f.name}-{f.dtype}{'-gpt-oss' if f.kind.bias else ''}"
 )
@@ -80,6 +89,8 @@ def test_cpu_computed_experts_match_the_resident_ones_in_every_format(fmt):
             w.append(weights[t, k].item())
     got = cpu_compute.compute(fmt, x, pairs, {e: bank[e] for e in range(4)})
     tol = 2e-2 if fmt.dtype == torch.bfloat16 else 1e-5  # bf16: different summation orders
+    if isinstance(fmt, Int4Format) and vnni_build():
+        tol = 1.5e-2  # int8 inputs (see the 4-bit kernel's test)
     assert (got.float() - expected.float()).abs().max() <= tol * expected.float().abs().max()
 
 
@@ -184,7 +195,9 @@ def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, h
     """The 4-bit kernel (GPTQ layout, zeros and fp16 scales per group; one group for all inputs too)
     against torch's dequantize-then-matmul, experts of one token and of several. Tasks of 4 blocks of 16
     outputs where they divide a matrix's outputs and leave each thread two tasks (one thread: inter 128,
-    hidden 128), of one block elsewhere (inter 48 and 32, hidden 64 and 96; every matrix at 8 threads)."""
+    hidden 128), of one block elsewhere (inter 48 and 32, hidden 64 and 96; every matrix at 8 threads).
+    Float builds agree to 1e-4; an AVX-512 VNNI build takes its inputs in int8 (one scale per 8, both
+    projections), measured 0.7-0.8 % of the largest output off at most here: bound 1.5 %."""
     from tiermoe.offload import cpu_kernels
 
     assert cpu_kernels.status().startswith("compiled")
@@ -205,7 +218,10 @@ def test_the_compiled_kernel_computes_4_bit_experts_as_torch_does(monkeypatch, h
     monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
     want = cpu_compute.compute(fmt, x, pairs, experts)  # torch, float32
     assert want.abs().max() > 0
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    if vnni_build():
+        assert (got - want).abs().max() <= 1.5e-2 * want.abs().max()
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 def test_the_compiled_kernel_takes_only_what_it_computes():
@@ -238,13 +254,22 @@ def test_the_compiled_kernel_takes_only_what_it_computes():
 
 @pytest.mark.slow  # another build of the kernel, about 25 s each
 @pytest.mark.parametrize(
-    ("simd", "flags"), [("avx2", ["-mavx2", "-mfma", "-mf16c"]), ("none", ["-mno-avx2", "-mno-avx512f"])]
+    ("simd", "flags"),
+    [
+        ("avx512", ["-march=native", "-mno-avx512vnni"]),
+        ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
+        ("none", ["-mno-avx2", "-mno-avx512f"]),
+    ],
 )
 def test_the_avx2_and_plain_builds_compute_what_torch_does(tmp_path, simd, flags):
-    """The paths of machines without AVX-512 (most desktop CPUs: AVX2) and without AVX2 (plain loops),
-    built here: bf16 (AVX2 only: plain builds leave bf16 to torch) and 4-bit experts against torch's path,
-    on one thread (4-block tasks where they divide the outputs) and on eight."""
+    """The paths of machines without AVX-512 VNNI (Skylake servers: float AVX-512), without AVX-512 (most
+    desktop CPUs: AVX2) and without AVX2 (plain loops), built here: bf16 (plain builds leave bf16 to
+    torch) and 4-bit experts against torch's path, on one thread (4-block tasks where they divide the
+    outputs) and on eight."""
     from tiermoe.offload import cpu_kernels
+
+    if simd == "avx512" and "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX-512 to build for")
 
     build = cpu_kernels.build(flags, f"tiermoe_cpu_experts_{simd}_test", tmp_path)
     assert build.simd() == simd
@@ -255,7 +280,7 @@ def test_the_avx2_and_plain_builds_compute_what_torch_does(tmp_path, simd, flags
     ]
     for fmt, threads in [
         (f, t)
-        for f in ([DenseFormat(72, 48, torch.bfloat16)] if simd == "avx2" else []) + formats
+        for f in ([DenseFormat(72, 48, torch.bfloat16)] if simd != "none" else []) + formats
         for t in (1, 8)
     ]:
         experts = {}

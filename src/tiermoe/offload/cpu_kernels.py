@@ -63,5 +63,5 @@ def kernel():
 
 
 def status() -> str:
-    """'compiled (avx512|avx2|none)', or why the CPU share runs in torch."""
+    """'compiled (avx512-vnni|avx512|avx2|none)', or why the CPU share runs in torch."""
     return _load()[1]
