@@ -217,10 +217,21 @@ constexpr int64_t PREFETCH_ROWS = 8;
 
 constexpr int64_t SPAN = 4;  // lane blocks a task computes together where they divide the outputs
 
-// One input vector x [K] of a 4-bit matrix as its kernel reads it: the floats; and where the build has
-// AVX-512 VNNI, x quantized per qweight row (inputs 8 i .. 8 i + 7: the row's scale max |x| / 127, its
-// even and its odd inputs' int8 codes packed four to an int32, as the row's nibbles pair up in a byte) and
-// the sum of each row's quantized inputs (for the zero points).
+// Where the build has AVX-512 (BW) or AVX2, the 4-bit kernels take their inputs in int8: a qweight row's
+// nibbles meet the inputs' int8 codes four products a 32-bit lane an instruction (vpdpbusd with VNNI, else
+// vpmaddubsw and vpmaddwd, as llama.cpp's Q4 x Q8 dot products), where widening every nibble to float took
+// 32 instructions a row of 16 words. The quantization (one scale per 8 inputs, both projections) moves
+// results by up to about 1 % of their largest (tests/test_offload_cpu_compute.py states the bound).
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TIERMOE_INT8_512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TIERMOE_INT8_256 1
+#endif
+
+// One input vector x [K] of a 4-bit matrix as its kernel reads it: the floats (plain builds); or x
+// quantized per qweight row (inputs 8 i .. 8 i + 7: the row's scale max |x| / 127, its even and its odd
+// inputs' int8 codes packed four to an int32, as the row's nibbles pair up in a byte) and the sum of each
+// row's quantized inputs (for the zero points).
 struct Input {
     const float* x;
     const int32_t* even;
@@ -229,18 +240,14 @@ struct Input {
     const float* sum;
 };
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define TIERMOE_VNNI 1
-#endif
-
-// Rows vectors of K floats (K a multiple of 8) as the kernels take them; `store` keeps the quantized ones.
+// Vectors of K floats (K a multiple of 8) as the kernels take them; the quantized ones kept here.
 struct Inputs {
     std::vector<int32_t> even, odd;
     std::vector<float> scale, sum;
     std::vector<Input> rows;
 
     Inputs(const float* x, int64_t count, int64_t K) : rows(count) {
-#ifdef TIERMOE_VNNI
+#if defined(TIERMOE_INT8_512) || defined(TIERMOE_INT8_256)
         const int64_t per = K / 8;
         even.resize(count * per), odd.resize(count * per), scale.resize(count * per), sum.resize(count * per);
         at::parallel_for(0, count * per, 256, [&](int64_t begin, int64_t end) {
@@ -270,6 +277,33 @@ struct Inputs {
     }
 };
 
+// Per 32-bit lane of a qweight row's words, sum over its 8 codes of code x int8 input: the even nibbles
+// (masked in place) against the even inputs, the odd ones (shifted down) against the odd. Each 16-bit
+// pair sum of vpmaddubsw is at most 2 x 15 x 127, far from saturating.
+#if defined(TIERMOE_INT8_512)
+inline __m512i nibble_dot(__m512i words, __m512i even, __m512i odd) {
+    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F);
+    const __m512i lo = _mm512_and_si512(words, low), hi = _mm512_and_si512(_mm512_srli_epi32(words, 4), low);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd);
+#else
+    const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, even), _mm512_maddubs_epi16(hi, odd));
+    return _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+#endif
+}
+#elif defined(TIERMOE_INT8_256)
+inline __m256i nibble_dot(__m256i words, __m256i even, __m256i odd) {
+    const __m256i low = _mm256_set1_epi32(0x0F0F0F0F);
+    const __m256i lo = _mm256_and_si256(words, low), hi = _mm256_and_si256(_mm256_srli_epi32(words, 4), low);
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, even), hi, odd);
+#else
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
 // zero[g, n] of outputs n0 .. n0 + LANES (qzeros int32 [K / G, N / 8], output n in bits 4 (n % 8)), as floats
 inline void zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0, float* zeros) {
     for (int64_t l = 0; l < LANES; l++) {
@@ -287,15 +321,8 @@ inline void zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0, float*
 template <int64_t B>
 void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64_t K, int64_t N, int64_t G,
                  int64_t n0, const Input& in, float* y) {
-    const float* x = in.x;
-#ifdef TIERMOE_VNNI
-    // The codes against x's int8 codes, four products a 32-bit lane in one instruction (vpdpbusd: the
-    // row's even nibbles, masked in place, against the even inputs; its odd ones, shifted down, against
-    // the odd), scaled by the row's x scale in float: 8 instructions a row of 16 words where the float
-    // path below takes 32. x's quantization (int8 per 8 inputs, as llama.cpp's activations per 32) moves
-    // results by about 1e-3 of their largest (tests/test_offload_cpu_compute.py states the bound).
-    (void)x;
-    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F);
+#if defined(TIERMOE_INT8_512)
+    // A qweight row's 16 words a block in a register, against the row's int8 inputs, scaled in float.
     __m512 total[B];
     for (int64_t b = 0; b < B; b++) total[b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < K / G; g++) {
@@ -309,9 +336,7 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
             xs += in.sum[i];
             for (int64_t b = 0; b < B; b++) {
                 _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
-                const __m512i words = _mm512_loadu_si512(qw + i * N + n0 + b * LANES);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(words, low), even);
-                dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi32(words, 4), low), odd);
+                const __m512i dot = nibble_dot(_mm512_loadu_si512(qw + i * N + n0 + b * LANES), even, odd);
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
             }
         }
@@ -325,50 +350,8 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         }
     }
     for (int64_t b = 0; b < B; b++) _mm512_storeu_ps(y + b * LANES, total[b]);
-#elif defined(__AVX512F__)
-    // A qweight row's 16 words a block in a register; code j of every lane by a shift and a mask, widened
-    // to float, times x broadcast; two accumulators a block (even and odd codes) to hide the FMA latency.
-    const __m512i nibble = _mm512_set1_epi32(15);
-    __m512 total[B];
-    for (int64_t b = 0; b < B; b++) total[b] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < K / G; g++) {
-        __m512 acc0[B], acc1[B];
-        for (int64_t b = 0; b < B; b++) acc0[b] = acc1[b] = _mm512_setzero_ps();
-        float xs = 0.f;
-        for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
-            const int32_t* ahead = qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + n0;  // the last row at the end
-            __m512i words[B];
-            for (int64_t b = 0; b < B; b++) {
-                _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
-                words[b] = _mm512_loadu_si512(qw + i * N + n0 + b * LANES);
-            }
-            for (int j = 0; j < 8; j += 2) {
-                const float x0 = x[i * 8 + j], x1 = x[i * 8 + j + 1];
-                xs += x0 + x1;
-                const __m512 b0 = _mm512_set1_ps(x0), b1 = _mm512_set1_ps(x1);
-                const __m128i s0 = _mm_cvtsi32_si128(4 * j), s1 = _mm_cvtsi32_si128(4 * j + 4);
-                for (int64_t b = 0; b < B; b++) {
-                    acc0[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words[b], s0), nibble)), b0, acc0[b]);
-                    acc1[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(words[b], s1), nibble)), b1, acc1[b]);
-                }
-            }
-        }
-        for (int64_t b = 0; b < B; b++) {
-            float zeros[LANES];
-            zeros_of(qz, N, g, n0 + b * LANES, zeros);
-            const __m512 scale =
-                _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * N + n0 + b * LANES)));
-            const __m512 codes =
-                _mm512_fnmadd_ps(_mm512_loadu_ps(zeros), _mm512_set1_ps(xs), _mm512_add_ps(acc0[b], acc1[b]));
-            total[b] = _mm512_fmadd_ps(scale, codes, total[b]);
-        }
-    }
-    for (int64_t b = 0; b < B; b++) _mm512_storeu_ps(y + b * LANES, total[b]);
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    // The same in two halves of 8 lanes a block (AVX2 machines: most desktop CPUs without AVX-512), the
-    // blocks of a row one after the other, one block's words loaded at a time (at B = 4 the compiler still
-    // keeps some accumulators on the stack; measured 1.6x faster all the same).
-    const __m256i nibble = _mm256_set1_epi32(15);
+#elif defined(TIERMOE_INT8_256)
+    // The same in two halves of 8 lanes a block (AVX2: most desktop CPUs).
     __m256 total[B][2];
     for (int64_t b = 0; b < B; b++) total[b][0] = total[b][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / G; g++) {
@@ -377,19 +360,15 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
             const int32_t* ahead = qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + n0;  // the last row at the end
-            for (int64_t b = 0; b < B; b++) _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
-            for (int j = 0; j < 8; j++) xs += x[i * 8 + j];
+            const __m256i even = _mm256_set1_epi32(in.even[i]), odd = _mm256_set1_epi32(in.odd[i]);
+            const __m256 scale = _mm256_set1_ps(in.scale[i]);
+            xs += in.sum[i];
             for (int64_t b = 0; b < B; b++) {
+                _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
                 const int32_t* row = qw + i * N + n0 + b * LANES;
-                const __m256i words[2] = {_mm256_loadu_si256((const __m256i*)row),
-                                          _mm256_loadu_si256((const __m256i*)(row + 8))};
-                for (int j = 0; j < 8; j++) {
-                    const __m256 xv = _mm256_set1_ps(x[i * 8 + j]);
-                    const __m128i shift = _mm_cvtsi32_si128(4 * j);
-                    for (int h = 0; h < 2; h++) {
-                        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(words[h], shift), nibble));
-                        acc[b][h] = _mm256_fmadd_ps(q, xv, acc[b][h]);
-                    }
+                for (int h = 0; h < 2; h++) {
+                    const __m256i dot = nibble_dot(_mm256_loadu_si256((const __m256i*)(row + 8 * h)), even, odd);
+                    acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[b][h]);
                 }
             }
         }
@@ -409,6 +388,7 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         _mm256_storeu_ps(y + b * LANES + 8, total[b][1]);
     }
 #else
+    const float* x = in.x;
     // Plain loops, which the compiler vectorises, a block at a time.
     for (int64_t b = 0; b < B; b++) {
         const int64_t m0 = n0 + b * LANES;
@@ -514,15 +494,21 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std:
     return s.out;
 }
 
-// The vector instructions this build uses: "avx512-vnni" (4-bit experts against int8 inputs), "avx512",
-// "avx2" or "none" (plain loops).
+// The vector instructions this build uses: "avx512-vnni", "avx512", "avx2-vnni", "avx2" (4-bit experts
+// against int8 inputs; VNNI: four products a lane an instruction) or "none" (plain loops).
 std::string simd() {
-#ifdef TIERMOE_VNNI
+#if defined(TIERMOE_INT8_512)
+#if defined(__AVX512VNNI__)
     return "avx512-vnni";
-#elif defined(__AVX512F__)
+#else
     return "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
+#endif
+#elif defined(TIERMOE_INT8_256)
+#if defined(__AVXVNNI__)
+    return "avx2-vnni";
+#else
     return "avx2";
+#endif
 #else
     return "none";
 #endif
