@@ -645,3 +645,63 @@ def test_a_batched_engine_step_decodes_through_the_grouped_gemm_as_through_torch
     # the prefill's layers (9 prompts of 6 tokens x top-2) and every decode step's (9 sequences x top-2)
     assert set(calls) == {108, 18}
     assert got == torch_path
+
+
+@pytest.mark.skipif(
+    CUDA, reason="the interpreter against a model of the rule; on a GPU the store's tests run it"
+)
+@pytest.mark.parametrize("seed", range(60))
+def test_staging_follows_its_rule_on_random_layers(seed):
+    """_plan_stage against a plain model of its rule, on random layers (sizes, slots held, pairs with
+    repeats, hits and misses, candidates free, routed or held, lists shorter than the misses, with and
+    without admission): the addresses read, the table and the owners after, the bytes each pair reads, and
+    no staging row written but a miss's first pair's. From a review's randomised check."""
+    import random
+
+    rng = random.Random(seed)
+    experts, slots = rng.choice([(8, 4), (16, 6), (40, 12), (128, 24)])
+    row_bytes = 4 * rng.choice([4, 16])
+    host = torch.randint(
+        0, 256, (experts, row_bytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    host_addr = [host[e].data_ptr() for e in range(experts)]
+    pool, staging = (
+        torch.zeros(slots, row_bytes, dtype=torch.uint8),
+        torch.zeros(16, row_bytes, dtype=torch.uint8),
+    )
+    lo, st = pool.data_ptr(), staging.data_ptr()
+    owner, table = [-1] * slots, list(host_addr)
+    held = rng.sample(range(experts), k=rng.randint(0, min(slots, experts)))
+    for slot, e in zip(rng.sample(range(slots), k=len(held)), held, strict=True):
+        owner[slot], table[e] = e, lo + slot * row_bytes
+        pool[slot].copy_(host[e])
+    n = rng.randint(1, 16)
+    ids = [rng.choice(list(range(rng.choice([3, 6, experts]))) + held) for _ in range(n)]
+    width = rng.choice([16, 32])
+    candidates = rng.sample(range(slots), k=rng.randint(0, min(slots, width)))
+    candidates += [-1] * (width - len(candidates))
+    admit = rng.random() < 0.8
+    # the rule: each missed expert copied once, by its first pair; misses take the candidates, in order,
+    # whose expert this step does not route; the rest go to their first pair's staging row
+    want_table, want_owner, first = list(table), list(owner), {}
+    for p, e in enumerate(ids):
+        first.setdefault(e, p)
+    misses = [e for e in first if not lo <= table[e] < lo + slots * row_bytes]
+    usable = [s for s in candidates if s >= 0 and owner[s] not in set(ids)] if admit else []
+    placed = {e: st + first[e] * row_bytes for e in misses}
+    for e, slot in zip(misses, usable, strict=False):
+        if want_owner[slot] >= 0:
+            want_table[want_owner[slot]] = host_addr[want_owner[slot]]
+        want_table[e] = placed[e] = lo + slot * row_bytes
+        want_owner[slot] = e
+    t, o = torch.tensor(table), torch.tensor(owner)
+    args = (torch.tensor(host_addr), torch.tensor(candidates), o) if admit else None
+    shape = rng.choice([(n,), (1, n)])
+    got = triton_kernels.stage(t, torch.tensor(ids).view(shape), pool, staging, args).tolist()
+    assert got == [placed.get(e, table[e]) for e in ids]
+    assert t.tolist() == want_table and o.tolist() == want_owner
+    for address, e in zip(got, ids, strict=True):
+        memory, base = (pool, lo) if lo <= address < lo + pool.numel() else (staging, st)
+        assert torch.equal(memory[(address - base) // row_bytes], host[e])
+    written = {(a - st) // row_bytes for a in placed.values() if st <= a < st + staging.numel()}
+    assert not staging[[r for r in range(16) if r not in written]].any()

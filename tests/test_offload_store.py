@@ -239,11 +239,68 @@ def test_staged_misses_are_admitted_as_the_copy_path_admits_them(model):
     assert d["bytes_in_place"] == c["bytes_h2d"] == c["gpu_misses"] * resident.plan.expert_bytes
     assert d["bytes_h2d"] == 0
     assert_table_follows(staged.provider)
+    assert_slots_hold_their_experts(staged.provider)
     batch = [PROMPT, PROMPT[:4]]  # two rows: an expert both route is copied once
     assert [o.token_ids for o in staged.generate(batch, GREEDY)] == [
         o.token_ids for o in resident.generate(batch, GREEDY)
     ]
     assert_table_follows(staged.provider)
+
+
+def assert_slots_hold_their_experts(store) -> None:
+    """Each GPU slot's bytes are those of the expert the host says it holds."""
+    for layer, part in store.pool.layers.items():
+        for slot, e in part.expert_of.items():
+            assert torch.equal(store.pool.flat[slot], store.host.buffer(store.host.get(layer, e)[0])), (
+                layer,
+                e,
+            )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA test_offload_store_gpu.py runs it compiled")
+def test_staged_admissions_of_short_prompts_are_taken_in_before_the_copy_path_reads_the_slots(model):
+    """A prompt of a few tokens prefills in place (few pairs), so staged it admits experts on the GPU in a
+    step with no decode (no after_step); the copy path of the next long prompt must see them (it read a
+    stale view and computed with another expert's bytes, found by a review)."""
+    pytest.importorskip("triton")
+    path, resident = model
+    llm = tiered(path, resident, slots=2, miss_path="in-place")
+    llm.provider.in_place.use_staging(True)
+    llm.generate(PROMPT, SamplingParams(max_tokens=1))  # the copy path's prefill fills every slot
+    for prompt in ([200, 31, 8], [1, 2, 3], [250, 251, 252, 253]):
+        llm.generate(prompt, SamplingParams(max_tokens=1))  # prefill only, in place
+    assert llm.generate(PROMPT, GREEDY)[0].token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
+    assert_slots_hold_their_experts(llm.provider)
+    assert_table_follows(llm.provider)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA test_offload_store_gpu.py runs it compiled")
+def test_two_staged_forwards_that_move_an_expert_are_taken_in_at_once(model):
+    """Two staged forwards of a layer before the host takes them in (a prompt chunk and the decode rows of
+    one step): the first evicts X from a slot for V, the second admits X again into another slot. The host's
+    view then holds both, and every other layer its own (taking the slots in one by one lost X)."""
+    pytest.importorskip("triton")
+    path, resident = model
+    llm = tiered(path, resident, slots=2, miss_path="in-place")
+    store, in_place = llm.provider, llm.provider.in_place
+    in_place.use_staging(True)
+    llm.generate(PROMPT, SamplingParams(max_tokens=1))  # the copy path fills every slot
+    x = torch.randn(1, resident.args.hidden_size, dtype=torch.bfloat16)
+    w = torch.full((1, 2), 0.5)
+    layer0 = next(iter(in_place.row))
+    part = store.pool.layers[layer0]
+    first, second = in_place.listed[in_place.row[layer0]][:2].tolist()  # the victims, in order
+    q, victim_x = part.expert_of[first], part.expert_of[second]
+    v = next(e for e in range(store.num_experts) if e not in (q, victim_x))
+    held = {layer: torch.tensor([list(store.pool.layers[layer].slot_of)[:2]]) for layer in in_place.row}
+    for ids in ([q, v], [victim_x, v]):  # 1: v into `second` (x out); 2: x into `first` (q out)
+        for layer in in_place.row:
+            in_place.forward(layer, x, torch.tensor([ids]) if layer == layer0 else held[layer], w)
+    in_place.after_step(1)
+    assert part.expert_of == {first: victim_x, second: v}
+    assert part.slot_of == {victim_x: first, v: second}
+    assert_table_follows(store)
+    assert_slots_hold_their_experts(store)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA test_offload_store_gpu.py runs it compiled")

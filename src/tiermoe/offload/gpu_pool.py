@@ -84,6 +84,14 @@ class LayerSlots:
         self.put(expert, slot, prefetched)
         return slot
 
+    def evict(self, slot: int) -> int | None:
+        """Empty `slot` (back to the free slots); its expert, if it held one."""
+        evicted = self.expert_of.pop(slot, None)
+        if evicted is not None:
+            del self.slot_of[evicted]
+            self.free.append(slot)
+        return evicted
+
     def put(self, expert: int, slot: int, prefetched: bool = False) -> int | None:
         """`expert` into `slot` (free, or its expert evicted: returned)."""
         evicted = self.expert_of.pop(slot, None)

@@ -94,6 +94,7 @@ class InPlaceMisses:
         self.listed = np.full((len(layers), CANDIDATES), -1, dtype=np.int64)
         self.candidates = torch.from_numpy(self.listed).to(store.device, copy=True)
         self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
+        self.unsettled = False  # a staged forward may have admitted experts the host has not taken in
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
         self.recent = RoutedCounts(layers, store.num_experts)  # the admission test's counts
@@ -113,8 +114,10 @@ class InPlaceMisses:
         """Stage misses into HBM (its buffer allocated) or read them in place (freed). Set before the
         first decode graph is captured: a graph keeps the path it was captured with."""
         if on != self.staged:
+            self.settle()
             self.staging = self.store.format.empty(GATHER_MAX_PAIRS, self.store.device) if on else None
-            self._follow_slots(self.row)
+            for layer in self.row:  # admissions still copying land, and the table and owners are the host's
+                self.sync_layer(layer)
 
     def graph_safe(self, tokens: int) -> bool:
         # The GEMV over an address table (and the staging buffer) take a decode step's few pairs.
@@ -124,6 +127,7 @@ class InPlaceMisses:
         row = self.row[layer]
         self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
         admit = (self.host_table[row], self.candidates[row], self.owner) if self.staged else None
+        self.unsettled |= self.staged
         return self._mlp(x, ids, weights, self.table[row], self.staged, admit)
 
     def _mlp(self, x, ids, weights, table, staged: bool, admit=None) -> torch.Tensor:
@@ -155,9 +159,31 @@ class InPlaceMisses:
             seconds.append(start.elapsed_time(end))
         return seconds[1] < seconds[0]
 
+    def settle(self) -> None:
+        """Take in what staged forwards admitted on the GPU since the last settle (any forward of few
+        pairs: decode steps, graph replays included, and short prompt chunks), before the host reads its
+        slots again: the owners of the listed slots (the only ones the GPU writes) read back; every changed
+        slot's old expert out first, then the new ones in (two forwards may have moved an expert from one
+        listed slot to another); the next victims listed."""
+        if not self.unsettled:
+            return
+        self.unsettled = False
+        owner, pool = self.owner.cpu().tolist(), self.store.pool
+        for layer, r in self.row.items():
+            part, resident = pool.layers[layer], self.resident[layer]
+            changed = [s for s in self.listed[r].tolist() if s >= 0 and owner[s] != part.expert_of.get(s, -1)]
+            for slot in changed:
+                resident.discard(part.evict(slot))
+            for slot in changed:
+                part.put(owner[slot], slot)
+                resident.add(owner[slot])
+                pool.prefetched[slot] = False
+        self._list_victims(self.row)
+
     def sync_layer(self, layer: int) -> None:
-        """After the copy path ran `layer` (a prefill): its slots hold what the policy put there, so each
-        resident expert's entry points at its slot, read once its copy has landed."""
+        """After the copy path ran `layer` (a prefill; staged admissions settled before it): its slots hold
+        what the policy put there, so each resident expert's entry points at its slot, read once its copy
+        has landed."""
         store = self.store
         part = store.pool.layers[layer]
         # Every slot's copy (the prefill's, a prefetch's, an admission still pending) lands before any
@@ -214,8 +240,15 @@ class InPlaceMisses:
                     store.stats_.gpu_misses += 1
                     # staged: copied once; read in place: each pair's program reads it
                     store.stats_.bytes_in_place += (1 if self.staged else n) * store.expert_bytes
-        if self.staged:
-            self._follow(routed)
+        if self.staged:  # its hits used, then its admissions (the copy path's order; a graph replay
+            # never calls forward, so they are taken in here whatever the flag says)
+            for layer, r in self.row.items():
+                part = store.pool.layers[layer]
+                for e in dict.fromkeys(routed[r]):
+                    if e in self.resident[layer]:
+                        part.policy.touch(part.slot_of[e])
+            self.unsettled = True
+            self.settle()
             return
         flips: dict[tuple[int, int], int] = {}
         waiting = []
@@ -248,22 +281,6 @@ class InPlaceMisses:
             # Its ready event too: a later prefill on the copy path waits for it before reading the slot.
             event = store.copy_in(store.host.get(layer, e)[0], slot, after=after)
             self.pending.append((layer, e, slot, event))
-
-    def _follow(self, routed: list[list[int]]) -> None:
-        """After a staged step: the slots its kernels filled, in the host's view (read back from the
-        owners; inserted into the policy in the order the GPU took them), and the next victims."""
-        owner = self.owner.cpu().tolist()
-        for layer, r in self.row.items():
-            part, resident = self.store.pool.layers[layer], self.resident[layer]
-            for e in dict.fromkeys(routed[r]):
-                if e in resident:
-                    part.policy.touch(part.slot_of[e])
-            for slot in self.listed[r].tolist():
-                if slot < 0 or owner[slot] == part.expert_of.get(slot, -1):
-                    continue
-                resident.discard(part.put(owner[slot], slot))
-                resident.add(owner[slot])
-        self._list_victims(self.row)
 
     def _claim(
         self, layer: int, e: int, part: LayerSlots, exclude: set[int], flips: dict, admitted: list

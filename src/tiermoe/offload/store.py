@@ -192,6 +192,7 @@ class TieredExpertStore:
         if self.in_place is not None:
             if self.in_place.graph_safe(x.shape[0]):
                 return self.in_place.forward(layer, x, ids, weights)
+            self.in_place.settle()  # the copy path reads the slots as the GPU left them
             out = self._copy_path(layer, x, ids, weights)
             self.in_place.sync_layer(layer)
             return out
