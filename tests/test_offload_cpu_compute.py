@@ -276,6 +276,7 @@ def test_the_compiled_kernel_takes_only_what_it_computes():
     x = torch.randn(2, 64).to(torch.bfloat16)
     assert not cpu_compute.compute(fmt, x, {}, {}).any()
     assert not cpu_compute.compute(fmt, x, {0: ([], [])}, {0: expert}).any()
+    assert not cpu_compute.compute(fmt, x, {0: ([], [])}, {0: expert}, compiled=False).any()  # torch's too
     assert cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 16), "avx512")
     assert not cpu_compute._compiled_kind(Int4Format(48, 48, torch.float32, 12), "avx512")
     parts = [n for name in ("gate_up", "down") for n in (fmt.part(name).offset, fmt.part(name).nbytes)]

@@ -108,6 +108,8 @@ def compute(
     # torch: per expert, its weights in the compute dtype (quantized ones dequantized first)
     out = torch.zeros_like(x)
     for expert, (tokens, weights) in pairs.items():
+        if not tokens:  # an expert no token chose
+            continue
         bank = fmt.views(experts[expert][None])
         gate_up, down = _weights(fmt, bank)
         b1, b2 = (None, None) if (biases := fmt.biases(bank)) is None else (biases[0][0], biases[1][0])
