@@ -162,12 +162,12 @@ torch::Tensor swiglu_bf16(torch::Tensor x, std::vector<torch::Tensor> bank, std:
     const int64_t experts = static_cast<int64_t>(bank.size());
     check_routing(x, offsets, tokens, weights, experts);
     TORCH_CHECK(x.size(1) == hidden && inter > 0, "x's hidden size must be the experts'");
-    Share s(x, offsets, tokens, weights, inter);
     std::vector<const uint16_t*> gu(experts), dn(experts);
-    for (int64_t e = 0; e < experts; e++) {
+    for (int64_t e = 0; e < experts; e++) {  // every part checked before anything is allocated
         gu[e] = part<uint16_t>(bank[e], parts, 0, 2 * inter * hidden * 2);
         dn[e] = part<uint16_t>(bank[e], parts, 1, hidden * inter * 2);
     }
+    Share s(x, offsets, tokens, weights, inter);
 
     // gate and up: rows r .. r + 3 of expert e against each of its pairs' hidden states (2I is even; a
     // group of four that would straddle two experts is cut at the first one's end)
@@ -519,7 +519,6 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std:
     TORCH_CHECK(parts.size() == 12, "six int4 parts (offset, bytes): gate_up's and down's qweight, qzeros, scales");
     const int64_t gu_qw = 2 * (hidden / 8) * inter, gu_qz = 2 * (hidden / group) * (inter / 8),
                   gu_sc = 2 * (hidden / group) * inter;  // elements of gate_up's parts (gate, then up)
-    Share s(x, offsets, tokens, weights, inter);
     std::vector<Int4Matrix> gu(2 * experts), dn(experts);
     for (int64_t e = 0; e < experts; e++) {
         const int32_t* qw = part<int32_t>(bank[e], parts, 0, gu_qw * 4);
@@ -530,6 +529,7 @@ torch::Tensor swiglu_int4(torch::Tensor x, std::vector<torch::Tensor> bank, std:
                  part<int32_t>(bank[e], parts, 4, (inter / down_group) * (hidden / 8) * 4),
                  part<at::Half>(bank[e], parts, 5, (inter / down_group) * hidden * 2)};
     }
+    Share s(x, offsets, tokens, weights, inter);  // after every part's check
     // A task's outputs: SPAN blocks of LANES where they divide the matrix's outputs and leave every thread two
     // tasks or more (at::parallel_for hands each thread a run of whole tasks: fewer, larger tasks would idle
     // threads of a many-core machine, where one expert's gate and up make 24), else one block.
