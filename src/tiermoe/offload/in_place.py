@@ -200,14 +200,11 @@ class InPlaceMisses:
     def _follow_slots(self, layers) -> None:
         """The GPU's slot owners and listed victims of `layers` from the host's view (staged admission
         keeps them; the copy path and admission by copies do not)."""
-        owner = torch.full((len(self.owner),), -1, dtype=torch.long)
-        for layer in layers:
-            for slot, e in self.store.pool.layers[layer].expert_of.items():
-                owner[slot] = e
         for layer in layers:
             part = self.store.pool.layers[layer]
+            owner = torch.tensor([part.expert_of.get(slot, -1) for slot in part.slots], dtype=torch.long)
             self.owner[part.slots.start : part.slots.stop].copy_(
-                self.store.copier.to_device(owner[part.slots.start : part.slots.stop], self.store.device)
+                self.store.copier.to_device(owner, self.store.device)
             )
         self._list_victims(layers)
 

@@ -347,6 +347,16 @@ inline __m512i nibble_dot(__m512i words, __m512i even, __m512i odd) {
     return _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 #endif
 }
+
+// One qweight row's B blocks (row: its first block's words) against one int8 term of its inputs (codes
+// packed even and odd, the term's scale), into acc: a row's main term and an outlier row's residual.
+template <int64_t B>
+inline void add_row(const int32_t* row, int32_t even, int32_t odd, float scale, __m512* acc) {
+    const __m512i e = _mm512_set1_epi32(even), o = _mm512_set1_epi32(odd);
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t b = 0; b < B; b++)
+        acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_dot(_mm512_loadu_si512(row + b * LANES), e, o)), s, acc[b]);
+}
 #elif defined(TIERMOE_INT8_256)
 inline __m256i nibble_dot(__m256i words, __m256i even, __m256i odd) {
     const __m256i low = _mm256_set1_epi32(0x0F0F0F0F);
@@ -357,6 +367,18 @@ inline __m256i nibble_dot(__m256i words, __m256i even, __m256i odd) {
     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 #endif
+}
+
+// As the AVX-512 add_row, in two halves of 8 lanes a block.
+template <int64_t B>
+inline void add_row(const int32_t* row, int32_t even, int32_t odd, float scale, __m256 (*acc)[2]) {
+    const __m256i e = _mm256_set1_epi32(even), o = _mm256_set1_epi32(odd);
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int64_t b = 0; b < B; b++)
+        for (int h = 0; h < 2; h++) {
+            const __m256i dot = nibble_dot(_mm256_loadu_si256((const __m256i*)(row + b * LANES + 8 * h)), e, o);
+            acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[b][h]);
+        }
 }
 #endif
 
@@ -388,23 +410,13 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
             const int32_t* ahead = qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + n0;  // the last row at the end
-            const __m512i even = _mm512_set1_epi32(in.even[i]), odd = _mm512_set1_epi32(in.odd[i]);
-            const __m512 scale = _mm512_set1_ps(in.scale[i]);
+            for (int64_t b = 0; b < B; b++) _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
             xs += in.sum[i];
-            for (int64_t b = 0; b < B; b++) {
-                _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
-                const __m512i dot = nibble_dot(_mm512_loadu_si512(qw + i * N + n0 + b * LANES), even, odd);
-                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
-            }
+            add_row<B>(qw + i * N + n0, in.even[i], in.odd[i], in.scale[i], acc);
         }
         for (; f < in.fines && in.fine[f] < (g + 1) * G / 8; f++) {  // the group's outlier rows' residual terms
             const int64_t i = in.fine[f];
-            const __m512i even2 = _mm512_set1_epi32(in.even2[i]), odd2 = _mm512_set1_epi32(in.odd2[i]);
-            const __m512 scale2 = _mm512_set1_ps(in.scale2[i]);
-            for (int64_t b = 0; b < B; b++) {
-                const __m512i dot = nibble_dot(_mm512_loadu_si512(qw + i * N + n0 + b * LANES), even2, odd2);
-                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale2, acc[b]);
-            }
+            add_row<B>(qw + i * N + n0, in.even2[i], in.odd2[i], in.scale2[i], acc);
         }
         for (int64_t b = 0; b < B; b++) {
             float zeros[LANES];
@@ -427,29 +439,13 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
         float xs = 0.f;
         for (int64_t i = g * G / 8; i < (g + 1) * G / 8; i++) {
             const int32_t* ahead = qw + std::min(i + PREFETCH_ROWS, K / 8 - 1) * N + n0;  // the last row at the end
-            const __m256i even = _mm256_set1_epi32(in.even[i]), odd = _mm256_set1_epi32(in.odd[i]);
-            const __m256 scale = _mm256_set1_ps(in.scale[i]);
+            for (int64_t b = 0; b < B; b++) _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
             xs += in.sum[i];
-            for (int64_t b = 0; b < B; b++) {
-                _mm_prefetch(reinterpret_cast<const char*>(ahead + b * LANES), _MM_HINT_T0);
-                const int32_t* row = qw + i * N + n0 + b * LANES;
-                for (int h = 0; h < 2; h++) {
-                    const __m256i dot = nibble_dot(_mm256_loadu_si256((const __m256i*)(row + 8 * h)), even, odd);
-                    acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[b][h]);
-                }
-            }
+            add_row<B>(qw + i * N + n0, in.even[i], in.odd[i], in.scale[i], acc);
         }
         for (; f < in.fines && in.fine[f] < (g + 1) * G / 8; f++) {  // the group's outlier rows' residual terms
             const int64_t i = in.fine[f];
-            const __m256i even2 = _mm256_set1_epi32(in.even2[i]), odd2 = _mm256_set1_epi32(in.odd2[i]);
-            const __m256 scale2 = _mm256_set1_ps(in.scale2[i]);
-            for (int64_t b = 0; b < B; b++) {
-                const int32_t* row = qw + i * N + n0 + b * LANES;
-                for (int h = 0; h < 2; h++) {
-                    const __m256i dot = nibble_dot(_mm256_loadu_si256((const __m256i*)(row + 8 * h)), even2, odd2);
-                    acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale2, acc[b][h]);
-                }
-            }
+            add_row<B>(qw + i * N + n0, in.even2[i], in.odd2[i], in.scale2[i], acc);
         }
         for (int64_t b = 0; b < B; b++) {
             float zeros[LANES];
