@@ -186,14 +186,15 @@ if [[ ${CENSUS:-0} == 1 && -f $SYNTH/olmoe-1b-7b/tiermoe_synth.json ]]; then
     fi
 fi
 [[ ${AB_AFTER:-0} == 1 ]] && ab_runs
-# TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure);
+# TIMELINE=1: a profiler timeline of two capped Qwen3 decode steps per miss path (issue 13's overlap figure;
+# TIMELINE_PATHS, default copy in-place staged);
 # TIMELINE_EXPERTS=int4: of the int4 experts (issue 12's 80 tok/s), generated in memory first if missing.
 # The checkpoint is made here when no Qwen3 suite made it (its dense weights, the experts in memory).
 if [[ ${TIMELINE:-0} == 1 ]]; then
     model=$SYNTH/qwen3-30b-a3b${TIMELINE_EXPERTS:+-$TIMELINE_EXPERTS}
     [[ -f $model/tiermoe_synth.json ]] || python3 -m tiermoe.cli synth --preset qwen3-30b-a3b --out "$model" --dtype bf16 \
         --experts-in-memory ${TIMELINE_EXPERTS:+--experts $TIMELINE_EXPERTS} > "$W/timeline-synth.log" 2>&1
-    for path in copy in-place; do
+    for path in ${TIMELINE_PATHS:-copy in-place staged}; do
         stem=timeline-qwen3${TIMELINE_EXPERTS:+-$TIMELINE_EXPERTS}-8g-$path-$(date -u +%Y%m%dT%H%M%SZ)
         python3 -m tiermoe.bench.timeline --model "$model" --gpu-budget 8 --miss-path $path --tokens 2 \
             --out "$W/$stem.json" > "$W/timeline-$path.log" 2>&1

@@ -263,6 +263,7 @@ def test_settings_pair_engines_with_budgets_and_variants():
     assert run.parse_variants("lfu+noprefetch+in-place") == [{**lfu_off, "miss_path": "in-place"}]
     assert run.parse_variants("lfu+in-place+noprefetch") == [{**lfu_off, "miss_path": "in-place"}]
     assert run.parse_variants("lfu+noprefetch+cpu") == [{**lfu_off, "cpu_compute": True}]
+    assert run.parse_variants("lfu+staged+noprefetch") == [{**lfu_off, "miss_path": "staged"}]
     assert run._settings([4.0, None], ["hf", "hf-offload"], [lru, lfu_off]) == [
         ("tiermoe", 4.0, lru),
         ("tiermoe", 4.0, lfu_off),
@@ -284,8 +285,10 @@ def test_settings_pair_engines_with_budgets_and_variants():
         ("tiermoe", None, {**lru, **uniform}),
         ("tiermoe", None, {**lru, **szd}),
     ]
-    for bad in ("lru+fast", "lru+in-place+in-place", "lfu+in-place+cpu"):
-        with pytest.raises(InvalidRequestError, match="POLICY\\[\\+noprefetch\\]\\[\\+in-place\\|\\+cpu\\]"):
+    for bad in ("lru+fast", "lru+in-place+in-place", "lfu+in-place+cpu", "lfu+staged+in-place"):
+        with pytest.raises(
+            InvalidRequestError, match=r"POLICY\[\+noprefetch\]\[\+in-place\|\+staged\|\+cpu\]"
+        ):
             run.parse_variants(bad)
 
 

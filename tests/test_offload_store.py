@@ -229,8 +229,7 @@ def test_staged_misses_are_admitted_as_the_copy_path_admits_them(model):
     pytest.importorskip("triton")
     path, resident = model
     copied = tiered(path, resident, slots=2, prefetch=False)
-    staged = tiered(path, resident, slots=2, miss_path="in-place")
-    staged.provider.in_place.use_staging(True)
+    staged = tiered(path, resident, slots=2, miss_path="staged")
     expected = resident.generate(PROMPT, GREEDY)[0].token_ids
     runs = {name: llm.generate(PROMPT, GREEDY)[0] for name, llm in (("copied", copied), ("staged", staged))}
     assert runs["copied"].token_ids == runs["staged"].token_ids == expected
@@ -264,8 +263,7 @@ def test_staged_admissions_of_short_prompts_are_taken_in_before_the_copy_path_re
     stale view and computed with another expert's bytes, found by a review)."""
     pytest.importorskip("triton")
     path, resident = model
-    llm = tiered(path, resident, slots=2, miss_path="in-place")
-    llm.provider.in_place.use_staging(True)
+    llm = tiered(path, resident, slots=2, miss_path="staged")
     llm.generate(PROMPT, SamplingParams(max_tokens=1))  # the copy path's prefill fills every slot
     for prompt in ([200, 31, 8], [1, 2, 3], [250, 251, 252, 253]):
         llm.generate(prompt, SamplingParams(max_tokens=1))  # prefill only, in place
@@ -281,9 +279,8 @@ def test_two_staged_forwards_that_move_an_expert_are_taken_in_at_once(model):
     view then holds both, and every other layer its own (taking the slots in one by one lost X)."""
     pytest.importorskip("triton")
     path, resident = model
-    llm = tiered(path, resident, slots=2, miss_path="in-place")
+    llm = tiered(path, resident, slots=2, miss_path="staged")
     store, in_place = llm.provider, llm.provider.in_place
-    in_place.use_staging(True)
     llm.generate(PROMPT, SamplingParams(max_tokens=1))  # the copy path fills every slot
     x = torch.randn(1, resident.args.hidden_size, dtype=torch.bfloat16)
     w = torch.full((1, 2), 0.5)
@@ -337,10 +334,9 @@ def test_in_place_misses_staged_into_the_gpu_give_the_same_tokens(model):
     staged rows hold exactly the missed experts' host bytes."""
     pytest.importorskip("triton")
     path, resident = model
-    llm = tiered(path, resident, slots=2, miss_path="in-place")
+    assert tiered(path, resident, slots=2, miss_path="in-place").provider.in_place.staging is None
+    llm = tiered(path, resident, slots=2, miss_path="staged")
     in_place = llm.provider.in_place
-    assert not in_place.staged and in_place.staging is None  # no workspace reserve for it (and no GPU)
-    in_place.use_staging(True)
     assert llm.generate(PROMPT, GREEDY)[0].token_ids == resident.generate(PROMPT, GREEDY)[0].token_ids
     from tiermoe.formats import triton_kernels
 

@@ -7,6 +7,8 @@ import pytest
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.engine.runner import MIN_BLOCKS
+from tiermoe.errors import InvalidRequestError
+from tiermoe.formats.swiglu import GATHER_MAX_PAIRS
 
 from .conftest import budget_gib
 from .test_offload_store import PROMPT, assert_table_follows
@@ -39,8 +41,8 @@ def test_cuda_store_matches_resident_with_and_without_prefetch(tiny_checkpoint):
     assert stats["prefetch_issued"] > 0 and stats["prefetch_hits"] > 0
 
 
-@pytest.mark.parametrize("staged", [False, True])
-def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(tiny_checkpoint, staged):
+@pytest.mark.parametrize("miss_path", ["in-place", "staged"])
+def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(tiny_checkpoint, miss_path):
     """miss_path in-place: the whole decode step is one CUDA graph; missed experts are read from pinned
     host memory by the expert kernels while admissions copy others into the two slots a layer has, on the
     side stream, as fast as the steps come (a copy that overwrote a slot a step still read would change
@@ -52,8 +54,17 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     budget = budget_gib(resident.plan, 4 * 2)
     prompts = [PROMPT, PROMPT[:4]]
     expected = [o.token_ids for o in resident.generate(prompts, params)]
-    llm = LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, miss_path="in-place")
-    llm.provider.in_place.use_staging(staged)  # workspace_gib=0 leaves no reserve: the test decides
+    workspace = GATHER_MAX_PAIRS * resident.plan.expert_bytes / 2**30  # the staging buffer
+    llm = LLM(
+        path,
+        device="cuda",
+        dtype="bf16",
+        workspace_gib=workspace,
+        gpu_budget_gib=budget + workspace,
+        miss_path=miss_path,
+    )
+    staged = miss_path == "staged"
+    assert llm.provider.in_place.staged == staged
     out = llm.generate(prompts, params)
     assert [o.token_ids for o in out] == expected
     assert type(llm.engine.runner._graphs[(2, MIN_BLOCKS)]).__name__ == "DecodeGraph"
@@ -64,26 +75,12 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
     assert [o.token_ids for o in llm.generate(prompts[:1], params)] == expected[:1]  # batch 1 after batch 2
 
 
-def test_in_place_times_staging_against_reading_in_place_when_the_workspace_holds_it(tiny_checkpoint):
-    """With a workspace reserve for the staging buffer, the store times both ways at start and keeps one;
-    the tokens are the resident ones either way."""
+def test_staged_misses_without_room_in_the_workspace_are_refused_with_the_room_they_need(tiny_checkpoint):
     path, _ = tiny_checkpoint("qwen3_moe", "per_expert", num_hidden_layers=4)
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
     resident = LLM(path, device="cuda", dtype="bf16", workspace_gib=0)
-    workspace = 16 * resident.plan.expert_bytes / 2**30  # GATHER_MAX_PAIRS experts
-    budget = budget_gib(resident.plan, 4 * 2) + workspace
-    llm = LLM(
-        path,
-        device="cuda",
-        dtype="bf16",
-        workspace_gib=workspace,
-        gpu_budget_gib=budget,
-        miss_path="in-place",
-    )
-    in_place = llm.provider.in_place
-    assert (in_place.staging is not None) == in_place.staged  # the buffer kept only when staging won
-    assert llm.generate(PROMPT, params)[0].token_ids == resident.generate(PROMPT, params)[0].token_ids
-    assert llm.provider.stats()["staged"] == in_place.staged
+    budget = budget_gib(resident.plan, 4 * 2)
+    with pytest.raises(InvalidRequestError, match=r"raise --workspace to 0\.0\d GiB"):
+        LLM(path, device="cuda", dtype="bf16", workspace_gib=0, gpu_budget_gib=budget, miss_path="staged")
 
 
 def test_misses_computed_on_the_cpu_beside_copies_match_resident(tiny_checkpoint):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import InvalidRequestError
 
-MISS_PATHS = ("copy", "in-place")  # EngineConfig.miss_path
+MISS_PATHS = ("copy", "in-place", "staged")  # EngineConfig.miss_path
 DENSE_WEIGHTS = ("auto", "dequantized", "fp8")  # EngineConfig.dense_weights
 PRESETS = ("latency", "throughput", "balanced", "auto")  # --preset: the planner's picks (planner.py)
 
@@ -94,8 +94,10 @@ class EngineConfig:
     miss_path: str = _setting(
         "copy",
         "how decode reaches an expert missing from the GPU: copy (into a slot, then compute; a host "
-        "round trip per layer) or in-place (the kernel reads it from pinned host memory, the step one "
-        "CUDA graph; it is admitted to a slot after the step)",
+        "round trip per layer), in-place (the kernel reads it from pinned host memory, the step one "
+        "CUDA graph; it is admitted to a slot after the step when it earns one) or staged (the step one "
+        "CUDA graph; a kernel copies each miss into a victim slot, which admits it, and computes it from "
+        "there; needs the workspace to hold 16 experts)",
     )
     cpu_compute: bool = _setting(
         False,

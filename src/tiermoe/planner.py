@@ -78,7 +78,6 @@ class Costs:
     step_s: float  # the rest of a step: dense layers, the experts' compute, sampling
     calibrated: bool = False  # step_s from a measured run of this model (else estimated)
     disk_s: float = 0.0  # one expert read from the checkpoint (O_DIRECT); 0: its experts are not on disk
-    staged: bool = False  # in-place stages misses into victim slots (the workspace holds the buffer)
 
 
 @dataclass
@@ -139,10 +138,10 @@ def simulate(
     hence its hit rate, and the seconds its traffic takes (batch-1 decode: one token a step).
     host_slots: the host cache's experts when it cannot hold them all (None: it holds them all)."""
     parts = {layer: LayerSlots(range(n), layout.eviction) for layer, n in quotas.items()}
-    # in-place: a candidate only where the host cache holds every expert; staged, a miss is admitted as
-    # on the copy path, by a kernel's copy with no host round trip
-    staged = layout.miss_path == "in-place" and costs.staged
-    if layout.miss_path == "in-place" and not staged:
+    # in-place and staged: candidates only where the host cache holds every expert; staged, a miss is
+    # admitted as on the copy path, by a kernel's copy with no host round trip
+    staged = layout.miss_path == "staged"
+    if layout.miss_path == "in-place":
         return _in_place(admissions(trace), parts, trace.num_experts, costs)
     traffic = Traffic()
     steps = set()

@@ -48,7 +48,8 @@ def plan_path(model_dir: str | Path, config: EngineConfig) -> Path:
 
 def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout, MemoryPlan]]:
     """The candidate grid and each one's memory plan: eviction (lfu, lru) x miss path (copy, copy with CPU
-    compute where measured, in-place where the host cache holds every expert) x KV reserve (the default,
+    compute where measured, in-place and staged where the host cache holds every expert, staged where the
+    workspace holds its buffer) x KV reserve (the default,
     half, a quarter: fewer KV tokens leave more expert slots). Infeasible candidates are left out."""
     context = from_config(hf_config)[2].context_len(base.max_model_len)
     default_kv = base.kv_reserve_tokens or min(context, DEFAULT_KV_TOKENS)
@@ -65,6 +66,8 @@ def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout
                 out.append((Layout(eviction, "copy", True, kv), plan))
             if plan.host_slots >= plan.total_experts and base.torch_device.type == "cuda":
                 out.append((Layout(eviction, "in-place", False, kv), plan))
+                if GATHER_MAX_PAIRS * plan.expert_bytes <= plan.workspace_bytes:  # the staging buffer
+                    out.append((Layout(eviction, "staged", False, kv), plan))
     return out
 
 
@@ -97,8 +100,6 @@ def measure_costs(hf_config: dict, config: EngineConfig, plan: MemoryPlan) -> Co
         cpu=cpu_compute.measure(fmt, list(bank), fmt.empty(1, device)[0], dtype),
         layer_s=round_trip_s(device, args.top_k),
         step_s=plan.dense_bytes / hbm if hbm else 0.0,
-        # where offload/in_place.py has room to stage (it also times reading in place: staging won on the H100)
-        staged=cuda and GATHER_MAX_PAIRS * fmt.nbytes <= plan.workspace_bytes,
     )
 
 
@@ -244,7 +245,7 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
         f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s{estimate}"
     )
     merged = {**Layout.options_of(picked), **kwargs}  # the flags given win
-    if merged["cpu_compute"] and merged["miss_path"] == "in-place":  # a flag given against the pick
+    if merged["cpu_compute"] and merged["miss_path"] != "copy":  # a flag given against the pick
         if "miss_path" in kwargs:
             merged["cpu_compute"] = False
         else:

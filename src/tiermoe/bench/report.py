@@ -73,7 +73,7 @@ def variant_name(run: dict) -> str:
         return f"{run.get('experts_dtype') or run.get('llama_cpp_format') or ''} {run['llama_cpp_setting']}".strip()
     if run.get("gpu_budget_gib") is None or not run.get("eviction"):
         return ""
-    in_place = " in-place" if run.get("miss_path") == "in-place" else ""
+    in_place = "" if run.get("miss_path", "copy") == "copy" else f" {run['miss_path']}"
     cpu = " cpu" if run.get("cpu_compute") else ""
     return run["eviction"] + ("" if run.get("prefetch", True) else " no-prefetch") + in_place + cpu
 

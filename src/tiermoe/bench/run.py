@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import planning
-from ..config import EngineConfig
+from ..config import MISS_PATHS, EngineConfig
 from ..errors import BudgetError, InvalidRequestError
 from ..formats.dense import DenseFormat
 from ..formats.registry import format_for
@@ -38,6 +38,7 @@ from .shapes import bytes_per_element
 from .synth import read_synth_info
 from .workload import Workload
 
+MISS_FLAGS = ("in-place", "staged", "cpu")  # a variant's miss path flags (cpu: copy with CPU compute)
 STORE_OPTIONS = ("eviction", "prefetch", "miss_path", "cpu_compute")  # a variant's settings, kept in its run
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}
@@ -170,7 +171,7 @@ PEER_ROUTING_NOTES = {
 
 
 def parse_variants(value: str | None) -> list[dict]:
-    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+cpu` -> tiermoe options per variant
+    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+staged,lfu+cpu` -> tiermoe options per variant
     (eviction policy, prefetch, miss path, CPU compute of misses); None: the engine's defaults."""
     defaults = EngineConfig()
     if not value:
@@ -187,19 +188,20 @@ def parse_variants(value: str | None) -> list[dict]:
         policy, *flags = item.strip().split("+")
         if (
             policy not in POLICIES
-            or not set(flags) <= {"noprefetch", "in-place", "cpu"}
+            or not set(flags) <= {"noprefetch", *MISS_FLAGS}
             or len(set(flags)) < len(flags)
-            or {"in-place", "cpu"} <= set(flags)
+            or len(set(flags) & set(MISS_FLAGS)) > 1
         ):
             raise InvalidRequestError(
-                f"--variants items are POLICY[+noprefetch][+in-place|+cpu] with POLICY one of {', '.join(POLICIES)}; "
+                f"--variants items are POLICY[+noprefetch][+in-place|+staged|+cpu] with POLICY one of "
+                f"{', '.join(POLICIES)}; "
                 f"got {item!r}",
                 param="variants",
             )
         variants.append({
             "eviction": policy,
             "prefetch": "noprefetch" not in flags,
-            "miss_path": "in-place" if "in-place" in flags else defaults.miss_path,
+            "miss_path": next((f for f in flags if f in MISS_PATHS), defaults.miss_path),
             "cpu_compute": "cpu" in flags,
         })  # fmt: skip
     return variants
@@ -638,8 +640,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--variants",
         default=None,
-        help="tiermoe settings to compare when capped: POLICY[+noprefetch][+in-place|+cpu], comma-separated "
-        "(e.g. lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+noprefetch+cpu; default: the "
+        help="tiermoe settings to compare when capped: POLICY[+noprefetch][+in-place|+staged|+cpu], comma-separated "
+        "(e.g. lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+staged,lfu+noprefetch+cpu; default: the "
         "engine's own, lfu without prefetch, misses copied, none computed on the CPU)",
     )
     p.add_argument(

@@ -1,7 +1,7 @@
 """`python -m tiermoe.bench.timeline`: a torch-profiler timeline of a few decode steps, how much of the
 copy stream's time overlaps the compute stream's, and the kernels a step launches.
 
-    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8|none [--miss-path in-place] [--tokens 4] [--batch 16]
+    python -m tiermoe.bench.timeline --model DIR --gpu-budget 8|none [--miss-path in-place|staged] [--tokens 4] [--batch 16]
 
 Writes the Chrome trace (open it in chrome://tracing or Perfetto) to bench/results/timeline-<date>.json
 beside a summary: the decode steps' wall time, the time kernels ran, the time host-to-device copies ran
@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import MISS_PATHS
 from ..provenance import RESULTS_DIR, run_metadata, timestamp, write_json
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gpu-budget", required=True, help="GiB (a capped run moves experts), or none: every expert resident"
     )
-    p.add_argument("--miss-path", default="copy", choices=("copy", "in-place"))
+    p.add_argument("--miss-path", default="copy", choices=MISS_PATHS)
     p.add_argument("--routing", default=None, help="as tiermoe bench (default: szd on synthetic checkpoints)")
     p.add_argument("--tokens", type=int, default=4, help="decode steps to profile (after a warm-up)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")

@@ -6,10 +6,11 @@ GPU slot once admitted there, else its copy in the pinned host cache, which the 
 the whole decode step is one CUDA graph. Each step writes its routed ids to a device buffer; after the
 step (the engine has its tokens, so the GPU is done) the host reads them and counts hits and misses.
 
-Two ways to read a miss, the faster kept (timed once on this GPU): the expert kernels read it over PCIe
-themselves, or a wide copy kernel first stages the layer's missed experts into HBM (the same zero-copy
-reads, but as many of them in flight as the bus takes) and the kernels read every pair from HBM. The
-GEMV's own reads of host memory were measured at 16 GB/s against the bus's 50.
+Two ways to read a miss, one per miss path: in-place, the expert kernels read it over PCIe themselves;
+staged, a wide copy kernel first stages the layer's missed experts into HBM (the same zero-copy reads,
+but as many of them in flight as the bus takes) and the kernels read every pair from HBM. The GEMV's own
+reads of host memory were measured at 16 GB/s against the bus's 50. Which is faster depends on the hit
+rate each keeps, not only on one layer's kernels (bench/NOTES.md 43): the planner simulates both.
 
 Staged, the copy is the admission: each missed expert is copied into a victim slot of its layer, chosen
 on the GPU from a list the host gives (the policy's next victims, a slot the step routes skipped), the
@@ -58,21 +59,30 @@ class InPlaceMisses:
     """The in-place decode path of a TieredExpertStore: table int64 [MoE layers, experts] of addresses
     on the device, routed int64 [MoE layers, most pairs a graph-safe step has] of the last step's ids."""
 
-    def __init__(self, store, top_k: int):
+    def __init__(self, store, top_k: int, staged: bool = False):
         self.store, self.top_k = store, top_k
         fmt, host, plan = store.format, store.host, store.plan
+        path = "staged" if staged else "in-place"
         if not fmt.kernels:
             raise InvalidRequestError(
-                f"miss_path in-place needs a decode kernel for {fmt.name} experts", "miss_path"
+                f"miss_path {path} needs a decode kernel for {fmt.name} experts", "miss_path"
             )
         if store.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
-            raise InvalidRequestError("miss_path in-place needs a CUDA GPU", "miss_path")
+            raise InvalidRequestError(f"miss_path {path} needs a CUDA GPU", "miss_path")
         layers = list(plan.quotas)
         if host.capacity < len(layers) * store.num_experts:
             raise InvalidRequestError(
-                f"miss_path in-place reads missed experts from host memory, so all {len(layers) * store.num_experts} "
+                f"miss_path {path} reads missed experts from host memory, so all {len(layers) * store.num_experts} "
                 f"must fit the host cache ({host.capacity} do): raise --cpu-budget to "
                 f"{len(layers) * store.num_experts * fmt.nbytes / 2**30:.1f} GiB or use miss_path copy",
+                "miss_path",
+            )
+        staging_bytes = GATHER_MAX_PAIRS * fmt.nbytes
+        # Off the GPU (Triton's interpreter, the tests) host memory is not the plan's to budget.
+        if staged and store.device.type == "cuda" and staging_bytes > plan.workspace_bytes:
+            raise InvalidRequestError(
+                f"miss_path staged stages a step's misses in the workspace reserve: raise --workspace to "
+                f"{staging_bytes / 2**30:.2f} GiB (it is {plan.workspace_bytes / 2**30:.2f}) or use in-place",
                 "miss_path",
             )
         self.row = {layer: r for r, layer in enumerate(layers)}
@@ -98,26 +108,14 @@ class InPlaceMisses:
         self.pending: list[tuple[int, int, int, object]] = []  # (layer, expert, slot, copy event)
         self.routed = torch.zeros(len(layers), GATHER_MAX_PAIRS, dtype=torch.long, device=store.device)
         self.recent = RoutedCounts(layers, store.num_experts)  # the admission test's counts
-        # A graph-safe step's missed experts, staged for its kernels: out of the plan's workspace reserve,
-        # and only where staging is the faster way (or the reserve has no room: then read in place).
+        # Staged, a graph-safe step's missed experts land here when no listed victim takes them: out of
+        # the plan's workspace reserve.
         self.pair_ids = torch.arange(GATHER_MAX_PAIRS, device=store.device)  # pair p reads address p
-        self.staging: torch.Tensor | None = None
-        if store.device.type == "cuda" and GATHER_MAX_PAIRS * fmt.nbytes <= plan.workspace_bytes:
-            self.use_staging(True)
-            self.use_staging(self._staging_is_faster())
+        self.staging = fmt.empty(GATHER_MAX_PAIRS, store.device) if staged else None
 
     @property
     def staged(self) -> bool:
         return self.staging is not None
-
-    def use_staging(self, on: bool) -> None:
-        """Stage misses into HBM (its buffer allocated) or read them in place (freed). Set before the
-        first decode graph is captured: a graph keeps the path it was captured with."""
-        if on != self.staged:
-            self.settle()
-            self.staging = self.store.format.empty(GATHER_MAX_PAIRS, self.store.device) if on else None
-            for layer in self.row:  # admissions still copying land, and the table and owners are the host's
-                self.sync_layer(layer)
 
     def graph_safe(self, tokens: int) -> bool:
         # The GEMV over an address table (and the staging buffer) take a decode step's few pairs.
@@ -137,27 +135,6 @@ class InPlaceMisses:
             table = triton_kernels.stage(table, ids, self.store.pool.flat, self.staging, admit)
             ids = self.pair_ids[: ids.numel()].view(ids.shape)
         return triton_kernels.mlp_at(self.store.format, x, ids, weights, table)
-
-    def _staging_is_faster(self, layers: int = 8) -> bool:
-        """Time a decode layer of top_k pairs whose experts all miss, read in place and staged, over
-        `layers` layers' distinct experts (after one warm-up layer), so that no read comes from a cache."""
-        fmt, device = self.store.format, self.store.device
-        rows = self.host_addr[: layers + 1].to(device)
-        n = min(self.top_k, self.store.num_experts)
-        x = torch.randn(1, fmt.hidden, dtype=torch.bfloat16, device=device)
-        ids = torch.arange(n, device=device).view(1, n)
-        weights = torch.full((1, n), 1.0 / n, device=device)
-        seconds = []
-        for staged in (False, True):
-            self._mlp(x, ids, weights, rows[0], staged)  # compiles
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for table in rows[1:] if len(rows) > 1 else rows:  # one MoE layer: its own experts again
-                self._mlp(x, ids, weights, table, staged)
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end))
-        return seconds[1] < seconds[0]
 
     def settle(self) -> None:
         """Take in what staged forwards admitted on the GPU since the last settle (any forward of few

@@ -123,7 +123,7 @@ class TieredExpertStore:
         self.stats_ = StoreStats()
         self._host_counts = (self.host.source_reads, self.host.wait_s)  # counted into stats_ so far
         self.miss_path = miss_path
-        self.in_place = InPlaceMisses(self, top_k) if miss_path == "in-place" else None
+        self.in_place = InPlaceMisses(self, top_k, miss_path == "staged") if miss_path != "copy" else None
         self.cpu_costs = cpu_costs
         self.recent = RoutedCounts(list(plan.quotas), num_experts)  # the CPU split's ranking
 
@@ -169,7 +169,6 @@ class TieredExpertStore:
             policy=self.policy,
             prefetch=self.prefetch,
             miss_path=self.miss_path,
-            staged=bool(self.in_place and self.in_place.staged),  # in place: misses staged into HBM first
             cpu_compute=self.cpu_costs is not None,
             gpu_slots=len(self.pool),
             # fewer than top-k: a decode token's misses take several waves a layer (bench/NOTES.md 37)
