@@ -213,8 +213,10 @@ namespace {
 
 constexpr int64_t LANES = 16;  // outputs of one block: one cache line of a qweight row
 // qweight rows read ahead (each a line N x 4 bytes past the last, where the hardware's prefetchers do
-// not follow): 1.3x one thread's speed and 1.5x two threads' on the CPU machine (8 beat 4, 16, 32, 64)
-constexpr int64_t PREFETCH_ROWS = 8;
+// not follow): 1.3x one thread's speed and 1.5x two threads' on the CPU machine; 16 since the zero points
+// are unpacked in registers (8 beat 4, 16, 32, 64 before; now 16 is 1.15x 8 on one thread from DRAM, level
+// on two, bench/NOTES.md 44)
+constexpr int64_t PREFETCH_ROWS = 16;
 
 constexpr int64_t SPAN = 4;  // lane blocks a task computes together where they divide the outputs
 
@@ -357,6 +359,15 @@ inline void add_row(const int32_t* row, int32_t even, int32_t odd, float scale, 
     for (int64_t b = 0; b < B; b++)
         acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_dot(_mm512_loadu_si512(row + b * LANES), e, o)), s, acc[b]);
 }
+// zero[g, n] of outputs n0 .. n0 + LANES as floats: the two qzeros words (8 outputs each, output n in
+// bits 4 (n % 8)) broadcast to their halves and shifted per lane (16 scalar extractions cost 25-39 % of the
+// speed where many tokens share an expert, measured by a review).
+inline __m512 zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0) {
+    const int32_t* z = qz + g * (N / 8) + n0 / 8;
+    const __m512i words = _mm512_mask_set1_epi32(_mm512_set1_epi32(z[0]), 0xFF00, z[1]);
+    const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), _mm512_set1_epi32(15)));
+}
 #elif defined(TIERMOE_INT8_256)
 inline __m256i nibble_dot(__m256i words, __m256i even, __m256i odd) {
     const __m256i low = _mm256_set1_epi32(0x0F0F0F0F);
@@ -380,8 +391,14 @@ inline void add_row(const int32_t* row, int32_t even, int32_t odd, float scale, 
             acc[b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[b][h]);
         }
 }
-#endif
 
+// As the AVX-512 zeros_of, half h (outputs n0 + 8 h .. n0 + 8 h + 8): one qzeros word.
+inline __m256 zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0, int h) {
+    const __m256i word = _mm256_set1_epi32(qz[g * (N / 8) + n0 / 8 + h]);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(15)));
+}
+#else
 // zero[g, n] of outputs n0 .. n0 + LANES (qzeros int32 [K / G, N / 8], output n in bits 4 (n % 8)), as floats
 inline void zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0, float* zeros) {
     for (int64_t l = 0; l < LANES; l++) {
@@ -389,6 +406,7 @@ inline void zeros_of(const int32_t* qz, int64_t N, int64_t g, int64_t n0, float*
         zeros[l] = static_cast<float>((qz[g * (N / 8) + n / 8] >> (4 * (n % 8))) & 15);
     }
 }
+#endif
 
 // Outputs n0 .. n0 + B x LANES of one 4-bit matrix in the GPTQ layout (qweight int32 [K / 8, N], input
 // 8 i + j in bits 4 j of row i; qzeros int32 [K / G, N / 8]; scales fp16 [K / G, N];
@@ -419,11 +437,9 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
             add_row<B>(qw + i * N + n0, in.even2[i], in.odd2[i], in.scale2[i], acc);
         }
         for (int64_t b = 0; b < B; b++) {
-            float zeros[LANES];
-            zeros_of(qz, N, g, n0 + b * LANES, zeros);
             const __m512 scale =
                 _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * N + n0 + b * LANES)));
-            const __m512 codes = _mm512_fnmadd_ps(_mm512_loadu_ps(zeros), _mm512_set1_ps(xs), acc[b]);
+            const __m512 codes = _mm512_fnmadd_ps(zeros_of(qz, N, g, n0 + b * LANES), _mm512_set1_ps(xs), acc[b]);
             total[b] = _mm512_fmadd_ps(scale, codes, total[b]);
         }
     }
@@ -448,12 +464,11 @@ void int4_blocks(const int32_t* qw, const int32_t* qz, const at::Half* sc, int64
             add_row<B>(qw + i * N + n0, in.even2[i], in.odd2[i], in.scale2[i], acc);
         }
         for (int64_t b = 0; b < B; b++) {
-            float zeros[LANES];
-            zeros_of(qz, N, g, n0 + b * LANES, zeros);
             for (int h = 0; h < 2; h++) {
                 const __m256 scale = _mm256_cvtph_ps(
                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * N + n0 + b * LANES + 8 * h)));
-                const __m256 codes = _mm256_fnmadd_ps(_mm256_loadu_ps(zeros + 8 * h), _mm256_set1_ps(xs), acc[b][h]);
+                const __m256 zeros = zeros_of(qz, N, g, n0 + b * LANES, h);
+                const __m256 codes = _mm256_fnmadd_ps(zeros, _mm256_set1_ps(xs), acc[b][h]);
                 total[b][h] = _mm256_fmadd_ps(scale, codes, total[b][h]);
             }
         }
