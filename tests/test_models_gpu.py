@@ -127,6 +127,9 @@ def test_graphs_of_several_shapes_share_one_pool(tiny_checkpoint, capped):
         assert [o.token_ids for o in graphed.generate(prompts, params)] == [
             o.token_ids for o in eager.generate(prompts, params)
         ]
-        pools.append(held_gpu_memory(graphed.device)["graphs"])
+        held = held_gpu_memory(graphed.device)
+        pools.append(held["graphs"])
+        largest = sum(mib * count for mib, count in held["default_largest_mib"])
+        assert 0 < largest <= held["default"] * 1024 + 0.01  # some of the default pool's blocks, not more
     assert len({batch for batch, _ in graphed.engine.runner._graphs}) >= 3
     assert pools[0] > 0 and max(pools) == pools[0], pools

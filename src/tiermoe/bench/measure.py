@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from .workload import Workload, median_figures, random_prompts
 ENGINES = ("tiermoe", *peers.PEERS)
 GB = 1e9
 GIB = 1 << 30
+LARGEST_BLOCKS = 8  # held_gpu_memory's largest allocated blocks listed
 # Like the timing figures, a run's traffic is the median of its timed runs.
 TRAFFIC = (*DECODE_TRAFFIC, "prefill_h2d_bytes")
 
@@ -195,17 +197,26 @@ def _timed(llm, model_dir: str, workload: Workload, setup: dict, first_run: int 
 def held_gpu_memory(device: torch.device) -> dict | None:
     """GiB the GPU holds between steps: the caching allocator's default pool, allocated (weights, KV,
     slots; what a step freed is reusable) apart from the CUDA graphs' pools, whole (their replays write
-    every captured temporary there, allocated or not), and everything reserved. None off the GPU."""
+    every captured temporary there, allocated or not), and everything reserved; the default pool's
+    allocated blocks that hold the most, [MiB a block, blocks]. None off the GPU."""
     if device.type != "cuda":
         return None
     held = {"default": 0, "graphs": 0}
+    blocks = Counter()  # the default pool's allocated blocks by size: which tensors the plan did not count
     for segment in torch.cuda.memory_snapshot():
         if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0):
             held["default"] += segment["allocated_size"]
+            blocks.update(
+                b["size"] for b in segment.get("blocks", ()) if b.get("state") == "active_allocated"
+            )
         else:
             held["graphs"] += segment["total_size"]
     reserved = torch.cuda.memory_reserved(device)
-    return {pool: size / GIB for pool, size in held.items()} | {"reserved": reserved / GIB}
+    largest = sorted(blocks.items(), key=lambda item: -item[0] * item[1])[:LARGEST_BLOCKS]
+    return {pool: size / GIB for pool, size in held.items()} | {
+        "reserved": reserved / GIB,
+        "default_largest_mib": [[round(size / 2**20, 2), count] for size, count in largest],
+    }
 
 
 def run_isolated(
