@@ -129,7 +129,8 @@ def test_graphs_of_several_shapes_share_one_pool(tiny_checkpoint, capped):
         ]
         held = held_gpu_memory(graphed.device)
         pools.append(held["graphs"])
-        largest = sum(mib * count for mib, count in held["default_largest_mib"])
-        assert 0 < largest <= held["default"] * 1024 + 0.01  # some of the default pool's blocks, not more
+        listed = held["default_largest_mib"]
+        rounding = sum(0.005 * count for _, count in listed)  # MiB are rounded to 2 places
+        assert 0 < sum(mib * count for mib, count in listed) <= held["default"] * 1024 + rounding
     assert len({batch for batch, _ in graphed.engine.runner._graphs}) >= 3
     assert pools[0] > 0 and max(pools) == pools[0], pools

@@ -64,7 +64,6 @@ def test_in_place_misses_on_cuda_match_resident_in_one_graph_with_a_tiny_pool(ti
         miss_path=miss_path,
     )
     staged = miss_path == "staged"
-    assert llm.provider.in_place.staged == staged
     out = llm.generate(prompts, params)
     assert [o.token_ids for o in out] == expected
     assert type(llm.engine.runner._graphs[(2, MIN_BLOCKS)]).__name__ == "DecodeGraph"

@@ -31,6 +31,9 @@ GB = 1e9
 CALIBRATION_PROMPT, CALIBRATION_TOKENS = 128, 48  # tokens of the calibration run (bench's Qwen3 workload)
 ROUND_TRIPS = 200  # timed host round trips (the copy path's per-layer cost)
 # The settings a plan depends on besides the ones it chooses: a plan saved for others is not reused.
+# Plans of an older version are made again: 2, staged is its own miss path (version 1's in-place
+# candidate was simulated staged where the workspace held the buffer, and would now run read in place).
+PLAN_VERSION = 2
 PLAN_KEYS = (
     "gpu_budget_gib", "cpu_budget_gib", "workspace_gib", "kv_reserve_tokens", "experts_per_token", "device",
     "dtype", "routing", "max_model_len",
@@ -41,7 +44,12 @@ def plan_path(model_dir: str | Path, config: EngineConfig) -> Path:
     """Where the plan for this model and these settings is kept."""
     device = config.torch_device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = {"model": str(Path(model_dir).resolve()), "gpu": name, **{k: getattr(config, k) for k in PLAN_KEYS}}
+    key = {
+        "model": str(Path(model_dir).resolve()),
+        "gpu": name,
+        "version": PLAN_VERSION,
+        **{k: getattr(config, k) for k in PLAN_KEYS},
+    }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return user_cache_dir() / "plans" / f"{Path(model_dir).name}-{digest}.json"
 

@@ -43,7 +43,7 @@ def decode_traffic(stats: dict) -> dict:
     sequences, completion_tokens (the whole batch's), decode_s and experts_decode. Decoded tokens are
     completion_tokens - sequences, as in decode_tok_s: each sequence's first token comes out of prefill.
     h2d_gb_s is achieved (decode H2D bytes / decode time), not the link's ceiling. H2D bytes are every
-    byte of experts over PCIe: copied into slots, and read in place by the kernels (miss_path in-place).
+    byte of experts over PCIe: copied into slots, and read in place by the kernels (miss_path in-place and staged).
     None when nothing is offloaded (no store statistics) or nothing was decoded."""
     e = stats.get("experts_decode") or {}
     tokens = stats["completion_tokens"] - stats["sequences"]
@@ -74,7 +74,7 @@ def prefill_traffic(stats: dict) -> dict:
 
 
 def _pcie_bytes(stats: dict) -> int:
-    """Expert bytes over PCIe: copied into slots, and read in place by the kernels (miss_path in-place)."""
+    """Expert bytes over PCIe: copied into slots, and read in place by the kernels (miss_path in-place and staged)."""
     return stats.get("bytes_h2d", 0) + stats.get("bytes_in_place", 0)
 
 
@@ -203,7 +203,10 @@ def held_gpu_memory(device: torch.device) -> dict | None:
         return None
     held = {"default": 0, "graphs": 0}
     blocks = Counter()  # the default pool's allocated blocks by size: which tensors the plan did not count
+    index = device.index if device.index is not None else torch.cuda.current_device()
     for segment in torch.cuda.memory_snapshot():
+        if segment.get("device", index) != index:
+            continue
         if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0):
             held["default"] += segment["allocated_size"]
             blocks.update(

@@ -112,6 +112,8 @@ class InPlaceMisses:
         # the plan's workspace reserve.
         self.pair_ids = torch.arange(GATHER_MAX_PAIRS, device=store.device)  # pair p reads address p
         self.staging = fmt.empty(GATHER_MAX_PAIRS, store.device) if staged else None
+        if staged:  # the free slots are the first step's victims (a short first prompt stages its prefill)
+            self._list_victims(self.row)
 
     @property
     def staged(self) -> bool:
