@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -87,7 +88,12 @@ const T* part(const torch::Tensor& expert, const std::vector<int64_t>& parts, si
                 "an expert is its contiguous uint8 bytes");
     TORCH_CHECK(parts.size() >= 2 * i + 2, "a part's offset and size for every part");
     const int64_t offset = parts[2 * i], size = parts[2 * i + 1];
-    TORCH_CHECK(size == bytes, "part ", i, " is ", size, " bytes in the format, ", bytes, " by the shapes");
+    // Not TORCH_CHECK: its message with values goes to libtorch as a std::string, and that call crashed
+    // the GPU machine's torch 2.11 (a segfault at exactly this check, twice; literal messages raise
+    // fine there). An exception of our own carries the same text to Python as a RuntimeError.
+    if (size != bytes)
+        throw std::runtime_error("part " + std::to_string(i) + " is " + std::to_string(size) +
+                                 " bytes in the format, " + std::to_string(bytes) + " by the shapes");
     TORCH_CHECK(offset >= 0 && offset + bytes <= expert.numel(), "a part beyond its expert's bytes");
     const uint8_t* at = expert.data_ptr<uint8_t>() + offset;
     TORCH_CHECK(reinterpret_cast<uintptr_t>(at) % alignof(T) == 0, "a part not aligned for its type");
