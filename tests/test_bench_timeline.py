@@ -32,9 +32,9 @@ def test_overlap_counts_copy_time_under_any_kernel_once():
 def test_census_counts_launches_a_step_and_ranks_kernels_by_time():
     trace = {
         "traceEvents": [
+            event("kernel", 6, 9, "gemv"),  # traces list events by stream, not by time
             event("kernel", 0, 2, "rms_norm"),
             event("kernel", 3, 2, "rms_norm"),
-            event("kernel", 6, 9, "gemv"),
             event("kernel", 20, 1, "rms_norm"),
             event("gpu_memcpy", 0, 50, "Memcpy HtoD (Pinned -> Device)"),  # a copy, not a kernel
         ]
@@ -45,6 +45,7 @@ def test_census_counts_launches_a_step_and_ranks_kernels_by_time():
         {"name": "gemv", "launches": 1, "us": 9.0},
         {"name": "rms_norm", "launches": 3, "us": 5.0},
     ]
+    assert census["first_launches"] == ["rms_norm", "rms_norm", "gemv", "rms_norm"]  # in time order
 
 
 def test_start_decoding_leaves_only_decode_steps(tiny_checkpoint):

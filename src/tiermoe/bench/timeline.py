@@ -55,20 +55,26 @@ def overlap_summary(trace: dict) -> dict:
     }
 
 
-TOP_KERNELS = 15
+TOP_KERNELS = 40
+FIRST_LAUNCHES = 160  # a step's first launches in order: its prologue and first layers, the fusion targets
+NAME_CHARS = 100  # torch's templated kernel names run to thousands of characters
 
 
 def kernel_census(trace: dict, steps: int) -> dict:
-    """Kernels a decode step launches (all the trace's kernels over its steps) and the kernels that took
-    the most time: name, launches and microseconds in all, the most first."""
+    """Kernels a decode step launches (all the trace's kernels over its steps), the kernels that took
+    the most time (name, launches and microseconds in all, the most first), and the trace's first
+    launches in time order (names cut short)."""
     by_name: dict[str, list[float]] = {}
+    launches = []
     for e in trace.get("traceEvents", []):
         if e.get("ph") == "X" and e.get("cat") == "kernel" and "dur" in e:
             by_name.setdefault(e.get("name", "?"), []).append(float(e["dur"]))
+            launches.append((float(e["ts"]), e.get("name", "?")[:NAME_CHARS]))
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:TOP_KERNELS]
     return {
         "kernels_per_step": sum(len(v) for v in by_name.values()) / steps if steps else None,
         "top_kernels": [{"name": n, "launches": len(v), "us": sum(v)} for n, v in top],
+        "first_launches": [name for _, name in sorted(launches)[:FIRST_LAUNCHES]],
     }
 
 
