@@ -19,10 +19,10 @@ import torch
 
 from .config import EngineConfig, user_cache_dir
 from .formats.registry import format_for
-from .formats.swiglu import GATHER_MAX_PAIRS
 from .models.registry import from_config
 from .offload import cpu_compute
 from .offload.budget import MemoryPlan
+from .offload.in_place import staging_fits
 from .offload.placement import DEFAULT_KV_TOKENS, plan_from_config
 from .planner import Costs, Layout, calibrate, choose, predict
 from .routing.trace import Trace, load_trace
@@ -56,9 +56,9 @@ def plan_path(model_dir: str | Path, config: EngineConfig) -> Path:
 
 def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout, MemoryPlan]]:
     """The candidate grid and each one's memory plan: eviction (lfu, lru) x miss path (copy, copy with CPU
-    compute where measured, in-place and staged where the host cache holds every expert, staged where the
-    workspace holds its buffer) x KV reserve (the default,
-    half, a quarter: fewer KV tokens leave more expert slots). Infeasible candidates are left out."""
+    compute where measured, in-place where the host cache holds every expert, staged where it does and the
+    workspace holds the staging buffer) x KV reserve (the default, half, a quarter: fewer KV tokens leave
+    more expert slots). Infeasible candidates are left out."""
     context = from_config(hf_config)[2].context_len(base.max_model_len)
     default_kv = base.kv_reserve_tokens or min(context, DEFAULT_KV_TOKENS)
     kv_choices = sorted({default_kv, max(default_kv // 2, 256), max(default_kv // 4, 256)}, reverse=True)
@@ -74,7 +74,7 @@ def layouts(hf_config: dict, base: EngineConfig, cpu: bool) -> list[tuple[Layout
                 out.append((Layout(eviction, "copy", True, kv), plan))
             if plan.host_slots >= plan.total_experts and base.torch_device.type == "cuda":
                 out.append((Layout(eviction, "in-place", False, kv), plan))
-                if GATHER_MAX_PAIRS * plan.expert_bytes <= plan.workspace_bytes:  # the staging buffer
+                if staging_fits(plan):
                     out.append((Layout(eviction, "staged", False, kv), plan))
     return out
 

@@ -44,6 +44,15 @@ from .policy import RoutedCounts
 CANDIDATES = 2 * GATHER_MAX_PAIRS
 
 
+def staging_bytes(plan) -> int:
+    """The staged path's buffer (a graph-safe step's misses), out of a MemoryPlan's workspace reserve."""
+    return GATHER_MAX_PAIRS * plan.expert_bytes
+
+
+def staging_fits(plan) -> bool:
+    return staging_bytes(plan) <= plan.workspace_bytes
+
+
 def admits(freq: np.ndarray, e: int, part: LayerSlots, exclude: set[int]) -> bool:
     """Whether missed expert e earns a slot of its layer (freq: the layer's recent routing counts per
     expert): a free one, or e routed more often lately than the expert the policy would evict for it."""
@@ -77,12 +86,11 @@ class InPlaceMisses:
                 f"{len(layers) * store.num_experts * fmt.nbytes / 2**30:.1f} GiB or use miss_path copy",
                 "miss_path",
             )
-        staging_bytes = GATHER_MAX_PAIRS * fmt.nbytes
         # Off the GPU (Triton's interpreter, the tests) host memory is not the plan's to budget.
-        if staged and store.device.type == "cuda" and staging_bytes > plan.workspace_bytes:
+        if staged and store.device.type == "cuda" and not staging_fits(plan):
             raise InvalidRequestError(
                 f"miss_path staged stages a step's misses in the workspace reserve: raise --workspace to "
-                f"{staging_bytes / 2**30:.2f} GiB (it is {plan.workspace_bytes / 2**30:.2f}) or use in-place",
+                f"{staging_bytes(plan) / 2**30:.2f} GiB (it is {plan.workspace_bytes / 2**30:.2f}) or use in-place",
                 "miss_path",
             )
         self.row = {layer: r for r, layer in enumerate(layers)}
@@ -124,18 +132,16 @@ class InPlaceMisses:
         return tokens * self.top_k <= GATHER_MAX_PAIRS
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        row = self.row[layer]
-        self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
-        admit = (self.host_table[row], self.candidates[row], self.owner) if self.staged else None
-        self.unsettled |= self.staged
-        return self._mlp(x, ids, weights, self.table[row], self.staged, admit)
-
-    def _mlp(self, x, ids, weights, table, staged: bool, admit=None) -> torch.Tensor:
         from ..formats import triton_kernels  # triton decides compiled or interpreted at first import
 
-        if staged:  # [P] addresses; admitting, the table row and the owners change in place
+        row = self.row[layer]
+        self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
+        table = self.table[row]
+        if self.staged:  # [P] addresses; admitting, the table row and the owners change in place
+            admit = (self.host_table[row], self.candidates[row], self.owner)
             table = triton_kernels.stage(table, ids, self.store.pool.flat, self.staging, admit)
             ids = self.pair_ids[: ids.numel()].view(ids.shape)
+            self.unsettled = True
         return triton_kernels.mlp_at(self.store.format, x, ids, weights, table)
 
     def settle(self) -> None:

@@ -48,9 +48,7 @@ class StoreStats:
     host_hits: int = 0
     host_misses: int = 0  # read from the expert source (disk)
     bytes_h2d: int = 0  # copied into slots
-    bytes_in_place: int = (
-        0  # read by kernels from pinned host memory (miss_path in-place; staged: its copies), also over PCIe
-    )
+    bytes_in_place: int = 0  # read by kernels from pinned host memory (in-place, staged), also over PCIe
     bytes_disk: int = 0
     disk_s: float = 0.0
     cpu_s: float = 0.0  # host time computing experts on the CPU

@@ -365,6 +365,7 @@ inline void add_row(const int32_t* row, int32_t even, int32_t odd, float scale, 
     for (int64_t b = 0; b < B; b++)
         acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_dot(_mm512_loadu_si512(row + b * LANES), e, o)), s, acc[b]);
 }
+
 // zero[g, n] of outputs n0 .. n0 + LANES as floats: the two qzeros words (8 outputs each, output n in
 // bits 4 (n % 8)) broadcast to their halves and shifted per lane (16 scalar extractions cost 25-39 % of the
 // speed where many tokens share an expert, measured by a review).
