@@ -226,3 +226,92 @@ def test_add_rms_norm_is_the_residual_add_then_the_norm(dtype, norm):
     else:
         torch.testing.assert_close(got.cpu().float(), normed.float(), rtol=8e-3, atol=0)  # a bf16 ulp
     assert fused.add_rms_norm(x.to(DEVICE).mT, delta.to(DEVICE).mT, module.weight, 1e-6) is None
+
+
+def _attention_reference(q, keys, values, mask, sinks):
+    """SDPA's math in float64 over the gathered cache: q [B, H, 1, D], keys [B, KV, L, D], mask
+    [B, 1, 1, L]; a sink is one more logit per head with no value."""
+    b, h, _, d = q.shape
+    group = h // keys.shape[1]
+    keys, values = (x.double().repeat_interleave(group, dim=1) for x in (keys, values))
+    s = (q.double() @ keys.transpose(-1, -2)) * d**-0.5  # [B, H, 1, L]
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(b, h, 1, 1)], dim=-1)
+    p = s.softmax(-1)[..., : keys.shape[2]]
+    return (p @ values).transpose(1, 2).reshape(b, 1, h * d)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "dtype"),
+    [(32, 4, 128, torch.bfloat16), (16, 16, 64, torch.bfloat16), (8, 2, 64, torch.float32)],
+)
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_keys(
+    heads, kv_heads, d, dtype, window, split, monkeypatch
+):
+    """Rows of different lengths whose blocks are out of order, a padding row (the null block, length 0)
+    and, with split, keys spread over several programs whose partials combine; sinks on the first case."""
+    from tiermoe.models.kv_cache import BLOCK_TOKENS, KVBatch, KVCache
+
+    torch.manual_seed(5)
+    if split:
+        monkeypatch.setattr(fused, "KEYS_PER_SPLIT", 16)
+    cache = KVCache([((kv_heads, d),) * 2], num_blocks=12, dtype=dtype, device=DEVICE)
+    for pool in cache.parts[0]:
+        pool.normal_()  # stale values everywhere: what the mask hides must not count
+    tables = torch.tensor([[3, 7, 1, 9], [2, 0, 0, 0], [0, 0, 0, 0], [5, 11, 4, 0]], device=DEVICE)
+    lengths = torch.tensor([50, 9, 0, 33], device=DEVICE)
+    positions = (lengths - 1).clamp(min=0)[:, None]  # the padding row: position 0
+    slots = tables.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
+    cache.bind(KVBatch(tables, slots, positions, lengths))
+    q, k, v = (torch.randn(4, n, 1, d, device=DEVICE).to(dtype) for n in (heads, kv_heads, kv_heads))
+    sinks = torch.randn(heads, device=DEVICE) if heads == 32 else None
+    k_pool, v_pool = cache.write(0, k, v)
+    got = fused.decode_attention(q, k_pool, v_pool, tables, positions, lengths, BLOCK_TOKENS, window, sinks)
+    keys, values = cache.update(0, k, v)
+    expected = _attention_reference(q, keys, values, cache.mask(window), sinks)
+    assert got.shape == (4, 1, heads * d) and got.dtype == dtype
+    bound = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: p rounded before it weighs the values
+    assert (got.double() - expected).abs().max() < bound
+
+
+def test_decode_attention_fits_one_token_rows_of_whole_groups():
+    q = torch.randn(2, 8, 1, 64, device=DEVICE)
+    assert fused.decode_attention_fits(q, 2) and fused.decode_attention_fits(q, 8)
+    assert not fused.decode_attention_fits(q, 3)
+    assert not fused.decode_attention_fits(torch.randn(2, 8, 3, 64, device=DEVICE), 2)  # a prompt chunk
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the layers take the kernels on CUDA only")
+@pytest.mark.parametrize("sinks", [False, True])
+def test_a_decode_step_of_the_attention_layer_takes_the_paged_kernel(monkeypatch, sinks):
+    from tiermoe.models.kv_cache import BLOCK_TOKENS, KVBatch, KVCache
+    from tiermoe.models.layers import Attention, AttentionSpec
+
+    torch.manual_seed(2)
+    calls = []
+    kernel = fused.decode_attention
+    monkeypatch.setattr(fused, "decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    spec = AttentionSpec(256, 8, 2, 32, 1e-6, qk_norm="head", sliding_window=5, sinks=sinks)
+    layer = Attention(spec, 0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    outs = []
+    for device in ("cpu", "cuda"):
+        layer.to(device)
+        cache = KVCache([spec.cache_shapes()], num_blocks=4, dtype=torch.float32, device=device)
+        for pool, seed in zip(cache.parts[0], (0, 1), strict=True):
+            pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(seed)))
+        tables = torch.tensor([[2, 1], [3, 0]], device=device)
+        positions = torch.tensor([[20], [3]], device=device)
+        slots = tables.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
+        cache.bind(KVBatch(tables, slots, positions, positions[:, 0] + 1))
+        x = torch.randn(2, 1, 256, generator=torch.Generator().manual_seed(3)).to(device)
+        cos, sin = torch.ones(2, 1, 32, device=device), torch.zeros(2, 1, 32, device=device)
+        with torch.no_grad():
+            outs.append(layer(x, (cos, sin), cache).cpu())
+    assert calls == [1]  # the CUDA forward, not the CPU one
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -88,3 +88,37 @@ def test_parse_routing():
     for bad in ("bogus", "szd:phi=2", "szd:nope=1", "szd:phi=x", "trace:", "uniform:3"):
         with pytest.raises(InvalidRequestError):
             parse_routing(bad)
+
+
+def test_the_decode_kernel_routes_as_the_torch_ops():
+    """The one-launch decode step (szd_kernel.py, Triton's interpreter here) against SZDRouting's torch
+    ops over 12 steps of three rows, one of them padding, each step from the same state: the same experts,
+    scores and state, so the kernel's hashes are rng.py's bit for bit and its draws the same float32
+    formulas. Kept experts all score about 1e9 (float32 cannot tell them apart), so their order is
+    topk's tie order, which torch leaves open: compared as sets."""
+    pytest.importorskip("triton")
+    from tiermoe.routing import synthetic
+    from tiermoe.routing.szd_kernel import szd_decode
+
+    models = [SZDRouting(6, 60, 4, 3, torch.device("cpu"), CALIBRATED["qwen3_moe"]) for _ in range(2)]
+    docs = torch.tensor([7, 2, 0])
+    for m in models:
+        m.start(docs)
+    rows = torch.tensor([0, 1, 2])
+    valid = torch.tensor([[True], [True], [False]])
+    kept = 0
+    for step in range(12):
+        for name, t in models[0]._state.items():
+            models[1]._state[name].copy_(t)
+        kept += models[0]._state["prev"][:, :2].ge(0).sum().item()
+        positions = torch.tensor([[step], [step + 5], [0]])
+        models[0].step(docs, rows, positions, valid)
+        szd_decode(
+            models[1], docs, rows, positions, valid, (synthetic._EPS, synthetic._GUMBEL, synthetic._STICK)
+        )
+        assert torch.equal(models[0].ids.sort(-1).values, models[1].ids.sort(-1).values), step
+        torch.testing.assert_close(models[1].h, models[0].h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(models[1]._state["z"], models[0]._state["z"], rtol=1e-5, atol=1e-5)
+        prev = [m._state["prev"].sort(-1).values for m in models]
+        assert torch.equal(prev[0], prev[1]), step
+    assert kept == 11 * 6 * 2 * 4  # from the second step on, every row's previous experts (some kept)

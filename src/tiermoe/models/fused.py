@@ -238,3 +238,173 @@ def softmax_pick(
             NORM=normalize, enable_fp_fusion=False,
         )  # fmt: skip
     return weights
+
+
+KEYS_PER_SPLIT = 512  # keys one program of a long row's attention reads before the rows' partials combine
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_attention(
+    q_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, lengths_ptr, sinks_ptr, out_ptr, part_ptr,
+    group, window, chunk, scale, splits,
+    sqb, sqh, sks, skh, svs, svh, stb, spb,
+    D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    WINDOW: tl.constexpr, SINKS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    kv = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.arange(0, G)  # the query heads that share this key head, padded to tl.dot's 16
+    heads = kv * group + rows
+    live = rows < group
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(
+        q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=live[:, None] & dmask[None, :], other=0.0
+    )
+    qpos = tl.load(positions_ptr + b)
+    length = tl.load(lengths_ptr + b)
+    # The keys this query sees (KVCache.mask): at or before its position and written by now, inside the
+    # window; its own position always. This program reads those in its split's chunk of the row.
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, qpos + 1)
+    if WINDOW:
+        lo = tl.maximum(lo, qpos - window + 1)
+    m = tl.full([G], float("-inf"), tl.float32)
+    total = tl.zeros([G], tl.float32)
+    acc = tl.zeros([G, BLOCK_D], tl.float32)
+    for start in range(lo - lo % BLOCK_N, hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        seen = (kpos >= lo) & (kpos < hi) & ((kpos < length) | (kpos == qpos))
+        page = tl.load(tables_ptr + b * stb + kpos // PAGE, mask=seen, other=0)
+        slot = page * PAGE + kpos % PAGE
+        both = seen[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + slot[:, None] * sks + kv * skh + d[None, :], mask=both, other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * svs + kv * svh + d[None, :], mask=both, other=0.0)
+        if DOT_FP32:  # Triton's interpreter: its bf16 tl.dot is wrong
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(seen[None, :], s * scale, float("-inf"))  # [G, BLOCK_N]
+        grown = tl.maximum(m, tl.max(s, axis=1))
+        base = tl.where(grown == float("-inf"), 0.0, grown)  # a row with nothing seen yet stays empty
+        p = tl.exp(s - base[:, None])
+        keep = tl.exp(m - base)
+        total = total * keep + tl.sum(p, axis=1)
+        if DOT_FP32:
+            acc = acc * keep[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v)
+        m = grown
+    if SPLIT:  # partials [B, H, splits, 2 + D]: max, sum, weighted values; _combine_splits finishes
+        at = part_ptr + b * spb + heads * (splits * (2 + D)) + split * (2 + D)
+        tl.store(at, m, mask=live)
+        tl.store(at + 1, total, mask=live)
+        tl.store(at[:, None] + 2 + d[None, :], acc, mask=live[:, None] & dmask[None, :])
+    else:
+        _finish(
+            m,
+            total,
+            acc,
+            sinks_ptr,
+            heads,
+            live,
+            out_ptr + b * (group * tl.num_programs(1) * D),
+            d,
+            dmask,
+            D,
+            SINKS,
+        )
+
+
+@triton.jit
+def _finish(m, total, acc, sinks_ptr, heads, live, out_ptr, d, dmask, D: tl.constexpr, SINKS: tl.constexpr):
+    """Rows [G] of the softmax's max, sum and weighted values -> the output heads; a sink is one more
+    logit per head in the sum, with no value (gpt-oss)."""
+    if SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=live, other=0.0).to(tl.float32)
+        grown = tl.maximum(m, sink)
+        keep = tl.exp(m - grown)
+        total = total * keep + tl.exp(sink - grown)
+        acc = acc * keep[:, None]
+    out = acc / total[:, None]
+    tl.store(
+        out_ptr + heads[:, None] * D + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=live[:, None] & dmask[None, :],
+    )
+
+
+@triton.jit
+def _combine_splits(
+    part_ptr, sinks_ptr, out_ptr, splits, spb,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SINKS: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    heads = h + tl.arange(0, 1)  # _finish's rows: this one head
+    live = heads >= 0
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    at = part_ptr + b * spb + h * (splits * (2 + D)) + s * (2 + D)  # [BLOCK_S]
+    m = tl.load(at, mask=s < splits, other=float("-inf"))
+    total = tl.load(at + 1, mask=s < splits, other=0.0)
+    acc = tl.load(at[:, None] + 2 + d[None, :], mask=(s < splits)[:, None] & dmask[None, :], other=0.0)
+    top = tl.max(m, axis=0)  # the query's own key is in some split, so top is finite
+    w = tl.exp(m - top)  # empty splits (-inf) weigh nothing
+    _finish(
+        top + tl.zeros([1], tl.float32), tl.sum(total * w, axis=0) + tl.zeros([1], tl.float32),
+        tl.sum(acc * w[:, None], axis=0)[None, :], sinks_ptr, heads, live,
+        out_ptr + b * (tl.num_programs(1) * D), d, dmask, D, SINKS,
+    )  # fmt: skip
+
+
+def decode_attention_fits(q: torch.Tensor, kv_heads: int) -> bool:
+    """Whether decode_attention takes q [B, H, T, D]: one token a row, the last stride 1, whole groups."""
+    return q.dim() == 4 and q.shape[2] == 1 and q.stride(-1) == 1 and q.shape[1] % kv_heads == 0
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+    page: int,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One query token a row attending to its row's keys in the paged cache, in place of gathering them
+    and running SDPA (about fifteen launches a layer at batch 1, in one or two). q [B, H, 1, D] (any
+    strides, the last 1); k_pool, v_pool [slots, KV, D] with H a multiple of KV (query head h reads key
+    head h // (H / KV), as SDPA's enable_gqa pairs them); tables [B, NB] the rows' blocks of `page` slots;
+    positions [B, 1] and lengths [B] as KVBatch has them. Scale 1/sqrt(D), softmax in float32, keys masked
+    as KVCache.mask does. Returns [B, 1, H * D] in q's dtype. Shapes as `decode_attention_fits` says."""
+    b, h, _, d = q.shape
+    kv = k_pool.shape[1]
+    width = tables.shape[1] * page
+    splits = 1 if b * kv >= 128 else min(triton.cdiv(width, KEYS_PER_SPLIT), MAX_SPLITS)
+    chunk = triton.cdiv(triton.cdiv(width, splits), page) * page
+    out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
+    part = torch.empty(b, h, splits, 2 + d, dtype=torch.float32, device=q.device) if splits > 1 else out
+    positions, lengths, tables = positions.reshape(-1), lengths.reshape(-1), tables.contiguous()
+    sinks_ = sinks if sinks is not None else out
+    interpreted = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
+    _decode_attention[(b, kv, splits)](
+        q, k_pool, v_pool, tables, positions, lengths, sinks_, out, part,
+        h // kv, window or 0, chunk, d**-0.5, splits,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        tables.stride(0), part.stride(0) if splits > 1 else 0,
+        D=d, G=max(16, triton.next_power_of_2(h // kv)), BLOCK_N=64 if d <= 128 else 32,
+        BLOCK_D=triton.next_power_of_2(d), PAGE=page, WINDOW=bool(window), SINKS=sinks is not None,
+        SPLIT=splits > 1, DOT_FP32=interpreted or q.dtype == torch.float32,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_splits[(b, h)](
+            part, sinks_, out, splits, part.stride(0),
+            D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d), SINKS=sinks is not None,
+        )  # fmt: skip
+    return out

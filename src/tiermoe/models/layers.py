@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .kv_cache import KVCache
+from .kv_cache import BLOCK_TOKENS, KVCache
 
 MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SINK_CHUNK_BYTES = 256 << 20  # float32 scores computed at once for the sinks' log-sum-exp
@@ -222,10 +222,25 @@ class Attention(nn.Module):
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = (r[:, None] for r in rope)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if t == 1 and (out := self._decode(q, k, v, cache)) is not None:
+            return self.o_proj(out)
         k, v = cache.update(self.layer_idx, k, v)  # [B, kv_heads, L, D] over the whole cache so far
         mask = cache.mask(s.sliding_window)  # [B, 1, T, L] bool
         out = self._with_sinks(q, k, v, mask) if s.sinks else self._sdpa(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _decode(self, q, k, v, cache: KVCache) -> torch.Tensor | None:
+        """One token a row on CUDA: [B, 1, heads x D] read through the block tables in one or two launches
+        (models.fused.decode_attention), the keys written first; None where the kernel does not apply."""
+        if not (fused := fused_kernels(q)) or not fused.decode_attention_fits(q, self.spec.num_kv_heads):
+            return None
+        batch = cache.batch
+        k_pool, v_pool = cache.write(self.layer_idx, k, v)
+        sinks = self.sinks if self.spec.sinks else None
+        return fused.decode_attention(
+            q, k_pool, v_pool, batch.tables, batch.positions, batch.lengths, BLOCK_TOKENS,
+            self.spec.sliding_window, sinks,
+        )  # fmt: skip
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:
         # cuDNN's SDPA rebuilds its execution plan for every new key length (4 ms of CPU per decode step

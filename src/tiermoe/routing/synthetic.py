@@ -167,6 +167,10 @@ class SZDRouting(RoutingModel):
     def step(
         self, docs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
     ) -> None:
+        if positions.shape[1] == 1 and docs.is_cuda:  # a decode step: one launch (szd_kernel.py)
+            from .szd_kernel import szd_decode  # triton comes with torch's CUDA builds
+
+            return szd_decode(self, docs, rows, positions, valid, (_EPS, _GUMBEL, _STICK))
         p, s = self.p, self._state
         keys = self._step_keys(docs, positions)  # [L, B, S, 1]
         eps = rng.normal(rng.hash_keys(keys, _EPS, self.expert_keys))  # [L, B, S, E]
