@@ -268,9 +268,9 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_keys(
     cache.bind(KVBatch(tables, slots, positions, lengths))
     q, k, v = (torch.randn(4, n, 1, d, device=DEVICE).to(dtype) for n in (heads, kv_heads, kv_heads))
     sinks = torch.randn(heads, device=DEVICE) if heads == 32 else None
-    k_pool, v_pool = cache.write(0, k, v)
+    keys, values = cache.update(0, k, v)  # the token's key and value written, every row's gathered
+    k_pool, v_pool = cache.parts[0]
     got = fused.decode_attention(q, k_pool, v_pool, tables, positions, lengths, BLOCK_TOKENS, window, sinks)
-    keys, values = cache.update(0, k, v)
     expected = _attention_reference(q, keys, values, cache.mask(window), sinks)
     assert got.shape == (4, 1, heads * d) and got.dtype == dtype
     bound = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: p rounded before it weighs the values
@@ -292,8 +292,11 @@ def test_a_decode_step_of_the_attention_layer_takes_the_paged_kernel(monkeypatch
 
     torch.manual_seed(2)
     calls = []
-    kernel = fused.decode_attention
-    monkeypatch.setattr(fused, "decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for name in ("rope_into_cache", "decode_attention"):
+        kernel = getattr(fused, name)
+        monkeypatch.setattr(
+            fused, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw)
+        )
     spec = AttentionSpec(256, 8, 2, 32, 1e-6, qk_norm="head", sliding_window=5, sinks=sinks)
     layer = Attention(spec, 0)
     with torch.no_grad():
@@ -313,5 +316,35 @@ def test_a_decode_step_of_the_attention_layer_takes_the_paged_kernel(monkeypatch
         cos, sin = torch.ones(2, 1, 32, device=device), torch.zeros(2, 1, 32, device=device)
         with torch.no_grad():
             outs.append(layer(x, (cos, sin), cache).cpu())
-    assert calls == [1]  # the CUDA forward, not the CPU one
+    assert calls == ["rope_into_cache", "decode_attention"]  # the CUDA forward, not the CPU one
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("d", "norm", "dtype"),
+    [(64, True, torch.bfloat16), (128, False, torch.bfloat16), (32, True, torch.float32)],
+)
+def test_rope_into_cache_is_the_norms_the_rotations_and_the_writes(d, norm, dtype):
+    """One launch against the kernels it replaces (the per-head RMSNorm, the rotary embedding, the
+    cache's index_copy): the same bits. q, k, v are views into one fused projection, as the layer has them."""
+    torch.manual_seed(4)
+    b, heads, kv_heads = 3, 8, 2
+    qkv = (torch.randn(b, 1, (heads + 2 * kv_heads) * d, device=DEVICE) * 2).to(dtype)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    angles = torch.rand(b, 1, d // 2, device=DEVICE) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    slots = torch.tensor([[17], [40], [3]], device=DEVICE)
+    pools = [torch.zeros(64, kv_heads, d, dtype=dtype, device=DEVICE) for _ in range(4)]
+    weights = [(torch.rand(d, device=DEVICE) + 0.5).to(dtype) for _ in range(2)] if norm else None
+    got = fused.rope_into_cache(q, k, v, cos, sin, slots, pools[0], pools[1], weights, 1e-6)
+    qh, kh = q.view(b, 1, heads, d), k.view(b, 1, kv_heads, d)
+    if norm:
+        qh, kh = fused.rms_norm(qh, weights[0], 1e-6), fused.rms_norm(kh, weights[1], 1e-6)
+    qr = fused.rotate(qh.transpose(1, 2), cos[:, None], sin[:, None])  # [B, H, 1, D]
+    kr = fused.rotate(kh.transpose(1, 2), cos[:, None], sin[:, None])
+    pools[2].index_copy_(0, slots.view(-1), kr[:, :, 0])
+    pools[3].index_copy_(0, slots.view(-1), v.view(b, kv_heads, d))
+    assert got.shape == (b, heads, 1, d)
+    assert torch.equal(got, qr)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    assert pools[0].abs().sum() > 0  # written

@@ -240,6 +240,82 @@ def softmax_pick(
     return weights
 
 
+@triton.jit
+def _rope_cache(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slots_ptr, qout_ptr, kpool_ptr, vpool_ptr,
+    heads, eps, sq, sk, sv, sc, sks, skh, svs, svh,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, FLOAT32_SCALE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    half = cols < HALF
+    if head < heads:
+        x, w, out = q_ptr + b * sq + head * D, qw_ptr, qout_ptr + (b * heads + head) * D
+    else:  # a key head: its key rotated and its value, written at the token's slot
+        kv = head - heads
+        slot = tl.load(slots_ptr + b)
+        x, w, out = k_ptr + b * sk + kv * D, kw_ptr, kpool_ptr + slot * sks + kv * skh
+        value, to = v_ptr + b * sv + kv * D, vpool_ptr + slot * svs + kv * svh
+        tl.store(to + cols, tl.load(value + cols, mask=half), mask=half)
+        tl.store(to + HALF + cols, tl.load(value + HALF + cols, mask=half), mask=half)
+    dt = out.dtype.element_ty
+    x1 = tl.load(x + cols, mask=half).to(tl.float32)
+    x2 = tl.load(x + HALF + cols, mask=half).to(tl.float32)
+    if NORM:  # RMSNorm over the head (_rms_norm's arithmetic: the same sum over the whole row)
+        whole = tl.load(x + tl.arange(0, 2 * BLOCK), mask=tl.arange(0, 2 * BLOCK) < D, other=0.0).to(
+            tl.float32
+        )
+        scale = tl.math.rsqrt(tl.sum(whole * whole, axis=0) / D + eps)
+        x1, x2 = x1 * scale, x2 * scale
+        if not FLOAT32_SCALE:
+            x1, x2 = _round(x1, dt), _round(x2, dt)
+        x1 = _round(tl.load(w + cols, mask=half).to(tl.float32) * x1, dt)
+        x2 = _round(tl.load(w + HALF + cols, mask=half).to(tl.float32) * x2, dt)
+    at = cos_ptr + b * sc
+    cos1 = tl.load(at + cols, mask=half).to(tl.float32)
+    cos2 = tl.load(at + HALF + cols, mask=half).to(tl.float32)
+    at = sin_ptr + b * sc
+    sin1 = tl.load(at + cols, mask=half).to(tl.float32)
+    sin2 = tl.load(at + HALF + cols, mask=half).to(tl.float32)
+    lo = _round(_round(x1 * cos1, dt) + _round(-x2 * sin1, dt), dt)  # _rotate's rounding
+    hi = _round(_round(x2 * cos2, dt) + _round(x1 * sin2, dt), dt)
+    tl.store(out + cols, lo.to(dt), mask=half)
+    tl.store(out + HALF + cols, hi.to(dt), mask=half)
+
+
+def rope_into_cache_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether rope_into_cache takes q [B, T, H x D], k, v [B, T, KV x D] and cos [B, T, D]: one token a
+    row, rows of unit stride, one dtype."""
+    return (
+        q.shape[1] == 1
+        and cos.shape[-1] % 2 == 0
+        and all(x.stride(-1) == 1 for x in (q, k, v, cos))
+        and q.dtype == k.dtype == v.dtype == cos.dtype
+    )
+
+
+def rope_into_cache(q, k, v, cos, sin, slots, k_pool, v_pool, norms=None, eps=0.0, float32_scale=False):
+    """A decode step's queries and keys, each head RMS-normalised (norms: the per-head q and k weights, or
+    None) and rotated, the keys and values written at the tokens' slots (k_pool, v_pool [slots, KV, D]),
+    in one launch where the norms, the rotations and the writes take six. q [B, 1, H x D], k, v
+    [B, 1, KV x D], cos, sin [B, 1, D], slots [B, 1]. Returns the rotated queries [B, H, 1, D]; the
+    rounding is the RMSNorm and rotary kernels' (the same bits as those two apart)."""
+    b = q.shape[0]
+    d = cos.shape[-1]
+    heads, kv_heads = q.shape[-1] // d, k.shape[-1] // d
+    out = torch.empty(b, 1, heads, d, dtype=q.dtype, device=q.device)
+    qw, kw = norms if norms is not None else (q, q)
+    _rope_cache[(b, heads + kv_heads)](
+        q, k, v, cos, sin, qw, kw, slots, out, k_pool, v_pool, heads, eps,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        D=d, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), NORM=norms is not None,
+        FLOAT32_SCALE=float32_scale, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
 KEYS_PER_SPLIT = 512  # keys one program of a long row's attention reads before the rows' partials combine
 MAX_SPLITS = 32
 

@@ -90,19 +90,13 @@ class KVCache:
     def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write each of the layer's tensors [B, heads, T, D] at the batch's slots; return each over
         every row's keys so far, [B, heads, NB * BLOCK, D], in position order."""
-        self.write(layer, *new)
-        # [B, NB * BLOCK, h, d] -> [B, h, L, d]
-        return tuple(pool[self._gather].transpose(1, 2) for pool in self.parts[layer])
-
-    def write(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
-        """Write each of the layer's tensors [B, heads, T, D] at the batch's slots; return its pools
-        [slots, heads, D] (for kernels that read a row's keys through its block table)."""
         slots = self.batch.slots.reshape(-1)
-        pools = self.parts[layer]
-        for pool, x in zip(pools, new, strict=True):
+        out = []
+        for pool, x in zip(self.parts[layer], new, strict=True):
             b, h, t, d = x.shape
             pool.index_copy_(0, slots, x.transpose(1, 2).reshape(b * t, h, d))
-        return pools
+            out.append(pool[self._gather].transpose(1, 2))  # [B, NB * BLOCK, h, d] -> [B, h, L, d]
+        return tuple(out)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, T, L] bool: a query sees the keys of its row at or before its position, written by now,

@@ -210,6 +210,8 @@ class Attention(nn.Module):
         s = self.spec
         b, t, _ = x.shape
         q, k, v = self.project(x)
+        if t == 1 and (out := self._decode(q, k, v, rope, cache)) is not None:
+            return self.o_proj(out)
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:
@@ -222,24 +224,48 @@ class Attention(nn.Module):
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = (r[:, None] for r in rope)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if t == 1 and (out := self._decode(q, k, v, cache)) is not None:
-            return self.o_proj(out)
         k, v = cache.update(self.layer_idx, k, v)  # [B, kv_heads, L, D] over the whole cache so far
         mask = cache.mask(s.sliding_window)  # [B, 1, T, L] bool
         out = self._with_sinks(q, k, v, mask) if s.sinks else self._sdpa(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _decode(self, q, k, v, cache: KVCache) -> torch.Tensor | None:
-        """One token a row on CUDA: [B, 1, heads x D] read through the block tables in one or two launches
-        (models.fused.decode_attention), the keys written first; None where the kernel does not apply."""
-        if not (fused := fused_kernels(q)) or not fused.decode_attention_fits(q, self.spec.num_kv_heads):
+    def _decode(self, q, k, v, rope, cache: KVCache) -> torch.Tensor | None:
+        """One token a row on CUDA, from the projections q, k, v [B, 1, heads x D]: norms, rotations and the
+        cache writes in one launch, attention through the block tables in one or two (models.fused);
+        [B, 1, heads x D], or None where the kernels do not apply (nothing done then)."""
+        s = self.spec
+        fused = fused_kernels(q)
+        cos, sin = rope
+        if not fused or s.clip_qkv is not None or not fused.rope_into_cache_fits(q, k, v, cos):
             return None
+        norms, float32_scale = None, False
+        if s.qk_norm == "head":
+            norms = (self.q_norm.weight, self.k_norm.weight)
+            float32_scale = self.q_norm.float32_scale
+            if not float32_scale and any(w.dtype != q.dtype for w in norms):
+                return None
+        elif s.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+            if q.dtype != cos.dtype or k.dtype != cos.dtype:
+                return None
         batch = cache.batch
-        k_pool, v_pool = cache.write(self.layer_idx, k, v)
-        sinks = self.sinks if self.spec.sinks else None
+        k_pool, v_pool = cache.parts[self.layer_idx]
+        q = fused.rope_into_cache(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            batch.slots,
+            k_pool,
+            v_pool,
+            norms,
+            self.q_norm.eps if norms else 0.0,
+            float32_scale,
+        )  # [B, H, 1, D]
         return fused.decode_attention(
             q, k_pool, v_pool, batch.tables, batch.positions, batch.lengths, BLOCK_TOKENS,
-            self.spec.sliding_window, sinks,
+            s.sliding_window, self.sinks if s.sinks else None,
         )  # fmt: skip
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:
