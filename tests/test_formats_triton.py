@@ -309,7 +309,9 @@ def test_staging_copies_each_missed_expert_once_into_a_victim_slot_or_a_staging_
     table, owner = state({0: 3})
     staging.zero_()
     candidates = torch.tensor([0, 3] + [-1] * 14, device=DEVICE)
-    got = triton_kernels.stage(table, ids, pool, staging, (host_addr, candidates, owner)).tolist()
+    record = torch.full((8,), -5, dtype=torch.long, device=DEVICE)
+    got = triton_kernels.stage(table, ids, pool, staging, (host_addr, candidates, owner), record).tolist()
+    assert record.tolist() == [3, 7, 9, 7, 3, 10, -5, -5]  # the pairs' ids, in the same launch
     assert [where(a) for a in got] == [
         ("slot", 0),
         ("slot", 3),
@@ -705,3 +707,13 @@ def test_staging_follows_its_rule_on_random_layers(seed):
         assert torch.equal(memory[(address - base) // row_bytes], host[e])
     written = {(a - st) // row_bytes for a in placed.values() if st <= a < st + staging.numel()}
     assert not staging[[r for r in range(16) if r not in written]].any()
+
+
+def test_sum_rows_adds_each_tokens_rows_in_order_and_casts():
+    x = torch.randn(3, 5, 700, device=DEVICE)
+    expected = x[:, 0] + x[:, 1] + x[:, 2] + x[:, 3] + x[:, 4]  # in order, in float32
+    assert torch.equal(triton_kernels.sum_rows(x, torch.float32), expected)
+    got = triton_kernels.sum_rows(x, torch.bfloat16)  # the interpreter truncates where a GPU rounds
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=0)
+    assert triton_kernels.sum_rows(x[:0], torch.float32).shape == (0, 700)

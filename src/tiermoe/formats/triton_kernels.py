@@ -513,9 +513,11 @@ def _plan_stage(
     row_bytes,
     staging_ptr,
     out_ptr,
+    record_ptr,
     PAIRS: tl.constexpr,
     CANDS: tl.constexpr,
     ADMIT: tl.constexpr,
+    RECORD: tl.constexpr,
 ):
     """One program over a layer's pairs (ids, n_pairs of them): where each reads its expert (out row 0),
     and the copies that put the missed ones there (row 1 the host source, 0 for none; row 2 the target).
@@ -523,10 +525,13 @@ def _plan_stage(
     is a staging row (the pair's), or with ADMIT a GPU slot, which then holds it for later steps: the
     candidates (slot indices, -1 padded, the policy's victims in order) that hold no expert routed here
     go to the missed experts in order; the table entry of each flips to its slot, the evicted expert's
-    back to its host copy (host_ptr), and owner (expert of each slot, -1 free) follows."""
+    back to its host copy (host_ptr), and owner (expert of each slot, -1 free) follows. With RECORD the
+    ids are also written to record_ptr (the host's count of the step, read after it)."""
     i = tl.arange(0, PAIRS)
     live = i < n_pairs
     e = tl.load(id_ptr + i, mask=live, other=-1)
+    if RECORD:
+        tl.store(record_ptr + i, e, mask=live)
     address = tl.load(table_ptr + e, mask=live, other=0)
     host = live & ((address < lo) | (address >= hi))
     same = (e[:, None] == e[None, :]) & live[None, :]  # [pair, pair]
@@ -582,6 +587,7 @@ def stage(
     pool: torch.Tensor,
     staging: torch.Tensor,
     admit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    record: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The addresses (int64 [P]) each (token, expert) pair's kernels read its expert at, after copying
     every expert of ids ([T, k], flattened into P pairs) that lies outside the GPU slots `pool` (uint8
@@ -589,7 +595,8 @@ def stage(
     synchronisation (CUDA-graph safe). Each missed expert is copied once: into the staging row (uint8
     [at least P, nbytes]) of its first pair, or with admit = (host int64 [E], the layer's host addresses;
     candidates int64 [C], C a power of two; owner int64 [S]) into a victim slot, the table and owner
-    updated in place (_plan_stage); staging takes what the candidates cannot."""
+    updated in place (_plan_stage); staging takes what the candidates cannot. record (int64, at least P):
+    where the flattened ids are written too, in the same launch."""
     flat = ids.reshape(-1).contiguous()
     n, row_bytes = flat.numel(), staging.shape[1]
     if row_bytes % 4 or staging.shape[0] < n or pool.shape[1] != row_bytes:
@@ -603,7 +610,8 @@ def stage(
     lo = pool.data_ptr()
     _plan_stage[(1,)](
         table, host, flat, n, candidates, owner, lo, lo + pool.numel(), row_bytes, staging.data_ptr(), out,
-        PAIRS=pairs, CANDS=candidates.numel() if admit is not None else 16, ADMIT=admit is not None,
+        record if record is not None else out, PAIRS=pairs,
+        CANDS=candidates.numel() if admit is not None else 16, ADMIT=admit is not None, RECORD=record is not None,
     )  # fmt: skip
     _copy_rows[(n, triton.cdiv(row_bytes // 4, STAGE_BLOCK))](
         out[1], out[2], WORDS=row_bytes // 4, BLOCK=STAGE_BLOCK
@@ -860,7 +868,32 @@ def mlp_at(fmt, x, ids, weights, table) -> torch.Tensor:
     down = project(
         fmt, gate_up, flat, table, "down", i, h, 1, act_split=gate_up.shape[2], routing=weights.reshape(-1)
     )  # [P, 1, split, H]
-    return down.view(t, -1, h).sum(dim=1).to(x.dtype)
+    return sum_rows(down.view(t, -1, h), x.dtype)
+
+
+@triton.jit
+def _sum_rows(x_ptr, out_ptr, rows, n, BLOCK: tl.constexpr):
+    """Program (t, b): columns [b * BLOCK, (b + 1) * BLOCK) of x[t] summed over its rows in order."""
+    t, b = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = b * BLOCK + tl.arange(0, BLOCK)
+    live = cols < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for r in range(rows):
+        acc += tl.load(x_ptr + (t * rows + r) * n + cols, mask=live, other=0.0)
+    tl.store(out_ptr + t * n + cols, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def sum_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [T, R, N] float32 (contiguous) summed over R, in order, as dtype [T, N]: one launch where torch's
+    sum and cast take two."""
+    t, r, n = x.shape
+    out = torch.empty(t, n, dtype=dtype, device=x.device)
+    if out.numel():
+        _sum_rows[(t, triton.cdiv(n, SUM_BLOCK))](x, out, r, n, BLOCK=SUM_BLOCK)
+    return out
+
+
+SUM_BLOCK = 512
 
 
 def bank_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:

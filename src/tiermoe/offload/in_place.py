@@ -135,13 +135,16 @@ class InPlaceMisses:
         from ..formats import triton_kernels  # triton decides compiled or interpreted at first import
 
         row = self.row[layer]
-        self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
         table = self.table[row]
         if self.staged:  # [P] addresses; admitting, the table row and the owners change in place
             admit = (self.host_table[row], self.candidates[row], self.owner)
-            table = triton_kernels.stage(table, ids, self.store.pool.flat, self.staging, admit)
+            table = triton_kernels.stage(
+                table, ids, self.store.pool.flat, self.staging, admit, self.routed[row]
+            )
             ids = self.pair_ids[: ids.numel()].view(ids.shape)
             self.unsettled = True
+        else:
+            self.routed[row, : ids.numel()].copy_(ids.reshape(-1))
         return triton_kernels.mlp_at(self.store.format, x, ids, weights, table)
 
     def settle(self) -> None:
