@@ -2,7 +2,7 @@
 # Decode speed of an older tiermoe source tree against this checkout's, on the same machine, interleaved
 # (old, new, old, new, ...) so that drift of the machine shows as spread rather than as a difference:
 #
-#   OLD_SRC=DIR OLD_REV=HASH bash scripts/ab_decode.sh MODEL_DIR BUDGET_GIB [ROUNDS] [REPEAT]
+#   OLD_SRC=DIR OLD_REV=HASH [VARIANTS=lfu+noprefetch+staged] bash scripts/ab_decode.sh MODEL_DIR BUDGET_GIB [ROUNDS] [REPEAT]
 #
 # OLD_SRC: the older tree's src/ (e.g. `git archive 434c314 src | tar -x -C .carry/ab`, carried). Each
 # round runs `tiermoe bench --routing szd` once per tree (REPEAT timed runs after a warm-up, default 3);
@@ -24,7 +24,7 @@ for round in $(seq "$rounds"); do
         [[ $side == old ]] && src=$old_src rev=$OLD_REV
         TIERMOE_GIT_REV=$rev PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}" python3 -m tiermoe.cli bench \
             --model "$model" --gpu-budget "$budget" --routing szd --prompt-len 128 --gen-len 64 --batch 1 \
-            --repeat "$repeat" --out-dir "$tmp/$round-$side" > "$tmp/$round-$side.log" 2>&1 ||
+            --repeat "$repeat" ${VARIANTS:+--variants "$VARIANTS"} --out-dir "$tmp/$round-$side" > "$tmp/$round-$side.log" 2>&1 ||
             { echo "ab_decode: $side (round $round) failed:"; tail -n 5 "$tmp/$round-$side.log"; exit 1; }
         ls "$tmp/$round-$side"/bench-*.json > /dev/null
     done

@@ -25,7 +25,7 @@
 # TIERMOE_LLAMA_CPP, the tests' name, works too), LLAMA_FORMATS (its GGUFs: default base for OLMoE, the
 # converter's bf16, and base,q4_k_m for Qwen3, q8_0 and Q4_K_M), GPU_BUDGETS (tiermoe's caps, default the
 # suite's cap and none; e.g. 8 alone where a lease is short), VARIANTS (tiermoe's store settings when
-# capped, bench --variants; e.g. lfu+noprefetch,lfu+noprefetch+in-place to compare the miss paths).
+# capped, bench --variants; e.g. lfu+noprefetch+copy,lfu+noprefetch+staged to compare the miss paths; no path flag: auto).
 # BATCHES: concurrent sequences, bench --batch (default 1; e.g. 1,4,16,64 for issue 15's concurrency figures).
 # BENCH_ARGS: more flags for the suite's tiermoe bench runs, not its profile, plan or load runs
 # (e.g. --kv-reserve-tokens 4096).

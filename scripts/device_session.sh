@@ -9,7 +9,8 @@
 #            runs only the kernels' (about 1 minute); then the kernel sweep (--save) and the kernel bench
 #   then, with AB_REV set and that revision's src/ in .carry/ab/src: scripts/ab_decode.sh for each suite
 #   in AB_SUITES (default SUITES) whose checkpoint is there: Qwen3 at 8 GiB, OLMoE at 4 GiB, szd, old and
-#   new interleaved AB_ROUNDS times (default 2; Qwen3 about 80 s a bench call, OLMoE about 40)
+#   new interleaved AB_ROUNDS times (default 2; Qwen3 about 80 s a bench call, OLMoE about 40); a format suite
+#   (qwen3-int4) compares its converted checkpoint (with AB_AFTER=1); AB_VARIANTS: both trees' --variants
 #   then the suites in the order of SUITES (default "olmoe qwen3"; "olmoe" alone skips Qwen3's phase 1 too; "qwen3 olmoe" puts the longer one first
 #   where a lease may run out, when /dev/shm holds Qwen3's GGUF, else the disk needs OLMoE's files gone first):
 #     olmoe: profile, tiermoe x 3 routings x {4 GiB, none}, hf-offload, llama.cpp
@@ -128,9 +129,11 @@ ab_runs() {
         for suite in ${AB_SUITES:-$SUITES}; do
             # AB_BUDGETS: the caps compared (default the suite's: Qwen3 8 GiB, OLMoE 4; "none" uncapped)
             if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budgets=${AB_BUDGETS:-8}; else model=$SYNTH/olmoe-1b-7b budgets=${AB_BUDGETS:-4}; fi
+            # a format suite (qwen3-int4, ...) compares its converted checkpoint: AB_AFTER=1, so the suite made it
+            [[ $suite == *-* ]] && model=$model-${suite#*-}
             [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
             for budget in ${budgets//,/ }; do
-                OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
+                VARIANTS=${AB_VARIANTS:-} OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
                     > "$W/ab-$suite-$budget.log" 2>&1
                 mark "ab $suite $budget done ($?): $(grep -h 'ab_decode' "$W/ab-$suite-$budget.log" | tail -1)"
             done

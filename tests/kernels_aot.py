@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of the expert formats for one CUDA architecture, ahead of time, with no GPU:
+"""Compile every Triton kernel (the expert formats', the decoder's, the routing model's) for one CUDA
+architecture, ahead of time, with no GPU:
 `python tests/kernels_aot.py 86` prints one line per kernel ("ok" or the compiler's error) and exits 1
 when any fails. Run by test_formats_triton_compile.py in a process without TRITON_INTERPRET (Triton
 decides at import whether its kernels compile or are interpreted)."""
@@ -13,6 +14,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tiermoe.formats import triton_kernels as tk
+from tiermoe.models import fused
+from tiermoe.routing import szd_kernel
 
 
 def compile_for(target: GPUTarget, fn, types: dict[str, str], constants: dict) -> None:
@@ -86,15 +89,17 @@ def kernels(arch: int):
     consts = {**blocks, "BLOCK_K": 64, "EXACT": True, **gate_up, "BIAS": False, "LIMIT": None, "ALPHA": 1.0}
     yield "dense gemm fp32", tk._dense_gemm, fp32, {k: v for k, v in consts.items() if k != "DOT_FP32"}
     yield "read in place", tk._read_in_place, {"src_ptr": "*i64", "out_ptr": "*i32"}, {"BLOCK": 1024}
-    pointers = ("table_ptr", "host_ptr", "id_ptr", "cand_ptr", "owner_ptr", "out_ptr")
+    pointers = ("table_ptr", "host_ptr", "id_ptr", "cand_ptr", "owner_ptr", "out_ptr", "record_ptr")
     stage = {**{n: "*i64" for n in pointers}, "lo": "i64", "hi": "i64", "staging_ptr": "i64"}
     for admit in (False, True):  # the in-place path's staging, and its admission into victim slots
         yield (
             f"plan stage{' admit' if admit else ''}",
             tk._plan_stage,
             stage,
-            {"PAIRS": 16, "CANDS": 32, "ADMIT": admit},
+            {"PAIRS": 16, "CANDS": 32, "ADMIT": admit, "RECORD": admit},
         )
+    yield "sum rows", tk._sum_rows, {"x_ptr": "*fp32", "out_ptr": "*bf16"}, {"BLOCK": tk.SUM_BLOCK}
+    yield from decoder_kernels()
     yield (
         "copy rows",
         tk._copy_rows,
@@ -113,6 +118,59 @@ def kernels(arch: int):
                 "BLOCK_M": tk.BLOCK_M,
             },
         )
+
+
+def decoder_kernels():
+    """The decoder's decode-step kernels (models/fused.py) and the SZD routing step, as the engine launches
+    them: Qwen3's shapes (head 128, 32 query heads on 4 key heads), gpt-oss's window and sinks."""
+    attention = {
+        "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tables_ptr": "*i64", "positions_ptr": "*i64",
+        "lengths_ptr": "*i64", "sinks_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "scale": "fp32",
+    }  # fmt: skip
+    for split in (False, True):
+        for window, sinks in ((False, False), (True, True)):
+            yield (
+                f"decode attention{' split' if split else ''}{' window sinks' if window else ''}",
+                fused._decode_attention,
+                attention if split else {**attention, "part_ptr": "*bf16"},
+                {"D": 128, "G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "PAGE": 16, "WINDOW": window,
+                 "SINKS": sinks, "SPLIT": split, "DOT_FP32": False},
+            )  # fmt: skip
+    combine = {"part_ptr": "*fp32", "sinks_ptr": "*bf16", "out_ptr": "*bf16"}
+    yield (
+        "combine splits",
+        fused._combine_splits,
+        combine,
+        {"D": 128, "BLOCK_S": 32, "BLOCK_D": 128, "SINKS": True},
+    )
+    rope = {
+        n: "*bf16"
+        for n in (
+            "q_ptr",
+            "k_ptr",
+            "v_ptr",
+            "cos_ptr",
+            "sin_ptr",
+            "qw_ptr",
+            "kw_ptr",
+            "qout_ptr",
+            "kpool_ptr",
+            "vpool_ptr",
+        )
+    }
+    for norm in (False, True):
+        yield (
+            f"rope into cache{' norm' if norm else ''}",
+            fused._rope_cache,
+            {**rope, "slots_ptr": "*i64", "eps": "fp32"},
+            {"D": 128, "HALF": 64, "BLOCK": 64, "NORM": norm, "FLOAT32_SCALE": False},
+        )
+    szd = {
+        "seed_hash": "i64", "docs_ptr": "*i64", "rows_ptr": "*i64", "positions_ptr": "*i64", "valid_ptr": "*i1",
+        "base_ptr": "*fp32", "z_ptr": "*fp32", "prev_ptr": "*i64", "ids_ptr": "*i64", "h_ptr": "*fp32",
+        "phi": "fp32", "drift": "fp32", "sigma_loc": "fp32", "p_stick": "fp32",
+    }  # fmt: skip
+    yield "szd decode", szd_kernel._szd_decode, szd, {"EPS": 1, "GUMBEL": 2, "STICK": 3, "K": 8, "BLOCK": 128}
 
 
 def main(arch: int) -> int:

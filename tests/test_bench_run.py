@@ -256,9 +256,11 @@ def test_pcie_floor_of_a_capped_run():
 
 
 def test_settings_pair_engines_with_budgets_and_variants():
-    lru = {"eviction": "lru", "prefetch": True, "miss_path": "copy", "cpu_compute": False}
-    lfu_off = {"eviction": "lfu", "prefetch": False, "miss_path": "copy", "cpu_compute": False}
+    lru = {"eviction": "lru", "prefetch": True, "miss_path": "copy", "cpu_compute": False}  # fmt: skip
+    lfu_off = {"eviction": "lfu", "prefetch": False, "miss_path": "auto", "cpu_compute": False}
+    lru["miss_path"] = "auto"  # no path flag: the engine decides, and the run records what it chose
     assert run.parse_variants("lru,lfu+noprefetch") == [lru, lfu_off]
+    assert run.parse_variants("lfu+noprefetch+copy") == [{**lfu_off, "miss_path": "copy"}]
     assert run.parse_variants(None) == [lfu_off]  # the engine's defaults
     assert run.parse_variants("lfu+noprefetch+in-place") == [{**lfu_off, "miss_path": "in-place"}]
     assert run.parse_variants("lfu+in-place+noprefetch") == [{**lfu_off, "miss_path": "in-place"}]
@@ -287,7 +289,7 @@ def test_settings_pair_engines_with_budgets_and_variants():
     ]
     for bad in ("lru+fast", "lru+in-place+in-place", "lfu+in-place+cpu", "lfu+staged+in-place"):
         with pytest.raises(
-            InvalidRequestError, match=r"POLICY\[\+noprefetch\]\[\+in-place\|\+staged\|\+cpu\]"
+            InvalidRequestError, match=r"POLICY\[\+noprefetch\]\[\+copy\|\+in-place\|\+staged\|\+cpu\]"
         ):
             run.parse_variants(bad)
 
@@ -388,6 +390,7 @@ def test_bench_on_gpu_with_both_peers_and_floors(tmp_path):
     )
     capped = runs[("tiermoe", cap)]
     assert capped["routing"] == "szd" and capped["pcie_floor_tok_s"] > 0 and capped["floor_tok_s"] > 0
+    assert capped["miss_path"] == "staged"  # auto's pick on a GPU with the workspace for it, recorded
     assert capped["h2d_gb_s"] > 0 and 0 <= capped["gpu_hit_rate"] <= 1 and capped["floor_fraction"] > 0
     assert runs[("tiermoe", None)]["pcie_floor_tok_s"] is None
 

@@ -40,7 +40,11 @@ def test_quick_profile_on_cpu_measures_positive_ceilings(tmp_path):
     assert "compiled" in measured["CPU experts int4, tiermoe kernel"].note
     # The scaling curve below torch's thread count (2 on CI: one thread), and the count restored.
     for n in hardware.thread_counts(torch.get_num_threads()):
-        for name in (f"CPU experts bf16, tiermoe kernel, {n} threads", f"CPU copy (read+write), {n} threads"):
+        for name in (
+            f"CPU experts bf16, tiermoe kernel, {n} threads",
+            f"CPU experts int4, tiermoe kernel, {n} threads",
+            f"CPU copy (read+write), {n} threads",
+        ):
             assert measured[name].value > 0, name
     assert torch.get_num_threads() == threads
     assert hardware.thread_counts(16) == [1, 2, 4, 8] and hardware.thread_counts(12) == [1, 2, 4, 8]

@@ -179,3 +179,37 @@ def test_the_below_top_k_warning_comes_at_load_not_from_every_plan(tiny_checkpoi
         llm = LLM(path, device="cpu", gpu_budget_gib=budget)
     assert min(llm.plan.quotas.values()) == 3
     assert len([r for r in caplog.records if "fewer than top-k 4" in r.message]) == 1
+
+
+def test_miss_path_auto_stages_where_it_can_run_and_copies_elsewhere():
+    """auto: staged on a CUDA device for a format with decode kernels, every expert in the host cache and
+    the workspace holding 16 experts, without cpu_compute; copy as soon as one of those is missing; an
+    explicit path stands."""
+    from types import SimpleNamespace
+
+    from tiermoe.config import EngineConfig
+    from tiermoe.offload.placement import miss_path_for
+
+    def plan(workspace_experts=16, host_gib=1.0):
+        return plan_memory(
+            moe_layers=[0, 1, 2], num_experts=8, top_k=2, expert_bytes=1000, dense_bytes=5000,
+            kv_bytes=3000, workspace_bytes=workspace_experts * 1000, device=torch.device("cpu"),
+            gpu_budget_gib=(8000 + workspace_experts * 1000 + 11_000) / GIB, cpu_budget_gib=host_gib,
+        )  # fmt: skip
+
+    def source(device="cuda", kernels="dense"):
+        return SimpleNamespace(
+            device=torch.device(device),
+            format=SimpleNamespace(kernels=kernels),
+            args=SimpleNamespace(num_experts=8),
+        )
+
+    auto = EngineConfig()
+    assert auto.miss_path == "auto"
+    assert miss_path_for(auto, plan(), source()) == "staged"
+    assert miss_path_for(auto, plan(), source(device="cpu")) == "copy"
+    assert miss_path_for(auto, plan(), source(kernels=None)) == "copy"
+    assert miss_path_for(auto, plan(workspace_experts=15), source()) == "copy"
+    assert miss_path_for(auto, plan(host_gib=20_000 / GIB), source()) == "copy"  # 20 of 24 experts
+    assert miss_path_for(EngineConfig(cpu_compute=True), plan(), source()) == "copy"
+    assert miss_path_for(EngineConfig(miss_path="in-place"), plan(), source(device="cpu")) == "in-place"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import InvalidRequestError
 
-MISS_PATHS = ("copy", "in-place", "staged")  # EngineConfig.miss_path
+MISS_PATHS = ("auto", "copy", "in-place", "staged")  # EngineConfig.miss_path
 DENSE_WEIGHTS = ("auto", "dequantized", "fp8")  # EngineConfig.dense_weights
 PRESETS = ("latency", "throughput", "balanced", "auto")  # --preset: the planner's picks (planner.py)
 
@@ -92,8 +92,10 @@ class EngineConfig:
         False, "predict the next layer's experts and copy them while this layer computes"
     )
     miss_path: str = _setting(
-        "copy",
-        "how decode reaches an expert missing from the GPU: copy (into a slot, then compute; a host "
+        "auto",
+        "how decode reaches an expert missing from the GPU: auto (staged where it can run: a CUDA GPU, a "
+        "format with decode kernels, every expert in the host cache, the workspace for 16 experts, no "
+        "cpu_compute; copy elsewhere), copy (into a slot, then compute; a host "
         "round trip per layer), in-place (the kernel reads it from pinned host memory, the step one "
         "CUDA graph; it is admitted to a slot after the step when it earns one) or staged (the step one "
         "CUDA graph; a kernel copies each miss into a victim slot, which admits it, and computes it from "
@@ -102,7 +104,7 @@ class EngineConfig:
     cpu_compute: bool = _setting(
         False,
         "compute part of each decode layer's missed experts on the CPU from the host cache while the "
-        "others are copied, split by costs measured at load (miss_path copy only)",
+        "others are copied, split by costs measured at load (miss_path copy, which auto then picks)",
     )
     # --- expert routing (routing/spec.py)
     routing: str | None = _setting(
@@ -151,7 +153,7 @@ class EngineConfig:
                 f"dense_weights {self.dense_weights!r} unknown; choose one of {', '.join(DENSE_WEIGHTS)}",
                 "dense_weights",
             )
-        if self.cpu_compute and self.miss_path != "copy":
+        if self.cpu_compute and self.miss_path not in ("auto", "copy"):
             raise InvalidRequestError("cpu_compute works with miss_path copy only", "cpu_compute")
         if not 0.0 <= self.prefetch_accuracy <= 1.0:
             raise InvalidRequestError("prefetch_accuracy must be within [0, 1]", "prefetch_accuracy")

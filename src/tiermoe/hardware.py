@@ -211,7 +211,12 @@ def cpu_expert_measurements(nbytes: int) -> list[Measurement]:
             m.append(Measurement(label, None, "GB/s", status))
         else:
             m.append(
-                Measurement(label, cpu_expert_bandwidth(experts, True, nbytes), "GB/s", f"{status}; {shape}")
+                Measurement(
+                    label,
+                    cpu_expert_bandwidth(experts, True, nbytes),
+                    "GB/s",
+                    f"{status}; {shape}; {torch.get_num_threads()} threads",
+                )
             )
     if cpu_kernels.kernel() is not None:
         m += cpu_thread_scaling(nbytes)
@@ -225,22 +230,23 @@ def thread_counts(most: int) -> list[int]:
 
 
 def cpu_thread_scaling(nbytes: int) -> list[Measurement]:
-    """The bf16 kernel and a RAM copy at fewer threads than torch's: how the CPU share scales with cores
-    (16 cores read RAM at 99 GB/s, the kernel made 47: bench/NOTES.md section 37). Where each thread adds
-    as much as the first, the kernel is bound per core (its instructions); where the copy flattens too,
-    by memory."""
+    """The bf16 and int4 kernels and a RAM copy at fewer threads than torch's: how the CPU share scales
+    with cores (16 cores read RAM at 99 GB/s, the bf16 kernel made 47: bench/NOTES.md section 37; the int4
+    one 8.7, what one core of the CPU machine does: section 47). Where each thread adds as much as the
+    first, the kernel is bound per core (its instructions); where the copy flattens too, by memory."""
     most = torch.get_num_threads()
     m = []
     try:
         for n in thread_counts(most):
             torch.set_num_threads(n)
-            m.append(
-                Measurement(
-                    f"CPU experts bf16, tiermoe kernel, {n} threads",
-                    cpu_expert_bandwidth("bf16", True, nbytes),
-                    "GB/s",
+            for experts in ("bf16", "int4"):
+                m.append(
+                    Measurement(
+                        f"CPU experts {experts}, tiermoe kernel, {n} threads",
+                        cpu_expert_bandwidth(experts, True, nbytes),
+                        "GB/s",
+                    )
                 )
-            )
             m.append(Measurement(f"CPU copy (read+write), {n} threads", cpu_copy_bandwidth(nbytes), "GB/s"))
     finally:
         torch.set_num_threads(most)

@@ -253,7 +253,7 @@ def resolve(model_dir: str | Path, kwargs: dict, preset: str, command: str, prog
         f"plan ({preset}): {picked['layout']}, predicted {picked['predicted_tok_s']:.1f} tok/s{estimate}"
     )
     merged = {**Layout.options_of(picked), **kwargs}  # the flags given win
-    if merged["cpu_compute"] and merged["miss_path"] != "copy":  # a flag given against the pick
+    if merged["cpu_compute"] and merged["miss_path"] not in ("auto", "copy"):  # a flag given against the pick
         if "miss_path" in kwargs:
             merged["cpu_compute"] = False
         else:

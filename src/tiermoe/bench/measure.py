@@ -127,6 +127,8 @@ def measure_tiermoe(
             "experts": plan.gpu_slots * plan.expert_bytes / GIB,
         },
     }
+    if path := getattr(llm.provider, "miss_path", None):  # what auto chose (the run's options say auto)
+        setup["miss_path"] = path
     if options.get("cpu_compute"):  # built by the load's cost measurement, so no build is timed here
         from ..offload import cpu_kernels
 

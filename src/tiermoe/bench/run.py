@@ -38,7 +38,7 @@ from .shapes import bytes_per_element
 from .synth import read_synth_info
 from .workload import Workload
 
-MISS_FLAGS = ("in-place", "staged", "cpu")  # a variant's miss path flags (cpu: copy with CPU compute)
+MISS_FLAGS = ("copy", "in-place", "staged", "cpu")  # a variant's miss path flags (cpu: copy with CPU compute)
 STORE_OPTIONS = ("eviction", "prefetch", "miss_path", "cpu_compute")  # a variant's settings, kept in its run
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float8_e4m3fn": "fp8"}
@@ -171,8 +171,9 @@ PEER_ROUTING_NOTES = {
 
 
 def parse_variants(value: str | None) -> list[dict]:
-    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+staged,lfu+cpu` -> tiermoe options per variant
-    (eviction policy, prefetch, miss path, CPU compute of misses); None: the engine's defaults."""
+    """`lru,lfu,lru-protect,lru+noprefetch,lfu+noprefetch+in-place,lfu+staged,lfu+copy,lfu+cpu` -> tiermoe
+    options per variant (eviction policy, prefetch, miss path, CPU compute of misses); None: the engine's
+    defaults. Without a miss path flag the engine's default (auto) decides; the run records the one that ran."""
     defaults = EngineConfig()
     if not value:
         return [
@@ -193,7 +194,7 @@ def parse_variants(value: str | None) -> list[dict]:
             or len(set(flags) & set(MISS_FLAGS)) > 1
         ):
             raise InvalidRequestError(
-                f"--variants items are POLICY[+noprefetch][+in-place|+staged|+cpu] with POLICY one of "
+                f"--variants items are POLICY[+noprefetch][+copy|+in-place|+staged|+cpu] with POLICY one of "
                 f"{', '.join(POLICIES)}; "
                 f"got {item!r}",
                 param="variants",

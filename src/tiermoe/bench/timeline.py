@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gpu-budget", required=True, help="GiB (a capped run moves experts), or none: every expert resident"
     )
-    p.add_argument("--miss-path", default="copy", choices=MISS_PATHS)
+    p.add_argument("--miss-path", default="auto", choices=MISS_PATHS)
     p.add_argument("--routing", default=None, help="as tiermoe bench (default: szd on synthetic checkpoints)")
     p.add_argument("--tokens", type=int, default=4, help="decode steps to profile (after a warm-up)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_s": decode_s,
         "decode_steps": args.tokens,
         "batch": args.batch,
-        "miss_path": args.miss_path,
+        "miss_path": getattr(llm.provider, "miss_path", args.miss_path),  # what auto chose
         "gpu_budget_gib": budget,
         "experts_decode": engine.provider.stats(since=before),
         **overlap_summary(trace := json.loads(out.read_text())),

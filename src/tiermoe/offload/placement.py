@@ -24,6 +24,7 @@ from ..models.kv_cache import BLOCK_TOKENS, cache_slots
 from ..models.layers import CausalLM
 from ..models.registry import from_config
 from .budget import GIB, BudgetError, MemoryPlan, plan_memory
+from .in_place import staging_fits
 from .policy import POLICIES
 from .provider import ExpertProvider, load_resident
 from .sources import open_expert_source
@@ -141,6 +142,21 @@ def plan_for_model(
     )
 
 
+def miss_path_for(config: EngineConfig, plan: MemoryPlan, source) -> str:
+    """The miss path a store runs: config.miss_path, or for auto staged where it can run (bench/NOTES.md
+    46: no host round trip per layer, and every miss admitted as the copy path admits it), copy elsewhere."""
+    if config.miss_path != "auto":
+        return config.miss_path
+    staged = (
+        source.device.type == "cuda"
+        and source.format.kernels
+        and not config.cpu_compute
+        and plan.host_slots >= len(plan.quotas) * source.args.num_experts
+        and staging_fits(plan)
+    )
+    return "staged" if staged else "copy"
+
+
 def build_provider(source, config: EngineConfig, plan: MemoryPlan, progress=None) -> ExpertProvider:
     if plan.all_resident:
         return load_resident(source, progress)
@@ -153,7 +169,7 @@ def build_provider(source, config: EngineConfig, plan: MemoryPlan, progress=None
         policy=config.eviction,
         prefetch=config.prefetch,
         progress=progress,
-        miss_path=config.miss_path,
+        miss_path=miss_path_for(config, plan, source),
         top_k=source.args.top_k,
     )
     if config.cpu_compute:
