@@ -228,6 +228,13 @@ def test_add_rms_norm_is_the_residual_add_then_the_norm(dtype, norm):
     assert fused.add_rms_norm(x.to(DEVICE).mT, delta.to(DEVICE).mT, module.weight, 1e-6) is None
 
 
+def packed(*columns: torch.Tensor) -> list[torch.Tensor]:
+    """Views of the columns [B, n] side by side in one [B, sum n] tensor, rows one packed row apart, as
+    the runner's StepInputs has a step's positions, slots, lengths and block tables."""
+    whole = torch.cat(columns, dim=1)
+    return list(whole.split([c.shape[1] for c in columns], dim=1))
+
+
 def _attention_reference(q, keys, values, mask, sinks):
     """SDPA's math in float64 over the gathered cache: q [B, H, 1, D], keys [B, KV, L, D], mask
     [B, 1, 1, L]; a sink is one more logit per head with no value."""
@@ -262,15 +269,19 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_keys(
     for pool in cache.parts[0]:
         pool.normal_()  # stale values everywhere: what the mask hides must not count
     tables = torch.tensor([[3, 7, 1, 9], [2, 0, 0, 0], [0, 0, 0, 0], [5, 11, 4, 0]], device=DEVICE)
-    lengths = torch.tensor([50, 9, 0, 33], device=DEVICE)
-    positions = (lengths - 1).clamp(min=0)[:, None]  # the padding row: position 0
+    lengths = torch.tensor([50, 9, 0, 20], device=DEVICE)
+    # the padding row at position 0; the last row's length stops short of its position (keys 0-19 and its own)
+    positions = torch.tensor([[49], [8], [0], [33]], device=DEVICE)
     slots = tables.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
-    cache.bind(KVBatch(tables, slots, positions, lengths))
+    tables, slots, positions, lengths = packed(tables, slots, positions, lengths[:, None])
+    cache.bind(KVBatch(tables, slots, positions, lengths[:, 0]))
     q, k, v = (torch.randn(4, n, 1, d, device=DEVICE).to(dtype) for n in (heads, kv_heads, kv_heads))
     sinks = torch.randn(heads, device=DEVICE) if heads == 32 else None
     keys, values = cache.update(0, k, v)  # the token's key and value written, every row's gathered
     k_pool, v_pool = cache.parts[0]
-    got = fused.decode_attention(q, k_pool, v_pool, tables, positions, lengths, BLOCK_TOKENS, window, sinks)
+    got = fused.decode_attention(
+        q, k_pool, v_pool, tables, positions, lengths[:, 0], BLOCK_TOKENS, window, sinks
+    )
     expected = _attention_reference(q, keys, values, cache.mask(window), sinks)
     assert got.shape == (4, 1, heads * d) and got.dtype == dtype
     bound = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: p rounded before it weighs the values
@@ -311,9 +322,11 @@ def test_a_decode_step_of_the_attention_layer_takes_the_paged_kernel(monkeypatch
         tables = torch.tensor([[2, 1], [3, 0]], device=device)
         positions = torch.tensor([[20], [3]], device=device)
         slots = tables.gather(1, positions // BLOCK_TOKENS) * BLOCK_TOKENS + positions % BLOCK_TOKENS
-        cache.bind(KVBatch(tables, slots, positions, positions[:, 0] + 1))
+        tables, slots, positions, lengths = packed(tables, slots, positions, positions + 1)  # as the runner's
+        cache.bind(KVBatch(tables, slots, positions, lengths[:, 0]))
         x = torch.randn(2, 1, 256, generator=torch.Generator().manual_seed(3)).to(device)
-        cos, sin = torch.ones(2, 1, 32, device=device), torch.zeros(2, 1, 32, device=device)
+        angles = torch.rand(2, 1, 16, generator=torch.Generator().manual_seed(4)).to(device) * 6
+        cos, sin = (torch.cat([f(angles)] * 2, dim=-1) for f in (torch.cos, torch.sin))
         with torch.no_grad():
             outs.append(layer(x, (cos, sin), cache).cpu())
     assert calls == ["rope_into_cache", "decode_attention"]  # the CUDA forward, not the CPU one
@@ -333,7 +346,9 @@ def test_rope_into_cache_is_the_norms_the_rotations_and_the_writes(d, norm, dtyp
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     angles = torch.rand(b, 1, d // 2, device=DEVICE) * 6
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
-    slots = torch.tensor([[17], [40], [3]], device=DEVICE)
+    slots = packed(
+        torch.tensor([[17], [40], [3]], device=DEVICE), torch.zeros(3, 4, dtype=torch.long, device=DEVICE)
+    )[0]
     pools = [torch.zeros(64, kv_heads, d, dtype=dtype, device=DEVICE) for _ in range(4)]
     weights = [(torch.rand(d, device=DEVICE) + 0.5).to(dtype) for _ in range(2)] if norm else None
     got = fused.rope_into_cache(q, k, v, cos, sin, slots, pools[0], pools[1], weights, 1e-6)
@@ -342,8 +357,8 @@ def test_rope_into_cache_is_the_norms_the_rotations_and_the_writes(d, norm, dtyp
         qh, kh = fused.rms_norm(qh, weights[0], 1e-6), fused.rms_norm(kh, weights[1], 1e-6)
     qr = fused.rotate(qh.transpose(1, 2), cos[:, None], sin[:, None])  # [B, H, 1, D]
     kr = fused.rotate(kh.transpose(1, 2), cos[:, None], sin[:, None])
-    pools[2].index_copy_(0, slots.view(-1), kr[:, :, 0])
-    pools[3].index_copy_(0, slots.view(-1), v.view(b, kv_heads, d))
+    pools[2].index_copy_(0, slots.reshape(-1), kr[:, :, 0])
+    pools[3].index_copy_(0, slots.reshape(-1), v.view(b, kv_heads, d))
     assert got.shape == (b, heads, 1, d)
     assert torch.equal(got, qr)
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])

@@ -104,14 +104,15 @@ def test_the_decode_kernel_routes_as_the_torch_ops():
     docs = torch.tensor([7, 2, 0])
     for m in models:
         m.start(docs)
-    rows = torch.tensor([0, 1, 2])
-    valid = torch.tensor([[True], [True], [False]])
+    # rows one packed row apart, as the runner's StepInputs has them
+    rows = torch.tensor([[9, 0], [9, 1], [9, 2]])[:, 1]
+    valid = torch.tensor([[True, False], [True, False], [False, False]])[:, :1]
     kept = 0
     for step in range(12):
         for name, t in models[0]._state.items():
             models[1]._state[name].copy_(t)
         kept += models[0]._state["prev"][:, :2].ge(0).sum().item()
-        positions = torch.tensor([[step], [step + 5], [0]])
+        positions = torch.tensor([[step, 7], [step + 5, 7], [0, 7]])[:, :1]
         models[0].step(docs, rows, positions, valid)
         szd_decode(
             models[1], docs, rows, positions, valid, (synthetic._EPS, synthetic._GUMBEL, synthetic._STICK)

@@ -13,6 +13,8 @@ decoration whether a kernel is compiled or interpreted.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -243,7 +245,7 @@ def softmax_pick(
 @triton.jit
 def _rope_cache(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slots_ptr, qout_ptr, kpool_ptr, vpool_ptr,
-    heads, eps, sq, sk, sv, sc, sks, skh, svs, svh,
+    heads, eps, sq, sk, sv, sc, ss, sks, skh, svs, svh,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, FLOAT32_SCALE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
@@ -254,7 +256,7 @@ def _rope_cache(
         x, w, out = q_ptr + b * sq + head * D, qw_ptr, qout_ptr + (b * heads + head) * D
     else:  # a key head: its key rotated and its value, written at the token's slot
         kv = head - heads
-        slot = tl.load(slots_ptr + b)
+        slot = tl.load(slots_ptr + b * ss)
         x, w, out = k_ptr + b * sk + kv * D, kw_ptr, kpool_ptr + slot * sks + kv * skh
         value, to = v_ptr + b * sv + kv * D, vpool_ptr + slot * svs + kv * svh
         tl.store(to + cols, tl.load(value + cols, mask=half), mask=half)
@@ -284,14 +286,15 @@ def _rope_cache(
     tl.store(out + HALF + cols, hi.to(dt), mask=half)
 
 
-def rope_into_cache_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Whether rope_into_cache takes q [B, T, H x D], k, v [B, T, KV x D] and cos [B, T, D]: one token a
-    row, rows of unit stride, one dtype."""
+def rope_into_cache_fits(q, k, v, cos, sin, pools) -> bool:
+    """Whether rope_into_cache takes q [B, T, H x D], k, v [B, T, KV x D], cos and sin [B, T, D] and the
+    cache's pools: one token a row, rows of unit stride, one dtype, cos and sin laid out alike."""
     return (
         q.shape[1] == 1
         and cos.shape[-1] % 2 == 0
-        and all(x.stride(-1) == 1 for x in (q, k, v, cos))
-        and q.dtype == k.dtype == v.dtype == cos.dtype
+        and all(x.stride(-1) == 1 for x in (q, k, v, cos, *pools))
+        and cos.stride() == sin.stride()
+        and all(x.dtype == q.dtype for x in (k, v, cos, sin, *pools))
     )
 
 
@@ -299,7 +302,8 @@ def rope_into_cache(q, k, v, cos, sin, slots, k_pool, v_pool, norms=None, eps=0.
     """A decode step's queries and keys, each head RMS-normalised (norms: the per-head q and k weights, or
     None) and rotated, the keys and values written at the tokens' slots (k_pool, v_pool [slots, KV, D]),
     in one launch where the norms, the rotations and the writes take six. q [B, 1, H x D], k, v
-    [B, 1, KV x D], cos, sin [B, 1, D], slots [B, 1]. Returns the rotated queries [B, H, 1, D]; the
+    [B, 1, KV x D], cos, sin [B, 1, D], slots [B, 1] (rows any stride apart: the runner's are columns of
+    one packed tensor). Returns the rotated queries [B, H, 1, D]; the
     rounding is the RMSNorm and rotary kernels' (the same bits as those two apart)."""
     b = q.shape[0]
     d = cos.shape[-1]
@@ -308,7 +312,7 @@ def rope_into_cache(q, k, v, cos, sin, slots, k_pool, v_pool, norms=None, eps=0.
     qw, kw = norms if norms is not None else (q, q)
     _rope_cache[(b, heads + kv_heads)](
         q, k, v, cos, sin, qw, kw, slots, out, k_pool, v_pool, heads, eps,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), slots.stride(0),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         D=d, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), NORM=norms is not None,
         FLOAT32_SCALE=float32_scale, enable_fp_fusion=False,
@@ -316,6 +320,10 @@ def rope_into_cache(q, k, v, cos, sin, slots, k_pool, v_pool, norms=None, eps=0.
     return out.transpose(1, 2)
 
 
+# Triton's interpreter (the CPU tests): its bf16 tl.dot is wrong, so tiles go to float32 there.
+_INTERPRETED = (
+    triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
+)
 KEYS_PER_SPLIT = 512  # keys one program of a long row's attention reads before the rows' partials combine
 MAX_SPLITS = 32
 
@@ -323,8 +331,8 @@ MAX_SPLITS = 32
 @triton.jit
 def _decode_attention(
     q_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, lengths_ptr, sinks_ptr, out_ptr, part_ptr,
-    group, window, chunk, scale, splits,
-    sqb, sqh, sks, skh, svs, svh, stb, spb,
+    group, window, chunk, width, scale, splits,
+    sqb, sqh, sks, skh, svs, svh, stb, spb, spos, slen,
     D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     WINDOW: tl.constexpr, SINKS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
@@ -339,12 +347,12 @@ def _decode_attention(
     q = tl.load(
         q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=live[:, None] & dmask[None, :], other=0.0
     )
-    qpos = tl.load(positions_ptr + b)
-    length = tl.load(lengths_ptr + b)
+    qpos = tl.load(positions_ptr + b * spos)
+    length = tl.load(lengths_ptr + b * slen)
     # The keys this query sees (KVCache.mask): at or before its position and written by now, inside the
     # window; its own position always. This program reads those in its split's chunk of the row.
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, qpos + 1)
+    hi = tl.minimum(tl.minimum(lo + chunk, qpos + 1), width)  # KVCache.mask's keys end at the table's
     if WINDOW:
         lo = tl.maximum(lo, qpos - window + 1)
     m = tl.full([G], float("-inf"), tl.float32)
@@ -457,7 +465,7 @@ def decode_attention(
     and running SDPA (about fifteen launches a layer at batch 1, in one or two). q [B, H, 1, D] (any
     strides, the last 1); k_pool, v_pool [slots, KV, D] with H a multiple of KV (query head h reads key
     head h // (H / KV), as SDPA's enable_gqa pairs them); tables [B, NB] the rows' blocks of `page` slots;
-    positions [B, 1] and lengths [B] as KVBatch has them. Scale 1/sqrt(D), softmax in float32, keys masked
+    positions [B, 1] and lengths [B] as KVBatch has them (rows any stride apart). Scale 1/sqrt(D), softmax in float32, keys masked
     as KVCache.mask does. Returns [B, 1, H * D] in q's dtype. Shapes as `decode_attention_fits` says."""
     b, h, _, d = q.shape
     kv = k_pool.shape[1]
@@ -466,17 +474,16 @@ def decode_attention(
     chunk = triton.cdiv(triton.cdiv(width, splits), page) * page
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     part = torch.empty(b, h, splits, 2 + d, dtype=torch.float32, device=q.device) if splits > 1 else out
-    positions, lengths, tables = positions.reshape(-1), lengths.reshape(-1), tables.contiguous()
+    tables = tables if tables.stride(-1) == 1 else tables.contiguous()
     sinks_ = sinks if sinks is not None else out
-    interpreted = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
     _decode_attention[(b, kv, splits)](
         q, k_pool, v_pool, tables, positions, lengths, sinks_, out, part,
-        h // kv, window or 0, chunk, d**-0.5, splits,
+        h // kv, window or 0, chunk, width, d**-0.5, splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        tables.stride(0), part.stride(0) if splits > 1 else 0,
+        tables.stride(0), part.stride(0) if splits > 1 else 0, positions.stride(0), lengths.stride(0),
         D=d, G=max(16, triton.next_power_of_2(h // kv)), BLOCK_N=64 if d <= 128 else 32,
         BLOCK_D=triton.next_power_of_2(d), PAGE=page, WINDOW=bool(window), SINKS=sinks is not None,
-        SPLIT=splits > 1, DOT_FP32=interpreted or q.dtype == torch.float32,
+        SPLIT=splits > 1, DOT_FP32=_INTERPRETED or q.dtype == torch.float32,
     )  # fmt: skip
     if splits > 1:
         _combine_splits[(b, h)](

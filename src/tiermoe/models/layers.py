@@ -236,20 +236,21 @@ class Attention(nn.Module):
         s = self.spec
         fused = fused_kernels(q)
         cos, sin = rope
-        if not fused or s.clip_qkv is not None or not fused.rope_into_cache_fits(q, k, v, cos):
+        pools = cache.parts[self.layer_idx]
+        if not fused or s.clip_qkv is not None or not fused.rope_into_cache_fits(q, k, v, cos, sin, pools):
             return None
         norms, float32_scale = None, False
-        if s.qk_norm == "head":
-            norms = (self.q_norm.weight, self.k_norm.weight)
+        if s.qk_norm is not None:  # the norms keep the dtype (as the kernel does), or the torch path runs
+            weights = (self.q_norm.weight, self.k_norm.weight)
             float32_scale = self.q_norm.float32_scale
-            if not float32_scale and any(w.dtype != q.dtype for w in norms):
+            if not float32_scale and any(torch.promote_types(w.dtype, q.dtype) != q.dtype for w in weights):
                 return None
-        elif s.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-            if q.dtype != cos.dtype or k.dtype != cos.dtype:
-                return None
+            if s.qk_norm == "head":
+                norms = weights
+            else:  # over all heads: its own kernel first
+                q, k = self.q_norm(q), self.k_norm(k)
         batch = cache.batch
-        k_pool, v_pool = cache.parts[self.layer_idx]
+        k_pool, v_pool = pools
         q = fused.rope_into_cache(
             q,
             k,
@@ -326,10 +327,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(normed)
 
     def attend(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        delta: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream after this layer's attention, and its post-attention norm (the MLP's input)."""
-        return self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), rope, cache))
+        """The residual stream after this layer's attention, and its post-attention norm (the MLP's input).
+        delta: the previous layer's MLP output not yet added to x, added here in the input norm's launch."""
+        if delta is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm.add(x, delta)
+        return self.post_attention_layernorm.add(x, self.self_attn(normed, rope, cache))
 
     # A MoE layer in two parts, for callers that run the routed experts themselves (the runner's
     # layered CUDA graphs): forward(x) == after_experts(r, experts(xn, ids, w), s) of before_experts(x).
@@ -384,8 +394,11 @@ class CausalLM(nn.Module):
         """input_ids, positions: [B, T]; logits_at [B]: the index in each row (rows are right-padded)
         whose logits are returned, [B, V]; None: every position's, [B, T, V]."""
         x, rope = self.embed(input_ids, positions)
-        for layer in self.model.layers:
-            x = layer(x, rope, cache)
+        delta = None
+        for layer in self.model.layers:  # each MLP's output added in the next layer's input norm
+            x, normed = layer.attend(x, rope, cache, delta)
+            delta = layer.mlp(normed)
+        x = x + delta
         if logits_at is not None:
             x = x.gather(1, logits_at[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
         return self.head(x)

@@ -40,7 +40,7 @@ def _uniform(h):
 @triton.jit
 def _szd_decode(
     seed_hash, docs_ptr, rows_ptr, positions_ptr, valid_ptr, base_ptr, z_ptr, prev_ptr, ids_ptr, h_ptr,
-    slots, experts, phi, drift, sigma_loc, p_stick,
+    slots, experts, phi, drift, sigma_loc, p_stick, s_doc, s_row, s_pos, s_valid,
     EPS: tl.constexpr, GUMBEL: tl.constexpr, STICK: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     layer = tl.program_id(0).to(tl.int64)
@@ -48,10 +48,10 @@ def _szd_decode(
     rows = tl.num_programs(1)
     e = tl.arange(0, BLOCK)
     inside = e < experts
-    doc = tl.load(docs_ptr + b)
-    pos = tl.load(positions_ptr + b)
-    v = tl.load(valid_ptr + b) != 0
-    state = layer * slots + tl.load(rows_ptr + b)
+    doc = tl.load(docs_ptr + b * s_doc)
+    pos = tl.load(positions_ptr + b * s_pos)
+    v = tl.load(valid_ptr + b * s_valid) != 0
+    state = layer * slots + tl.load(rows_ptr + b * s_row)
     # hash_keys(seed, layer, doc, position), then each purpose's draws hash (that key, purpose, index)
     key = _mix((_chain(_chain(_chain(seed_hash, layer), doc), pos) + 0x9E3779B9) & 0xFFFFFFFF)
     h_eps = _chain(_chain(key, EPS), e)
@@ -85,7 +85,8 @@ def szd_decode(
     model, docs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, purposes
 ) -> None:
     """SZDRouting.step for positions [B, 1]: model.ids [L, B, 1, k] and model.h [L, B, 1, E] written, its
-    state rows advanced in place. purposes: (eps, gumbel, stick), the draws' purpose keys."""
+    state rows advanced in place. purposes: (eps, gumbel, stick), the draws' purpose keys. docs, rows [B],
+    positions, valid [B, 1]: rows any stride apart (the runner's are columns of one packed tensor)."""
     p, s = model.p, model._state
     L, B, E, k = model.L, docs.shape[0], model.E, model.k
     model.ids = torch.empty(L, B, 1, k, dtype=torch.long, device=docs.device)
@@ -93,7 +94,8 @@ def szd_decode(
     seed_hash = int(rng.hash_keys(model.seed))  # the first key hashes on the host, as hash_keys does
     eps, gumbel, stick = purposes
     _szd_decode[(L, B)](
-        seed_hash, docs, rows, positions.reshape(-1), valid.reshape(-1), s["base"], s["z"], s["prev"],
+        seed_hash, docs, rows, positions, valid, s["base"], s["z"], s["prev"],
         model.ids, model.h, s["z"].shape[1], E, p.phi, math.sqrt(1 - p.phi**2), p.sigma_loc, p.p_stick,
+        docs.stride(0), rows.stride(0), positions.stride(0), valid.stride(0),
         EPS=eps, GUMBEL=gumbel, STICK=stick, K=k, BLOCK=triton.next_power_of_2(E),
     )  # fmt: skip
