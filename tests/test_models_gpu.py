@@ -134,3 +134,20 @@ def test_graphs_of_several_shapes_share_one_pool(tiny_checkpoint, capped):
         assert 0 < sum(mib * count for mib, count in listed) <= held["default"] * 1024 + rounding
     assert len({batch for batch, _ in graphed.engine.runner._graphs}) >= 3
     assert pools[0] > 0 and max(pools) == pools[0], pools
+
+
+@pytest.mark.parametrize(
+    ("arch", "layout"), [("qwen3_moe", "per_expert"), ("olmoe", "per_expert"), ("gpt_oss", "fused")]
+)
+def test_a_batch_decodes_each_sequence_as_it_decodes_alone(tiny_checkpoint, arch, layout):
+    """Batched decode steps (the paged attention and cache writes per row) give each sequence the tokens it
+    gets alone: graphed against eager would not see a row reading its neighbour's positions or slots (the
+    step's tensors are columns of one packed tensor, both read them alike), this does. fp32, so batch size
+    changes no GEMM's rounding. (The routing model's rows: test_routing_synthetic.py, on packed inputs.)"""
+    path, _ = tiny_checkpoint(arch, layout)
+    llm = LLM(path, device="cuda", dtype="fp32")
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0][2:]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate(p, params)[0].token_ids for p in prompts]
+    assert together == alone
