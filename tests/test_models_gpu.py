@@ -132,6 +132,9 @@ def test_graphs_of_several_shapes_share_one_pool(tiny_checkpoint, capped):
         listed = held["default_largest_mib"]
         rounding = sum(0.005 * count for _, count in listed)  # MiB are rounded to 2 places
         assert 0 < sum(mib * count for mib, count in listed) <= held["default"] * 1024 + rounding
+        # cuBLAS's workspaces (32 MiB a stream on an H100): the warm-ups share one stream, so one or two
+        # (it and the compute stream), not one per captured piece (the layered graphs' 3 layers + 2)
+        assert sum(count for mib, count in listed if 30 <= mib <= 34) <= 2, listed
     assert len({batch for batch, _ in graphed.engine.runner._graphs}) >= 3
     assert pools[0] > 0 and max(pools) == pools[0], pools
 

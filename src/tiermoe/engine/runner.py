@@ -306,11 +306,24 @@ class Captured:
         self.graph, self.outputs = graph, outputs
 
 
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warmup_stream() -> torch.cuda.Stream:
+    """The one side stream every capture's warm-up runs on (per device). cuBLAS keeps a workspace (32 MiB on
+    an H100) for each stream it ran on, and torch.cuda.Stream() hands out a pool of 32 in turn: the copy
+    path's layered graphs, some fifty captures, held 32 of them, 1 GiB past the plan (bench/NOTES.md 50)."""
+    device = torch.cuda.current_device()
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream()
+    return _WARMUP_STREAMS[device]
+
+
 def capture(fn, pool=None) -> Captured:
     """Capture fn() as a CUDA graph after one warm-up run on a side stream (lazy initialisation of
     libraries must not happen inside a capture). The warm-up's writes are redone by every replay.
     pool: a memory pool shared with other graphs replayed in capture order (None: its own)."""
-    stream = torch.cuda.Stream()
+    stream = warmup_stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
