@@ -363,3 +363,30 @@ def test_rope_into_cache_is_the_norms_the_rotations_and_the_writes(d, norm, dtyp
     assert torch.equal(got, qr)
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
     assert pools[0].abs().sum() > 0  # written
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="SDPA's memory-efficient kernel is CUDA's")
+def test_a_long_prompt_chunk_of_grouped_heads_never_holds_the_full_scores():
+    """A 1,024-token chunk of 32 query heads on 4 key heads against 1,024 keys: SDPA's math path (a mask
+    with enable_gqa) would hold float32 scores of 32 x 1,024 x 1,024 (128 MiB) and their softmax; the
+    memory-efficient kernel on repeated key heads holds the repeats (16 MiB) and the mask."""
+    from tiermoe.models.kv_cache import KVBatch, KVCache
+    from tiermoe.models.layers import Attention, AttentionSpec
+
+    spec = AttentionSpec(1024, 32, 4, 64, 1e-6)
+    layer = Attention(spec, 0).cuda().to(torch.bfloat16)
+    cache = KVCache([spec.cache_shapes()], num_blocks=65, dtype=torch.bfloat16, device="cuda")
+    t = 1024
+    tables = torch.arange(1, 65, device="cuda")[None]
+    positions = torch.arange(t, device="cuda")[None]
+    cache.bind(KVBatch(tables, positions + 16, positions, torch.tensor([t], device="cuda")))
+    x = torch.randn(1, t, 1024, device="cuda", dtype=torch.bfloat16)
+    rope = (torch.ones(1, t, 64, device="cuda", dtype=torch.bfloat16),) * 2
+    with torch.no_grad():
+        layer(x, rope, cache)  # warm-up: kernels chosen, workspaces allocated
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        layer(x, rope, cache)
+        torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 64 << 20

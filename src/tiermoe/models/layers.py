@@ -271,11 +271,15 @@ class Attention(nn.Module):
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:
         # cuDNN's SDPA rebuilds its execution plan for every new key length (4 ms of CPU per decode step
-        # measured on an H100); the memory-efficient kernel takes our mask at no such cost.
+        # measured on an H100); the memory-efficient kernel takes our mask at no such cost, but not with
+        # enable_gqa: a mask and enable_gqa send SDPA to its math path, whose float32 scores [B, H, T, L]
+        # are 1 GiB for a 2,048-token prompt chunk of Qwen3-30B-A3B against 4,096 keys (bench/NOTES.md 51).
+        # So each key head is repeated for its group (32 MiB there) and the kernel sees plain heads.
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        if group > 1:
+            k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))  # [B, H, L, D], as enable_gqa pairs
         with sdpa_kernel(MASKED_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=self.spec.num_heads != self.spec.num_kv_heads
-            )
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _with_sinks(self, q, k, v, mask) -> torch.Tensor:
         """Attention whose softmax has one more logit per head, its sink, with no value: p_i = exp(s_i) /
