@@ -15,13 +15,26 @@ def test_lru_evicts_least_recently_used_outside_exclude():
 
 
 def test_lfu_evicts_least_used_and_decays():
-    p = fill(LFU(decay_every=4), [0, 1, 2])
+    p = fill(LFU(half_life=4), [0, 1, 2])
     for _ in range(3):
         p.touch(0)
     p.touch(2)
     assert p.victim(set()) == 1
-    assert p.counts[0] == 2.0  # 4 touches so far: every count halved once (4 -> 2)
     assert p.victim({1}) == 2
+    # slot 0: inserted 4 touches ago (1/2) and used 3, 2 and 1 touches ago
+    assert abs(p.value(0) - sum(2 ** (-a / 4) for a in (4, 3, 2, 1))) < 1e-12
+    for _ in range(8):  # 8 uses of slot 2 since: slot 0's five uses, 8 touches older, weigh a quarter
+        p.touch(2)
+    assert abs(p.value(0) - sum(2 ** (-a / 4) for a in (12, 11, 10, 9))) < 1e-12
+    assert p.victims(3) == [1, 0, 2]
+
+
+def test_lfu_rescales_before_its_scale_leaves_float_range():
+    p = fill(LFU(half_life=1), [0, 1])
+    for i in range(2000):  # 2^2000 would overflow a float
+        p.touch(i % 2)
+    assert p.weight < 2.0**513 and 0 < p.value(0) < 2 and 1 < p.value(1) < 2  # 1 was used last
+    assert p.victim(set()) == 0
 
 
 def test_protect_spares_unused_prefetch_until_nothing_else():

@@ -32,8 +32,9 @@ CALIBRATION_PROMPT, CALIBRATION_TOKENS = 128, 48  # tokens of the calibration ru
 ROUND_TRIPS = 200  # timed host round trips (the copy path's per-layer cost)
 # The settings a plan depends on besides the ones it chooses: a plan saved for others is not reused.
 # Plans of an older version are made again: 2, staged is its own miss path (version 1's in-place
-# candidate was simulated staged where the workspace held the buffer, and would now run read in place).
-PLAN_VERSION = 2
+# candidate was simulated staged where the workspace held the buffer, and would now run read in place);
+# 3, LFU's counts decay smoothly (a half-life of 64 touches), so every simulated hit rate moved.
+PLAN_VERSION = 3
 PLAN_KEYS = (
     "gpu_budget_gib", "cpu_budget_gib", "workspace_gib", "kv_reserve_tokens", "experts_per_token", "device",
     "dtype", "routing", "max_model_len",

@@ -13,6 +13,10 @@ from itertools import chain, islice
 import numpy as np
 
 DECAY_STEPS = 64  # recent routing counts halve every this many decode steps, so old popularity fades
+# LFU: a use this many touches of the layer ago weighs half of one now. Offline replays (bench/NOTES.md 52)
+# of szd routing and of the trained demo model's traces: fewer misses than halving every 256 touches
+# (the old rule) or 64, or than LRU, on every trace.
+HALF_LIFE_TOUCHES = 64
 
 
 class LRU:
@@ -36,21 +40,30 @@ class LRU:
 
 
 class LFU:
-    """Least frequently used, with counts halved every `decay_every` touches so old popularity fades."""
+    """Least frequently used, each use decaying smoothly: one `half_life` touches of the layer ago weighs
+    half of one now. Counts are kept in the scale of the latest use (a use weighs 2^(touches / half_life)
+    there), so a touch changes one count, and the ranking is the decayed counts' (`value`); rescaled
+    before the scale leaves float range."""
 
-    def __init__(self, decay_every: int = 256):
+    def __init__(self, half_life: int = HALF_LIFE_TOUCHES):
         self.counts: dict[int, float] = {}
-        self.decay_every, self.touches = decay_every, 0
+        self.growth = 2.0 ** (1.0 / half_life)
+        self.weight = 1.0  # what a use weighs now, in the counts' scale
+
+    def value(self, slot: int) -> float:
+        """The slot's decayed count: its uses, each weighing 2^(-touches since / half_life)."""
+        return self.counts[slot] / self.weight
 
     def insert(self, slot: int, prefetched: bool) -> None:
-        self.counts[slot] = 0.0 if prefetched else 1.0
+        self.counts[slot] = 0.0 if prefetched else self.weight
 
     def touch(self, slot: int) -> None:
-        self.counts[slot] += 1.0
-        self.touches += 1
-        if self.touches % self.decay_every == 0:
+        self.weight *= self.growth
+        self.counts[slot] += self.weight
+        if self.weight > 2.0**512:
             for s in self.counts:
-                self.counts[s] /= 2
+                self.counts[s] /= self.weight
+            self.weight = 1.0
 
     def victim(self, exclude: set[int]) -> int:
         return min((c, s) for s, c in self.counts.items() if s not in exclude)[1]
