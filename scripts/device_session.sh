@@ -131,7 +131,7 @@ ab_runs() {
             if [[ $suite == qwen3* ]]; then model=$SYNTH/qwen3-30b-a3b budgets=${AB_BUDGETS:-8}; else model=$SYNTH/olmoe-1b-7b budgets=${AB_BUDGETS:-4}; fi
             # a format suite (qwen3-int4, ...) compares its converted checkpoint: AB_AFTER=1, so the suite made it
             [[ $suite == *-* ]] && model=$model-${suite#*-}
-            [[ -f $model/tiermoe_synth.json ]] || { mark "ab $suite: no checkpoint"; continue; }
+            [[ -f $model/config.json ]] || { mark "ab $suite: no checkpoint"; continue; }
             for budget in ${budgets//,/ }; do
                 VARIANTS=${AB_VARIANTS:-} OLD_SRC=.carry/ab/src OLD_REV=$AB_REV bash scripts/ab_decode.sh "$model" "$budget" "${AB_ROUNDS:-2}" \
                     > "$W/ab-$suite-$budget.log" 2>&1
