@@ -1,12 +1,15 @@
 """Triton kernels for the decoder's small ops on CUDA: RMSNorm (with the residual add before it, where it
 follows a sublayer), the rotary embedding and the softmax router, one launch each where torch's eager ops
-make eight (nine), five and six. At batch 1 a decode step is thousands of such launches, and a
-CUDA graph replays each in a few microseconds whatever its size, so their number sets much of the step's
-time (Qwen3-30B-A3B: about 64 launches a layer, 48 layers).
+make eight (nine), five and six; and for a decode step (one token a row) the per-head norms, rotations
+and K/V cache writes in one launch and attention read through the block tables in one or two, where
+gathering the cache and SDPA took about twenty-three. At batch 1 a decode step is thousands of such
+launches, and a CUDA graph replays each in a few microseconds whatever its size, so their number sets
+much of the step's time (Qwen3-30B-A3B: about 50 launches a layer before the decode kernels, 48 layers).
 
-Each kernel rounds where torch's ops do (to the tensor's dtype after each product, and no fused
-multiply-adds: `enable_fp_fusion=False`), so the rotary gives torch's values exactly and RMSNorm gives them
-up to the order of its sum of squares. Imported only where
+Each elementwise kernel rounds where torch's ops do (to the tensor's dtype after each product, and no
+fused multiply-adds: `enable_fp_fusion=False`), so the rotary gives torch's values exactly and RMSNorm
+gives them up to the order of its sum of squares; decode attention computes its softmax in float32 and
+weighs the values with the probabilities rounded to their dtype, as flash attention does. Imported only where
 used (CUDA, or the tests with TRITON_INTERPRET=1 set before the import), since triton decides at
 decoration whether a kernel is compiled or interpreted.
 """
