@@ -192,7 +192,7 @@ class ModelRunner:
         """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 (float32 [len - 1]) and, with top > 0, the
         `top` likeliest next tokens at each of those positions (ids and log-probabilities, [len - 1, top]):
         one sequence in `blocks` (enough for all of ids), `chunk` tokens a forward (their logits,
-        [chunk, vocab] float32, are the peak memory). Its routing state is the padding row's."""
+        [chunk, vocab] float32, are the peak memory, once). Its routing state is the padding row's."""
         doc = self.routing.begin_sequence(self.max_num_seqs) if self.routing else 0
         chosen, top_ids, top_values = [], [], []
         for start in range(0, len(ids), chunk):
@@ -201,12 +201,15 @@ class ModelRunner:
                 [Row(piece, start, blocks, self.max_num_seqs)], 1, len(piece), len(blocks), False
             )
             targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)], device=self.device)  # next tokens
-            scored = torch.log_softmax(logits[0, : len(targets)].float(), dim=-1)
-            chosen.append(scored.gather(-1, targets[:, None])[:, 0])
+            # log-probabilities as logits less their log-sum-exp, picked before subtracting: no second
+            # [chunk, vocab] float32 tensor (311 MB a 512-token chunk of Qwen3's vocabulary)
+            scores = logits[0, : len(targets)].float()
+            norm = torch.logsumexp(scores, dim=-1, keepdim=True)  # [T, 1]
+            chosen.append((scores.gather(-1, targets[:, None]) - norm)[:, 0])
             if top:
-                best = torch.topk(scored, top, dim=-1)
+                best = torch.topk(scores, top, dim=-1)
                 top_ids.append(best.indices)
-                top_values.append(best.values)
+                top_values.append(best.values - norm)
         if self.routing:
             self.routing.end_sequence(doc, len(ids), slots_of(blocks, len(ids)))
         if not top:
