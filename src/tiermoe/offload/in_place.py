@@ -109,6 +109,7 @@ class InPlaceMisses:
         # the expert each slot holds (-1: free), each layer's next victims (the host's copy in `listed`).
         self.host_table = self.host_addr.to(store.device)
         self.owner = torch.full((len(pool),), -1, dtype=torch.long, device=store.device)
+        self.owner_seen = np.full(len(pool), -1, dtype=np.int64)  # `owner` as the host last knew it
         self.listed = np.full((len(layers), CANDIDATES), -1, dtype=np.int64)
         self.candidates = torch.from_numpy(self.listed).to(store.device, copy=True)
         self.resident: dict[int, set[int]] = {layer: set() for layer in layers}  # entry points at the slot
@@ -156,15 +157,23 @@ class InPlaceMisses:
         if not self.unsettled:
             return
         self.unsettled = False
-        owner, pool = self.owner.cpu().tolist(), self.store.pool
-        for layer, r in self.row.items():
+        owner, pool = self.owner.cpu().numpy(), self.store.pool
+        # The slots the GPU wrote since: listed ones whose owner moved from what the host last knew (a
+        # vector test over every layer at once; the host's slots agree with owner_seen between settles).
+        at = self.listed.clip(min=0)
+        moved = (self.listed >= 0) & (owner[at] != self.owner_seen[at])
+        self.owner_seen[:] = owner
+        layers = list(self.row)
+        for r in np.flatnonzero(moved.any(axis=1)).tolist():
+            layer = layers[r]
             part, resident = pool.layers[layer], self.resident[layer]
-            changed = [s for s in self.listed[r].tolist() if s >= 0 and owner[s] != part.expert_of.get(s, -1)]
+            changed = [s for s in self.listed[r][moved[r]].tolist() if owner[s] != part.expert_of.get(s, -1)]
             for slot in changed:
                 resident.discard(part.evict(slot))
             for slot in changed:
-                part.put(owner[slot], slot)
-                resident.add(owner[slot])
+                expert = int(owner[slot])
+                part.put(expert, slot)
+                resident.add(expert)
                 pool.prefetched[slot] = False
         self._list_victims(self.row)
 
@@ -194,6 +203,7 @@ class InPlaceMisses:
             self.owner[part.slots.start : part.slots.stop].copy_(
                 self.store.copier.to_device(owner, self.store.device)
             )
+            self.owner_seen[part.slots.start : part.slots.stop] = owner.numpy()
         self._list_victims(layers)
 
     def _list_victims(self, layers) -> None:
@@ -217,14 +227,21 @@ class InPlaceMisses:
         routed = ids.cpu().numpy()  # the step is done: no wait
         self.recent.add_step(routed)
         routed = routed.tolist()
+        stats = store.stats_
         for layer, r in self.row.items():  # counted against the table the step read
+            if self.staged:  # each missed expert copied once
+                distinct = set(routed[r])
+                hits = len(distinct & self.resident[layer])
+                stats.gpu_hits += hits
+                stats.gpu_misses += len(distinct) - hits
+                stats.bytes_in_place += (len(distinct) - hits) * store.expert_bytes
+                continue
             for e, n in Counter(routed[r]).items():
                 if e in self.resident[layer]:
-                    store.stats_.gpu_hits += 1
+                    stats.gpu_hits += 1
                 else:
-                    store.stats_.gpu_misses += 1
-                    # staged: copied once; read in place: each pair's program reads it
-                    store.stats_.bytes_in_place += (1 if self.staged else n) * store.expert_bytes
+                    stats.gpu_misses += 1
+                    stats.bytes_in_place += n * store.expert_bytes  # each pair's program reads it
         if self.staged:  # its hits used, then its admissions (the copy path's order; a graph replay
             # never calls forward, so they are taken in here whatever the flag says)
             for layer, r in self.row.items():
