@@ -1,3 +1,5 @@
+import pytest
+
 from tiermoe.offload.policy import LFU, LRU, ProtectPrefetchLRU
 
 
@@ -35,6 +37,8 @@ def test_lfu_rescales_before_its_scale_leaves_float_range():
         p.touch(i % 2)
     assert p.weight < 2.0**513 and 0 < p.value(0) < 2 and 1 < p.value(1) < 2  # 1 was used last
     assert p.victim(set()) == 0
+    with pytest.raises(ValueError, match="half-life"):
+        LFU(half_life=0.5)
 
 
 def test_protect_spares_unused_prefetch_until_nothing_else():

@@ -201,10 +201,11 @@ class ModelRunner:
                 [Row(piece, start, blocks, self.max_num_seqs)], 1, len(piece), len(blocks), False
             )
             targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)], device=self.device)  # next tokens
-            # log-probabilities as logits less their log-sum-exp, picked before subtracting: no second
+            # log-probabilities as logits less their log-sum-exp, picked before subtracting, and the
+            # log-sum-exp (whose exp makes a copy of its input) taken 64 rows at a time: no second
             # [chunk, vocab] float32 tensor (311 MB a 512-token chunk of Qwen3's vocabulary)
             scores = logits[0, : len(targets)].float()
-            norm = torch.logsumexp(scores, dim=-1, keepdim=True)  # [T, 1]
+            norm = torch.cat([torch.logsumexp(rows, dim=-1, keepdim=True) for rows in scores.split(64)])
             chosen.append((scores.gather(-1, targets[:, None]) - norm)[:, 0])
             if top:
                 best = torch.topk(scores, top, dim=-1)

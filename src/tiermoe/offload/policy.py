@@ -45,7 +45,9 @@ class LFU:
     there), so a touch changes one count, and the ranking is the decayed counts' (`value`); rescaled
     before the scale leaves float range."""
 
-    def __init__(self, half_life: int = HALF_LIFE_TOUCHES):
+    def __init__(self, half_life: float = HALF_LIFE_TOUCHES):
+        if not half_life >= 1:  # a shorter one overflows the scale between rescales (and NaN is not >= 1)
+            raise ValueError(f"LFU's half-life is at least one touch, not {half_life}")
         self.counts: dict[int, float] = {}
         self.growth = 2.0 ** (1.0 / half_life)
         self.weight = 1.0  # what a use weighs now, in the counts' scale
