@@ -200,7 +200,7 @@ def test_miss_path_auto_stages_where_it_can_run_and_copies_elsewhere():
     def source(device="cuda", kernels="dense"):
         return SimpleNamespace(
             device=torch.device(device),
-            format=SimpleNamespace(kernels=kernels),
+            format=SimpleNamespace(kernels=kernels, name="dense", nbytes=1000),
             args=SimpleNamespace(num_experts=8),
         )
 

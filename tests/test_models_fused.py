@@ -288,13 +288,6 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_keys(
     assert (got.double() - expected).abs().max() < bound
 
 
-def test_decode_attention_fits_one_token_rows_of_whole_groups():
-    q = torch.randn(2, 8, 1, 64, device=DEVICE)
-    assert fused.decode_attention_fits(q, 2) and fused.decode_attention_fits(q, 8)
-    assert not fused.decode_attention_fits(q, 3)
-    assert not fused.decode_attention_fits(torch.randn(2, 8, 3, 64, device=DEVICE), 2)  # a prompt chunk
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="the layers take the kernels on CUDA only")
 @pytest.mark.parametrize("sinks", [False, True])
 def test_a_decode_step_of_the_attention_layer_takes_the_paged_kernel(monkeypatch, sinks):

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..config import user_cache_dir
+from ..models.fused import INTERPRETED
 from .fp4 import GROUP as NVFP4_GROUP
 from .mxfp4 import GROUP as MXFP4_GROUP
 
@@ -744,7 +745,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 def fp8_native() -> bool:
     """Whether this GPU converts e4m3 in hardware (sm_89 and later; the interpreter too). Older GPUs (the
     RTX 30 series, A100) decode it from its bits in the kernels."""
-    return not torch.cuda.is_available() or _INTERPRETED or torch.cuda.get_device_capability() >= (8, 9)
+    return not torch.cuda.is_available() or INTERPRETED or torch.cuda.get_device_capability() >= (8, 9)
 
 
 GEMV_KERNELS = {
@@ -902,7 +903,6 @@ def bank_mlp(fmt, x, slots, weights, bank) -> torch.Tensor:
 
 
 BLOCK_M = 16  # tokens of one expert per GEMM program (tl.dot's smallest)
-_INTERPRETED = triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
 
 
 @triton.jit
@@ -1024,7 +1024,7 @@ def _dense_gemm_project(
     _dense_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, w, out, b, w.stride(0), b_stride, K=k, N=n, M=m, BLOCK_M=BLOCK_M,
         BLOCK_K=min(64, triton.next_power_of_2(k)), BLOCK_N=BLOCK_N,
-        EXACT=_INTERPRETED or w.dtype == torch.float32, BIAS=bias,
+        EXACT=INTERPRETED or w.dtype == torch.float32, BIAS=bias,
         **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
@@ -1040,7 +1040,7 @@ def _int4_gemm_project(
     _int4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, qw, qz, sc, out, b, qw.stride(0), qz.stride(0), sc.stride(0), b_stride,
         K=k, N=n, G=group, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, _divisor(group)), BLOCK_N=BLOCK_N,
-        DOT_FP32=_INTERPRETED, BIAS=bias,
+        DOT_FP32=INTERPRETED, BIAS=bias,
         **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
@@ -1056,7 +1056,7 @@ def _fp8_gemm_project(
     _fp8_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, w, s, out, b, w.stride(0), s.stride(0), b_stride,
         K=k, N=n, BO=bo, BI=bi, M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(16, min(_divisor(bi), 128)), BLOCK_N=BLOCK_N,
-        DOT_FP32=_INTERPRETED, FP8_NATIVE=fp8_native(), BIAS=bias,
+        DOT_FP32=INTERPRETED, FP8_NATIVE=fp8_native(), BIAS=bias,
         **_fused(fmt, out, glu, scatter),
     )  # fmt: skip
     return out
@@ -1070,7 +1070,7 @@ def _fp4_gemm_project(
     (b, b_stride), bias = _gemm_bias(fmt, bank, prefix, out)
     _fp4_gemm[(blocks[0].numel(), triton.cdiv(n, BLOCK_N), m)](
         x.contiguous(), tok, *blocks, *weights, out, b, *(w.stride(0) for w in weights), b_stride, K=k, N=n,
-        M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=_INTERPRETED,
+        M=m, BLOCK_M=BLOCK_M, BLOCK_K=max(32, _divisor(k)), BLOCK_N=BLOCK_N, DOT_FP32=INTERPRETED,
         FP8_NATIVE=fp8_native(), BIAS=bias, **sizes,
         **_fused(fmt, out, glu, scatter),
     )  # fmt: skip

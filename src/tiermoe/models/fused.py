@@ -323,8 +323,9 @@ def rope_into_cache(q, k, v, cos, sin, slots, k_pool, v_pool, norms=None, eps=0.
     return out.transpose(1, 2)
 
 
-# Triton's interpreter (the CPU tests): its bf16 tl.dot is wrong, so tiles go to float32 there.
-_INTERPRETED = (
+# Triton's interpreter (the CPU tests): its bf16 tl.dot is wrong, so tiles go to float32 there (the
+# formats' kernels read this too).
+INTERPRETED = (
     triton.knobs.runtime.interpret if hasattr(triton, "knobs") else os.environ.get("TRITON_INTERPRET") == "1"
 )
 KEYS_PER_SPLIT = 512  # keys one program of a long row's attention reads before the rows' partials combine
@@ -448,11 +449,6 @@ def _combine_splits(
     )  # fmt: skip
 
 
-def decode_attention_fits(q: torch.Tensor, kv_heads: int) -> bool:
-    """Whether decode_attention takes q [B, H, T, D]: one token a row, the last stride 1, whole groups."""
-    return q.dim() == 4 and q.shape[2] == 1 and q.stride(-1) == 1 and q.shape[1] % kv_heads == 0
-
-
 def decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -463,13 +459,13 @@ def decode_attention(
     page: int,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """One query token a row attending to its row's keys in the paged cache, in place of gathering them
     and running SDPA (about fifteen launches a layer at batch 1, in one or two). q [B, H, 1, D] (any
     strides, the last 1); k_pool, v_pool [slots, KV, D] with H a multiple of KV (query head h reads key
     head h // (H / KV), as SDPA's enable_gqa pairs them); tables [B, NB] the rows' blocks of `page` slots;
     positions [B, 1] and lengths [B] as KVBatch has them (rows any stride apart). Scale 1/sqrt(D), softmax in float32, keys masked
-    as KVCache.mask does. Returns [B, 1, H * D] in q's dtype. Shapes as `decode_attention_fits` says."""
+    as KVCache.mask does. Returns [B, 1, H * D] in q's dtype."""
     b, h, _, d = q.shape
     kv = k_pool.shape[1]
     width = tables.shape[1] * page
@@ -486,7 +482,7 @@ def decode_attention(
         tables.stride(0), part.stride(0) if splits > 1 else 0, positions.stride(0), lengths.stride(0),
         D=d, G=max(16, triton.next_power_of_2(h // kv)), BLOCK_N=64 if d <= 128 else 32,
         BLOCK_D=triton.next_power_of_2(d), PAGE=page, WINDOW=bool(window), SINKS=sinks is not None,
-        SPLIT=splits > 1, DOT_FP32=_INTERPRETED or q.dtype == torch.float32,
+        SPLIT=splits > 1, DOT_FP32=INTERPRETED or q.dtype == torch.float32,
     )  # fmt: skip
     if splits > 1:
         _combine_splits[(b, h)](

@@ -53,6 +53,30 @@ def staging_fits(plan) -> bool:
     return staging_bytes(plan) <= plan.workspace_bytes
 
 
+def refusal(path: str, fmt, device: torch.device, plan, num_experts: int) -> str | None:
+    """Why miss_path `path` (in-place or staged) cannot run for these experts, this device and this
+    MemoryPlan (its host_slots are the host cache's capacity), or None where it can: the one test the
+    store's refusal and `--miss-path auto`'s choice share."""
+    if not fmt.kernels:
+        return f"miss_path {path} needs a decode kernel for {fmt.name} experts"
+    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        return f"miss_path {path} needs a CUDA GPU"
+    total = len(plan.quotas) * num_experts
+    if plan.host_slots < total:
+        return (
+            f"miss_path {path} reads missed experts from host memory, so all {total} must fit the host "
+            f"cache ({plan.host_slots} do): raise --cpu-budget to {total * fmt.nbytes / 2**30:.1f} GiB or use "
+            "miss_path copy"
+        )
+    # Off the GPU (Triton's interpreter, the tests) host memory is not the plan's to budget.
+    if path == "staged" and device.type == "cuda" and not staging_fits(plan):
+        return (
+            f"miss_path staged stages a step's misses in the workspace reserve: raise --workspace to "
+            f"{staging_bytes(plan) / 2**30:.2f} GiB (it is {plan.workspace_bytes / 2**30:.2f}) or use in-place"
+        )
+    return None
+
+
 def admits(freq: np.ndarray, e: int, part: LayerSlots, exclude: set[int]) -> bool:
     """Whether missed expert e earns a slot of its layer (freq: the layer's recent routing counts per
     expert): a free one, or e routed more often lately than the expert the policy would evict for it."""
@@ -72,27 +96,9 @@ class InPlaceMisses:
         self.store, self.top_k = store, top_k
         fmt, host, plan = store.format, store.host, store.plan
         path = "staged" if staged else "in-place"
-        if not fmt.kernels:
-            raise InvalidRequestError(
-                f"miss_path {path} needs a decode kernel for {fmt.name} experts", "miss_path"
-            )
-        if store.device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
-            raise InvalidRequestError(f"miss_path {path} needs a CUDA GPU", "miss_path")
+        if reason := refusal(path, fmt, store.device, plan, store.num_experts):
+            raise InvalidRequestError(reason, "miss_path")
         layers = list(plan.quotas)
-        if host.capacity < len(layers) * store.num_experts:
-            raise InvalidRequestError(
-                f"miss_path {path} reads missed experts from host memory, so all {len(layers) * store.num_experts} "
-                f"must fit the host cache ({host.capacity} do): raise --cpu-budget to "
-                f"{len(layers) * store.num_experts * fmt.nbytes / 2**30:.1f} GiB or use miss_path copy",
-                "miss_path",
-            )
-        # Off the GPU (Triton's interpreter, the tests) host memory is not the plan's to budget.
-        if staged and store.device.type == "cuda" and not staging_fits(plan):
-            raise InvalidRequestError(
-                f"miss_path staged stages a step's misses in the workspace reserve: raise --workspace to "
-                f"{staging_bytes(plan) / 2**30:.2f} GiB (it is {plan.workspace_bytes / 2**30:.2f}) or use in-place",
-                "miss_path",
-            )
         self.row = {layer: r for r, layer in enumerate(layers)}
         # Every expert is in the host cache (the store preloads a cache that holds them all) and stays.
         self.host_addr = torch.tensor(

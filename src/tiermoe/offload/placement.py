@@ -24,7 +24,7 @@ from ..models.kv_cache import BLOCK_TOKENS, cache_slots
 from ..models.layers import CausalLM
 from ..models.registry import from_config
 from .budget import GIB, BudgetError, MemoryPlan, plan_memory
-from .in_place import staging_fits
+from .in_place import refusal
 from .policy import POLICIES
 from .provider import ExpertProvider, load_resident
 from .sources import open_expert_source
@@ -149,10 +149,8 @@ def miss_path_for(config: EngineConfig, plan: MemoryPlan, source) -> str:
         return config.miss_path
     staged = (
         source.device.type == "cuda"
-        and source.format.kernels
         and not config.cpu_compute
-        and plan.host_slots >= len(plan.quotas) * source.args.num_experts
-        and staging_fits(plan)
+        and refusal("staged", source.format, source.device, plan, source.args.num_experts) is None
     )
     return "staged" if staged else "copy"
 
